@@ -1,0 +1,447 @@
+"""Typed capture and scaling hooks on TransformerLens hook points, attached by context managers.
+
+* `MetricCapture` computes per-token metrics for every head *inside* the forward pass, keeping
+  O(batch · layers · heads · positions) memory; full patterns only for heads the caller names.
+* `QueryScale`, `KeyScale` and `LogitScale` edit the real forward pass, so their effects reach
+  later layers and the output. `alpha` is a float, or one factor per batch row (batched α:
+  repeat the batch with `repeat_for_alphas`, give each copy its own α, one forward pass).
+* `attached(model, ...)` adds hooks and removes exactly those, also when the forward raises.
+"""
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from spectra_lens import metrics as M
+from spectra_lens.errors import SpectraError
+from spectra_lens.models import AttentionLayout, attention_layout, hook_name
+
+__all__ = [
+    "METRIC_NAMES",
+    "HookFn",
+    "MetricCapture",
+    "TokenMetrics",
+    "QueryScale",
+    "KeyScale",
+    "LogitScale",
+    "attached",
+    "capture_metrics",
+    "repeat_for_alphas",
+    "check_alpha",
+    "check_tokens",
+    "count_hooks",
+]
+
+HookFn = tuple[str, Callable]
+
+METRIC_NAMES: tuple[str, ...] = (
+    "q_norm", "k_norm", "entropy", "entropy_norm", "max_attn",
+    "k_eff_exp", "k_eff_pr", "k_eff_top90", "sink_mass", "local_gain",
+)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_alpha(alpha, *, what: str = "alpha") -> float | Tensor:
+    """alpha must be a finite number > 0, or a 1-D tensor of them (one per batch row)."""
+    if isinstance(alpha, Tensor):
+        if alpha.ndim != 1 or alpha.numel() == 0:
+            raise SpectraError(f"{what} tensor must be 1-D and non-empty, got shape {tuple(alpha.shape)}")
+        if not (torch.isfinite(alpha).all() and (alpha > 0).all()):
+            raise SpectraError(f"{what} must be finite and > 0, got {alpha.tolist()}")
+        return alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise SpectraError(f"{what} must be a number or a 1-D tensor, got {type(alpha).__name__}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise SpectraError(f"{what} must be finite and > 0, got {alpha!r}")
+    return float(alpha)
+
+
+def check_tokens(tokens) -> Int[Tensor, "batch pos"]:
+    """tokens must be an integer tensor [batch, pos] with pos >= 1."""
+    if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        raise SpectraError(f"tokens must be an integer torch.Tensor [batch, pos], got {type(tokens).__name__}"
+                           + (f" of dtype {tokens.dtype}" if isinstance(tokens, Tensor) else ""))
+    if tokens.ndim != 2 or tokens.shape[1] < 1 or tokens.shape[0] < 1:
+        raise SpectraError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}")
+    return tokens.long()
+
+
+def _check_shape(x: Tensor, hook: str, expected: tuple[int | None, ...], axes: str) -> None:
+    ok = x.ndim == len(expected) and all(e is None or e == g for e, g in zip(expected, x.shape))
+    if not ok:
+        want = tuple("?" if e is None else e for e in expected)
+        raise SpectraError(f"{hook}: expected [{axes}] = {want}, got {tuple(x.shape)}")
+
+
+def _row_factor(alpha: float | Tensor, batch: int, hook: str, like: Tensor) -> Tensor | float:
+    if isinstance(alpha, float):
+        return alpha
+    if alpha.shape[0] != batch:
+        raise SpectraError(f"{hook}: one alpha per batch row expected ({batch}), got {alpha.shape[0]}")
+    return alpha.to(device=like.device, dtype=like.dtype)
+
+
+def repeat_for_alphas(
+    tokens: Int[Tensor, "batch pos"], alphas: Sequence[float] | Tensor
+) -> tuple[Int[Tensor, "alpha_batch pos"], Float[Tensor, "alpha_batch"]]:
+    """Batched α: copy i of the batch (rows i·B … (i+1)·B − 1) runs with α = alphas[i]."""
+    tokens = check_tokens(tokens)
+    a = torch.as_tensor(alphas, dtype=torch.float32).flatten()
+    if a.numel() == 0:
+        raise SpectraError("alphas must hold at least one value, got an empty grid")
+    check_alpha(a, what="alphas")
+    return tokens.repeat(a.numel(), 1), a.repeat_interleave(tokens.shape[0]).to(tokens.device)
+
+
+# --------------------------------------------------------------------------- scaling hooks
+
+
+@dataclass(frozen=True)
+class QueryScale:
+    """q_eff[layer, head] ← α · q_eff: scale the effective query (after QK-norm and rotary).
+
+    Rotary is linear, so scaling before it is the same as after. With `positions`, only those
+    query positions are scaled.
+    """
+
+    layer: int
+    head: int
+    alpha: float | Tensor
+    positions: tuple[int, ...] | None = None
+
+    def hooks(self, layout: AttentionLayout) -> list[HookFn]:
+        layout.check_head(self.layer, self.head)
+        alpha = check_alpha(self.alpha)
+        name = layout.q_hook(self.layer)
+        head, positions = self.head, self.positions
+
+        def scale(x: Float[Tensor, "batch pos head d_head"], hook) -> Tensor:
+            _check_shape(x, name, (None, None, layout.n_heads, layout.d_head), "batch pos head d_head")
+            factor = torch.ones(x.shape[0], x.shape[1], x.shape[2], 1, dtype=x.dtype, device=x.device)
+            a = _row_factor(alpha, x.shape[0], name, x)
+            a = a[:, None] if isinstance(a, Tensor) else a
+            if positions is None:
+                factor[:, :, head, 0] = a
+            else:
+                pos = torch.as_tensor(positions, device=x.device)
+                if (pos < 0).any() or (pos >= x.shape[1]).any():
+                    raise SpectraError(f"positions must be in [0, {x.shape[1]}), got {list(positions)}")
+                factor[:, pos, head, 0] = a if isinstance(a, float) else a.expand(-1, len(pos))
+            return x * factor
+
+        return [(name, scale)]
+
+
+@dataclass(frozen=True)
+class KeyScale:
+    """k_eff[layer, kv_head] ← α · k_eff: scales the logits of every query head in its group."""
+
+    layer: int
+    kv_head: int
+    alpha: float | Tensor
+
+    def affected_heads(self, layout: AttentionLayout) -> tuple[int, ...]:
+        """The query heads that read this kv head (h // (n_heads // n_kv_heads) == kv_head)."""
+        return layout.heads_of_kv(self.kv_head)
+
+    def hooks(self, layout: AttentionLayout) -> list[HookFn]:
+        layout.check_head(self.layer, 0)
+        layout.heads_of_kv(self.kv_head)
+        alpha = check_alpha(self.alpha)
+        name = layout.k_hook(self.layer)
+        kv = self.kv_head
+
+        def scale(x: Float[Tensor, "batch pos kv_head d_head"], hook) -> Tensor:
+            _check_shape(x, name, (None, None, layout.n_kv_heads, layout.d_head), "batch pos kv_head d_head")
+            factor = torch.ones(x.shape[0], 1, x.shape[2], 1, dtype=x.dtype, device=x.device)
+            a = _row_factor(alpha, x.shape[0], name, x)
+            factor[:, 0, kv, 0] = a
+            return x * factor
+
+        return [(name, scale)]
+
+
+@dataclass(frozen=True)
+class LogitScale:
+    """A temperature on one head's final logits: p ← softmax(α·s) = p^α / Σ p^α.
+
+    Applied to `hook_pattern`, so it acts after any ALiBi bias or soft-capping; needs a bridge
+    whose pattern hook feeds the forward pass (`layout.pattern_editable`).
+    """
+
+    layer: int
+    head: int
+    alpha: float | Tensor
+
+    def hooks(self, layout: AttentionLayout) -> list[HookFn]:
+        layout.check_head(self.layer, self.head)
+        if not layout.pattern_editable:
+            raise SpectraError("this bridge's hook_pattern is observe-only; LogitScale cannot act")
+        alpha = check_alpha(self.alpha)
+        name = hook_name(self.layer, "pattern")
+        head = self.head
+
+        def scale(p: Float[Tensor, "batch head query_pos key_pos"], hook) -> Tensor:
+            _check_shape(p, name, (None, layout.n_heads, None, None), "batch head query_pos key_pos")
+            a = _row_factor(alpha, p.shape[0], name, p)
+            a = a[:, None, None] if isinstance(a, Tensor) else a
+            out = p.clone()
+            logp = torch.log(p[:, head].float())
+            out[:, head] = torch.softmax(a * logp, dim=-1).to(p.dtype)
+            return out
+
+        return [(name, scale)]
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass(frozen=True, repr=False)
+class TokenMetrics:
+    """Per-token attention metrics of every captured head, each `[batch, layer, head, pos]`.
+
+    `layers[i]` is the model layer held at index i of the layer axis. `patterns` holds full
+    patterns `[batch, query_pos, key_pos]` only for the (layer, head) pairs that were asked for.
+    k_eff definitions: see `spectra_lens.metrics.K_EFF_DEFINITIONS`.
+    """
+
+    layers: tuple[int, ...]
+    q_norm: Float[Tensor, "batch layer head pos"]
+    k_norm: Float[Tensor, "batch layer head pos"]
+    entropy: Float[Tensor, "batch layer head pos"]
+    entropy_norm: Float[Tensor, "batch layer head pos"]
+    max_attn: Float[Tensor, "batch layer head pos"]
+    k_eff_exp: Float[Tensor, "batch layer head pos"]
+    k_eff_pr: Float[Tensor, "batch layer head pos"]
+    k_eff_top90: Float[Tensor, "batch layer head pos"]
+    sink_mass: Float[Tensor, "batch layer head pos"]
+    local_gain: Float[Tensor, "batch layer head pos"]
+    patterns: dict = field(default_factory=dict)
+
+    def metric(self, name: str) -> Tensor:
+        if name not in METRIC_NAMES:
+            raise SpectraError(f"unknown metric {name!r}; expected one of {METRIC_NAMES}")
+        return getattr(self, name)
+
+    def head(self, layer: int, head: int) -> dict[str, Tensor]:
+        """{metric: [batch, pos]} for one model (layer, head)."""
+        if layer not in self.layers:
+            raise SpectraError(f"layer {layer} was not captured; captured layers: {self.layers}")
+        i = self.layers.index(layer)
+        return {n: getattr(self, n)[:, i, head] for n in METRIC_NAMES}
+
+    def to_frame(
+        self, *, sequence_ids: Sequence[int] | Tensor | None = None, shard: int | None = None
+    ) -> pd.DataFrame:
+        """Long format: one row per (sequence, layer, head, position) with every metric."""
+        b, n_l, n_h, n_p = self.entropy.shape
+        seq = torch.arange(b) if sequence_ids is None else torch.as_tensor(sequence_ids)
+        if seq.numel() != b:
+            raise SpectraError(f"sequence_ids must have {b} entries, got {seq.numel()}")
+        grid = torch.meshgrid(
+            seq, torch.as_tensor(self.layers), torch.arange(n_h), torch.arange(n_p), indexing="ij"
+        )
+        cols: dict[str, object] = {}
+        if shard is not None:
+            cols["shard"] = pd.array([shard] * grid[0].numel(), dtype="int32")
+        for name, g in zip(("sequence", "layer", "head", "position"), grid):
+            cols[name] = g.reshape(-1).numpy().astype("int32")
+        for name in METRIC_NAMES:
+            cols[name] = getattr(self, name).detach().cpu().reshape(-1).numpy()
+        return pd.DataFrame(cols)
+
+    def __repr__(self) -> str:
+        shape = tuple(self.entropy.shape)
+        pats = ", ".join(f"L{l}H{h}" for l, h in self.patterns) or "none"
+        return (f"TokenMetrics(batch×layer×head×pos={shape}, layers={self.layers[0]}..{self.layers[-1]}, "
+                f"metrics={list(METRIC_NAMES)}, patterns=[{pats}])")
+
+    def _repr_html_(self) -> str:
+        means = {n: float(getattr(self, n).nanmean()) for n in METRIC_NAMES}
+        rows = "".join(f"<tr><td>{n}</td><td>{v:.4g}</td></tr>" for n, v in means.items())
+        return (f"<b>TokenMetrics</b> {tuple(self.entropy.shape)} (batch, layer, head, pos)"
+                f"<table><tr><th>metric</th><th>mean</th></tr>{rows}</table>")
+
+
+class MetricCapture:
+    """Hooks that compute `TokenMetrics` inside one forward pass.
+
+    Use: `cap = MetricCapture(layout)`; `with attached(model, cap): model(tokens)`;
+    `cap.result()`. A capture holds one forward pass: `result()` clears it for the next.
+    """
+
+    def __init__(
+        self,
+        layout: AttentionLayout,
+        *,
+        layers: Iterable[int] | None = None,
+        patterns_for: Iterable[tuple[int, int]] = (),
+        top_mass: float = 0.9,
+    ):
+        self.layout = layout
+        self.layers = tuple(range(layout.n_layers)) if layers is None else tuple(layers)
+        if not self.layers:
+            raise SpectraError("layers must name at least one layer, got none")
+        for l in self.layers:
+            layout.check_head(l, 0)
+        self.patterns_for = tuple((int(l), int(h)) for l, h in patterns_for)
+        for l, h in self.patterns_for:
+            layout.check_head(l, h)
+            if l not in self.layers:
+                raise SpectraError(f"pattern asked for L{l}H{h} but layer {l} is not captured")
+        if not 0 < top_mass <= 1:
+            raise SpectraError(f"top_mass must be in (0, 1], got {top_mass}")
+        self.top_mass = top_mass
+        self._kv = layout.kv_index()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._store: dict[str, dict[int, Tensor]] = {n: {} for n in METRIC_NAMES}
+        self._scores: dict[int, Tensor] = {}
+        self._patterns: dict[tuple[int, int], Tensor] = {}
+
+    def hooks(self, layout: AttentionLayout | None = None) -> list[HookFn]:
+        out: list[HookFn] = []
+        for l in self.layers:
+            out.append((self.layout.q_hook(l), self._q_hook(l)))
+            out.append((self.layout.k_hook(l), self._k_hook(l)))
+            if self.layout.scores_faithful:
+                out.append((hook_name(l, "attn_scores"), self._scores_hook(l)))
+            out.append((hook_name(l, "pattern"), self._pattern_hook(l)))
+        return out
+
+    def _q_hook(self, l: int):
+        name, L = self.layout.q_hook(l), self.layout
+
+        def fn(q, hook):
+            _check_shape(q, name, (None, None, L.n_heads, L.d_head), "batch pos head d_head")
+            self._store["q_norm"][l] = M.vector_norm(q.detach()).transpose(1, 2)
+
+        return fn
+
+    def _k_hook(self, l: int):
+        name, L = self.layout.k_hook(l), self.layout
+
+        def fn(k, hook):
+            _check_shape(k, name, (None, None, L.n_kv_heads, L.d_head), "batch pos kv_head d_head")
+            norms = M.vector_norm(k.detach())  # [batch, pos, kv_head]
+            self._store["k_norm"][l] = norms[:, :, self._kv.to(norms.device)].transpose(1, 2)
+
+        return fn
+
+    def _scores_hook(self, l: int):
+        name, L = hook_name(l, "attn_scores"), self.layout
+
+        def fn(s, hook):
+            _check_shape(s, name, (None, L.n_heads, None, None), "batch head query_pos key_pos")
+            self._scores[l] = s.detach()
+
+        return fn
+
+    def _pattern_hook(self, l: int):
+        name, L = hook_name(l, "pattern"), self.layout
+
+        def fn(p, hook):
+            _check_shape(p, name, (None, L.n_heads, None, None), "batch head query_pos key_pos")
+            p = p.detach().float()
+            s = self._scores.pop(l, None)
+            if s is not None:
+                visible = M.visible_from_scores(s)
+            else:  # scores not faithful: log p is s up to a per-row constant
+                visible = p > 0
+                s = M.logits_from_pattern(p)
+            st = self._store
+            H = M.entropy(p)
+            st["entropy"][l] = H
+            st["entropy_norm"][l] = M.normalized_entropy(H, M.n_visible(visible))
+            st["max_attn"][l] = M.max_attention(p)
+            st["k_eff_exp"][l] = M.k_eff_exp(H)
+            st["k_eff_pr"][l] = M.k_eff_participation(p)
+            st["k_eff_top90"][l] = M.k_eff_top_mass(p, mass=self.top_mass)
+            st["sink_mass"][l] = M.sink_mass(p)
+            st["local_gain"][l] = _gain_under(p, s.float(), visible)
+            for ll, h in self.patterns_for:
+                if ll == l:
+                    self._patterns[(l, h)] = p[:, h].clone()
+
+        return fn
+
+    def result(self) -> TokenMetrics:
+        missing = [l for l in self.layers if l not in self._store["entropy"] or l not in self._store["q_norm"]]
+        if missing:
+            raise SpectraError(f"no forward pass reached layers {missing}; run the model inside attached()")
+        vals = {n: torch.stack([self._store[n][l] for l in self.layers], dim=1) for n in METRIC_NAMES}
+        out = TokenMetrics(layers=self.layers, patterns=dict(self._patterns), **vals)
+        self._clear()
+        return out
+
+
+def _gain_under(p: Tensor, s: Tensor, visible: Tensor) -> Tensor:
+    """−Var_p(s) with the model's own pattern p (the local gain at α = 1)."""
+    s0 = s.masked_fill(~visible, 0.0)
+    mean = (p * s0).sum(-1, keepdim=True)
+    return -(p * (s0 - mean).square()).sum(-1)
+
+
+# --------------------------------------------------------------------------- attaching
+
+
+def count_hooks(model) -> int:
+    """Non-permanent forward hooks attached anywhere on the model (0 on a clean model).
+
+    TransformerLens itself keeps a few permanent hooks on some bridges (OPT); those are not ours.
+    """
+    points = {id(h): h for h in model.hook_dict.values()}.values()
+    return sum(1 for hp in points for handle in hp.fwd_hooks if not handle.is_permanent)
+
+
+@contextmanager
+def attached(model, *items, layout: AttentionLayout | None = None) -> Iterator[AttentionLayout]:
+    """Attach scaling / capture hooks for the duration of the block; remove exactly those.
+
+    `items` are objects with a `.hooks(layout)` method (QueryScale, KeyScale, LogitScale,
+    MetricCapture) or `(hook_name, fn)` pairs. Hooks on the same point run in the given order,
+    so put scalings before captures to measure the scaled model.
+    """
+    layout = layout or attention_layout(model)
+    hooks: list[HookFn] = []
+    for item in items:
+        if hasattr(item, "hooks"):
+            hooks += item.hooks(layout)
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            if item[0] not in model.hook_dict:
+                raise SpectraError(f"no hook point named {item[0]!r} on this model")
+            hooks.append(item)
+        else:
+            raise SpectraError(f"expected a scaling/capture object or a (hook_name, fn) pair, got {item!r}")
+    # TransformerBridge.hooks removes the handles it added in a `finally`, so an exception or a
+    # KeyboardInterrupt inside the block leaves the model clean.
+    with model.hooks(fwd_hooks=hooks):
+        yield layout
+
+
+def capture_metrics(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    layers: Iterable[int] | None = None,
+    patterns_for: Iterable[tuple[int, int]] = (),
+    interventions: Sequence = (),
+    top_mass: float = 0.9,
+) -> TokenMetrics:
+    """One forward pass (no grad) with `interventions` applied; per-token metrics of every head."""
+    tokens = check_tokens(tokens)
+    layout = attention_layout(model)
+    cap = MetricCapture(layout, layers=layers, patterns_for=patterns_for, top_mass=top_mass)
+    device = next(model.parameters()).device
+    with torch.no_grad(), attached(model, *interventions, cap, layout=layout):
+        model(tokens.to(device), return_type="logits")
+    return cap.result()

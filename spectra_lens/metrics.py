@@ -1,0 +1,174 @@
+"""Attention metrics as pure tensor functions.
+
+Conventions: `pattern` and `scores` have TransformerLens's axis order
+`[batch, head, query_pos, key_pos]` (any leading axes are allowed; the last axis is the key
+axis). `visible` is a boolean mask of the same shape, True where the query may attend to the key.
+Every function computes in float32 (half-precision inputs are upcast) and returns float32.
+Masked keys contribute exactly nothing.
+
+The mathematics (for one query row, scaled scores `s_j` over the visible keys, p = softmax(α·s)):
+
+* H(α) = log Z − α E_p[s], so dH/dα = −α Var_p(s) and the local gain dH/d ln α = −α² Var_p(s);
+  at α = 1 this is −Var_p(s), available from a single forward pass.
+* H is non-increasing in α, max_j p_j and the top-k mass are non-decreasing.
+* softmax(α·log p) = softmax(α·s): the pattern alone determines the pattern at every α.
+"""
+
+import math
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+__all__ = [
+    "causal_mask",
+    "visible_from_scores",
+    "n_visible",
+    "entropy",
+    "entropy_from_scores",
+    "normalized_entropy",
+    "max_attention",
+    "k_eff_exp",
+    "k_eff_participation",
+    "k_eff_top_mass",
+    "sink_mass",
+    "vector_norm",
+    "local_gain",
+    "logits_from_pattern",
+    "rescale_pattern",
+    "K_EFF_DEFINITIONS",
+]
+
+K_EFF_DEFINITIONS: dict[str, str] = {
+    "k_eff_exp": "exp(H): the perplexity of the attention distribution",
+    "k_eff_pr": "1 / sum_j p_j^2: the participation ratio",
+    "k_eff_top90": "the fewest top keys whose attention sums to at least 0.9",
+}
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 or x.dtype == torch.float64 else x.float()
+
+
+def causal_mask(n_query: int, n_key: int | None = None, *, device=None) -> Bool[Tensor, "query_pos key_pos"]:
+    """visible[i, j] = (j <= i + n_key - n_query): causal visibility, queries aligned to the end."""
+    n_key = n_query if n_key is None else n_key
+    return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(n_key - n_query)
+
+
+def visible_from_scores(scores: Float[Tensor, "*batch key_pos"]) -> Bool[Tensor, "*batch key_pos"]:
+    """visible = s > finfo.min / 2 and s is not -inf: recovers the additive mask of eager attention."""
+    threshold = torch.finfo(scores.dtype).min / 2
+    return scores > threshold
+
+
+def n_visible(visible: Bool[Tensor, "*batch key_pos"]) -> Float[Tensor, "*batch"]:
+    """n = sum_j visible_j, the number of keys a query may attend to."""
+    return visible.sum(-1).to(torch.float32)
+
+
+def entropy(pattern: Float[Tensor, "*batch key_pos"]) -> Float[Tensor, "*batch"]:
+    """H = -sum_j p_j log p_j, in nats, with 0 log 0 = 0 (masked keys have p_j = 0)."""
+    p = _f32(pattern)
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def entropy_from_scores(
+    scores: Float[Tensor, "*batch key_pos"],
+    visible: Bool[Tensor, "*batch key_pos"] | None = None,
+    *,
+    alpha: float = 1.0,
+) -> Float[Tensor, "*batch"]:
+    """H = log Z − E_p[α s] with p = softmax(α·s) over the visible keys (stable log-softmax)."""
+    s = _f32(scores)
+    if visible is None:
+        visible = visible_from_scores(scores)
+    logp = torch.log_softmax((alpha * s).masked_fill(~visible, float("-inf")), dim=-1)
+    p = logp.exp()
+    return -(p * logp.masked_fill(~visible, 0.0)).sum(-1)
+
+
+def normalized_entropy(
+    entropy_: Float[Tensor, "*batch"], n_keys: Float[Tensor, "*batch"]
+) -> Float[Tensor, "*batch"]:
+    """H / log n over n visible keys, in [0, 1]; NaN where n = 1 (the ratio is undefined)."""
+    log_n = torch.log(_f32(n_keys))
+    return torch.where(log_n > 0, _f32(entropy_) / log_n.clamp_min(1e-30), torch.nan)
+
+
+def max_attention(pattern: Float[Tensor, "*batch key_pos"]) -> Float[Tensor, "*batch"]:
+    """max_j p_j."""
+    return _f32(pattern).amax(-1)
+
+
+def k_eff_exp(entropy_: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch"]:
+    """k_eff = exp(H): the number of equally weighted keys with the same entropy."""
+    return torch.exp(_f32(entropy_))
+
+
+def k_eff_participation(pattern: Float[Tensor, "*batch key_pos"]) -> Float[Tensor, "*batch"]:
+    """k_eff = 1 / sum_j p_j^2 (participation ratio)."""
+    p = _f32(pattern)
+    return 1.0 / (p * p).sum(-1)
+
+
+def k_eff_top_mass(
+    pattern: Float[Tensor, "*batch key_pos"], *, mass: float = 0.9
+) -> Float[Tensor, "*batch"]:
+    """k_eff = min{k : sum of the k largest p_j >= mass}, the original's definition (mass 0.9)."""
+    if not 0.0 < mass <= 1.0:
+        from spectra_lens.errors import SpectraError
+
+        raise SpectraError(f"mass must be in (0, 1], got {mass!r}")
+    p = _f32(pattern)
+    cum = p.sort(dim=-1, descending=True).values.cumsum(-1)
+    # A tolerance so that a row summing to 1 - 1e-7 still reaches mass = 1.
+    below = cum < (mass - 1e-6)
+    return (below.sum(-1) + 1).clamp_max(p.shape[-1]).to(torch.float32)
+
+
+def sink_mass(pattern: Float[Tensor, "*batch key_pos"]) -> Float[Tensor, "*batch"]:
+    """p_0: attention on the first (sink / BOS) token."""
+    return _f32(pattern[..., 0])
+
+
+def vector_norm(x: Float[Tensor, "*batch d_head"]) -> Float[Tensor, "*batch"]:
+    """||x||_2 over the last axis."""
+    return torch.linalg.vector_norm(_f32(x), dim=-1)
+
+
+def logits_from_pattern(pattern: Float[Tensor, "*batch key_pos"]) -> Float[Tensor, "*batch key_pos"]:
+    """log p_j = s_j − log Z: the scores up to a per-row constant (−inf where p_j = 0)."""
+    return torch.log(_f32(pattern))
+
+
+def local_gain(
+    scores: Float[Tensor, "*batch key_pos"],
+    visible: Bool[Tensor, "*batch key_pos"] | None = None,
+    *,
+    alpha: float = 1.0,
+) -> Float[Tensor, "*batch"]:
+    """dH/d ln α = −α² Var_p(s), p = softmax(α·s) over the visible keys; −Var_p(s) at α = 1.
+
+    `scores` may be shifted by any per-row constant, so `logits_from_pattern(p)` works as well.
+    """
+    s = _f32(scores)
+    if visible is None:
+        visible = visible_from_scores(scores) if torch.isfinite(s).all() else torch.isfinite(s)
+    s0 = s.masked_fill(~visible, 0.0)
+    p = torch.softmax((alpha * s).masked_fill(~visible, float("-inf")), dim=-1)
+    mean = (p * s0).sum(-1, keepdim=True)
+    var = (p * (s0 - mean).square()).sum(-1)
+    return -(alpha**2) * var
+
+
+def rescale_pattern(
+    pattern: Float[Tensor, "*batch key_pos"], alpha: float
+) -> Float[Tensor, "*batch key_pos"]:
+    """p(α)_j = p_j^α / sum_k p_k^α = softmax(α·s)_j: the pattern at query scale α, from p alone."""
+    if not (math.isfinite(alpha) and alpha > 0):
+        from spectra_lens.errors import SpectraError
+
+        raise SpectraError(f"alpha must be finite and > 0, got {alpha!r}")
+    logp = torch.log(_f32(pattern))
+    return torch.softmax(alpha * logp, dim=-1)

