@@ -58,17 +58,27 @@ class ObservationalResult:
                 .to_html(index=False, float_format="%.3g"))
 
 
-def _shards(cfg: ObservationalConfig, run: RunDir, model) -> data.ShardManifest:
+def _shards(cfg: ObservationalConfig, run: RunDir, model, source, model_name: str,
+            ) -> data.ShardManifest:
     """Token shards of the run: an existing prepared shard directory, or written under out/."""
-    source = data.corpus_from_spec(cfg.corpus)
     if isinstance(source, data.ShardManifest):
+        vocab = model.cfg.d_vocab
+        if source.meta.get("vocab_size") not in (None, vocab) or source.tokenizer != model_name:
+            log.warning("shards in %s were tokenized by %r (vocab %s); the model is %r (vocab %s)",
+                        source.directory, source.tokenizer, source.meta.get("vocab_size"),
+                        model_name, vocab)
+        if (cfg.seq_len, cfg.n_sequences) != (source.seq_len, source.n_sequences):
+            log.warning("using the prepared shards as they are: seq_len=%d, n_sequences=%d "
+                        "(--seq-len/--n-sequences apply only when tokenizing a corpus)",
+                        source.seq_len, source.n_sequences)
         return source
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise SpectraError("the model has no tokenizer; pass --corpus as a prepared shard directory")
+    # overwrite: a run that replaces a finished one may tokenize differently (seq_len, corpus).
     return data.prepare(
         source, tokenizer, run.file("shards"), seq_len=cfg.seq_len, n_sequences=cfg.n_sequences,
-        shard_size=cfg.shard_size, tokenizer_name=cfg.model or DEFAULT_MODEL,
+        shard_size=cfg.shard_size, tokenizer_name=model_name, overwrite=cfg.overwrite,
     )
 
 
@@ -89,6 +99,11 @@ def collect(model, manifest: data.ShardManifest, run: RunDir, *, batch_size: int
             continue
         t0 = time.time()
         tokens = data.load_shard(manifest, i)
+        if len(tokens) and int(tokens.max()) >= model.cfg.d_vocab:
+            raise SpectraError(
+                f"shard {manifest.shard_path(i)} holds token id {int(tokens.max())}, expected ids "
+                f"below the model's vocabulary size {model.cfg.d_vocab}: tokenizer mismatch?"
+            )
         frames = []
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start : start + batch_size].to(device)
@@ -173,6 +188,12 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
         progress: bool = True) -> ObservationalResult:
     """The whole observational run into `cfg.out`; resumes an unfinished run of the same config."""
     cfg.validate()
+    # Resolve the corpus first: a missing or empty file fails before any model is loaded.
+    source = data.corpus_from_spec(cfg.corpus)
+    if model is None:
+        model_name = cfg.model or DEFAULT_MODEL
+    else:  # provenance: not the default model's name for a model the caller loaded
+        model_name = cfg.model or f"pre-loaded model ({getattr(model.cfg, 'model_name', '?')})"
     rd = RunDir(cfg.out, EXPERIMENT)
     resuming = rd.start(cfg, overwrite=cfg.overwrite, resumable_keys=("overwrite",))
     if cfg.overwrite and not resuming:
@@ -183,7 +204,7 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
         model = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
     rd.timed("load_model_s", time.time() - t0)
     t0 = time.time()
-    manifest = _shards(cfg, rd, model)
+    manifest = _shards(cfg, rd, model, source, model_name)
     rd.timed("shards_s", time.time() - t0)
     paths = collect(model, manifest, rd, batch_size=cfg.batch_size, progress=progress)
     t0 = time.time()
@@ -197,7 +218,7 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
     rd.timed("figures_s", time.time() - t0)
     layout = attention_layout(model)
     rd.finish(
-        model={"spec": cfg.model or DEFAULT_MODEL, "n_layers": layout.n_layers,
+        model={"spec": model_name, "n_layers": layout.n_layers,
                "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads,
                "q_hook": layout.q_kind, "k_hook": layout.k_kind},
         corpus=manifest.corpus, n_sequences=manifest.n_sequences, seq_len=manifest.seq_len,

@@ -6,15 +6,16 @@ when an image exporter (kaleido) is installed and works.
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from spectra_lens.errors import SpectraError
+from spectra_lens.runs import atomic_write
 
 __all__ = [
     "save_figure",
@@ -32,28 +33,22 @@ def save_figure(fig: go.Figure, path: str | os.PathLike, *, png: bool = True) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     html = path.with_suffix(".html")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=path.parent)
-    os.close(fd)
-    try:
-        # "directory": one plotly.min.js beside the pages, loaded by relative path (offline).
-        fig.write_html(tmp, include_plotlyjs="directory", full_html=True)
-        os.replace(tmp, html)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # "directory": one plotly.min.js beside the pages, loaded by relative path (offline).
+    # plotly writes that bundle non-atomically, and only when it is missing, so a crash mid-write
+    # would leave a truncated bundle for good: write it here, atomically, first.
+    bundle = path.parent / "plotly.min.js"
+    if not bundle.exists():
+        atomic_write(bundle, lambda tmp: Path(tmp).write_text(get_plotlyjs(), encoding="utf-8"))
+    atomic_write(html, lambda tmp: fig.write_html(tmp, include_plotlyjs="directory",
+                                                  full_html=True))
     written = [html]
     if png:
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-            os.close(fd)
-            fig.write_image(tmp, width=900, height=600)
-            os.replace(tmp, path.with_suffix(".png"))
+            atomic_write(path.with_suffix(".png"),
+                         lambda tmp: fig.write_image(tmp, width=900, height=600))
             written.append(path.with_suffix(".png"))
         except Exception as e:  # kaleido missing or without a browser: HTML is enough
             log.info("PNG export skipped for %s: %s", path.name, e)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return written
 
 

@@ -9,8 +9,8 @@ import dataclasses
 import json
 import os
 import platform
-import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -42,8 +42,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call `write(tmp_path)` then rename the temporary file onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = _temporary_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -51,6 +50,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _temporary_name(path: str | os.PathLike) -> str:
+    """An unused hidden name beside `path` (same suffix), for a file to be renamed onto it.
+
+    The file is not created here: the writer creates it with the usual permissions (umask), where
+    `tempfile.mkstemp` would leave every result readable by its owner only (mode 0600).
+    """
+    path = Path(path)
+    return str(path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}{path.suffix}"))
 
 
 class RunDir:
@@ -73,6 +82,8 @@ class RunDir:
     def start(self, config: Any, *, overwrite: bool = False, resumable_keys: tuple[str, ...] = ()) -> bool:
         """Prepare the directory; True when resuming an unfinished run."""
         cfg = _jsonable(config)
+        if self.path.exists() and not self.path.is_dir():
+            raise SpectraError(f"{self.path} is a file; expected a run directory (new or existing)")
         old = self.read_manifest()
         resuming = False
         if old is not None:
@@ -103,9 +114,13 @@ class RunDir:
         if not f.exists():
             return None
         try:
-            return json.loads(f.read_text())
+            manifest = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise SpectraError(f"{f} is not valid JSON ({e}); remove it or pass --overwrite") from e
+        if not isinstance(manifest, dict):
+            raise SpectraError(f"{f} holds {type(manifest).__name__}; expected a run manifest "
+                               f"(a JSON object); remove it or pass --overwrite")
+        return manifest
 
     def timed(self, name: str, seconds: float) -> None:
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)

@@ -1,0 +1,61 @@
+"""Shared fixtures: one tiny random-init bridge per architecture family, built once per session.
+
+jaxtyping's import hook (the same one `pytest --jaxtyping-packages=spectra_lens,beartype.beartype`
+installs) is set up here, before anything imports spectra_lens, so every jaxtyping annotation in
+the library is checked with beartype while the tests run. Set SPECTRA_LENS_NO_TYPECHECK=1 to
+run without it (e.g. to time the library as users run it).
+"""
+
+import os
+import sys
+
+import jaxtyping
+
+_TYPECHECKER = "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"
+
+if os.environ.get("SPECTRA_LENS_NO_TYPECHECK") != "1":
+    if "spectra_lens" in sys.modules:  # imported by a plugin first: checking is impossible
+        import warnings
+
+        warnings.warn("spectra_lens was imported before tests/conftest.py; shape checks are off")
+    elif not any("spectra_lens" in getattr(f, "modules", ()) for f in sys.meta_path):
+        # Not installed yet (pytest's --jaxtyping-packages would install the same finder).
+        # PEP 484's numeric tower, so that an int is accepted where a float is annotated.
+        jaxtyping.install_import_hook(["spectra_lens"], _TYPECHECKER)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from spectra_lens.hooks import count_hooks  # noqa: E402
+from spectra_lens.models import attention_layout  # noqa: E402
+from spectra_lens.testing import tiny_model  # noqa: E402
+
+
+class TinyModels:
+    """family -> (bridge, layout), each built on first use and shared by the whole session.
+
+    Tests must leave a model as they found it (no hooks attached); `get` checks that.
+    """
+
+    def __init__(self):
+        self._cache: dict[str, tuple] = {}
+
+    def __call__(self, family: str):
+        if family not in self._cache:
+            model = tiny_model(family)
+            self._cache[family] = (model, attention_layout(model))
+        model, layout = self._cache[family]
+        assert count_hooks(model) == 0, f"a previous test left hooks on the {family} model"
+        return model, layout
+
+
+@pytest.fixture(scope="session")
+def tiny() -> TinyModels:
+    """`model, layout = tiny("llama_gqa")`: session-cached tiny bridges of every family."""
+    return TinyModels()
+
+
+@pytest.fixture(scope="session")
+def tokens() -> torch.Tensor:
+    """A fixed [batch=2, pos=10] token batch inside every tiny model's vocabulary (97)."""
+    return torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(1234))

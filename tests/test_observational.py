@@ -1,0 +1,460 @@
+"""Tests for experiments.observational (EXP0): planted effects, nulls, confounds, outputs, resume,
+bad input and the command line, on a tiny Llama (GQA, rotary) bridge with an offline tokenizer."""
+
+import dataclasses
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from experiments import observational
+from spectra_lens import cli, data
+from spectra_lens.config import ObservationalConfig
+from spectra_lens.errors import SpectraError
+from spectra_lens.hooks import attached, count_hooks
+from spectra_lens.models import attention_layout, bridge_from_hf
+from spectra_lens.testing import tiny_hf_model
+
+WORDS = [f"w{i}" for i in range(60)]
+TABLES = ("head_summary", "significant_heads", "consistent_heads", "layer_statistics")
+PLANTED = (1, 2)  # last layer: the planted scale cannot reach any other head
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Whitespace word-level tokenizer, offline: <unk>=0, <bos>=1, <eos>=2, wN=N+3 (< vocab 97)."""
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bridge(tok):
+    model = bridge_from_hf(tiny_hf_model("llama_gqa"), tok)
+    assert attention_layout(model).q_bilinear == (True, True)  # larger |q| -> sharper, exactly
+    return model
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """Four random-word documents (~1200 tokens); a glob, as --corpus takes it."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (d / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, 300)))
+    return str(d / "*.txt")
+
+
+def config(out, corpus, **kw) -> ObservationalConfig:
+    """12 sequences of 24 tokens in 3 shards: ~1 s of capture on a tiny model."""
+    base = dict(corpus=corpus, out=str(out), seq_len=24, n_sequences=12, shard_size=4,
+                batch_size=4, n_boot=100, top_heads=3)
+    return ObservationalConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def finished(bridge, corpus, tmp_path_factory):
+    """One uninterrupted run, shared (read-only) by the tests below."""
+    cfg = config(tmp_path_factory.mktemp("finished") / "run", corpus)
+    return cfg, observational.run(cfg, model=bridge, progress=False)
+
+
+def read_manifest(out) -> dict:
+    return json.loads((Path(out) / "manifest.json").read_text())
+
+
+def looks_incomplete(out) -> bool:
+    """No output that looks complete: no finished manifest and no head summary."""
+    out = Path(out)
+    if (out / "head_summary.csv").exists():
+        return False
+    return not (out / "manifest.json").exists() or read_manifest(out)["status"] != "complete"
+
+
+def figure_traces(html: Path) -> list[dict]:
+    """The traces of the figure in a plotly HTML page (the JSON passed to Plotly.newPlot)."""
+    text = html.read_text(encoding="utf-8")
+    rest = text[text.index("Plotly.newPlot(") + len("Plotly.newPlot("):].lstrip()
+    decoder = json.JSONDecoder()
+    _, end = decoder.raw_decode(rest)  # the div id
+    traces, _ = decoder.raw_decode(rest[end:].lstrip()[1:].lstrip())
+    return traces
+
+
+def has_data(trace: dict) -> bool:
+    def filled(v):
+        return bool(v.get("bdata")) if isinstance(v, dict) else v is not None and len(v) > 0
+
+    return any(filled(trace.get(axis)) for axis in ("x", "y", "z"))
+
+
+def head_row(summary: pd.DataFrame, layer: int, head: int) -> pd.Series:
+    return summary[(summary["layer"] == layer) & (summary["head"] == head)].iloc[0]
+
+
+# --- synthetic records --------------------------------------------------------------------
+
+_EXTRA = ("k_norm", "max_attn", "k_eff_exp", "k_eff_pr", "k_eff_top90", "local_gain", "sink_mass")
+
+
+def synthetic_records(log_q, entropy, *, shard_size: int, rng) -> pd.DataFrame:
+    """Records from [layer, head, sequence, position] arrays of ln q_norm and entropy."""
+    grid = np.meshgrid(*(np.arange(n) for n in log_q.shape), indexing="ij")
+    layer, head, sequence, position = (g.ravel() for g in grid)
+    frame = pd.DataFrame({
+        "shard": sequence // shard_size, "sequence": sequence, "layer": layer, "head": head,
+        "position": position, "q_norm": np.exp(log_q.ravel()), "entropy": entropy.ravel(),
+    })
+    frame["entropy_norm"] = frame["entropy"] / np.log1p(frame["position"]).clip(lower=1e-3)
+    for name in _EXTRA:
+        frame[name] = rng.random(len(frame))
+    return frame
+
+
+def ar1(rng, shape, phi=0.6) -> np.ndarray:
+    """Unit-variance AR(1) series along the last axis (tokens of a sequence are correlated)."""
+    e = rng.standard_normal(shape)
+    out = np.empty(shape)
+    out[..., 0] = e[..., 0]
+    for t in range(1, shape[-1]):
+        out[..., t] = phi * out[..., t - 1] + np.sqrt(1 - phi**2) * e[..., t]
+    return out
+
+
+def circular_shift_q(records: pd.DataFrame, rng) -> pd.DataFrame:
+    """q_norm rotated within each (layer, head, sequence) by an offset in [T/4, 3T/4]."""
+    records = records.sort_values(["layer", "head", "sequence", "position"], ignore_index=True)
+    n_pos = records["position"].nunique()
+    q = records["q_norm"].to_numpy().reshape(-1, n_pos)
+    offset = rng.integers(n_pos // 4, 3 * n_pos // 4 + 1, size=len(q))
+    index = (np.arange(n_pos)[None, :] + offset[:, None]) % n_pos
+    return records.assign(q_norm=np.take_along_axis(q, index, axis=1).ravel())
+
+
+# --- the statistics find planted effects and only those ----------------------------------
+
+
+def test_planted_query_scale_is_found(bridge, corpus, finished, tmp_path):
+    """Scaling one head's effective query by a random log-normal factor per token makes that
+    head's r(ln |q|, entropy) strongly negative (its logits are bilinear: larger |q|, sharper)."""
+    layer, head = PLANTED
+    layout = attention_layout(bridge)
+    gen = torch.Generator().manual_seed(0)
+
+    def plant(q, hook):  # [batch, pos, head, d_head]; one factor per token of the batch
+        factor = torch.exp(1.5 * torch.randn(q.shape[0], q.shape[1], generator=gen))
+        q = q.clone()
+        q[:, :, head] *= factor[:, :, None]
+        return q
+
+    cfg = config(tmp_path / "planted", corpus)
+    with attached(bridge, (layout.q_hook(layer), plant)):
+        result = observational.run(cfg, model=bridge, progress=False)
+    assert count_hooks(bridge) == 0
+
+    summary, base = result.head_summary, finished[1].head_summary
+    row = head_row(summary, layer, head)
+    assert row["r_entropy"] < -0.4 and row["partial_r_entropy"] < -0.4
+    assert row["r_entropy_ci_high"] < 0 and row["significant"]
+    assert row["r_entropy"] == summary["r_entropy"].min()
+    assert row["r_entropy"] < head_row(base, layer, head)["r_entropy"] - 0.3
+    # Every other head saw exactly the same tokens and attention as without the plant.
+    others = ~((summary["layer"] == layer) & (summary["head"] == head))
+    np.testing.assert_allclose(summary.loc[others, "r_entropy"], base.loc[others, "r_entropy"],
+                               rtol=1e-5, atol=1e-6)
+
+    # Circularly shifting q_norm within each sequence decouples it again: the effect is gone.
+    records = observational.read_records(sorted((result.out / "records").glob("*.parquet")))
+    shifted = observational.analyze(circular_shift_q(records, np.random.default_rng(1)), cfg)
+    row = head_row(shifted["head_summary"], layer, head)
+    assert abs(row["r_entropy"]) < 0.15 and not row["significant"]
+
+
+def test_null_false_discoveries_near_nominal():
+    """q_norm coupled to entropy within sequences (all 100 heads found), then decoupled by
+    circular shifts within each sequence: false discoveries at FDR 0.05 stay <= 10% of heads,
+    although tokens of a sequence are autocorrelated (token-level tests would be optimistic)."""
+    rng = np.random.default_rng(0)
+    shape = (4, 25, 24, 24)  # layer, head, sequence, position
+    u = ar1(rng, shape)
+    log_q = u + 0.5 * rng.standard_normal(shape[:3])[..., None]  # own sequence-level offsets
+    position = np.arange(shape[-1])
+    entropy = (np.log1p(position) + 0.3 * (-u + ar1(rng, shape))
+               + 0.15 * rng.standard_normal(shape[:3])[..., None])
+    records = synthetic_records(log_q, entropy, shard_size=6, rng=rng)
+    cfg = ObservationalConfig(n_boot=200)
+
+    coupled = observational.analyze(records, cfg)["head_summary"]
+    assert coupled["significant"].all() and (coupled["r_entropy"] < 0).all()
+    null = observational.analyze(circular_shift_q(records, rng), cfg)
+    assert null["head_summary"]["significant"].mean() <= 0.10
+    assert len(null["significant_heads"]) == null["head_summary"]["significant"].sum()
+
+
+def test_position_confound_is_removed_by_the_partial_correlation():
+    """ln q_norm and entropy both depend only on ln(position + 1): raw |r| is large, the partial
+    r controlling for ln(position + 1) is near zero."""
+    rng = np.random.default_rng(2)
+    shape = (2, 3, 48, 32)  # ~1500 tokens per head: sampling sd of r ~ 0.026
+    z = np.log1p(np.arange(shape[-1]))
+    log_q = 0.5 * z + 0.1 * rng.standard_normal(shape)
+    entropy = z + 0.1 * rng.standard_normal(shape)
+    records = synthetic_records(log_q, entropy, shard_size=4, rng=rng)
+    summary = observational.analyze(records, ObservationalConfig(n_boot=50))["head_summary"]
+    assert (summary["r_entropy"].abs() > 0.8).all()
+    assert (summary["partial_r_entropy"].abs() < 0.1).all()
+
+
+# --- outputs ------------------------------------------------------------------------------
+
+
+def test_tables_carry_the_original_and_our_columns(finished):
+    cfg, result = finished
+    out = Path(cfg.out)
+    tables = {name: pd.read_csv(out / f"{name}.csv") for name in TABLES}
+    summary = tables["head_summary"]
+    assert len(summary) == 2 * 4 and not summary.duplicated(["layer", "head"]).any()
+    original = ["layer", "head", "correlation", "p_value"]
+    ours = ["r_entropy", "p_entropy", "q_entropy", "partial_r_entropy", "rho_entropy",
+            "r_entropy_ci_low", "r_entropy_ci_high", "r_entropy_norm", "r_max_attn",
+            "r_k_eff_exp", "significant", "n_shards", "consistent", "selected", "replicated",
+            "n_tokens", "n_sequences", "mean_q_norm", "mean_entropy", "mean_k_eff_top90"]
+    assert set(original + ours) <= set(summary.columns)
+    assert (summary["correlation"] == summary["r_entropy"]).all()
+    assert (summary["r_entropy_ci_low"] <= summary["r_entropy_ci_high"]).all()
+    assert (summary["n_sequences"] == 12).all() and (summary["n_tokens"] == 12 * 23).all()
+    assert summary["significant"].dtype == bool and summary["consistent"].dtype == bool
+
+    keys = ["layer", "head"]
+    sig = tables["significant_heads"]
+    assert set(summary.columns) <= set(sig.columns)
+    marked = set(map(tuple, summary.loc[summary["significant"], keys].to_numpy()))
+    assert set(map(tuple, sig[keys].to_numpy())) == marked and sig["significant"].all()
+    cons = tables["consistent_heads"]
+    assert {"layer", "head", "n_shards", "frac_significant_same_sign",
+            "consistent"} <= set(cons.columns)
+    assert set(map(tuple, cons[keys].to_numpy())) == set(
+        map(tuple, summary.loc[summary["consistent"], keys].to_numpy()))
+    layers = tables["layer_statistics"]
+    assert {"layer", "n_heads", "mean_r", "mean_abs_r", "std_r", "n_significant",
+            "frac_significant", "mean_correlation", "std_correlation"} <= set(layers.columns)
+    assert layers["layer"].tolist() == [0, 1] and layers["n_heads"].tolist() == [4, 4]
+
+    # The returned tables are the written ones.
+    pd.testing.assert_frame_equal(result.head_summary.reset_index(drop=True), summary,
+                                  check_dtype=False)
+    assert "heads=8" in repr(result)
+
+
+def test_manifest_records_versions_timings_and_provenance(finished):
+    cfg, _ = finished
+    m = read_manifest(cfg.out)
+    assert m["status"] == "complete" and m["experiment"] == "observational"
+    assert m["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert {"python", "torch", "transformer-lens", "transformers", "pandas"} <= set(m["versions"])
+    assert {"load_model_s", "shards_s", "capture_s", "statistics_s", "figures_s",
+            "total_s"} <= set(m["timings"])
+    assert m["model"]["n_layers"] == 2 and m["model"]["n_heads"] == 4
+    assert m["model"]["n_kv_heads"] == 2 and m["model"]["q_hook"] == "rot_q"
+    assert "SmolLM2" not in m["model"]["spec"]  # a pre-loaded model is not the default's name
+    assert m["n_sequences"] == 12 and m["seq_len"] == 24 and m["resumed"] is False
+    assert m["n_tokens_per_head"] == 12 * 24
+    assert "text files" in m["corpus"]
+
+
+def test_figures_exist_and_hold_data(finished):
+    out = Path(finished[0].out)
+    figures = out / "figures"
+    names = {"heatmap_r_entropy", "heatmap_partial_r_entropy", "heatmap_r_entropy_norm",
+             "r_distribution", "layer_statistics", "scatter_strongest_heads"}
+    assert {p.stem for p in figures.glob("*.html")} == names
+    assert (figures / "plotly.min.js").stat().st_size > 1_000_000
+    for name in names:
+        traces = figure_traces(figures / f"{name}.html")
+        # The heatmaps' marker trace of significant heads may rightly be empty.
+        assert traces and has_data(traces[0]), name
+    scatter = figure_traces(figures / "scatter_strongest_heads.html")
+    assert len(scatter) == 3 and all(has_data(t) for t in scatter)  # top_heads panels
+    assert all(has_data(t) for t in figure_traces(figures / "layer_statistics.html"))
+    # Every file was renamed into place (no temporary left) and is readable as usual.
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.startswith(".")]
+    mask = os.umask(0)
+    os.umask(mask)
+    # (shards/ is written by spectra_lens.data, which still uses mkstemp's 0600)
+    ours = [p for p in files if p.parent.name != "shards"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in ours} == {0o666 & ~mask}
+
+
+# --- resume and overwrite -----------------------------------------------------------------
+
+
+def test_interrupted_run_resumes_with_identical_results(bridge, corpus, finished, tmp_path,
+                                                        monkeypatch):
+    cfg = config(tmp_path / "run", corpus)
+    out = Path(cfg.out)
+    real_load_shard = data.load_shard
+    loaded: list[int] = []
+
+    def interrupt_after_first_shard(manifest, i):
+        if i >= 1:  # shard 0's records are written by now
+            raise KeyboardInterrupt
+        return real_load_shard(manifest, i)
+
+    monkeypatch.setattr(data, "load_shard", interrupt_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        observational.run(cfg, model=bridge, progress=False)
+    assert count_hooks(bridge) == 0
+    first = out / "records" / "shard_00000.parquet"
+    assert first.exists() and not (out / "records" / "shard_00001.parquet").exists()
+    assert looks_incomplete(out) and read_manifest(out)["status"] == "running"
+    mtime = first.stat().st_mtime_ns
+
+    def counting(manifest, i):
+        loaded.append(i)
+        return real_load_shard(manifest, i)
+
+    monkeypatch.setattr(data, "load_shard", counting)
+    result = observational.run(cfg, model=bridge, progress=False)
+    assert loaded == [1, 2]  # shard 0 was not captured again
+    assert first.stat().st_mtime_ns == mtime
+    m = read_manifest(out)
+    assert m["status"] == "complete" and m["resumed"] is True
+    for name in TABLES:
+        pd.testing.assert_frame_equal(pd.read_csv(out / f"{name}.csv"),
+                                      pd.read_csv(Path(finished[0].out) / f"{name}.csv"),
+                                      check_exact=True)
+    pd.testing.assert_frame_equal(result.head_summary, finished[1].head_summary, check_exact=True)
+
+
+def test_finished_run_is_refused_and_overwrite_reruns(bridge, corpus, finished, tmp_path,
+                                                      monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(finished[0].out, out)
+    before = (out / "head_summary.csv").read_bytes()
+    with pytest.raises(SpectraError, match="already holds a finished observational run"):
+        observational.run(config(out, corpus), model=bridge, progress=False)
+    assert (out / "head_summary.csv").read_bytes() == before
+
+    # --overwrite reruns everything, also with another tokenization (seq_len, fewer shards).
+    real_load_shard = data.load_shard
+    loaded: list[int] = []
+    monkeypatch.setattr(data, "load_shard",
+                        lambda manifest, i: loaded.append(i) or real_load_shard(manifest, i))
+    cfg = config(out, corpus, seq_len=16, n_sequences=8, overwrite=True)
+    result = observational.run(cfg, model=bridge, progress=False)
+    assert loaded == [0, 1]
+    assert sorted(p.name for p in (out / "records").iterdir()) == [
+        "shard_00000.parquet", "shard_00001.parquet"]  # the third, stale shard is gone
+    m = read_manifest(out)
+    assert m["status"] == "complete" and m["seq_len"] == 16 and m["resumed"] is False
+    assert (result.head_summary["n_tokens"] == 8 * 15).all()
+    assert (pd.read_csv(out / "head_summary.csv")["n_tokens"] == 8 * 15).all()
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def _empty_file(tmp_path, corpus):
+    (tmp_path / "empty.txt").write_text("")
+    return {"corpus": str(tmp_path / "empty.txt")}, "empty"
+
+
+def _too_short(tmp_path, corpus):
+    return {"seq_len": 5000}, "corpus too short.*seq_len=5000"
+
+
+def _jsonl_without_text(tmp_path, corpus):
+    (tmp_path / "c.jsonl").write_text('{"text": "w1 w2"}\n{"body": "w3 w4"}\n')
+    return {"corpus": str(tmp_path / "c.jsonl")}, r"c.jsonl:2: no field 'text'"
+
+
+def _corrupt_shard(tmp_path, corpus):
+    shards = tmp_path / "shards"
+    data.prepare(corpus, word_tokenizer(), shards, seq_len=24, n_sequences=12, shard_size=4,
+                 tokenizer_name="words")
+    blob = bytearray((shards / "shard_00001.safetensors").read_bytes())
+    blob[-8:] = bytes(b ^ 0xFF for b in blob[-8:])
+    (shards / "shard_00001.safetensors").write_bytes(bytes(blob))
+    return {"corpus": str(shards)}, "shard_00001.safetensors is corrupt"
+
+
+@pytest.mark.parametrize("bad", [_empty_file, _too_short, _jsonl_without_text, _corrupt_shard],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_bad_input_raises_and_leaves_nothing_that_looks_complete(bridge, corpus, tmp_path, bad):
+    changes, message = bad(tmp_path, corpus)
+    out = tmp_path / "run"
+    with pytest.raises(SpectraError, match=message):
+        observational.run(config(out, changes.pop("corpus", corpus), **changes), model=bridge,
+                          progress=False)
+    assert looks_incomplete(out)
+    assert count_hooks(bridge) == 0
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def test_cli_bad_input_returns_2_with_a_message(tmp_path, finished, capsys, monkeypatch):
+    """Errors found before any model is loaded (the default model is never needed here)."""
+
+    def no_model(*args, **kw):
+        raise AssertionError("bad input must be reported before a model is loaded")
+
+    monkeypatch.setattr(observational, "load_model", no_model)
+    (tmp_path / "empty.txt").write_text("")
+    cases = [
+        (["--corpus", str(tmp_path / "empty.txt")], "empty"),
+        (["--corpus", str(tmp_path / "missing.txt")], "not found"),
+        (["--seq-len", "1"], "seq_len"),
+        (["--fdr-alpha", "1.5"], "fdr_alpha"),
+    ]
+    for i, (argv, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        assert observational.main([*argv, "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (argv, err)
+        assert looks_incomplete(out)
+    copy = tmp_path / "finished"
+    shutil.copytree(finished[0].out, copy)
+    assert cli.main(["observe", "--out", str(copy), "--no-progress"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_cli_runs_a_local_model_directory(tmp_path, corpus, tok, capsys):
+    model_dir = tmp_path / "tiny-llama"
+    tiny_hf_model("llama_gqa").save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    argv = ["--model", str(model_dir), "--corpus", corpus, "--out", str(out), "--seq-len", "16",
+            "--n-sequences", "8", "--shard-size", "4", "--n-boot", "50", "--top-heads", "2",
+            "--device", "cpu", "--no-progress"]
+    assert observational.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "8 heads" in printed and f"wrote {out}" in printed
+    m = read_manifest(out)
+    assert m["status"] == "complete" and m["model"]["spec"] == str(model_dir)
+
+
+def test_cli_help_lists_the_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    for command in ("observe", "intervene", "gain", "qk-control", "prepare", "report"):
+        assert command in usage
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["observe", "--help"])
+    assert exit_.value.code == 0
+    assert "--corpus" in capsys.readouterr().out
