@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,6 +508,9 @@ def _pattern_editable(model, tokens) -> bool:
         def uniform(x, hook):
             return torch.tril(torch.ones_like(x)) / torch.tril(torch.ones_like(x)).sum(-1, keepdim=True)
 
-        with model.hooks(fwd_hooks=[(hook_name(0, "pattern"), uniform)]):
+        # On observe-only bridges TransformerLens warns that the edit is discarded: that is
+        # exactly what this probe asks, so the warning is not the user's concern.
+        with warnings.catch_warnings(), model.hooks(fwd_hooks=[(hook_name(0, "pattern"), uniform)]):
+            warnings.filterwarnings("ignore", message=".*returned a modified tensor.*")
             new = model(tokens, return_type="logits")
     return not torch.allclose(base, new)

@@ -30,6 +30,10 @@ from spectra_lens.hooks import count_hooks  # noqa: E402
 from spectra_lens.models import attention_layout  # noqa: E402
 from spectra_lens.testing import tiny_model  # noqa: E402
 
+# The tiny models are far too small for intra-op threads to pay off, and on a shared 2-core
+# machine OpenMP's spinning threads made the suite ~5x slower (19 s vs 96 s measured).
+torch.set_num_threads(int(os.environ.get("SPECTRA_LENS_TEST_THREADS", "1")))
+
 
 class TinyModels:
     """family -> (bridge, layout), each built on first use and shared by the whole session.

@@ -1,0 +1,522 @@
+"""spectra_lens.hooks on the real forward pass of tiny models of every architecture family.
+
+Ground truth is TransformerLens's own `hook_pattern` / `hook_attn_scores` (which equal the HF
+model's attentions), never a recomputation by the library under test.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from spectra_lens.errors import SpectraError
+from spectra_lens.hooks import (
+    KeyScale,
+    LogitScale,
+    MetricCapture,
+    QueryScale,
+    attached,
+    capture_metrics,
+    check_alpha,
+    count_hooks,
+    repeat_for_alphas,
+)
+from spectra_lens.metrics import causal_mask, rescale_pattern
+from spectra_lens.models import hook_name
+from spectra_lens.testing import FAMILIES
+
+ALPHA = 2.5
+HEAD = 1
+GQA_FAMILIES = ("llama_gqa", "qwen3")
+QK_NORM_FAMILIES = ("qwen3", "gemma3")
+
+
+def _run(model, tokens, *items, layout=None):
+    """(logits, {layer: pattern}, {layer: scores}) of one no-grad forward pass with `items`.
+
+    The savers are attached after `items`, so they see the patterns the model really used.
+    """
+    n_layers = model.cfg.n_layers
+    patterns: dict[int, torch.Tensor] = {}
+    scores: dict[int, torch.Tensor] = {}
+
+    def saver(store, layer):
+        def save(x, hook):
+            store[layer] = x.detach().clone()
+
+        return save
+
+    savers = [(hook_name(l, "pattern"), saver(patterns, l)) for l in range(n_layers)]
+    savers += [(hook_name(l, "attn_scores"), saver(scores, l)) for l in range(n_layers)]
+    with torch.no_grad(), attached(model, *items, *savers, layout=layout):
+        logits = model(tokens, return_type="logits")
+    return logits, patterns, scores
+
+
+def _predicted(layout, layer, base_p, base_s, alpha):
+    """softmax(α·s) of the unscaled run's masked scores (log p where the scores hook is not s)."""
+    if not layout.scores_faithful:  # OPT: hook_attn_scores does not hold the logits (see layout)
+        return rescale_pattern(base_p[layer], alpha)
+    n = base_s[layer].shape[-1]
+    s = base_s[layer].float().masked_fill(~causal_mask(n), float("-inf"))
+    return torch.softmax(alpha * s, dim=-1)
+
+
+def _hand_entropy(p: torch.Tensor) -> torch.Tensor:
+    p = p.double()
+    return -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0).sum(-1)
+
+
+def _others(layout, heads):
+    return [h for h in range(layout.n_heads) if h not in heads]
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_metrics_equal_hand_computation_from_hook_pattern(tiny, tokens, family):
+    model, layout = tiny(family)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    tm = capture_metrics(model, tokens, patterns_for=[(1, 2)])
+    n = tokens.shape[1]
+    visible = causal_mask(n)
+    for l in range(layout.n_layers):
+        p = cache[hook_name(l, "pattern")]
+        H = _hand_entropy(p)
+        assert_close(tm.entropy[:, l].double(), H, atol=1e-5, rtol=0)
+        assert_close(tm.max_attn[:, l], p.float().amax(-1), atol=1e-5, rtol=0)
+        assert_close(tm.k_eff_exp[:, l].double(), H.exp(), atol=1e-4, rtol=1e-5)
+        assert_close(tm.k_eff_pr[:, l], 1 / (p.float() ** 2).sum(-1), atol=1e-4, rtol=1e-5)
+        assert_close(tm.sink_mass[:, l], p[..., 0].float(), atol=1e-6, rtol=0)
+        assert_close(tm.entropy_norm[:, l, :, 1:].double(),
+                     H[..., 1:] / torch.arange(2, n + 1).double().log(), atol=1e-5, rtol=0)
+        assert torch.isnan(tm.entropy_norm[:, l, :, 0]).all()  # the first query sees one key
+        # local gain: -Var_p(s) of the model's own logits (log p: the same up to a row shift)
+        s = cache[hook_name(l, "attn_scores")] if layout.scores_faithful else torch.log(p)
+        s = s.double().masked_fill(~visible, 0.0)
+        mean = (p * s).sum(-1, keepdim=True)
+        gain = -(p * (s - mean) ** 2).sum(-1)
+        assert_close(tm.local_gain[:, l].double(), gain, atol=1e-5, rtol=1e-4)
+
+        # norms of the hooks the layout names; k_norm through the h // group_size map
+        q = cache[layout.q_hook(l)]
+        assert_close(tm.q_norm[:, l], q.norm(dim=-1).transpose(1, 2), atol=1e-6, rtol=1e-6)
+        k = cache[layout.k_hook(l)]
+        assert_close(tm.k_norm[:, l], k.norm(dim=-1)[:, :, layout.kv_index()].transpose(1, 2),
+                     atol=1e-6, rtol=1e-6)
+
+        if layout.q_kind == "rot_q":  # rotary is a rotation: the norm before it is the same
+            if hook_name(l, "q_normed") in cache:  # QK-norm: [batch, head, pos, d_head]
+                pre_q = cache[hook_name(l, "q_normed")].transpose(1, 2)
+                pre_k = cache[hook_name(l, "k_normed")].transpose(1, 2)
+            else:
+                pre_q, pre_k = cache[hook_name(l, "q")], cache[hook_name(l, "k")]
+            assert_close(pre_q.norm(dim=-1), q.norm(dim=-1), atol=1e-5, rtol=1e-5)
+            assert_close(pre_k.norm(dim=-1), k.norm(dim=-1), atol=1e-5, rtol=1e-5)
+    assert_close(tm.patterns[(1, 2)], cache[hook_name(1, "pattern")][:, 2])
+    # the effective query is the rotated one wherever the bridge exposes it
+    assert (layout.q_kind == "rot_q") == (hook_name(0, "rot_q") in cache)
+
+
+def test_k_norm_uses_repeat_interleave_grouping(tiny, tokens):
+    model, layout = tiny("llama_gqa")
+    assert (layout.n_heads, layout.n_kv_heads) == (4, 2)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    tm = capture_metrics(model, tokens)
+    for l in range(layout.n_layers):
+        kn = cache[hook_name(l, "rot_k")].norm(dim=-1)  # [batch, pos, kv_head]
+        expected = torch.stack([kn[..., 0], kn[..., 0], kn[..., 1], kn[..., 1]], dim=1)
+        modulo_bug = torch.stack([kn[..., 0], kn[..., 1], kn[..., 0], kn[..., 1]], dim=1)
+        assert_close(tm.k_norm[:, l], expected)
+        assert not torch.allclose(tm.k_norm[:, l], modulo_bug)  # the test can tell them apart
+
+
+def test_capture_with_a_subset_of_layers_and_to_frame(tiny, tokens):
+    model, layout = tiny("gpt2")
+    tm = capture_metrics(model, tokens, layers=[1])
+    full = capture_metrics(model, tokens)
+    assert tm.layers == (1,)
+    assert tm.entropy.shape == (2, 1, layout.n_heads, tokens.shape[1])
+    assert_close(tm.entropy[:, 0], full.entropy[:, 1])
+    assert_close(tm.head(1, 3)["max_attn"], full.max_attn[:, 1, 3])
+    frame = full.to_frame(shard=0)
+    assert len(frame) == full.entropy.numel()
+    columns = {"shard", "sequence", "layer", "head", "position", "entropy", "k_eff_top90"}
+    assert columns <= set(frame.columns)
+    assert "TokenMetrics" in repr(full) and "(2, 2, 4, 10)" in repr(full)
+
+
+def test_metric_capture_is_reusable(tiny, tokens):
+    model, layout = tiny("llama_gqa")
+    cap = MetricCapture(layout)
+    with torch.no_grad(), attached(model, cap):
+        model(tokens)
+    first = cap.result()
+    with torch.no_grad(), attached(model, cap):
+        model(tokens[:1])
+    second = cap.result()
+    assert second.entropy.shape[0] == 1
+    assert_close(second.entropy[0], first.entropy[0])
+
+
+# --------------------------------------------------------------------------- query scaling
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_query_scale_changes_one_head_as_softmax_of_scaled_scores_predicts(tiny, tokens, family):
+    model, layout = tiny(family)
+    base_logits, base_p, base_s = _run(model, tokens)
+    others = _others(layout, [HEAD])
+    for layer in range(layout.n_layers):
+        logits, p, _ = _run(model, tokens, QueryScale(layer, HEAD, ALPHA))
+        predicted = _predicted(layout, layer, base_p, base_s, ALPHA)
+        got = p[layer][:, HEAD]
+        assert (got - base_p[layer][:, HEAD]).abs().max() > 1e-2, "the scaled head did not change"
+        if layout.q_bilinear[layer]:
+            assert_close(got, predicted[:, HEAD], atol=1e-5, rtol=0)
+        else:  # ALiBi / soft-capping: scaling q is not scaling the logits
+            assert (got - predicted[:, HEAD]).abs().max() > 1e-4
+        # other heads of the layer and earlier layers are untouched ...
+        assert_close(p[layer][:, others], base_p[layer][:, others], atol=1e-6, rtol=0)
+        for earlier in range(layer):
+            assert_close(p[earlier], base_p[earlier], atol=1e-6, rtol=0)
+        # ... and the edit reaches later layers and the output
+        for later in range(layer + 1, layout.n_layers):
+            assert (p[later] - base_p[later]).abs().max() > 1e-4
+        assert (logits - base_logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", QK_NORM_FAMILIES)
+def test_query_scale_is_visible_under_qk_norm_but_scaling_hook_q_is_not(tiny, tokens, family):
+    model, layout = tiny(family)
+    assert layout.q_kind == "rot_q"
+    _, base_p, _ = _run(model, tokens)
+    layer = 1
+
+    def scale_plain_q(x, hook):  # hook_q is [batch, pos, head, d_head], before QK-norm
+        out = x.clone()
+        out[:, :, HEAD] = out[:, :, HEAD] * ALPHA
+        return out
+
+    _, p_plain, _ = _run(model, tokens, (hook_name(layer, "q"), scale_plain_q))
+    _, p_eff, _ = _run(model, tokens, QueryScale(layer, HEAD, ALPHA))
+    change_plain = (p_plain[layer][:, HEAD] - base_p[layer][:, HEAD]).abs().max()
+    change_eff = (p_eff[layer][:, HEAD] - base_p[layer][:, HEAD]).abs().max()
+    assert change_plain < 1e-4, "QK-norm should undo a scaling of hook_q"
+    assert change_eff > 1e-2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "qwen3"])
+def test_query_scale_positions_only_change_those_query_rows(tiny, tokens, family):
+    model, layout = tiny(family)
+    _, base_p, base_s = _run(model, tokens)
+    layer, positions = 1, (3, 7)
+    _, p, _ = _run(model, tokens, QueryScale(layer, HEAD, ALPHA, positions=positions))
+    predicted = _predicted(layout, layer, base_p, base_s, ALPHA)
+    rows = list(positions)
+    rest = [i for i in range(tokens.shape[1]) if i not in positions]
+    assert_close(p[layer][:, HEAD, rows], predicted[:, HEAD, rows], atol=1e-5, rtol=0)
+    assert (p[layer][:, HEAD, rows] - base_p[layer][:, HEAD, rows]).abs().max() > 1e-2
+    assert_close(p[layer][:, HEAD, rest], base_p[layer][:, HEAD, rest], atol=1e-6, rtol=0)
+    assert_close(p[layer][:, _others(layout, [HEAD])], base_p[layer][:, _others(layout, [HEAD])],
+                 atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- key scaling
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+def test_key_scale_changes_exactly_the_query_heads_of_its_group(tiny, tokens, family):
+    model, layout = tiny(family)
+    assert layout.n_kv_heads < layout.n_heads
+    _, base_p, base_s = _run(model, tokens)
+    for layer in range(layout.n_layers):
+        predicted = _predicted(layout, layer, base_p, base_s, ALPHA)
+        for kv in range(layout.n_kv_heads):
+            ks = KeyScale(layer, kv, ALPHA)
+            group = list(ks.affected_heads(layout))
+            assert group == [h for h in range(layout.n_heads) if h // layout.group_size == kv]
+            _, p, _ = _run(model, tokens, ks)
+            assert layout.k_bilinear[layer]
+            assert_close(p[layer][:, group], predicted[:, group], atol=1e-5, rtol=0)
+            assert (p[layer][:, group] - base_p[layer][:, group]).abs().max() > 1e-2
+            rest = _others(layout, group)
+            assert_close(p[layer][:, rest], base_p[layer][:, rest], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES if f not in GQA_FAMILIES + ("gemma3", "gemma2", "bloom")]
+)
+def test_key_scale_equals_query_scale_without_grouping(tiny, tokens, family):
+    model, layout = tiny(family)
+    assert layout.n_kv_heads == layout.n_heads and all(layout.q_bilinear) and all(layout.k_bilinear)
+    for layer in range(layout.n_layers):
+        q_logits, q_p, _ = _run(model, tokens, QueryScale(layer, HEAD, ALPHA))
+        k_logits, k_p, _ = _run(model, tokens, KeyScale(layer, HEAD, ALPHA))
+        for l in range(layout.n_layers):
+            assert_close(k_p[l], q_p[l], atol=1e-5, rtol=0)
+        assert_close(k_logits, q_logits, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- batched alpha
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "qwen3"])
+@pytest.mark.parametrize("scale", ["query", "key", "logit"])
+def test_batched_alpha_equals_separate_forward_passes(tiny, tokens, family, scale):
+    model, layout = tiny(family)
+    layer, alphas = 0, [0.5, 1.0, 3.0]
+    make = {
+        "query": lambda a: QueryScale(layer, HEAD, a),
+        "key": lambda a: KeyScale(layer, layout.kv_head(HEAD), a),
+        "logit": lambda a: LogitScale(layer, HEAD, a),
+    }[scale]
+    batched_tokens, alpha_rows = repeat_for_alphas(tokens, alphas)
+    b = tokens.shape[0]
+    assert torch.equal(batched_tokens, tokens.repeat(len(alphas), 1))
+    assert alpha_rows.tolist() == [a for a in alphas for _ in range(b)]
+    logits, p, _ = _run(model, batched_tokens, make(alpha_rows))
+    for i, a in enumerate(alphas):
+        rows = slice(i * b, (i + 1) * b)
+        ref_logits, ref_p, _ = _run(model, tokens, make(a))
+        assert_close(logits[rows], ref_logits, atol=1e-5, rtol=1e-5)
+        for l in range(layout.n_layers):
+            assert_close(p[l][rows], ref_p[l], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- logit scaling
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logit_scale_equals_softmax_of_alpha_log_p(tiny, tokens, family):
+    model, layout = tiny(family)
+    if not layout.pattern_editable:  # OPT in TL 4.3: hook_pattern is observed, not used
+        with pytest.raises(SpectraError, match="observe-only"):
+            with attached(model, LogitScale(0, HEAD, ALPHA)):
+                pass
+        assert count_hooks(model) == 0
+        return
+    base_logits, base_p, _ = _run(model, tokens)
+    for layer in range(layout.n_layers):
+        logits, p, _ = _run(model, tokens, LogitScale(layer, HEAD, ALPHA))
+        expected = torch.softmax(ALPHA * torch.log(base_p[layer][:, HEAD]), dim=-1)
+        assert_close(p[layer][:, HEAD], expected, atol=1e-6, rtol=0)
+        others = _others(layout, [HEAD])
+        assert_close(p[layer][:, others], base_p[layer][:, others], atol=1e-6, rtol=0)
+        assert (logits - base_logits).abs().max() > 1e-4, "the edited pattern must reach the output"
+
+
+# --------------------------------------------------------------------------- hook hygiene
+
+
+def _boom(x, hook):
+    raise RuntimeError("boom from a hook")
+
+
+def _interrupt(x, hook):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "opt"])
+def test_no_hook_remains_after_errors(tiny, tokens, family):
+    model, layout = tiny(family)
+    with torch.no_grad():
+        clean = model(tokens, return_type="logits")
+
+    def items():
+        return (QueryScale(0, 0, 2.0), KeyScale(1, 0, 2.0), MetricCapture(layout))
+
+    # raised from a hook function during the forward pass
+    with pytest.raises(RuntimeError, match="boom from a hook"):
+        with torch.no_grad(), attached(model, *items(), (hook_name(1, "pattern"), _boom)):
+            assert count_hooks(model) > 0
+            model(tokens)
+    assert count_hooks(model) == 0
+    # raised from the body of the with-block
+    with pytest.raises(ValueError, match="body"):
+        with attached(model, *items()):
+            assert count_hooks(model) > 0
+            raise ValueError("raised in the body")
+    assert count_hooks(model) == 0
+    # KeyboardInterrupt, from the body and from a hook
+    with pytest.raises(KeyboardInterrupt):
+        with attached(model, *items()):
+            raise KeyboardInterrupt
+    assert count_hooks(model) == 0
+    with pytest.raises(KeyboardInterrupt):
+        with torch.no_grad(), attached(model, *items(), (hook_name(0, "q"), _interrupt)):
+            model(tokens)
+    assert count_hooks(model) == 0
+    # a SpectraError while the hooks are being built attaches nothing
+    with pytest.raises(SpectraError):
+        with attached(model, QueryScale(0, 0, 2.0), QueryScale(0, 0, -1.0)):
+            pass
+    assert count_hooks(model) == 0
+    with torch.no_grad():
+        assert torch.equal(model(tokens, return_type="logits"), clean)
+
+
+def test_nested_attached_removes_only_its_own_hooks(tiny, tokens):
+    model, _ = tiny("gpt2")
+    with attached(model, QueryScale(0, 0, 2.0)):
+        outer = count_hooks(model)
+        with attached(model, QueryScale(1, 0, 2.0), KeyScale(1, 1, 2.0)):
+            assert count_hooks(model) == outer + 2
+        assert count_hooks(model) == outer
+    assert count_hooks(model) == 0
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: QueryScale(2, 0, 2.0), r"layer must be an int in \[0, 2\), got 2"),
+        (lambda: QueryScale(-1, 0, 2.0), r"layer must be an int in \[0, 2\), got -1"),
+        (lambda: QueryScale(0, 4, 2.0), r"head must be an int in \[0, 4\), got 4"),
+        (lambda: QueryScale(0, -1, 2.0), r"head must be an int in \[0, 4\), got -1"),
+        (lambda: LogitScale(0, 7, 2.0), r"head must be an int in \[0, 4\), got 7"),
+        (lambda: KeyScale(0, 2, 2.0), r"kv head must be in \[0, 2\), got 2"),
+        (lambda: KeyScale(5, 0, 2.0), r"layer must be an int in \[0, 2\), got 5"),
+        (lambda: QueryScale(0, 0, 0.0), r"alpha must be finite and > 0, got 0.0"),
+        (lambda: QueryScale(0, 0, -1.5), r"alpha must be finite and > 0, got -1.5"),
+        (lambda: QueryScale(0, 0, float("nan")), r"alpha must be finite and > 0, got nan"),
+        (lambda: QueryScale(0, 0, float("inf")), r"alpha must be finite and > 0, got inf"),
+        (lambda: QueryScale(0, 0, torch.tensor([1.0, 0.0])),
+         r"alpha must be finite and > 0, got \[1.0, 0.0\]"),
+        (lambda: QueryScale(0, 0, torch.tensor([[1.0]])), r"1-D and non-empty, got shape \(1, 1\)"),
+        (lambda: QueryScale(0, 0, torch.tensor([])), r"1-D and non-empty, got shape \(0,\)"),
+    ],
+    ids=["layer-high", "layer-negative", "head-high", "head-negative", "logit-head", "kv-head",
+         "key-layer", "alpha-zero", "alpha-negative", "alpha-nan", "alpha-inf",
+         "alpha-row-zero", "alpha-2d", "alpha-empty"],
+)
+def test_bad_scaling_arguments_raise_before_any_forward(tiny, make, match):
+    model, _ = tiny("llama_gqa")
+    with pytest.raises(SpectraError, match=match):
+        with attached(model, make()):
+            pytest.fail("the body must not run")
+    assert count_hooks(model) == 0
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (True, "must be a number or a 1-D tensor, got bool"),
+        (False, "must be a number or a 1-D tensor, got bool"),
+        ("2", "must be a number or a 1-D tensor, got str"),
+        (None, "must be a number or a 1-D tensor, got NoneType"),
+        ([1.0], "must be a number or a 1-D tensor, got list"),
+        (-0.0, "must be finite and > 0, got -0.0"),
+    ],
+)
+def test_check_alpha_rejects_non_numbers(bad, match):
+    # What QueryScale/KeyScale/LogitScale.hooks() run on their alpha. (Constructing them with a
+    # bool is also refused by beartype in the test suite, before check_alpha is reached.)
+    with pytest.raises(SpectraError, match="alpha " + match):
+        check_alpha(bad)
+
+
+def test_alpha_grid_errors(tokens):
+    with pytest.raises(SpectraError, match="at least one value, got an empty grid"):
+        repeat_for_alphas(tokens, [])
+    with pytest.raises(SpectraError, match=r"alphas must be finite and > 0, got \[1.0, -2.0\]"):
+        repeat_for_alphas(tokens, [1.0, -2.0])
+    with pytest.raises(SpectraError, match="alphas must be finite"):
+        repeat_for_alphas(tokens, torch.tensor([1.0, float("nan")]))
+
+
+def test_alpha_rows_must_match_the_batch(tiny, tokens):
+    model, _ = tiny("llama_gqa")
+    with pytest.raises(SpectraError, match=r"one alpha per batch row expected \(2\), got 3"):
+        with torch.no_grad(), attached(model, QueryScale(0, 0, torch.tensor([1.0, 2.0, 3.0]))):
+            model(tokens)
+    assert count_hooks(model) == 0
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.zeros(2, 5),
+         r"integer torch.Tensor \[batch, pos\], got Tensor of dtype torch.float32"),
+        (torch.zeros(2, 5, dtype=torch.bool), r"got Tensor of dtype torch.bool"),
+        ([[1, 2, 3]], r"integer torch.Tensor \[batch, pos\], got list"),
+        (torch.zeros(5, dtype=torch.long), r"shape \[batch, pos\], got \(5,\)"),
+        (torch.zeros(1, 2, 5, dtype=torch.long), r"shape \[batch, pos\], got \(1, 2, 5\)"),
+        (torch.zeros(1, 0, dtype=torch.long), r"shape \[batch, pos\], got \(1, 0\)"),
+    ],
+    ids=["float", "bool", "list", "1d", "3d", "no-positions"],
+)
+def test_bad_tokens_raise(tiny, bad, match):
+    model, _ = tiny("gpt2")
+    with pytest.raises(SpectraError, match=match):
+        capture_metrics(model, bad)
+    with pytest.raises(SpectraError, match=match):
+        repeat_for_alphas(bad, [1.0])
+
+
+@pytest.mark.parametrize(
+    "make, field, value, match",
+    [
+        (lambda: QueryScale(0, HEAD, 2.0), "n_heads", 8,
+         r"blocks\.0\.attn\.hook_rot_q: expected \[batch pos head d_head\] = "
+         r"\('\?', '\?', 8, 16\), "
+         r"got \(2, 10, 4, 16\)"),
+        (lambda: KeyScale(0, 0, 2.0), "n_kv_heads", 4,
+         r"blocks\.0\.attn\.hook_rot_k: expected \[batch pos kv_head d_head\] = "
+         r"\('\?', '\?', 4, 16\), "
+         r"got \(2, 10, 2, 16\)"),
+        (lambda: LogitScale(1, HEAD, 2.0), "n_heads", 8,
+         r"blocks\.1\.attn\.hook_pattern: expected \[batch head query_pos key_pos\] = "
+         r"\('\?', 8, '\?', '\?'\), got \(2, 4, 10, 10\)"),
+        (None, "d_head", 32, r"blocks\.0\.attn\.hook_rot_q: expected .* = \('\?', '\?', 4, 32\), "
+         r"got \(2, 10, 4, 16\)"),
+    ],
+    ids=["query-n_heads", "key-n_kv_heads", "logit-n_heads", "capture-d_head"],
+)
+def test_hook_tensor_of_unexpected_shape_raises(tiny, tokens, make, field, value, match):
+    model, layout = tiny("llama_gqa")
+    wrong = dataclasses.replace(layout, **{field: value})
+    item = MetricCapture(wrong) if make is None else make()
+    with pytest.raises(SpectraError, match=match):
+        with torch.no_grad(), attached(model, item, layout=wrong):
+            model(tokens)
+    assert count_hooks(model) == 0
+
+
+def test_capture_and_attach_misuse(tiny, tokens):
+    model, layout = tiny("gpt2")
+    with pytest.raises(SpectraError, match="at least one layer"):
+        MetricCapture(layout, layers=[])
+    with pytest.raises(SpectraError, match=r"layer must be an int in \[0, 2\), got 5"):
+        MetricCapture(layout, layers=[5])
+    with pytest.raises(SpectraError, match=r"head must be an int in \[0, 4\), got 9"):
+        MetricCapture(layout, patterns_for=[(0, 9)])
+    with pytest.raises(SpectraError, match="layer 0 is not captured"):
+        MetricCapture(layout, layers=[1], patterns_for=[(0, 1)])
+    with pytest.raises(SpectraError, match=r"top_mass must be in \(0, 1\], got 0.0"):
+        MetricCapture(layout, top_mass=0.0)
+    with pytest.raises(SpectraError, match=r"no forward pass reached layers \[0, 1\]"):
+        MetricCapture(layout).result()
+    with pytest.raises(SpectraError, match=r"positions must be in \[0, 10\), got \[3, 10\]"):
+        with torch.no_grad(), attached(model, QueryScale(0, 0, 2.0, positions=(3, 10))):
+            model(tokens)
+    with pytest.raises(SpectraError, match="no hook point named 'blocks.9.attn.hook_q'"):
+        with attached(model, ("blocks.9.attn.hook_q", lambda x, hook: x)):
+            pass
+    with pytest.raises(SpectraError, match="expected a scaling/capture object .* got 42"):
+        with attached(model, 42):
+            pass
+    assert count_hooks(model) == 0
+    tm = capture_metrics(model, tokens, layers=[1])
+    with pytest.raises(SpectraError, match="unknown metric 'entropyy'"):
+        tm.metric("entropyy")
+    with pytest.raises(SpectraError, match=r"layer 0 was not captured; captured layers: \(1,\)"):
+        tm.head(0, 0)
+    with pytest.raises(SpectraError, match="sequence_ids must have 2 entries, got 3"):
+        tm.to_frame(sequence_ids=[0, 1, 2])
