@@ -20,7 +20,10 @@ test: setup
 	$(PY) -m pytest
 
 notebooks: setup
-	$(PY) -m pytest tests/test_notebooks.py --run-notebooks
+	SPECTRA_NB_SMALL=0 $(PY) -m pytest tests/test_notebooks.py
+
+report: setup
+	$(PY) -m spectra_lens.cli report $(or $(RESULTS),results)
 
 bench: setup
 	$(PY) -m bench.run

@@ -1,0 +1,711 @@
+"""One self-contained HTML page from a results directory.
+
+    spectra-lens report RESULTS_DIR [--out FILE]       (default: RESULTS_DIR/report.html)
+
+The directory (and its subdirectories) is scanned for run directories: a `manifest.json` whose
+"experiment" is one of `EXPERIMENTS`. Each run gets a section with its manifest (status, model,
+config, versions, timings), its key tables (top rows of its CSVs) and its figures. Figures are
+the run's own: the figure JSON is read back from the HTML files `plots.save_figure` wrote; a run
+without them gets figures rebuilt from its CSVs. Experiments with no run are named in a
+"not in this directory" list, and a run whose status is not "complete" is flagged.
+
+The page needs no network: plotly.js is embedded once, inline, and every figure is plotted
+from JSON held in the page. After plotting, a script writes into the hidden element
+`#spectra-render-status` a JSON object `{figure_id: {"traces", "with_data", "rendered",
+"error"}}`, so a headless browser (and the tests) can check that every figure drew its data.
+"""
+
+import argparse
+import base64
+import html
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from spectra_lens import causal_plots as cp
+from spectra_lens import plots
+from spectra_lens.errors import SpectraError
+from spectra_lens.runs import MANIFEST, atomic_write
+
+__all__ = ["EXPERIMENTS", "Run", "build_report", "find_runs", "main", "parser", "write_report"]
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+_MAX_DEPTH = 4  # results/<group>/<run>/ is as deep as anyone nests runs
+_SKIP_DIRS = {"records", "shards", "figures", "__pycache__"}  # large or never runs
+# Above this many points a WebGL scatter stays WebGL; below it becomes SVG, which draws without
+# a GPU (headless browsers, remote desktops) and prints.
+_SVG_POINTS = 60_000
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A CSV to show: file glob, heading, sort (|column| descending, first one present)."""
+
+    pattern: str
+    title: str
+    sort_abs: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ()  # shown first when present; the rest when none is
+    rows: int = 15
+
+
+@dataclass(frozen=True)
+class _Experiment:
+    label: str
+    title: str
+    command: str
+    tables: tuple[_Table, ...]
+    rebuild: Callable[["Run"], list[tuple[str, Callable[[], go.Figure]]]]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory found under the results directory."""
+
+    experiment: str
+    path: Path
+    manifest: dict = field(repr=False)
+
+    @property
+    def status(self) -> str:
+        return str(self.manifest.get("status", "unknown"))
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+# --------------------------------------------------------------------------- finding runs
+
+
+def find_runs(results_dir: str | os.PathLike) -> list[Run]:
+    """Run directories at or below `results_dir` (depth ≤ 4), in experiment then path order.
+
+    A run directory holds a `manifest.json` whose "experiment" is a key of `EXPERIMENTS`; its
+    subdirectories are not searched further (their manifests, e.g. of token shards, are not
+    runs). Unreadable manifests are logged and skipped.
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise SpectraError(f"results directory {str(root)!r} does not exist or is not a directory")
+    runs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        depth = len(here.relative_to(root).parts)
+        if MANIFEST in filenames:
+            manifest = _read_manifest(here / MANIFEST)
+            if manifest is not None and manifest.get("experiment") in EXPERIMENTS:
+                runs.append(Run(manifest["experiment"], here, manifest))
+                dirnames.clear()
+                continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS
+                             and depth < _MAX_DEPTH)
+    order = list(EXPERIMENTS)
+    return sorted(runs, key=lambda r: (order.index(r.experiment), str(r.path)))
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("skipping unreadable manifest %s: %s", path, e)
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as e:  # empty, truncated, not CSV: a note on the page, no crash
+        raise SpectraError(f"{path.name} is unreadable as CSV ({type(e).__name__}: {e})") from e
+
+
+def _top(frame: pd.DataFrame, spec: _Table) -> tuple[pd.DataFrame, str]:
+    """The rows and columns of `frame` to show, and how they were chosen."""
+    how = []
+    key = next((c for c in spec.sort_abs if c in frame.columns), None)
+    if key is not None and pd.api.types.is_numeric_dtype(frame[key]):
+        frame = frame.reindex(frame[key].abs().sort_values(ascending=False, na_position="last").index)
+        how.append(f"sorted by |{key}|")
+    cols = [c for c in spec.columns if c in frame.columns]
+    if cols and len(cols) < len(frame.columns):
+        how.append(f"{len(cols)} of {len(frame.columns)} columns")
+        frame = frame[cols]
+    if len(frame) > spec.rows:
+        how.insert(0, f"top {spec.rows} of {len(frame)} rows")
+        frame = frame.head(spec.rows)
+    else:
+        how.insert(0, f"{len(frame)} rows")
+    return frame, ", ".join(how)
+
+
+def _frame_html(frame: pd.DataFrame) -> str:
+    def fmt(v):
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    return frame.to_html(index=False, classes="data", border=0, na_rep="", escape=True,
+                         formatters={c: fmt for c in frame.columns})
+
+
+def _tables_html(run: Run) -> str:
+    spec = EXPERIMENTS[run.experiment]
+    parts, shown = [], set()
+    for t in spec.tables:
+        files = sorted(run.path.glob(t.pattern), key=_natural_key)
+        if not files:
+            parts.append(f'<p class="missing">{_e(t.pattern)}: not found in this run.</p>')
+            continue
+        for f in files:
+            shown.add(f)
+            parts.append(_one_table(f, t, t.title if len(files) == 1 else f"{t.title}: {f.stem}"))
+    others = [f for f in sorted(run.path.glob("*.csv"), key=_natural_key) if f not in shown]
+    if others:
+        inner = "".join(_one_table(f, _Table(f.name, f.stem, rows=10), f.stem) for f in others)
+        parts.append(f"<details><summary>other tables ({len(others)})</summary>{inner}</details>")
+    return "".join(parts)
+
+
+def _one_table(path: Path, spec: _Table, title: str) -> str:
+    try:
+        frame = _read_csv(path)
+    except SpectraError as e:
+        return f'<h4>{_e(title)}</h4><p class="missing">{_e(str(e))}</p>'
+    shown, how = _top(frame, spec)
+    return (f'<h4>{_e(title)}</h4><p class="caption"><code>{_e(path.name)}</code>: {_e(how)}</p>'
+            f'<div class="scroll">{_frame_html(shown)}</div>')
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figures_from_html(path: Path) -> list[dict]:
+    """The figure JSON of every `Plotly.newPlot(id, data, layout, config)` in a plotly HTML file."""
+    text = path.read_text(errors="replace")
+    dec = json.JSONDecoder()
+    out = []
+    for m in re.finditer(r"Plotly\.newPlot\(\s*", text):
+        try:
+            i = m.end()
+            _, i = dec.raw_decode(text, i)  # the div id
+            i = _skip_comma(text, i)
+            data, i = dec.raw_decode(text, i)
+            i = _skip_comma(text, i)
+            layout, i = dec.raw_decode(text, i)
+        except (json.JSONDecodeError, ValueError):
+            continue
+        if isinstance(data, list) and isinstance(layout, dict):
+            out.append({"data": data, "layout": layout})
+    return out
+
+
+def _skip_comma(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i >= len(text) or text[i] != ",":
+        raise ValueError("expected ','")
+    i += 1
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+def _saved_figures(run: Run) -> list[tuple[str, dict]]:
+    files = sorted({*run.path.glob("*.html"), *run.path.glob("figures/**/*.html")}, key=_natural_key)
+    out = []
+    for f in files:
+        if f.name == REPORT_NAME or f.name.startswith(".tmp-"):
+            continue
+        figs = _figures_from_html(f)
+        if not figs:
+            log.info("no plotly figure in %s", f)
+        for k, fig in enumerate(figs):
+            name = f.relative_to(run.path).as_posix() + (f"#{k}" if k else "")
+            out.append((name, fig))
+    return out
+
+
+def _figure_json(fig: go.Figure) -> dict:
+    return json.loads(fig.to_json())
+
+
+def _svg_if_small(fig: dict) -> dict:
+    gl = [t for t in fig["data"] if t.get("type") == "scattergl"]
+    if gl and sum(_n_points(t) for t in gl) <= _SVG_POINTS:
+        fig = {**fig, "data": [{**t, "type": "scatter"} if t.get("type") == "scattergl" else t
+                               for t in fig["data"]]}
+    return fig
+
+
+def _n_points(trace: dict) -> int:
+    x = trace.get("x", trace.get("y"))
+    if isinstance(x, dict) and "bdata" in x:  # plotly's typed-array spec {dtype, bdata[, shape]}
+        try:
+            return len(base64.b64decode(x["bdata"])) // np.dtype(x.get("dtype", "f8")).itemsize
+        except (ValueError, TypeError):
+            return _SVG_POINTS + 1  # unknown: leave it as WebGL
+    return len(x) if isinstance(x, list) else 0
+
+
+def _title(fig: dict, default: str) -> str:
+    t = fig.get("layout", {}).get("title")
+    if isinstance(t, dict):
+        t = t.get("text")
+    return re.sub(r"<[^>]+>", " ", t).strip() if isinstance(t, str) and t.strip() else default
+
+
+# Rebuilders: figures from a run's CSVs with the library's plot functions, for runs without
+# saved figure files. Each returns (name, thunk) pairs; a thunk that raises costs only its figure.
+
+Recipe = tuple[str, Callable[[], go.Figure]]
+
+
+def _rebuild_observational(run: "Run") -> list[Recipe]:
+    out: list[Recipe] = []
+    summary = _csv_or_none(run.path / "head_summary.csv")
+    if summary is not None:
+        for col, title in (("r_entropy", "r(log query norm, entropy) per head"),
+                           ("partial_r_entropy", "partial r(log query norm, entropy | log position)")):
+            out.append((f"heatmap_{col}", lambda col=col, title=title: plots.head_heatmap(
+                summary, col, title=title, mark="significant")))
+        out.append(("r_distribution", lambda: plots.r_distribution(
+            summary, {"r_entropy": "raw r", "partial_r_entropy": "position-controlled r"},
+            title="distribution of per-head r(log query norm, entropy)")))
+    layers = _csv_or_none(run.path / "layer_statistics.csv")
+    if layers is not None:
+        out.append(("layer_statistics", lambda: plots.layer_summary(
+            layers, title="query norm vs entropy by layer")))
+    return out
+
+
+def _role_frames(run: "Run", prefix: str) -> dict[str, pd.DataFrame]:
+    """{"target L1 H3": frame, ...} of the files `{prefix}L{l}_H{h}_{role}.csv`."""
+    frames = {}
+    for f in sorted(run.path.glob(f"{prefix}L*_H*_*.csv"), key=_natural_key):
+        m = re.fullmatch(re.escape(prefix) + r"L(\d+)_H(\d+)_(\w+)\.csv", f.name)
+        frame = _csv_or_none(f)
+        if m and frame is not None:
+            frames[f"{m[3]} L{m[1]} H{m[2]}"] = frame
+    return frames
+
+
+def _rebuild_intervention(run: "Run") -> list[Recipe]:
+    heads = _role_frames(run, "q_scale_intervention_")
+    out: list[Recipe] = []
+    if heads:
+        out.append(("intervention_combined", lambda: cp.intervention_panels(
+            heads, title="head metrics under query scaling")))
+        out.append(("intervention_output_effects", lambda: cp.output_effects(
+            heads, title="output effects of query scaling")))
+    for label, d in _role_frames(run, "downstream_heads_").items():
+        def later(d=d, label=label):
+            scales = sorted(d["scale"].unique())
+            show = [a for a in (scales[0], scales[-1]) if a != 1.0] or scales[:1]
+            return cp.later_heads_heatmap(d, show, title=f"entropy change of later heads: {label} scaled")
+        out.append((f"later_heads_{_slug(label)}", later))
+    return out
+
+
+def _rebuild_gain(run: "Run") -> list[Recipe]:
+    s = _csv_or_none(run.path / "gain_summary.csv")
+    if s is None:
+        return []
+    out: list[Recipe] = [
+        (f"gain_heatmap_{col}", lambda col=col, title=title: plots.head_heatmap(s, col, title=title))
+        for col, title in (("gain_entropy", "fitted entropy gain dH/d ln α over the grid"),
+                           ("analytic_gain", "analytic local gain −Var_p(s) at α = 1"))
+    ]
+    out.append(("gain_vs_analytic", lambda: cp.gain_vs_analytic(
+        s, title="fitted entropy gain vs analytic gain, every head")))
+    if "head_type" in s.columns:
+        chosen = s[s["head_type"].fillna("").astype(str) != ""]
+        if len(chosen):
+            out.append(("gain_comparison", lambda: cp.gain_comparison(
+                chosen, columns=("gain_entropy", "analytic_gain", "gain_max_attn"),
+                title="target vs control: entropy gain (fitted, analytic) and max-attention gain")))
+    return out
+
+
+def _rebuild_qk(run: "Run") -> list[Recipe]:
+    c = _csv_or_none(run.path / "qk_comparison_results.csv")
+    if c is None:
+        return []
+    out: list[Recipe] = [
+        (f"qk_{col}", lambda col=col, title=title: cp.qk_metric(c, col, title=title))
+        for col, title in (("mean_entropy", "entropy: query vs key scaling"),
+                           ("delta_entropy", "entropy change vs unscaled: query vs key scaling"))
+    ]
+    out.append(("qk_output_effects", lambda: cp.qk_output_effects(
+        c, title="output effects: query vs key scaling")))
+    return out
+
+
+def _csv_or_none(path: Path) -> pd.DataFrame | None:
+    if not path.exists():
+        return None
+    try:
+        return _read_csv(path)
+    except SpectraError as e:
+        log.warning("%s", e)
+        return None
+
+
+# --------------------------------------------------------------------------- the experiments
+
+_HEAD = ("layer", "head")
+
+EXPERIMENTS: dict[str, _Experiment] = {
+    "observational": _Experiment(
+        "EXP0", "observational: query norm vs attention entropy", "spectra-lens observe",
+        (
+            _Table("head_summary.csv", "strongest heads", ("r_entropy", "correlation"),
+                   _HEAD + ("mean_q_norm", "mean_entropy", "r_entropy", "r_entropy_ci_low",
+                            "r_entropy_ci_high", "q_entropy", "partial_r_entropy", "partial_q_entropy",
+                            "r_entropy_norm", "r_max_attn", "r_k_eff_exp", "significant", "consistent",
+                            "replicated", "r_replication", "mean_local_gain")),
+            _Table("significant_heads.csv", "significant heads", ("r_entropy", "correlation"),
+                   _HEAD + ("mean_entropy", "r_entropy", "r_entropy_ci_low", "r_entropy_ci_high",
+                            "q_entropy", "partial_r_entropy", "partial_q_entropy", "consistent",
+                            "replicated", "r_replication")),
+            _Table("consistent_heads.csv", "heads consistent across shards",
+                   ("r_pooled", "r_entropy", "frac_significant_same_sign"),
+                   _HEAD + ("r_pooled", "p_pooled", "n_shards", "frac_same_sign",
+                            "frac_significant_same_sign", "consistent")),
+            _Table("layer_statistics.csv", "layer statistics", (),
+                   ("layer", "n_heads", "mean_r", "mean_abs_r", "std_r", "min_r", "max_r",
+                    "n_significant", "frac_significant"), rows=200),
+        ),
+        _rebuild_observational,
+    ),
+    "intervention": _Experiment(
+        "EXP1", "intervention: scaling one head's queries in the forward pass", "spectra-lens intervene",
+        (
+            _Table("q_scale_intervention_L*_H*_*.csv", "query scaling", (),
+                   ("scale", "layer", "head", "head_type", "mean_entropy", "mean_entropy_ci_low",
+                    "mean_entropy_ci_high", "mean_entropy_fast", "mean_max_attn", "mean_k_eff",
+                    "delta_entropy", "delta_loss", "kl_from_unscaled", "analytic_gain", "method",
+                    "n_sequences"), rows=40),
+            _Table("downstream_heads_L*_H*_*.csv", "heads of later layers, largest entropy change",
+                   ("delta_entropy",),
+                   ("head_type", "scaled_layer", "scaled_head", "scale", "layer", "head",
+                    "is_scaled_head", "entropy", "delta_entropy", "delta_entropy_ci_low",
+                    "delta_entropy_ci_high", "delta_max_attn"), rows=12),
+        ),
+        _rebuild_intervention,
+    ),
+    "gain": _Experiment(
+        "EXP2", "gain: entropy sensitivity to query scale, every head", "spectra-lens gain",
+        (
+            _Table("gain_summary.csv", "heads with the largest entropy gain", ("gain_entropy",),
+                   _HEAD + ("head_type", "gain_entropy", "gain_entropy_ci_low", "gain_entropy_ci_high",
+                            "analytic_gain", "fd_gain_entropy", "gain_max_attn", "gain_k_eff",
+                            "r_squared", "std_error", "is_monotonic", "mean_entropy_unscaled",
+                            "method")),
+        ),
+        _rebuild_gain,
+    ),
+    "qk_control": _Experiment(
+        "EXP3", "Q vs K control: scaling keys instead of queries", "spectra-lens qk-control",
+        (
+            _Table("sensitivity_summary.csv", "sensitivity of each head of the kv group", (),
+                   _HEAD + ("kv_head", "is_target", "group_size", "entropy_slope_q",
+                            "entropy_slope_k", "sensitivity_ratio", "max_abs_pattern_diff_qk",
+                            "pattern_changed_q", "pattern_changed_k", "max_abs_delta_loss_q",
+                            "max_abs_delta_loss_k", "max_kl_q", "max_kl_k", "bilinear", "reason"),
+                   rows=64),
+            _Table("qk_comparison_results.csv", "query vs key scaling, per α and head", (),
+                   ("scaled", "scale", "layer", "head", "kv_head", "is_target", "mean_entropy",
+                    "delta_entropy", "mean_max_attn", "max_abs_pattern_diff_qk",
+                    "max_abs_dev_from_prediction", "pattern_changed", "delta_loss",
+                    "kl_from_unscaled"), rows=60),
+        ),
+        _rebuild_qk,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _e(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _natural_key(p: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower() or "run"
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return "—" if v is None else str(v)
+
+
+def _kv_table(title: str, items: dict) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_scalar(v))}</td></tr>" for k, v in items.items())
+    return f'<div class="kv"><h4>{_e(title)}</h4><table class="kv">{rows}</table></div>'
+
+
+def _manifest_html(run: Run) -> str:
+    m = run.manifest
+    top = {k: v for k, v in m.items() if not isinstance(v, dict)}
+    parts = [_kv_table("run", top)]
+    for key in ("model", "config", "timings", "versions"):
+        if isinstance(m.get(key), dict):
+            parts.append(_kv_table(key, m[key]))
+    for key, v in m.items():
+        if isinstance(v, dict) and key not in ("model", "config", "timings", "versions"):
+            parts.append(_kv_table(key, v))
+    return f'<div class="manifest">{"".join(parts)}</div>'
+
+
+class _Figures:
+    """Collects figure JSON by div id while sections are written."""
+
+    def __init__(self):
+        self.specs: dict[str, dict] = {}
+
+    def div(self, fig: dict, fig_id: str, caption: str) -> str:
+        fig = _svg_if_small(fig)
+        base, k = fig_id, 1
+        while fig_id in self.specs:
+            k += 1
+            fig_id = f"{base}-{k}"
+        self.specs[fig_id] = {"data": fig["data"], "layout": fig.get("layout", {})}
+        layout = fig.get("layout", {})
+        height = layout.get("height") or 450
+        # Figures with several panels get the full width; single panels share a row.
+        wide = ' class="wide"' if any(re.fullmatch(r"xaxis\d+", k) for k in layout) else ""
+        return (f'<figure{wide}><div class="plotly-figure" id="{_e(fig_id)}" '
+                f'style="height:{int(height)}px"></div><figcaption>{_e(caption)}</figcaption></figure>')
+
+
+def _figures_html(run: Run, figs: _Figures, prefix: str) -> str:
+    saved = _saved_figures(run)
+    note = ""
+    if saved:
+        items = [(Path(n).stem, f, f"{_title(f, n)} — {n}") for n, f in saved]
+    else:
+        items, failed = [], []
+        for name, make in EXPERIMENTS[run.experiment].rebuild(run):
+            try:  # a malformed CSV must not cost the rest of the page
+                fig = _figure_json(make())
+            except (SpectraError, KeyError, ValueError, TypeError, IndexError) as e:
+                log.warning("figure %s of %s could not be rebuilt: %s", name, run.path, e)
+                failed.append(f"{name} ({type(e).__name__}: {e})")
+                continue
+            items.append((name, fig, f"{_title(fig, name)} — rebuilt from the CSVs"))
+        note = "No saved figures in this run; " + (
+            "these were rebuilt from its CSVs." if items else "none could be rebuilt from its CSVs.")
+        if failed:
+            note += " Not rebuilt: " + "; ".join(failed) + "."
+    divs = "".join(figs.div(f, f"fig-{prefix}-{_slug(n)}", cap) for n, f, cap in items)
+    note_html = f'<p class="note">{_e(note)}</p>' if note else ""
+    return f"{note_html}<div class=\"figures\">{divs}</div>"
+
+
+def _section(run: Run, root: Path, figs: _Figures, used: set[str]) -> tuple[str, str, str]:
+    """(section id, heading, html) of one run."""
+    spec = EXPERIMENTS[run.experiment]
+    rel = run.path.relative_to(root).as_posix() if run.path != root else "."
+    sid = _slug(f"{run.experiment}-{rel}")
+    while sid in used:
+        sid += "-x"
+    used.add(sid)
+    flag = "" if run.complete else (
+        f'<p class="flag">Status “{_e(run.status)}”: this run did not finish. Its tables and figures '
+        f'may be partial or missing. The same command with <code>--out {_e(run.path)}</code> '
+        f'(<code>{_e(spec.command)}</code>, same options) resumes it.</p>')
+    badge = "complete" if run.complete else "incomplete"
+    heading = f"{spec.label} {spec.title}" + ("" if rel == "." else f" ({rel})")
+    return sid, heading, (
+        f'<section id="{sid}"><h2>{_e(spec.label)} {_e(spec.title)} '
+        f'<span class="badge {badge}">{_e(run.status)}</span></h2>'
+        f'<p class="path">run directory: <code>{_e(rel)}</code></p>{flag}'
+        f"<h3>Manifest</h3>{_manifest_html(run)}"
+        f"<h3>Tables</h3>{_tables_html(run)}"
+        f"<h3>Figures</h3>{_figures_html(run, figs, sid)}</section>"
+    )
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1280px;
+ padding:0 1.5rem 4rem;color:#1d2330;line-height:1.45}
+h1{margin-top:1.5rem}h2{border-bottom:2px solid #d8dde6;padding-bottom:.3rem;margin-top:2.5rem}
+code{background:#f2f4f8;padding:0 .25em;border-radius:3px}
+.badge{font-size:.7em;padding:.15em .6em;border-radius:1em;vertical-align:middle;color:#fff}
+.badge.complete{background:#2e7d32}.badge.incomplete{background:#c62828}
+.flag,.warn{background:#fdecea;border-left:4px solid #c62828;padding:.5rem .8rem}
+.missing,.note{color:#6b7280;font-style:italic}
+.manifest{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start}
+.kv h4{margin:.2rem 0}table{border-collapse:collapse;font-size:.85rem}
+table.kv th{text-align:left;font-weight:500;color:#4b5563;padding:.1rem .8rem .1rem 0}
+table.kv td{font-family:ui-monospace,monospace;padding:.1rem 0;max-width:32rem;overflow-wrap:anywhere}
+table.data th,table.data td{padding:.2rem .6rem;border-bottom:1px solid #e5e7eb;text-align:right;white-space:nowrap}
+table.data tr:nth-child(even){background:#f8fafc}table.data th{background:#eef1f6;position:sticky;top:0}
+.scroll{overflow-x:auto;max-width:100%}.caption{margin:.1rem 0 .4rem;color:#4b5563;font-size:.85rem}
+.figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:1rem}
+figure{margin:0;border:1px solid #e5e7eb;border-radius:6px;padding:.5rem;min-width:0}
+figure.wide{grid-column:1/-1}
+figcaption{color:#4b5563;font-size:.85rem;text-align:center}
+nav ul{columns:2}#spectra-render-status{display:none}
+"""
+
+# Plots every figure, then records per figure: traces, traces with data, trace groups drawn.
+_PLOT_JS = """
+(function () {
+  var specs = JSON.parse(document.getElementById("spectra-figure-data").textContent);
+  var status = {};
+  function len(v) { return v && typeof v.length === "number" ? v.length : 0; }
+  function withData(gd) {
+    return (gd._fullData || []).filter(function (t) {
+      return t.visible !== false && ["x", "y", "z", "values", "r", "lat"].some(function (k) {
+        return len(t[k]) > 0; });
+    }).length;
+  }
+  function rendered(gd) {
+    var n = 0;
+    gd.querySelectorAll("g.trace").forEach(function (g) {
+      if (g.querySelector("path.point, path.js-line, path.js-fill, .point path, path.surface")) n++;
+    });
+    gd.querySelectorAll("g.hm, g.contour").forEach(function (g) {
+      if (g.querySelector("image, path")) n++;
+    });
+    gd.querySelectorAll(".gl-container canvas").forEach(function (c) { if (c.width > 0) n++; });
+    return n;
+  }
+  var jobs = Object.keys(specs).map(function (id) {
+    var fig = specs[id];
+    return Promise.resolve().then(function () {
+      return Plotly.newPlot(id, fig.data, fig.layout, {responsive: true, displaylogo: false});
+    }).then(function (gd) {
+      status[id] = {traces: fig.data.length, with_data: withData(gd), rendered: rendered(gd), error: null};
+    }, function (e) {
+      status[id] = {traces: fig.data.length, with_data: 0, rendered: 0, error: String(e)};
+    });
+  });
+  Promise.all(jobs).then(function () {
+    var el = document.getElementById("spectra-render-status");
+    el.textContent = JSON.stringify(status);
+    el.setAttribute("data-done", "1");
+  });
+})();
+"""
+
+
+def _script_json(obj: Any) -> str:
+    """JSON safe inside <script>: no '</script>' or '<!--' can appear."""
+    return json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e") \
+        .replace("&", "\\u0026")
+
+
+def build_report(results_dir: str | os.PathLike) -> str:
+    """The report of every run under `results_dir`, as one self-contained HTML page."""
+    from spectra_lens import __version__
+
+    root = Path(results_dir).resolve()
+    runs = find_runs(root)
+    if not runs:
+        raise SpectraError(
+            f"no run directory under {str(root)!r}: expected a {MANIFEST} with \"experiment\" one "
+            f"of {list(EXPERIMENTS)} in it or in a subdirectory"
+        )
+    present = {r.experiment for r in runs}
+    missing = [k for k in EXPERIMENTS if k not in present]
+    incomplete = [r for r in runs if not r.complete]
+    figs, used = _Figures(), set()
+    sections = [_section(r, root, figs, used) for r in runs]
+    nav = "".join(f'<li><a href="#{i}">{_e(t)}</a></li>' for i, t, _ in sections)
+    missing_html = ""
+    # Where a missing run would go: beside the others (the parent when root is itself a run).
+    base = root.parent if any(r.path == root for r in runs) else root
+    if missing:
+        items = "".join(
+            f"<li><b>{_e(EXPERIMENTS[k].label)} {_e(EXPERIMENTS[k].title)}</b>: no run found; "
+            f"run <code>{_e(EXPERIMENTS[k].command)} --out {_e(base / k)}</code></li>" for k in missing)
+        missing_html = f'<div id="not-in-directory"><h3>Not in this directory</h3><ul>{items}</ul></div>'
+    warn = ""
+    if incomplete:
+        items = "".join(f"<li>{_e(EXPERIMENTS[r.experiment].label)} <code>{_e(r.path)}</code>: "
+                        f"status “{_e(r.status)}”</li>" for r in incomplete)
+        warn = f'<div class="warn" id="incomplete-runs"><b>Unfinished runs</b><ul>{items}</ul></div>'
+    now = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>spectra_lens report: {_e(root.name)}</title><style>{_CSS}</style>"
+        f"<script>{get_plotlyjs()}</script></head><body>"
+        f"<h1>spectra_lens report</h1><p>results directory <code>{_e(root)}</code> · generated {now} "
+        f"by spectra_lens {_e(__version__)} · {len(runs)} run(s), {len(figs.specs)} figure(s)</p>"
+        f"{warn}<nav><ul>{nav}</ul></nav>{missing_html}{''.join(h for _, _, h in sections)}"
+        f'<div id="spectra-render-status"></div>'
+        f'<script type="application/json" id="spectra-figure-data">{_script_json(figs.specs)}</script>'
+        f"<script>{_PLOT_JS}</script></body></html>\n"
+    )
+
+
+def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write `build_report(results_dir)` atomically to `out` (default RESULTS_DIR/report.html)."""
+    page = build_report(results_dir)
+    out = Path(out) if out is not None else Path(results_dir) / REPORT_NAME
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(page, encoding="utf-8")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is for reading
+
+    return atomic_write(out, write)
+
+
+def _runs_summary(runs: list[Run]) -> Iterator[str]:
+    for r in runs:
+        yield f"{EXPERIMENTS[r.experiment].label} {r.experiment} ({r.status})"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spectra-lens report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results_dir", help="directory holding run directories (or one run directory)")
+    p.add_argument("--out", default=None, help=f"output HTML file (default: RESULTS_DIR/{REPORT_NAME})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        runs = find_runs(args.results_dir)
+        path = write_report(args.results_dir, args.out)
+    except SpectraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    missing = [k for k in EXPERIMENTS if k not in {r.experiment for r in runs}]
+    print(f"wrote {path}: {', '.join(_runs_summary(runs))}"
+          + (f"; not in this directory: {', '.join(missing)}" if missing else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

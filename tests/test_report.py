@@ -1,0 +1,309 @@
+"""The HTML report: built from real (tiny-model) runs, checked as HTML and in a real browser.
+
+The browser test needs a headless Chromium (`scripts/install_chromium.sh`). Without one it is
+skipped, unless SPECTRA_REQUIRE_BROWSER is set (CI sets it), in which case it fails. It saves a
+screenshot of the rendered page to `test-artifacts/report.png`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from html import escape
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from plotly.offline import get_plotlyjs
+
+from spectra_lens import data
+from spectra_lens.errors import SpectraError
+from spectra_lens.report import EXPERIMENTS, _slug, build_report, find_runs, main, write_report
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+FAMILY = "llama_gqa"  # grouped keys: the default model's architecture, in miniature
+
+
+# --------------------------------------------------------------------------- real tiny runs
+
+
+def _shards(root: Path) -> Path:
+    """A prepared shard set for the tiny models (they have no tokenizer): 8 sequences × 16."""
+    tokens = torch.randint(1, 97, (8, 16), generator=torch.Generator().manual_seed(0))
+    out = root / "tiny_shards"
+    data.write_shards(tokens, out, shard_size=2, tokenizer_name="tiny-random", corpus="random ids")
+    return out
+
+
+# Causal experiments: 2 sequences choose the heads, 4 are measured, 3 scales.
+_CAUSAL = {"seq_len": 16, "n_sequences": 4, "n_select": 2, "alphas": (0.5, 1.0, 2.0)}
+
+
+def _run_observational(out: Path, model, corpus: Path) -> None:
+    from experiments.observational import run
+    from spectra_lens.config import ObservationalConfig
+
+    run(ObservationalConfig(out=str(out), corpus=str(corpus), seq_len=16, n_sequences=8,
+                            shard_size=2, batch_size=4, n_boot=20, top_heads=2),
+        model=model, progress=False)
+
+
+def _run_intervention(out: Path, model, corpus: Path) -> None:
+    from experiments.intervention import run
+    from spectra_lens.config import InterventionConfig
+
+    run(InterventionConfig(out=str(out), corpus=str(corpus), **_CAUSAL), model=model, progress=False)
+
+
+def _run_gain(out: Path, model, corpus: Path) -> None:
+    from experiments.gain import run
+    from spectra_lens.config import GainConfig
+
+    run(GainConfig(out=str(out), corpus=str(corpus), **_CAUSAL), model=model, progress=False)
+
+
+def _run_qk_control(out: Path, model, corpus: Path) -> None:
+    from experiments.qk_control import run
+    from spectra_lens.config import QKConfig
+
+    run(QKConfig(out=str(out), corpus=str(corpus), **_CAUSAL), model=model, progress=False)
+
+
+# experiment -> (module, function running it small into `out` on `model`)
+RUNNERS = {
+    "observational": ("experiments.observational", _run_observational),
+    "intervention": ("experiments.intervention", _run_intervention),
+    "gain": ("experiments.gain", _run_gain),
+    "qk_control": ("experiments.qk_control", _run_qk_control),
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tiny) -> Path:
+    """Real small runs of the four experiments on a tiny model, one subdirectory each."""
+    root = tmp_path_factory.mktemp("results")
+    corpus = _shards(tmp_path_factory.mktemp("corpus"))
+    model, _ = tiny(FAMILY)
+    for name, (_, run) in RUNNERS.items():
+        run(root / name, model, corpus)
+    return root
+
+
+def _subset(results: Path, root: Path, names) -> Path:
+    for name in names:
+        shutil.copytree(results / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def with_unfinished(results, tmp_path_factory) -> Path:
+    """`results` plus, under group/, a copy of every run that did not finish and has no figures."""
+    root = _subset(results, tmp_path_factory.mktemp("mixed"), RUNNERS)
+    for name in RUNNERS:
+        unfinished = root / "group" / f"{name}_unfinished"
+        shutil.copytree(results / name, unfinished)
+        shutil.rmtree(unfinished / "figures")
+        manifest = json.loads((unfinished / "manifest.json").read_text())
+        manifest["status"] = "running"
+        (unfinished / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+# --------------------------------------------------------------------------- the page as HTML
+
+
+class _Page(HTMLParser):
+    """Tags, external references and element ids of a page (script bodies are not parsed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.external: list[str] = []
+        self.script_srcs: list[str] = []
+        self.ids: dict[str, str] = {}
+        self._in: str | None = None
+        self.text: dict[str, str] = {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "script" and "src" in a:
+            self.script_srcs.append(a["src"])
+        for key in ("src", "href"):
+            v = a.get(key) or ""
+            if tag in ("script", "link", "img", "iframe", "embed", "source") and v and not v.startswith(("data:", "#")):
+                self.external.append(f"<{tag} {key}={v}>")
+        if "id" in a:
+            self.ids[a["id"]] = tag
+            self._in = a["id"]
+            self.text[a["id"]] = ""
+
+    def handle_data(self, d):
+        if self._in is not None:
+            self.text[self._in] += d
+
+    def handle_endtag(self, tag):
+        self._in = None
+
+
+def _parse(page: str) -> _Page:
+    p = _Page()
+    p.feed(page)
+    return p
+
+
+def _figure_ids(page: str) -> list[str]:
+    return list(json.loads(_parse(page).text["spectra-figure-data"]))
+
+
+def _missing_block(page: str) -> str:
+    return page.split('<div id="not-in-directory">', 1)[1].split("</div>", 1)[0]
+
+
+def test_find_runs_finds_each_run_once_and_ignores_other_manifests(with_unfinished):
+    runs = find_runs(with_unfinished)
+    names = sorted(str(r.path.relative_to(with_unfinished)) for r in runs)
+    expected = sorted([*RUNNERS, *(f"group/{n}_unfinished" for n in RUNNERS)])
+    assert names == expected  # observational/shards/manifest.json (token shards) is not a run
+    assert [r.experiment for r in runs] == [n for n in EXPERIMENTS for _ in range(2)]
+
+
+@pytest.mark.parametrize("present", [("observational",), ("intervention", "gain"),
+                                     ("qk_control",)], ids="+".join)
+def test_report_names_the_missing_experiments(results, tmp_path, present):
+    page = build_report(_subset(results, tmp_path, present))
+    block = _missing_block(page)
+    assert block.count("<li>") == 4 - len(present)
+    for name, spec in EXPERIMENTS.items():
+        named = escape(spec.title) in block and f"{spec.command} --out" in block
+        assert named == (name not in present), name
+    assert page.count("<section ") == len(present)
+
+
+def test_report_of_one_run_directory_names_the_other_three(results):
+    assert _missing_block(build_report(results / "gain")).count("<li>") == 3
+
+
+def test_report_of_all_four_has_no_missing_list(results):
+    page = build_report(results)
+    assert 'id="not-in-directory"' not in page
+    assert page.count("<section ") == 4
+
+
+def test_report_shows_manifest_tables_and_figures_of_every_run(results):
+    page = build_report(results)
+    for key in ("config", "timings", "versions", "model"):
+        assert page.count(f"<h4>{key}</h4>") == 4, key
+    tables = ["head_summary.csv", "significant_heads.csv", "consistent_heads.csv",
+              "layer_statistics.csv", "gain_summary.csv", "qk_comparison_results.csv",
+              "sensitivity_summary.csv"]
+    tables += [p.name for p in (results / "intervention").glob("*.csv")]
+    for table in tables:
+        assert f"<code>{table}</code>" in page, table
+    assert "not found in this run" not in page
+    ids = _figure_ids(page)
+    for name in RUNNERS:
+        saved = list((results / name / "figures").glob("*.html"))
+        assert saved, f"the {name} run saved no figure"
+        assert len([i for i in ids if i.startswith(f"fig-{_slug(name)}-")]) == len(saved), name
+    assert 'id="incomplete-runs"' not in page and "did not finish" not in page
+
+
+def test_unfinished_runs_are_flagged_and_their_figures_rebuilt(with_unfinished):
+    page = build_report(with_unfinished)
+    flagged = page.split('id="incomplete-runs"', 1)[1].split("</div>", 1)[0]
+    ids = _figure_ids(page)
+    for name in RUNNERS:
+        assert f"{name}_unfinished" in flagged
+        sid = _slug(f"{name}-group/{name}_unfinished")
+        section = page.split(f'<section id="{sid}">', 1)[1].split("</section>", 1)[0]
+        assert "did not finish" in section and 'class="badge incomplete"' in section
+        assert "these were rebuilt from its CSVs" in section and "Not rebuilt" not in section
+        assert [i for i in ids if i.startswith(f"fig-{sid}-")], f"no figure rebuilt for {name}"
+
+
+def test_page_is_self_contained(results):
+    page = build_report(results)
+    parsed = _parse(page)
+    assert parsed.external == [], parsed.external
+    assert parsed.script_srcs == []
+    assert page.count(get_plotlyjs()[:200]) == 1  # plotly.js inline, once
+
+
+def test_write_report_is_atomic_and_cli_defaults_to_results_dir(results, tmp_path, capsys):
+    assert main([str(results)]) == 0
+    default = results / "report.html"
+    assert default.exists() and default.stat().st_size > 1_000_000
+    assert "EXP3 qk_control (complete)" in capsys.readouterr().out
+    # A second report does not pick up the first as a figure file.
+    out = write_report(results, tmp_path / "sub" / "r.html")
+    assert out == tmp_path / "sub" / "r.html" and out.exists()
+    assert not list((tmp_path / "sub").glob(".tmp-*"))
+    assert _figure_ids(out.read_text()) == _figure_ids(default.read_text())
+    default.unlink()
+
+
+def test_errors_name_the_directory(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SpectraError, match="no run directory"):
+        build_report(tmp_path)
+
+
+def test_corrupt_csv_and_manifest_do_not_break_the_page(results, tmp_path):
+    root = tmp_path / "r"
+    shutil.copytree(results / "observational", root / "observational")
+    (root / "observational" / "layer_statistics.csv").write_text("")
+    (root / "broken").mkdir()
+    (root / "broken" / "manifest.json").write_text("{not json")
+    page = build_report(root)
+    assert "layer_statistics.csv is unreadable" in page
+    assert len(find_runs(root)) == 1
+
+
+# --------------------------------------------------------------------------- in a real browser
+
+
+def _chromium() -> str | None:
+    for name in (os.environ.get("SPECTRA_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    if os.environ.get("SPECTRA_REQUIRE_BROWSER"):
+        pytest.fail("SPECTRA_REQUIRE_BROWSER is set but no chromium is on PATH; "
+                    "run scripts/install_chromium.sh")
+    pytest.skip("no chromium on PATH: run scripts/install_chromium.sh to render the report in a "
+                "headless browser (CI sets SPECTRA_REQUIRE_BROWSER=1 and must have it)")
+
+
+def _browse(binary: str, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
+           f"--user-data-dir={profile}", "--virtual-time-budget=15000", *args, page.as_uri()]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180)
+
+
+def test_report_renders_every_figure_in_a_headless_browser(with_unfinished, tmp_path):
+    binary = _chromium()
+    page = write_report(with_unfinished, tmp_path / "report.html")
+    expected = _figure_ids(page.read_text())
+    assert expected
+
+    done = _browse(binary, page, tmp_path / "profile", "--dump-dom")
+    assert done.returncode == 0, done.stderr[-3000:]
+    dom = _parse(done.stdout)
+    assert "spectra-render-status" in dom.ids, "the page's script did not run"
+    status = json.loads(dom.text["spectra-render-status"] or "{}")
+    assert sorted(status) == sorted(expected), "not every figure finished plotting"
+    for fig_id, s in status.items():
+        assert s["error"] is None, f"{fig_id}: {s['error']}"
+        assert s["with_data"] >= 1, f"{fig_id} has no trace with data: {s}"
+        assert s["rendered"] >= s["with_data"], f"{fig_id} drew fewer traces than hold data: {s}"
+    # every figure div holds a drawn plot
+    assert done.stdout.count('class="plot-container plotly"') == len(expected)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    height = 1200 + 700 * len(expected)
+    done = _browse(binary, page, tmp_path / "profile", f"--screenshot={shot}",
+                   f"--window-size=1280,{min(height, 16000)}")
+    assert done.returncode == 0 and shot.exists() and shot.stat().st_size > 50_000, done.stderr[-3000:]
