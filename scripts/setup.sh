@@ -16,8 +16,21 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     $PIP install -q "torch==$TORCH_VERSION"
   else
-    $PIP install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
-      || $PIP install -q "torch==$TORCH_VERSION"
+    # PyTorch's CPU wheel index when it answers; else the default index (on machines that keep
+    # a local CPU build, pip's configured find-links/index supply it).
+    if "$VENV/bin/python" - <<'PY'
+import socket, sys
+try:
+    socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
+except OSError:
+    sys.exit(1)
+PY
+    then
+      $PIP install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+        || $PIP install -q "torch==$TORCH_VERSION"
+    else
+      $PIP install -q "torch==$TORCH_VERSION"
+    fi
   fi
 fi
 $PIP install -q -e ".[test]"
