@@ -47,3 +47,132 @@ class ObservationalConfig:
             v = getattr(self, name)
             if not 0 < v < 1 if name == "fdr_alpha" else not 0 < v <= 1:
                 raise SpectraError(f"{name} must be in (0, 1), got {v!r}")
+
+
+# --------------------------------------------------------------------------- causal experiments
+# EXP1-EXP3 (experiments/intervention.py, gain.py, qk_control.py). Layer/head fields left None
+# are chosen when the run starts (see experiments/_common.choose_heads); validate() checks what
+# needs no model, the run checks heads against the model's layout.
+
+__all__ += ["ALPHAS_9", "ALPHAS_21", "GainConfig", "InterventionConfig", "QKConfig"]
+
+# log2-spaced grids from 1/4 to 4 that contain 1 exactly (2**0): 9 and 21 points.
+ALPHAS_9: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-4, 5))
+ALPHAS_21: tuple[float, ...] = tuple(2.0 ** (k / 5) for k in range(-10, 11))
+
+
+def _check_causal(cfg) -> None:
+    for name in ("seq_len", "n_sequences", "max_rows"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SpectraError(f"{name} must be a positive integer, got {v!r}")
+    if cfg.seq_len < 2:
+        raise SpectraError(f"seq_len must be >= 2, got {cfg.seq_len}")
+    if not isinstance(cfg.min_position, int) or not 0 <= cfg.min_position < cfg.seq_len - 1:
+        raise SpectraError(
+            f"min_position must be an int in [0, seq_len - 1) = [0, {cfg.seq_len - 1}), got {cfg.min_position!r}"
+        )
+    if not isinstance(cfg.n_select, int) or isinstance(cfg.n_select, bool) or cfg.n_select < 0:
+        raise SpectraError(f"n_select must be an integer >= 0, got {cfg.n_select!r}")
+    if not 0 < cfg.ci < 1:
+        raise SpectraError(f"ci must lie strictly between 0 and 1, got {cfg.ci!r}")
+    alphas = tuple(cfg.alphas)
+    if not alphas:
+        raise SpectraError("alphas must hold at least one value, got an empty grid")
+    bad = [a for a in alphas if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0
+           or a == float("inf")]
+    if bad:
+        raise SpectraError(f"every alpha must be a finite number > 0, got {bad} in {list(alphas)}")
+    if len(set(alphas)) != len(alphas):
+        raise SpectraError(f"alphas must be distinct, got {list(alphas)}")
+    for name in ("target_layer", "target_head", "control_layer", "control_head"):
+        v = getattr(cfg, name, None)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise SpectraError(f"{name} must be None or an integer >= 0, got {v!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InterventionConfig:
+    """EXP1: scale one head's effective query by each α on the real forward pass; measure the
+    head, every later head and the output (loss, KL), for a target and a control head."""
+
+    model: str | None = None  # HF id or local dir; None = the embedded default model
+    corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
+    out: str = "results/intervention"  # run directory
+    target_layer: int | None = None  # None: the middle layer, n_layers // 2
+    target_head: int | None = None  # None: most negative analytic gain −Var_p(s) in target_layer
+    control_layer: int | None = None  # None: target_layer
+    control_head: int | None = None  # None: the other head of control_layer with gain nearest 0
+    alphas: tuple[float, ...] = ALPHAS_9  # query scales; 1 is the unscaled model
+    n_sequences: int = 8  # measured sequences: sized for ~1-2 minutes on 2 CPU cores
+    seq_len: int = 128  # tokens per sequence (BOS included where the model uses one)
+    n_select: int = 8  # held-out sequences (before the measured ones) that choose default heads
+    min_position: int = 1  # query positions before this (the sink/BOS token) are not averaged
+    max_rows: int = 32  # sequence copies per forward pass: bounds the logits held in memory
+    ci: float = 0.95  # t-interval level over sequences
+    seed: int = 0  # torch seed (the run itself is deterministic); recorded in the manifest
+    dtype: str = "float32"  # model weights; metrics are always float32
+    device: str | None = None  # None = CUDA when present, else CPU
+    overwrite: bool = False  # replace a finished run in `out` instead of refusing
+
+    def validate(self) -> None:
+        _check_causal(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GainConfig:
+    """EXP2: every head's entropy / max attention / k_eff against ln α (fast path, exact where
+    the logits are not bilinear) and the analytic local gain −Var_p(s) at α = 1."""
+
+    model: str | None = None  # HF id or local dir; None = the embedded default model
+    corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
+    out: str = "results/gain"  # run directory
+    target_layer: int | None = None  # head shown in the fit plots; None: as InterventionConfig
+    target_head: int | None = None  # None: most negative analytic gain in target_layer
+    control_layer: int | None = None  # None: target_layer
+    control_head: int | None = None  # None: the other head of control_layer with gain nearest 0
+    alphas: tuple[float, ...] = ALPHAS_21  # query scales for the fits (log-spaced, contains 1)
+    n_sequences: int = 16  # measured sequences
+    seq_len: int = 128  # tokens per sequence
+    n_select: int = 8  # held-out sequences that choose the default target / control
+    min_position: int = 1  # query positions before this are not averaged
+    batch_size: int = 8  # sequences per forward pass of the fast path
+    max_rows: int = 32  # sequence copies per forward pass in the exact fallback
+    ci: float = 0.95  # t-interval level over sequences
+    seed: int = 0  # recorded in the manifest
+    dtype: str = "float32"  # model weights; metrics are always float32
+    device: str | None = None  # None = CUDA when present, else CPU
+    overwrite: bool = False  # replace a finished run in `out` instead of refusing
+
+    def validate(self) -> None:
+        _check_causal(self)
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise SpectraError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if len(self.alphas) < 3:
+            raise SpectraError(f"a slope fit needs at least 3 alphas, got {list(self.alphas)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QKConfig:
+    """EXP3: scale the target head's query, or the key of its kv head, by each α; compare the
+    patterns of every query head of the kv group and the output effects."""
+
+    model: str | None = None  # HF id or local dir; None = the embedded default model
+    corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
+    out: str = "results/qk_control"  # run directory
+    target_layer: int | None = None  # None: the middle layer, n_layers // 2
+    target_head: int | None = None  # None: most negative analytic gain in target_layer
+    alphas: tuple[float, ...] = ALPHAS_9  # scales applied to q (or to k)
+    n_sequences: int = 8  # measured sequences: sized for ~1-2 minutes on 2 CPU cores
+    seq_len: int = 128  # tokens per sequence
+    n_select: int = 8  # held-out sequences that choose the default target head
+    min_position: int = 1  # query positions before this are not averaged
+    max_rows: int = 32  # sequence copies per forward pass: bounds the logits held in memory
+    ci: float = 0.95  # t-interval level over sequences
+    seed: int = 0  # recorded in the manifest
+    dtype: str = "float32"  # model weights; metrics are always float32
+    device: str | None = None  # None = CUDA when present, else CPU
+    overwrite: bool = False  # replace a finished run in `out` instead of refusing
+
+    def validate(self) -> None:
+        _check_causal(self)

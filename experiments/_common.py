@@ -1,0 +1,320 @@
+"""Shared plumbing of the causal experiment CLIs (EXP1 intervention, EXP2 gain, EXP3 qk_control).
+
+* the run directory (`spectra_lens.runs.RunDir`: refuse a finished run unless --overwrite,
+  atomic CSV/JSON writes, `manifest.json` with config, model, versions, seed and timings);
+* figures: HTML always, PNG when an exporter works (`write_figure` warns once when it does not);
+* the model and the tokens of a run (default: the embedded model and `data.default_corpus()`);
+* the default target / control heads (`choose_heads`, rule below);
+* the command-line flags the three experiments share, one flag per config field.
+
+Default heads. With no --target-layer the target layer is the middle one (n_layers // 2). With
+no --target-head the target is the head of that layer with the most negative analytic local gain
+dH/d ln α at α = 1 = −Var_p(s) (the head whose entropy responds most to query scale); the
+control (no --control-head) is the other head of the control layer (default: the target's)
+whose gain is nearest 0. Gains are measured on `n_select` held-out sequences, the ones just
+before the measured sequences in the corpus, so the heads are not chosen on the data that then
+measures them. When the caller passes tokens, the selection uses those tokens (recorded).
+"""
+
+import argparse
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from spectra_lens import data, plots
+from spectra_lens.errors import SpectraError
+from spectra_lens.metrics import K_EFF_DEFINITIONS
+from spectra_lens.models import DEFAULT_MODEL, AttentionLayout, load_model, resolve_device
+from spectra_lens.runs import RunDir
+from spectra_lens.sweep import analytic_gain, check_alphas
+
+__all__ = [
+    "HeadChoice",
+    "RunTokens",
+    "add_common_arguments",
+    "choose_heads",
+    "config_from_args",
+    "load_run_model",
+    "load_run_tokens",
+    "model_info",
+    "start_run",
+    "timed",
+    "write_figure",
+]
+
+log = logging.getLogger(__name__)
+
+SELECTION_RULE = (
+    "target layer: given, else n_layers // 2; target head: given, else the head of the target "
+    "layer with the most negative analytic gain -Var_p(s) at alpha = 1; control layer: given, else "
+    "the target layer; control head: given, else the other head of the control layer whose gain is "
+    "nearest 0; gains are per-sequence means over the selection sequences"
+)
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def start_run(cfg, experiment: str) -> RunDir:
+    """The run directory of `cfg.out`: refuses a finished run unless `cfg.overwrite`."""
+    rd = RunDir(cfg.out, experiment)
+    rd.start(cfg, overwrite=cfg.overwrite, resumable_keys=("overwrite",))
+    return rd
+
+
+@contextlib.contextmanager
+def timed(rd: RunDir | None, name: str) -> Iterator[None]:
+    """Add the block's wall time to `rd.timings[name]`."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if rd is not None:
+            rd.timed(name, time.perf_counter() - t0)
+
+
+_png_warned = False
+
+
+def write_figure(rd: RunDir, fig, name: str) -> list[Path]:
+    """figures/`name`.html (atomic), and .png where an exporter (kaleido) works; else one warning."""
+    global _png_warned
+    written = plots.save_figure(fig, rd.file("figures") / name, png=True)
+    if not any(p.suffix == ".png" for p in written) and not _png_warned:
+        log.warning("PNG export is unavailable (install the 'image' extra, kaleido); "
+                    "figures are written as HTML only")
+        _png_warned = True
+    return written
+
+
+# --------------------------------------------------------------------------- model and tokens
+
+
+def load_run_model(cfg, model=None) -> tuple[object, str]:
+    """(bridge, name recorded in the manifest): `model` as given, else `cfg.model` loaded."""
+    if model is not None:
+        name = cfg.model or f"pre-loaded model ({getattr(model.cfg, 'model_name', '?')})"
+        return model, name
+    return load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device)), cfg.model or DEFAULT_MODEL
+
+
+def model_info(name: str, layout: AttentionLayout) -> dict:
+    return {
+        "spec": name, "n_layers": layout.n_layers, "n_heads": layout.n_heads,
+        "n_kv_heads": layout.n_kv_heads, "d_head": layout.d_head, "q_hook": layout.q_kind,
+        "k_hook": layout.k_kind, "scores_faithful": layout.scores_faithful,
+        "non_bilinear_layers": {l: layout.q_reason[l] for l in range(layout.n_layers)
+                                if not layout.q_bilinear[l]},
+    }
+
+
+@dataclass(frozen=True, repr=False)
+class RunTokens:
+    """The measured sequences and the held-out sequences that choose default heads."""
+
+    measure: torch.Tensor  # [n_sequences, seq_len]
+    select: torch.Tensor  # [n_select, seq_len]; the measured tokens when none were held out
+    held_out: bool  # True when `select` is disjoint from `measure`
+    corpus: str  # description recorded in the manifest
+
+    def __repr__(self) -> str:
+        return (f"RunTokens(measure={tuple(self.measure.shape)}, select={tuple(self.select.shape)}, "
+                f"held_out={self.held_out}, corpus={self.corpus!r})")
+
+
+def load_run_tokens(cfg, model, tokens: torch.Tensor | None = None) -> RunTokens:
+    """Tokens of a run: `tokens` as given, else `cfg.n_select` + `cfg.n_sequences` sequences of
+    `cfg.corpus` (the first `n_select` choose default heads, the rest are measured)."""
+    vocab = int(model.cfg.d_vocab)
+    if tokens is not None:
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
+            raise SpectraError(f"tokens must be an integer tensor [batch, pos], got {tokens!r:.80}")
+        _check_vocab(tokens, vocab, "the tokens passed in")
+        return RunTokens(tokens.long(), tokens.long(), False, "tokens passed by the caller")
+    n, n_sel = cfg.n_sequences, cfg.n_select
+    source = data.corpus_from_spec(cfg.corpus)
+    if isinstance(source, data.ShardManifest):
+        if source.seq_len != cfg.seq_len:
+            raise SpectraError(
+                f"shards in {source.directory} have seq_len {source.seq_len}; expected "
+                f"--seq-len {cfg.seq_len} (pass --seq-len {source.seq_len})"
+            )
+        all_tokens = data.load_tokens(source, stop=min(source.n_sequences, n_sel + n))
+        description = source.corpus or str(source.directory)
+    else:
+        if model.tokenizer is None:
+            raise SpectraError("the model has no tokenizer; pass --corpus as a prepared shard directory")
+        prepend = getattr(model.cfg, "default_prepend_bos", None)
+        all_tokens = data.tokenize_corpus(source, model.tokenizer, seq_len=cfg.seq_len,
+                                          max_sequences=n_sel + n, prepend_bos=prepend)
+        description = source.description
+    if len(all_tokens) < n:
+        raise SpectraError(
+            f"corpus {description!r} gives {len(all_tokens)} sequences of {cfg.seq_len} tokens; "
+            f"expected at least n_sequences={n} (ask for fewer or use a larger corpus)"
+        )
+    _check_vocab(all_tokens, vocab, description)
+    n_held = min(n_sel, len(all_tokens) - n)
+    measure = all_tokens[n_held : n_held + n].long()
+    if n_held == 0:
+        if n_sel:
+            log.warning("no sequences left to hold out for choosing heads; choosing on the measured ones")
+        return RunTokens(measure, measure, False, description)
+    return RunTokens(measure, all_tokens[:n_held].long(), True, description)
+
+
+def _check_vocab(tokens: torch.Tensor, vocab: int, what: str) -> None:
+    if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+        raise SpectraError(
+            f"{what} hold token ids in [{int(tokens.min())}, {int(tokens.max())}]; expected ids in "
+            f"[0, {vocab}) for this model's vocabulary: tokenizer mismatch?"
+        )
+
+
+# --------------------------------------------------------------------------- default heads
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    """The heads a run studies and how they were chosen."""
+
+    target: tuple[int, int]  # (layer, head)
+    control: tuple[int, int] | None  # (layer, head), or None when the experiment has no control
+    chosen: tuple[str, ...]  # which of "target_layer", "target_head", ... came from the rule
+    gains: dict  # {layer: [per-head mean analytic gain]} of the layers the rule looked at
+
+    def as_dict(self) -> dict:
+        return {"target": list(self.target), "control": list(self.control) if self.control else None,
+                "chosen_by_rule": list(self.chosen), "rule": SELECTION_RULE,
+                "selection_gains": {str(l): g for l, g in self.gains.items()}}
+
+
+def choose_heads(cfg, model, layout: AttentionLayout, select: torch.Tensor, *, control: bool = True) -> HeadChoice:
+    """Target (and control) heads: the config's, with None fields chosen by SELECTION_RULE.
+
+    Raises SpectraError for a head out of range or a control equal to the target.
+    """
+    t_layer = cfg.target_layer if cfg.target_layer is not None else layout.n_layers // 2
+    c_layer = getattr(cfg, "control_layer", None)
+    c_layer = t_layer if c_layer is None else c_layer
+    t_head, c_head = cfg.target_head, getattr(cfg, "control_head", None)
+    _check_layer_head(layout, t_layer, t_head if t_head is not None else 0, "target")
+    if control:
+        _check_layer_head(layout, c_layer, c_head if c_head is not None else 0, "control")
+    chosen = tuple(name for name, v in (
+        ("target_layer", cfg.target_layer), ("target_head", t_head),
+        *((("control_layer", getattr(cfg, "control_layer", None)), ("control_head", c_head)) if control else ()),
+    ) if v is None)
+    need = {t_layer} if t_head is None else set()
+    if control and c_head is None:
+        need.add(c_layer)
+    gains: dict[int, list[float]] = {}
+    if need:
+        layers = sorted(need)
+        g = analytic_gain(model, select, layers=layers, min_position=cfg.min_position,
+                          batch_size=cfg.max_rows).mean(0)
+        gains = {l: [round(float(x), 6) for x in g[i]] for i, l in enumerate(layers)}
+    if t_head is None:
+        t_head = min(range(layout.n_heads), key=lambda h: gains[t_layer][h])
+    if control and c_head is None:
+        candidates = [h for h in range(layout.n_heads) if (c_layer, h) != (t_layer, t_head)]
+        if not candidates:
+            raise SpectraError(f"layer {c_layer} has no head other than the target to serve as control")
+        c_head = min(candidates, key=lambda h: abs(gains[c_layer][h]))
+    if control and (c_layer, c_head) == (t_layer, t_head):
+        raise SpectraError(
+            f"the control head must differ from the target head; both are layer {t_layer} head {t_head}"
+        )
+    return HeadChoice((t_layer, t_head), (c_layer, c_head) if control else None, chosen, gains)
+
+
+def _check_layer_head(layout: AttentionLayout, layer: int, head: int, role: str) -> None:
+    try:
+        layout.check_head(layer, head)
+    except SpectraError as e:
+        raise SpectraError(f"{role} head: {e} (the model has {layout.n_layers} layers of "
+                           f"{layout.n_heads} heads)") from None
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _alpha_list(text: str) -> list[float]:
+    """One --alphas token: a number or comma-separated numbers (argparse reports a bad one)."""
+    out = []
+    for part in text.replace(",", " ").split():
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"alphas must be numbers, got {part!r}") from None
+    return out
+
+
+_HEAD_DEFAULTS = {
+    "target_layer": "the middle layer, n_layers // 2",
+    "target_head": "the head of the target layer with the most negative analytic gain -Var_p(s) "
+                   "on the held-out selection sequences",
+    "control_layer": "the target layer",
+    "control_head": "the other head of the control layer whose analytic gain is nearest 0",
+}
+
+
+def add_common_arguments(p: argparse.ArgumentParser, defaults, *, heads: tuple[str, ...]) -> None:
+    """The flags every causal experiment has; `heads` names which head flags it takes."""
+    d = defaults
+    p.add_argument("--model", default=d.model,
+                   help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--corpus", default=d.corpus,
+                   help="corpus spec or prepared shard directory (default: CPython reference docs)")
+    p.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
+    for name in heads:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name),
+                       help=f"{name.replace('_', ' ')} (default: {_HEAD_DEFAULTS[name]})")
+    p.add_argument("--alphas", nargs="+", type=_alpha_list, default=None, metavar="A",
+                   help=f"scales, space or comma separated (default: {len(d.alphas)} log-spaced "
+                        f"values {d.alphas[0]:g}..{d.alphas[-1]:g} including 1)")
+    p.add_argument("--n-sequences", type=int, default=d.n_sequences, help="sequences measured")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--n-select", type=int, default=d.n_select,
+                   help="held-out sequences that choose default heads")
+    p.add_argument("--min-position", type=int, default=d.min_position,
+                   help="query positions before this are not averaged (the sink)")
+    if any(f.name == "batch_size" for f in fields(d)):
+        p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per fast-path pass")
+    p.add_argument("--max-rows", type=int, default=d.max_rows,
+                   help="sequence copies per forward pass (bounds memory)")
+    p.add_argument("--ci", type=float, default=d.ci, help="interval level over sequences")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """(config, progress) from parsed arguments: every flag but --no-progress is a field."""
+    values = dict(vars(args))
+    progress = not values.pop("no_progress", False)
+    alphas = values.pop("alphas")
+    if alphas is not None:
+        values["alphas"] = tuple(a for token in alphas for a in token)
+    return cls(**values), progress
+
+
+def checked_alphas(cfg) -> tuple[float, ...]:
+    """cfg.alphas validated and sorted (SpectraError for an empty grid or α <= 0)."""
+    return check_alphas(cfg.alphas)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def k_eff_definitions() -> dict[str, str]:
+    """What each k_eff column means (recorded in every manifest)."""
+    return {"mean_k_eff": K_EFF_DEFINITIONS["k_eff_exp"], **K_EFF_DEFINITIONS}

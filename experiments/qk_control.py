@@ -1,0 +1,262 @@
+"""EXP3, Q vs K control: scale the key of the target's kv head instead of its query.
+
+    python -m experiments.qk_control [--target-layer L --target-head H] [--alphas ...]
+        [--n-sequences 8] [--seq-len 128] [--model M] [--corpus C] [--out DIR] [--overwrite]
+    spectra-lens qk-control ...
+
+Where the logits are bilinear in q and k, scaling the target head's query by α and scaling the
+key it reads by α give the same logits α·s for that head, so the same pattern. Two things break
+the symmetry, and this experiment measures both:
+
+* grouped-query attention: a key is shared by every query head of its group
+  (`layout.heads_of_kv(layout.kv_head(h))`, h // (n_heads // n_kv_heads)), so key scaling
+  changes all of them while query scaling changes only the target;
+* non-bilinear logits (soft-capping, ALiBi): query and key scaling still agree with each other
+  for the target (both scale q·k), but neither gives softmax(α·s).
+
+Both scalings run as real forward passes (`sweep.exact_sweep` with `hooks.QueryScale` /
+`hooks.KeyScale`, α batched). For every query head of the group and every α: mean entropy, max
+attention, k_eff with t-intervals over sequences, the paired entropy change, the largest
+absolute difference between the query-scaled and key-scaled patterns, each pattern's largest
+deviation from its prediction (softmax(α·s) where the head is scaled, the unscaled pattern where
+it is not), and the output effects (Δ loss, KL(p_α ‖ p_1)) of each scaling.
+
+Outputs (in --out): `qk_comparison_results.csv` (one row per scaling × α × group head),
+`sensitivity_summary.csv` (one row per group head: entropy slope vs ln α under Q and under K
+scaling and their ratio), figures under `figures/` and `manifest.json`.
+"""
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from experiments import _common as C
+from spectra_lens import causal_plots as cp
+from spectra_lens.config import QKConfig
+from spectra_lens.errors import SpectraError
+from spectra_lens.hooks import KeyScale, QueryScale
+from spectra_lens.metrics import rescale_pattern
+from spectra_lens.models import attention_layout
+from spectra_lens.stats import fit_log_slopes
+from spectra_lens.sweep import ExactSweep, exact_sweep
+
+__all__ = ["QKResult", "compare", "compute", "main", "parser", "run", "sensitivity"]
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "qk_control"
+SCALINGS = ("query", "key")
+# A pattern "changed" when some entry moved by more than this (float32 rounding stays below).
+CHANGE_TOL = 1e-4
+
+
+@dataclass(frozen=True, repr=False)
+class QKResult:
+    """The tables of one EXP3 run."""
+
+    target: tuple[int, int]
+    kv_head: int
+    group: tuple[int, ...]  # query heads that read kv_head
+    comparison: pd.DataFrame  # qk_comparison_results.csv
+    sensitivity: pd.DataFrame  # sensitivity_summary.csv
+    sweeps: dict  # "query" / "key" -> ExactSweep
+    choice: C.HeadChoice
+    out: Path | None = None
+
+    def __repr__(self) -> str:
+        l, h = self.target
+        return f"QKResult(target=L{l}H{h}, kv_head={self.kv_head}, group={list(self.group)}, out={self.out})"
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def compare(sweeps: dict, layer: int, target: int, group: tuple[int, ...], kv_head: int, layout,
+            *, ci: float) -> pd.DataFrame:
+    """One row per (scaled ∈ query/key, α, head of the group); see the module docs."""
+    q_sw: ExactSweep = sweeps["query"]
+    alphas = q_sw.alphas
+    frames = []
+    for scaled in SCALINGS:
+        sw: ExactSweep = sweeps[scaled]
+        for head in group:
+            f = sw.head_frame(layer, head, ci=ci)
+            f.insert(0, "scaled", scaled)
+            f.insert(3, "kv_head", kv_head)
+            f.insert(4, "is_target", head == target)
+            base = sw.base_patterns[(layer, head)]
+            head_is_scaled = scaled == "key" or head == target
+            diff_qk, dev, changed = [], [], []
+            for i, a in enumerate(alphas):
+                pat = sw.patterns[(layer, head)][i]
+                other = sweeps["key" if scaled == "query" else "query"].patterns[(layer, head)][i]
+                predicted = rescale_pattern(base, a) if head_is_scaled else base
+                diff_qk.append(_max_abs(pat, other))
+                dev.append(_max_abs(pat, predicted))
+                changed.append(_max_abs(pat, base) > CHANGE_TOL)
+            f["max_abs_pattern_diff_qk"] = diff_qk
+            f["max_abs_dev_from_prediction"] = dev
+            f["prediction"] = "softmax(alpha*s)" if head_is_scaled else "unchanged"
+            f["pattern_changed"] = changed
+            frames.append(f)
+    out = pd.concat(frames, ignore_index=True)
+    out["group_size"] = len(group)
+    out["method"] = "exact"
+    out["bilinear"] = bool(layout.q_bilinear[layer] and layout.k_bilinear[layer])
+    out["reason"] = layout.q_reason[layer] or layout.k_reason[layer] or ""
+    return out
+
+
+def sensitivity(comparison: pd.DataFrame) -> pd.DataFrame:
+    """One row per group head: slopes of mean entropy (and max attention, k_eff) against ln α
+    under query and under key scaling; `sensitivity_ratio` = entropy slope Q / entropy slope K
+    (NaN where the K slope is 0); the largest |Δ loss| and KL of each scaling."""
+    rows = []
+    for (layer, head), g in comparison.groupby(["layer", "head"]):
+        row = {"layer": int(layer), "head": int(head), "kv_head": int(g["kv_head"].iloc[0]),
+               "is_target": bool(g["is_target"].iloc[0]), "group_size": int(g["group_size"].iloc[0])}
+        for scaled, tag in (("query", "q"), ("key", "k")):
+            part = g[g["scaled"] == scaled].sort_values("scale")
+            alphas = part["scale"].to_numpy()
+            for column, name in (("mean_entropy", "entropy"), ("mean_max_attn", "max_attn"),
+                                 ("mean_k_eff", "k_eff")):
+                if len(alphas) >= 2:
+                    fit = fit_log_slopes(alphas, part[column].to_numpy()[None, :]).iloc[0]
+                    slope, se, r2 = float(fit["slope"]), float(fit["std_error"]), float(fit["r_squared"])
+                else:
+                    slope = se = r2 = np.nan
+                row[f"{name}_slope_{tag}"] = slope
+                if name == "entropy":
+                    row[f"entropy_slope_{tag}_std_error"] = se
+                    row[f"entropy_slope_{tag}_r_squared"] = r2
+            row[f"max_abs_delta_loss_{tag}"] = float(part["delta_loss"].abs().max())
+            row[f"max_kl_{tag}"] = float(part["kl_from_unscaled"].max())
+            row[f"pattern_changed_{tag}"] = bool(part["pattern_changed"].any())
+        k = row["entropy_slope_k"]
+        # + 0.0 turns the -0.0 of an unchanged head (slope 0 / negative slope) into 0.0
+        row["sensitivity_ratio"] = row["entropy_slope_q"] / k + 0.0 if np.isfinite(k) and abs(k) > 1e-12 else np.nan
+        row["max_abs_pattern_diff_qk"] = float(g["max_abs_pattern_diff_qk"].max())
+        row["bilinear"] = bool(g["bilinear"].iloc[0])
+        row["reason"] = g["reason"].iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compute(cfg: QKConfig, model, tokens: C.RunTokens, *, progress: bool = False, rd=None) -> QKResult:
+    """The EXP3 measurements on a loaded model and tokens (no files written)."""
+    alphas = C.checked_alphas(cfg)
+    layout = attention_layout(model)
+    with C.timed(rd, "choose_heads_s"):
+        choice = C.choose_heads(cfg, model, layout, tokens.select, control=False)
+    layer, head = choice.target
+    kv = layout.kv_head(head)
+    group = layout.heads_of_kv(kv)
+    sweeps = {}
+    for scaled, intervention in (("query", QueryScale(layer, head, 1.0)), ("key", KeyScale(layer, kv, 1.0))):
+        with C.timed(rd, f"{scaled}_sweep_s"):
+            sweeps[scaled] = exact_sweep(
+                model, tokens.measure, alphas, intervention, layers=[layer],
+                patterns_for=[(layer, h) for h in group], min_position=cfg.min_position,
+                max_rows=cfg.max_rows, progress=progress)
+    comparison = compare(sweeps, layer, head, group, kv, layout, ci=cfg.ci)
+    return QKResult(target=(layer, head), kv_head=kv, group=group, comparison=comparison,
+                    sensitivity=sensitivity(comparison), sweeps=sweeps, choice=choice)
+
+
+def _figures(result: QKResult, rd) -> None:
+    l, h = result.target
+    c = result.comparison
+    name = f"L{l}_H{h}"
+    C.write_figure(rd, cp.qk_metric(c, "mean_entropy", title=f"entropy: query vs key scaling (target L{l} H{h}, kv head {result.kv_head})"),
+                   f"qk_entropy_comparison_{name}")
+    C.write_figure(rd, cp.qk_metric(c, "delta_entropy", title=f"entropy change vs unscaled: query vs key scaling (target L{l} H{h})"),
+                   f"qk_delta_entropy_{name}")
+    C.write_figure(rd, cp.qk_metric(c, "mean_max_attn", title=f"max attention: query vs key scaling (target L{l} H{h})"),
+                   f"qk_max_attn_comparison_{name}")
+    C.write_figure(rd, cp.qk_metric(c, "mean_k_eff", title=f"k_eff = exp(H): query vs key scaling (target L{l} H{h})"),
+                   f"qk_keff_comparison_{name}")
+    C.write_figure(rd, cp.qk_output_effects(c, title=f"output effects: query vs key scaling (target L{l} H{h})"),
+                   f"qk_output_effects_{name}")
+
+
+def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None = None,
+        progress: bool = True) -> QKResult:
+    """EXP3 into `cfg.out`: qk_comparison_results.csv, sensitivity_summary.csv, figures, manifest."""
+    cfg.validate()
+    C.checked_alphas(cfg)
+    rd = C.start_run(cfg, EXPERIMENT)
+    with C.timed(rd, "load_model_s"):
+        model, model_name = C.load_run_model(cfg, model)
+        layout = attention_layout(model)
+    with C.timed(rd, "tokens_s"):
+        run_tokens = C.load_run_tokens(cfg, model, tokens)
+    torch.manual_seed(cfg.seed)
+    result = compute(cfg, model, run_tokens, progress=progress, rd=rd)
+    with C.timed(rd, "write_s"):
+        rd.write_csv("qk_comparison_results.csv", result.comparison)
+        rd.write_csv("sensitivity_summary.csv", result.sensitivity)
+        _figures(result, rd)
+    rd.finish(
+        model=C.model_info(model_name, layout), corpus=run_tokens.corpus,
+        n_sequences=int(run_tokens.measure.shape[0]), seq_len=int(run_tokens.measure.shape[1]),
+        selection={**result.choice.as_dict(), "held_out": run_tokens.held_out,
+                   "n_select": int(run_tokens.select.shape[0])},
+        kv_head=result.kv_head, group=list(result.group),
+        interventions={s: sw.intervention for s, sw in result.sweeps.items()},
+        alphas=list(result.sweeps["query"].alphas), seed=cfg.seed,
+        files=["qk_comparison_results.csv", "sensitivity_summary.csv"],
+        definitions={**C.k_eff_definitions(),
+                     "kv group": "query heads h with h // (n_heads // n_kv_heads) == kv_head",
+                     "max_abs_pattern_diff_qk": "max over sequences, queries, keys of |p_Q - p_K|",
+                     "max_abs_dev_from_prediction": "max |p - prediction|; prediction = softmax(alpha*s) "
+                                                    "where the head is scaled, else the unscaled pattern",
+                     "sensitivity_ratio": "entropy slope vs ln alpha under Q scaling / under K scaling",
+                     "pattern_changed": f"some pattern entry moved by more than {CHANGE_TOL:g}"},
+    )
+    return dataclasses.replace(result, out=rd.path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spectra-lens qk-control", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_arguments(p, QKConfig(), heads=("target_layer", "target_head"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2 for a user error)."""
+    args = parser().parse_args(argv)
+    C.configure_logging()
+    t0 = time.time()
+    try:
+        cfg, progress = C.config_from_args(QKConfig, args)
+        result = run(cfg, progress=progress)
+    except SpectraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    l, h = result.target
+    s = result.sensitivity
+    t = s[s["is_target"]].iloc[0]
+    print(f"target L{l} H{h}, kv head {result.kv_head}, group {list(result.group)}: entropy slope "
+          f"Q {t['entropy_slope_q']:+.3f}, K {t['entropy_slope_k']:+.3f} (ratio {t['sensitivity_ratio']:.3f}); "
+          f"max |p_Q - p_K| on the target {t['max_abs_pattern_diff_qk']:.1e}")
+    others = s[~s["is_target"]]
+    if len(others):
+        print(f"other heads of the group: changed under K {int(others['pattern_changed_k'].sum())}/{len(others)}, "
+              f"under Q {int(others['pattern_changed_q'].sum())}/{len(others)}")
+    print(f"max |Δloss|: Q {t['max_abs_delta_loss_q']:.4f}, K {t['max_abs_delta_loss_k']:.4f}; "
+          f"max KL: Q {t['max_kl_q']:.4f}, K {t['max_kl_k']:.4f}")
+    print(f"wrote {result.out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

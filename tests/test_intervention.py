@@ -1,0 +1,162 @@
+"""EXP1 (experiments/intervention.py) and the shared experiment plumbing (experiments/_common.py)."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from experiments import _common as C
+from experiments import intervention
+from spectra_lens import data
+from spectra_lens.config import InterventionConfig
+from spectra_lens.errors import SpectraError
+from spectra_lens.hooks import count_hooks
+
+ALPHAS = (0.5, 1.0, 2.0, 4.0)
+HEAD_COLUMNS = ("scale", "layer", "head", "head_type", "mean_entropy", "mean_max_attn", "mean_k_eff",
+                "mean_entropy_ci_low", "mean_entropy_ci_high", "mean_max_attn_ci_low",
+                "mean_max_attn_ci_high", "mean_k_eff_ci_low", "mean_k_eff_ci_high", "k_eff_pr",
+                "k_eff_top90", "delta_entropy", "delta_entropy_ci_low", "delta_entropy_ci_high",
+                "delta_loss", "delta_loss_ci_low", "delta_loss_ci_high", "kl_from_unscaled",
+                "kl_from_unscaled_ci_low", "kl_from_unscaled_ci_high", "n_sequences",
+                "mean_entropy_fast", "analytic_gain", "method", "fast_path_valid", "reason")
+
+
+@pytest.fixture(scope="module")
+def toks() -> torch.Tensor:
+    return torch.randint(1, 97, (4, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _no_temp_files(path):
+    return not [p for p in path.rglob("*") if p.name.startswith(".tmp") or p.suffix == ".tmp"]
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2"])
+def test_run_writes_tables_figures_and_manifest(tmp_path, tiny, toks, family):
+    model, layout = tiny(family)
+    out = tmp_path / "exp1"
+    cfg = InterventionConfig(out=str(out), alphas=ALPHAS, target_layer=1, target_head=2, control_head=0)
+    result = intervention.run(cfg, model=model, tokens=toks, progress=False)
+    assert result.heads == {"target": (1, 2), "control": (1, 0)}
+    for role, (l, h) in result.heads.items():
+        frame = pd.read_csv(out / f"q_scale_intervention_L{l}_H{h}_{role}.csv")
+        assert [c for c in HEAD_COLUMNS if c not in frame.columns] == []
+        assert list(frame["scale"]) == list(ALPHAS) and set(frame["head_type"]) == {role}
+        assert set(frame["method"]) == {"exact"}
+        assert bool(frame["fast_path_valid"].iloc[0]) == layout.q_bilinear[1]
+        one = frame[frame["scale"] == 1.0].iloc[0]
+        assert one["delta_loss"] == 0 and one["kl_from_unscaled"] == 0 and one["delta_entropy"] == 0
+        if layout.q_bilinear[1]:  # the fast path's prediction is the measurement
+            assert (frame["mean_entropy"] - frame["mean_entropy_fast"]).abs().max() < 1e-5
+        else:  # soft-capping: softmax(α·s) is not what query scaling does
+            assert (frame["mean_entropy"] - frame["mean_entropy_fast"]).abs().max() > 1e-6
+            assert "soft-capped" in frame["reason"].iloc[0]
+        down = pd.read_csv(out / f"downstream_heads_L{l}_H{h}_{role}.csv")
+        for c in ("head_type", "scaled_layer", "scaled_head", "scale", "layer", "head", "entropy",
+                  "delta_entropy", "delta_entropy_ci_low", "delta_entropy_ci_high", "delta_max_attn",
+                  "is_scaled_head"):
+            assert c in down.columns
+        assert down["is_scaled_head"].sum() == len(ALPHAS)
+        for stem in ("entropy_vs_scale", "max_attn_vs_scale", "keff_vs_scale", "intervention_combined"):
+            assert (out / "figures" / f"{stem}_L{l}_H{h}.html").exists()
+    assert (out / "figures" / "intervention_output_effects.html").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["experiment"] == "intervention" and manifest["status"] == "complete"
+    assert manifest["config"]["alphas"] == list(ALPHAS) and manifest["seed"] == 0
+    assert manifest["selection"]["target"] == [1, 2] and "torch" in manifest["versions"]
+    assert {"load_model_s", "target_sweep_s", "control_sweep_s"} <= set(manifest["timings"])
+    assert _no_temp_files(out)
+    assert count_hooks(model) == 0
+
+
+def test_default_heads_follow_the_rule(tmp_path, tiny, toks):
+    model, layout = tiny("gpt2")
+    result = intervention.run(InterventionConfig(out=str(tmp_path / "r"), alphas=ALPHAS),
+                              model=model, tokens=toks, progress=False)
+    gains = result.choice.gains[layout.n_layers // 2]
+    target, control = result.heads["target"], result.heads["control"]
+    assert target == (layout.n_layers // 2, min(range(layout.n_heads), key=gains.__getitem__))
+    rest = [h for h in range(layout.n_heads) if h != target[1]]
+    assert control == (target[0], min(rest, key=lambda h: abs(gains[h])))
+    # the target really is the more sensitive head
+    t, c = result.tables["target"], result.tables["control"]
+    assert t["analytic_gain"].iloc[0] <= c["analytic_gain"].iloc[0]
+
+
+def test_rerun_refuses_without_overwrite(tmp_path, tiny, toks):
+    model, _ = tiny("gpt2")
+    cfg = InterventionConfig(out=str(tmp_path / "r"), alphas=ALPHAS, target_head=0, control_head=1)
+    intervention.run(cfg, model=model, tokens=toks, progress=False)
+    with pytest.raises(SpectraError, match="overwrite"):
+        intervention.run(cfg, model=model, tokens=toks, progress=False)
+    again = InterventionConfig(out=str(tmp_path / "r"), alphas=ALPHAS, target_head=0, control_head=1,
+                               overwrite=True)
+    assert intervention.run(again, model=model, tokens=toks, progress=False).out == tmp_path / "r"
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(SpectraError, match="not empty"):
+        intervention.run(InterventionConfig(out=str(stray), alphas=ALPHAS), model=model, tokens=toks,
+                         progress=False)
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(alphas=(0.5, 0.0, 2.0)), "> 0"),
+    (dict(alphas=(-1.0, 1.0)), "> 0"),
+    (dict(alphas=()), "empty"),
+    (dict(alphas=(1.0, 1.0)), "distinct"),
+    (dict(target_head=99), "head"),
+    (dict(target_layer=7), "layer"),
+    (dict(control_head=-1), "control_head"),
+    (dict(target_head=1, control_head=1), "differ"),
+    (dict(n_sequences=0), "n_sequences"),
+    (dict(min_position=500), "min_position"),
+])
+def test_bad_input_raises_a_clear_error(tmp_path, tiny, toks, changes, words):
+    model, _ = tiny("gpt2")
+    cfg = InterventionConfig(out=str(tmp_path / "bad"), **{"alphas": ALPHAS, **changes})
+    with pytest.raises(SpectraError, match=words):
+        intervention.run(cfg, model=model, tokens=toks, progress=False)
+    assert count_hooks(model) == 0
+
+
+def test_tokens_from_shards_hold_out_the_selection_sequences(tmp_path, tiny):
+    model, _ = tiny("gpt2")
+    tokens = torch.randint(1, 97, (7, 10), generator=torch.Generator().manual_seed(5))
+    data.write_shards(tokens, tmp_path / "shards", shard_size=3, tokenizer_name="tiny")
+    cfg = InterventionConfig(corpus=str(tmp_path / "shards"), n_sequences=4, n_select=2, seq_len=10)
+    got = C.load_run_tokens(cfg, model)
+    assert got.held_out and torch.equal(got.select, tokens[:2]) and torch.equal(got.measure, tokens[2:6])
+    short = InterventionConfig(corpus=str(tmp_path / "shards"), n_sequences=6, n_select=4, seq_len=10)
+    got = C.load_run_tokens(short, model)  # only one sequence left to hold out
+    assert got.held_out and got.select.shape[0] == 1 and torch.equal(got.measure, tokens[1:7])
+    with pytest.raises(SpectraError, match="seq_len"):
+        C.load_run_tokens(InterventionConfig(corpus=str(tmp_path / "shards"), seq_len=12), model)
+    with pytest.raises(SpectraError, match="at least n_sequences"):
+        C.load_run_tokens(InterventionConfig(corpus=str(tmp_path / "shards"), n_sequences=9, seq_len=10), model)
+    with pytest.raises(SpectraError, match="vocabulary"):
+        C.load_run_tokens(cfg, model, tokens=torch.full((2, 5), 500))
+
+
+def test_cli_main(tmp_path, tiny, monkeypatch, capsys):
+    model, _ = tiny("llama_gqa")
+    tokens = torch.randint(1, 97, (6, 10), generator=torch.Generator().manual_seed(6))
+    data.write_shards(tokens, tmp_path / "shards", shard_size=6, tokenizer_name="tiny")
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: model)
+    out = tmp_path / "cli"
+    argv = ["--model", "tiny", "--corpus", str(tmp_path / "shards"), "--out", str(out), "--seq-len", "10",
+            "--n-sequences", "4", "--n-select", "2", "--alphas", "0.5,1", "2", "--target-layer", "1",
+            "--target-head", "3", "--no-progress"]
+    assert intervention.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "target  L1 H3" in printed and str(out) in printed
+    assert (out / "q_scale_intervention_L1_H3_target.csv").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["spec"] == "tiny" and manifest["selection"]["held_out"] is True
+    assert manifest["config"]["alphas"] == [0.5, 1.0, 2.0]
+    assert intervention.main(argv) == 2  # refuses the finished run
+    assert "overwrite" in capsys.readouterr().err
+    assert intervention.main(argv + ["--overwrite"]) == 0
+    assert intervention.main(argv[:-1] + ["--overwrite", "--alphas", "0", "1"]) == 2
+    assert "> 0" in capsys.readouterr().err
