@@ -20,6 +20,13 @@ from spectra_lens.hooks import (
     capture_metrics,
     repeat_for_alphas,
 )
+from spectra_lens.models import (
+    AttentionLayout,
+    attention_layout,
+    bridge_from_hf,
+    load_model,
+    load_tokenizer,
+)
 from spectra_lens.sweep import (
     ExactSweep,
     HeadSweep,
@@ -28,13 +35,6 @@ from spectra_lens.sweep import (
     fast_sweep,
     query_sweeps,
     sweep_heads,
-)
-from spectra_lens.models import (
-    AttentionLayout,
-    attention_layout,
-    bridge_from_hf,
-    load_model,
-    load_tokenizer,
 )
 
 __version__ = "0.1.0"

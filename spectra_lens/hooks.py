@@ -11,7 +11,7 @@
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import no_type_check
 
 import pandas as pd
@@ -95,7 +95,7 @@ def _row_factor(alpha: float | Tensor, batch: int, hook: str, like: Tensor) -> T
 @no_type_check
 def repeat_for_alphas(
     tokens: Int[Tensor, "batch pos"], alphas: Sequence[float] | Tensor
-) -> tuple[Int[Tensor, "alpha_batch pos"], Float[Tensor, "alpha_batch"]]:
+) -> tuple[Int[Tensor, "alpha_batch pos"], Float[Tensor, " alpha_batch"]]:
     """Batched α: copy i of the batch (rows i·B … (i+1)·B − 1) runs with α = alphas[i]."""
     tokens = check_tokens(tokens)
     a = torch.as_tensor(alphas, dtype=torch.float32).flatten()

@@ -6,11 +6,8 @@ pass that finds which hook carries the effective query and key (the vectors that
 product) and checks, layer by layer, that scaling them scales the attention logits.
 """
 
-import copy
-import functools
 import importlib.util
 import logging
-import math
 import os
 import shutil
 import socket

@@ -382,7 +382,7 @@ def alpha_metrics(
     alphas: Sequence[float],
     *,
     chunk_elements: int = _CHUNK_ELEMENTS,
-) -> dict[str, Float[Tensor, "alpha *batch"]]:
+) -> dict[str, Float[Tensor, " alpha *batch"]]:
     """Mean over query rows of each metric of p(α) = softmax(α·s) over the visible keys.
 
     `scores` may be shifted by any per-row constant (log p works). Keys are sorted once per row

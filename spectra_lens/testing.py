@@ -4,7 +4,6 @@ They exist so that tests, benchmarks and examples can exercise every code path o
 (grouped keys, QK-norm, soft-capping, ALiBi, ...) in seconds and without a network.
 """
 
-import copy
 
 import torch
 import transformers

@@ -17,7 +17,7 @@ if os.environ.get("SPECTRA_LENS_NO_TYPECHECK") != "1":
     if "spectra_lens" in sys.modules:  # imported by a plugin first: checking is impossible
         import warnings
 
-        warnings.warn("spectra_lens was imported before tests/conftest.py; shape checks are off")
+        warnings.warn("spectra_lens was imported before tests/conftest.py; shape checks are off", stacklevel=1)
     elif not any("spectra_lens" in getattr(f, "modules", ()) for f in sys.meta_path):
         # Not installed yet (pytest's --jaxtyping-packages would install the same finder).
         # PEP 484's numeric tower, so that an int is accepted where a float is annotated.
