@@ -27,6 +27,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,13 @@ class GainResult:
         return (f"GainResult(heads={len(s)}, alphas={len(self.sweep.alphas)}, "
                 f"fast/exact layers={self.sweep.method.count('fast')}/{self.sweep.method.count('exact')}, "
                 f"out={self.out})")
+
+    def _repr_html_(self) -> str:
+        cols = ["layer", "head", "gain_entropy", "analytic_gain", "r_squared", "is_monotonic", "method"]
+        top = self.summary.reindex(self.summary["gain_entropy"].abs().sort_values(ascending=False).index)
+        shown = top[[c for c in cols if c in top.columns]].head(10)
+        return (f"<b>{escape(repr(self))}</b><p>most sensitive heads (|dH/d ln α|):</p>"
+                + shown.to_html(index=False, float_format="%.4g"))
 
 
 def _central_difference(alphas: tuple[float, ...], values: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,16 @@ class InterventionResult:
     def __repr__(self) -> str:
         parts = ", ".join(f"{r}=L{l}H{h}" for r, (l, h) in self.heads.items())
         return f"InterventionResult({parts}, alphas={len(next(iter(self.tables.values())))}, out={self.out})"
+
+    def _repr_html_(self) -> str:
+        cols = ["scale", "mean_entropy", "mean_max_attn", "mean_k_eff", "delta_loss",
+                "kl_from_unscaled", "method"]
+        parts = [f"<b>{escape(repr(self))}</b>"]
+        for role, table in self.tables.items():
+            l, h = self.heads[role]
+            shown = table[[c for c in cols if c in table.columns]]
+            parts.append(f"<p>{role}: L{l} H{h}</p>" + shown.to_html(index=False, float_format="%.4g"))
+        return "".join(parts)
 
 
 def head_table(sweep: ExactSweep, layer: int, head: int, role: str, layout, *, ci: float) -> pd.DataFrame:

@@ -32,6 +32,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,10 @@ class QKResult:
     def __repr__(self) -> str:
         l, h = self.target
         return f"QKResult(target=L{l}H{h}, kv_head={self.kv_head}, group={list(self.group)}, out={self.out})"
+
+    def _repr_html_(self) -> str:
+        return (f"<b>{escape(repr(self))}</b>"
+                + self.sensitivity.to_html(index=False, float_format="%.4g"))
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -43,6 +43,7 @@ def test_run_writes_gain_summary(tmp_path, tiny, toks, family, method):
     assert sorted(s["head_type"]) == sorted(["target", "control"] + [""] * (len(s) - 2))
     assert (s["gain_entropy"] < 0).all() and (s["gain_max_attn"] > 0).all()
     assert (s["analytic_gain"] <= 0).all()
+    assert "gain_entropy" in result._repr_html_()
     assert (s["analytic_gain_ci_low"] <= s["analytic_gain"]).all()
     if method == "fast":
         # the entropy of a bilinear head falls monotonically; the analytic gain is its derivative

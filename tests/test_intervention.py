@@ -38,6 +38,7 @@ def test_run_writes_tables_figures_and_manifest(tmp_path, tiny, toks, family):
     out = tmp_path / "exp1"
     cfg = InterventionConfig(out=str(out), alphas=ALPHAS, target_layer=1, target_head=2, control_head=0)
     result = intervention.run(cfg, model=model, tokens=toks, progress=False)
+    assert "target" in result._repr_html_() and "<table" in result._repr_html_()
     assert result.heads == {"target": (1, 2), "control": (1, 0)}
     for role, (l, h) in result.heads.items():
         frame = pd.read_csv(out / f"q_scale_intervention_L{l}_H{h}_{role}.csv")

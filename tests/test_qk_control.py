@@ -32,6 +32,7 @@ def _run(tmp_path, tiny, toks, family, **kw):
     model, layout = tiny(family)
     cfg = QKConfig(out=str(tmp_path / family), alphas=ALPHAS, target_layer=1, target_head=3, **kw)
     result = qk_control.run(cfg, model=model, tokens=toks, progress=False)
+    assert "sensitivity_ratio" in result._repr_html_()
     assert count_hooks(model) == 0
     return result, layout
 
