@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = result.head_summary
-    print(f"{len(s)} heads; significant (BH q<{cfg.fdr_alpha}, sequence-bootstrap CI excludes 0): "
+    print(f"{len(s)} heads; significant (BH q<{cfg.fdr_alpha} on the sequence-clustered test): "
           f"{len(result.significant_heads)}; consistent across shards: {len(result.consistent_heads)}; "
           f"replicated: {int(s['replicated'].sum()) if 'replicated' in s else 'n/a'}")
     print(f"median r(log|q|, H) = {s['r_entropy'].median():+.3f}; "

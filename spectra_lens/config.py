@@ -18,8 +18,8 @@ class ObservationalConfig:
     corpus: str | None = None  # corpus spec (see data.corpus_from_spec); None = pydoc topics
     out: str = "results/observational"  # run directory: shards, records, tables, figures
     seq_len: int = 128  # tokens per sequence (BOS included where the model uses one)
-    n_sequences: int = 64  # sized so the default run fits in ~10 minutes on 2 CPU cores
-    shard_size: int = 16  # sequences per shard: the unit of resuming, consistency, replication
+    n_sequences: int = 256  # 32k tokens: ~2.5 min of capture on one CPU core (default model)
+    shard_size: int = 32  # sequences per shard: the unit of resuming, consistency, replication
     batch_size: int = 8  # sequences per forward pass
     min_position: int = 1  # tokens before this position (the sink/BOS token) are excluded
     n_boot: int = 1000  # cluster-bootstrap resamples of whole sequences
