@@ -54,7 +54,7 @@ class ObservationalResult:
             self.head_summary["correlation"].abs().sort_values(ascending=False).index
         ).head(10)
         return (f"<b>{self!r}</b><br>strongest heads:"
-                + top[["layer", "head", "correlation", "partial_r_entropy", "q_entropy", "significant"]]
+                + top[["layer", "head", "correlation", "partial_r_entropy", "q_entropy_cluster", "significant"]]
                 .to_html(index=False, float_format="%.3g"))
 
 

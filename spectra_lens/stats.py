@@ -199,6 +199,8 @@ def head_correlations(
     - `rho_{y}`, `p_rho_{y}`, `q_rho_{y}`: Spearman rho (average ranks for ties), as scipy;
     - `partial_r_{y}`, `partial_p_{y}`, `partial_q_{y}`: r controlling for z = ln(position + 1),
       r_xy·z = (r_xy − r_xz r_yz) / sqrt((1 − r_xz²)(1 − r_yz²)), p with n − 3 df;
+    - `partial_p_{y}_cluster`, `partial_q_{y}_cluster`, `partial_r_{y}_ci_low/high`: the same
+      clustering-aware test and interval for the partial r (see `p_{y}_cluster` below);
     - `r_{y}_ci_low`, `r_{y}_ci_high`: percentile interval of r over `n_boot` resamples of
       sequences with replacement (NaN for a head seen in fewer than 2 sequences).
 
@@ -208,11 +210,11 @@ def head_correlations(
     (the original project's names) `correlation` = r, `p_value` = p, and `significant`:
     the clustering-aware `q_{y}_cluster` < alpha. `p_{y}_cluster` is the Wald p of Fisher's
     z = atanh(r) with the standard error of z over the sequence bootstrap, and `q_{y}_cluster`
-    its BH q over heads; this is what controls the false discovery rate. Rows are sorted by
-    layer, head.
+    its BH q over heads; this is what controls the false discovery rate. `significant_partial`
+    is the same decision for the position-controlled partial r. Rows are sorted by layer, head.
 
     The token-level p-values treat tokens as independent, which clustering by sequence makes
-    optimistic; the bootstrap interval is the clustering-aware check. All heads share one
+    optimistic; the `*_cluster` tests and the bootstrap intervals are the clustering-aware ones. All heads share one
     resampling of the sequence ids (sequences a head has no tokens in contribute nothing), so
     results are reproducible from `seed`. Cost: one (head·sequence) × (sequence·boot) product.
     """
@@ -259,6 +261,15 @@ def head_correlations(
         boot = by_sequence.resample(counts).pearson()
         low, high = _percentile_interval(boot, ci)
         enough = (by_sequence.n > 0).sum(axis=1) >= 2
+        # The partial r resampled with the same sequences: its clustering-aware test.
+        cells = dict(cells=sequence[pair.mask], n_cells=n_sequences)
+        z = log_position[pair.mask]
+        boot_xz = pair.moments(b=z, **cells).resample(counts).pearson()
+        boot_yz = pair.moments(a=z, **cells).resample(counts).pearson()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            boot_partial = np.clip((boot - boot_xz * boot_yz)
+                                   / np.sqrt((1 - boot_xz**2) * (1 - boot_yz**2)), -1.0, 1.0)
+        partial_low, partial_high = _percentile_interval(boot_partial, ci)
         columns |= _with_q(
             {
                 f"r_{y}": r,
@@ -268,6 +279,10 @@ def head_correlations(
                 f"p_rho_{y}": _t_pvalue(rho, by_head.n),
                 f"partial_r_{y}": partial,
                 f"partial_p_{y}": _t_pvalue(partial, by_head.n, n_covariates=1),
+                f"partial_p_{y}_cluster": np.where(
+                    enough, _cluster_pvalue(partial, boot_partial), np.nan),
+                f"partial_r_{y}_ci_low": np.where(enough, partial_low, np.nan),
+                f"partial_r_{y}_ci_high": np.where(enough, partial_high, np.nan),
                 f"r_{y}_ci_low": np.where(enough, low, np.nan),
                 f"r_{y}_ci_high": np.where(enough, high, np.nan),
             }
@@ -283,6 +298,7 @@ def head_correlations(
     summary["correlation"] = summary[f"r_{first}"]
     summary["p_value"] = summary[f"p_{first}"]
     summary["significant"] = summary[f"q_{first}_cluster"] < alpha
+    summary["significant_partial"] = summary[f"partial_q_{first}_cluster"] < alpha
     _warn_undefined(summary, [f"r_{y}" for y in ys])
     return summary
 

@@ -217,14 +217,15 @@ def test_head_correlations_columns():
     summary = head_correlations(make_records([-0.5], n_sequences=6, seq_len=10), n_boot=20)
     per_y = [
         "r_{}", "p_{}", "q_{}", "p_{}_cluster", "q_{}_cluster", "rho_{}", "p_rho_{}", "q_rho_{}", "partial_r_{}",
-        "partial_p_{}", "partial_q_{}", "r_{}_ci_low", "r_{}_ci_high",
+        "partial_p_{}", "partial_q_{}", "partial_p_{}_cluster", "partial_q_{}_cluster",
+        "partial_r_{}_ci_low", "partial_r_{}_ci_high", "r_{}_ci_low", "r_{}_ci_high",
     ]
     expected = [
         "layer", "head", "n_tokens", "n_sequences",
         "mean_q_norm", "mean_entropy", "mean_max_attn", "mean_k_eff_exp",
         *(c.format(y) for y in ("entropy", "max_attn", "k_eff_exp") for c in per_y),
         "r_entropy_norm", "p_entropy_norm", "q_entropy_norm",
-        "correlation", "p_value", "significant",
+        "correlation", "p_value", "significant", "significant_partial",
     ]
     assert list(summary.columns) == expected
     assert summary["significant"].dtype == bool
@@ -258,9 +259,11 @@ def test_position_confound_is_removed_by_partial_correlation():
     log_q = 0.5 * depth + 0.2 * rng.normal(size=position.size)
     entropy = 0.8 * depth + 0.3 * rng.normal(size=position.size)
     records = _frame(sequence, position, log_q, entropy, rng=rng)
-    row = head_correlations(records, ys=("entropy",), n_boot=50).iloc[0]
+    row = head_correlations(records, ys=("entropy",), n_boot=200).iloc[0]
     assert row["r_entropy"] > 0.5
     assert abs(row["partial_r_entropy"]) < 0.1
+    assert row["partial_r_entropy_ci_low"] < 0 < row["partial_r_entropy_ci_high"]
+    assert row["partial_p_entropy_cluster"] > 0.05
 
 
 def test_bootstrap_ci_covers_true_r_and_widens_under_clustering():
