@@ -280,6 +280,8 @@ class MetricCapture:
 
     Use: `cap = MetricCapture(layout)`; `with attached(model, cap): model(tokens)`;
     `cap.result()`. A capture holds one forward pass: `result()` clears it for the next.
+    `top_mass` is the mass of `k_eff_top90` (0.9); None skips that metric (NaN), which saves
+    the sort of every attention row.
     """
 
     def __init__(
@@ -288,7 +290,7 @@ class MetricCapture:
         *,
         layers: Iterable[int] | None = None,
         patterns_for: Iterable[tuple[int, int]] = (),
-        top_mass: float = 0.9,
+        top_mass: float | None = 0.9,
     ):
         self.layout = layout
         self.layers = tuple(range(layout.n_layers)) if layers is None else tuple(layers)
@@ -301,8 +303,8 @@ class MetricCapture:
             layout.check_head(l, h)
             if l not in self.layers:
                 raise SpectraError(f"pattern asked for L{l}H{h} but layer {l} is not captured")
-        if not 0 < top_mass <= 1:
-            raise SpectraError(f"top_mass must be in (0, 1], got {top_mass}")
+        if top_mass is not None and not 0 < top_mass <= 1:
+            raise SpectraError(f"top_mass must be in (0, 1] or None, got {top_mass}")
         self.top_mass = top_mass
         self._kv = layout.kv_index()
         self._clear()
@@ -369,7 +371,10 @@ class MetricCapture:
             st["max_attn"][l] = M.max_attention(p)
             st["k_eff_exp"][l] = M.k_eff_exp(H)
             st["k_eff_pr"][l] = M.k_eff_participation(p)
-            st["k_eff_top90"][l] = M.k_eff_top_mass(p, mass=self.top_mass)
+            # The top-mass count sorts every attention row, the costliest metric (BENCHMARKS.md);
+            # top_mass=None skips it and leaves NaN.
+            st["k_eff_top90"][l] = (M.k_eff_top_mass(p, mass=self.top_mass)
+                                    if self.top_mass is not None else torch.full_like(H, torch.nan))
             st["sink_mass"][l] = M.sink_mass(p)
             st["local_gain"][l] = _gain_under(p, s.float(), visible)
             for ll, h in self.patterns_for:
@@ -440,7 +445,7 @@ def capture_metrics(
     layers: Iterable[int] | None = None,
     patterns_for: Iterable[tuple[int, int]] = (),
     interventions: Sequence = (),
-    top_mass: float = 0.9,
+    top_mass: float | None = 0.9,
 ) -> TokenMetrics:
     """One forward pass (no grad) with `interventions` applied; per-token metrics of every head."""
     tokens = check_tokens(tokens)

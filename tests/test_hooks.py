@@ -499,7 +499,7 @@ def test_capture_and_attach_misuse(tiny, tokens):
         MetricCapture(layout, patterns_for=[(0, 9)])
     with pytest.raises(SpectraError, match="layer 0 is not captured"):
         MetricCapture(layout, layers=[1], patterns_for=[(0, 1)])
-    with pytest.raises(SpectraError, match=r"top_mass must be in \(0, 1\], got 0.0"):
+    with pytest.raises(SpectraError, match=r"top_mass must be in \(0, 1\] or None, got 0.0"):
         MetricCapture(layout, top_mass=0.0)
     with pytest.raises(SpectraError, match=r"no forward pass reached layers \[0, 1\]"):
         MetricCapture(layout).result()
@@ -520,3 +520,15 @@ def test_capture_and_attach_misuse(tiny, tokens):
         tm.head(0, 0)
     with pytest.raises(SpectraError, match="sequence_ids must have 2 entries, got 3"):
         tm.to_frame(sequence_ids=[0, 1, 2])
+
+
+def test_top_mass_none_skips_only_that_metric(tiny, tokens):
+    from spectra_lens.hooks import METRIC_NAMES, capture_metrics
+
+    model, _ = tiny("llama_gqa")
+    full = capture_metrics(model, tokens)
+    lean = capture_metrics(model, tokens, top_mass=None)
+    assert torch.isnan(lean.k_eff_top90).all()
+    for name in METRIC_NAMES:
+        if name != "k_eff_top90":
+            assert_close(getattr(full, name), getattr(lean, name), rtol=0, atol=0, equal_nan=True)
