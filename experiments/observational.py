@@ -83,11 +83,11 @@ def _shards(cfg: ObservationalConfig, run: RunDir, model, source, model_name: st
 
 
 def collect(model, manifest: data.ShardManifest, run: RunDir, *, batch_size: int,
-            progress: bool = True) -> list[Path]:
+            top_mass: float | None = 0.9, progress: bool = True) -> list[Path]:
     """Per-token records of every shard into `records/shard_XXXXX.parquet`; finished shards skipped."""
     layout = attention_layout(model)
     device = next(model.parameters()).device
-    cap = MetricCapture(layout)
+    cap = MetricCapture(layout, top_mass=top_mass)
     paths = []
     todo = [(i, s) for i, s in enumerate(manifest.shards)]
     bar = tqdm(total=manifest.n_sequences, desc="capture", unit="seq", disable=not progress)
@@ -206,7 +206,8 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
     t0 = time.time()
     manifest = _shards(cfg, rd, model, source, model_name)
     rd.timed("shards_s", time.time() - t0)
-    paths = collect(model, manifest, rd, batch_size=cfg.batch_size, progress=progress)
+    paths = collect(model, manifest, rd, batch_size=cfg.batch_size, top_mass=cfg.top_mass,
+                    progress=progress)
     t0 = time.time()
     records = read_records(paths)
     tables = analyze(records, cfg)
@@ -228,6 +229,10 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
     return ObservationalResult(out=rd.path, **tables)
 
 
+def _mass(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spectra-lens observe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,6 +245,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=d.shard_size)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--min-position", type=int, default=d.min_position, help="exclude earlier positions (sink)")
+    p.add_argument("--top-mass", type=_mass, default=d.top_mass,
+                   help="mass of k_eff_top90 (default 0.9); 'none' skips that metric, a faster capture")
     p.add_argument("--n-boot", type=int, default=d.n_boot)
     p.add_argument("--fdr-alpha", type=float, default=d.fdr_alpha)
     p.add_argument("--consistency-threshold", type=float, default=d.consistency_threshold)

@@ -22,6 +22,7 @@ class ObservationalConfig:
     shard_size: int = 32  # sequences per shard: the unit of resuming, consistency, replication
     batch_size: int = 8  # sequences per forward pass
     min_position: int = 1  # tokens before this position (the sink/BOS token) are excluded
+    top_mass: float | None = 0.9  # mass of k_eff_top90; None skips it (its sort is ~2/3 of capture cost)
     n_boot: int = 1000  # cluster-bootstrap resamples of whole sequences
     fdr_alpha: float = 0.05  # Benjamini-Hochberg false discovery rate across all heads
     consistency_threshold: float = 0.8  # share of shards that must agree for "consistent"
@@ -43,6 +44,8 @@ class ObservationalConfig:
                 f"min_position must be in [0, seq_len - 2) = [0, {self.seq_len - 2}), "
                 f"got {self.min_position}"
             )
+        if self.top_mass is not None and not 0 < self.top_mass <= 1:
+            raise SpectraError(f"top_mass must be in (0, 1] or None, got {self.top_mass!r}")
         for name in ("fdr_alpha", "consistency_threshold"):
             v = getattr(self, name)
             if not 0 < v < 1 if name == "fdr_alpha" else not 0 < v <= 1:
