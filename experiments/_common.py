@@ -19,6 +19,7 @@ measures them. When the caller passes tokens, the selection uses those tokens (r
 import argparse
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -29,7 +30,13 @@ import torch
 from spectra_lens import data, plots
 from spectra_lens.errors import SpectraError
 from spectra_lens.metrics import K_EFF_DEFINITIONS
-from spectra_lens.models import DEFAULT_MODEL, AttentionLayout, load_model, resolve_device
+from spectra_lens.models import (
+    DEFAULT_MODEL,
+    AttentionLayout,
+    attention_layout,
+    load_model,
+    resolve_device,
+)
 from spectra_lens.runs import RunDir
 from spectra_lens.sweep import analytic_gain, check_alphas
 
@@ -90,6 +97,59 @@ def write_figure(rd: RunDir, fig, name: str) -> list[Path]:
                     "figures are written as HTML only")
         _png_warned = True
     return written
+
+
+# --------------------------------------------------------------------------- a run's frame
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What every causal run starts from: its directory, model, layout and tokens."""
+
+    rd: RunDir
+    model: object
+    model_name: str  # recorded in the manifest
+    layout: AttentionLayout
+    tokens: "RunTokens"
+
+
+def begin_run(cfg, experiment: str, *, model=None, tokens: torch.Tensor | None = None) -> RunSetup:
+    """Validate `cfg`, open the run directory, load the model and the run's tokens, seed torch."""
+    cfg.validate()
+    checked_alphas(cfg)
+    rd = start_run(cfg, experiment)
+    with timed(rd, "load_model_s"):
+        model, model_name = load_run_model(cfg, model)
+        layout = attention_layout(model)
+    with timed(rd, "tokens_s"):
+        run_tokens = load_run_tokens(cfg, model, tokens)
+    torch.manual_seed(cfg.seed)
+    return RunSetup(rd, model, model_name, layout, run_tokens)
+
+
+def provenance(setup: RunSetup, choice: "HeadChoice", seed: int) -> dict:
+    """The manifest fields every causal run records: model, corpus, sizes, head selection, seed."""
+    t = setup.tokens
+    return dict(
+        model=model_info(setup.model_name, setup.layout), corpus=t.corpus,
+        n_sequences=int(t.measure.shape[0]), seq_len=int(t.measure.shape[1]),
+        selection={**choice.as_dict(), "held_out": t.held_out, "n_select": int(t.select.shape[0])},
+        seed=seed,
+    )
+
+
+def run_cli(argv, parser: argparse.ArgumentParser, config_cls, run) -> tuple[object | None, float]:
+    """Parse `argv` into `config_cls`, call `run`; (result, seconds), or (None, 0) after printing
+    a user error to stderr (the caller exits with 2)."""
+    args = parser.parse_args(argv)
+    configure_logging()
+    t0 = time.time()
+    try:
+        cfg, progress = config_from_args(config_cls, args)
+        return run(cfg, progress=progress), time.time() - t0
+    except SpectraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, 0.0
 
 
 # --------------------------------------------------------------------------- model and tokens

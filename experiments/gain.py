@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from html import escape
@@ -181,26 +180,16 @@ def _figures(result: GainResult, rd) -> None:
 def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | None = None,
         progress: bool = True) -> GainResult:
     """EXP2 into `cfg.out`: gain_summary.csv, gain_curves.csv, figures, manifest.json."""
-    cfg.validate()
-    C.checked_alphas(cfg)
-    rd = C.start_run(cfg, EXPERIMENT)
-    with C.timed(rd, "load_model_s"):
-        model, model_name = C.load_run_model(cfg, model)
-        layout = attention_layout(model)
-    with C.timed(rd, "tokens_s"):
-        run_tokens = C.load_run_tokens(cfg, model, tokens)
-    torch.manual_seed(cfg.seed)
-    result = compute(cfg, model, run_tokens, progress=progress, rd=rd)
+    setup = C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens)
+    rd = setup.rd
+    result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
     with C.timed(rd, "write_s"):
         rd.write_csv("gain_summary.csv", result.summary)
         rd.write_csv("gain_curves.csv", result.curves)
         _figures(result, rd)
     rd.finish(
-        model=C.model_info(model_name, layout), corpus=run_tokens.corpus,
-        n_sequences=int(run_tokens.measure.shape[0]), seq_len=int(run_tokens.measure.shape[1]),
-        selection={**result.choice.as_dict(), "held_out": run_tokens.held_out,
-                   "n_select": int(run_tokens.select.shape[0])},
-        alphas=list(result.sweep.alphas), seed=cfg.seed,
+        **C.provenance(setup, result.choice, cfg.seed),
+        alphas=list(result.sweep.alphas),
         files=["gain_summary.csv", "gain_curves.csv"],
         methods={str(l): m for l, m in zip(result.sweep.layers, result.sweep.method)},
         definitions={**C.k_eff_definitions(),
@@ -223,14 +212,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2 for a user error)."""
-    args = parser().parse_args(argv)
-    C.configure_logging()
-    t0 = time.time()
-    try:
-        cfg, progress = C.config_from_args(GainConfig, args)
-        result = run(cfg, progress=progress)
-    except SpectraError as e:
-        print(f"error: {e}", file=sys.stderr)
+    result, seconds = C.run_cli(argv, parser(), GainConfig, run)
+    if result is None:
         return 2
     s = result.summary
     strongest = s.loc[s["gain_entropy"].idxmin()]
@@ -241,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(analytic at α=1 {strongest['analytic_gain']:+.3f}); entropy monotonic in "
           f"{int(s['is_monotonic'].sum())}/{len(s)} heads; corr(fd, analytic) = "
           f"{s['fd_gain_entropy'].corr(s['analytic_gain']):.3f}")
-    print(f"wrote {result.out} in {time.time() - t0:.0f} s")
+    print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
 
 

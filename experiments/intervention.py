@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -35,7 +34,6 @@ import torch
 from experiments import _common as C
 from spectra_lens import causal_plots as cp
 from spectra_lens.config import InterventionConfig
-from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import QueryScale
 from spectra_lens.models import attention_layout
 from spectra_lens.sweep import ExactSweep, alpha_metrics, exact_sweep
@@ -153,16 +151,9 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
         progress: bool = True) -> InterventionResult:
     """EXP1 into `cfg.out`: CSVs, figures and manifest.json. `model` (a loaded bridge) and
     `tokens` ([batch, pos]; then default heads are chosen on them too) skip loading."""
-    cfg.validate()
-    C.checked_alphas(cfg)
-    rd = C.start_run(cfg, EXPERIMENT)
-    with C.timed(rd, "load_model_s"):
-        model, model_name = C.load_run_model(cfg, model)
-        layout = attention_layout(model)
-    with C.timed(rd, "tokens_s"):
-        run_tokens = C.load_run_tokens(cfg, model, tokens)
-    torch.manual_seed(cfg.seed)
-    result = compute(cfg, model, run_tokens, progress=progress, rd=rd)
+    setup = C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens)
+    rd = setup.rd
+    result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
     files = []
     with C.timed(rd, "write_s"):
         for role in ROLES:
@@ -172,11 +163,8 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
             files += [result.csv_name(role), f"downstream_heads_L{l}_H{h}_{role}.csv"]
         _figures(result, rd)
     rd.finish(
-        model=C.model_info(model_name, layout), corpus=run_tokens.corpus,
-        n_sequences=int(run_tokens.measure.shape[0]), seq_len=int(run_tokens.measure.shape[1]),
-        selection={**result.choice.as_dict(), "held_out": run_tokens.held_out,
-                   "n_select": int(run_tokens.select.shape[0])},
-        alphas=list(result.sweeps["target"].alphas), seed=cfg.seed, files=files,
+        **C.provenance(setup, result.choice, cfg.seed),
+        alphas=list(result.sweeps["target"].alphas), files=files,
         definitions={**C.k_eff_definitions(),
                      "intervals": f"t-interval ({cfg.ci:g}) over per-sequence means",
                      "delta_loss": "mean next-token NLL at α minus unscaled, per sequence",
@@ -196,14 +184,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2 for a user error)."""
-    args = parser().parse_args(argv)
-    C.configure_logging()
-    t0 = time.time()
-    try:
-        cfg, progress = C.config_from_args(InterventionConfig, args)
-        result = run(cfg, progress=progress)
-    except SpectraError as e:
-        print(f"error: {e}", file=sys.stderr)
+    result, seconds = C.run_cli(argv, parser(), InterventionConfig, run)
+    if result is None:
         return 2
     for role in ROLES:
         l, h = result.heads[role]
@@ -214,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{hi['mean_max_attn']:.3f}; Δloss at α={hi['scale']:g}: {hi['delta_loss']:+.4f}, "
               f"KL {hi['kl_from_unscaled']:.4f}; fast-path max |ΔH| "
               f"{np.nanmax(np.abs(t['mean_entropy'] - t['mean_entropy_fast'])):.1e}")
-    print(f"wrote {result.out} in {time.time() - t0:.0f} s")
+    print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
 
 

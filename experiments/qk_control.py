@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -42,7 +41,6 @@ import torch
 from experiments import _common as C
 from spectra_lens import causal_plots as cp
 from spectra_lens.config import QKConfig
-from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import KeyScale, QueryScale
 from spectra_lens.metrics import rescale_pattern
 from spectra_lens.models import attention_layout
@@ -195,28 +193,18 @@ def _figures(result: QKResult, rd) -> None:
 def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None = None,
         progress: bool = True) -> QKResult:
     """EXP3 into `cfg.out`: qk_comparison_results.csv, sensitivity_summary.csv, figures, manifest."""
-    cfg.validate()
-    C.checked_alphas(cfg)
-    rd = C.start_run(cfg, EXPERIMENT)
-    with C.timed(rd, "load_model_s"):
-        model, model_name = C.load_run_model(cfg, model)
-        layout = attention_layout(model)
-    with C.timed(rd, "tokens_s"):
-        run_tokens = C.load_run_tokens(cfg, model, tokens)
-    torch.manual_seed(cfg.seed)
-    result = compute(cfg, model, run_tokens, progress=progress, rd=rd)
+    setup = C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens)
+    rd = setup.rd
+    result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
     with C.timed(rd, "write_s"):
         rd.write_csv("qk_comparison_results.csv", result.comparison)
         rd.write_csv("sensitivity_summary.csv", result.sensitivity)
         _figures(result, rd)
     rd.finish(
-        model=C.model_info(model_name, layout), corpus=run_tokens.corpus,
-        n_sequences=int(run_tokens.measure.shape[0]), seq_len=int(run_tokens.measure.shape[1]),
-        selection={**result.choice.as_dict(), "held_out": run_tokens.held_out,
-                   "n_select": int(run_tokens.select.shape[0])},
+        **C.provenance(setup, result.choice, cfg.seed),
         kv_head=result.kv_head, group=list(result.group),
         interventions={s: sw.intervention for s, sw in result.sweeps.items()},
-        alphas=list(result.sweeps["query"].alphas), seed=cfg.seed,
+        alphas=list(result.sweeps["query"].alphas),
         files=["qk_comparison_results.csv", "sensitivity_summary.csv"],
         definitions={**C.k_eff_definitions(),
                      "kv group": "query heads h with h // (n_heads // n_kv_heads) == kv_head",
@@ -238,14 +226,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2 for a user error)."""
-    args = parser().parse_args(argv)
-    C.configure_logging()
-    t0 = time.time()
-    try:
-        cfg, progress = C.config_from_args(QKConfig, args)
-        result = run(cfg, progress=progress)
-    except SpectraError as e:
-        print(f"error: {e}", file=sys.stderr)
+    result, seconds = C.run_cli(argv, parser(), QKConfig, run)
+    if result is None:
         return 2
     l, h = result.target
     s = result.sensitivity
@@ -259,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
               f"under Q {int(others['pattern_changed_q'].sum())}/{len(others)}")
     print(f"max |Δloss|: Q {t['max_abs_delta_loss_q']:.4f}, K {t['max_abs_delta_loss_k']:.4f}; "
           f"max KL: Q {t['max_kl_q']:.4f}, K {t['max_kl_k']:.4f}")
-    print(f"wrote {result.out} in {time.time() - t0:.0f} s")
+    print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
 
 
