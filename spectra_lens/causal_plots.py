@@ -56,6 +56,11 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+# Powers of two label a log α axis; plotly's default labels 0.3 ... 0.9 as "3" ... "9".
+_ALPHA_TICKS = [2.0**k for k in range(-6, 7)]
+_LOG_ALPHA = dict(type="log", tickvals=_ALPHA_TICKS, ticktext=[f"{v:g}" for v in _ALPHA_TICKS])
+
+
 def _line_with_band(fig, frame: pd.DataFrame, column: str, *, name: str, color: str, row=None,
                     col=None, showlegend=True, dash=None, legendgroup=None) -> None:
     frame = frame.sort_values("scale")
@@ -66,7 +71,8 @@ def _line_with_band(fig, frame: pd.DataFrame, column: str, *, name: str, color: 
         fig.add_trace(go.Scatter(
             x=np.concatenate([frame["scale"], frame["scale"][::-1]]),
             y=np.concatenate([frame[high], frame[low][::-1]]),
-            fill="toself", fillcolor=_rgba(color, 0.15), line=dict(width=0), hoverinfo="skip",
+            mode="lines", fill="toself", fillcolor=_rgba(color, 0.15), line=dict(width=0),
+            hoverinfo="skip",
             showlegend=False, legendgroup=group, name=f"{name} interval"), **kw)
     fig.add_trace(go.Scatter(x=frame["scale"], y=frame[column], mode="lines+markers", name=name,
                              line=dict(color=color, dash=dash), legendgroup=group,
@@ -88,7 +94,7 @@ def metric_vs_scale(
             fig.add_trace(go.Scatter(x=f["scale"], y=f[prediction], mode="lines",
                                      name=f"{label}: softmax(α·s)", line=dict(color=_color(i), dash="dot")))
     fig.add_vline(x=1.0, line=dict(color="grey", width=1, dash="dot"))
-    fig.update_xaxes(type="log", title_text="query scale α")
+    fig.update_xaxes(**_LOG_ALPHA, title_text="query scale α")
     fig.update_layout(title=title or f"{column} vs query scale", yaxis_title=_LABELS.get(column, column),
                       template="plotly_white")
     return fig
@@ -102,7 +108,7 @@ def intervention_panels(frames: Mapping[str, pd.DataFrame], *, title: str) -> go
         for j, column in enumerate(_PANELS):
             _line_with_band(fig, frame, column, name=label, color=_color(i), row=1, col=j + 1,
                             showlegend=j == 0)
-    fig.update_xaxes(type="log", title_text="query scale α")
+    fig.update_xaxes(**_LOG_ALPHA, title_text="query scale α")
     fig.update_layout(title=title, template="plotly_white", height=420)
     return fig
 
@@ -116,7 +122,7 @@ def output_effects(frames: Mapping[str, pd.DataFrame], *, title: str) -> go.Figu
         for j, column in enumerate(cols):
             _line_with_band(fig, frame, column, name=label, color=_color(i), row=1, col=j + 1,
                             showlegend=j == 0)
-    fig.update_xaxes(type="log", title_text="scale α")
+    fig.update_xaxes(**_LOG_ALPHA, title_text="scale α")
     fig.update_layout(title=title, template="plotly_white", height=420)
     return fig
 
@@ -164,7 +170,7 @@ def gain_fit(
                 x=near, y=float(at_one.iloc[0]) + analytic_gain * np.log(near), mode="lines",
                 name=f"tangent at α=1: −Var_p(s) = {analytic_gain:+.3f}",
                 line=dict(color=_color(2), dash="dot", width=3)))
-    fig.update_xaxes(type="log", title_text="query scale α")
+    fig.update_xaxes(**_LOG_ALPHA, title_text="query scale α")
     fig.update_layout(title=title, yaxis_title=_LABELS.get(column, column), template="plotly_white")
     return fig
 
@@ -222,7 +228,7 @@ def qk_metric(frame: pd.DataFrame, column: str, *, title: str) -> go.Figure:
                 _line_with_band(fig, part, column, name=f"{name}, {scaled} scaled", color=_color(i),
                                 dash=dash, legendgroup=f"{name} {scaled}")
     fig.add_vline(x=1.0, line=dict(color="grey", width=1, dash="dot"))
-    fig.update_xaxes(type="log", title_text="scale α")
+    fig.update_xaxes(**_LOG_ALPHA, title_text="scale α")
     fig.update_layout(title=title, yaxis_title=_LABELS.get(column, column), template="plotly_white")
     return fig
 
