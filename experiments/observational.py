@@ -156,7 +156,7 @@ def _figures(records: pd.DataFrame, tables: dict[str, pd.DataFrame], run: RunDir
     fig_dir = run.file("figures")
     plots.save_figure(plots.head_heatmap(summary, "r_entropy", mark="significant",
                       title="r(log query norm, entropy) per head"), fig_dir / "heatmap_r_entropy")
-    plots.save_figure(plots.head_heatmap(summary, "partial_r_entropy", mark="significant",
+    plots.save_figure(plots.head_heatmap(summary, "partial_r_entropy", mark="significant_partial",
                       title="partial r(log query norm, entropy | log position)"),
                       fig_dir / "heatmap_partial_r_entropy")
     plots.save_figure(plots.head_heatmap(summary, "r_entropy_norm",
