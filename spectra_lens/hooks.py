@@ -376,7 +376,7 @@ class MetricCapture:
             st["k_eff_top90"][l] = (M.k_eff_top_mass(p, mass=self.top_mass)
                                     if self.top_mass is not None else torch.full_like(H, torch.nan))
             st["sink_mass"][l] = M.sink_mass(p)
-            st["local_gain"][l] = _gain_under(p, s.float(), visible)
+            st["local_gain"][l] = M.local_gain_under(p, s.float(), visible)
             for ll, h in self.patterns_for:
                 if ll == l:
                     self._patterns[(l, h)] = p[:, h].clone()
@@ -391,13 +391,6 @@ class MetricCapture:
         out = TokenMetrics(layers=self.layers, patterns=dict(self._patterns), **vals)
         self._clear()
         return out
-
-
-def _gain_under(p: Tensor, s: Tensor, visible: Tensor) -> Tensor:
-    """−Var_p(s) with the model's own pattern p (the local gain at α = 1)."""
-    s0 = s.masked_fill(~visible, 0.0)
-    mean = (p * s0).sum(-1, keepdim=True)
-    return -(p * (s0 - mean).square()).sum(-1)
 
 
 # --------------------------------------------------------------------------- attaching

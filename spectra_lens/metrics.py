@@ -34,6 +34,7 @@ __all__ = [
     "sink_mass",
     "vector_norm",
     "local_gain",
+    "local_gain_under",
     "logits_from_pattern",
     "rescale_pattern",
     "K_EFF_DEFINITIONS",
@@ -160,6 +161,21 @@ def local_gain(
     mean = (p * s0).sum(-1, keepdim=True)
     var = (p * (s0 - mean).square()).sum(-1)
     return -(alpha**2) * var
+
+
+def local_gain_under(
+    pattern: Float[Tensor, "*batch key_pos"],
+    scores: Float[Tensor, "*batch key_pos"],
+    visible: Bool[Tensor, "*batch key_pos"],
+) -> Float[Tensor, "*batch"]:
+    """−Var_p(s) with p the model's own pattern: the local gain at α = 1, no softmax recomputed.
+
+    `scores` may be shifted by any per-row constant (log p works); masked keys contribute nothing.
+    """
+    p = _f32(pattern)
+    s0 = _f32(scores).masked_fill(~visible, 0.0)
+    mean = (p * s0).sum(-1, keepdim=True)
+    return -(p * (s0 - mean).square()).sum(-1)
 
 
 def rescale_pattern(

@@ -423,13 +423,6 @@ def pattern_metrics(
     return {n: v / n_q for n, v in sums.items()}
 
 
-def _variance_gain(p: Tensor, s: Tensor, visible: Tensor) -> Tensor:
-    """−Var_p(s) per row, with p the model's own pattern (the local gain at α = 1)."""
-    s0 = s.masked_fill(~visible, 0.0)
-    mean = (p * s0).sum(-1, keepdim=True)
-    return -(p * (s0 - mean).square()).sum(-1)
-
-
 class _SweepCapture:
     """Hooks on hook_attn_scores / hook_pattern computing per-sequence means inside the pass.
 
@@ -493,7 +486,7 @@ class _SweepCapture:
                 visible = p > 0
                 s = M.logits_from_pattern(p)
             if l in self.gain_layers:
-                self.gain[l] = _variance_gain(p, s, visible).mean(-1).cpu()
+                self.gain[l] = M.local_gain_under(p, s, visible).mean(-1).cpu()
             if l in self.layers:
                 if self.alphas is None:
                     got = pattern_metrics(p, visible)

@@ -239,3 +239,15 @@ def test_rescale_pattern_equals_softmax_of_scaled_scores():
 def test_rescale_pattern_rejects_bad_alpha(alpha):
     with pytest.raises(SpectraError, match="alpha must be finite and > 0"):
         M.rescale_pattern(torch.tensor([0.5, 0.5]), alpha)
+
+
+def test_local_gain_under_own_pattern_equals_local_gain():
+    from spectra_lens.metrics import causal_mask, local_gain, local_gain_under
+
+    scores = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(4))
+    visible = causal_mask(6).expand(3, 6, 6)
+    p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    expected = local_gain(scores, visible)
+    torch.testing.assert_close(local_gain_under(p, scores, visible), expected)
+    # Any per-row shift of the scores, e.g. log p, gives the same variance.
+    torch.testing.assert_close(local_gain_under(p, torch.log(p), visible), expected, atol=1e-5, rtol=1e-5)
