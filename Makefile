@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.installed
 
 observe: setup
-	$(PY) -m experiments.observational --out $(OUT)
+	$(VENV)/bin/spectra-lens observe --out $(OUT)
 
 test: setup
 	$(PY) -m pytest

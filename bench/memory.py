@@ -71,8 +71,9 @@ def _peak(device: torch.device, how: str) -> int:
 
 
 def measure(spec: dict) -> dict:
-    from spectra_lens import data
+    from spectra_lens.corpus import default_corpus, tokenize_corpus
     from spectra_lens.models import load_hf, load_model, load_tokenizer, resolve_device
+    from spectra_lens.shards import prepare
 
     device = resolve_device(spec.get("device"))
     if spec.get("threads"):
@@ -82,7 +83,7 @@ def measure(spec: dict) -> dict:
     reps = spec.get("reps", 2)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer()
-    tokens = data.tokenize_corpus(data.default_corpus(), tokenizer, seq_len=seq_len, max_sequences=n_seq)
+    tokens = tokenize_corpus(default_corpus(), tokenizer, seq_len=seq_len, max_sequences=n_seq)
     if kind == "hf":
         model, _ = load_hf(device=device)
     else:
@@ -102,7 +103,7 @@ def measure(spec: dict) -> dict:
             model(x, return_type=None)
     elif kind == "capture":
         from spectra_lens.hooks import MetricCapture, attached
-        from spectra_lens.models import attention_layout
+        from spectra_lens.layout import attention_layout
 
         layout = attention_layout(model)
         cap = MetricCapture(layout)
@@ -113,13 +114,14 @@ def measure(spec: dict) -> dict:
                 model(x, return_type=None)
             cap.result()
     elif kind == "collect":
-        from experiments.observational import collect
-        from spectra_lens.models import attention_layout
+        from spectra_lens.experiments.observational import collect
+
+        from spectra_lens.layout import attention_layout
         from spectra_lens.runs import RunDir
 
         attention_layout(model)  # the probe pass belongs to loading, not to the corpus
         tmp = tempfile.TemporaryDirectory(prefix="spectra-bench-")
-        manifest = data.prepare(data.default_corpus(), tokenizer, Path(tmp.name) / "shards",
+        manifest = prepare(default_corpus(), tokenizer, Path(tmp.name) / "shards",
                                 seq_len=seq_len, n_sequences=n_seq, shard_size=spec["shard_size"])
         reps = 1
 

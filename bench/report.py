@@ -210,7 +210,7 @@ def _gain(s: dict) -> str:
     rows = [
         ["one bare HF forward", _f(v["hf_forward"]["median_s"], 3), "", ""],
         ["one hook-free bridge forward", _f(v["bridge_forward"]["median_s"], 3), "1", ""],
-        [f"fast path: `sweep.sweep_heads` (method {'/'.join(w.get('methods_used', []))}), "
+        [f"fast path: `sweep.head_curves` (method {'/'.join(w.get('methods_used', []))}), "
          f"{w['heads']} heads × {w['n_alphas']} α",
          _f(v["sweep_heads"]["median_s"], 3), f"{w['heads'] * w['n_alphas']:,}",
          f"{_x(r['fast_vs_bridge'])} bridge, {_x(r['fast_vs_hf'])} HF"],
@@ -253,7 +253,7 @@ def _exact(s: dict) -> str:
                      _x(r[f"batched_{k}_vs_bridge"]),
                      _x(r[f"per_alpha_{k}_vs_bridge"])])
     return "\n".join([
-        f"`sweep.exact_sweep(model, tokens, grid, {w['intervention']})` on {w['batch']} sequences × "
+        f"`sweep.intervention_effects(model, tokens, grid, {w['intervention']})` on {w['batch']} sequences × "
         f"{w['seq_len']} tokens: real forward passes with the query of one head scaled, metrics of "
         f"every head, loss and KL. {w['note']}. One hook-free bridge forward of the same tokens: "
         f"{_f(v['bridge_forward']['median_s'], 3)} s.",

@@ -7,9 +7,9 @@ medians of the per-repetition ratios, all measured in this run):
             ÷ the bridge's forward without hooks, ÷ the bare Hugging Face forward
   memory    peak memory of capture vs bare forwards (fresh subprocess each) and of
             `experiments.observational.collect` over 1×, 2×, 4× the sequences
-  gain      `sweep.sweep_heads` (every head × 21 α) ÷ one bare forward; the naive method (one
+  gain      `sweep.head_curves` (every head × 21 α) ÷ one bare forward; the naive method (one
             hooked forward per head per α) timed on a subset of heads and extrapolated
-  exact     `sweep.exact_sweep` with the α grid batched (one forward, batch repeated per α) vs
+  exact     `sweep.intervention_effects` with the α grid batched (one forward, batch repeated per α) vs
             one forward per α, for 5 and 9 α values
   scaling   bare forward vs capture over sequence length and batch size; tokens per second
 
@@ -59,7 +59,7 @@ _QUICK = {
         batch_sizes=(1, 4), batch_seq_len=64, batch_reps=(2, 2),
     ),
 }
-# Exact-mode grids leave out α = 1 (exact_sweep reuses the unscaled pass there), so that
+# Exact-mode grids leave out α = 1 (intervention_effects reuses the unscaled pass there), so that
 # "n α values" means n scaled rows per sequence.
 _EXACT_GRIDS = {
     5: (0.5, 0.75, 1.25, 1.5, 2.0),
@@ -227,8 +227,9 @@ class Bench:
     """Models and tokens shared by the sections of one run."""
 
     def __init__(self, device: torch.device, quick: bool):
-        from spectra_lens import data
-        from spectra_lens.models import attention_layout, load_hf, load_model
+        from spectra_lens.corpus import default_corpus
+        from spectra_lens.layout import attention_layout
+        from spectra_lens.models import load_hf, load_model
 
         self.device = device
         self.quick = quick
@@ -238,17 +239,17 @@ class Bench:
         # The bridge rewires the HF model it wraps in place: the bare reference is its own copy.
         self.hf, _ = load_hf(device=device)
         self.load_s = time.perf_counter() - t0
-        self._corpus = data.default_corpus()
+        self._corpus = default_corpus()
         self._tokenizer = self.model.tokenizer
         self._tokens: dict[int, torch.Tensor] = {}
 
     def tokens(self, batch: int, seq_len: int) -> torch.Tensor:
         """`batch` sequences of `seq_len` tokens of the default corpus (pydoc topics)."""
-        from spectra_lens import data
+        from spectra_lens.corpus import tokenize_corpus
 
         have = self._tokens.get(seq_len)
         if have is None or have.shape[0] < batch:
-            have = data.tokenize_corpus(self._corpus, self._tokenizer, seq_len=seq_len,
+            have = tokenize_corpus(self._corpus, self._tokenizer, seq_len=seq_len,
                                         max_sequences=max(batch, 16))
             self._tokens[seq_len] = have
         return have[:batch].to(self.device)
@@ -395,7 +396,7 @@ def _alpha_grid() -> tuple[float, ...]:
 
 
 def section_gain(b: Bench, cfg: dict) -> dict:
-    from spectra_lens import sweep
+    from spectra_lens import metrics, sweep
     from spectra_lens.hooks import MetricCapture, QueryScale, attached
 
     x = b.tokens(cfg["batch"], cfg["seq_len"])
@@ -406,7 +407,7 @@ def section_gain(b: Bench, cfg: dict) -> dict:
     method: list[str] = []
 
     def fast():  # what experiments.gain runs: the fast path wherever the layer allows it
-        res = sweep.sweep_heads(b.model, x, alphas, min_position=1, batch_size=x.shape[0])
+        res = sweep.head_curves(b.model, x, alphas, min_position=1, batch_size=x.shape[0])
         method[:] = res.method
 
     def naive_head(layer: int, head: int):
@@ -418,7 +419,7 @@ def section_gain(b: Bench, cfg: dict) -> dict:
                 with attached(b.model, QueryScale(layer, head, a), cap, layout=b.layout):
                     b.model(x, return_type=None)
                 tm = cap.result()
-                _ = {n: getattr(tm, n)[:, 0, head, 1:].mean(-1) for n in sweep.SWEEP_METRICS}
+                _ = {n: getattr(tm, n)[:, 0, head, 1:].mean(-1) for n in metrics.SWEEP_METRICS}
 
         return run
 
@@ -484,7 +485,7 @@ def section_exact(b: Bench, cfg: dict) -> dict:
     for n in cfg["n_alphas"]:
         grid = _EXACT_GRIDS[n]
         for mode, max_rows in (("batched", batch * n), ("per_alpha", batch)):
-            variants[f"{mode}_{n}"] = (lambda grid=grid, max_rows=max_rows: sweep.exact_sweep(
+            variants[f"{mode}_{n}"] = (lambda grid=grid, max_rows=max_rows: sweep.intervention_effects(
                 b.model, x, grid, QueryScale(layer, head, 1.0), max_rows=max_rows))
     variants["bridge_forward"] = b.bridge_forward(x)
     # No warm-up calls: each variant is several forwards, and the models are warm by now.
@@ -497,7 +498,7 @@ def section_exact(b: Bench, cfg: dict) -> dict:
     return {
         "workload": {"batch": batch, "seq_len": cfg["seq_len"], "intervention": f"QueryScale(L{layer}H{head})",
                      "grids": {str(n): _EXACT_GRIDS[n] for n in cfg["n_alphas"]},
-                     "note": "exact_sweep also runs the unscaled pass and computes loss and KL over "
+                     "note": "intervention_effects also runs the unscaled pass and computes loss and KL over "
                              "the vocabulary; batched: max_rows = batch × n_α (one scaled forward), "
                              "per_alpha: max_rows = batch (n_α scaled forwards)"},
         "command": _cmd("exact", b.quick),

@@ -3,7 +3,7 @@
 * the run directory (`spectra_lens.runs.RunDir`: refuse a finished run unless --overwrite,
   atomic CSV/JSON writes, `manifest.json` with config, model, versions, seed and timings);
 * figures: HTML always, PNG when an exporter works (`write_figure` warns once when it does not);
-* the model and the tokens of a run (default: the embedded model and `data.default_corpus()`);
+* the model and the tokens of a run (default: the embedded model and `default_corpus()`);
 * the default target / control heads (`choose_heads`, rule below);
 * the command-line flags the three experiments share, one flag per config field.
 
@@ -27,18 +27,16 @@ from pathlib import Path
 
 import torch
 
-from spectra_lens import data, plots
+from spectra_lens import figures as figs
+from spectra_lens.corpus import tokenize_corpus
 from spectra_lens.errors import SpectraError
+from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.metrics import K_EFF_DEFINITIONS
-from spectra_lens.models import (
-    DEFAULT_MODEL,
-    AttentionLayout,
-    attention_layout,
-    load_model,
-    resolve_device,
-)
+from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
 from spectra_lens.runs import RunDir
-from spectra_lens.sweep import analytic_gain, check_alphas
+from spectra_lens.shards import ShardManifest, corpus_from_spec, load_tokens
+from spectra_lens.sweep import analytic_gain
+from spectra_lens.validate import check_alphas
 
 __all__ = [
     "HeadChoice",
@@ -91,7 +89,7 @@ _png_warned = False
 def write_figure(rd: RunDir, fig, name: str) -> list[Path]:
     """figures/`name`.html (atomic), and .png where an exporter (kaleido) works; else one warning."""
     global _png_warned
-    written = plots.save_figure(fig, rd.file("figures") / name, png=True)
+    written = figs.save_figure(fig, rd.file("figures") / name, png=True)
     if not any(p.suffix == ".png" for p in written) and not _png_warned:
         log.warning("PNG export is unavailable (install the 'image' extra, kaleido); "
                     "figures are written as HTML only")
@@ -197,20 +195,20 @@ def load_run_tokens(cfg, model, tokens: torch.Tensor | None = None) -> RunTokens
         _check_vocab(tokens, vocab, "the tokens passed in")
         return RunTokens(tokens.long(), tokens.long(), False, "tokens passed by the caller")
     n, n_sel = cfg.n_sequences, cfg.n_select
-    source = data.corpus_from_spec(cfg.corpus)
-    if isinstance(source, data.ShardManifest):
+    source = corpus_from_spec(cfg.corpus)
+    if isinstance(source, ShardManifest):
         if source.seq_len != cfg.seq_len:
             raise SpectraError(
                 f"shards in {source.directory} have seq_len {source.seq_len}; expected "
                 f"--seq-len {cfg.seq_len} (pass --seq-len {source.seq_len})"
             )
-        all_tokens = data.load_tokens(source, stop=min(source.n_sequences, n_sel + n))
+        all_tokens = load_tokens(source, stop=min(source.n_sequences, n_sel + n))
         description = source.corpus or str(source.directory)
     else:
         if model.tokenizer is None:
             raise SpectraError("the model has no tokenizer; pass --corpus as a prepared shard directory")
         prepend = getattr(model.cfg, "default_prepend_bos", None)
-        all_tokens = data.tokenize_corpus(source, model.tokenizer, seq_len=cfg.seq_len,
+        all_tokens = tokenize_corpus(source, model.tokenizer, seq_len=cfg.seq_len,
                                           max_sequences=n_sel + n, prepend_bos=prepend)
         description = source.description
     if len(all_tokens) < n:

@@ -5,7 +5,7 @@
     spectra-lens gain ...
 
 For every head, the metrics at each α of the grid (default 21 log-spaced values 1/4..4) come
-from `sweep.sweep_heads`: the fast path softmax(α·s) from one unscaled pass where the layer's
+from `sweep.head_curves`: the fast path softmax(α·s) from one unscaled pass where the layer's
 logits are bilinear in q, real forward passes with QueryScale elsewhere (`method`, `reason`).
 Each metric's per-α mean over sequences is fitted against ln α by least squares
 (`stats.fit_log_slopes`): the slope is the head's gain over the grid, with its standard error,
@@ -33,14 +33,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from experiments import _common as C
-from spectra_lens import causal_plots as cp
-from spectra_lens import plots
+from spectra_lens import figures as figs
 from spectra_lens.config import GainConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.models import attention_layout
-from spectra_lens.stats import fit_log_slopes
-from spectra_lens.sweep import HeadSweep, sweep_heads, t_interval
+from spectra_lens.layout import attention_layout
+from spectra_lens.stats import fit_log_slopes, t_interval
+from spectra_lens.sweep import HeadSweep, head_curves
+
+from . import _common as C
 
 __all__ = ["GainResult", "compute", "gain_table", "main", "parser", "run"]
 
@@ -143,7 +143,7 @@ def compute(cfg: GainConfig, model, tokens: C.RunTokens, *, progress: bool = Fal
     with C.timed(rd, "choose_heads_s"):
         choice = C.choose_heads(cfg, model, layout, tokens.select, control=True)
     with C.timed(rd, "sweep_s"):
-        sweep = sweep_heads(model, tokens.measure, alphas, min_position=cfg.min_position,
+        sweep = head_curves(model, tokens.measure, alphas, min_position=cfg.min_position,
                             batch_size=cfg.batch_size, max_rows=cfg.max_rows, progress=progress)
     with C.timed(rd, "fits_s"):
         summary = gain_table(sweep, layout, ci=cfg.ci)
@@ -160,20 +160,20 @@ def _figures(result: GainResult, rd) -> None:
                           ("analytic_gain", "analytic local gain −Var_p(s) at α = 1"),
                           ("gain_max_attn", "fitted max-attention gain"),
                           ("gain_k_eff", "fitted k_eff = exp(H) gain")):
-        C.write_figure(rd, plots.head_heatmap(s, column, title=title), f"gain_heatmap_{column.removeprefix('gain_')}")
+        C.write_figure(rd, figs.head_heatmap(s, column, title=title), f"gain_heatmap_{column.removeprefix('gain_')}")
     for role, (l, h) in (("target", result.choice.target), ("control", result.choice.control)):
         row = s[(s["layer"] == l) & (s["head"] == h)].iloc[0]
         curve = result.curves[(result.curves["layer"] == l) & (result.curves["head"] == h)]
-        C.write_figure(rd, cp.gain_fit(
+        C.write_figure(rd, figs.gain_fit(
             curve, "mean_entropy", slope=float(row["gain_entropy"]), intercept=float(row["intercept"]),
             analytic_gain=float(row["analytic_gain"]),
             title=f"L{l} H{h} ({role}): entropy vs ln α, R² = {row['r_squared']:.3f} ({row['method']})"),
             f"gain_fit_L{l}_H{h}_{role}")
     chosen = s[s["head_type"] != ""].sort_values("head_type", ascending=False)
-    C.write_figure(rd, cp.gain_comparison(
+    C.write_figure(rd, figs.gain_comparison(
         chosen, columns=("gain_entropy", "analytic_gain", "gain_max_attn"),
         title="target vs control: entropy gain (fitted, analytic) and max-attention gain"), "gain_comparison")
-    C.write_figure(rd, cp.gain_vs_analytic(s, title="fitted entropy gain vs analytic gain, every head"),
+    C.write_figure(rd, figs.gain_vs_analytic(s, title="fitted entropy gain vs analytic gain, every head"),
                    "gain_vs_analytic")
 
 

@@ -31,12 +31,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from experiments import _common as C
-from spectra_lens import causal_plots as cp
+from spectra_lens import figures as figs
 from spectra_lens.config import InterventionConfig
 from spectra_lens.hooks import QueryScale
-from spectra_lens.models import attention_layout
-from spectra_lens.sweep import ExactSweep, alpha_metrics, exact_sweep
+from spectra_lens.layout import attention_layout
+from spectra_lens.metrics import alpha_metrics
+from spectra_lens.sweep import ExactSweep, intervention_effects
+
+from . import _common as C
 
 __all__ = ["InterventionResult", "compute", "main", "parser", "run"]
 
@@ -104,7 +106,7 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
     for role in ROLES:
         l, h = heads[role]
         with C.timed(rd, f"{role}_sweep_s"):
-            sweep = exact_sweep(
+            sweep = intervention_effects(
                 model, tokens.measure, alphas, QueryScale(l, h, 1.0),
                 layers=range(l, layout.n_layers), patterns_for=[(l, h)],
                 min_position=cfg.min_position, max_rows=cfg.max_rows, progress=progress,
@@ -129,21 +131,21 @@ def _figures(result: InterventionResult, rd) -> None:
         for column, stem, pred in (("mean_entropy", "entropy_vs_scale", "mean_entropy_fast"),
                                    ("mean_max_attn", "max_attn_vs_scale", "mean_max_attn_fast"),
                                    ("mean_k_eff", "keff_vs_scale", "mean_k_eff_fast")):
-            C.write_figure(rd, cp.metric_vs_scale(frames, column, prediction=pred,
+            C.write_figure(rd, figs.metric_vs_scale(frames, column, prediction=pred,
                                                   title=f"{column} of L{l} H{h} ({role}) under query scaling"),
                            f"{stem}_{name}")
-        C.write_figure(rd, cp.intervention_panels(frames, title=f"L{l} H{h} ({role}): query scaling"),
+        C.write_figure(rd, figs.intervention_panels(frames, title=f"L{l} H{h} ({role}): query scaling"),
                        f"intervention_combined_{name}")
         d = result.downstream[role]
         alphas = sorted(d["scale"].unique())
         show = [a for a in (alphas[0], alphas[-1]) if a != 1.0] or alphas[:1]
-        C.write_figure(rd, cp.later_heads_heatmap(
+        C.write_figure(rd, figs.later_heads_heatmap(
             d, show, title=f"entropy change of heads in layers ≥ {l} when L{l} H{h} ({role}) is scaled"),
             f"later_heads_delta_entropy_{name}_{role}")
     both = {f"{r} L{result.heads[r][0]} H{result.heads[r][1]}": result.tables[r] for r in ROLES}
-    C.write_figure(rd, cp.intervention_panels(both, title="target vs control under query scaling"),
+    C.write_figure(rd, figs.intervention_panels(both, title="target vs control under query scaling"),
                    "intervention_combined_target_vs_control")
-    C.write_figure(rd, cp.output_effects(both, title="output effects of query scaling"),
+    C.write_figure(rd, figs.output_effects(both, title="output effects of query scaling"),
                    "intervention_output_effects")
 
 

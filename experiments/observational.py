@@ -20,12 +20,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from spectra_lens import data, plots, stats
+from spectra_lens import figures as figs
+from spectra_lens import stats
 from spectra_lens.config import ObservationalConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import MetricCapture, attached
-from spectra_lens.models import DEFAULT_MODEL, attention_layout, load_model, resolve_device
+from spectra_lens.layout import attention_layout
+from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
 from spectra_lens.runs import RunDir
+from spectra_lens.shards import ShardManifest, corpus_from_spec, load_shard, prepare
 
 __all__ = ["ObservationalResult", "analyze", "collect", "main", "parser", "run"]
 
@@ -59,9 +62,9 @@ class ObservationalResult:
 
 
 def _shards(cfg: ObservationalConfig, run: RunDir, model, source, model_name: str,
-            ) -> data.ShardManifest:
+            ) -> ShardManifest:
     """Token shards of the run: an existing prepared shard directory, or written under out/."""
-    if isinstance(source, data.ShardManifest):
+    if isinstance(source, ShardManifest):
         vocab = model.cfg.d_vocab
         if source.meta.get("vocab_size") not in (None, vocab) or source.tokenizer != model_name:
             log.warning("shards in %s were tokenized by %r (vocab %s); the model is %r (vocab %s)",
@@ -76,13 +79,13 @@ def _shards(cfg: ObservationalConfig, run: RunDir, model, source, model_name: st
     if tokenizer is None:
         raise SpectraError("the model has no tokenizer; pass --corpus as a prepared shard directory")
     # overwrite: a run that replaces a finished one may tokenize differently (seq_len, corpus).
-    return data.prepare(
+    return prepare(
         source, tokenizer, run.file("shards"), seq_len=cfg.seq_len, n_sequences=cfg.n_sequences,
         shard_size=cfg.shard_size, tokenizer_name=model_name, overwrite=cfg.overwrite,
     )
 
 
-def collect(model, manifest: data.ShardManifest, run: RunDir, *, batch_size: int,
+def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
             top_mass: float | None = 0.9, progress: bool = True) -> list[Path]:
     """Per-token records of every shard into `records/shard_XXXXX.parquet`; finished shards skipped."""
     layout = attention_layout(model)
@@ -98,7 +101,7 @@ def collect(model, manifest: data.ShardManifest, run: RunDir, *, batch_size: int
             bar.update(info.n_sequences)
             continue
         t0 = time.time()
-        tokens = data.load_shard(manifest, i)
+        tokens = load_shard(manifest, i)
         if len(tokens) and int(tokens.max()) >= model.cfg.d_vocab:
             raise SpectraError(
                 f"shard {manifest.shard_path(i)} holds token id {int(tokens.max())}, expected ids "
@@ -154,22 +157,22 @@ def _figures(records: pd.DataFrame, tables: dict[str, pd.DataFrame], run: RunDir
              cfg: ObservationalConfig) -> None:
     summary = tables["head_summary"]
     fig_dir = run.file("figures")
-    plots.save_figure(plots.head_heatmap(summary, "r_entropy", mark="significant",
+    figs.save_figure(figs.head_heatmap(summary, "r_entropy", mark="significant",
                       title="r(log query norm, entropy) per head"), fig_dir / "heatmap_r_entropy")
-    plots.save_figure(plots.head_heatmap(summary, "partial_r_entropy", mark="significant_partial",
+    figs.save_figure(figs.head_heatmap(summary, "partial_r_entropy", mark="significant_partial",
                       title="partial r(log query norm, entropy | log position)"),
                       fig_dir / "heatmap_partial_r_entropy")
-    plots.save_figure(plots.head_heatmap(summary, "r_entropy_norm",
+    figs.save_figure(figs.head_heatmap(summary, "r_entropy_norm",
                       title="r(log query norm, normalized entropy)"),
                       fig_dir / "heatmap_r_entropy_norm")
-    plots.save_figure(plots.r_distribution(
+    figs.save_figure(figs.r_distribution(
         summary, {"r_entropy": "raw r", "partial_r_entropy": "position-controlled r"},
         title="distribution of per-head r(log query norm, entropy)"), fig_dir / "r_distribution")
-    plots.save_figure(plots.layer_summary(tables["layer_statistics"],
+    figs.save_figure(figs.layer_summary(tables["layer_statistics"],
                       title="query norm vs entropy by layer"), fig_dir / "layer_statistics")
     strongest = summary.reindex(summary["r_entropy"].abs().sort_values(ascending=False).index)
     heads = [(int(l), int(h)) for l, h in strongest[["layer", "head"]].head(cfg.top_heads).to_numpy()]
-    plots.save_figure(plots.norm_entropy_scatter(records, heads, seed=cfg.seed),
+    figs.save_figure(figs.norm_entropy_scatter(records, heads, seed=cfg.seed),
                       fig_dir / "scatter_strongest_heads")
 
 
@@ -189,7 +192,7 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
     """The whole observational run into `cfg.out`; resumes an unfinished run of the same config."""
     cfg.validate()
     # Resolve the corpus first: a missing or empty file fails before any model is loaded.
-    source = data.corpus_from_spec(cfg.corpus)
+    source = corpus_from_spec(cfg.corpus)
     if model is None:
         model_name = cfg.model or DEFAULT_MODEL
     else:  # provenance: not the default model's name for a model the caller loaded

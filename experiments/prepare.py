@@ -3,7 +3,7 @@
     python -m experiments.prepare --corpus default --out shards/ --seq-len 128 \\
         --n-sequences 512 --shard-size 128 --model HuggingFaceTB/SmolLM2-135M-Instruct
 
-`--corpus` takes what `spectra_lens.data.corpus_from_spec` does: "default" (CPython's reference
+`--corpus` takes what `spectra_lens.shards.corpus_from_spec` does: "default" (CPython's reference
 documentation), "hf:NAME[:SPLIT[:FIELD]]", "PATH.jsonl[:FIELD]", a text file or glob, or a
 directory of prepared shards (re-sharded). The tokenizer is the model's, without its weights.
 """
@@ -12,14 +12,14 @@ import argparse
 import logging
 import sys
 
-from spectra_lens.data import prepare
 from spectra_lens.errors import SpectraError
+from spectra_lens.shards import prepare
 
 __all__ = ["main", "parser"]
 
 
 def parser() -> argparse.ArgumentParser:
-    """The argument parser; each flag maps to one argument of `spectra_lens.data.prepare`."""
+    """The argument parser; each flag maps to one argument of `spectra_lens.shards.prepare`."""
     p = argparse.ArgumentParser(prog="python -m experiments.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="default",

@@ -14,7 +14,7 @@ the symmetry, and this experiment measures both:
 * non-bilinear logits (soft-capping, ALiBi): query and key scaling still agree with each other
   for the target (both scale q·k), but neither gives softmax(α·s).
 
-Both scalings run as real forward passes (`sweep.exact_sweep` with `hooks.QueryScale` /
+Both scalings run as real forward passes (`sweep.intervention_effects` with `hooks.QueryScale` /
 `hooks.KeyScale`, α batched). For every query head of the group and every α: mean entropy, max
 attention, k_eff with t-intervals over sequences, the paired entropy change, the largest
 absolute difference between the query-scaled and key-scaled patterns, each pattern's largest
@@ -38,14 +38,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from experiments import _common as C
-from spectra_lens import causal_plots as cp
+from spectra_lens import figures as figs
 from spectra_lens.config import QKConfig
 from spectra_lens.hooks import KeyScale, QueryScale
+from spectra_lens.layout import attention_layout
 from spectra_lens.metrics import rescale_pattern
-from spectra_lens.models import attention_layout
 from spectra_lens.stats import fit_log_slopes
-from spectra_lens.sweep import ExactSweep, exact_sweep
+from spectra_lens.sweep import ExactSweep, intervention_effects
+
+from . import _common as C
 
 __all__ = ["QKResult", "compare", "compute", "main", "parser", "run", "sensitivity"]
 
@@ -165,7 +166,7 @@ def compute(cfg: QKConfig, model, tokens: C.RunTokens, *, progress: bool = False
     sweeps = {}
     for scaled, intervention in (("query", QueryScale(layer, head, 1.0)), ("key", KeyScale(layer, kv, 1.0))):
         with C.timed(rd, f"{scaled}_sweep_s"):
-            sweeps[scaled] = exact_sweep(
+            sweeps[scaled] = intervention_effects(
                 model, tokens.measure, alphas, intervention, layers=[layer],
                 patterns_for=[(layer, h) for h in group], min_position=cfg.min_position,
                 max_rows=cfg.max_rows, progress=progress)
@@ -178,15 +179,15 @@ def _figures(result: QKResult, rd) -> None:
     l, h = result.target
     c = result.comparison
     name = f"L{l}_H{h}"
-    C.write_figure(rd, cp.qk_metric(c, "mean_entropy", title=f"entropy: query vs key scaling (target L{l} H{h}, kv head {result.kv_head})"),
+    C.write_figure(rd, figs.qk_metric(c, "mean_entropy", title=f"entropy: query vs key scaling (target L{l} H{h}, kv head {result.kv_head})"),
                    f"qk_entropy_comparison_{name}")
-    C.write_figure(rd, cp.qk_metric(c, "delta_entropy", title=f"entropy change vs unscaled: query vs key scaling (target L{l} H{h})"),
+    C.write_figure(rd, figs.qk_metric(c, "delta_entropy", title=f"entropy change vs unscaled: query vs key scaling (target L{l} H{h})"),
                    f"qk_delta_entropy_{name}")
-    C.write_figure(rd, cp.qk_metric(c, "mean_max_attn", title=f"max attention: query vs key scaling (target L{l} H{h})"),
+    C.write_figure(rd, figs.qk_metric(c, "mean_max_attn", title=f"max attention: query vs key scaling (target L{l} H{h})"),
                    f"qk_max_attn_comparison_{name}")
-    C.write_figure(rd, cp.qk_metric(c, "mean_k_eff", title=f"k_eff = exp(H): query vs key scaling (target L{l} H{h})"),
+    C.write_figure(rd, figs.qk_metric(c, "mean_k_eff", title=f"k_eff = exp(H): query vs key scaling (target L{l} H{h})"),
                    f"qk_keff_comparison_{name}")
-    C.write_figure(rd, cp.qk_output_effects(c, title=f"output effects: query vs key scaling (target L{l} H{h})"),
+    C.write_figure(rd, figs.qk_output_effects(c, title=f"output effects: query vs key scaling (target L{l} H{h})"),
                    f"qk_output_effects_{name}")
 
 

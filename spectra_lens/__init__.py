@@ -1,65 +1,82 @@
 """spectra_lens: how the query norm sets attention sharpness, measured and causally tested.
 
 The public surface: load a model (`load_model`), read its attention layout
-(`attention_layout`), capture per-token metrics (`capture_metrics`, `MetricCapture`), and edit
-the forward pass (`QueryScale`, `KeyScale`, `LogitScale`) inside `attached(...)`, and sweep query scale α for
-every head (`sweep_heads`: the fast path softmax(α·s) where the logits are bilinear, the exact
-forward pass elsewhere; `exact_sweep` for downstream effects). Statistics are in
-`spectra_lens.stats`, figures in `spectra_lens.plots` and `spectra_lens.causal_plots`.
+(`attention_layout`), capture per-token metrics (`capture_metrics`, `MetricCapture`), edit the
+forward pass (`QueryScale`, `KeyScale`, `LogitScale`) inside `attached(...)`, and ask the two
+sweep questions: each head's own α-curve (`head_curves`: the fast path softmax(α·s) where the
+logits are bilinear, the exact forward pass elsewhere) and one intervention's consequences
+(`intervention_effects`: downstream loss, KL and later heads), plus `analytic_gain`.
+Statistics are in `spectra_lens.stats`, figures in `spectra_lens.figures`, the four experiments
+in `spectra_lens.experiments`.
+
+Names resolve lazily, so `import spectra_lens` (and the command line's --help) does not import
+torch until a name that needs it is used.
 """
 
-from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import (
-    METRIC_NAMES,
-    KeyScale,
-    LogitScale,
-    MetricCapture,
-    QueryScale,
-    TokenMetrics,
-    attached,
-    capture_metrics,
-    repeat_for_alphas,
-)
-from spectra_lens.models import (
-    AttentionLayout,
-    attention_layout,
-    bridge_from_hf,
-    load_model,
-    load_tokenizer,
-)
-from spectra_lens.sweep import (
-    ExactSweep,
-    HeadSweep,
-    analytic_gain,
-    exact_sweep,
-    fast_sweep,
-    query_sweeps,
-    sweep_heads,
-)
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "METRIC_NAMES",
-    "AttentionLayout",
-    "ExactSweep",
-    "HeadSweep",
-    "KeyScale",
-    "LogitScale",
-    "MetricCapture",
-    "QueryScale",
-    "SpectraError",
-    "TokenMetrics",
-    "analytic_gain",
-    "attached",
-    "attention_layout",
-    "bridge_from_hf",
-    "capture_metrics",
-    "exact_sweep",
-    "fast_sweep",
-    "load_model",
-    "load_tokenizer",
-    "query_sweeps",
-    "repeat_for_alphas",
-    "sweep_heads",
-]
+_EXPORTS = {
+    "SpectraError": "spectra_lens.errors",
+    "METRIC_NAMES": "spectra_lens.hooks",
+    "KeyScale": "spectra_lens.hooks",
+    "LogitScale": "spectra_lens.hooks",
+    "MetricCapture": "spectra_lens.hooks",
+    "QueryScale": "spectra_lens.hooks",
+    "SweepCapture": "spectra_lens.hooks",
+    "TokenMetrics": "spectra_lens.hooks",
+    "attached": "spectra_lens.hooks",
+    "capture_metrics": "spectra_lens.hooks",
+    "repeat_for_alphas": "spectra_lens.hooks",
+    "AttentionLayout": "spectra_lens.layout",
+    "attention_layout": "spectra_lens.layout",
+    "bridge_from_hf": "spectra_lens.models",
+    "load_model": "spectra_lens.models",
+    "load_tokenizer": "spectra_lens.models",
+    "ExactSweep": "spectra_lens.sweep",
+    "HeadSweep": "spectra_lens.sweep",
+    "analytic_gain": "spectra_lens.sweep",
+    "head_curves": "spectra_lens.sweep",
+    "intervention_effects": "spectra_lens.sweep",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'spectra_lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names resolve lazily
+    from spectra_lens.errors import SpectraError  # noqa: F401
+    from spectra_lens.hooks import (  # noqa: F401
+        METRIC_NAMES,
+        KeyScale,
+        LogitScale,
+        MetricCapture,
+        QueryScale,
+        SweepCapture,
+        TokenMetrics,
+        attached,
+        capture_metrics,
+        repeat_for_alphas,
+    )
+    from spectra_lens.layout import AttentionLayout, attention_layout  # noqa: F401
+    from spectra_lens.models import bridge_from_hf, load_model, load_tokenizer  # noqa: F401
+    from spectra_lens.sweep import (  # noqa: F401
+        ExactSweep,
+        HeadSweep,
+        analytic_gain,
+        head_curves,
+        intervention_effects,
+    )

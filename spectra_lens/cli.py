@@ -7,11 +7,11 @@ __all__ = ["main"]
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS = {
-    "observe": ("experiments.observational", "EXP0: query norm vs attention entropy over a corpus"),
-    "intervene": ("experiments.intervention", "EXP1: scale a head's queries on the real forward pass"),
-    "gain": ("experiments.gain", "EXP2: entropy sensitivity to query scale, every head"),
-    "qk-control": ("experiments.qk_control", "EXP3: scale keys instead of queries"),
-    "prepare": ("experiments.prepare", "tokenize a corpus into shards with a manifest"),
+    "observe": ("spectra_lens.experiments.observational", "EXP0: query norm vs attention entropy over a corpus"),
+    "intervene": ("spectra_lens.experiments.intervention", "EXP1: scale a head's queries on the real forward pass"),
+    "gain": ("spectra_lens.experiments.gain", "EXP2: entropy sensitivity to query scale, every head"),
+    "qk-control": ("spectra_lens.experiments.qk_control", "EXP3: scale keys instead of queries"),
+    "prepare": ("spectra_lens.experiments.prepare", "tokenize a corpus into shards with a manifest"),
     "report": ("spectra_lens.report", "one HTML page from a results directory"),
 }
 

@@ -6,6 +6,7 @@ Validation happens when a run starts (`validate()`), not in `__init__`.
 from dataclasses import dataclass
 
 from spectra_lens.errors import SpectraError
+from spectra_lens.validate import check_min_position
 
 __all__ = ["ObservationalConfig"]
 
@@ -39,11 +40,7 @@ class ObservationalConfig:
                 raise SpectraError(f"{name} must be a positive integer, got {v!r}")
         if self.seq_len < 2:
             raise SpectraError(f"seq_len must be >= 2, got {self.seq_len}")
-        if not 0 <= self.min_position < self.seq_len - 2:
-            raise SpectraError(
-                f"min_position must be in [0, seq_len - 2) = [0, {self.seq_len - 2}), "
-                f"got {self.min_position}"
-            )
+        check_min_position(self.min_position, self.seq_len)
         if self.top_mass is not None and not 0 < self.top_mass <= 1:
             raise SpectraError(f"top_mass must be in (0, 1] or None, got {self.top_mass!r}")
         for name in ("fdr_alpha", "consistency_threshold"):
@@ -71,10 +68,7 @@ def _check_causal(cfg) -> None:
             raise SpectraError(f"{name} must be a positive integer, got {v!r}")
     if cfg.seq_len < 2:
         raise SpectraError(f"seq_len must be >= 2, got {cfg.seq_len}")
-    if not isinstance(cfg.min_position, int) or not 0 <= cfg.min_position < cfg.seq_len - 1:
-        raise SpectraError(
-            f"min_position must be an int in [0, seq_len - 1) = [0, {cfg.seq_len - 1}), got {cfg.min_position!r}"
-        )
+    check_min_position(cfg.min_position, cfg.seq_len)
     if not isinstance(cfg.n_select, int) or isinstance(cfg.n_select, bool) or cfg.n_select < 0:
         raise SpectraError(f"n_select must be an integer >= 0, got {cfg.n_select!r}")
     if not 0 < cfg.ci < 1:

@@ -8,7 +8,6 @@
 * `attached(model, ...)` adds hooks and removes exactly those, also when the forward raises.
 """
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,12 +20,14 @@ from torch import Tensor
 
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
-from spectra_lens.models import AttentionLayout, attention_layout, hook_name
+from spectra_lens.layout import AttentionLayout, attention_layout, hook_name
+from spectra_lens.validate import check_alpha, check_min_position, check_tokens
 
 __all__ = [
     "METRIC_NAMES",
     "HookFn",
     "MetricCapture",
+    "SweepCapture",
     "TokenMetrics",
     "QueryScale",
     "KeyScale",
@@ -34,8 +35,6 @@ __all__ = [
     "attached",
     "capture_metrics",
     "repeat_for_alphas",
-    "check_alpha",
-    "check_tokens",
     "count_hooks",
 ]
 
@@ -48,31 +47,6 @@ METRIC_NAMES: tuple[str, ...] = (
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def check_alpha(alpha, *, what: str = "alpha") -> float | Tensor:
-    """alpha must be a finite number > 0, or a 1-D tensor of them (one per batch row)."""
-    if isinstance(alpha, Tensor):
-        if alpha.ndim != 1 or alpha.numel() == 0:
-            raise SpectraError(f"{what} tensor must be 1-D and non-empty, got shape {tuple(alpha.shape)}")
-        if not (torch.isfinite(alpha).all() and (alpha > 0).all()):
-            raise SpectraError(f"{what} must be finite and > 0, got {alpha.tolist()}")
-        return alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise SpectraError(f"{what} must be a number or a 1-D tensor, got {type(alpha).__name__}")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise SpectraError(f"{what} must be finite and > 0, got {alpha!r}")
-    return float(alpha)
-
-
-def check_tokens(tokens) -> Int[Tensor, "batch pos"]:
-    """tokens must be an integer tensor [batch, pos] with pos >= 1."""
-    if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-        raise SpectraError(f"tokens must be an integer torch.Tensor [batch, pos], got {type(tokens).__name__}"
-                           + (f" of dtype {tokens.dtype}" if isinstance(tokens, Tensor) else ""))
-    if tokens.ndim != 2 or tokens.shape[1] < 1 or tokens.shape[0] < 1:
-        raise SpectraError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}")
-    return tokens.long()
 
 
 def _check_shape(x: Tensor, hook: str, expected: tuple[int | None, ...], axes: str) -> None:
@@ -448,3 +422,87 @@ def capture_metrics(
     with torch.no_grad(), attached(model, *interventions, cap, layout=layout):
         model(tokens.to(device), return_type="logits")
     return cap.result()
+
+
+class SweepCapture:
+    """Per-sequence capture for sweeps: hooks on hook_attn_scores / hook_pattern computing
+    per-sequence means inside the pass (`MetricCapture` is the per-token capture).
+
+    For layers in `layers`: with `alphas` the metrics of softmax(α·s) at every α (the fast path,
+    `[alpha, batch, head]`), without them the metrics of the pattern itself (`[batch, head]`:
+    a real, possibly scaled pass). For `gain_layers`: −Var_p(s) `[batch, head]`. Full patterns
+    `[batch, query_pos, key_pos]` for the (layer, head) pairs in `patterns_for`.
+    """
+
+    def __init__(self, layout, *, layers=(), alphas=None, gain_layers=(), patterns_for=(),
+                 min_position=1, chunk_elements=M.ALPHA_CHUNK_ELEMENTS):
+        self.layout = layout
+        self.alphas = alphas
+        self.layers = tuple(layers)
+        self.gain_layers = tuple(gain_layers)
+        self.patterns_for = tuple(patterns_for)
+        self.min_position = min_position
+        self.chunk_elements = chunk_elements
+        self.metrics: dict[int, dict[str, Tensor]] = {}
+        self.gain: dict[int, Tensor] = {}
+        self.patterns: dict[tuple[int, int], Tensor] = {}
+        self._scores: dict[int, Tensor] = {}
+
+    def all_layers(self) -> list[int]:
+        return sorted(set(self.layers) | set(self.gain_layers) | {l for l, _ in self.patterns_for})
+
+    def hooks(self, layout=None):
+        out = []
+        for l in self.all_layers():
+            if self.layout.scores_faithful:
+                out.append((hook_name(l, "attn_scores"), self._scores_hook(l)))
+            out.append((hook_name(l, "pattern"), self._pattern_hook(l)))
+        return out
+
+    def _scores_hook(self, l):
+        def fn(s, hook):
+            self._scores[l] = s.detach()
+
+        return fn
+
+    def _pattern_hook(self, l):
+        name, n_heads = hook_name(l, "pattern"), self.layout.n_heads
+
+        def fn(p, hook):
+            if p.ndim != 4 or p.shape[1] != n_heads:
+                raise SpectraError(
+                    f"{name}: expected [batch, head={n_heads}, query_pos, key_pos], got {tuple(p.shape)}"
+                )
+            check_min_position(self.min_position, p.shape[-2])
+            p = p.detach()
+            for ll, h in self.patterns_for:
+                if ll == l:
+                    self.patterns[(l, h)] = p[:, h].float().cpu()
+            q0 = self.min_position
+            p = p.float()[..., q0:, :]
+            s = self._scores.pop(l, None)
+            if s is not None:
+                s = s.float()[..., q0:, :]
+                visible = M.visible_from_scores(s)
+            else:  # scores not faithful: log p is s up to a per-row constant
+                visible = p > 0
+                s = M.logits_from_pattern(p)
+            if l in self.gain_layers:
+                self.gain[l] = M.local_gain_under(p, s, visible).mean(-1).cpu()
+            if l in self.layers:
+                if self.alphas is None:
+                    got = M.pattern_metrics(p, visible)
+                else:
+                    got = M.alpha_metrics(s, visible, self.alphas, chunk_elements=self.chunk_elements)
+                self.metrics[l] = {n: v.cpu() for n, v in got.items()}
+
+        return fn
+
+    def run(self, model, tokens: Tensor, *, interventions=(), layout=None, logits: bool = False):
+        """One forward pass (no grad) with `interventions` before the capture; logits if asked,
+        else the pass stops after the last captured layer."""
+        layout = layout or self.layout
+        last = max(self.all_layers())
+        stop = None if logits or last + 1 >= layout.n_layers else last + 1
+        with torch.no_grad(), attached(model, *interventions, self, layout=layout):
+            return model(tokens, return_type="logits" if logits else None, stop_at_layer=stop)

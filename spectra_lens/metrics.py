@@ -15,10 +15,13 @@ The mathematics (for one query row, scaled scores `s_j` over the visible keys, p
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+from spectra_lens.validate import check_alphas
 
 __all__ = [
     "causal_mask",
@@ -38,6 +41,12 @@ __all__ = [
     "logits_from_pattern",
     "rescale_pattern",
     "K_EFF_DEFINITIONS",
+    "SWEEP_METRICS",
+    "ALPHA_CHUNK_ELEMENTS",
+    "sorted_row_metrics",
+    "query_blocks",
+    "alpha_metrics",
+    "pattern_metrics",
 ]
 
 K_EFF_DEFINITIONS: dict[str, str] = {
@@ -188,3 +197,100 @@ def rescale_pattern(
         raise SpectraError(f"alpha must be finite and > 0, got {alpha!r}")
     logp = torch.log(_f32(pattern))
     return torch.softmax(alpha * logp, dim=-1)
+
+
+# --------------------------------------------------------------------------- α-sweep kernels
+
+# The metrics of an α-sweep (per-sequence means over query rows).
+SWEEP_METRICS: tuple[str, ...] = ("entropy", "max_attn", "k_eff_exp", "k_eff_pr", "k_eff_top90")
+
+# Floats held by one α-chunk of patterns while a fast-path hook runs (a few temporaries of this
+# size exist at once): 2**24 floats = 64 MiB each.
+ALPHA_CHUNK_ELEMENTS = 2**24
+
+# Query rows per block: a block only needs the keys up to its last visible one, which under a
+# causal mask roughly halves the work on patterns (and on the sort for k_eff_top90).
+_QUERY_BLOCK = 16
+
+
+def sorted_row_metrics(p: Tensor, logp: Tensor | None) -> dict[str, Tensor]:
+    """Per-row metrics of rows sorted in descending order (masked keys last, p = 0).
+
+    With `logp` None, H = −Σ xlogy(p, p); else H = −Σ p·logp over entries with p > 0.
+    k_eff_top90 follows `metrics.k_eff_top_mass` (mass 0.9, the same 1e-6 tolerance); the sort
+    it needs is shared by every α because softmax(α·s) preserves the order of s for α > 0.
+    """
+    if logp is None:
+        H = -torch.special.xlogy(p, p).sum(-1)
+    else:
+        H = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+    cum = p.cumsum(-1)
+    top = ((cum < (0.9 - 1e-6)).sum(-1) + 1).clamp_max(p.shape[-1]).to(torch.float32)
+    return {
+        "entropy": H,
+        "max_attn": p[..., 0],
+        "k_eff_exp": torch.exp(H),
+        "k_eff_pr": 1.0 / (p * p).sum(-1),
+        "k_eff_top90": top,
+    }
+
+
+def query_blocks(visible: Tensor) -> list[tuple[slice, int]]:
+    """(query slice, number of leading keys that hold every visible key of those rows)."""
+    n_q, n_k = visible.shape[-2:]
+    flat = visible.reshape(-1, n_q, n_k).any(0)  # [query, key]
+    out = []
+    for q0 in range(0, n_q, _QUERY_BLOCK):
+        rows = slice(q0, min(q0 + _QUERY_BLOCK, n_q))
+        keys = flat[rows].any(0).nonzero()
+        out.append((rows, int(keys.max()) + 1 if keys.numel() else 1))
+    return out
+
+
+def alpha_metrics(
+    scores: Float[Tensor, "*batch query_pos key_pos"],
+    visible: Bool[Tensor, "*batch query_pos key_pos"],
+    alphas: Sequence[float],
+    *,
+    chunk_elements: int = ALPHA_CHUNK_ELEMENTS,
+) -> dict[str, Float[Tensor, " alpha *batch"]]:
+    """Mean over query rows of each metric of p(α) = softmax(α·s) over the visible keys.
+
+    `scores` may be shifted by any per-row constant (log p works). Keys are sorted once per row
+    (softmax(α·s) keeps the order of s); the α grid runs in chunks of at most `chunk_elements`
+    pattern entries. Every query row must see at least one key.
+    """
+    alphas = check_alphas(alphas)
+    a_all = torch.tensor(alphas, dtype=torch.float32, device=scores.device)
+    n_q = scores.shape[-2]
+    sums = {n: scores.new_zeros((len(alphas), *scores.shape[:-2]), dtype=torch.float32)
+            for n in SWEEP_METRICS}
+    for rows, n_keys in query_blocks(visible):
+        z = scores[..., rows, :n_keys].float().masked_fill(~visible[..., rows, :n_keys], float("-inf"))
+        z = z.sort(dim=-1, descending=True).values
+        step = max(1, chunk_elements // max(1, z.numel()))
+        for i in range(0, len(alphas), step):
+            a = a_all[i : i + step].view(-1, *([1] * z.ndim))
+            logp = torch.log_softmax(a * z, dim=-1)
+            for n, v in sorted_row_metrics(logp.exp(), logp).items():
+                sums[n][i : i + step] += v.sum(-1)
+            del logp
+    return {n: v / n_q for n, v in sums.items()}
+
+
+def pattern_metrics(
+    pattern: Float[Tensor, "*batch query_pos key_pos"],
+    visible: Bool[Tensor, "*batch query_pos key_pos"] | None = None,
+) -> dict[str, Float[Tensor, "*batch"]]:
+    """Mean over query rows of each metric of the pattern itself (`metrics` definitions)."""
+    p = pattern.float()
+    visible = p > 0 if visible is None else visible
+    n_q = p.shape[-2]
+    sums = {n: p.new_zeros(p.shape[:-2]) for n in SWEEP_METRICS}
+    for rows, n_keys in query_blocks(visible):
+        ps = p[..., rows, :n_keys].sort(dim=-1, descending=True).values
+        for n, v in sorted_row_metrics(ps, None).items():
+            sums[n] += v.sum(-1)
+    return {n: v / n_q for n, v in sums.items()}
+
+

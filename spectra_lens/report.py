@@ -5,7 +5,7 @@
 The directory (and its subdirectories) is scanned for run directories: a `manifest.json` whose
 "experiment" is one of `EXPERIMENTS`. Each run gets a section with its manifest (status, model,
 config, versions, timings), its key tables (top rows of its CSVs) and its figures. Figures are
-the run's own: the figure JSON is read back from the HTML files `plots.save_figure` wrote; a run
+the run's own: the figure JSON is read back from the HTML files `figs.save_figure` wrote; a run
 without them gets figures rebuilt from its CSVs. Experiments with no run are named in a
 "not in this directory" list, and a run whose status is not "complete" is flagged.
 
@@ -34,8 +34,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from spectra_lens import causal_plots as cp
-from spectra_lens import plots
+from spectra_lens import figures as figs
 from spectra_lens.errors import SpectraError
 from spectra_lens.runs import MANIFEST, atomic_write
 
@@ -283,14 +282,14 @@ def _rebuild_observational(run: "Run") -> list[Recipe]:
     if summary is not None:
         for col, title in (("r_entropy", "r(log query norm, entropy) per head"),
                            ("partial_r_entropy", "partial r(log query norm, entropy | log position)")):
-            out.append((f"heatmap_{col}", lambda col=col, title=title: plots.head_heatmap(
+            out.append((f"heatmap_{col}", lambda col=col, title=title: figs.head_heatmap(
                 summary, col, title=title, mark="significant")))
-        out.append(("r_distribution", lambda: plots.r_distribution(
+        out.append(("r_distribution", lambda: figs.r_distribution(
             summary, {"r_entropy": "raw r", "partial_r_entropy": "position-controlled r"},
             title="distribution of per-head r(log query norm, entropy)")))
     layers = _csv_or_none(run.path / "layer_statistics.csv")
     if layers is not None:
-        out.append(("layer_statistics", lambda: plots.layer_summary(
+        out.append(("layer_statistics", lambda: figs.layer_summary(
             layers, title="query norm vs entropy by layer")))
     return out
 
@@ -310,15 +309,15 @@ def _rebuild_intervention(run: "Run") -> list[Recipe]:
     heads = _role_frames(run, "q_scale_intervention_")
     out: list[Recipe] = []
     if heads:
-        out.append(("intervention_combined", lambda: cp.intervention_panels(
+        out.append(("intervention_combined", lambda: figs.intervention_panels(
             heads, title="head metrics under query scaling")))
-        out.append(("intervention_output_effects", lambda: cp.output_effects(
+        out.append(("intervention_output_effects", lambda: figs.output_effects(
             heads, title="output effects of query scaling")))
     for label, d in _role_frames(run, "downstream_heads_").items():
         def later(d=d, label=label):
             scales = sorted(d["scale"].unique())
             show = [a for a in (scales[0], scales[-1]) if a != 1.0] or scales[:1]
-            return cp.later_heads_heatmap(d, show, title=f"entropy change of later heads: {label} scaled")
+            return figs.later_heads_heatmap(d, show, title=f"entropy change of later heads: {label} scaled")
         out.append((f"later_heads_{_slug(label)}", later))
     return out
 
@@ -328,16 +327,16 @@ def _rebuild_gain(run: "Run") -> list[Recipe]:
     if s is None:
         return []
     out: list[Recipe] = [
-        (f"gain_heatmap_{col}", lambda col=col, title=title: plots.head_heatmap(s, col, title=title))
+        (f"gain_heatmap_{col}", lambda col=col, title=title: figs.head_heatmap(s, col, title=title))
         for col, title in (("gain_entropy", "fitted entropy gain dH/d ln α over the grid"),
                            ("analytic_gain", "analytic local gain −Var_p(s) at α = 1"))
     ]
-    out.append(("gain_vs_analytic", lambda: cp.gain_vs_analytic(
+    out.append(("gain_vs_analytic", lambda: figs.gain_vs_analytic(
         s, title="fitted entropy gain vs analytic gain, every head")))
     if "head_type" in s.columns:
         chosen = s[s["head_type"].fillna("").astype(str) != ""]
         if len(chosen):
-            out.append(("gain_comparison", lambda: cp.gain_comparison(
+            out.append(("gain_comparison", lambda: figs.gain_comparison(
                 chosen, columns=("gain_entropy", "analytic_gain", "gain_max_attn"),
                 title="target vs control: entropy gain (fitted, analytic) and max-attention gain")))
     return out
@@ -348,11 +347,11 @@ def _rebuild_qk(run: "Run") -> list[Recipe]:
     if c is None:
         return []
     out: list[Recipe] = [
-        (f"qk_{col}", lambda col=col, title=title: cp.qk_metric(c, col, title=title))
+        (f"qk_{col}", lambda col=col, title=title: figs.qk_metric(c, col, title=title))
         for col, title in (("mean_entropy", "entropy: query vs key scaling"),
                            ("delta_entropy", "entropy change vs unscaled: query vs key scaling"))
     ]
-    out.append(("qk_output_effects", lambda: cp.qk_output_effects(
+    out.append(("qk_output_effects", lambda: figs.qk_output_effects(
         c, title="output effects: query vs key scaling")))
     return out
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 from spectra_lens.errors import SpectraError
 
-__all__ = ["RunDir", "atomic_write", "package_versions"]
+__all__ = ["RunDir", "atomic_write", "atomic_write_bytes", "package_versions"]
 
 MANIFEST = "manifest.json"
 _PACKAGES = ("spectra-lens", "torch", "transformer-lens", "transformers", "numpy", "scipy",
@@ -39,17 +39,45 @@ def package_versions() -> dict[str, str]:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Call `write(tmp_path)` then rename the temporary file onto `path`."""
+    """Call `write(tmp_path)`, flush the temporary file to disk, then rename it onto `path`.
+
+    Readers see the old file or the whole new one, and after a crash the new file is either
+    complete on disk or absent: the data is fsynced before the rename and the directory after.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, blob: bytes) -> Path:
+    """`atomic_write` of a bytes object."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _temporary_name(path: str | os.PathLike) -> str:

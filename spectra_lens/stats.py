@@ -32,6 +32,7 @@ __all__ = [
     "partial_correlation",
     "replication",
     "shard_consistency",
+    "t_interval",
 ]
 
 # The partial correlation on one covariate has n - 3 degrees of freedom.
@@ -750,3 +751,23 @@ def _warn_undefined(summary: pd.DataFrame, columns: list[str]) -> None:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+def t_interval(
+    values, *, ci: float = 0.95, axis: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mean ± t_{n−1, (1+ci)/2} · sd / √n over `axis` (the independent units): (mean, low, high).
+
+    With n < 2 the interval is NaN. Sequences are the independent units; tokens of one sequence
+    are not, so per-token values must be averaged per sequence first.
+    """
+    if not 0 < ci < 1:
+        raise SpectraError(f"ci must lie strictly between 0 and 1, got {ci!r}")
+    x = values.detach().cpu().double().numpy() if hasattr(values, "detach") else np.asarray(values, float)
+    n = x.shape[axis]
+    mean = x.mean(axis=axis)
+    if n < 2:
+        nan = np.full_like(mean, np.nan)
+        return mean, nan, nan.copy()
+    half = stats.t.ppf((1 + ci) / 2, n - 1) * x.std(axis=axis, ddof=1) / np.sqrt(n)
+    return mean, mean - half, mean + half

@@ -1,102 +1,68 @@
-"""Query-scale sweeps: every head's attention metrics as a function of α, fast or exact.
+"""Query-scale sweeps, as two questions and the analytic gain.
 
-Scaling the effective query of one head by α turns its logits s into α·s wherever the logits are
-bilinear in q and k (`AttentionLayout.q_bilinear`), so its pattern becomes
+**Each head's own α-curve** (`head_curves`): every head's attention metrics when only that
+head's query is scaled by α. Scaling the effective query of one head by α turns its logits s into
+α·s wherever the logits are bilinear in q and k (`AttentionLayout.q_bilinear`), so its pattern
+becomes
 
     p(α) = softmax(α·s)  (= p^α / Σ p^α, `metrics.rescale_pattern`).
 
-That is the **fast path** (`fast_sweep`): one unscaled forward pass, capture hooks on
+That is the fast path: one unscaled forward pass, capture hooks (`hooks.SweepCapture`) on
 `hook_attn_scores` (where `layout.scores_faithful`; else log `hook_pattern`, which is s up to a
 per-row constant) and `hook_pattern`, and, inside each hook, the metrics of softmax(α·s) for
-every head and every α of the grid, reduced to per-sequence means at once. Memory stays
-O(α · batch · layer · head) for the results plus one α-chunk of patterns while a hook runs.
-softmax(α·s) keeps the order of s, so each row's keys are sorted once (for the top-90% count)
-and shared by every α; query rows are processed in blocks that hold only their visible keys.
+every head and every α of the grid (`metrics.alpha_metrics`), reduced to per-sequence means at
+once. Where the logits are not bilinear (soft-capping, ALiBi, scaling undone by a norm) the
+exact mode runs: the real forward pass with `hooks.QueryScale` and the α grid batched
+(`hooks.repeat_for_alphas`). `method="auto"` picks per layer and records the choice (`method`
+= "fast" | "exact", `reason` from `layout.q_reason`); "fast" and "exact" force one mode.
+A head's own curve follows from the mathematics (dH/d ln α = −α² Var_p(s) ≤ 0): it checks the
+hooks and measures the gain's size, it is not evidence that the model uses query norm.
 
-Where the logits are not bilinear (soft-capping, ALiBi, scaling undone by a norm) the fast path
-is refused and the **exact mode** runs: the real forward pass with `hooks.QueryScale` and the α
-grid batched (`hooks.repeat_for_alphas`: copy i of the batch runs with α_i). `sweep_heads` picks
-per layer and records the choice (`method` = "fast" | "exact", `reason` from `layout.q_reason`).
+**One intervention's consequences** (`intervention_effects`): one intervention (`QueryScale`,
+`KeyScale`, `LogitScale`: any frozen dataclass with an `alpha` field) at every α of the grid in
+real forward passes, and what follows from it: the metrics of every head (the scaled head's own
+and every later head's), the next-token loss and KL(p_1 ‖ p_α) of the output distribution.
 
-`exact_sweep` applies one intervention (`QueryScale`, `KeyScale`, `LogitScale`: any frozen
-dataclass with an `alpha` field) at every α of the grid in real forward passes and measures what
-follows from it: the metrics of every head (so the scaled head's own metrics and the change of
-every later head), the next-token loss and KL(p_α ‖ p_1) of the output distribution;
-`query_sweeps` does that with `QueryScale` for a list of (layer, head). In real passes the
-metrics of the pattern itself are computed by the same hook code (`pattern_metrics`); they equal
-`hooks.MetricCapture`'s per-token metrics averaged over positions (tested), at a fraction of
-the cost (no norms, one sort per visible block).
+**The analytic gain** (`analytic_gain`): dH/d ln α at α = 1 = −Var_p(s), from one pass.
 
 All head metrics are per-sequence means over query positions ≥ `min_position` (position 0 sees
-only itself). Sequences, not tokens, are the independent units for intervals (`t_interval`).
-k_eff definitions: `metrics.K_EFF_DEFINITIONS`.
+only itself); `stats.t_interval` gives intervals over sequences. k_eff definitions:
+`metrics.K_EFF_DEFINITIONS`.
 """
 
 import dataclasses
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
-from scipy import stats as sps
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import QueryScale, attached, check_tokens, repeat_for_alphas
-from spectra_lens.models import AttentionLayout, attention_layout, hook_name
+from spectra_lens.hooks import QueryScale, SweepCapture, repeat_for_alphas
+from spectra_lens.layout import AttentionLayout, attention_layout
+from spectra_lens.stats import t_interval
+from spectra_lens.validate import check_alphas, check_int, check_min_position, check_tokens
 
 __all__ = [
-    "SWEEP_METRICS",
     "ExactSweep",
     "HeadMetrics",
     "HeadSweep",
-    "alpha_metrics",
     "analytic_gain",
-    "check_alphas",
-    "exact_head_sweep",
-    "exact_sweep",
-    "fast_sweep",
-    "pattern_metrics",
-    "query_sweeps",
-    "sweep_heads",
-    "t_interval",
+    "head_curves",
+    "intervention_effects",
 ]
 
 log = logging.getLogger(__name__)
 
-SWEEP_METRICS: tuple[str, ...] = ("entropy", "max_attn", "k_eff_exp", "k_eff_pr", "k_eff_top90")
 
-# Floats held by one α-chunk of patterns while a fast-path hook runs (a few temporaries of this
-# size exist at once): 2**24 floats = 64 MiB each.
-_CHUNK_ELEMENTS = 2**24
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def check_alphas(alphas: object) -> tuple[float, ...]:
-    """The α grid (any iterable of numbers or a 1-D tensor), sorted ascending: finite, > 0,
-    distinct, at least one value; SpectraError otherwise."""
-    if isinstance(alphas, (int, float)):
-        raise SpectraError(f"alphas must be a sequence of numbers, got the single number {alphas!r}")
-    try:
-        values = [float(a) for a in (alphas.tolist() if isinstance(alphas, Tensor) else alphas)]
-    except (TypeError, ValueError) as e:
-        raise SpectraError(f"alphas must be a sequence of numbers, got {alphas!r}") from e
-    if not values:
-        raise SpectraError("alphas must hold at least one value, got an empty grid")
-    bad = [a for a in values if not (math.isfinite(a) and a > 0)]
-    if bad:
-        raise SpectraError(f"every alpha must be finite and > 0 (we scale by α and fit on ln α), got {bad}")
-    if len(set(values)) != len(values):
-        dup = sorted({a for a in values if values.count(a) > 1})
-        raise SpectraError(f"alphas must be distinct, got duplicates {dup}")
-    return tuple(sorted(values))
 
 
 def _check_layers(layout: AttentionLayout, layers: Iterable[int] | None) -> tuple[int, ...]:
@@ -110,22 +76,6 @@ def _check_layers(layout: AttentionLayout, layers: Iterable[int] | None) -> tupl
     if len(set(out)) != len(out):
         raise SpectraError(f"layers must be distinct, got {list(out)}")
     return tuple(sorted(out))
-
-
-def _check_min_position(min_position: int, n_pos: int) -> None:
-    if not isinstance(min_position, int) or isinstance(min_position, bool) or min_position < 0:
-        raise SpectraError(f"min_position must be an int >= 0, got {min_position!r}")
-    if min_position >= n_pos:
-        raise SpectraError(
-            f"min_position ({min_position}) must be < the sequence length ({n_pos}): no query "
-            f"positions would be left to average"
-        )
-
-
-def _check_positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise SpectraError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _device(model) -> torch.device:
@@ -151,8 +101,8 @@ class HeadMetrics:
     k_eff_top90: Float[Tensor, "*lead batch layer head"]
 
     def metric(self, name: str) -> Tensor:
-        if name not in SWEEP_METRICS:
-            raise SpectraError(f"unknown metric {name!r}; expected one of {SWEEP_METRICS}")
+        if name not in M.SWEEP_METRICS:
+            raise SpectraError(f"unknown metric {name!r}; expected one of {M.SWEEP_METRICS}")
         return getattr(self, name)
 
     def index(self, layer: int) -> int:
@@ -167,37 +117,17 @@ class HeadMetrics:
         n_heads = self.entropy.shape[-1]
         if not 0 <= head < n_heads:
             raise SpectraError(f"head must be in [0, {n_heads}), got {head}")
-        return {n: getattr(self, n)[..., i, head] for n in SWEEP_METRICS}
+        return {n: getattr(self, n)[..., i, head] for n in M.SWEEP_METRICS}
 
     def __repr__(self) -> str:
-        return f"HeadMetrics(shape={tuple(self.entropy.shape)}, layers={list(self.layers)}, metrics={list(SWEEP_METRICS)})"
+        return f"HeadMetrics(shape={tuple(self.entropy.shape)}, layers={list(self.layers)}, metrics={list(M.SWEEP_METRICS)})"
 
 
 def _stack_metrics(layers: tuple[int, ...], per_layer: dict[int, dict[str, Tensor]], dim: int) -> HeadMetrics:
     return HeadMetrics(
         layers=layers,
-        **{n: torch.stack([per_layer[l][n] for l in layers], dim=dim) for n in SWEEP_METRICS},
+        **{n: torch.stack([per_layer[l][n] for l in layers], dim=dim) for n in M.SWEEP_METRICS},
     )
-
-
-def t_interval(
-    values: Tensor | np.ndarray, *, ci: float = 0.95, axis: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """mean ± t_{n−1, (1+ci)/2} · sd / √n over `axis` (the sequences): (mean, low, high).
-
-    With n < 2 the interval is NaN. Sequences are the independent units; tokens of one sequence
-    are not, so per-token values must be averaged per sequence first.
-    """
-    if not 0 < ci < 1:
-        raise SpectraError(f"ci must lie strictly between 0 and 1, got {ci!r}")
-    x = values.detach().cpu().double().numpy() if isinstance(values, Tensor) else np.asarray(values, float)
-    n = x.shape[axis]
-    mean = x.mean(axis=axis)
-    if n < 2:
-        nan = np.full_like(mean, np.nan)
-        return mean, nan, nan.copy()
-    half = sps.t.ppf((1 + ci) / 2, n - 1) * x.std(axis=axis, ddof=1) / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 @dataclass(frozen=True, repr=False)
@@ -232,7 +162,7 @@ class HeadSweep:
             "head": h_i,
             "scale": np.asarray(self.alphas)[a_i],
         }
-        for name in SWEEP_METRICS:
+        for name in M.SWEEP_METRICS:
             mean, low, high = t_interval(self.metrics.metric(name), ci=ci, axis=1)
             cols[f"mean_{name}"] = mean[a_i, l_i, h_i]
             cols[f"mean_{name}_ci_low"] = low[a_i, l_i, h_i]
@@ -335,177 +265,6 @@ class ExactSweep:
                 f"patterns=[{', '.join(f'L{l}H{h}' for l, h in self.patterns)}])")
 
 
-# --------------------------------------------------------------------------- metrics in hooks
-
-# Query rows per block: a block only needs the keys up to its last visible one, which under a
-# causal mask roughly halves the work on patterns (and on the sort for k_eff_top90).
-_QUERY_BLOCK = 16
-
-
-def _sorted_row_metrics(p: Tensor, logp: Tensor | None) -> dict[str, Tensor]:
-    """Per-row metrics of rows sorted in descending order (masked keys last, p = 0).
-
-    With `logp` None, H = −Σ xlogy(p, p); else H = −Σ p·logp over entries with p > 0.
-    k_eff_top90 follows `metrics.k_eff_top_mass` (mass 0.9, the same 1e-6 tolerance); the sort
-    it needs is shared by every α because softmax(α·s) preserves the order of s for α > 0.
-    """
-    if logp is None:
-        H = -torch.special.xlogy(p, p).sum(-1)
-    else:
-        H = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
-    cum = p.cumsum(-1)
-    top = ((cum < (0.9 - 1e-6)).sum(-1) + 1).clamp_max(p.shape[-1]).to(torch.float32)
-    return {
-        "entropy": H,
-        "max_attn": p[..., 0],
-        "k_eff_exp": torch.exp(H),
-        "k_eff_pr": 1.0 / (p * p).sum(-1),
-        "k_eff_top90": top,
-    }
-
-
-def _query_blocks(visible: Tensor) -> list[tuple[slice, int]]:
-    """(query slice, number of leading keys that hold every visible key of those rows)."""
-    n_q, n_k = visible.shape[-2:]
-    flat = visible.reshape(-1, n_q, n_k).any(0)  # [query, key]
-    out = []
-    for q0 in range(0, n_q, _QUERY_BLOCK):
-        rows = slice(q0, min(q0 + _QUERY_BLOCK, n_q))
-        keys = flat[rows].any(0).nonzero()
-        out.append((rows, int(keys.max()) + 1 if keys.numel() else 1))
-    return out
-
-
-def alpha_metrics(
-    scores: Float[Tensor, "*batch query_pos key_pos"],
-    visible: Bool[Tensor, "*batch query_pos key_pos"],
-    alphas: Sequence[float],
-    *,
-    chunk_elements: int = _CHUNK_ELEMENTS,
-) -> dict[str, Float[Tensor, " alpha *batch"]]:
-    """Mean over query rows of each metric of p(α) = softmax(α·s) over the visible keys.
-
-    `scores` may be shifted by any per-row constant (log p works). Keys are sorted once per row
-    (softmax(α·s) keeps the order of s); the α grid runs in chunks of at most `chunk_elements`
-    pattern entries. Every query row must see at least one key.
-    """
-    alphas = check_alphas(alphas)
-    a_all = torch.tensor(alphas, dtype=torch.float32, device=scores.device)
-    n_q = scores.shape[-2]
-    sums = {n: scores.new_zeros((len(alphas), *scores.shape[:-2]), dtype=torch.float32)
-            for n in SWEEP_METRICS}
-    for rows, n_keys in _query_blocks(visible):
-        z = scores[..., rows, :n_keys].float().masked_fill(~visible[..., rows, :n_keys], float("-inf"))
-        z = z.sort(dim=-1, descending=True).values
-        step = max(1, chunk_elements // max(1, z.numel()))
-        for i in range(0, len(alphas), step):
-            a = a_all[i : i + step].view(-1, *([1] * z.ndim))
-            logp = torch.log_softmax(a * z, dim=-1)
-            for n, v in _sorted_row_metrics(logp.exp(), logp).items():
-                sums[n][i : i + step] += v.sum(-1)
-            del logp
-    return {n: v / n_q for n, v in sums.items()}
-
-
-def pattern_metrics(
-    pattern: Float[Tensor, "*batch query_pos key_pos"],
-    visible: Bool[Tensor, "*batch query_pos key_pos"] | None = None,
-) -> dict[str, Float[Tensor, "*batch"]]:
-    """Mean over query rows of each metric of the pattern itself (`metrics` definitions)."""
-    p = pattern.float()
-    visible = p > 0 if visible is None else visible
-    n_q = p.shape[-2]
-    sums = {n: p.new_zeros(p.shape[:-2]) for n in SWEEP_METRICS}
-    for rows, n_keys in _query_blocks(visible):
-        ps = p[..., rows, :n_keys].sort(dim=-1, descending=True).values
-        for n, v in _sorted_row_metrics(ps, None).items():
-            sums[n] += v.sum(-1)
-    return {n: v / n_q for n, v in sums.items()}
-
-
-class _SweepCapture:
-    """Hooks on hook_attn_scores / hook_pattern computing per-sequence means inside the pass.
-
-    For layers in `layers`: with `alphas` the metrics of softmax(α·s) at every α (the fast path,
-    `[alpha, batch, head]`), without them the metrics of the pattern itself (`[batch, head]`:
-    a real, possibly scaled pass). For `gain_layers`: −Var_p(s) `[batch, head]`. Full patterns
-    `[batch, query_pos, key_pos]` for the (layer, head) pairs in `patterns_for`.
-    """
-
-    def __init__(self, layout, *, layers=(), alphas=None, gain_layers=(), patterns_for=(),
-                 min_position=1, chunk_elements=_CHUNK_ELEMENTS):
-        self.layout = layout
-        self.alphas = alphas
-        self.layers = tuple(layers)
-        self.gain_layers = tuple(gain_layers)
-        self.patterns_for = tuple(patterns_for)
-        self.min_position = min_position
-        self.chunk_elements = chunk_elements
-        self.metrics: dict[int, dict[str, Tensor]] = {}
-        self.gain: dict[int, Tensor] = {}
-        self.patterns: dict[tuple[int, int], Tensor] = {}
-        self._scores: dict[int, Tensor] = {}
-
-    def all_layers(self) -> list[int]:
-        return sorted(set(self.layers) | set(self.gain_layers) | {l for l, _ in self.patterns_for})
-
-    def hooks(self, layout=None):
-        out = []
-        for l in self.all_layers():
-            if self.layout.scores_faithful:
-                out.append((hook_name(l, "attn_scores"), self._scores_hook(l)))
-            out.append((hook_name(l, "pattern"), self._pattern_hook(l)))
-        return out
-
-    def _scores_hook(self, l):
-        def fn(s, hook):
-            self._scores[l] = s.detach()
-
-        return fn
-
-    def _pattern_hook(self, l):
-        name, n_heads = hook_name(l, "pattern"), self.layout.n_heads
-
-        def fn(p, hook):
-            if p.ndim != 4 or p.shape[1] != n_heads:
-                raise SpectraError(
-                    f"{name}: expected [batch, head={n_heads}, query_pos, key_pos], got {tuple(p.shape)}"
-                )
-            _check_min_position(self.min_position, p.shape[-2])
-            p = p.detach()
-            for ll, h in self.patterns_for:
-                if ll == l:
-                    self.patterns[(l, h)] = p[:, h].float().cpu()
-            q0 = self.min_position
-            p = p.float()[..., q0:, :]
-            s = self._scores.pop(l, None)
-            if s is not None:
-                s = s.float()[..., q0:, :]
-                visible = M.visible_from_scores(s)
-            else:  # scores not faithful: log p is s up to a per-row constant
-                visible = p > 0
-                s = M.logits_from_pattern(p)
-            if l in self.gain_layers:
-                self.gain[l] = M.local_gain_under(p, s, visible).mean(-1).cpu()
-            if l in self.layers:
-                if self.alphas is None:
-                    got = pattern_metrics(p, visible)
-                else:
-                    got = alpha_metrics(s, visible, self.alphas, chunk_elements=self.chunk_elements)
-                self.metrics[l] = {n: v.cpu() for n, v in got.items()}
-
-        return fn
-
-    def run(self, model, tokens: Tensor, *, interventions=(), layout=None, logits: bool = False):
-        """One forward pass (no grad) with `interventions` before the capture; logits if asked,
-        else the pass stops after the last captured layer."""
-        layout = layout or self.layout
-        last = max(self.all_layers())
-        stop = None if logits or last + 1 >= layout.n_layers else last + 1
-        with torch.no_grad(), attached(model, *interventions, self, layout=layout):
-            return model(tokens, return_type="logits" if logits else None, stop_at_layer=stop)
-
-
 # --------------------------------------------------------------------------- progress
 
 
@@ -529,7 +288,7 @@ class _Bar:
 
 
 def _batches(tokens: Tensor, batch_size: int | None) -> list[Tensor]:
-    size = tokens.shape[0] if batch_size is None else _check_positive_int("batch_size", batch_size)
+    size = tokens.shape[0] if batch_size is None else check_int("batch_size", batch_size)
     return list(tokens.split(size))
 
 
@@ -540,16 +299,16 @@ def _fast_and_gain(model, layout, tokens, alphas, *, sweep_layers, gain_layers, 
                    batch_size, chunk_elements, progress):
     """({layer: {metric: [alpha, batch, head]}}, {layer: gain [batch, head]}) from unscaled passes."""
     device = _device(model)
-    metrics: dict[int, dict[str, list[Tensor]]] = {l: {n: [] for n in SWEEP_METRICS} for l in sweep_layers}
+    metrics: dict[int, dict[str, list[Tensor]]] = {l: {n: [] for n in M.SWEEP_METRICS} for l in sweep_layers}
     gain: dict[int, list[Tensor]] = {l: [] for l in gain_layers}
     batches = _batches(tokens, batch_size)
     bar = _Bar(len(batches), progress, "fast sweep")
     for batch in batches:
-        cap = _SweepCapture(layout, layers=sweep_layers, alphas=alphas, gain_layers=gain_layers,
+        cap = SweepCapture(layout, layers=sweep_layers, alphas=alphas, gain_layers=gain_layers,
                             min_position=min_position, chunk_elements=chunk_elements)
         cap.run(model, batch.to(device))
         for l in sweep_layers:
-            for n in SWEEP_METRICS:
+            for n in M.SWEEP_METRICS:
                 metrics[l][n].append(cap.metrics[l][n])
         for l in gain_layers:
             gain[l].append(cap.gain[l])
@@ -561,7 +320,7 @@ def _fast_and_gain(model, layout, tokens, alphas, *, sweep_layers, gain_layers, 
     )
 
 
-def fast_sweep(
+def _fast_curves(
     model,
     tokens: Int[Tensor, "batch pos"],
     alphas: Sequence[float],
@@ -569,25 +328,25 @@ def fast_sweep(
     layers: Iterable[int] | None = None,
     min_position: int = 1,
     batch_size: int | None = None,
-    chunk_elements: int = _CHUNK_ELEMENTS,
+    chunk_elements: int = M.ALPHA_CHUNK_ELEMENTS,
     progress: bool = False,
 ) -> HeadSweep:
     """Every head of `layers` at every α via p(α) = softmax(α·s), from unscaled forward passes.
 
     Refuses (SpectraError) a layer whose logits are not bilinear in the query
-    (`layout.q_bilinear`), where softmax(α·s) is not what query scaling does; `sweep_heads`
+    (`layout.q_bilinear`), where softmax(α·s) is not what query scaling does; `head_curves`
     falls back to the exact mode there.
     """
     tokens = check_tokens(tokens)
     alphas = check_alphas(alphas)
     layout = attention_layout(model)
     layers = _check_layers(layout, layers)
-    _check_min_position(min_position, tokens.shape[1])
+    check_min_position(min_position, tokens.shape[1])
     refused = [l for l in layers if not layout.fast_path_ok(l)]
     if refused:
         raise SpectraError(
             f"the fast path softmax(α·s) does not hold in layers {refused}: "
-            f"{layout.q_reason[refused[0]]}; use sweep_heads() or exact_head_sweep() there"
+            f"{layout.q_reason[refused[0]]}; use head_curves(method='auto') or method='exact' there"
         )
     metrics, gain = _fast_and_gain(
         model, layout, tokens, alphas, sweep_layers=layers, gain_layers=layers,
@@ -609,7 +368,7 @@ def fast_sweep(
 
 def _plan(n_batch: int, n_alpha: int, max_rows: int) -> tuple[int, int]:
     """(sequences per block, alphas per chunk) so that one forward holds <= max_rows rows."""
-    _check_positive_int("max_rows", max_rows)
+    check_int("max_rows", max_rows)
     seq_block = min(n_batch, max_rows)
     return seq_block, max(1, min(n_alpha, max_rows // seq_block))
 
@@ -634,17 +393,17 @@ def _exact_layers(model, layout, tokens, alphas, *, layers, min_position, max_ro
             per_chunk = []
             for a in alpha_chunks:
                 rows, row_alpha = repeat_for_alphas(block, a)
-                cap = _SweepCapture(layout, layers=[l], min_position=min_position)
+                cap = SweepCapture(layout, layers=[l], min_position=min_position)
                 cap.run(model, rows, interventions=[QueryScale(l, h, row_alpha) for h in range(n_heads)])
                 per_chunk.append({n: v.view(len(a), block.shape[0], n_heads) for n, v in cap.metrics[l].items()})
                 bar.step()
-            per_block.append({n: torch.cat([c[n] for c in per_chunk], dim=0) for n in SWEEP_METRICS})
-        out[l] = {n: torch.cat([b[n] for b in per_block], dim=1) for n in SWEEP_METRICS}
+            per_block.append({n: torch.cat([c[n] for c in per_chunk], dim=0) for n in M.SWEEP_METRICS})
+        out[l] = {n: torch.cat([b[n] for b in per_block], dim=1) for n in M.SWEEP_METRICS}
     bar.close()
     return out
 
 
-def exact_head_sweep(
+def _exact_curves(
     model,
     tokens: Int[Tensor, "batch pos"],
     alphas: Sequence[float],
@@ -663,7 +422,7 @@ def exact_head_sweep(
     alphas = check_alphas(alphas)
     layout = attention_layout(model)
     layers = _check_layers(layout, layers)
-    _check_min_position(min_position, tokens.shape[1])
+    check_min_position(min_position, tokens.shape[1])
     metrics = _exact_layers(model, layout, tokens, alphas, layers=layers,
                             min_position=min_position, max_rows=max_rows, progress=progress)
     gain = analytic_gain(model, tokens, layers=layers, min_position=min_position, batch_size=max_rows)
@@ -677,7 +436,44 @@ def exact_head_sweep(
     )
 
 
-def sweep_heads(
+def head_curves(
+    model,
+    tokens: Int[Tensor, "batch pos"] | str | list[str],
+    alphas: Sequence[float],
+    *,
+    method: str = "auto",
+    layers: Iterable[int] | None = None,
+    min_position: int = 1,
+    batch_size: int | None = None,
+    max_rows: int = 32,
+    chunk_elements: int = M.ALPHA_CHUNK_ELEMENTS,
+    progress: bool = False,
+) -> HeadSweep:
+    """Each head's own metrics at every α of the grid, when only that head's query is scaled.
+
+    `method`: "auto" (the fast path softmax(α·s) in layers whose logits are bilinear in q, the
+    exact forward pass elsewhere), "fast" (refuses non-bilinear layers) or "exact" (real forward
+    passes with `QueryScale` in every layer; ⌈α·batch / max_rows⌉ passes per layer). `batch_size`
+    bounds the sequences per fast-path pass, `max_rows` the rows per exact pass. The result's
+    `method` / `reason` say which layer got which and why.
+    """
+    if isinstance(tokens, (str, list)) and (isinstance(tokens, str) or (tokens and isinstance(tokens[0], str))):
+        tokens = model.to_tokens(tokens)
+    if method == "auto":
+        return _auto_curves(model, tokens, alphas, layers=layers, min_position=min_position,
+                            batch_size=batch_size, max_rows=max_rows,
+                            chunk_elements=chunk_elements, progress=progress)
+    if method == "fast":
+        return _fast_curves(model, tokens, alphas, layers=layers, min_position=min_position,
+                            batch_size=batch_size, chunk_elements=chunk_elements,
+                            progress=progress)
+    if method == "exact":
+        return _exact_curves(model, tokens, alphas, layers=layers, min_position=min_position,
+                             max_rows=max_rows, progress=progress)
+    raise SpectraError(f"method must be 'auto', 'fast' or 'exact', got {method!r}")
+
+
+def _auto_curves(
     model,
     tokens: Int[Tensor, "batch pos"],
     alphas: Sequence[float],
@@ -686,7 +482,7 @@ def sweep_heads(
     min_position: int = 1,
     batch_size: int | None = None,
     max_rows: int = 32,
-    chunk_elements: int = _CHUNK_ELEMENTS,
+    chunk_elements: int = M.ALPHA_CHUNK_ELEMENTS,
     progress: bool = False,
 ) -> HeadSweep:
     """Every head at every α: the fast path where the layer is bilinear in q, exact elsewhere.
@@ -697,7 +493,7 @@ def sweep_heads(
     alphas = check_alphas(alphas)
     layout = attention_layout(model)
     layers = _check_layers(layout, layers)
-    _check_min_position(min_position, tokens.shape[1])
+    check_min_position(min_position, tokens.shape[1])
     fast = [l for l in layers if layout.fast_path_ok(l)]
     exact = [l for l in layers if not layout.fast_path_ok(l)]
     if exact:
@@ -738,10 +534,10 @@ def analytic_gain(
     tokens = check_tokens(tokens)
     layout = attention_layout(model)
     layers = _check_layers(layout, layers)
-    _check_min_position(min_position, tokens.shape[1])
+    check_min_position(min_position, tokens.shape[1])
     _, gain = _fast_and_gain(
         model, layout, tokens, (1.0,), sweep_layers=(), gain_layers=layers,
-        min_position=min_position, batch_size=batch_size, chunk_elements=_CHUNK_ELEMENTS,
+        min_position=min_position, batch_size=batch_size, chunk_elements=M.ALPHA_CHUNK_ELEMENTS,
         progress=False,
     )
     return torch.stack([gain[l] for l in layers], dim=1)
@@ -761,7 +557,7 @@ def _output_effects(logits: Tensor, base_logp: Tensor, tokens: Tensor) -> tuple[
     return nll, kl
 
 
-def exact_sweep(
+def intervention_effects(
     model,
     tokens: Int[Tensor, "batch pos"],
     alphas: Sequence[float],
@@ -786,7 +582,7 @@ def exact_sweep(
     alphas = check_alphas(alphas)
     layout = attention_layout(model)
     layers = _check_layers(layout, layers)
-    _check_min_position(min_position, tokens.shape[1])
+    check_min_position(min_position, tokens.shape[1])
     if not (dataclasses.is_dataclass(intervention) and not isinstance(intervention, type)
             and any(f.name == "alpha" for f in dataclasses.fields(intervention))):
         raise SpectraError(
@@ -807,7 +603,7 @@ def exact_sweep(
     bar = _Bar(len(starts) * (1 + len(chunks)), progress, "exact sweep")
 
     def capture():
-        return _SweepCapture(layout, layers=layers, gain_layers=layers, patterns_for=patterns_for,
+        return SweepCapture(layout, layers=layers, gain_layers=layers, patterns_for=patterns_for,
                              min_position=min_position)
 
     blocks = []  # per sequence block: (unscaled metrics, gain, base nll, {α index: results})
@@ -839,7 +635,7 @@ def exact_sweep(
     bar.close()
 
     def per_layer(pick):  # {layer: {metric: [batch, head]}} for one α (or the unscaled pass)
-        return {l: {n: torch.cat([pick(bl)[l][n] for bl in blocks], dim=0) for n in SWEEP_METRICS}
+        return {l: {n: torch.cat([pick(bl)[l][n] for bl in blocks], dim=0) for n in M.SWEEP_METRICS}
                 for l in layers}
 
     scaled_layers = [per_layer(lambda bl, i=i: bl[1][i][0]) for i in range(n_alpha)]
@@ -848,7 +644,7 @@ def exact_sweep(
         intervention=_describe(intervention),
         scaled=HeadMetrics(layers=layers, **{
             n: torch.stack([torch.stack([d[l][n] for l in layers], dim=1) for d in scaled_layers])
-            for n in SWEEP_METRICS}),
+            for n in M.SWEEP_METRICS}),
         unscaled=_stack_metrics(layers, per_layer(lambda bl: bl[0][0]), dim=1),
         loss=torch.stack([torch.cat([bl[1][i][1] for bl in blocks]) for i in range(n_alpha)]),
         base_loss=torch.cat([bl[0][2] for bl in blocks]),
@@ -859,34 +655,3 @@ def exact_sweep(
                   for k in patterns_for},
         base_patterns={k: torch.cat([bl[0][3][k] for bl in blocks]) for k in patterns_for},
     )
-
-
-def query_sweeps(
-    model,
-    tokens: Int[Tensor, "batch pos"],
-    alphas: Sequence[float],
-    heads: Iterable[tuple[int, int]],
-    *,
-    downstream: bool = True,
-    min_position: int = 1,
-    max_rows: int = 32,
-    progress: bool = False,
-) -> dict[tuple[int, int], ExactSweep]:
-    """`exact_sweep` with `QueryScale` for each (layer, head) in `heads`, one head at a time.
-
-    Each sweep measures the scaled head's layer and, with `downstream`, every later layer; the
-    head's own metrics are `result[(l, h)].head_frame(l, h)`.
-    """
-    layout = attention_layout(model)
-    out: dict[tuple[int, int], ExactSweep] = {}
-    for layer, head in heads:
-        layout.check_head(layer, head)
-        layers = range(layer, layout.n_layers) if downstream else [layer]
-        out[(layer, head)] = exact_sweep(
-            model, tokens, alphas, QueryScale(layer, head, 1.0), layers=layers,
-            patterns_for=[(layer, head)], min_position=min_position, max_rows=max_rows,
-            progress=progress,
-        )
-    if not out:
-        raise SpectraError("heads must name at least one (layer, head), got none")
-    return out

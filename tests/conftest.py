@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from spectra_lens.hooks import count_hooks  # noqa: E402
-from spectra_lens.models import attention_layout  # noqa: E402
+from spectra_lens.layout import attention_layout  # noqa: E402
 from spectra_lens.testing import tiny_model  # noqa: E402
 
 # The tiny models are far too small for intra-op threads to pay off, and on a shared 2-core

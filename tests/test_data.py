@@ -1,4 +1,4 @@
-"""Tests for spectra_lens.data: corpora, tokenization into fixed-length sequences, shards."""
+"""Tests for spectra_lens.shards: corpora, tokenization into fixed-length sequences, shards."""
 
 import importlib.util
 import json
@@ -12,24 +12,26 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from spectra_lens import data
-from spectra_lens.data import (
+from spectra_lens import shards as shards_module
+from spectra_lens.corpus import (
     Corpus,
-    ShardManifest,
-    corpus_from_spec,
     default_corpus,
     hf_dataset,
-    iter_shards,
     jsonl,
+    text_files,
+    tokenize_corpus,
+)
+from spectra_lens.errors import SpectraError
+from spectra_lens.shards import (
+    ShardManifest,
+    corpus_from_spec,
+    iter_shards,
     load_shard,
     load_tokens,
     prepare,
     read_manifest,
-    text_files,
-    tokenize_corpus,
     write_shards,
 )
-from spectra_lens.errors import SpectraError
 
 # Word "wN" has id N + 3, so expected token ids can be written down by hand.
 WORDS = [f"w{i}" for i in range(40)]
@@ -256,7 +258,8 @@ def test_corpus_from_spec(tmp_path, monkeypatch, tok):
     assert list(corpus_from_spec(str(tmp_path / "*.txt"))) == ["text"]
 
     calls = []
-    monkeypatch.setattr(data, "hf_dataset", lambda *args: calls.append(args))
+    monkeypatch.setattr(shards_module, "hf_dataset",
+                        lambda *args: calls.append(args) or Corpus("stub", lambda: iter(())))
     corpus_from_spec("hf:user/set")
     corpus_from_spec("hf:user/set:validation:body")
     assert calls == [("user/set",), ("user/set", "validation", "body")]
@@ -329,7 +332,7 @@ def test_crash_midway_leaves_no_complete_looking_set(tmp_path, monkeypatch, over
             raise OSError("simulated crash")
         real_replace(src, dst)
 
-    monkeypatch.setattr(data.os, "replace", crash_on_second_file)
+    monkeypatch.setattr(os, "replace", crash_on_second_file)
     with pytest.raises(OSError, match="simulated crash"):
         write_shards(tokens_of(6, 4), tmp_path, shard_size=2, tokenizer_name="tiny",
                      overwrite=True)
@@ -353,7 +356,7 @@ def test_manifest_is_written_last(tmp_path, monkeypatch):
         order.append(Path(dst).name)
         real_replace(src, dst)
 
-    monkeypatch.setattr(data.os, "replace", record)
+    monkeypatch.setattr(os, "replace", record)
     write_shards(tokens_of(5, 2), tmp_path, shard_size=2, tokenizer_name="tiny")
     assert order[-1] == "manifest.json" and len(order) == 4
 
@@ -402,9 +405,9 @@ def test_identical_rewrite_repairs_a_damaged_shard(tmp_path):
 
 
 @pytest.mark.parametrize("tokens, message", [
-    (torch.zeros(3), r"shape \[n_sequences, seq_len\]"),
-    (torch.zeros(0, 4, dtype=torch.long), r"shape \[n_sequences, seq_len\]"),
-    (torch.zeros(2, 4), "integer ids"),
+    (torch.zeros(3), r"shape \[batch, pos\]"),
+    (torch.zeros(0, 4, dtype=torch.long), r"shape \[batch, pos\]"),
+    (torch.zeros(2, 4), "integer torch.Tensor"),
     (-torch.ones(2, 4, dtype=torch.long), "non-negative"),
 ])
 def test_write_shards_rejects_bad_tokens(tmp_path, tokens, message):
@@ -464,7 +467,8 @@ def test_prepare_says_how_many_sequences_the_corpus_holds(tmp_path, tok):
 
 
 def test_prepare_command_line(tmp_path, monkeypatch, capsys, tok):
-    from experiments.prepare import main
+    from spectra_lens.experiments.prepare import main
+
     from spectra_lens import models
 
     monkeypatch.setattr(models, "load_tokenizer", lambda spec: tok)

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from spectra_lens.models import attention_layout, load_model
+from spectra_lens.layout import attention_layout
+from spectra_lens.models import load_model
 
 PARAGRAPH = (
     "The old library stood at the corner of the market square, and every morning the "

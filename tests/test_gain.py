@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from spectra_lens.experiments import gain
 
-from experiments import gain
 from spectra_lens.config import ALPHAS_21, GainConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import count_hooks
 from spectra_lens.stats import fit_log_slope
-from spectra_lens.sweep import sweep_heads
+from spectra_lens.sweep import head_curves
 
 SUMMARY_COLUMNS = (
     "layer", "head", "head_type", "gain_entropy", "gain_entropy_ci_low", "gain_entropy_ci_high",
@@ -67,7 +67,7 @@ def test_run_writes_gain_summary(tmp_path, tiny, toks, family, method):
 def test_gain_table_matches_fit_log_slope(tiny, toks):
     model, layout = tiny("neox")
     alphas = (0.25, 0.5, 1.0, 2.0, 4.0)
-    sweep = sweep_heads(model, toks, alphas)
+    sweep = head_curves(model, toks, alphas)
     table = gain.gain_table(sweep, layout)
     row = table[(table["layer"] == 1) & (table["head"] == 2)].iloc[0]
     curve = sweep.metrics.entropy[:, :, 1, 2].double().mean(1).numpy()

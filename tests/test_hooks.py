@@ -18,13 +18,13 @@ from spectra_lens.hooks import (
     QueryScale,
     attached,
     capture_metrics,
-    check_alpha,
     count_hooks,
     repeat_for_alphas,
 )
+from spectra_lens.layout import hook_name
 from spectra_lens.metrics import causal_mask, rescale_pattern
-from spectra_lens.models import hook_name
 from spectra_lens.testing import FAMILIES
+from spectra_lens.validate import check_alpha
 
 ALPHA = 2.5
 HEAD = 1

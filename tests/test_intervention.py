@@ -5,13 +5,13 @@ import json
 import pandas as pd
 import pytest
 import torch
+from spectra_lens.experiments import _common as C
+from spectra_lens.experiments import intervention
 
-from experiments import _common as C
-from experiments import intervention
-from spectra_lens import data
 from spectra_lens.config import InterventionConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import count_hooks
+from spectra_lens.shards import write_shards
 
 ALPHAS = (0.5, 1.0, 2.0, 4.0)
 HEAD_COLUMNS = ("scale", "layer", "head", "head_type", "mean_entropy", "mean_max_attn", "mean_k_eff",
@@ -125,7 +125,7 @@ def test_bad_input_raises_a_clear_error(tmp_path, tiny, toks, changes, words):
 def test_tokens_from_shards_hold_out_the_selection_sequences(tmp_path, tiny):
     model, _ = tiny("gpt2")
     tokens = torch.randint(1, 97, (7, 10), generator=torch.Generator().manual_seed(5))
-    data.write_shards(tokens, tmp_path / "shards", shard_size=3, tokenizer_name="tiny")
+    write_shards(tokens, tmp_path / "shards", shard_size=3, tokenizer_name="tiny")
     cfg = InterventionConfig(corpus=str(tmp_path / "shards"), n_sequences=4, n_select=2, seq_len=10)
     got = C.load_run_tokens(cfg, model)
     assert got.held_out and torch.equal(got.select, tokens[:2]) and torch.equal(got.measure, tokens[2:6])
@@ -143,7 +143,7 @@ def test_tokens_from_shards_hold_out_the_selection_sequences(tmp_path, tiny):
 def test_cli_main(tmp_path, tiny, monkeypatch, capsys):
     model, _ = tiny("llama_gqa")
     tokens = torch.randint(1, 97, (6, 10), generator=torch.Generator().manual_seed(6))
-    data.write_shards(tokens, tmp_path / "shards", shard_size=6, tokenizer_name="tiny")
+    write_shards(tokens, tmp_path / "shards", shard_size=6, tokenizer_name="tiny")
     monkeypatch.setattr(C, "load_model", lambda *a, **k: model)
     out = tmp_path / "cli"
     argv = ["--model", "tiny", "--corpus", str(tmp_path / "shards"), "--out", str(out), "--seq-len", "10",

@@ -13,14 +13,8 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerFast
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.models import (
-    attention_layout,
-    bridge_from_hf,
-    hook_name,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-)
+from spectra_lens.layout import attention_layout, hook_name
+from spectra_lens.models import bridge_from_hf, load_model, resolve_device, resolve_dtype
 from spectra_lens.testing import FAMILIES, tiny_hf_model
 
 ROTARY_EFFECTIVE = ("llama_gqa", "qwen3", "gemma3", "gemma2")  # families exposing hook_rot_q

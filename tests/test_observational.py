@@ -12,15 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from spectra_lens.experiments import observational
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from experiments import observational
-from spectra_lens import cli, data
+from spectra_lens import cli
 from spectra_lens.config import ObservationalConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import attached, count_hooks
-from spectra_lens.models import attention_layout, bridge_from_hf
+from spectra_lens.layout import attention_layout
+from spectra_lens.models import bridge_from_hf
+from spectra_lens.shards import load_shard, prepare
 from spectra_lens.testing import tiny_hf_model
 
 WORDS = [f"w{i}" for i in range(60)]
@@ -295,7 +297,7 @@ def test_figures_exist_and_hold_data(finished):
     assert not [p for p in files if p.name.startswith(".")]
     mask = os.umask(0)
     os.umask(mask)
-    # (shards/ is written by spectra_lens.data, which still uses mkstemp's 0600)
+    # (shards/ is written by spectra_lens.shards, which still uses mkstemp's 0600)
     ours = [p for p in files if p.parent.name != "shards"]
     assert {stat.S_IMODE(p.stat().st_mode) for p in ours} == {0o666 & ~mask}
 
@@ -307,7 +309,7 @@ def test_interrupted_run_resumes_with_identical_results(bridge, corpus, finished
                                                         monkeypatch):
     cfg = config(tmp_path / "run", corpus)
     out = Path(cfg.out)
-    real_load_shard = data.load_shard
+    real_load_shard = load_shard
     loaded: list[int] = []
 
     def interrupt_after_first_shard(manifest, i):
@@ -315,7 +317,7 @@ def test_interrupted_run_resumes_with_identical_results(bridge, corpus, finished
             raise KeyboardInterrupt
         return real_load_shard(manifest, i)
 
-    monkeypatch.setattr(data, "load_shard", interrupt_after_first_shard)
+    monkeypatch.setattr(observational, "load_shard", interrupt_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
         observational.run(cfg, model=bridge, progress=False)
     assert count_hooks(bridge) == 0
@@ -328,7 +330,7 @@ def test_interrupted_run_resumes_with_identical_results(bridge, corpus, finished
         loaded.append(i)
         return real_load_shard(manifest, i)
 
-    monkeypatch.setattr(data, "load_shard", counting)
+    monkeypatch.setattr(observational, "load_shard", counting)
     result = observational.run(cfg, model=bridge, progress=False)
     assert loaded == [1, 2]  # shard 0 was not captured again
     assert first.stat().st_mtime_ns == mtime
@@ -351,9 +353,9 @@ def test_finished_run_is_refused_and_overwrite_reruns(bridge, corpus, finished, 
     assert (out / "head_summary.csv").read_bytes() == before
 
     # --overwrite reruns everything, also with another tokenization (seq_len, fewer shards).
-    real_load_shard = data.load_shard
+    real_load_shard = load_shard
     loaded: list[int] = []
-    monkeypatch.setattr(data, "load_shard",
+    monkeypatch.setattr(observational, "load_shard",
                         lambda manifest, i: loaded.append(i) or real_load_shard(manifest, i))
     cfg = config(out, corpus, seq_len=16, n_sequences=8, overwrite=True)
     result = observational.run(cfg, model=bridge, progress=False)
@@ -385,7 +387,7 @@ def _jsonl_without_text(tmp_path, corpus):
 
 def _corrupt_shard(tmp_path, corpus):
     shards = tmp_path / "shards"
-    data.prepare(corpus, word_tokenizer(), shards, seq_len=24, n_sequences=12, shard_size=4,
+    prepare(corpus, word_tokenizer(), shards, seq_len=24, n_sequences=12, shard_size=4,
                  tokenizer_name="words")
     blob = bytearray((shards / "shard_00001.safetensors").read_bytes())
     blob[-8:] = bytes(b ^ 0xFF for b in blob[-8:])

@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from spectra_lens import plots
+from spectra_lens import figures as figs
 from spectra_lens.errors import SpectraError
 
 
@@ -73,7 +73,7 @@ def records() -> pd.DataFrame:
 
 
 def test_head_heatmap_puts_each_head_in_its_cell_and_marks_significant(summary):
-    fig = plots.head_heatmap(summary, "r_entropy", mark="significant", title="t")
+    fig = figs.head_heatmap(summary, "r_entropy", mark="significant", title="t")
     assert isinstance(fig, go.Figure)
     heat, marks = fig.data
     np.testing.assert_array_equal(np.asarray(heat.z), [[-0.1, 0.05, -0.3], [0.0, -0.2, -0.8]])
@@ -83,46 +83,46 @@ def test_head_heatmap_puts_each_head_in_its_cell_and_marks_significant(summary):
 
 
 def test_head_heatmap_without_mark_and_with_missing_column(summary):
-    fig = plots.head_heatmap(summary, "partial_r_entropy")
+    fig = figs.head_heatmap(summary, "partial_r_entropy")
     assert len(fig.data) == 1 and fig.layout.title.text == "partial_r_entropy"
     with pytest.raises(SpectraError, match="'nope'"):
-        plots.head_heatmap(summary, "nope")
+        figs.head_heatmap(summary, "nope")
 
 
 def test_r_distribution_has_one_histogram_per_column(summary):
-    fig = plots.r_distribution(summary, {"r_entropy": "raw", "partial_r_entropy": "partial"},
+    fig = figs.r_distribution(summary, {"r_entropy": "raw", "partial_r_entropy": "partial"},
                                title="d")
     assert [t.name for t in fig.data] == ["raw", "partial"]
     np.testing.assert_array_equal(np.asarray(fig.data[0].x), summary["r_entropy"])
     with pytest.raises(SpectraError, match="missing"):
-        plots.r_distribution(summary, {"missing": "m"}, title="d")
+        figs.r_distribution(summary, {"missing": "m"}, title="d")
 
 
 def test_layer_summary_bars(layer_stats):
-    fig = plots.layer_summary(layer_stats, title="layers")
+    fig = figs.layer_summary(layer_stats, title="layers")
     mean_bar, frac_bar = fig.data
     np.testing.assert_allclose(np.asarray(mean_bar.y), [0.15, 0.33])
     np.testing.assert_allclose(np.asarray(mean_bar.error_y.array), [0.18, 0.4])
     np.testing.assert_allclose(np.asarray(frac_bar.y), [1 / 3, 1 / 3])
     # Without the optional spread column there are no error bars, and no error.
-    bare = plots.layer_summary(layer_stats.drop(columns="std_r"), title="x")
+    bare = figs.layer_summary(layer_stats.drop(columns="std_r"), title="x")
     assert bare.data[0].error_y.array is None
     with pytest.raises(SpectraError, match="frac_significant"):
-        plots.layer_summary(layer_stats.drop(columns="frac_significant"), title="x")
+        figs.layer_summary(layer_stats.drop(columns="frac_significant"), title="x")
 
 
 def test_norm_entropy_scatter_one_panel_per_head_and_subsamples(records):
-    fig = plots.norm_entropy_scatter(records, [(0, 0), (1, 2)], max_points=50, seed=1)
+    fig = figs.norm_entropy_scatter(records, [(0, 0), (1, 2)], max_points=50, seed=1)
     assert len(fig.data) == 2
     assert [a.text for a in fig.layout.annotations] == ["L0 H0", "L1 H2"]
     for trace in fig.data:
         assert len(trace.x) == len(trace.y) == 50
     sub = records[(records["layer"] == 1) & (records["head"] == 2)]
     assert set(np.asarray(fig.data[1].x)) <= set(sub["q_norm"])
-    full = plots.norm_entropy_scatter(records, [(0, 0)], y="entropy")
+    full = figs.norm_entropy_scatter(records, [(0, 0)], y="entropy")
     assert len(full.data[0].x) == 200
     with pytest.raises(SpectraError, match="at least one"):
-        plots.norm_entropy_scatter(records, [])
+        figs.norm_entropy_scatter(records, [])
 
 
 def _umask() -> int:
@@ -132,8 +132,8 @@ def _umask() -> int:
 
 
 def test_save_figure_writes_html_and_plotlyjs_atomically(tmp_path, summary):
-    fig = plots.head_heatmap(summary, "r_entropy", mark="significant")
-    written = plots.save_figure(fig, tmp_path / "figs" / "heat", png=False)
+    fig = figs.head_heatmap(summary, "r_entropy", mark="significant")
+    written = figs.save_figure(fig, tmp_path / "figs" / "heat", png=False)
     html = tmp_path / "figs" / "heat.html"
     assert written == [html]
     bundle = tmp_path / "figs" / "plotly.min.js"
@@ -147,7 +147,7 @@ def test_save_figure_writes_html_and_plotlyjs_atomically(tmp_path, summary):
 
     # A second figure reuses the bundle rather than rewriting it.
     before = bundle.stat().st_mtime_ns
-    plots.save_figure(plots.r_distribution(summary, {"r_entropy": "r"}, title="r"),
+    figs.save_figure(figs.r_distribution(summary, {"r_entropy": "r"}, title="r"),
                       tmp_path / "figs" / "dist", png=False)
     assert bundle.stat().st_mtime_ns == before
     assert traces_have_data(figure_json(tmp_path / "figs" / "dist.html")[0])
@@ -155,15 +155,15 @@ def test_save_figure_writes_html_and_plotlyjs_atomically(tmp_path, summary):
 
 def test_save_figure_png_is_optional(tmp_path, summary):
     """With png=True the HTML is always written; a PNG only where an exporter works."""
-    written = plots.save_figure(plots.head_heatmap(summary, "r_entropy"), tmp_path / "h")
+    written = figs.save_figure(figs.head_heatmap(summary, "r_entropy"), tmp_path / "h")
     assert written[0] == tmp_path / "h.html"
     assert all(p.exists() for p in written)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_failed_write_keeps_the_old_figure_and_leaves_no_temp_file(tmp_path, summary, monkeypatch):
-    fig = plots.head_heatmap(summary, "r_entropy")
-    plots.save_figure(fig, tmp_path / "h", png=False)
+    fig = figs.head_heatmap(summary, "r_entropy")
+    figs.save_figure(fig, tmp_path / "h", png=False)
     old = (tmp_path / "h.html").read_text()
 
     def broken(self, file, **kw):
@@ -172,7 +172,7 @@ def test_failed_write_keeps_the_old_figure_and_leaves_no_temp_file(tmp_path, sum
 
     monkeypatch.setattr(go.Figure, "write_html", broken)
     with pytest.raises(KeyboardInterrupt):
-        plots.save_figure(plots.head_heatmap(summary, "partial_r_entropy"), tmp_path / "h",
+        figs.save_figure(figs.head_heatmap(summary, "partial_r_entropy"), tmp_path / "h",
                           png=False)
     assert (tmp_path / "h.html").read_text() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.html", "plotly.min.js"]

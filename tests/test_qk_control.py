@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 import torch
+from spectra_lens.experiments import qk_control
 
-from experiments import qk_control
 from spectra_lens.config import QKConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import count_hooks

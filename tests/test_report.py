@@ -17,9 +17,9 @@ import pytest
 import torch
 from plotly.offline import get_plotlyjs
 
-from spectra_lens import data
 from spectra_lens.errors import SpectraError
 from spectra_lens.report import EXPERIMENTS, _slug, build_report, find_runs, main, write_report
+from spectra_lens.shards import write_shards
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 FAMILY = "llama_gqa"  # grouped keys: the default model's architecture, in miniature
@@ -32,7 +32,7 @@ def _shards(root: Path) -> Path:
     """A prepared shard set for the tiny models (they have no tokenizer): 8 sequences × 16."""
     tokens = torch.randint(1, 97, (8, 16), generator=torch.Generator().manual_seed(0))
     out = root / "tiny_shards"
-    data.write_shards(tokens, out, shard_size=2, tokenizer_name="tiny-random", corpus="random ids")
+    write_shards(tokens, out, shard_size=2, tokenizer_name="tiny-random", corpus="random ids")
     return out
 
 
@@ -41,7 +41,8 @@ _CAUSAL = {"seq_len": 16, "n_sequences": 4, "n_select": 2, "alphas": (0.5, 1.0, 
 
 
 def _run_observational(out: Path, model, corpus: Path) -> None:
-    from experiments.observational import run
+    from spectra_lens.experiments.observational import run
+
     from spectra_lens.config import ObservationalConfig
 
     run(ObservationalConfig(out=str(out), corpus=str(corpus), seq_len=16, n_sequences=8,
@@ -50,21 +51,24 @@ def _run_observational(out: Path, model, corpus: Path) -> None:
 
 
 def _run_intervention(out: Path, model, corpus: Path) -> None:
-    from experiments.intervention import run
+    from spectra_lens.experiments.intervention import run
+
     from spectra_lens.config import InterventionConfig
 
     run(InterventionConfig(out=str(out), corpus=str(corpus), **_CAUSAL), model=model, progress=False)
 
 
 def _run_gain(out: Path, model, corpus: Path) -> None:
-    from experiments.gain import run
+    from spectra_lens.experiments.gain import run
+
     from spectra_lens.config import GainConfig
 
     run(GainConfig(out=str(out), corpus=str(corpus), **_CAUSAL), model=model, progress=False)
 
 
 def _run_qk_control(out: Path, model, corpus: Path) -> None:
-    from experiments.qk_control import run
+    from spectra_lens.experiments.qk_control import run
+
     from spectra_lens.config import QKConfig
 
     run(QKConfig(out=str(out), corpus=str(corpus), **_CAUSAL), model=model, progress=False)
@@ -72,10 +76,10 @@ def _run_qk_control(out: Path, model, corpus: Path) -> None:
 
 # experiment -> (module, function running it small into `out` on `model`)
 RUNNERS = {
-    "observational": ("experiments.observational", _run_observational),
-    "intervention": ("experiments.intervention", _run_intervention),
-    "gain": ("experiments.gain", _run_gain),
-    "qk_control": ("experiments.qk_control", _run_qk_control),
+    "observational": ("spectra_lens.experiments.observational", _run_observational),
+    "intervention": ("spectra_lens.experiments.intervention", _run_intervention),
+    "gain": ("spectra_lens.experiments.gain", _run_gain),
+    "qk_control": ("spectra_lens.experiments.qk_control", _run_qk_control),
 }
 
 

@@ -9,21 +9,23 @@ import torch
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import KeyScale, MetricCapture, QueryScale, attached, count_hooks
-from spectra_lens.sweep import (
-    SWEEP_METRICS,
-    alpha_metrics,
-    analytic_gain,
-    check_alphas,
-    exact_head_sweep,
-    exact_sweep,
-    fast_sweep,
-    pattern_metrics,
-    sweep_heads,
-    t_interval,
-)
+from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics, pattern_metrics
+from spectra_lens.stats import t_interval
+from spectra_lens.sweep import analytic_gain, head_curves, intervention_effects
+from spectra_lens.validate import check_alphas
 
 BILINEAR = ("gpt2", "neox", "llama_gqa", "qwen3", "gemma3", "opt")
 NON_BILINEAR = ("gemma2", "bloom")
+
+
+def fast_sweep(*args, **kw):
+    return head_curves(*args, method="fast", **kw)
+
+
+def exact_head_sweep(*args, **kw):
+    return head_curves(*args, method="exact", **kw)
+
+
 ALPHAS = (0.25, 0.5, 0.8, 1.0, 1.25, 2.0, 4.0)
 
 
@@ -114,7 +116,7 @@ def test_fast_path_refused_where_not_bilinear(tiny, toks, family):
     model, layout = tiny(family)
     with pytest.raises(SpectraError, match="fast path"):
         fast_sweep(model, toks, ALPHAS)
-    sweep = sweep_heads(model, toks, ALPHAS)
+    sweep = head_curves(model, toks, ALPHAS)
     assert sweep.method == ("exact",) * layout.n_layers
     assert all(r and ("soft-capped" in r or "ALiBi" in r) for r in sweep.reason)
     summary = sweep.summary()
@@ -122,7 +124,7 @@ def test_fast_path_refused_where_not_bilinear(tiny, toks, family):
     exact = exact_head_sweep(model, toks, ALPHAS)
     torch.testing.assert_close(sweep.metrics.entropy, exact.metrics.entropy)
     # the softmax(α·s) prediction is really wrong here, so refusing it matters
-    sw = exact_sweep(model, toks, (4.0,), QueryScale(1, 0, 1.0), layers=[1], patterns_for=[(1, 0)])
+    sw = intervention_effects(model, toks, (4.0,), QueryScale(1, 0, 1.0), layers=[1], patterns_for=[(1, 0)])
     predicted = M.rescale_pattern(sw.base_patterns[(1, 0)], 4.0)
     assert (sw.patterns[(1, 0)][0] - predicted).abs().max() > 1e-4
     assert count_hooks(model) == 0
@@ -130,7 +132,7 @@ def test_fast_path_refused_where_not_bilinear(tiny, toks, family):
 
 def test_sweep_heads_summary_columns(tiny, toks):
     model, layout = tiny("llama_gqa")
-    sweep = sweep_heads(model, toks, ALPHAS, layers=[1], batch_size=2)
+    sweep = head_curves(model, toks, ALPHAS, layers=[1], batch_size=2)
     s = sweep.summary(ci=0.9)
     assert len(s) == layout.n_heads * len(ALPHAS)
     for c in ("layer", "head", "scale", "mean_entropy", "mean_entropy_ci_low", "mean_entropy_ci_high",
@@ -139,7 +141,7 @@ def test_sweep_heads_summary_columns(tiny, toks):
         assert c in s.columns
     assert (s["mean_entropy_ci_low"] <= s["mean_entropy"]).all()
     assert (s["mean_entropy"] <= s["mean_entropy_ci_high"]).all()
-    whole = sweep_heads(model, toks, ALPHAS, layers=[1])
+    whole = head_curves(model, toks, ALPHAS, layers=[1])
     torch.testing.assert_close(sweep.metrics.entropy, whole.metrics.entropy)
     assert "fast/exact=1/0" in repr(sweep)
 
@@ -171,7 +173,7 @@ def test_analytic_gain_matches_central_difference(tiny, toks, family):
 
 def test_measured_metrics_equal_metric_capture(tiny, toks):
     model, layout = tiny("qwen3")
-    sweep = exact_sweep(model, toks, (1.0,), QueryScale(0, 0, 1.0))
+    sweep = intervention_effects(model, toks, (1.0,), QueryScale(0, 0, 1.0))
     cap = MetricCapture(layout)
     with torch.no_grad(), attached(model, cap):
         model(toks)
@@ -184,7 +186,7 @@ def test_measured_metrics_equal_metric_capture(tiny, toks):
 def test_exact_sweep_downstream_effects(tiny, toks):
     model, layout = tiny("llama_gqa")
     layer, head = 0, 1
-    sw = exact_sweep(model, toks, ALPHAS, QueryScale(layer, head, 1.0), patterns_for=[(layer, head)], max_rows=6)
+    sw = intervention_effects(model, toks, ALPHAS, QueryScale(layer, head, 1.0), patterns_for=[(layer, head)], max_rows=6)
     i1 = sw.alphas.index(1.0)
     assert sw.kl[i1].abs().max() == 0 and sw.delta_loss[i1].abs().max() == 0
     assert (sw.kl >= -1e-7).all() and (sw.kl[0] > 0).all()
@@ -201,7 +203,7 @@ def test_exact_sweep_downstream_effects(tiny, toks):
     torch.testing.assert_close(sw.patterns[(layer, head)][-1], M.rescale_pattern(sw.base_patterns[(layer, head)], 4.0),
                                atol=1e-5, rtol=1e-5)
     # chunking does not change anything
-    one = exact_sweep(model, toks, ALPHAS, QueryScale(layer, head, 1.0), max_rows=1)
+    one = intervention_effects(model, toks, ALPHAS, QueryScale(layer, head, 1.0), max_rows=1)
     torch.testing.assert_close(one.scaled.entropy, sw.scaled.entropy, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(one.kl, sw.kl, atol=1e-6, rtol=1e-4)
     frame = sw.head_frame(layer, head)
@@ -216,7 +218,7 @@ def test_exact_sweep_downstream_effects(tiny, toks):
 
 def test_exact_sweep_key_scaling_reaches_the_whole_group(tiny, toks):
     model, layout = tiny("llama_gqa")
-    sw = exact_sweep(model, toks, (0.5, 1.0, 2.0), KeyScale(1, 1, 1.0), layers=[1])
+    sw = intervention_effects(model, toks, (0.5, 1.0, 2.0), KeyScale(1, 1, 1.0), layers=[1])
     d = (sw.scaled.entropy - sw.unscaled.entropy[None])[:, :, 0]  # [alpha, batch, head]
     group = layout.heads_of_kv(1)
     assert group == (2, 3)
@@ -227,15 +229,15 @@ def test_exact_sweep_key_scaling_reaches_the_whole_group(tiny, toks):
 def test_exact_sweep_rejects_bad_input(tiny, toks):
     model, layout = tiny("gpt2")
     with pytest.raises(SpectraError, match="alpha"):
-        exact_sweep(model, toks, [], QueryScale(0, 0, 1.0))
+        intervention_effects(model, toks, [], QueryScale(0, 0, 1.0))
     with pytest.raises(SpectraError, match="> 0"):
-        exact_sweep(model, toks, [0.0, 1.0], QueryScale(0, 0, 1.0))
+        intervention_effects(model, toks, [0.0, 1.0], QueryScale(0, 0, 1.0))
     with pytest.raises(SpectraError, match="head"):
-        exact_sweep(model, toks, [1.0, 2.0], QueryScale(0, layout.n_heads, 1.0))
+        intervention_effects(model, toks, [1.0, 2.0], QueryScale(0, layout.n_heads, 1.0))
     with pytest.raises(SpectraError, match="scaling dataclass"):
-        exact_sweep(model, toks, [1.0, 2.0], "q")
+        intervention_effects(model, toks, [1.0, 2.0], "q")
     with pytest.raises(SpectraError, match="min_position"):
-        exact_sweep(model, toks, [1.0, 2.0], QueryScale(0, 0, 1.0), min_position=toks.shape[1])
+        intervention_effects(model, toks, [1.0, 2.0], QueryScale(0, 0, 1.0), min_position=toks.shape[1])
     with pytest.raises(SpectraError, match="layer"):
         fast_sweep(model, toks, [1.0, 2.0], layers=[layout.n_layers])
     with pytest.raises(SpectraError, match="max_rows"):
@@ -243,16 +245,9 @@ def test_exact_sweep_rejects_bad_input(tiny, toks):
     assert count_hooks(model) == 0
 
 
-def test_query_sweeps_per_head(tiny, toks):
-    from spectra_lens.sweep import query_sweeps
-
-    model, layout = tiny("neox")
-    got = query_sweeps(model, toks, (0.5, 1.0, 2.0), [(0, 1), (1, 3)])
-    assert set(got) == {(0, 1), (1, 3)}
-    assert got[(0, 1)].scaled.layers == (0, 1) and got[(1, 3)].scaled.layers == (1,)
+def test_intervention_effects_of_one_head_match_its_own_curve(tiny, toks):
+    model, _ = tiny("neox")
+    got = intervention_effects(model, toks, (0.5, 1.0, 2.0), QueryScale(1, 3, 1.0), layers=[1])
+    assert got.scaled.layers == (1,)
     fast = fast_sweep(model, toks, (0.5, 1.0, 2.0))
-    torch.testing.assert_close(got[(1, 3)].scaled.entropy[:, :, 0, 3], fast.metrics.entropy[:, :, 1, 3], atol=1e-5, rtol=1e-6)
-    with pytest.raises(SpectraError, match="at least one"):
-        query_sweeps(model, toks, (1.0, 2.0), [])
-    with pytest.raises(SpectraError, match="head"):
-        query_sweeps(model, toks, (1.0, 2.0), [(0, 9)])
+    torch.testing.assert_close(got.scaled.entropy[:, :, 0, 3], fast.metrics.entropy[:, :, 1, 3], atol=1e-5, rtol=1e-6)

@@ -1,7 +1,7 @@
 """Plotly figures of the causal experiments (EXP1 intervention, EXP2 gain, EXP3 Q vs K).
 
 Every function takes the experiment's tables (pandas DataFrames with the CSV columns) and
-returns a `go.Figure`; none shows or writes (`plots.save_figure` writes). The α axis is
+returns a `go.Figure`; none shows or writes (`figures.save_figure` writes). The α axis is
 logarithmic throughout, so a constant gain dH/d ln α is a straight line.
 """
 

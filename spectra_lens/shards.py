@@ -1,6 +1,6 @@
-"""Corpora -> fixed-length token sequences -> checksummed shards with a JSON manifest.
+"""Token shards on disk: fixed-length token sequences -> checksummed shards with a JSON manifest.
 
-The pipeline has three stages, each usable on its own:
+The last of three stages (the first two, sources and tokenizing, are `spectra_lens.corpus`):
 
 1. A `Corpus` is a described, re-iterable source of documents (str), read lazily:
    `default_corpus()` (CPython's reference documentation, `pydoc_data.topics`), `text_files`,
@@ -40,16 +40,12 @@ Shard files are safetensors (one tensor under the key "tokens") or `.npy` arrays
 """
 
 import bisect
-import glob
 import hashlib
 import io
 import json
 import logging
 import os
-import platform
-import re
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -61,25 +57,30 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from spectra_lens.corpus import (
+    Corpus,
+    _bos_token,
+    default_corpus,
+    hf_dataset,
+    jsonl,
+    text_files,
+    tokenize_corpus,
+)
 from spectra_lens.errors import SpectraError
+from spectra_lens.runs import atomic_write_bytes
+from spectra_lens.validate import check_int, check_tokens
 
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
-    "Corpus",
     "ShardInfo",
     "ShardManifest",
     "corpus_from_spec",
-    "default_corpus",
-    "hf_dataset",
     "iter_shards",
-    "jsonl",
     "load_shard",
     "load_tokens",
     "prepare",
     "read_manifest",
-    "text_files",
-    "tokenize_corpus",
     "write_shards",
 ]
 
@@ -90,335 +91,10 @@ MANIFEST_VERSION = 1
 _FORMAT = "spectra_lens.shards"
 _SHARD_KEY = "tokens"
 _SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy"}
-_GLOB_MAGIC = re.compile(r"[*?\[]")
-_ENCODE_BATCH = 64  # documents per tokenizer call: fast tokenizers parallelize within a batch
 
 Tokens = Int[Tensor, "sequence pos"]
 PathLike = str | os.PathLike[str]
 FileFormat = Literal["safetensors", "npy"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Text sources
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """A described, re-iterable source of documents.
-
-    Iterating calls `reader` afresh, so the documents are read lazily and the same corpus can be
-    tokenized twice. `description` is what a shard manifest records as the corpus.
-    """
-
-    description: str  # recorded in the shard manifest, so a run can be traced to its text
-    reader: Callable[[], Iterator[str]] = field(repr=False, compare=False)  # yields documents
-
-    def __iter__(self) -> Iterator[str]:
-        return self.reader()
-
-
-def default_corpus() -> Corpus:
-    """CPython's reference documentation text, `pydoc_data.topics`, one document per topic.
-
-    It ships with every Python install, so it needs no download. Topics are read in sorted key
-    order; the text differs between Python versions, which the description records.
-    """
-    from pydoc_data.topics import topics
-
-    def read() -> Iterator[str]:
-        for key in sorted(topics):
-            yield topics[key]
-
-    description = (
-        f"pydoc_data.topics: CPython {platform.python_version()} reference documentation "
-        f"({len(topics)} topics)"
-    )
-    return Corpus(description, read)
-
-
-def text_files(paths_or_globs: PathLike | Iterable[PathLike]) -> Corpus:
-    """Plain UTF-8 text files, one document per file.
-
-    Each argument is a file path or a glob (`**` recurses). A glob's matches are read in sorted
-    order; arguments keep the order given and a file named twice is read once. Missing files,
-    globs without a match and empty files raise `SpectraError` here, before any reading.
-    """
-    if isinstance(paths_or_globs, (str, os.PathLike)):
-        items = [os.fspath(paths_or_globs)]
-    else:
-        items = [os.fspath(p) for p in paths_or_globs]
-    if not items:
-        raise SpectraError("text_files expected at least one file path or glob; got none")
-    files: dict[Path, None] = {}  # ordered set
-    for item in items:
-        if _GLOB_MAGIC.search(item):
-            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise SpectraError(
-                    f"glob {item!r} matched no files (relative to {os.getcwd()}); "
-                    "expected at least one text file"
-                )
-            files.update((Path(p), None) for p in matches)
-            continue
-        path = Path(item)
-        if path.is_dir():
-            raise SpectraError(
-                f"{item!r} is a directory; expected a text file or a glob such as "
-                f"{os.path.join(item, '*.txt')!r}"
-            )
-        if not path.is_file():
-            raise SpectraError(f"text file not found: {item!r}")
-        files[path] = None
-    for path in files:
-        if path.stat().st_size == 0:
-            raise SpectraError(f"text file {str(path)!r} is empty; expected some text")
-
-    def read() -> Iterator[str]:
-        for path in files:
-            text = _read_text(path)
-            if not text.strip():
-                raise SpectraError(f"text file {str(path)!r} holds only whitespace")
-            yield text
-
-    return Corpus(f"text files {', '.join(items)} ({len(files)} files)", read)
-
-
-def jsonl(path: PathLike, field: str = "text") -> Corpus:
-    """A JSON-lines file, one document per line taken from the string field `field`.
-
-    Blank lines are skipped. A line that is not a JSON object with a string `field` raises
-    `SpectraError` naming the file and line number (when iteration reaches it).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SpectraError(f"JSONL file not found: {str(path)!r}")
-
-    def read() -> Iterator[str]:
-        with path.open(encoding="utf-8") as lines:
-            try:
-                for lineno, line in enumerate(lines, start=1):
-                    if line.strip():
-                        yield _jsonl_text(line, field, f"{path}:{lineno}")
-            except UnicodeDecodeError as err:
-                raise SpectraError(f"{path} is not UTF-8 text: {err}") from None
-
-    return Corpus(f"JSONL {path} (field {field!r})", read)
-
-
-def hf_dataset(name: str, split: str = "train", field: str = "text", **kw: Any) -> Corpus:
-    """A Hugging Face dataset, streamed, one document per row from the string field `field`.
-
-    Needs the optional `datasets` package. `kw` goes to `datasets.load_dataset` (for example
-    `name=` for a configuration or `data_files=`); `streaming` defaults to True so nothing is
-    downloaded beyond the rows read.
-    """
-    try:
-        import datasets
-    except ImportError:
-        raise SpectraError(
-            f"reading the Hugging Face dataset {name!r} needs the `datasets` package, which is "
-            "not installed; fix: pip install datasets"
-        ) from None
-    kw.setdefault("streaming", True)
-
-    def read() -> Iterator[str]:
-        rows = datasets.load_dataset(name, split=split, **kw)
-        for i, row in enumerate(rows):
-            if field not in row:
-                raise SpectraError(
-                    f"Hugging Face dataset {name!r} (split {split!r}): row {i} has no field "
-                    f"{field!r}; its fields are {sorted(row)}"
-                )
-            text = row[field]
-            if not isinstance(text, str):
-                raise SpectraError(
-                    f"Hugging Face dataset {name!r} (split {split!r}): row {i} field {field!r} "
-                    f"is {type(text).__name__}; expected a string"
-                )
-            yield text
-
-    options = "".join(f", {k}={v!r}" for k, v in sorted(kw.items()) if k != "streaming")
-    description = f"Hugging Face dataset {name!r} (split={split!r}, field={field!r}{options})"
-    return Corpus(description, read)
-
-
-def corpus_from_spec(spec: PathLike | None) -> "Corpus | ShardManifest":
-    """Resolve a command-line corpus string.
-
-    - None or "default": `default_corpus()`;
-    - "hf:NAME[:SPLIT[:FIELD]]": `hf_dataset(NAME, SPLIT, FIELD)`;
-    - "PATH.jsonl[:FIELD]": `jsonl(PATH, FIELD)`;
-    - a directory holding a shard `manifest.json`: that manifest (already tokenized shards);
-    - anything else: a text file or glob, `text_files(spec)`.
-    """
-    if spec is None or spec == "default":
-        return default_corpus()
-    spec = os.fspath(spec)
-    if not spec:
-        raise SpectraError("corpus spec is empty; expected 'default', 'hf:NAME', a path or glob")
-    if spec.startswith("hf:"):
-        parts = spec[3:].split(":")
-        if not parts[0] or len(parts) > 3 or not all(parts):
-            raise SpectraError(
-                f"corpus spec {spec!r}: expected 'hf:NAME[:SPLIT[:FIELD]]' with non-empty parts"
-            )
-        return hf_dataset(*parts)
-    head, sep, tail = spec.rpartition(":")
-    if sep and head.endswith(".jsonl") and tail:
-        return jsonl(head, field=tail)
-    if spec.endswith(".jsonl"):
-        return jsonl(spec)
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, MANIFEST_NAME)):
-        return read_manifest(spec)
-    if os.path.isdir(spec):
-        raise SpectraError(
-            f"corpus directory {spec!r} holds no {MANIFEST_NAME}; expected prepared shards, or "
-            f"pass a glob such as {os.path.join(spec, '*.txt')!r} to read its text files"
-        )
-    return text_files(spec)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise SpectraError(f"text file {str(path)!r} is not UTF-8 text: {err}") from None
-
-
-def _jsonl_text(line: str, field: str, where: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise SpectraError(
-            f"{where}: invalid JSON ({err.msg} at column {err.colno}); expected one JSON object "
-            "per line"
-        ) from None
-    if not isinstance(record, dict):
-        raise SpectraError(
-            f"{where}: expected a JSON object with a {field!r} field, got {type(record).__name__}"
-        )
-    if field not in record:
-        raise SpectraError(f"{where}: no field {field!r}; the record has fields {sorted(record)}")
-    text = record[field]
-    if not isinstance(text, str):
-        raise SpectraError(f"{where}: field {field!r} is {type(text).__name__}; expected a string")
-    return text
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenization
-
-
-def tokenize_corpus(
-    docs: Iterable[str],
-    tokenizer: Any,
-    *,
-    seq_len: int,
-    max_sequences: int | None = None,
-    prepend_bos: bool | None = None,
-    min_tokens: int | None = None,
-) -> Tokens:
-    """Documents -> `[n_sequences, seq_len]` token ids, deterministically.
-
-    Documents are encoded without special tokens and concatenated with the tokenizer's EOS token
-    between consecutive documents (no separator if it has none). The stream is cut into
-    consecutive chunks; with BOS each sequence is `[BOS] + seq_len - 1` content tokens, else
-    `seq_len` content tokens. The trailing partial chunk is dropped.
-
-    Args:
-        docs: documents, read lazily; reading stops once `max_sequences` are filled.
-        tokenizer: a Hugging Face tokenizer (callable, with `bos_token_id`, `eos_token_id`).
-        seq_len: tokens per sequence, BOS included; at least 2.
-        max_sequences: keep at most this many sequences (None: all).
-        prepend_bos: start every sequence with BOS. None: when the tokenizer defines one. Pass the
-            model's own setting (TransformerLens `cfg.default_prepend_bos`) to follow the model.
-        min_tokens: skip documents shorter than this many tokens (None: keep all).
-    """
-    if isinstance(docs, str):
-        raise SpectraError("tokenize_corpus expected an iterable of documents; got one str")
-    _check_int("seq_len", seq_len, minimum=2)
-    if max_sequences is not None:
-        _check_int("max_sequences", max_sequences, minimum=1)
-    if min_tokens is not None:
-        _check_int("min_tokens", min_tokens, minimum=1)
-    bos = _bos_token(tokenizer, prepend_bos)
-    eos = tokenizer.eos_token_id
-    content_len = seq_len - (bos is not None)
-    wanted = None if max_sequences is None else max_sequences * content_len
-
-    pieces: list[np.ndarray] = []
-    n_tokens = n_docs = n_skipped = 0
-    for ids in _encode_documents(docs, tokenizer):
-        if not ids:
-            continue
-        if min_tokens is not None and len(ids) < min_tokens:
-            n_skipped += 1
-            continue
-        if n_docs and eos is not None:
-            pieces.append(np.array([eos], dtype=np.int64))
-            n_tokens += 1
-        pieces.append(np.asarray(ids, dtype=np.int64))
-        n_tokens += len(ids)
-        n_docs += 1
-        if wanted is not None and n_tokens >= wanted:
-            break
-
-    skipped = f" ({n_skipped} shorter than min_tokens={min_tokens} skipped)" if n_skipped else ""
-    if n_docs == 0:
-        raise SpectraError(f"empty corpus: expected documents with text, found none{skipped}")
-    n_sequences = n_tokens // content_len
-    if max_sequences is not None:
-        n_sequences = min(n_sequences, max_sequences)
-    if n_sequences == 0:
-        bos_note = " after BOS" if bos is not None else ""
-        raise SpectraError(
-            f"corpus too short: found {n_tokens} tokens in {n_docs} documents{skipped}; one "
-            f"sequence of seq_len={seq_len} needs {content_len} content tokens{bos_note}"
-        )
-    stream = np.concatenate(pieces)[: n_sequences * content_len]
-    body = torch.from_numpy(stream).view(n_sequences, content_len)
-    if bos is None:
-        return body.clone()
-    return torch.cat([torch.full((n_sequences, 1), bos, dtype=torch.long), body], dim=1)
-
-
-def _bos_token(tokenizer: Any, prepend_bos: bool | None) -> int | None:
-    """The BOS id to prepend, or None for no BOS."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if prepend_bos is None:
-        return bos
-    if prepend_bos and bos is None:
-        raise SpectraError(
-            f"prepend_bos=True but the tokenizer {_tokenizer_label(tokenizer)} has no BOS token; "
-            "pass prepend_bos=False or None"
-        )
-    return bos if prepend_bos else None
-
-
-def _encode_documents(docs: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
-    """Token ids of each document, without special tokens, encoded in batches."""
-    batch: list[str] = []
-    for i, doc in enumerate(docs):
-        if not isinstance(doc, str):
-            raise SpectraError(f"document {i} is {type(doc).__name__}; expected str")
-        batch.append(doc)
-        if len(batch) == _ENCODE_BATCH:
-            yield from _encode(tokenizer, batch)
-            batch = []
-    if batch:
-        yield from _encode(tokenizer, batch)
-
-
-def _encode(tokenizer: Any, batch: list[str]) -> list[list[int]]:
-    # verbose=False: documents longer than the model's context are expected here, since they are
-    # cut into seq_len chunks; without it transformers warns about every one.
-    encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)
-    return encoded["input_ids"]
-
-
-def _tokenizer_label(tokenizer: Any) -> str:
-    name = getattr(tokenizer, "name_or_path", "")
-    return repr(name) if name else type(tokenizer).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,8 +212,8 @@ def write_shards(
         file_format: "safetensors" (key "tokens") or "npy".
         overwrite: replace an existing, different shard set.
     """
-    _check_tokens(tokens)
-    _check_int("shard_size", shard_size, minimum=1)
+    check_tokens(tokens)
+    check_int("shard_size", shard_size, minimum=1)
     if file_format not in _SUFFIXES:
         raise SpectraError(f"file_format must be one of {sorted(_SUFFIXES)}; got {file_format!r}")
     if not tokenizer_name:
@@ -601,8 +277,8 @@ def write_shards(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for info, blob in zip(shards, blobs, strict=True):
-        _atomic_write(out_dir / info.file, blob)
-    _atomic_write(out_dir / MANIFEST_NAME, _manifest_bytes(manifest))
+        atomic_write_bytes(out_dir / info.file, blob)
+    atomic_write_bytes(out_dir / MANIFEST_NAME, _manifest_bytes(manifest))
     for name in stale:
         (out_dir / name).unlink(missing_ok=True)
     logger.info("wrote %d sequences of %d tokens in %d shards to %s", n_sequences, seq_len,
@@ -683,19 +359,6 @@ def load_tokens(
     return torch.cat(parts)
 
 
-def _check_tokens(tokens: Any) -> None:
-    if not isinstance(tokens, Tensor):
-        raise SpectraError(f"tokens must be a torch.Tensor; got {type(tokens).__name__}")
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise SpectraError(
-            f"tokens must have shape [n_sequences, seq_len], both > 0; got {tuple(tokens.shape)}"
-        )
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise SpectraError(f"tokens must be integer ids; got dtype {tokens.dtype}")
-    if int(tokens.min()) < 0:
-        raise SpectraError(f"token ids must be non-negative; got minimum {int(tokens.min())}")
-
-
 def _storage_dtype(tokens: Tensor, dtype: str | None) -> str:
     fits_int32 = int(tokens.max()) <= torch.iinfo(torch.int32).max
     if dtype is None:
@@ -727,24 +390,6 @@ def _deserialize(blob: bytes, path: Path) -> Tensor:
             f"shard file {path} has tensors {sorted(tensors)}; expected one named {_SHARD_KEY!r}"
         )
     return tensors[_SHARD_KEY]
-
-
-def _atomic_write(path: Path, blob: bytes) -> None:
-    """Write `blob` to `path` so that readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file 0600; shards are ordinary data, readable as the umask allows.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _manifest_bytes(manifest: ShardManifest) -> bytes:
@@ -851,11 +496,6 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise SpectraError(f"{name} must be an integer >= {minimum}; got {value!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # The whole pipeline
 
@@ -885,7 +525,7 @@ def prepare(
     `write_shards` for `dtype`, `file_format` and `overwrite`.
     """
     if n_sequences is not None:
-        _check_int("n_sequences", n_sequences, minimum=1)
+        check_int("n_sequences", n_sequences, minimum=1)
     name = tokenizer_name or getattr(tokenizer, "name_or_path", "")
     if not name:
         raise SpectraError(
@@ -936,3 +576,41 @@ def _reuse_shards(
             f"least n_sequences={n_sequences}"
         )
     return load_tokens(source, stop=n_sequences)
+
+
+def corpus_from_spec(spec: PathLike | None) -> "Corpus | ShardManifest":
+    """Resolve a command-line corpus string.
+
+    - None or "default": `default_corpus()`;
+    - "hf:NAME[:SPLIT[:FIELD]]": `hf_dataset(NAME, SPLIT, FIELD)`;
+    - "PATH.jsonl[:FIELD]": `jsonl(PATH, FIELD)`;
+    - a directory holding a shard `manifest.json`: that manifest (already tokenized shards);
+    - anything else: a text file or glob, `text_files(spec)`.
+    """
+    if spec is None or spec == "default":
+        return default_corpus()
+    spec = os.fspath(spec)
+    if not spec:
+        raise SpectraError("corpus spec is empty; expected 'default', 'hf:NAME', a path or glob")
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":")
+        if not parts[0] or len(parts) > 3 or not all(parts):
+            raise SpectraError(
+                f"corpus spec {spec!r}: expected 'hf:NAME[:SPLIT[:FIELD]]' with non-empty parts"
+            )
+        return hf_dataset(*parts)
+    head, sep, tail = spec.rpartition(":")
+    if sep and head.endswith(".jsonl") and tail:
+        return jsonl(head, field=tail)
+    if spec.endswith(".jsonl"):
+        return jsonl(spec)
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, MANIFEST_NAME)):
+        return read_manifest(spec)
+    if os.path.isdir(spec):
+        raise SpectraError(
+            f"corpus directory {spec!r} holds no {MANIFEST_NAME}; expected prepared shards, or "
+            f"pass a glob such as {os.path.join(spec, '*.txt')!r} to read its text files"
+        )
+    return text_files(spec)
+
+

@@ -1,24 +1,17 @@
-"""Plotly figures of results. Functions return `go.Figure` and never show; `save_figure` writes.
-
-HTML is always written (plotly.js sits once beside the figures, so pages work offline); PNG too
-when an image exporter (kaleido) is installed and works.
-"""
+"""Plotly figures of per-head observational results (EXP0): heatmaps over (layer, head), r
+distributions, layer summaries, query norm vs entropy. Functions take tables and return
+`go.Figure`; none shows or writes (`figures.save_figure` writes)."""
 
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.runs import atomic_write
 
 __all__ = [
-    "save_figure",
     "head_heatmap",
     "r_distribution",
     "layer_summary",
@@ -26,30 +19,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def save_figure(fig: go.Figure, path: str | os.PathLike, *, png: bool = True) -> list[Path]:
-    """Write `path`.html (atomically) and, where an exporter works, `path`.png; the paths written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    html = path.with_suffix(".html")
-    # "directory": one plotly.min.js beside the pages, loaded by relative path (offline).
-    # plotly writes that bundle non-atomically, and only when it is missing, so a crash mid-write
-    # would leave a truncated bundle for good: write it here, atomically, first.
-    bundle = path.parent / "plotly.min.js"
-    if not bundle.exists():
-        atomic_write(bundle, lambda tmp: Path(tmp).write_text(get_plotlyjs(), encoding="utf-8"))
-    atomic_write(html, lambda tmp: fig.write_html(tmp, include_plotlyjs="directory",
-                                                  full_html=True))
-    written = [html]
-    if png:
-        try:
-            atomic_write(path.with_suffix(".png"),
-                         lambda tmp: fig.write_image(tmp, width=900, height=600))
-            written.append(path.with_suffix(".png"))
-        except Exception as e:  # kaleido missing or without a browser: HTML is enough
-            log.info("PNG export skipped for %s: %s", path.name, e)
-    return written
 
 
 def _grid(summary: pd.DataFrame, column: str) -> tuple[np.ndarray, list[int], list[int]]:

@@ -1,0 +1,337 @@
+"""Text sources and tokenization: corpora of documents -> fixed-length token sequences.
+
+1. A `Corpus` is a described, re-iterable source of documents (str), read lazily:
+   `default_corpus()` (CPython's reference documentation, `pydoc_data.topics`), `text_files`,
+   `jsonl`, `hf_dataset`; `spectra_lens.shards.corpus_from_spec` resolves a command-line string.
+2. `tokenize_corpus` concatenates documents with the EOS token between them and cuts the stream
+   into fixed-length sequences, each starting with BOS where the model uses one. Fixed-length,
+   unpadded sequences keep position ids trivial (left padding makes the bridge derive them from
+   the attention mask).
+
+The next stage, shards on disk with a manifest, is `spectra_lens.shards`.
+"""
+
+import glob
+import json
+import logging
+import os
+import platform
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from spectra_lens.errors import SpectraError
+from spectra_lens.validate import check_int
+
+__all__ = [
+    "Corpus",
+    "default_corpus",
+    "hf_dataset",
+    "jsonl",
+    "text_files",
+    "tokenize_corpus",
+]
+
+logger = logging.getLogger(__name__)
+
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+_ENCODE_BATCH = 64  # documents per tokenizer call: fast tokenizers parallelize within a batch
+
+Tokens = Int[Tensor, "sequence pos"]
+PathLike = str | os.PathLike[str]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text sources
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A described, re-iterable source of documents.
+
+    Iterating calls `reader` afresh, so the documents are read lazily and the same corpus can be
+    tokenized twice. `description` is what a shard manifest records as the corpus.
+    """
+
+    description: str  # recorded in the shard manifest, so a run can be traced to its text
+    reader: Callable[[], Iterator[str]] = field(repr=False, compare=False)  # yields documents
+
+    def __iter__(self) -> Iterator[str]:
+        return self.reader()
+
+
+def default_corpus() -> Corpus:
+    """CPython's reference documentation text, `pydoc_data.topics`, one document per topic.
+
+    It ships with every Python install, so it needs no download. Topics are read in sorted key
+    order; the text differs between Python versions, which the description records.
+    """
+    from pydoc_data.topics import topics
+
+    def read() -> Iterator[str]:
+        for key in sorted(topics):
+            yield topics[key]
+
+    description = (
+        f"pydoc_data.topics: CPython {platform.python_version()} reference documentation "
+        f"({len(topics)} topics)"
+    )
+    return Corpus(description, read)
+
+
+def text_files(paths_or_globs: PathLike | Iterable[PathLike]) -> Corpus:
+    """Plain UTF-8 text files, one document per file.
+
+    Each argument is a file path or a glob (`**` recurses). A glob's matches are read in sorted
+    order; arguments keep the order given and a file named twice is read once. Missing files,
+    globs without a match and empty files raise `SpectraError` here, before any reading.
+    """
+    if isinstance(paths_or_globs, (str, os.PathLike)):
+        items = [os.fspath(paths_or_globs)]
+    else:
+        items = [os.fspath(p) for p in paths_or_globs]
+    if not items:
+        raise SpectraError("text_files expected at least one file path or glob; got none")
+    files: dict[Path, None] = {}  # ordered set
+    for item in items:
+        if _GLOB_MAGIC.search(item):
+            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise SpectraError(
+                    f"glob {item!r} matched no files (relative to {os.getcwd()}); "
+                    "expected at least one text file"
+                )
+            files.update((Path(p), None) for p in matches)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            raise SpectraError(
+                f"{item!r} is a directory; expected a text file or a glob such as "
+                f"{os.path.join(item, '*.txt')!r}"
+            )
+        if not path.is_file():
+            raise SpectraError(f"text file not found: {item!r}")
+        files[path] = None
+    for path in files:
+        if path.stat().st_size == 0:
+            raise SpectraError(f"text file {str(path)!r} is empty; expected some text")
+
+    def read() -> Iterator[str]:
+        for path in files:
+            text = _read_text(path)
+            if not text.strip():
+                raise SpectraError(f"text file {str(path)!r} holds only whitespace")
+            yield text
+
+    return Corpus(f"text files {', '.join(items)} ({len(files)} files)", read)
+
+
+def jsonl(path: PathLike, field: str = "text") -> Corpus:
+    """A JSON-lines file, one document per line taken from the string field `field`.
+
+    Blank lines are skipped. A line that is not a JSON object with a string `field` raises
+    `SpectraError` naming the file and line number (when iteration reaches it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpectraError(f"JSONL file not found: {str(path)!r}")
+
+    def read() -> Iterator[str]:
+        with path.open(encoding="utf-8") as lines:
+            try:
+                for lineno, line in enumerate(lines, start=1):
+                    if line.strip():
+                        yield _jsonl_text(line, field, f"{path}:{lineno}")
+            except UnicodeDecodeError as err:
+                raise SpectraError(f"{path} is not UTF-8 text: {err}") from None
+
+    return Corpus(f"JSONL {path} (field {field!r})", read)
+
+
+def hf_dataset(name: str, split: str = "train", field: str = "text", **kw: Any) -> Corpus:
+    """A Hugging Face dataset, streamed, one document per row from the string field `field`.
+
+    Needs the optional `datasets` package. `kw` goes to `datasets.load_dataset` (for example
+    `name=` for a configuration or `data_files=`); `streaming` defaults to True so nothing is
+    downloaded beyond the rows read.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise SpectraError(
+            f"reading the Hugging Face dataset {name!r} needs the `datasets` package, which is "
+            "not installed; fix: pip install datasets"
+        ) from None
+    kw.setdefault("streaming", True)
+
+    def read() -> Iterator[str]:
+        rows = datasets.load_dataset(name, split=split, **kw)
+        for i, row in enumerate(rows):
+            if field not in row:
+                raise SpectraError(
+                    f"Hugging Face dataset {name!r} (split {split!r}): row {i} has no field "
+                    f"{field!r}; its fields are {sorted(row)}"
+                )
+            text = row[field]
+            if not isinstance(text, str):
+                raise SpectraError(
+                    f"Hugging Face dataset {name!r} (split {split!r}): row {i} field {field!r} "
+                    f"is {type(text).__name__}; expected a string"
+                )
+            yield text
+
+    options = "".join(f", {k}={v!r}" for k, v in sorted(kw.items()) if k != "streaming")
+    description = f"Hugging Face dataset {name!r} (split={split!r}, field={field!r}{options})"
+    return Corpus(description, read)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SpectraError(f"text file {str(path)!r} is not UTF-8 text: {err}") from None
+
+
+def _jsonl_text(line: str, field: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise SpectraError(
+            f"{where}: invalid JSON ({err.msg} at column {err.colno}); expected one JSON object "
+            "per line"
+        ) from None
+    if not isinstance(record, dict):
+        raise SpectraError(
+            f"{where}: expected a JSON object with a {field!r} field, got {type(record).__name__}"
+        )
+    if field not in record:
+        raise SpectraError(f"{where}: no field {field!r}; the record has fields {sorted(record)}")
+    text = record[field]
+    if not isinstance(text, str):
+        raise SpectraError(f"{where}: field {field!r} is {type(text).__name__}; expected a string")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def tokenize_corpus(
+    docs: Iterable[str],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    max_sequences: int | None = None,
+    prepend_bos: bool | None = None,
+    min_tokens: int | None = None,
+) -> Tokens:
+    """Documents -> `[n_sequences, seq_len]` token ids, deterministically.
+
+    Documents are encoded without special tokens and concatenated with the tokenizer's EOS token
+    between consecutive documents (no separator if it has none). The stream is cut into
+    consecutive chunks; with BOS each sequence is `[BOS] + seq_len - 1` content tokens, else
+    `seq_len` content tokens. The trailing partial chunk is dropped.
+
+    Args:
+        docs: documents, read lazily; reading stops once `max_sequences` are filled.
+        tokenizer: a Hugging Face tokenizer (callable, with `bos_token_id`, `eos_token_id`).
+        seq_len: tokens per sequence, BOS included; at least 2.
+        max_sequences: keep at most this many sequences (None: all).
+        prepend_bos: start every sequence with BOS. None: when the tokenizer defines one. Pass the
+            model's own setting (TransformerLens `cfg.default_prepend_bos`) to follow the model.
+        min_tokens: skip documents shorter than this many tokens (None: keep all).
+    """
+    if isinstance(docs, str):
+        raise SpectraError("tokenize_corpus expected an iterable of documents; got one str")
+    check_int("seq_len", seq_len, minimum=2)
+    if max_sequences is not None:
+        check_int("max_sequences", max_sequences, minimum=1)
+    if min_tokens is not None:
+        check_int("min_tokens", min_tokens, minimum=1)
+    bos = _bos_token(tokenizer, prepend_bos)
+    eos = tokenizer.eos_token_id
+    content_len = seq_len - (bos is not None)
+    wanted = None if max_sequences is None else max_sequences * content_len
+
+    pieces: list[np.ndarray] = []
+    n_tokens = n_docs = n_skipped = 0
+    for ids in _encode_documents(docs, tokenizer):
+        if not ids:
+            continue
+        if min_tokens is not None and len(ids) < min_tokens:
+            n_skipped += 1
+            continue
+        if n_docs and eos is not None:
+            pieces.append(np.array([eos], dtype=np.int64))
+            n_tokens += 1
+        pieces.append(np.asarray(ids, dtype=np.int64))
+        n_tokens += len(ids)
+        n_docs += 1
+        if wanted is not None and n_tokens >= wanted:
+            break
+
+    skipped = f" ({n_skipped} shorter than min_tokens={min_tokens} skipped)" if n_skipped else ""
+    if n_docs == 0:
+        raise SpectraError(f"empty corpus: expected documents with text, found none{skipped}")
+    n_sequences = n_tokens // content_len
+    if max_sequences is not None:
+        n_sequences = min(n_sequences, max_sequences)
+    if n_sequences == 0:
+        bos_note = " after BOS" if bos is not None else ""
+        raise SpectraError(
+            f"corpus too short: found {n_tokens} tokens in {n_docs} documents{skipped}; one "
+            f"sequence of seq_len={seq_len} needs {content_len} content tokens{bos_note}"
+        )
+    stream = np.concatenate(pieces)[: n_sequences * content_len]
+    body = torch.from_numpy(stream).view(n_sequences, content_len)
+    if bos is None:
+        return body.clone()
+    return torch.cat([torch.full((n_sequences, 1), bos, dtype=torch.long), body], dim=1)
+
+
+def _bos_token(tokenizer: Any, prepend_bos: bool | None) -> int | None:
+    """The BOS id to prepend, or None for no BOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if prepend_bos is None:
+        return bos
+    if prepend_bos and bos is None:
+        raise SpectraError(
+            f"prepend_bos=True but the tokenizer {_tokenizer_label(tokenizer)} has no BOS token; "
+            "pass prepend_bos=False or None"
+        )
+    return bos if prepend_bos else None
+
+
+def _encode_documents(docs: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
+    """Token ids of each document, without special tokens, encoded in batches."""
+    batch: list[str] = []
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, str):
+            raise SpectraError(f"document {i} is {type(doc).__name__}; expected str")
+        batch.append(doc)
+        if len(batch) == _ENCODE_BATCH:
+            yield from _encode(tokenizer, batch)
+            batch = []
+    if batch:
+        yield from _encode(tokenizer, batch)
+
+
+def _encode(tokenizer: Any, batch: list[str]) -> list[list[int]]:
+    # verbose=False: documents longer than the model's context are expected here, since they are
+    # cut into seq_len chunks; without it transformers warns about every one.
+    encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return encoded["input_ids"]
+
+
+def _tokenizer_label(tokenizer: Any) -> str:
+    name = getattr(tokenizer, "name_or_path", "")
+    return repr(name) if name else type(tokenizer).__name__
+
+

@@ -1,0 +1,40 @@
+"""Plotly figures: functions of tables that return `go.Figure` (never show, never write), and
+`save_figure`, which writes them. `heads`: per-head observational figures (EXP0); `causal`: the
+α-sweep, intervention, gain and Q-vs-K figures (EXP1-EXP3). Each experiment composes these in its
+own `figures(tables)`, which the report calls too, so every figure is defined once."""
+
+from spectra_lens.figures.causal import (
+    gain_comparison,
+    gain_fit,
+    gain_vs_analytic,
+    intervention_panels,
+    later_heads_heatmap,
+    metric_vs_scale,
+    output_effects,
+    qk_metric,
+    qk_output_effects,
+)
+from spectra_lens.figures.export import save_figure
+from spectra_lens.figures.heads import (
+    head_heatmap,
+    layer_summary,
+    norm_entropy_scatter,
+    r_distribution,
+)
+
+__all__ = [
+    "gain_comparison",
+    "gain_fit",
+    "gain_vs_analytic",
+    "head_heatmap",
+    "intervention_panels",
+    "later_heads_heatmap",
+    "layer_summary",
+    "metric_vs_scale",
+    "norm_entropy_scatter",
+    "output_effects",
+    "qk_metric",
+    "qk_output_effects",
+    "r_distribution",
+    "save_figure",
+]

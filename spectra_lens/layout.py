@@ -1,0 +1,284 @@
+"""The attention layout of a loaded bridge: `AttentionLayout` and `attention_layout(model)`.
+
+The layout is not read from a table of model names: it comes from the bridge's config plus one
+short probe forward pass that finds which hook carries the effective query and key (the vectors
+that enter the dot product) and checks, layer by layer, that scaling them scales the attention
+logits. It is derived once per model (cached) and passed down to everything that needs it.
+"""
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spectra_lens.errors import SpectraError
+
+__all__ = ["AttentionLayout", "attention_layout", "hook_name"]
+
+
+def hook_name(layer: int, kind: str) -> str:
+    """The TransformerLens hook name of attention hook `kind` (e.g. "rot_q", "pattern") in `layer`."""
+    return f"blocks.{layer}.attn.hook_{kind}"
+
+
+
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How attention is laid out in a bridge, and where it can be measured and scaled.
+
+    `q_kind` / `k_kind` name the hooks (`hook_name(layer, kind)`) holding the effective query
+    and key: the vectors that enter the dot product, after QK-norm and rotary where present
+    (rotary is a rotation, so it preserves norms and commutes with scaling). `q_bilinear[l]` is
+    True when the probe saw layer l's logits scale exactly with the query (no ALiBi, no
+    soft-capping, no normalization after the scaling point); `q_reason[l]` says why not.
+    """
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    q_kind: str
+    k_kind: str
+    scores_faithful: bool  # softmax(hook_attn_scores) == hook_pattern in every layer
+    score_scale: tuple[float | None, ...]  # s / (q·k) per layer where q·k reproduces s, else None
+    q_bilinear: tuple[bool, ...]
+    k_bilinear: tuple[bool, ...]
+    q_reason: tuple[str | None, ...]
+    k_reason: tuple[str | None, ...]
+    pattern_editable: bool  # editing hook_pattern changes the model's output
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The kv head a query head reads: h // (n_heads // n_kv_heads) (repeat_interleave)."""
+        self.check_head(0, head)
+        return head // self.group_size
+
+    def heads_of_kv(self, kv_head: int) -> tuple[int, ...]:
+        """The query heads that share kv head `kv_head`."""
+        if not 0 <= kv_head < self.n_kv_heads:
+            raise SpectraError(f"kv head must be in [0, {self.n_kv_heads}), got {kv_head}")
+        g = self.group_size
+        return tuple(range(kv_head * g, (kv_head + 1) * g))
+
+    def kv_index(self) -> torch.Tensor:
+        """LongTensor [n_heads]: kv head of each query head."""
+        return torch.arange(self.n_heads) // self.group_size
+
+    def check_head(self, layer: int, head: int) -> None:
+        """Raise SpectraError unless (layer, head) exists."""
+        if not (isinstance(layer, int) and 0 <= layer < self.n_layers):
+            raise SpectraError(f"layer must be an int in [0, {self.n_layers}), got {layer!r}")
+        if not (isinstance(head, int) and 0 <= head < self.n_heads):
+            raise SpectraError(f"head must be an int in [0, {self.n_heads}), got {head!r}")
+
+    def q_hook(self, layer: int) -> str:
+        return hook_name(layer, self.q_kind)
+
+    def k_hook(self, layer: int) -> str:
+        return hook_name(layer, self.k_kind)
+
+    def fast_path_ok(self, layer: int) -> bool:
+        """softmax(α·s) of the unscaled logits is the pattern under query scale α in `layer`."""
+        return self.q_bilinear[layer]
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, AttentionLayout]" = weakref.WeakKeyDictionary()
+
+
+def attention_layout(model) -> AttentionLayout:
+    """The AttentionLayout of a bridge, derived once (config + a probe forward) and cached."""
+    try:
+        return _LAYOUTS[model]
+    except (KeyError, TypeError):
+        pass
+    layout = _derive_layout(model)
+    try:
+        _LAYOUTS[model] = layout
+    except TypeError:
+        pass
+    return layout
+
+
+def _cfg_int(cfg, *names) -> int | None:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _fires(model, names: list[str], tokens) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+
+    # hook.name is the canonical name (e.g. "attn.q.hook_out" for the alias "attn.hook_q"),
+    # so each hook function is bound to the name it was registered under.
+    def saver(name):
+        def save(x, hook):
+            seen[name] = x.detach()
+
+        return save
+
+    names = [n for n in names if n in model.hook_dict]
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, saver(n)) for n in names]):
+        model(tokens, return_type="logits")
+    return seen
+
+
+def _derive_layout(model) -> AttentionLayout:
+    cfg = model.cfg
+    n_layers = _cfg_int(cfg, "n_layers")
+    n_heads = _cfg_int(cfg, "n_heads")
+    n_kv = _cfg_int(cfg, "n_key_value_heads") or n_heads
+    d_head = _cfg_int(cfg, "d_head")
+    if None in (n_layers, n_heads, d_head):
+        raise SpectraError(f"the bridge's config lacks n_layers/n_heads/d_head: {cfg!r}")
+    if n_heads % n_kv:
+        raise SpectraError(f"n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv})")
+    device = next(model.parameters()).device
+    vocab = _cfg_int(cfg, "d_vocab") or 100
+    gen = torch.Generator().manual_seed(0)
+    n_pos = 8
+    tokens = torch.randint(min(vocab, 1000), (1, n_pos), generator=gen).to(device)
+
+    kinds = ["q", "rot_q", "k", "rot_k", "attn_scores", "pattern", "z", "v"]
+    names = [hook_name(l, k) for l in range(n_layers) for k in kinds]
+    seen = _fires(model, names, tokens)
+    for l in range(n_layers):
+        for k in ("q", "k", "pattern"):
+            if hook_name(l, k) not in seen:
+                raise SpectraError(f"hook {hook_name(l, k)} did not fire; this bridge is unsupported")
+    # The effective query is the last hook before the dot product: rot_q when it fires.
+    q_kind = "rot_q" if hook_name(0, "rot_q") in seen else "q"
+    k_kind = "rot_k" if hook_name(0, "rot_k") in seen else "k"
+    expected = {
+        q_kind: (1, n_pos, n_heads, d_head),
+        k_kind: (1, n_pos, n_kv, d_head),
+        "pattern": (1, n_heads, n_pos, n_pos),
+    }
+    for l in range(n_layers):
+        for kind, shape in expected.items():
+            got = tuple(seen[hook_name(l, kind)].shape)
+            if got != shape:
+                raise SpectraError(
+                    f"{hook_name(l, kind)}: expected shape {shape} [batch, ...], got {got}"
+                )
+
+    scores_faithful = all(
+        hook_name(l, "attn_scores") in seen
+        and torch.allclose(
+            torch.softmax(seen[hook_name(l, "attn_scores")].float(), -1),
+            seen[hook_name(l, "pattern")].float(), atol=1e-4,
+        )
+        for l in range(n_layers)
+    )
+    kv_idx = torch.arange(n_heads, device=device) // (n_heads // n_kv)
+    causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()
+    score_scale: list[float | None] = []
+    for l in range(n_layers):
+        if not scores_faithful:
+            score_scale.append(None)
+            continue
+        q = seen[hook_name(l, q_kind)][0].float()
+        k = seen[hook_name(l, k_kind)][0].float()[:, kv_idx]
+        dot = torch.einsum("qhd,khd->hqk", q, k)[:, causal]
+        s = seen[hook_name(l, "attn_scores")][0].float()[:, causal]
+        c = (s * dot).sum() / (dot * dot).sum()
+        ok = torch.allclose(c * dot, s, atol=1e-4 * float(s.abs().max()) + 1e-6)
+        score_scale.append(float(c) if ok else None)
+
+    q_bilinear, q_reason = _probe_scaling(model, tokens, seen, q_kind, n_layers, n_heads, kv_idx, "q")
+    k_bilinear, k_reason = _probe_scaling(model, tokens, seen, k_kind, n_layers, n_heads, kv_idx, "k")
+    # Config facts that a probe with small logits could miss.
+    cap = getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0
+    config_reason = None
+    if getattr(cfg, "positional_embedding_type", None) == "alibi":
+        config_reason = "ALiBi adds a position bias to the logits"
+    elif cap > 0:
+        config_reason = f"attention logits are soft-capped (cap={cap})"
+    if config_reason:
+        q_bilinear = [False] * n_layers
+        k_bilinear = [False] * n_layers
+        q_reason = [config_reason] * n_layers
+        k_reason = [config_reason] * n_layers
+
+    return AttentionLayout(
+        n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head,
+        q_kind=q_kind, k_kind=k_kind, scores_faithful=scores_faithful,
+        score_scale=tuple(score_scale),
+        q_bilinear=tuple(q_bilinear), k_bilinear=tuple(k_bilinear),
+        q_reason=tuple(q_reason), k_reason=tuple(k_reason),
+        pattern_editable=_pattern_editable(model, tokens),
+    )
+
+
+def _probe_scaling(model, tokens, seen, kind, n_layers, n_heads, kv_idx, which):
+    """Scale head/kv-head 0 by 2 at `kind` in one layer per batch row; check the logits double."""
+    alpha = 2.0
+    batch = tokens.repeat(n_layers, 1)
+    pats: dict[int, torch.Tensor] = {}
+
+    def make(layer):
+        def scale(x, hook):
+            out = x.clone()
+            out[layer, :, 0] = out[layer, :, 0] * alpha
+            return out
+
+        def grab(x, hook):
+            pats[layer] = x[layer].detach().float()
+
+        return scale, grab
+
+    hooks = []
+    for l in range(n_layers):
+        scale, grab = make(l)
+        hooks += [(hook_name(l, kind), scale), (hook_name(l, "pattern"), grab)]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(batch, return_type="logits")
+    affected = torch.zeros(n_heads, dtype=torch.bool, device=kv_idx.device)
+    affected[(kv_idx == 0) if which == "k" else torch.arange(n_heads, device=kv_idx.device) == 0] = True
+    ok, reasons = [], []
+    for l in range(n_layers):
+        base = seen[hook_name(l, "pattern")][0].float()
+        new = pats[l]
+        # softmax(α·log p) = softmax(α·s): what a bilinear layer must produce.
+        predicted = torch.softmax(alpha * torch.log(base), dim=-1)
+        same_others = torch.allclose(new[~affected], base[~affected], atol=1e-5)
+        if not same_others:
+            raise SpectraError(
+                f"scaling {which} head 0 at {hook_name(l, kind)} changed other heads; "
+                f"the hook's head axis is not where expected"
+            )
+        if torch.allclose(new[affected], base[affected], atol=1e-6):
+            ok.append(False)
+            reasons.append(f"scaling at {hook_name(l, kind)} is undone before the logits (QK-norm?)")
+        elif torch.allclose(new[affected], predicted[affected], atol=1e-4):
+            ok.append(True)
+            reasons.append(None)
+        else:
+            ok.append(False)
+            reasons.append(f"logits of layer {l} are not bilinear in {which} (probe mismatch)")
+    return ok, reasons
+
+
+def _pattern_editable(model, tokens) -> bool:
+    """Does replacing hook_pattern change the output? (On some bridges it is only observed.)"""
+    with torch.no_grad():
+        base = model(tokens, return_type="logits")
+
+        def uniform(x, hook):
+            return torch.tril(torch.ones_like(x)) / torch.tril(torch.ones_like(x)).sum(-1, keepdim=True)
+
+        # On observe-only bridges TransformerLens warns that the edit is discarded: that is
+        # exactly what this probe asks, so the warning is not the user's concern.
+        with warnings.catch_warnings(), model.hooks(fwd_hooks=[(hook_name(0, "pattern"), uniform)]):
+            warnings.filterwarnings("ignore", message=".*returned a modified tensor.*")
+            new = model(tokens, return_type="logits")
+    return not torch.allclose(base, new)

@@ -1,0 +1,83 @@
+"""Input checks shared by every entry point: each raises `SpectraError` saying what was expected
+and what was given. One definition per rule, so the same input is accepted or refused the same
+way everywhere (capture, sweeps, corpora, shards, configs)."""
+
+import math
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from spectra_lens.errors import SpectraError
+
+__all__ = ["check_alpha", "check_alphas", "check_int", "check_min_position", "check_tokens"]
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """`value` must be an int (not a bool) >= `minimum`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SpectraError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
+def check_tokens(tokens: Any) -> Int[Tensor, "batch pos"]:
+    """tokens must be a non-empty integer tensor [batch, pos] of non-negative ids; returned as
+    int64 (a new tensor only when the dtype differs)."""
+    if not isinstance(tokens, Tensor):
+        raise SpectraError(f"tokens must be an integer torch.Tensor [batch, pos], got {type(tokens).__name__}")
+    if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+        raise SpectraError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)} (both must be >= 1)")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise SpectraError(f"tokens must be an integer torch.Tensor [batch, pos], got Tensor of dtype {tokens.dtype}")
+    if int(tokens.min()) < 0:
+        raise SpectraError(f"token ids must be non-negative; got minimum {int(tokens.min())}")
+    return tokens.long()
+
+
+def check_alpha(alpha: Any, *, what: str = "alpha") -> float | Tensor:
+    """alpha must be a finite number > 0, or a 1-D tensor of them (one per batch row)."""
+    if isinstance(alpha, Tensor):
+        if alpha.ndim != 1 or alpha.numel() == 0:
+            raise SpectraError(f"{what} tensor must be 1-D and non-empty, got shape {tuple(alpha.shape)}")
+        if not (torch.isfinite(alpha).all() and (alpha > 0).all()):
+            raise SpectraError(f"{what} must be finite and > 0, got {alpha.tolist()}")
+        return alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise SpectraError(f"{what} must be a number or a 1-D tensor, got {type(alpha).__name__}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise SpectraError(f"{what} must be finite and > 0, got {alpha!r}")
+    return float(alpha)
+
+
+def check_alphas(alphas: object) -> tuple[float, ...]:
+    """The α grid (any iterable of numbers or a 1-D tensor), sorted ascending: finite,
+    > 0, distinct, at least one value."""
+    if isinstance(alphas, (int, float)):
+        raise SpectraError(f"alphas must be a sequence of numbers, got the single number {alphas!r}")
+    try:
+        values = [float(a) for a in (alphas.tolist() if isinstance(alphas, Tensor) else alphas)]
+    except (TypeError, ValueError) as e:
+        raise SpectraError(f"alphas must be a sequence of numbers, got {alphas!r}") from e
+    if not values:
+        raise SpectraError("alphas must hold at least one value, got an empty grid")
+    bad = [a for a in values if not (math.isfinite(a) and a > 0)]
+    if bad:
+        raise SpectraError(
+            f"every alpha must be finite and > 0 (we scale by α and fit on ln α), got {bad}")
+    if len(set(values)) != len(values):
+        dup = sorted({a for a in values if values.count(a) > 1})
+        raise SpectraError(f"alphas must be distinct, got duplicates {dup}")
+    return tuple(sorted(values))
+
+
+def check_min_position(min_position: Any, seq_len: int) -> int:
+    """Query positions >= min_position are averaged: it must be an int in [0, seq_len - 1) so that
+    at least two positions (and so a variance across positions) remain."""
+    check_int("min_position", min_position, minimum=0)
+    if min_position >= seq_len - 1:
+        raise SpectraError(
+            f"min_position ({min_position}) must be < seq_len - 1 ({seq_len - 1}): at least two "
+            f"query positions must be left to average"
+        )
+    return min_position
