@@ -13,6 +13,7 @@ COMMANDS = {
     "qk-control": ("spectra_lens.experiments.qk_control", "EXP3: scale keys instead of queries"),
     "prepare": ("spectra_lens.experiments.prepare", "tokenize a corpus into shards with a manifest"),
     "report": ("spectra_lens.report", "one HTML page from a results directory"),
+    "generate": ("spectra_lens.generate", "continue a prompt with and without head scalings, side by side"),
 }
 
 

@@ -1,7 +1,10 @@
-"""Tiny random-init models of several architecture families, built offline from configs.
+"""Tiny random-init models of several architecture families, built offline from configs, and a
+tiny model with a planted circuit (a previous-token head and an induction head, weights set by
+hand).
 
 They exist so that tests, benchmarks and examples can exercise every code path of spectra_lens
-(grouped keys, QK-norm, soft-capping, ALiBi, ...) in seconds and without a network.
+(grouped keys, QK-norm, soft-capping, ALiBi, ...) in seconds and without a network, and check
+that measured head types and interventions find what was planted.
 """
 
 
@@ -10,7 +13,15 @@ import transformers
 
 from spectra_lens.errors import SpectraError
 
-__all__ = ["FAMILIES", "tiny_hf_model", "tiny_model"]
+__all__ = [
+    "FAMILIES",
+    "PLANTED_INDUCTION_HEAD",
+    "PLANTED_PREV_TOKEN_HEAD",
+    "planted_circuit_hf_model",
+    "planted_circuit_model",
+    "tiny_hf_model",
+    "tiny_model",
+]
 
 _COMMON = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 
@@ -66,3 +77,72 @@ def tiny_model(family: str, *, seed: int = 0):
     from spectra_lens.models import bridge_from_hf
 
     return bridge_from_hf(tiny_hf_model(family, seed=seed))
+
+
+# --------------------------------------------------------------------------- a planted circuit
+
+PLANTED_PREV_TOKEN_HEAD = (0, 0)  # (layer, head)
+PLANTED_INDUCTION_HEAD = (1, 1)
+
+
+def planted_circuit_hf_model(*, prev_token_scale: float = 1.0, induction_scale: float = 1.0,
+                             seed: int = 0) -> transformers.PreTrainedModel:
+    """A 2-layer GPT-2 whose weights are set by hand: head L0H0 attends to the previous token,
+    head L1H1 is an induction head; every other head has zero weights (uniform attention, no
+    output) and the MLPs are zero.
+
+    The residual stream (d_model 256) has fixed subspaces: a token code (random zero-mean unit
+    vectors, dims 0-31), a position code (16 sinusoid pairs and their negation, dims 64-127: zero
+    mean and constant norm, so LayerNorm only rescales) and a previous-token slot (dims 128-159).
+    L0H0's query is the position code rotated back by one step, its key the position code, so
+    q_i·k_j peaks at j = i − 1; it copies the previous token's code into the slot. L1H1's query is
+    the current token's code and its key the slot, so it attends to the token after an earlier
+    occurrence of the current token, and writes that token's code back into the token subspace,
+    which the tied unembedding reads: on a repeated sequence the model predicts the repeat.
+    `prev_token_scale` / `induction_scale` multiply the two heads' query weights (sharpness).
+    """
+    import math
+
+    V, D, H, n_pos, F = 97, 256, 4, 128, 16
+    dh = D // H
+    tok, pos, prev = slice(0, 32), slice(64, 96), slice(128, 160)
+    config = transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=2, n_head=H, n_positions=n_pos,
+                                     n_inner=4, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0)
+        e = torch.randn(V, 32, generator=g)
+        e = e - e.mean(1, keepdim=True)
+        model.transformer.wte.weight[:, tok] = e / e.norm(dim=1, keepdim=True)
+        w = 1.5 ** -torch.arange(F, dtype=torch.float32)  # angular frequencies 1 … 0.002
+        angle = torch.arange(n_pos)[:, None] * w
+        code = torch.stack([angle.cos(), angle.sin()], -1).reshape(n_pos, 2 * F) / math.sqrt(F)
+        model.transformer.wpe.weight[:, pos] = code
+        model.transformer.wpe.weight[:, 96:128] = -code
+        # GPT-2's Conv1D: [q | k | v] = x @ c_attn.weight, out = z @ c_proj.weight.
+        rot = torch.zeros(2 * F, 2 * F)  # (cos a, sin a) -> (cos(a - w), sin(a - w))
+        for f in range(F):
+            c, s = math.cos(w[f]), math.sin(w[f])
+            rot[2 * f : 2 * f + 2, 2 * f : 2 * f + 2] = torch.tensor([[c, s], [-s, c]])
+        a0, o0 = model.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_proj.weight
+        a0[pos, 0 : 2 * F] = rot.T * 80.0 * prev_token_scale
+        a0[pos, D : D + 2 * F] = torch.eye(2 * F)
+        a0[tok, 2 * D : 2 * D + 32] = torch.eye(32)
+        o0[0:32, prev] = torch.eye(32)
+        a1, o1 = model.transformer.h[1].attn.c_attn.weight, model.transformer.h[1].attn.c_proj.weight
+        a1[tok, dh : dh + 32] = torch.eye(32) * 6.0 * induction_scale
+        a1[prev, D + dh : D + dh + 32] = torch.eye(32)
+        a1[tok, 2 * D + dh : 2 * D + dh + 32] = torch.eye(32)
+        o1[dh : dh + 32, tok] = torch.eye(32) * 6.0
+    return model
+
+
+def planted_circuit_model(**kwargs):
+    """A TransformerBridge around `planted_circuit_hf_model(**kwargs)`, built offline."""
+    from spectra_lens.models import bridge_from_hf
+
+    return bridge_from_hf(planted_circuit_hf_model(**kwargs))

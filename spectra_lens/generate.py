@@ -1,0 +1,441 @@
+"""Text generation under an intervention: continuations with and without scalings, side by side.
+
+    spectra-lens generate --scale L15H8=2.0 [--scale ...] [--kind q|k|logit] "prompt"
+
+`generate(model, prompt, interventions)` decodes two continuations of one prompt in lockstep:
+the plain model (row "base") and the model with the scalings attached (row "scaled"). Every step
+is one forward pass of the whole sequence *without* a key/value cache: TransformerLens 4.3's
+bridge generation with its cache is unreliable (DESIGN.md), and without a cache every step sees
+exactly the hooks a full forward pass sees. Both rows share one batch; a scaling's α becomes a
+per-row factor (1 for the base row), so the base row is the unhooked model.
+
+* greedy: each row takes argmax of its next-token logits;
+* sampled: Gumbel-max with one noise draw per step shared by both rows (common random numbers,
+  seeded), so the two rows pick the same token wherever their distributions agree enough, and a
+  divergence is caused by the scaling, not by the random draw. With no effect (α = 1) the two
+  rows are identical token for token.
+
+Afterwards one teacher-forced pass scores each continuation under both models: the per-token
+log-probability difference `log p_scaled(t) − log p_base(t)` with the same prefix, and the first
+generated position where the two continuations differ (`diverge_at`).
+"""
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from spectra_lens.errors import SpectraError
+from spectra_lens.hooks import KeyScale, LogitScale, QueryScale, attached
+from spectra_lens.layout import attention_layout
+from spectra_lens.validate import check_alpha, check_int
+
+__all__ = [
+    "Continuation",
+    "GenerationDiff",
+    "compare_generations",
+    "generate",
+    "main",
+    "parse_head",
+    "parse_scale",
+    "parser",
+    "scalings",
+]
+
+MODES = ("greedy", "sample")
+KINDS = ("q", "k", "logit")
+
+_HEAD = re.compile(r"^\s*L(\d+)H(\d+)\s*$", re.IGNORECASE)
+
+
+def parse_head(text: str) -> tuple[int, int]:
+    """'L15H8' -> (15, 8): layer and query head."""
+    m = _HEAD.match(str(text))
+    if not m:
+        raise SpectraError(f"expected a head like 'L15H8' (layer 15, head 8), got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def parse_scale(text: str) -> tuple[int, int, float]:
+    """'L15H8=2.0' -> (15, 8, 2.0)."""
+    head, sep, value = str(text).partition("=")
+    if not sep:
+        raise SpectraError(f"expected a scaling like 'L15H8=2.0' (head=α), got {text!r}")
+    layer, h = parse_head(head)
+    try:
+        alpha = float(value)
+    except ValueError:
+        raise SpectraError(f"α of {text!r} must be a number, got {value!r}") from None
+    return layer, h, check_alpha(alpha, what=f"α of {text.strip()}")
+
+
+def scalings(specs: Sequence[tuple[int, int, float]], layout, *, kind: str = "q") -> list:
+    """Scaling objects for (layer, head, α) triples: `kind` "q" scales the head's effective
+    query (`QueryScale`), "k" the key of the kv head it reads (`KeyScale`: every query head of
+    that group is affected), "logit" a temperature on its final logits (`LogitScale`)."""
+    if kind not in KINDS:
+        raise SpectraError(f"kind must be one of {KINDS}, got {kind!r}")
+    out = []
+    for layer, head, alpha in specs:
+        layout.check_head(layer, head)
+        if kind == "q":
+            out.append(QueryScale(layer, head, alpha))
+        elif kind == "k":
+            out.append(KeyScale(layer, layout.kv_head(head), alpha))
+        else:
+            out.append(LogitScale(layer, head, alpha))
+    return out
+
+
+@dataclass(frozen=True, repr=False)
+class Continuation:
+    """Generated tokens of one row and their log-probabilities under both models.
+
+    `logprob_base[i]` / `logprob_scaled[i]`: log p(tokens[i] | prompt + tokens[:i]) under the
+    plain and the scaled model (nats), teacher-forced on this continuation.
+    """
+
+    tokens: tuple[int, ...]
+    pieces: tuple[str, ...]  # each token decoded on its own ("" without a tokenizer: ids shown)
+    logprob_base: np.ndarray
+    logprob_scaled: np.ndarray
+    stopped_at_eos: bool
+
+    @property
+    def delta_logprob(self) -> np.ndarray:
+        """log p_scaled − log p_base of each token of this continuation."""
+        return self.logprob_scaled - self.logprob_base
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def __repr__(self) -> str:
+        return f"Continuation({len(self.tokens)} tokens, {self.text[:60]!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class GenerationDiff:
+    """One prompt continued by the plain model (`base`) and under `interventions` (`scaled`)."""
+
+    prompt_tokens: tuple[int, ...]
+    prompt: str
+    interventions: tuple[str, ...]
+    mode: str  # "greedy" | "sample"
+    seed: int | None
+    temperature: float
+    top_k: int | None
+    base: Continuation
+    scaled: Continuation
+
+    @property
+    def diverge_at(self) -> int | None:
+        """Index (in generated tokens) of the first token where the continuations differ; None
+        when they are identical."""
+        a, b = self.base.tokens, self.scaled.tokens
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return i
+        return None if len(a) == len(b) else min(len(a), len(b))
+
+    def frame(self) -> pd.DataFrame:
+        """One row per generated position: both tokens, `same_so_far` (the continuations have not
+        diverged up to and including this step), and each token's log-probability under the plain
+        and the scaled model with their difference (`{base,scaled}_delta_logprob`)."""
+        n = max(len(self.base.tokens), len(self.scaled.tokens))
+        cols: dict[str, list] = {"mode": [self.mode] * n, "step": list(range(n))}
+        for name, c in (("base", self.base), ("scaled", self.scaled)):
+            pad = n - len(c.tokens)
+            cols[f"{name}_token"] = list(c.tokens) + [None] * pad
+            cols[f"{name}_text"] = list(c.pieces) + [None] * pad
+            for what, v in (("logprob_base", c.logprob_base), ("logprob_scaled", c.logprob_scaled),
+                            ("delta_logprob", c.delta_logprob)):
+                cols[f"{name}_{what}"] = list(map(float, v)) + [math.nan] * pad
+        d = self.diverge_at
+        frame = pd.DataFrame(cols)
+        frame.insert(2, "same_so_far", [d is None or i < d for i in range(n)])
+        return frame
+
+    def __repr__(self) -> str:
+        d = self.diverge_at
+        return (f"GenerationDiff({self.mode}, {', '.join(self.interventions) or 'no scaling'}, "
+                f"{len(self.base.tokens)}/{len(self.scaled.tokens)} tokens, "
+                f"diverge_at={'never' if d is None else d})")
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        def row(c: Continuation) -> str:
+            d = self.diverge_at
+            cells = []
+            for i, (piece, dl) in enumerate(zip(c.pieces, c.delta_logprob)):
+                style = "background:#fde2e1" if d is not None and i >= d else ""
+                cells.append(f'<span title="Δ log p = {dl:+.3f}" style="{style}">{escape(piece)}</span>')
+            return "".join(cells)
+
+        return (f"<b>{escape(repr(self))}</b><table><tr><th>prompt</th><td>{escape(self.prompt)}</td></tr>"
+                f"<tr><th>plain</th><td>{row(self.base)}</td></tr>"
+                f"<tr><th>scaled</th><td>{row(self.scaled)}</td></tr></table>")
+
+
+def _prompt_tokens(model, prompt) -> Tensor:
+    if isinstance(prompt, str):
+        if getattr(model, "tokenizer", None) is None:
+            raise SpectraError("this model has no tokenizer: pass the prompt as token ids")
+        return model.to_tokens(prompt)[0].cpu()
+    t = torch.as_tensor(prompt)
+    if t.ndim == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 1 or t.numel() == 0 or t.dtype.is_floating_point:
+        raise SpectraError(f"prompt must be text or a non-empty 1-D list of token ids, got {prompt!r:.80}")
+    return t.long().cpu()
+
+
+def _pieces(model, tokens: Sequence[int]) -> tuple[str, ...]:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return tuple(f"[{t}]" for t in tokens)
+    return tuple(tok.decode([t]) for t in tokens)
+
+
+def _eos_id(model) -> int | None:
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and tok.eos_token_id is not None:
+        return int(tok.eos_token_id)
+    eos = getattr(model.cfg, "eos_token_id", None)
+    return int(eos) if isinstance(eos, int) else None
+
+
+def _per_row(items, n_rows: int) -> list:
+    """Each scaling with its α as a per-row factor: 1 in even rows (plain), α in odd rows."""
+    odd = torch.arange(n_rows) % 2 == 1
+    return [dataclasses.replace(it, alpha=torch.where(odd, float(it.alpha), 1.0)) for it in items]
+
+
+def _check_items(interventions) -> list:
+    items = list(interventions)
+    for item in items:
+        if not (dataclasses.is_dataclass(item) and any(f.name == "alpha" for f in dataclasses.fields(item))):
+            raise SpectraError(
+                f"interventions must be scaling dataclasses with an `alpha` field (QueryScale, "
+                f"KeyScale, LogitScale), got {item!r}"
+            )
+        if isinstance(item.alpha, Tensor):
+            raise SpectraError(f"give each scaling one α (a number) for generation, got {item!r}")
+        check_alpha(item.alpha)
+    return items
+
+
+def compare_generations(
+    model,
+    prompt,
+    interventions: Sequence = (),
+    *,
+    modes: Sequence[str] = MODES,
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    stop_at_eos: bool = True,
+) -> dict[str, GenerationDiff]:
+    """{mode: GenerationDiff} for "greedy" and/or "sample", decoded together in one batch.
+
+    `interventions` are scaling objects (QueryScale, KeyScale, LogitScale) with one α each; with
+    none, both rows are the plain model. Sampling uses softmax(logits / temperature), restricted
+    to the `top_k` most likely tokens when given, with Gumbel noise from `seed` shared by the
+    plain and the scaled row of each step.
+    """
+    items = _check_items(interventions)
+    modes = tuple(modes)
+    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        raise SpectraError(f"modes must be distinct values of {MODES}, got {modes}")
+    check_int("max_new_tokens", max_new_tokens)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise SpectraError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise SpectraError(f"top_k must be a positive int or None, got {top_k!r}")
+    layout = attention_layout(model)
+    for item in items:
+        item.hooks(layout)  # validates the head against this model now, not mid-generation
+    prompt_ids = _prompt_tokens(model, prompt)
+    vocab = int(model.cfg.d_vocab)
+    if int(prompt_ids.max()) >= vocab or int(prompt_ids.min()) < 0:
+        raise SpectraError(f"prompt token ids must lie in [0, {vocab}), got {prompt_ids.tolist()}")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if isinstance(n_ctx, int) and prompt_ids.numel() + max_new_tokens > n_ctx:
+        raise SpectraError(
+            f"prompt ({prompt_ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {n_ctx} tokens"
+        )
+    device = next(model.parameters()).device
+    n_rows = 2 * len(modes)  # per mode: the plain row, then the scaled row
+    hooks = _per_row(items, n_rows)
+    seqs = prompt_ids.to(device).repeat(n_rows, 1)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    eos = _eos_id(model) if stop_at_eos else None
+    done = torch.zeros(n_rows, dtype=torch.bool)
+    n_prompt = prompt_ids.numel()
+    with torch.no_grad(), attached(model, *hooks, layout=layout):
+        for _ in range(max_new_tokens):
+            logits = model(seqs, return_type="logits")[:, -1].float().cpu()
+            nxt = torch.empty(n_rows, dtype=torch.long)
+            for m_i, mode in enumerate(modes):
+                r = slice(2 * m_i, 2 * m_i + 2)
+                if mode == "greedy":
+                    nxt[r] = logits[r].argmax(-1)
+                else:
+                    z = logits[r] / temperature
+                    if top_k is not None and top_k < z.shape[-1]:
+                        kth = z.topk(top_k, dim=-1).values[:, -1:]
+                        z = z.masked_fill(z < kth, -math.inf)
+                    u = torch.rand(z.shape[-1], generator=gen).clamp_(1e-20, 1.0)
+                    nxt[r] = (z - torch.log(-torch.log(u))).argmax(-1)
+            if eos is not None:
+                done |= nxt == eos
+            seqs = torch.cat([seqs, nxt[:, None].to(device)], dim=1)
+            if eos is not None and bool(done.all()):
+                break
+    cont = seqs[:, n_prompt:].cpu()
+    lengths = []
+    for r in range(n_rows):
+        t = cont[r].tolist()
+        if eos is not None and eos in t:
+            t = t[: t.index(eos) + 1]
+        lengths.append(len(t))
+    # Teacher-forced scores: each continuation under the plain (α = 1) and the scaled model.
+    scored = seqs.repeat_interleave(2, dim=0)  # row 2r: plain model on row r, 2r + 1: scaled
+    with torch.no_grad(), attached(model, *_per_row(items, 2 * n_rows), layout=layout):
+        logp = torch.log_softmax(model(scored, return_type="logits").float(), dim=-1).cpu()
+    targets = seqs.cpu()[:, n_prompt:]
+    out: dict[str, GenerationDiff] = {}
+    names = tuple(_describe(it) for it in items)
+    for m_i, mode in enumerate(modes):
+        conts = []
+        for r in (2 * m_i, 2 * m_i + 1):
+            n = lengths[r]
+            tok = targets[r, :n]
+            lp = logp[2 * r : 2 * r + 2, n_prompt - 1 : n_prompt - 1 + n]
+            lp = lp.gather(-1, tok[None, :, None].expand(2, -1, 1)).squeeze(-1).double().numpy()
+            ids = tuple(int(t) for t in tok)
+            conts.append(Continuation(ids, _pieces(model, ids), lp[0], lp[1],
+                                      stopped_at_eos=eos is not None and bool(ids) and ids[-1] == eos))
+        out[mode] = GenerationDiff(
+            prompt_tokens=tuple(int(t) for t in prompt_ids), prompt="".join(_pieces(model, prompt_ids.tolist()))
+            if not isinstance(prompt, str) else prompt,
+            interventions=names, mode=mode, seed=int(seed) if mode == "sample" else None,
+            temperature=float(temperature) if mode == "sample" else 0.0,
+            top_k=top_k if mode == "sample" else None, base=conts[0], scaled=conts[1],
+        )
+    return out
+
+
+def generate(model, prompt, interventions: Sequence = (), *, mode: str = "greedy", **kwargs) -> GenerationDiff:
+    """`compare_generations` for one mode ("greedy" or "sample")."""
+    return compare_generations(model, prompt, interventions, modes=(mode,), **kwargs)[mode]
+
+
+def _describe(item) -> str:
+    fields = [f"{f.name}={getattr(item, f.name)}" for f in dataclasses.fields(item)
+              if getattr(item, f.name) is not None]
+    return f"{type(item).__name__}({', '.join(fields)})"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="spectra-lens generate",
+        description="Continue a prompt with and without head scalings, side by side: greedy and "
+                    "sampled (seeded) continuations, each token's log-probability difference "
+                    "log p_scaled − log p_plain, and the first token where they diverge.")
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--scale", action="append", default=[], metavar="LxHy=ALPHA",
+                   help="scale head y of layer x by ALPHA, e.g. L15H8=2.0 (repeatable; none: plain model twice)")
+    p.add_argument("--kind", choices=KINDS, default="q",
+                   help="q: the head's effective query; k: the key of the kv head it reads (its whole "
+                        "group); logit: a temperature on its attention logits (default q)")
+    p.add_argument("--mode", choices=("greedy", "sample", "both"), default="both")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled continuations")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--no-eos-stop", action="store_true", help="generate past the end-of-text token")
+    p.add_argument("--model", default=None,
+                   help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the per-token table as CSV")
+    return p
+
+
+def _format(diff: GenerationDiff) -> str:
+    d = diff.diverge_at
+    head = f"{diff.mode}" + (f" (seed {diff.seed}, temperature {diff.temperature:g}"
+                             + (f", top-k {diff.top_k}" if diff.top_k else "") + ")"
+                             if diff.mode == "sample" else "")
+    lines = [f"== {head}", f"  plain : {diff.base.text!r}", f"  scaled: {diff.scaled.text!r}"]
+    if d is None:
+        lines.append("  identical continuations")
+    else:
+        def piece(c):
+            return repr(c.pieces[d]) if d < len(c.pieces) else "(ended)"
+
+        lines.append(f"  first difference at generated token {d}: plain {piece(diff.base)} vs "
+                     f"scaled {piece(diff.scaled)}")
+    frame = diff.frame()[["step", "same_so_far", "base_text", "base_delta_logprob", "scaled_text",
+                          "scaled_delta_logprob"]]
+    frame = frame.rename(columns={"base_text": "plain token", "base_delta_logprob": "Δlog p (plain)",
+                                  "scaled_text": "scaled token", "scaled_delta_logprob": "Δlog p (scaled)"})
+    lines.append("  Δlog p = log p_scaled − log p_plain of each token, same prefix")
+    lines.append("\n".join("  " + s for s in frame.to_string(index=False, float_format=lambda v: f"{v:+.3f}").splitlines()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+    import time
+
+    args = parser().parse_args(argv)
+    try:
+        from spectra_lens.models import load_model
+
+        specs = [parse_scale(s) for s in args.scale]
+        t0 = time.perf_counter()
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        layout = attention_layout(model)
+        items = scalings(specs, layout, kind=args.kind)
+        modes = MODES if args.mode == "both" else (args.mode,)
+        t1 = time.perf_counter()
+        out = compare_generations(model, args.prompt, items, modes=modes,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  temperature=args.temperature, top_k=args.top_k,
+                                  stop_at_eos=not args.no_eos_stop)
+        t2 = time.perf_counter()
+    except SpectraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"model: {args.model or 'SmolLM2-135M-Instruct (embedded default)'}")
+    print(f"scalings ({args.kind}): {', '.join(out[modes[0]].interventions) or 'none (plain model in both rows)'}")
+    if args.kind == "k":
+        for it in items:
+            print(f"  kv head {it.kv_head} of layer {it.layer} is read by query heads {list(layout.heads_of_kv(it.kv_head))}")
+    print(f"prompt: {args.prompt!r}")
+    for diff in out.values():
+        print(_format(diff))
+    if args.csv:
+        from spectra_lens.runs import atomic_write
+
+        frame = pd.concat([d.frame() for d in out.values()], ignore_index=True)
+        atomic_write(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
+        print(f"wrote {args.csv}")
+    print(f"load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s")
+    return 0
