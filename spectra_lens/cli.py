@@ -14,6 +14,7 @@ COMMANDS = {
     "prepare": ("spectra_lens.experiments.prepare", "tokenize a corpus into shards with a manifest"),
     "report": ("spectra_lens.report", "one HTML page from a results directory"),
     "generate": ("spectra_lens.generate", "continue a prompt with and without head scalings, side by side"),
+    "head-types": ("spectra_lens.experiments.head_types", "label every head: sink, previous-token, induction, ..."),
 }
 
 

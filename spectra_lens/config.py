@@ -6,7 +6,7 @@ Validation happens when a run starts (`validate()`), not in `__init__`.
 from dataclasses import dataclass
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.validate import check_min_position
+from spectra_lens.validate import check_int, check_min_position
 
 __all__ = ["ObservationalConfig"]
 
@@ -173,3 +173,40 @@ class QKConfig:
 
     def validate(self) -> None:
         _check_causal(self)
+
+
+# --------------------------------------------------------------------------- head types
+
+__all__ += ["HeadTypesConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadTypesConfig:
+    """Every head's sink / previous-token / induction / local / positional scores and label
+    (`spectra_lens.head_types`), joined with the agreement and gain tables when given."""
+
+    model: str | None = None  # HF id or local dir; None = the embedded default model
+    corpus: str | None = None  # text of the sink / previous-token / local scores; None = pydoc topics
+    out: str = "results/head_types"  # run directory
+    n_sequences: int = 8  # text sequences: each score's sd is over them
+    seq_len: int = 64  # tokens per text sequence
+    n_repeated: int = 8  # random-token sequences shown twice (induction, positional scores)
+    half_len: int = 32  # random tokens per copy
+    window: int = 4  # keys i - window + 1 … i count as local
+    agreement: str | None = None  # agreement.csv to join on (layer, head)
+    gain: str | None = None  # gain_summary.csv to join on (layer, head)
+    batch_size: int = 8  # sequences per forward pass
+    seed: int = 0  # draws the random tokens
+    dtype: str = "float32"  # model weights; metrics are always float32
+    device: str | None = None  # None = CUDA when present, else CPU
+    overwrite: bool = False  # replace a finished run in `out` instead of refusing
+
+    def validate(self) -> None:
+        for name in ("n_sequences", "batch_size"):
+            check_int(name, getattr(self, name))
+        check_int("seq_len", self.seq_len, minimum=8)
+        check_int("n_repeated", self.n_repeated, minimum=2)
+        check_int("half_len", self.half_len, minimum=4)
+        check_int("window", self.window)
+        if self.window >= self.seq_len:
+            raise SpectraError(f"window must be < seq_len ({self.seq_len}), got {self.window}")

@@ -1,0 +1,200 @@
+"""Head types: every head's sink / previous-token / induction / local / positional scores and
+its label (rule: `spectra_lens.head_types.LABEL_RULE`), beside its gain.
+
+    spectra-lens head-types [--model M] [--corpus C] [--n-sequences 8] [--seq-len 64]
+        [--n-repeated 8] [--half-len 32] [--agreement agreement.csv] [--gain gain_summary.csv]
+        [--out results/head_types] [--overwrite]
+
+The sink, previous-token and local scores, the normalized entropy and the analytic gain
+−Var_p(s) (dH/d ln α at α = 1) are measured on `n_sequences` sequences of the corpus; the
+induction and positional scores on `n_repeated` sequences of `half_len` random tokens shown
+twice (`head_types.diagnostic_inputs`). Definitions: `spectra_lens.head_types`.
+
+Outputs (in --out): `head_types.csv` (one row per head: layer, head, label, the scores, their sd
+over sequences, mean_entropy, analytic_gain, and the columns of --agreement / --gain joined on
+(layer, head); a name they share gets the suffix `_agreement` / `_gain`),
+`head_types_by_label.csv` (for each value column — analytic_gain, obs_slope, gain_analytic,
+gain_entropy, where present — and each label: n, mean, median, min and mean rank, rank 1 = most
+negative of all heads), figures under `figures/` and `manifest.json`.
+"""
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from spectra_lens.config import HeadTypesConfig
+from spectra_lens.errors import SpectraError
+from spectra_lens.figures import head_types as FT
+from spectra_lens.head_types import (
+    LABEL_RULE,
+    by_label,
+    diagnostic_inputs,
+    head_type_scores,
+    join_heads,
+)
+from spectra_lens.layout import attention_layout
+
+from . import _common as C
+
+__all__ = ["BY_LABEL_COLUMNS", "HeadTypesResult", "compute", "figures", "main", "parser", "run", "tables"]
+
+EXPERIMENT = "head_types"
+
+
+@dataclass(frozen=True, repr=False)
+class HeadTypesResult:
+    """The tables of one head-types run."""
+
+    types: pd.DataFrame  # head_types.csv
+    by_label: pd.DataFrame  # head_types_by_label.csv
+    out: Path | None = None
+
+    def __repr__(self) -> str:
+        counts = self.types["label"].value_counts().to_dict()
+        return f"HeadTypesResult(heads={len(self.types)}, labels={counts}, out={self.out})"
+
+    def _repr_html_(self) -> str:
+        return (f"<b>{escape(repr(self))}</b><p>label rule: {escape(LABEL_RULE)}</p>"
+                + self.by_label.to_html(index=False, float_format="%.4g"))
+
+
+# Value columns summarised per label when present: this run's analytic gain, agreement.csv's
+# observational slope and analytic gain, gain_summary.csv's fitted entropy gain.
+BY_LABEL_COLUMNS = ("analytic_gain", "obs_slope", "gain_analytic", "gain_entropy")
+
+
+def tables(types: pd.DataFrame, *, agreement: pd.DataFrame | None = None,
+           gain: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """{"head_types": one row per head (scores, label, analytic gain, and the agreement / gain
+    tables' columns joined on (layer, head); a clashing name gets `_agreement` / `_gain`),
+    "head_types_by_label": per value column × label: n, mean, median, min, mean rank}."""
+    extra = [(t, s) for t, s in ((agreement, "_agreement"), (gain, "_gain")) if t is not None]
+    joined = join_heads(types, *(t for t, _ in extra), suffixes=tuple(s for _, s in extra))
+    parts = []
+    for col in BY_LABEL_COLUMNS:
+        if col in joined.columns and joined[col].notna().any():
+            t = by_label(joined, col)
+            t = t.rename(columns={f"mean_{col}": "mean", f"median_{col}": "median", f"min_{col}": "min"})
+            t.insert(0, "value", col)
+            parts.append(t)
+    summary = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["value", "label", "n", "mean", "median", "min", "mean_rank"])
+    return {"head_types": joined, "head_types_by_label": summary}
+
+
+def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
+    """The run's figures from its tables: the label map, the score heatmaps, and each gain-like
+    column grouped by label."""
+    types = tables["head_types"]
+    out = {"head_types_map": FT.head_type_map(types, title="head types (label rule: first match wins)"),
+           "head_type_scores": FT.head_type_scores(types)}
+    for col in BY_LABEL_COLUMNS:
+        if col in types.columns and types[col].notna().any():
+            out[f"{col}_by_type"] = FT.gain_by_type(types, col)
+    return out
+
+
+def _read_table(path: str | None, what: str) -> pd.DataFrame | None:
+    if path is None:
+        return None
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        raise SpectraError(f"--{what} {path!r} is not a readable CSV ({type(e).__name__}: {e})") from e
+
+
+def compute(cfg: HeadTypesConfig, model, text, *, rd=None) -> pd.DataFrame:
+    """Every head's scores and label (no files written)."""
+    with C.timed(rd, "scores_s"):
+        inputs = diagnostic_inputs(model, text, n_repeated=cfg.n_repeated, half_len=cfg.half_len,
+                                   seed=cfg.seed)
+        return head_type_scores(model, inputs, window=cfg.window, batch_size=cfg.batch_size)
+
+
+def run(cfg: HeadTypesConfig = HeadTypesConfig(), *, model=None, tokens=None,
+        progress: bool = True) -> HeadTypesResult:
+    """Head types into `cfg.out`: head_types.csv, head_types_by_label.csv, figures, manifest."""
+    cfg.validate()
+    agreement, gain = _read_table(cfg.agreement, "agreement"), _read_table(cfg.gain, "gain")
+    rd = C.start_run(cfg, EXPERIMENT)
+    with C.timed(rd, "load_model_s"):
+        model, model_name = C.load_run_model(cfg, model)
+        layout = attention_layout(model)
+    with C.timed(rd, "tokens_s"):
+        # every head is scored, none is chosen: no held-out selection sequences (n_select = 0)
+        spec = SimpleNamespace(corpus=cfg.corpus, seq_len=cfg.seq_len, n_sequences=cfg.n_sequences, n_select=0)
+        text = C.load_run_tokens(spec, model, tokens)
+    types = compute(cfg, model, text.measure, rd=rd)
+    out = tables(types, agreement=agreement, gain=gain)
+    with C.timed(rd, "write_s"):
+        rd.write_csv("head_types.csv", out["head_types"])
+        rd.write_csv("head_types_by_label.csv", out["head_types_by_label"])
+        for name, fig in figures(out).items():
+            C.write_figure(rd, fig, name)
+    rd.finish(model=C.model_info(model_name, layout), corpus=text.corpus,
+              n_sequences=int(text.measure.shape[0]), seq_len=int(text.measure.shape[1]),
+              label_rule=LABEL_RULE, joined={"agreement": cfg.agreement, "gain": cfg.gain},
+              files=["head_types.csv", "head_types_by_label.csv"],
+              labels=out["head_types"]["label"].value_counts().to_dict())
+    return HeadTypesResult(out["head_types"], out["head_types_by_label"], out=rd.path)
+
+
+def parser() -> argparse.ArgumentParser:
+    d = HeadTypesConfig()
+    p = argparse.ArgumentParser(prog="spectra-lens head-types", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=d.model,
+                   help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--corpus", default=d.corpus,
+                   help="corpus spec or prepared shard directory (default: CPython reference docs)")
+    p.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
+    p.add_argument("--n-sequences", type=int, default=d.n_sequences, help="text sequences")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per text sequence")
+    p.add_argument("--n-repeated", type=int, default=d.n_repeated, help="repeated random-token sequences")
+    p.add_argument("--half-len", type=int, default=d.half_len, help="random tokens per copy")
+    p.add_argument("--window", type=int, default=d.window, help="keys i-window+1 … i count as local")
+    p.add_argument("--agreement", default=d.agreement, help="agreement.csv to join on (layer, head)")
+    p.add_argument("--gain", default=d.gain, help="gain_summary.csv to join on (layer, head)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per forward pass")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random tokens")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2 for a user error)."""
+    args = vars(parser().parse_args(argv))
+    C.configure_logging()
+    t0 = time.time()
+    progress = not args.pop("no_progress")
+    try:
+        result = run(HeadTypesConfig(**args), progress=progress)
+    except SpectraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = result.types["label"].value_counts()
+    print(f"{len(result.types)} heads: " + ", ".join(f"{n} {label}" for label, n in counts.items()))
+    for label in ("induction", "previous-token"):
+        heads = result.types[result.types["label"] == label]
+        if len(heads):
+            print(f"{label}: " + ", ".join(f"L{int(r.layer)}H{int(r.head)}" for r in heads.itertuples()))
+    print("mean analytic gain by label (most negative first):")
+    gains = result.by_label[result.by_label["value"] == "analytic_gain"]
+    for r in gains.itertuples():
+        print(f"  {r.label:<15} {r.mean:+.3f}  (n = {r.n}, mean rank {r.mean_rank:.0f} of {len(result.types)})")
+    print(f"wrote {result.out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
