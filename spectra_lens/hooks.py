@@ -15,13 +15,13 @@ from typing import no_type_check
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout, attention_layout, hook_name
-from spectra_lens.validate import check_alpha, check_min_position, check_tokens
+from spectra_lens.validate import check_alpha, check_context, check_min_position, check_tokens
 
 __all__ = [
     "METRIC_NAMES",
@@ -33,6 +33,7 @@ __all__ = [
     "KeyScale",
     "LogitScale",
     "attached",
+    "attention_mask_for",
     "capture_metrics",
     "repeat_for_alphas",
     "count_hooks",
@@ -47,6 +48,55 @@ METRIC_NAMES: tuple[str, ...] = (
 
 
 # --------------------------------------------------------------------------- validation
+
+
+@no_type_check  # validates its input itself (SpectraError)
+def attention_mask_for(
+    tokens: Int[Tensor, "batch pos"], *, attention_mask=None, pad_id: int | None = None
+) -> Bool[Tensor, "batch pos"] | None:
+    """The real tokens of `tokens` as a bool mask (None when every token is real).
+
+    `attention_mask` (1 = real token, 0 = padding, as in Hugging Face) wins; else `pad_id` marks
+    padding at the start (left padding) or the end (right padding) of a row. A pad id between
+    real tokens is refused: many tokenizers use EOS as the pad id, and EOS also separates
+    documents inside a sequence, so only an explicit mask can say which is which there.
+    """
+    if attention_mask is None and pad_id is None:
+        return None
+    if attention_mask is not None:
+        m = torch.as_tensor(attention_mask)
+        if tuple(m.shape) != tuple(tokens.shape):
+            raise SpectraError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, "
+                               f"got {tuple(m.shape)}")
+        if m.dtype != torch.bool:
+            if m.dtype.is_floating_point or not ((m == 0) | (m == 1)).all():
+                raise SpectraError("attention_mask must hold 0 (padding) and 1 (real token) only")
+            m = m.bool()
+    else:
+        if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+            raise SpectraError(f"pad_id must be an integer token id, got {pad_id!r}")
+        pad = tokens == pad_id
+        real = ~pad
+        seen_real = real.int().cumsum(1) > 0
+        after_last = real.flip(1).int().cumsum(1).flip(1) == 0
+        inner = pad & seen_real & ~after_last
+        if inner.any():
+            row, pos = (int(i) for i in inner.nonzero()[0])
+            raise SpectraError(
+                f"pad id {pad_id} occurs between real tokens (row {row}, position {pos}), where it "
+                f"is not padding (EOS, often the pad id, also separates documents); pass "
+                f"attention_mask instead of pad_id"
+            )
+        m = real
+    m = m.to(tokens.device)
+    if not m.any(1).all():
+        raise SpectraError(f"attention_mask rows {m.any(1).logical_not().nonzero().flatten().tolist()} "
+                           f"hold no real token; expected at least one per row")
+    starts = m.int().diff(dim=1) == 1  # a real token right after padding
+    if (starts.sum(1) > 1).any() or ((starts.sum(1) == 1) & m[:, 0]).any():
+        raise SpectraError("attention_mask has padding between real tokens; expected left or right "
+                           "padding (one contiguous block of real tokens per row)")
+    return None if bool(m.all()) else m
 
 
 def _check_shape(x: Tensor, hook: str, expected: tuple[int | None, ...], axes: str) -> None:
@@ -203,6 +253,8 @@ class TokenMetrics:
     sink_mass: Float[Tensor, "batch layer head pos"]
     local_gain: Float[Tensor, "batch layer head pos"]
     patterns: dict = field(default_factory=dict)
+    # Real tokens [batch, pos] (None: all real). Metrics of padding positions are NaN.
+    attention_mask: Tensor | None = None
 
     def metric(self, name: str) -> Tensor:
         if name not in METRIC_NAMES:
@@ -219,21 +271,34 @@ class TokenMetrics:
     def to_frame(
         self, *, sequence_ids: Sequence[int] | Tensor | None = None, shard: int | None = None
     ) -> pd.DataFrame:
-        """Long format: one row per (sequence, layer, head, position) with every metric."""
+        """Long format: one row per (sequence, layer, head, position) with every metric.
+
+        Padding positions are left out; `position` counts real tokens only (under left padding
+        the first real token is position 0, as the model's position ids are).
+        """
         b, n_l, n_h, n_p = self.entropy.shape
         seq = torch.arange(b) if sequence_ids is None else torch.as_tensor(sequence_ids)
         if seq.numel() != b:
             raise SpectraError(f"sequence_ids must have {b} entries, got {seq.numel()}")
-        grid = torch.meshgrid(
+        grid = list(torch.meshgrid(
             seq, torch.as_tensor(self.layers), torch.arange(n_h), torch.arange(n_p), indexing="ij"
-        )
+        ))
+        keep = None
+        if self.attention_mask is not None:
+            mask = self.attention_mask.detach().cpu()
+            real_pos = mask.long().cumsum(1) - 1  # [batch, pos]
+            grid[3] = real_pos[:, None, None, :].expand(b, n_l, n_h, n_p)
+            keep = mask[:, None, None, :].expand(b, n_l, n_h, n_p).reshape(-1).numpy()
         cols: dict[str, object] = {}
+        n_rows = grid[0].numel() if keep is None else int(keep.sum())
         if shard is not None:
-            cols["shard"] = pd.array([shard] * grid[0].numel(), dtype="int32")
+            cols["shard"] = pd.array([shard] * n_rows, dtype="int32")
         for name, g in zip(("sequence", "layer", "head", "position"), grid):
-            cols[name] = g.reshape(-1).numpy().astype("int32")
+            v = g.reshape(-1).numpy().astype("int32")
+            cols[name] = v if keep is None else v[keep]
         for name in METRIC_NAMES:
-            cols[name] = getattr(self, name).detach().cpu().reshape(-1).numpy()
+            v = getattr(self, name).detach().cpu().reshape(-1).numpy()
+            cols[name] = v if keep is None else v[keep]
         return pd.DataFrame(cols)
 
     def __repr__(self) -> str:
@@ -254,6 +319,9 @@ class MetricCapture:
 
     Use: `cap = MetricCapture(layout)`; `with attached(model, cap): model(tokens)`;
     `cap.result()`. A capture holds one forward pass: `result()` clears it for the next.
+    With padded batches call `cap.set_attention_mask(mask)` before the pass and give the model the
+    same mask (`model(tokens, attention_mask=mask)`): padding rows get NaN metrics, the sink is
+    the first real key, and a pass that attended to padding is refused.
     `top_mass` is the mass of `k_eff_top90` (0.9); None skips that metric (NaN), which saves
     the sort of every attention row.
     """
@@ -281,7 +349,29 @@ class MetricCapture:
             raise SpectraError(f"top_mass must be in (0, 1] or None, got {top_mass}")
         self.top_mass = top_mass
         self._kv = layout.kv_index()
+        self._mask: Tensor | None = None
         self._clear()
+
+    def set_attention_mask(self, attention_mask: Tensor | None) -> None:
+        """Real tokens `[batch, pos]` of the next forward pass (None: all real); see
+        `attention_mask_for`. `result()` clears it."""
+        if attention_mask is not None:
+            m = torch.as_tensor(attention_mask)
+            if m.ndim != 2 or m.dtype != torch.bool:
+                raise SpectraError(f"attention_mask must be a bool tensor [batch, pos], got "
+                                   f"{m.dtype} {tuple(m.shape)} (see hooks.attention_mask_for)")
+            attention_mask = m
+        self._mask = attention_mask
+
+    def _mask_for(self, p: Tensor, hook: str) -> Tensor | None:
+        """The mask on `p`'s device, checked against the pattern [batch, head, query, key]."""
+        m = self._mask
+        if m is None:
+            return None
+        if tuple(m.shape) != (p.shape[0], p.shape[-1]):
+            raise SpectraError(f"{hook}: attention_mask has shape {tuple(m.shape)}; the forward pass "
+                               f"has [batch, pos] = {(p.shape[0], p.shape[-1])}")
+        return m.to(p.device)
 
     def _clear(self) -> None:
         self._store: dict[str, dict[int, Tensor]] = {n: {} for n in METRIC_NAMES}
@@ -349,7 +439,20 @@ class MetricCapture:
             # top_mass=None skips it and leaves NaN.
             st["k_eff_top90"][l] = (M.k_eff_top_mass(p, mass=self.top_mass)
                                     if self.top_mass is not None else torch.full_like(H, torch.nan))
-            st["sink_mass"][l] = M.sink_mass(p)
+            mask = self._mask_for(p, name)
+            if mask is None:
+                st["sink_mass"][l] = M.sink_mass(p)
+            else:
+                # rows of real queries only: a padding query may see nothing but padding
+                leak = ((p * (~mask)[:, None, None, :]).sum(-1) * mask[:, None, :]).amax()
+                if leak > 1e-6:
+                    raise SpectraError(
+                        f"{name}: {float(leak):.3g} of the attention went to padding; give the model "
+                        f"the same attention_mask as the capture (model(tokens, attention_mask=mask))"
+                    )
+                first = mask.int().argmax(1)  # the first real key of each row: the sink
+                idx = first[:, None, None, None].expand(p.shape[0], p.shape[1], p.shape[2], 1)
+                st["sink_mass"][l] = p.gather(-1, idx).squeeze(-1)
             st["local_gain"][l] = M.local_gain_under(p, s.float(), visible)
             for ll, h in self.patterns_for:
                 if ll == l:
@@ -362,7 +465,13 @@ class MetricCapture:
         if missing:
             raise SpectraError(f"no forward pass reached layers {missing}; run the model inside attached()")
         vals = {n: torch.stack([self._store[n][l] for l in self.layers], dim=1) for n in METRIC_NAMES}
-        out = TokenMetrics(layers=self.layers, patterns=dict(self._patterns), **vals)
+        mask = self._mask
+        if mask is not None:
+            pad = ~mask.to(vals["entropy"].device)[:, None, None, :]
+            vals = {n: v.masked_fill(pad, torch.nan) for n, v in vals.items()}
+            mask = mask.cpu()
+        out = TokenMetrics(layers=self.layers, patterns=dict(self._patterns), attention_mask=mask, **vals)
+        self._mask = None
         self._clear()
         return out
 
@@ -413,14 +522,24 @@ def capture_metrics(
     patterns_for: Iterable[tuple[int, int]] = (),
     interventions: Sequence = (),
     top_mass: float | None = 0.9,
+    attention_mask: Tensor | None = None,
+    pad_id: int | None = None,
 ) -> TokenMetrics:
-    """One forward pass (no grad) with `interventions` applied; per-token metrics of every head."""
+    """One forward pass (no grad) with `interventions` applied; per-token metrics of every head.
+
+    Padded batches: pass `attention_mask` (1 = real token) or `pad_id` (padding at either end of
+    a row); padding positions get NaN metrics and no attention (see `attention_mask_for`).
+    """
     tokens = check_tokens(tokens)
+    check_context(model, tokens.shape[1])
+    mask = attention_mask_for(tokens, attention_mask=attention_mask, pad_id=pad_id)
     layout = attention_layout(model)
     cap = MetricCapture(layout, layers=layers, patterns_for=patterns_for, top_mass=top_mass)
+    cap.set_attention_mask(mask)
     device = next(model.parameters()).device
+    extra = {} if mask is None else {"attention_mask": mask.long().to(device)}
     with torch.no_grad(), attached(model, *interventions, cap, layout=layout):
-        model(tokens.to(device), return_type="logits")
+        model(tokens.to(device), return_type="logits", **extra)
     return cap.result()
 
 
@@ -432,11 +551,14 @@ class SweepCapture:
     `[alpha, batch, head]`), without them the metrics of the pattern itself (`[batch, head]`:
     a real, possibly scaled pass). For `gain_layers`: −Var_p(s) `[batch, head]`. Full patterns
     `[batch, query_pos, key_pos]` for the (layer, head) pairs in `patterns_for`.
+    With `attention_mask` (bool `[batch, pos]`, True = real token) padding rows are left out of
+    every mean and `min_position` counts real tokens (the model's position ids under left padding).
     """
 
     def __init__(self, layout, *, layers=(), alphas=None, gain_layers=(), patterns_for=(),
-                 min_position=1, chunk_elements=M.ALPHA_CHUNK_ELEMENTS):
+                 min_position=1, chunk_elements=M.ALPHA_CHUNK_ELEMENTS, attention_mask=None):
         self.layout = layout
+        self.attention_mask = attention_mask
         self.alphas = alphas
         self.layers = tuple(layers)
         self.gain_layers = tuple(gain_layers)
@@ -487,16 +609,36 @@ class SweepCapture:
             else:  # scores not faithful: log p is s up to a per-row constant
                 visible = p > 0
                 s = M.logits_from_pattern(p)
+            w = self._row_weight(p)
             if l in self.gain_layers:
-                self.gain[l] = M.local_gain_under(p, s, visible).mean(-1).cpu()
+                g = M.local_gain_under(p, s, visible)
+                self.gain[l] = (g.mean(-1) if w is None else
+                                torch.where(w > 0, g * w, 0.0).sum(-1) / w.sum(-1)).cpu()
             if l in self.layers:
                 if self.alphas is None:
-                    got = M.pattern_metrics(p, visible)
+                    got = M.pattern_metrics(p, visible, row_weight=w)
                 else:
-                    got = M.alpha_metrics(s, visible, self.alphas, chunk_elements=self.chunk_elements)
+                    got = M.alpha_metrics(s, visible, self.alphas, chunk_elements=self.chunk_elements,
+                                          row_weight=w)
                 self.metrics[l] = {n: v.cpu() for n, v in got.items()}
 
         return fn
+
+    def _row_weight(self, p: Tensor) -> Tensor | None:
+        """[batch, 1, query_pos - min_position] weights of the rows averaged: 1 for a real token
+        at real position >= min_position, 0 for padding (None without a mask)."""
+        m = self.attention_mask
+        if m is None:
+            return None
+        if m.shape[0] != p.shape[0] or m.shape[1] != p.shape[-1]:
+            raise SpectraError(f"attention_mask has shape {tuple(m.shape)}; the pass has "
+                               f"[batch, pos] = {(p.shape[0], p.shape[-1])}")
+        m = m.to(p.device)
+        keep = m & (m.long().cumsum(1) - 1 >= self.min_position)
+        if not keep.any(1).all():
+            raise SpectraError(f"a sequence has no real token at position >= min_position "
+                               f"({self.min_position}) to average")
+        return keep[:, None, self.min_position:].float()
 
     def run(self, model, tokens: Tensor, *, interventions=(), layout=None, logits: bool = False):
         """One forward pass (no grad) with `interventions` before the capture; logits if asked,
@@ -504,5 +646,8 @@ class SweepCapture:
         layout = layout or self.layout
         last = max(self.all_layers())
         stop = None if logits or last + 1 >= layout.n_layers else last + 1
+        extra = {}
+        if self.attention_mask is not None:
+            extra["attention_mask"] = self.attention_mask.to(tokens.device).long()
         with torch.no_grad(), attached(model, *interventions, self, layout=layout):
-            return model(tokens, return_type="logits" if logits else None, stop_at_layer=stop)
+            return model(tokens, return_type="logits" if logits else None, stop_at_layer=stop, **extra)

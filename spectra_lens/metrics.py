@@ -253,16 +253,18 @@ def alpha_metrics(
     alphas: Sequence[float],
     *,
     chunk_elements: int = ALPHA_CHUNK_ELEMENTS,
+    row_weight: Float[Tensor, "*#batch query_pos"] | None = None,
 ) -> dict[str, Float[Tensor, " alpha *batch"]]:
     """Mean over query rows of each metric of p(α) = softmax(α·s) over the visible keys.
 
     `scores` may be shifted by any per-row constant (log p works). Keys are sorted once per row
     (softmax(α·s) keeps the order of s); the α grid runs in chunks of at most `chunk_elements`
-    pattern entries. Every query row must see at least one key.
+    pattern entries. Every query row must see at least one key, except rows of weight 0 in
+    `row_weight` (padding), which the mean leaves out.
     """
     alphas = check_alphas(alphas)
     a_all = torch.tensor(alphas, dtype=torch.float32, device=scores.device)
-    n_q = scores.shape[-2]
+    n_q = scores.shape[-2] if row_weight is None else row_weight.sum(-1)
     sums = {n: scores.new_zeros((len(alphas), *scores.shape[:-2]), dtype=torch.float32)
             for n in SWEEP_METRICS}
     for rows, n_keys in query_blocks(visible):
@@ -273,24 +275,36 @@ def alpha_metrics(
             a = a_all[i : i + step].view(-1, *([1] * z.ndim))
             logp = torch.log_softmax(a * z, dim=-1)
             for n, v in sorted_row_metrics(logp.exp(), logp).items():
-                sums[n][i : i + step] += v.sum(-1)
+                sums[n][i : i + step] += _row_sum(v, row_weight, rows)
             del logp
     return {n: v / n_q for n, v in sums.items()}
+
+
+def _row_sum(v: Tensor, row_weight: Tensor | None, rows: slice) -> Tensor:
+    """Σ over the query rows `rows` of `v` [..., rows], weighted; rows of weight 0 (padding,
+    possibly NaN there) add nothing."""
+    if row_weight is None:
+        return v.sum(-1)
+    w = row_weight[..., rows]
+    return torch.where(w > 0, v * w, 0.0).sum(-1)
 
 
 def pattern_metrics(
     pattern: Float[Tensor, "*batch query_pos key_pos"],
     visible: Bool[Tensor, "*batch query_pos key_pos"] | None = None,
+    *,
+    row_weight: Float[Tensor, "*#batch query_pos"] | None = None,
 ) -> dict[str, Float[Tensor, "*batch"]]:
-    """Mean over query rows of each metric of the pattern itself (`metrics` definitions)."""
+    """Mean over query rows of each metric of the pattern itself (`metrics` definitions);
+    rows of weight 0 in `row_weight` (padding) are left out."""
     p = pattern.float()
     visible = p > 0 if visible is None else visible
-    n_q = p.shape[-2]
+    n_q = p.shape[-2] if row_weight is None else row_weight.sum(-1)
     sums = {n: p.new_zeros(p.shape[:-2]) for n in SWEEP_METRICS}
     for rows, n_keys in query_blocks(visible):
         ps = p[..., rows, :n_keys].sort(dim=-1, descending=True).values
         for n, v in sorted_row_metrics(ps, None).items():
-            sums[n] += v.sum(-1)
+            sums[n] += _row_sum(v, row_weight, rows)
     return {n: v / n_q for n, v in sums.items()}
 
 

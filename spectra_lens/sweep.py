@@ -43,10 +43,10 @@ from torch import Tensor
 
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import QueryScale, SweepCapture, repeat_for_alphas
+from spectra_lens.hooks import QueryScale, SweepCapture, attention_mask_for, repeat_for_alphas
 from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.stats import t_interval
-from spectra_lens.validate import check_alphas, check_int, check_min_position, check_tokens
+from spectra_lens.validate import check_alphas, check_context, check_int, check_min_position, check_tokens
 
 __all__ = [
     "ExactSweep",
@@ -287,25 +287,29 @@ class _Bar:
             self._bar.close()
 
 
-def _batches(tokens: Tensor, batch_size: int | None) -> list[Tensor]:
+def _batches(tokens: Tensor, batch_size: int | None, mask: Tensor | None = None
+             ) -> list[tuple[Tensor, Tensor | None]]:
+    """(tokens, mask or None) per batch of at most `batch_size` sequences."""
     size = tokens.shape[0] if batch_size is None else check_int("batch_size", batch_size)
-    return list(tokens.split(size))
+    masks = [None] * -(-tokens.shape[0] // size) if mask is None else list(mask.split(size))
+    return list(zip(tokens.split(size), masks))
 
 
 # --------------------------------------------------------------------------- the fast path
 
 
 def _fast_and_gain(model, layout, tokens, alphas, *, sweep_layers, gain_layers, min_position,
-                   batch_size, chunk_elements, progress):
+                   batch_size, chunk_elements, progress, mask=None):
     """({layer: {metric: [alpha, batch, head]}}, {layer: gain [batch, head]}) from unscaled passes."""
     device = _device(model)
     metrics: dict[int, dict[str, list[Tensor]]] = {l: {n: [] for n in M.SWEEP_METRICS} for l in sweep_layers}
     gain: dict[int, list[Tensor]] = {l: [] for l in gain_layers}
-    batches = _batches(tokens, batch_size)
+    batches = _batches(tokens, batch_size, mask)
     bar = _Bar(len(batches), progress, "fast sweep")
-    for batch in batches:
+    for batch, batch_mask in batches:
         cap = SweepCapture(layout, layers=sweep_layers, alphas=alphas, gain_layers=gain_layers,
-                            min_position=min_position, chunk_elements=chunk_elements)
+                            min_position=min_position, chunk_elements=chunk_elements,
+                            attention_mask=batch_mask)
         cap.run(model, batch.to(device))
         for l in sweep_layers:
             for n in M.SWEEP_METRICS:
@@ -330,6 +334,7 @@ def _fast_curves(
     batch_size: int | None = None,
     chunk_elements: int = M.ALPHA_CHUNK_ELEMENTS,
     progress: bool = False,
+    attention_mask: Tensor | None = None,
 ) -> HeadSweep:
     """Every head of `layers` at every α via p(α) = softmax(α·s), from unscaled forward passes.
 
@@ -351,7 +356,7 @@ def _fast_curves(
     metrics, gain = _fast_and_gain(
         model, layout, tokens, alphas, sweep_layers=layers, gain_layers=layers,
         min_position=min_position, batch_size=batch_size, chunk_elements=chunk_elements,
-        progress=progress,
+        progress=progress, mask=attention_mask,
     )
     return HeadSweep(
         alphas=alphas,
@@ -373,7 +378,8 @@ def _plan(n_batch: int, n_alpha: int, max_rows: int) -> tuple[int, int]:
     return seq_block, max(1, min(n_alpha, max_rows // seq_block))
 
 
-def _exact_layers(model, layout, tokens, alphas, *, layers, min_position, max_rows, progress):
+def _exact_layers(model, layout, tokens, alphas, *, layers, min_position, max_rows, progress,
+                  mask=None):
     """{layer: {metric: [alpha, batch, head]}}: all heads of a layer scaled at once, per layer.
 
     Scaling head h's query changes only head h's logits in its own layer, so one pass per layer
@@ -390,10 +396,12 @@ def _exact_layers(model, layout, tokens, alphas, *, layers, min_position, max_ro
         per_block = []
         for s in starts:
             block = tokens[s : s + seq_block].to(device)
+            block_mask = None if mask is None else mask[s : s + seq_block]
             per_chunk = []
             for a in alpha_chunks:
                 rows, row_alpha = repeat_for_alphas(block, a)
-                cap = SweepCapture(layout, layers=[l], min_position=min_position)
+                cap = SweepCapture(layout, layers=[l], min_position=min_position,
+                                   attention_mask=None if mask is None else block_mask.repeat(len(a), 1))
                 cap.run(model, rows, interventions=[QueryScale(l, h, row_alpha) for h in range(n_heads)])
                 per_chunk.append({n: v.view(len(a), block.shape[0], n_heads) for n, v in cap.metrics[l].items()})
                 bar.step()
@@ -412,6 +420,7 @@ def _exact_curves(
     min_position: int = 1,
     max_rows: int = 32,
     progress: bool = False,
+    attention_mask: Tensor | None = None,
 ) -> HeadSweep:
     """Every head of `layers` at every α, each measured in real forward passes with QueryScale.
 
@@ -424,8 +433,10 @@ def _exact_curves(
     layers = _check_layers(layout, layers)
     check_min_position(min_position, tokens.shape[1])
     metrics = _exact_layers(model, layout, tokens, alphas, layers=layers,
-                            min_position=min_position, max_rows=max_rows, progress=progress)
-    gain = analytic_gain(model, tokens, layers=layers, min_position=min_position, batch_size=max_rows)
+                            min_position=min_position, max_rows=max_rows, progress=progress,
+                            mask=attention_mask)
+    gain = analytic_gain(model, tokens, layers=layers, min_position=min_position, batch_size=max_rows,
+                         attention_mask=attention_mask)
     return HeadSweep(
         alphas=alphas,
         metrics=_stack_metrics(layers, metrics, dim=2),
@@ -448,6 +459,8 @@ def head_curves(
     max_rows: int = 32,
     chunk_elements: int = M.ALPHA_CHUNK_ELEMENTS,
     progress: bool = False,
+    attention_mask: Tensor | None = None,
+    pad_id: int | None = None,
 ) -> HeadSweep:
     """Each head's own metrics at every α of the grid, when only that head's query is scaled.
 
@@ -456,20 +469,31 @@ def head_curves(
     passes with `QueryScale` in every layer; ⌈α·batch / max_rows⌉ passes per layer). `batch_size`
     bounds the sequences per fast-path pass, `max_rows` the rows per exact pass. The result's
     `method` / `reason` say which layer got which and why.
+
+    Padded batches: `attention_mask` (1 = real token) or `pad_id` (see
+    `hooks.attention_mask_for`); padding is left out of every mean. Texts are tokenized with the
+    model's padding and their mask.
     """
     if isinstance(tokens, (str, list)) and (isinstance(tokens, str) or (tokens and isinstance(tokens[0], str))):
-        tokens = model.to_tokens(tokens)
+        if attention_mask is not None or pad_id is not None:
+            raise SpectraError("attention_mask / pad_id apply to token tensors; texts get their own")
+        texts = [tokens] if isinstance(tokens, str) else tokens
+        tokens = model.to_tokens(texts)
+        attention_mask = _text_mask(model, texts, tokens)
+    tokens = check_tokens(tokens)
+    check_context(model, tokens.shape[1])
+    mask = attention_mask_for(tokens, attention_mask=attention_mask, pad_id=pad_id)
     if method == "auto":
         return _auto_curves(model, tokens, alphas, layers=layers, min_position=min_position,
                             batch_size=batch_size, max_rows=max_rows,
-                            chunk_elements=chunk_elements, progress=progress)
+                            chunk_elements=chunk_elements, progress=progress, attention_mask=mask)
     if method == "fast":
         return _fast_curves(model, tokens, alphas, layers=layers, min_position=min_position,
                             batch_size=batch_size, chunk_elements=chunk_elements,
-                            progress=progress)
+                            progress=progress, attention_mask=mask)
     if method == "exact":
         return _exact_curves(model, tokens, alphas, layers=layers, min_position=min_position,
-                             max_rows=max_rows, progress=progress)
+                             max_rows=max_rows, progress=progress, attention_mask=mask)
     raise SpectraError(f"method must be 'auto', 'fast' or 'exact', got {method!r}")
 
 
@@ -484,6 +508,7 @@ def _auto_curves(
     max_rows: int = 32,
     chunk_elements: int = M.ALPHA_CHUNK_ELEMENTS,
     progress: bool = False,
+    attention_mask: Tensor | None = None,
 ) -> HeadSweep:
     """Every head at every α: the fast path where the layer is bilinear in q, exact elsewhere.
 
@@ -502,11 +527,12 @@ def _auto_curves(
     metrics, gain = _fast_and_gain(
         model, layout, tokens, alphas, sweep_layers=fast, gain_layers=layers,
         min_position=min_position, batch_size=batch_size, chunk_elements=chunk_elements,
-        progress=progress,
+        progress=progress, mask=attention_mask,
     )
     if exact:
         metrics |= _exact_layers(model, layout, tokens, alphas, layers=exact,
-                                 min_position=min_position, max_rows=max_rows, progress=progress)
+                                 min_position=min_position, max_rows=max_rows, progress=progress,
+                                 mask=attention_mask)
     return HeadSweep(
         alphas=alphas,
         metrics=_stack_metrics(layers, metrics, dim=2),
@@ -524,8 +550,11 @@ def analytic_gain(
     layers: Iterable[int] | None = None,
     min_position: int = 1,
     batch_size: int | None = None,
+    attention_mask: Tensor | None = None,
+    pad_id: int | None = None,
 ) -> Float[Tensor, "batch layer head"]:
-    """dH/d ln α at α = 1 = −Var_p(s), per-sequence mean over positions ≥ min_position.
+    """dH/d ln α at α = 1 = −Var_p(s), per-sequence mean over positions ≥ min_position
+    (real tokens only, with `attention_mask` or `pad_id`; see `hooks.attention_mask_for`).
 
     One unscaled forward pass (stopped after the last layer asked for). It is the local gain
     under query scaling only where the layer is bilinear in q (`layout.q_bilinear`); elsewhere it
@@ -535,12 +564,27 @@ def analytic_gain(
     layout = attention_layout(model)
     layers = _check_layers(layout, layers)
     check_min_position(min_position, tokens.shape[1])
+    check_context(model, tokens.shape[1])
+    mask = attention_mask_for(tokens, attention_mask=attention_mask, pad_id=pad_id)
     _, gain = _fast_and_gain(
         model, layout, tokens, (1.0,), sweep_layers=(), gain_layers=layers,
         min_position=min_position, batch_size=batch_size, chunk_elements=M.ALPHA_CHUNK_ELEMENTS,
-        progress=False,
+        progress=False, mask=mask,
     )
     return torch.stack([gain[l] for l in layers], dim=1)
+
+
+def _text_mask(model, texts: list[str], tokens: Tensor) -> Tensor | None:
+    """The real tokens of `model.to_tokens(texts)`: each text's own length, padding on the side
+    the tokenizer pads."""
+    if len(texts) < 2:
+        return None
+    lengths = [model.to_tokens(t).shape[1] for t in texts]
+    n = tokens.shape[1]
+    pos = torch.arange(n)
+    left = getattr(model.tokenizer, "padding_side", "right") == "left"
+    rows = [(pos >= n - k) if left else (pos < k) for k in lengths]
+    return torch.stack(rows).to(tokens.device)
 
 
 def _describe(intervention) -> str:
@@ -549,12 +593,26 @@ def _describe(intervention) -> str:
     return f"{type(intervention).__name__}({', '.join(parts)}, alpha=grid)"
 
 
-def _output_effects(logits: Tensor, base_logp: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean next-token NLL, mean KL(p ‖ p_base)) per sequence of one block, in float32."""
+def _output_effects(logits: Tensor, base_logp: Tensor, tokens: Tensor, mask: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """(mean next-token NLL, mean KL(p ‖ p_base)) per sequence of one block, in float32; with
+    `mask`, over real positions only (the NLL over real tokens predicted from real tokens)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    nll = -logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1).mean(-1)
-    kl = torch.nn.functional.kl_div(base_logp, logp, log_target=True, reduction="none").sum(-1).mean(-1)
-    return nll, kl
+    kl = torch.nn.functional.kl_div(base_logp, logp, log_target=True, reduction="none").sum(-1)
+    return _next_token_nll(logp, tokens, mask), _masked_mean(kl, mask)
+
+
+def _next_token_nll(logp: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
+    nll = -logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return _masked_mean(nll, None if mask is None else mask[:, :-1] & mask[:, 1:])
+
+
+def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over the last axis; over the True entries of `mask` when given."""
+    if mask is None:
+        return x.mean(-1)
+    m = mask.to(x.device)
+    return torch.where(m, x, 0.0).sum(-1) / m.sum(-1).clamp_min(1)
 
 
 def intervention_effects(
@@ -568,9 +626,12 @@ def intervention_effects(
     min_position: int = 1,
     max_rows: int = 32,
     progress: bool = False,
+    attention_mask: Tensor | None = None,
+    pad_id: int | None = None,
 ) -> ExactSweep:
     """`intervention` at every α in real forward passes: metrics of every head of `layers`,
-    next-token loss and KL(p_α ‖ p_1).
+    next-token loss and KL(p_α ‖ p_1). Padding (`attention_mask` or `pad_id`, see
+    `hooks.attention_mask_for`) is left out of every mean.
 
     `intervention` is a scaling dataclass with an `alpha` field (QueryScale, KeyScale,
     LogitScale); its alpha is replaced by the grid. α values are batched (copy j of the batch
@@ -590,6 +651,8 @@ def intervention_effects(
             f"KeyScale, LogitScale), got {intervention!r}"
         )
     intervention.hooks(layout)  # validates its layer / head against this model now
+    check_context(model, tokens.shape[1])
+    mask = attention_mask_for(tokens, attention_mask=attention_mask, pad_id=pad_id)
     patterns_for = tuple((int(l), int(h)) for l, h in patterns_for)
     for l, h in patterns_for:
         layout.check_head(l, h)
@@ -602,17 +665,18 @@ def intervention_effects(
     starts = list(range(0, n_batch, seq_block))
     bar = _Bar(len(starts) * (1 + len(chunks)), progress, "exact sweep")
 
-    def capture():
+    def capture(m):
         return SweepCapture(layout, layers=layers, gain_layers=layers, patterns_for=patterns_for,
-                             min_position=min_position)
+                            min_position=min_position, attention_mask=m)
 
     blocks = []  # per sequence block: (unscaled metrics, gain, base nll, {α index: results})
     for s in starts:
         block = tokens[s : s + seq_block].to(device)
+        block_mask = None if mask is None else mask[s : s + seq_block].to(device)
         b = block.shape[0]
-        cap = capture()
+        cap = capture(block_mask)
         base_logp = torch.log_softmax(cap.run(model, block, logits=True).float(), dim=-1)
-        base_nll = -base_logp[:, :-1].gather(-1, block[:, 1:, None]).squeeze(-1).mean(-1).cpu()
+        base_nll = _next_token_nll(base_logp, block, block_mask).cpu()
         base = (cap.metrics, cap.gain, base_nll, cap.patterns)
         bar.step()
         got: dict[int, tuple] = {
@@ -620,12 +684,12 @@ def intervention_effects(
         }
         for idx in chunks:
             rows, row_alpha = repeat_for_alphas(block, [alphas[i] for i in idx])
-            cap_a = capture()
+            cap_a = capture(None if block_mask is None else block_mask.repeat(len(idx), 1))
             scaled = dataclasses.replace(intervention, alpha=row_alpha)
             logits = cap_a.run(model, rows, interventions=[scaled], logits=True)
             for j, i in enumerate(idx):
                 sl = slice(j * b, (j + 1) * b)
-                nll, kl = _output_effects(logits[sl], base_logp, block)
+                nll, kl = _output_effects(logits[sl], base_logp, block, block_mask)
                 got[i] = ({l: {n: v[sl] for n, v in d.items()} for l, d in cap_a.metrics.items()},
                           nll.cpu(), kl.cpu(), {k: v[sl] for k, v in cap_a.patterns.items()})
             del logits

@@ -11,7 +11,9 @@ from torch import Tensor
 
 from spectra_lens.errors import SpectraError
 
-__all__ = ["check_alpha", "check_alphas", "check_int", "check_min_position", "check_tokens"]
+__all__ = [
+    "check_alpha", "check_alphas", "check_context", "check_int", "check_min_position", "check_tokens",
+]
 
 
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -35,18 +37,37 @@ def check_tokens(tokens: Any) -> Int[Tensor, "batch pos"]:
     return tokens.long()
 
 
+# α multiplies float32 activations: below float32's smallest normal number it loses precision
+# and below ~1.4e-45 it becomes 0 (a uniform pattern, not a small scale); above its max, inf.
+ALPHA_RANGE: tuple[float, float] = (float(torch.finfo(torch.float32).tiny),
+                                    float(torch.finfo(torch.float32).max))
+
+
+def _alpha_out_of_range(values: list[float], what: str) -> None:
+    lo, hi = ALPHA_RANGE
+    bad = [a for a in values if not lo <= a <= hi]
+    if bad:
+        raise SpectraError(
+            f"{what} must lie in [{lo:.3g}, {hi:.3g}], the normal range of float32 in which α "
+            f"is applied (smaller values round to 0, a uniform pattern), got {bad}"
+        )
+
+
 def check_alpha(alpha: Any, *, what: str = "alpha") -> float | Tensor:
-    """alpha must be a finite number > 0, or a 1-D tensor of them (one per batch row)."""
+    """alpha must be a finite number > 0 inside `ALPHA_RANGE`, or a 1-D tensor of them (one per
+    batch row)."""
     if isinstance(alpha, Tensor):
         if alpha.ndim != 1 or alpha.numel() == 0:
             raise SpectraError(f"{what} tensor must be 1-D and non-empty, got shape {tuple(alpha.shape)}")
         if not (torch.isfinite(alpha).all() and (alpha > 0).all()):
             raise SpectraError(f"{what} must be finite and > 0, got {alpha.tolist()}")
+        _alpha_out_of_range(alpha.double().tolist(), what)
         return alpha
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise SpectraError(f"{what} must be a number or a 1-D tensor, got {type(alpha).__name__}")
     if not (math.isfinite(alpha) and alpha > 0):
         raise SpectraError(f"{what} must be finite and > 0, got {alpha!r}")
+    _alpha_out_of_range([float(alpha)], what)
     return float(alpha)
 
 
@@ -65,6 +86,7 @@ def check_alphas(alphas: object) -> tuple[float, ...]:
     if bad:
         raise SpectraError(
             f"every alpha must be finite and > 0 (we scale by α and fit on ln α), got {bad}")
+    _alpha_out_of_range(values, "every alpha")
     if len(set(values)) != len(values):
         dup = sorted({a for a in values if values.count(a) > 1})
         raise SpectraError(f"alphas must be distinct, got duplicates {dup}")
@@ -81,3 +103,14 @@ def check_min_position(min_position: Any, seq_len: int) -> int:
             f"query positions must be left to average"
         )
     return min_position
+
+
+def check_context(model, n_positions: int) -> None:
+    """Sequences must fit the model's context (`cfg.n_ctx`): positions beyond it fail with a bare
+    IndexError on learned position embeddings and silently extrapolate on rotary ones."""
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if isinstance(n_ctx, int) and n_positions > n_ctx:
+        raise SpectraError(
+            f"sequences of {n_positions} tokens exceed the model's context of {n_ctx} tokens; "
+            f"expected at most {n_ctx} (pass a smaller --seq-len)"
+        )

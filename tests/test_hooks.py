@@ -12,6 +12,7 @@ from torch.testing import assert_close
 
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import (
+    METRIC_NAMES,
     KeyScale,
     LogitScale,
     MetricCapture,
@@ -532,3 +533,84 @@ def test_top_mass_none_skips_only_that_metric(tiny, tokens):
     for name in METRIC_NAMES:
         if name != "k_eff_top90":
             assert_close(getattr(full, name), getattr(lean, name), rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- padding and context
+
+
+def _padded(tokens: torch.Tensor, n_pad: int, side: str, pad: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tokens` with `n_pad` pad ids on `side`, and the mask of real tokens (1 = real)."""
+    b = tokens.shape[0]
+    fill = torch.full((b, n_pad), pad, dtype=tokens.dtype)
+    ones, zeros = torch.ones_like(tokens), torch.zeros_like(fill)
+    if side == "left":
+        return torch.cat([fill, tokens], 1), torch.cat([zeros, ones], 1)
+    return torch.cat([tokens, fill], 1), torch.cat([ones, zeros], 1)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "opt", "gemma2", "bloom"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_positions_are_excluded_and_real_tokens_unchanged(tiny, tokens, family, side):
+    """Issue 11 case 5: with the mask, real tokens get the metrics of the unpadded batch (left
+    padding included: the bridge derives position ids from the mask); padding gets NaN."""
+    model, _ = tiny(family)
+    ref = capture_metrics(model, tokens)
+    padded, mask = _padded(tokens, 3, side)
+    got = capture_metrics(model, padded, attention_mask=mask)
+    real = slice(3, None) if side == "left" else slice(0, tokens.shape[1])
+    pads = slice(0, 3) if side == "left" else slice(tokens.shape[1], None)
+    for name in METRIC_NAMES:
+        assert_close(got.metric(name)[..., real], ref.metric(name), atol=2e-5, rtol=1e-4,
+                     equal_nan=True, msg=name)
+        assert got.metric(name)[..., pads].isnan().all(), name
+    frame, ref_frame = got.to_frame(), ref.to_frame()
+    assert len(frame) == len(ref_frame) and not frame["entropy"].isna().any()
+    assert (frame["position"].to_numpy() == ref_frame["position"].to_numpy()).all()
+    # pad_id marks the same padding when it occurs only at the ends
+    by_id = capture_metrics(model, padded, pad_id=3) if not (tokens == 3).any() else got
+    assert_close(by_id.entropy, got.entropy, equal_nan=True)
+
+
+def test_a_pad_id_between_real_tokens_is_refused(tiny, tokens):
+    """The pad id (often EOS) also separates documents inside a sequence: not padding there."""
+    model, _ = tiny("llama_gqa")
+    inner = tokens.clone()
+    inner[0, 4] = 3
+    with pytest.raises(SpectraError, match="pad id 3 occurs between real tokens .row 0, position 4."):
+        capture_metrics(model, inner, pad_id=3)
+    with pytest.raises(SpectraError, match="padding between real tokens"):
+        capture_metrics(model, tokens, attention_mask=torch.tensor([[1, 1, 0, 1] + [1] * 6] * 2))
+    with pytest.raises(SpectraError, match="hold no real token"):
+        capture_metrics(model, tokens, attention_mask=torch.zeros_like(tokens))
+    with pytest.raises(SpectraError, match="shape"):
+        capture_metrics(model, tokens, attention_mask=torch.ones(2, 3))
+    with pytest.raises(SpectraError, match="0 .padding. and 1"):
+        capture_metrics(model, tokens, attention_mask=torch.full_like(tokens, 2))
+
+
+def test_a_capture_refuses_a_pass_that_attended_to_padding(tiny, tokens):
+    model, layout = tiny("llama_gqa")
+    padded, mask = _padded(tokens, 3, "left")  # right padding is never seen under a causal mask
+    cap = MetricCapture(layout)
+    cap.set_attention_mask(mask.bool())
+    with pytest.raises(SpectraError, match="went to padding"), attached(model, cap):
+        model(padded, return_type=None)  # the model was not given the mask
+    assert count_hooks(model) == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama_gqa"])
+def test_tokens_beyond_the_context_are_refused(tiny, family):
+    """Case 5: GPT-2/OPT failed with a bare IndexError, rotary models extrapolated silently."""
+    model, _ = tiny(family)
+    n_ctx = model.cfg.n_ctx
+    with pytest.raises(SpectraError, match=f"exceed the model's context of {n_ctx} tokens"):
+        capture_metrics(model, torch.ones(1, n_ctx + 1, dtype=torch.long))
+
+
+def test_alpha_outside_float32_is_refused():
+    """Case 7: α below ~1e-45 rounds to 0 in float32 (a uniform pattern, not a small scale)."""
+    for bad in (1e-46, 1e-40, 1e39):
+        with pytest.raises(SpectraError, match="float32"):
+            check_alpha(bad)
+        with pytest.raises(SpectraError, match="float32|finite and > 0"):  # 1e-46 is 0 in float32
+            repeat_for_alphas(torch.ones(1, 2, dtype=torch.long), [1.0, bad])

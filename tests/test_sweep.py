@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.testing import assert_close
 
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
@@ -251,3 +252,44 @@ def test_intervention_effects_of_one_head_match_its_own_curve(tiny, toks):
     assert got.scaled.layers == (1,)
     fast = fast_sweep(model, toks, (0.5, 1.0, 2.0))
     torch.testing.assert_close(got.scaled.entropy[:, :, 0, 3], fast.metrics.entropy[:, :, 1, 3], atol=1e-5, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2", "opt"])  # fast, exact fallback, unfaithful scores
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches_give_the_per_sequence_results_of_unpadded_ones(tiny, family, side):
+    """Issue 11 case 5: a batch of a 10-token and a padded 7-token sequence gives, per sequence,
+    what each gives alone: curves, analytic gain, loss and KL leave padding out."""
+    model, _ = tiny(family)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(4, 97, (1, 10), generator=g), torch.randint(4, 97, (1, 7), generator=g)
+    alphas = (0.5, 1.0, 2.0)
+    pad, real = torch.full((1, 3), 3), torch.ones(1, 7, dtype=torch.long)
+    bb = torch.cat([b, pad], 1) if side == "right" else torch.cat([pad, b], 1)
+    mb = torch.cat([real, 0 * pad], 1) if side == "right" else torch.cat([0 * pad, real], 1)
+    toks, mask = torch.cat([a, bb]), torch.cat([torch.ones(1, 10, dtype=torch.long), mb])
+    curves = head_curves(model, toks, alphas, attention_mask=mask)
+    gain = analytic_gain(model, toks, attention_mask=mask)
+    effects = intervention_effects(model, toks, alphas, QueryScale(1, 0, 1.0), attention_mask=mask)
+    for i, alone in enumerate((a, b)):
+        ref = head_curves(model, alone, alphas)
+        for n in ("entropy", "max_attn", "k_eff_exp", "k_eff_top90"):
+            assert_close(curves.metrics.metric(n)[:, i], ref.metrics.metric(n)[:, 0], atol=1e-5, rtol=1e-5)
+        assert_close(gain[i], analytic_gain(model, alone)[0], atol=1e-5, rtol=1e-5)
+        ref_e = intervention_effects(model, alone, alphas, QueryScale(1, 0, 1.0))
+        assert_close(effects.loss[:, i], ref_e.loss[:, 0], atol=1e-5, rtol=1e-5)
+        assert_close(effects.kl[:, i], ref_e.kl[:, 0], atol=1e-5, rtol=1e-5)
+        assert_close(effects.scaled.metric("entropy")[:, i], ref_e.scaled.metric("entropy")[:, 0],
+                     atol=1e-5, rtol=1e-5)
+
+
+def test_sweeps_refuse_tokens_beyond_the_context(tiny):
+    model, _ = tiny("gpt2")
+    too_long = torch.ones(1, model.cfg.n_ctx + 1, dtype=torch.long)
+    for call in (lambda: head_curves(model, too_long, (1.0, 2.0)),
+                 lambda: analytic_gain(model, too_long),
+                 lambda: intervention_effects(model, too_long, (1.0, 2.0), QueryScale(0, 0, 1.0))):
+        with pytest.raises(SpectraError, match="exceed the model's context"):
+            call()
