@@ -19,12 +19,14 @@ measures them. When the caller passes tokens, the selection uses those tokens (r
 import argparse
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from spectra_lens import figures as figs
@@ -40,6 +42,9 @@ from spectra_lens.validate import check_alphas
 
 __all__ = [
     "HeadChoice",
+    "Outputs",
+    "Table",
+    "write_outputs",
     "RunTokens",
     "add_common_arguments",
     "choose_heads",
@@ -81,6 +86,63 @@ def timed(rd: RunDir | None, name: str) -> Iterator[None]:
     finally:
         if rd is not None:
             rd.timed(name, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- declared outputs
+
+
+@dataclass(frozen=True)
+class Table:
+    """One CSV an experiment writes: file name or glob, heading, how the report shows it."""
+
+    pattern: str  # e.g. "gain_summary.csv" or "q_scale_intervention_L*_H*_*.csv"
+    title: str
+    sort_abs: tuple[str, ...] = ()  # sort by |column| descending (first one present)
+    columns: tuple[str, ...] = ()  # shown first when present
+    rows: int = 15
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The one declaration of what an experiment writes. `figures(tables)` of the experiment
+    module builds every figure from these tables alone, so the report rebuilds exactly the
+    figures the run wrote."""
+
+    label: str  # "EXP0"
+    title: str
+    command: str
+    tables: tuple[Table, ...]
+
+    def read_tables(self, directory: str | Path) -> dict[str, pd.DataFrame]:
+        """{file stem: DataFrame} of every declared CSV present in `directory` (natural order).
+        An unreadable CSV raises SpectraError naming it."""
+        directory = Path(directory)
+        out: dict[str, pd.DataFrame] = {}
+        for spec in self.tables:
+            for path in sorted(directory.glob(spec.pattern), key=_natural_key):
+                if path.name.startswith("."):
+                    continue
+                try:
+                    out[path.stem] = pd.read_csv(path)
+                except Exception as e:  # pandas raises many types for a malformed file
+                    raise SpectraError(f"table {path} is unreadable: {e}") from e
+        return out
+
+
+def _natural_key(p: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+
+def write_outputs(rd: RunDir, tables: dict, figures: dict) -> list[str]:
+    """Write every table as `{name}.csv` and every figure under figures/ (HTML, and PNG where an
+    exporter works); the CSV file names written."""
+    names = []
+    for name, frame in tables.items():
+        rd.write_csv(f"{name}.csv", frame)
+        names.append(f"{name}.csv")
+    for name, fig in figures.items():
+        write_figure(rd, fig, name)
+    return names
 
 
 _png_warned = False

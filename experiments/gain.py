@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 
 from spectra_lens import figures as figs
@@ -154,27 +155,54 @@ def compute(cfg: GainConfig, model, tokens: C.RunTokens, *, progress: bool = Fal
     return GainResult(summary=summary, curves=curves, sweep=sweep, choice=choice)
 
 
-def _figures(result: GainResult, rd) -> None:
-    s = result.summary
+OUTPUTS = C.Outputs(
+    "EXP2", "gain: entropy sensitivity to query scale, every head", "spectra-lens gain",
+    (
+        C.Table("gain_summary.csv", "heads with the largest entropy gain", ("gain_entropy",),
+                ("layer", "head", "head_type", "gain_entropy", "gain_entropy_ci_low",
+                 "gain_entropy_ci_high", "analytic_gain", "fd_gain_entropy", "gain_max_attn",
+                 "gain_k_eff", "r_squared", "std_error", "is_monotonic", "mean_entropy_unscaled",
+                 "method")),
+        C.Table("gain_curves.csv", "per-α curves of every head", (), (), rows=0),
+    ),
+)
+
+
+def tables(result: GainResult) -> dict[str, pd.DataFrame]:
+    """The run's tables by file stem."""
+    return {"gain_summary": result.summary, "gain_curves": result.curves}
+
+
+def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
+    """Every EXP2 figure, from the tables alone (`tables(result)` or the run's CSVs)."""
+    out: dict[str, go.Figure] = {}
+    s = tables.get("gain_summary")
+    if s is None:
+        return out
     for column, title in (("gain_entropy", "fitted entropy gain dH/d ln α over the grid"),
                           ("analytic_gain", "analytic local gain −Var_p(s) at α = 1"),
                           ("gain_max_attn", "fitted max-attention gain"),
                           ("gain_k_eff", "fitted k_eff = exp(H) gain")):
-        C.write_figure(rd, figs.head_heatmap(s, column, title=title), f"gain_heatmap_{column.removeprefix('gain_')}")
-    for role, (l, h) in (("target", result.choice.target), ("control", result.choice.control)):
-        row = s[(s["layer"] == l) & (s["head"] == h)].iloc[0]
-        curve = result.curves[(result.curves["layer"] == l) & (result.curves["head"] == h)]
-        C.write_figure(rd, figs.gain_fit(
-            curve, "mean_entropy", slope=float(row["gain_entropy"]), intercept=float(row["intercept"]),
-            analytic_gain=float(row["analytic_gain"]),
-            title=f"L{l} H{h} ({role}): entropy vs ln α, R² = {row['r_squared']:.3f} ({row['method']})"),
-            f"gain_fit_L{l}_H{h}_{role}")
-    chosen = s[s["head_type"] != ""].sort_values("head_type", ascending=False)
-    C.write_figure(rd, figs.gain_comparison(
-        chosen, columns=("gain_entropy", "analytic_gain", "gain_max_attn"),
-        title="target vs control: entropy gain (fitted, analytic) and max-attention gain"), "gain_comparison")
-    C.write_figure(rd, figs.gain_vs_analytic(s, title="fitted entropy gain vs analytic gain, every head"),
-                   "gain_vs_analytic")
+        if column in s.columns:
+            out[f"gain_heatmap_{column.removeprefix('gain_')}"] = figs.head_heatmap(s, column, title=title)
+    roles = s["head_type"].fillna("").astype(str) if "head_type" in s.columns else pd.Series("", index=s.index)
+    curves = tables.get("gain_curves")
+    if curves is not None:
+        for role in ("target", "control"):
+            for _, row in s[roles == role].iterrows():
+                l, h = int(row["layer"]), int(row["head"])
+                curve = curves[(curves["layer"] == l) & (curves["head"] == h)]
+                out[f"gain_fit_L{l}_H{h}_{role}"] = figs.gain_fit(
+                    curve, "mean_entropy", slope=float(row["gain_entropy"]),
+                    intercept=float(row["intercept"]), analytic_gain=float(row["analytic_gain"]),
+                    title=f"L{l} H{h} ({role}): entropy vs ln α, R² = {row['r_squared']:.3f} ({row['method']})")
+    chosen = s[roles != ""].sort_values("head_type", ascending=False)
+    if len(chosen):
+        out["gain_comparison"] = figs.gain_comparison(
+            chosen, columns=("gain_entropy", "analytic_gain", "gain_max_attn"),
+            title="target vs control: entropy gain (fitted, analytic) and max-attention gain")
+    out["gain_vs_analytic"] = figs.gain_vs_analytic(s, title="fitted entropy gain vs analytic gain, every head")
+    return out
 
 
 def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | None = None,
@@ -184,13 +212,12 @@ def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | No
     rd = setup.rd
     result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
     with C.timed(rd, "write_s"):
-        rd.write_csv("gain_summary.csv", result.summary)
-        rd.write_csv("gain_curves.csv", result.curves)
-        _figures(result, rd)
+        t = tables(result)
+        files = C.write_outputs(rd, t, figures(t))
     rd.finish(
         **C.provenance(setup, result.choice, cfg.seed),
         alphas=list(result.sweep.alphas),
-        files=["gain_summary.csv", "gain_curves.csv"],
+        files=files,
         methods={str(l): m for l, m in zip(result.sweep.layers, result.sweep.method)},
         definitions={**C.k_eff_definitions(),
                      "gain_*": "least-squares slope of the per-α mean over sequences against ln α",

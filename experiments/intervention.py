@@ -22,6 +22,7 @@ effects, later-head heatmaps; HTML, and PNG where kaleido works) and `manifest.j
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from html import escape
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 
 from spectra_lens import figures as figs
@@ -123,30 +125,67 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
                               choice=choice)
 
 
-def _figures(result: InterventionResult, rd) -> None:
+OUTPUTS = C.Outputs(
+    "EXP1", "intervention: scaling one head's queries in the forward pass", "spectra-lens intervene",
+    (
+        C.Table("q_scale_intervention_L*_H*_*.csv", "query scaling", (),
+                ("scale", "layer", "head", "head_type", "mean_entropy", "mean_entropy_ci_low",
+                 "mean_entropy_ci_high", "mean_entropy_fast", "mean_max_attn", "mean_k_eff",
+                 "delta_entropy", "delta_loss", "kl_from_unscaled", "analytic_gain", "method",
+                 "n_sequences"), rows=40),
+        C.Table("downstream_heads_L*_H*_*.csv", "heads of later layers, largest entropy change",
+                ("delta_entropy",),
+                ("head_type", "scaled_layer", "scaled_head", "scale", "layer", "head",
+                 "is_scaled_head", "entropy", "delta_entropy", "delta_entropy_ci_low",
+                 "delta_entropy_ci_high", "delta_max_attn"), rows=12),
+    ),
+)
+
+_ROLE_FILE = re.compile(r"(?P<kind>q_scale_intervention|downstream_heads)_L(?P<l>\d+)_H(?P<h>\d+)_(?P<role>\w+)")
+
+
+def tables(result: InterventionResult) -> dict[str, pd.DataFrame]:
+    """The run's tables by file stem: one per role for the head, one for the later heads."""
+    out = {}
     for role in ROLES:
         l, h = result.heads[role]
-        frames = {f"{role} L{l} H{h}": result.tables[role]}
+        out[result.csv_name(role).removesuffix(".csv")] = result.tables[role]
+        out[f"downstream_heads_L{l}_H{h}_{role}"] = result.downstream[role]
+    return out
+
+
+def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
+    """Every EXP1 figure, from the tables alone (`tables(result)` or the run's CSVs)."""
+    out: dict[str, go.Figure] = {}
+    heads, later = {}, {}
+    for stem, frame in tables.items():
+        m = _ROLE_FILE.fullmatch(stem)
+        if m:
+            key = (m["role"], int(m["l"]), int(m["h"]))
+            (heads if m["kind"] == "q_scale_intervention" else later)[key] = frame
+    for (role, l, h), frame in heads.items():
+        frames = {f"{role} L{l} H{h}": frame}
         name = f"L{l}_H{h}"
         for column, stem, pred in (("mean_entropy", "entropy_vs_scale", "mean_entropy_fast"),
                                    ("mean_max_attn", "max_attn_vs_scale", "mean_max_attn_fast"),
                                    ("mean_k_eff", "keff_vs_scale", "mean_k_eff_fast")):
-            C.write_figure(rd, figs.metric_vs_scale(frames, column, prediction=pred,
-                                                  title=f"{column} of L{l} H{h} ({role}) under query scaling"),
-                           f"{stem}_{name}")
-        C.write_figure(rd, figs.intervention_panels(frames, title=f"L{l} H{h} ({role}): query scaling"),
-                       f"intervention_combined_{name}")
-        d = result.downstream[role]
+            out[f"{stem}_{name}"] = figs.metric_vs_scale(
+                frames, column, prediction=pred if pred in frame.columns else None,
+                title=f"{column} of L{l} H{h} ({role}) under query scaling")
+        out[f"intervention_combined_{name}"] = figs.intervention_panels(
+            frames, title=f"L{l} H{h} ({role}): query scaling")
+    for (role, l, h), d in later.items():
         alphas = sorted(d["scale"].unique())
         show = [a for a in (alphas[0], alphas[-1]) if a != 1.0] or alphas[:1]
-        C.write_figure(rd, figs.later_heads_heatmap(
-            d, show, title=f"entropy change of heads in layers ≥ {l} when L{l} H{h} ({role}) is scaled"),
-            f"later_heads_delta_entropy_{name}_{role}")
-    both = {f"{r} L{result.heads[r][0]} H{result.heads[r][1]}": result.tables[r] for r in ROLES}
-    C.write_figure(rd, figs.intervention_panels(both, title="target vs control under query scaling"),
-                   "intervention_combined_target_vs_control")
-    C.write_figure(rd, figs.output_effects(both, title="output effects of query scaling"),
-                   "intervention_output_effects")
+        out[f"later_heads_delta_entropy_L{l}_H{h}_{role}"] = figs.later_heads_heatmap(
+            d, show, title=f"entropy change of heads in layers ≥ {l} when L{l} H{h} ({role}) is scaled")
+    if heads:
+        both = {f"{role} L{l} H{h}": f for (role, l, h), f in
+                sorted(heads.items(), key=lambda kv: ROLES.index(kv[0][0]) if kv[0][0] in ROLES else 9)}
+        out["intervention_combined_target_vs_control"] = figs.intervention_panels(
+            both, title="target vs control under query scaling")
+        out["intervention_output_effects"] = figs.output_effects(both, title="output effects of query scaling")
+    return out
 
 
 def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: torch.Tensor | None = None,
@@ -156,14 +195,9 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
     setup = C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens)
     rd = setup.rd
     result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
-    files = []
     with C.timed(rd, "write_s"):
-        for role in ROLES:
-            l, h = result.heads[role]
-            rd.write_csv(result.csv_name(role), result.tables[role])
-            rd.write_csv(f"downstream_heads_L{l}_H{h}_{role}.csv", result.downstream[role])
-            files += [result.csv_name(role), f"downstream_heads_L{l}_H{h}_{role}.csv"]
-        _figures(result, rd)
+        t = tables(result)
+        files = C.write_outputs(rd, t, figures(t))
     rd.finish(
         **C.provenance(setup, result.choice, cfg.seed),
         alphas=list(result.sweeps["target"].alphas), files=files,

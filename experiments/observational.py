@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
@@ -29,6 +31,8 @@ from spectra_lens.layout import attention_layout
 from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
 from spectra_lens.runs import RunDir
 from spectra_lens.shards import ShardManifest, corpus_from_spec, load_shard, prepare
+
+from . import _common as C
 
 __all__ = ["ObservationalResult", "analyze", "collect", "main", "parser", "run"]
 
@@ -153,27 +157,72 @@ def analyze(records: pd.DataFrame, cfg: ObservationalConfig) -> dict[str, pd.Dat
     }
 
 
-def _figures(records: pd.DataFrame, tables: dict[str, pd.DataFrame], run: RunDir,
-             cfg: ObservationalConfig) -> None:
-    summary = tables["head_summary"]
-    fig_dir = run.file("figures")
-    figs.save_figure(figs.head_heatmap(summary, "r_entropy", mark="significant",
-                      title="r(log query norm, entropy) per head"), fig_dir / "heatmap_r_entropy")
-    figs.save_figure(figs.head_heatmap(summary, "partial_r_entropy", mark="significant_partial",
-                      title="partial r(log query norm, entropy | log position)"),
-                      fig_dir / "heatmap_partial_r_entropy")
-    figs.save_figure(figs.head_heatmap(summary, "r_entropy_norm",
-                      title="r(log query norm, normalized entropy)"),
-                      fig_dir / "heatmap_r_entropy_norm")
-    figs.save_figure(figs.r_distribution(
-        summary, {"r_entropy": "raw r", "partial_r_entropy": "position-controlled r"},
-        title="distribution of per-head r(log query norm, entropy)"), fig_dir / "r_distribution")
-    figs.save_figure(figs.layer_summary(tables["layer_statistics"],
-                      title="query norm vs entropy by layer"), fig_dir / "layer_statistics")
+OUTPUTS = C.Outputs(
+    "EXP0", "observational: query norm vs attention entropy", "spectra-lens observe",
+    (
+        C.Table("head_summary.csv", "strongest heads", ("r_entropy", "correlation"),
+                ("layer", "head", "mean_q_norm", "mean_entropy", "r_entropy", "r_entropy_ci_low",
+                 "r_entropy_ci_high", "q_entropy_cluster", "partial_r_entropy",
+                 "partial_q_entropy_cluster", "r_entropy_norm", "r_max_attn", "r_k_eff_exp",
+                 "significant", "consistent", "replicated", "r_replication", "mean_local_gain")),
+        C.Table("significant_heads.csv", "significant heads", ("r_entropy", "correlation"),
+                ("layer", "head", "mean_entropy", "r_entropy", "r_entropy_ci_low", "r_entropy_ci_high",
+                 "q_entropy_cluster", "partial_r_entropy", "partial_q_entropy_cluster", "consistent",
+                 "replicated", "r_replication")),
+        C.Table("consistent_heads.csv", "heads consistent across shards",
+                ("r_pooled", "r_entropy", "frac_significant_same_sign"),
+                ("layer", "head", "r_pooled", "p_pooled", "n_shards", "frac_same_sign",
+                 "frac_significant_same_sign", "consistent")),
+        C.Table("layer_statistics.csv", "layer statistics", (),
+                ("layer", "n_heads", "mean_r", "mean_abs_r", "std_r", "min_r", "max_r",
+                 "n_significant", "frac_significant"), rows=200),
+        C.Table("strongest_heads_sample.csv", "sampled tokens of the strongest heads", (), (), rows=0),
+    ),
+)
+
+
+def strongest_heads_sample(records: pd.DataFrame, summary: pd.DataFrame, *, top_heads: int,
+                           min_position: int, max_points: int = 3000, seed: int = 0) -> pd.DataFrame:
+    """Up to `max_points` random tokens (position ≥ min_position) of each of the `top_heads` heads
+    with the largest |r(log ‖q‖, H)|, in that order: the data of the scatter figure."""
     strongest = summary.reindex(summary["r_entropy"].abs().sort_values(ascending=False).index)
-    heads = [(int(l), int(h)) for l, h in strongest[["layer", "head"]].head(cfg.top_heads).to_numpy()]
-    figs.save_figure(figs.norm_entropy_scatter(records, heads, seed=cfg.seed),
-                      fig_dir / "scatter_strongest_heads")
+    rng = np.random.default_rng(seed)
+    cols = ["layer", "head", "position", "q_norm", "entropy"]
+    frames = []
+    for l, h in strongest[["layer", "head"]].head(top_heads).to_numpy():
+        sub = records[(records["layer"] == l) & (records["head"] == h)
+                      & (records["position"] >= min_position)]
+        if len(sub) > max_points:
+            sub = sub.iloc[np.sort(rng.choice(len(sub), max_points, replace=False))]
+        frames.append(sub[cols])
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    # float64, which a CSV holds exactly: the figure drawn from the file equals the run's own
+    return out.astype({"layer": int, "head": int, "position": int, "q_norm": float, "entropy": float})
+
+
+def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
+    """Every EXP0 figure, from the tables alone (the run's own or its CSVs)."""
+    out: dict[str, go.Figure] = {}
+    summary = tables.get("head_summary")
+    if summary is not None:
+        out["heatmap_r_entropy"] = figs.head_heatmap(
+            summary, "r_entropy", mark="significant", title="r(log query norm, entropy) per head")
+        out["heatmap_partial_r_entropy"] = figs.head_heatmap(
+            summary, "partial_r_entropy", mark="significant_partial",
+            title="partial r(log query norm, entropy | log position)")
+        out["heatmap_r_entropy_norm"] = figs.head_heatmap(
+            summary, "r_entropy_norm", title="r(log query norm, normalized entropy)")
+        out["r_distribution"] = figs.r_distribution(
+            summary, {"r_entropy": "raw r", "partial_r_entropy": "position-controlled r"},
+            title="distribution of per-head r(log query norm, entropy)")
+    if tables.get("layer_statistics") is not None:
+        out["layer_statistics"] = figs.layer_summary(
+            tables["layer_statistics"], title="query norm vs entropy by layer")
+    sample = tables.get("strongest_heads_sample")
+    if sample is not None and len(sample):
+        heads = list(dict.fromkeys(zip(sample["layer"].astype(int), sample["head"].astype(int))))
+        out["scatter_strongest_heads"] = figs.norm_entropy_scatter(sample, heads)
+    return out
 
 
 def read_records(paths: list[Path]) -> pd.DataFrame:
@@ -214,11 +263,12 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
     t0 = time.time()
     records = read_records(paths)
     tables = analyze(records, cfg)
-    for name, frame in tables.items():
-        rd.write_csv(f"{name}.csv", frame)
+    written = dict(tables, strongest_heads_sample=strongest_heads_sample(
+        records, tables["head_summary"], top_heads=cfg.top_heads, min_position=cfg.min_position,
+        seed=cfg.seed))
     rd.timed("statistics_s", time.time() - t0)
     t0 = time.time()
-    _figures(records, tables, rd, cfg)
+    C.write_outputs(rd, written, figures(written))
     rd.timed("figures_s", time.time() - t0)
     layout = attention_layout(model)
     rd.finish(

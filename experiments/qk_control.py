@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 
 from spectra_lens import figures as figs
@@ -175,20 +176,49 @@ def compute(cfg: QKConfig, model, tokens: C.RunTokens, *, progress: bool = False
                     sensitivity=sensitivity(comparison), sweeps=sweeps, choice=choice)
 
 
-def _figures(result: QKResult, rd) -> None:
-    l, h = result.target
-    c = result.comparison
+OUTPUTS = C.Outputs(
+    "EXP3", "Q vs K control: scaling keys instead of queries", "spectra-lens qk-control",
+    (
+        C.Table("sensitivity_summary.csv", "sensitivity of each head of the kv group", (),
+                ("layer", "head", "kv_head", "is_target", "group_size", "entropy_slope_q",
+                 "entropy_slope_k", "sensitivity_ratio", "max_abs_pattern_diff_qk",
+                 "pattern_changed_q", "pattern_changed_k", "max_abs_delta_loss_q",
+                 "max_abs_delta_loss_k", "max_kl_q", "max_kl_k", "bilinear", "reason"), rows=64),
+        C.Table("qk_comparison_results.csv", "query vs key scaling, per α and head", (),
+                ("scaled", "scale", "layer", "head", "kv_head", "is_target", "mean_entropy",
+                 "delta_entropy", "mean_max_attn", "max_abs_pattern_diff_qk",
+                 "max_abs_dev_from_prediction", "pattern_changed", "delta_loss",
+                 "kl_from_unscaled"), rows=60),
+    ),
+)
+
+
+def tables(result: QKResult) -> dict[str, pd.DataFrame]:
+    """The run's tables by file stem."""
+    return {"qk_comparison_results": result.comparison, "sensitivity_summary": result.sensitivity}
+
+
+def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
+    """Every EXP3 figure, from the tables alone (`tables(result)` or the run's CSVs)."""
+    c = tables.get("qk_comparison_results")
+    if c is None or not len(c):
+        return {}
+    target = c[c["is_target"].astype(bool)]
+    l, h = (int(target["layer"].iloc[0]), int(target["head"].iloc[0])) if len(target) else (0, 0)
+    kv = int(target["kv_head"].iloc[0]) if len(target) else 0
     name = f"L{l}_H{h}"
-    C.write_figure(rd, figs.qk_metric(c, "mean_entropy", title=f"entropy: query vs key scaling (target L{l} H{h}, kv head {result.kv_head})"),
-                   f"qk_entropy_comparison_{name}")
-    C.write_figure(rd, figs.qk_metric(c, "delta_entropy", title=f"entropy change vs unscaled: query vs key scaling (target L{l} H{h})"),
-                   f"qk_delta_entropy_{name}")
-    C.write_figure(rd, figs.qk_metric(c, "mean_max_attn", title=f"max attention: query vs key scaling (target L{l} H{h})"),
-                   f"qk_max_attn_comparison_{name}")
-    C.write_figure(rd, figs.qk_metric(c, "mean_k_eff", title=f"k_eff = exp(H): query vs key scaling (target L{l} H{h})"),
-                   f"qk_keff_comparison_{name}")
-    C.write_figure(rd, figs.qk_output_effects(c, title=f"output effects: query vs key scaling (target L{l} H{h})"),
-                   f"qk_output_effects_{name}")
+    return {
+        f"qk_entropy_comparison_{name}": figs.qk_metric(
+            c, "mean_entropy", title=f"entropy: query vs key scaling (target L{l} H{h}, kv head {kv})"),
+        f"qk_delta_entropy_{name}": figs.qk_metric(
+            c, "delta_entropy", title=f"entropy change vs unscaled: query vs key scaling (target L{l} H{h})"),
+        f"qk_max_attn_comparison_{name}": figs.qk_metric(
+            c, "mean_max_attn", title=f"max attention: query vs key scaling (target L{l} H{h})"),
+        f"qk_keff_comparison_{name}": figs.qk_metric(
+            c, "mean_k_eff", title=f"k_eff = exp(H): query vs key scaling (target L{l} H{h})"),
+        f"qk_output_effects_{name}": figs.qk_output_effects(
+            c, title=f"output effects: query vs key scaling (target L{l} H{h})"),
+    }
 
 
 def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None = None,
@@ -198,15 +228,14 @@ def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None =
     rd = setup.rd
     result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
     with C.timed(rd, "write_s"):
-        rd.write_csv("qk_comparison_results.csv", result.comparison)
-        rd.write_csv("sensitivity_summary.csv", result.sensitivity)
-        _figures(result, rd)
+        t = tables(result)
+        files = C.write_outputs(rd, t, figures(t))
     rd.finish(
         **C.provenance(setup, result.choice, cfg.seed),
         kv_head=result.kv_head, group=list(result.group),
         interventions={s: sw.intervention for s, sw in result.sweeps.items()},
         alphas=list(result.sweeps["query"].alphas),
-        files=["qk_comparison_results.csv", "sensitivity_summary.csv"],
+        files=files,
         definitions={**C.k_eff_definitions(),
                      "kv group": "query heads h with h // (n_heads // n_kv_heads) == kv_head",
                      "max_abs_pattern_diff_qk": "max over sequences, queries, keys of |p_Q - p_K|",

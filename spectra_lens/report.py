@@ -5,12 +5,13 @@
 The directory (and its subdirectories) is scanned for run directories: a `manifest.json` whose
 "experiment" is one of `EXPERIMENTS`. Each run gets a section with its manifest (status, model,
 config, versions, timings), its key tables (top rows of its CSVs) and its figures. Figures are
-the run's own: the figure JSON is read back from the HTML files `figs.save_figure` wrote; a run
-without them gets figures rebuilt from its CSVs. Experiments with no run are named in a
-"not in this directory" list, and a run whose status is not "complete" is flagged.
+built by the experiment's own `figures(tables)` from the CSVs it declared (`OUTPUTS`), the same
+function the run used to write them, so the page shows exactly the run's figures. Experiments with
+no run are named in a "not in this directory" list, and a run whose status is not "complete" is
+flagged.
 
-The page needs no network: plotly.js is embedded once, inline, and every figure is plotted
-from JSON held in the page. After plotting, a script writes into the hidden element
+The page needs no network: plotly.js is embedded once, inline (or referenced with
+`--plotlyjs PATH_OR_URL`), and every figure is plotted from JSON held in the page. After plotting, a script writes into the hidden element
 `#spectra-render-status` a JSON object `{figure_id: {"traces", "with_data", "rendered",
 "error"}}`, so a headless browser (and the tests) can check that every figure drew its data.
 """
@@ -18,13 +19,14 @@ from JSON held in the page. After plotting, a script writes into the hidden elem
 import argparse
 import base64
 import html
+import importlib
 import json
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from spectra_lens import figures as figs
 from spectra_lens.errors import SpectraError
+from spectra_lens.experiments._common import Table
 from spectra_lens.runs import MANIFEST, atomic_write
 
 __all__ = ["EXPERIMENTS", "Run", "build_report", "find_runs", "main", "parser", "write_report"]
@@ -50,24 +52,21 @@ _SKIP_DIRS = {"records", "shards", "figures", "__pycache__"}  # large or never r
 _SVG_POINTS = 60_000
 
 
-@dataclass(frozen=True)
-class _Table:
-    """A CSV to show: file glob, heading, sort (|column| descending, first one present)."""
-
-    pattern: str
-    title: str
-    sort_abs: tuple[str, ...] = ()
-    columns: tuple[str, ...] = ()  # shown first when present; the rest when none is
-    rows: int = 15
+# experiment name (manifest "experiment") -> module with OUTPUTS and figures(tables)
+EXPERIMENTS: dict[str, str] = {
+    "observational": "spectra_lens.experiments.observational",
+    "intervention": "spectra_lens.experiments.intervention",
+    "gain": "spectra_lens.experiments.gain",
+    "qk_control": "spectra_lens.experiments.qk_control",
+}
 
 
-@dataclass(frozen=True)
-class _Experiment:
-    label: str
-    title: str
-    command: str
-    tables: tuple[_Table, ...]
-    rebuild: Callable[["Run"], list[tuple[str, Callable[[], go.Figure]]]]
+def _module(experiment: str):
+    return importlib.import_module(EXPERIMENTS[experiment])
+
+
+def _outputs(experiment: str):
+    return _module(experiment).OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise SpectraError(f"{path.name} is unreadable as CSV ({type(e).__name__}: {e})") from e
 
 
-def _top(frame: pd.DataFrame, spec: _Table) -> tuple[pd.DataFrame, str]:
+def _top(frame: pd.DataFrame, spec: Table) -> tuple[pd.DataFrame, str]:
     """The rows and columns of `frame` to show, and how they were chosen."""
     how = []
     key = next((c for c in spec.sort_abs if c in frame.columns), None)
@@ -165,10 +164,13 @@ def _frame_html(frame: pd.DataFrame) -> str:
 
 
 def _tables_html(run: Run) -> str:
-    spec = EXPERIMENTS[run.experiment]
+    spec = _outputs(run.experiment)
     parts, shown = [], set()
     for t in spec.tables:
         files = sorted(run.path.glob(t.pattern), key=_natural_key)
+        if not t.rows:  # data of a figure, not a table to read
+            shown.update(files)
+            continue
         if not files:
             parts.append(f'<p class="missing">{_e(t.pattern)}: not found in this run.</p>')
             continue
@@ -177,12 +179,12 @@ def _tables_html(run: Run) -> str:
             parts.append(_one_table(f, t, t.title if len(files) == 1 else f"{t.title}: {f.stem}"))
     others = [f for f in sorted(run.path.glob("*.csv"), key=_natural_key) if f not in shown]
     if others:
-        inner = "".join(_one_table(f, _Table(f.name, f.stem, rows=10), f.stem) for f in others)
+        inner = "".join(_one_table(f, Table(f.name, f.stem, rows=10), f.stem) for f in others)
         parts.append(f"<details><summary>other tables ({len(others)})</summary>{inner}</details>")
     return "".join(parts)
 
 
-def _one_table(path: Path, spec: _Table, title: str) -> str:
+def _one_table(path: Path, spec: Table, title: str) -> str:
     try:
         frame = _read_csv(path)
     except SpectraError as e:
@@ -193,52 +195,6 @@ def _one_table(path: Path, spec: _Table, title: str) -> str:
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def _figures_from_html(path: Path) -> list[dict]:
-    """The figure JSON of every `Plotly.newPlot(id, data, layout, config)` in a plotly HTML file."""
-    text = path.read_text(errors="replace")
-    dec = json.JSONDecoder()
-    out = []
-    for m in re.finditer(r"Plotly\.newPlot\(\s*", text):
-        try:
-            i = m.end()
-            _, i = dec.raw_decode(text, i)  # the div id
-            i = _skip_comma(text, i)
-            data, i = dec.raw_decode(text, i)
-            i = _skip_comma(text, i)
-            layout, i = dec.raw_decode(text, i)
-        except (json.JSONDecodeError, ValueError):
-            continue
-        if isinstance(data, list) and isinstance(layout, dict):
-            out.append({"data": data, "layout": layout})
-    return out
-
-
-def _skip_comma(text: str, i: int) -> int:
-    while i < len(text) and text[i].isspace():
-        i += 1
-    if i >= len(text) or text[i] != ",":
-        raise ValueError("expected ','")
-    i += 1
-    while i < len(text) and text[i].isspace():
-        i += 1
-    return i
-
-
-def _saved_figures(run: Run) -> list[tuple[str, dict]]:
-    files = sorted({*run.path.glob("*.html"), *run.path.glob("figures/**/*.html")}, key=_natural_key)
-    out = []
-    for f in files:
-        if f.name == REPORT_NAME or f.name.startswith(".tmp-"):
-            continue
-        figs = _figures_from_html(f)
-        if not figs:
-            log.info("no plotly figure in %s", f)
-        for k, fig in enumerate(figs):
-            name = f.relative_to(run.path).as_posix() + (f"#{k}" if k else "")
-            out.append((name, fig))
-    return out
 
 
 def _figure_json(fig: go.Figure) -> dict:
@@ -268,176 +224,6 @@ def _title(fig: dict, default: str) -> str:
     if isinstance(t, dict):
         t = t.get("text")
     return re.sub(r"<[^>]+>", " ", t).strip() if isinstance(t, str) and t.strip() else default
-
-
-# Rebuilders: figures from a run's CSVs with the library's plot functions, for runs without
-# saved figure files. Each returns (name, thunk) pairs; a thunk that raises costs only its figure.
-
-Recipe = tuple[str, Callable[[], go.Figure]]
-
-
-def _rebuild_observational(run: "Run") -> list[Recipe]:
-    out: list[Recipe] = []
-    summary = _csv_or_none(run.path / "head_summary.csv")
-    if summary is not None:
-        for col, title in (("r_entropy", "r(log query norm, entropy) per head"),
-                           ("partial_r_entropy", "partial r(log query norm, entropy | log position)")):
-            out.append((f"heatmap_{col}", lambda col=col, title=title: figs.head_heatmap(
-                summary, col, title=title, mark="significant")))
-        out.append(("r_distribution", lambda: figs.r_distribution(
-            summary, {"r_entropy": "raw r", "partial_r_entropy": "position-controlled r"},
-            title="distribution of per-head r(log query norm, entropy)")))
-    layers = _csv_or_none(run.path / "layer_statistics.csv")
-    if layers is not None:
-        out.append(("layer_statistics", lambda: figs.layer_summary(
-            layers, title="query norm vs entropy by layer")))
-    return out
-
-
-def _role_frames(run: "Run", prefix: str) -> dict[str, pd.DataFrame]:
-    """{"target L1 H3": frame, ...} of the files `{prefix}L{l}_H{h}_{role}.csv`."""
-    frames = {}
-    for f in sorted(run.path.glob(f"{prefix}L*_H*_*.csv"), key=_natural_key):
-        m = re.fullmatch(re.escape(prefix) + r"L(\d+)_H(\d+)_(\w+)\.csv", f.name)
-        frame = _csv_or_none(f)
-        if m and frame is not None:
-            frames[f"{m[3]} L{m[1]} H{m[2]}"] = frame
-    return frames
-
-
-def _rebuild_intervention(run: "Run") -> list[Recipe]:
-    heads = _role_frames(run, "q_scale_intervention_")
-    out: list[Recipe] = []
-    if heads:
-        out.append(("intervention_combined", lambda: figs.intervention_panels(
-            heads, title="head metrics under query scaling")))
-        out.append(("intervention_output_effects", lambda: figs.output_effects(
-            heads, title="output effects of query scaling")))
-    for label, d in _role_frames(run, "downstream_heads_").items():
-        def later(d=d, label=label):
-            scales = sorted(d["scale"].unique())
-            show = [a for a in (scales[0], scales[-1]) if a != 1.0] or scales[:1]
-            return figs.later_heads_heatmap(d, show, title=f"entropy change of later heads: {label} scaled")
-        out.append((f"later_heads_{_slug(label)}", later))
-    return out
-
-
-def _rebuild_gain(run: "Run") -> list[Recipe]:
-    s = _csv_or_none(run.path / "gain_summary.csv")
-    if s is None:
-        return []
-    out: list[Recipe] = [
-        (f"gain_heatmap_{col}", lambda col=col, title=title: figs.head_heatmap(s, col, title=title))
-        for col, title in (("gain_entropy", "fitted entropy gain dH/d ln α over the grid"),
-                           ("analytic_gain", "analytic local gain −Var_p(s) at α = 1"))
-    ]
-    out.append(("gain_vs_analytic", lambda: figs.gain_vs_analytic(
-        s, title="fitted entropy gain vs analytic gain, every head")))
-    if "head_type" in s.columns:
-        chosen = s[s["head_type"].fillna("").astype(str) != ""]
-        if len(chosen):
-            out.append(("gain_comparison", lambda: figs.gain_comparison(
-                chosen, columns=("gain_entropy", "analytic_gain", "gain_max_attn"),
-                title="target vs control: entropy gain (fitted, analytic) and max-attention gain")))
-    return out
-
-
-def _rebuild_qk(run: "Run") -> list[Recipe]:
-    c = _csv_or_none(run.path / "qk_comparison_results.csv")
-    if c is None:
-        return []
-    out: list[Recipe] = [
-        (f"qk_{col}", lambda col=col, title=title: figs.qk_metric(c, col, title=title))
-        for col, title in (("mean_entropy", "entropy: query vs key scaling"),
-                           ("delta_entropy", "entropy change vs unscaled: query vs key scaling"))
-    ]
-    out.append(("qk_output_effects", lambda: figs.qk_output_effects(
-        c, title="output effects: query vs key scaling")))
-    return out
-
-
-def _csv_or_none(path: Path) -> pd.DataFrame | None:
-    if not path.exists():
-        return None
-    try:
-        return _read_csv(path)
-    except SpectraError as e:
-        log.warning("%s", e)
-        return None
-
-
-# --------------------------------------------------------------------------- the experiments
-
-_HEAD = ("layer", "head")
-
-EXPERIMENTS: dict[str, _Experiment] = {
-    "observational": _Experiment(
-        "EXP0", "observational: query norm vs attention entropy", "spectra-lens observe",
-        (
-            _Table("head_summary.csv", "strongest heads", ("r_entropy", "correlation"),
-                   _HEAD + ("mean_q_norm", "mean_entropy", "r_entropy", "r_entropy_ci_low",
-                            "r_entropy_ci_high", "q_entropy_cluster", "partial_r_entropy", "partial_q_entropy_cluster",
-                            "r_entropy_norm", "r_max_attn", "r_k_eff_exp", "significant", "consistent",
-                            "replicated", "r_replication", "mean_local_gain")),
-            _Table("significant_heads.csv", "significant heads", ("r_entropy", "correlation"),
-                   _HEAD + ("mean_entropy", "r_entropy", "r_entropy_ci_low", "r_entropy_ci_high",
-                            "q_entropy_cluster", "partial_r_entropy", "partial_q_entropy_cluster", "consistent",
-                            "replicated", "r_replication")),
-            _Table("consistent_heads.csv", "heads consistent across shards",
-                   ("r_pooled", "r_entropy", "frac_significant_same_sign"),
-                   _HEAD + ("r_pooled", "p_pooled", "n_shards", "frac_same_sign",
-                            "frac_significant_same_sign", "consistent")),
-            _Table("layer_statistics.csv", "layer statistics", (),
-                   ("layer", "n_heads", "mean_r", "mean_abs_r", "std_r", "min_r", "max_r",
-                    "n_significant", "frac_significant"), rows=200),
-        ),
-        _rebuild_observational,
-    ),
-    "intervention": _Experiment(
-        "EXP1", "intervention: scaling one head's queries in the forward pass", "spectra-lens intervene",
-        (
-            _Table("q_scale_intervention_L*_H*_*.csv", "query scaling", (),
-                   ("scale", "layer", "head", "head_type", "mean_entropy", "mean_entropy_ci_low",
-                    "mean_entropy_ci_high", "mean_entropy_fast", "mean_max_attn", "mean_k_eff",
-                    "delta_entropy", "delta_loss", "kl_from_unscaled", "analytic_gain", "method",
-                    "n_sequences"), rows=40),
-            _Table("downstream_heads_L*_H*_*.csv", "heads of later layers, largest entropy change",
-                   ("delta_entropy",),
-                   ("head_type", "scaled_layer", "scaled_head", "scale", "layer", "head",
-                    "is_scaled_head", "entropy", "delta_entropy", "delta_entropy_ci_low",
-                    "delta_entropy_ci_high", "delta_max_attn"), rows=12),
-        ),
-        _rebuild_intervention,
-    ),
-    "gain": _Experiment(
-        "EXP2", "gain: entropy sensitivity to query scale, every head", "spectra-lens gain",
-        (
-            _Table("gain_summary.csv", "heads with the largest entropy gain", ("gain_entropy",),
-                   _HEAD + ("head_type", "gain_entropy", "gain_entropy_ci_low", "gain_entropy_ci_high",
-                            "analytic_gain", "fd_gain_entropy", "gain_max_attn", "gain_k_eff",
-                            "r_squared", "std_error", "is_monotonic", "mean_entropy_unscaled",
-                            "method")),
-        ),
-        _rebuild_gain,
-    ),
-    "qk_control": _Experiment(
-        "EXP3", "Q vs K control: scaling keys instead of queries", "spectra-lens qk-control",
-        (
-            _Table("sensitivity_summary.csv", "sensitivity of each head of the kv group", (),
-                   _HEAD + ("kv_head", "is_target", "group_size", "entropy_slope_q",
-                            "entropy_slope_k", "sensitivity_ratio", "max_abs_pattern_diff_qk",
-                            "pattern_changed_q", "pattern_changed_k", "max_abs_delta_loss_q",
-                            "max_abs_delta_loss_k", "max_kl_q", "max_kl_k", "bilinear", "reason"),
-                   rows=64),
-            _Table("qk_comparison_results.csv", "query vs key scaling, per α and head", (),
-                   ("scaled", "scale", "layer", "head", "kv_head", "is_target", "mean_entropy",
-                    "delta_entropy", "mean_max_attn", "max_abs_pattern_diff_qk",
-                    "max_abs_dev_from_prediction", "pattern_changed", "delta_loss",
-                    "kl_from_unscaled"), rows=60),
-        ),
-        _rebuild_qk,
-    ),
-}
 
 
 # --------------------------------------------------------------------------- the page
@@ -502,33 +288,30 @@ class _Figures:
                 f'style="height:{int(height)}px"></div><figcaption>{_e(caption)}</figcaption></figure>')
 
 
+def run_figures(run: Run) -> dict[str, go.Figure]:
+    """The figures of `run`, built by its experiment's `figures(tables)` from its CSVs."""
+    return _module(run.experiment).figures(_outputs(run.experiment).read_tables(run.path))
+
+
 def _figures_html(run: Run, figs: _Figures, prefix: str) -> str:
-    saved = _saved_figures(run)
     note = ""
-    if saved:
-        items = [(Path(n).stem, f, f"{_title(f, n)} — {n}") for n, f in saved]
-    else:
-        items, failed = [], []
-        for name, make in EXPERIMENTS[run.experiment].rebuild(run):
-            try:  # a malformed CSV must not cost the rest of the page
-                fig = _figure_json(make())
-            except (SpectraError, KeyError, ValueError, TypeError, IndexError) as e:
-                log.warning("figure %s of %s could not be rebuilt: %s", name, run.path, e)
-                failed.append(f"{name} ({type(e).__name__}: {e})")
-                continue
-            items.append((name, fig, f"{_title(fig, name)} — rebuilt from the CSVs"))
-        note = "No saved figures in this run; " + (
-            "these were rebuilt from its CSVs." if items else "none could be rebuilt from its CSVs.")
-        if failed:
-            note += " Not rebuilt: " + "; ".join(failed) + "."
-    divs = "".join(figs.div(f, f"fig-{prefix}-{_slug(n)}", cap) for n, f, cap in items)
+    try:
+        built = run_figures(run)
+    except (SpectraError, KeyError, ValueError, TypeError, IndexError) as e:
+        # a malformed CSV must not cost the rest of the page
+        log.warning("figures of %s could not be built: %s", run.path, e)
+        built, note = {}, f"Figures could not be built from this run's CSVs ({type(e).__name__}: {e})."
+    items = [(name, _figure_json(fig)) for name, fig in built.items()]
+    if not items and not note:
+        note = "No figures: the run's tables are missing."
+    divs = "".join(figs.div(f, f"fig-{prefix}-{_slug(n)}", f"{_title(f, n)} — {n}") for n, f in items)
     note_html = f'<p class="note">{_e(note)}</p>' if note else ""
     return f"{note_html}<div class=\"figures\">{divs}</div>"
 
 
 def _section(run: Run, root: Path, figs: _Figures, used: set[str]) -> tuple[str, str, str]:
     """(section id, heading, html) of one run."""
-    spec = EXPERIMENTS[run.experiment]
+    spec = _outputs(run.experiment)
     rel = run.path.relative_to(root).as_posix() if run.path != root else "."
     sid = _slug(f"{run.experiment}-{rel}")
     while sid in used:
@@ -621,8 +404,9 @@ def _script_json(obj: Any) -> str:
         .replace("&", "\\u0026")
 
 
-def build_report(results_dir: str | os.PathLike) -> str:
-    """The report of every run under `results_dir`, as one self-contained HTML page."""
+def build_report(results_dir: str | os.PathLike, *, plotlyjs: str | None = None) -> str:
+    """The report of every run under `results_dir`, as one HTML page: self-contained (plotly.js
+    inline, once) by default, or loading plotly.js from `plotlyjs` (a path or URL)."""
     from spectra_lens import __version__
 
     root = Path(results_dir).resolve()
@@ -643,12 +427,12 @@ def build_report(results_dir: str | os.PathLike) -> str:
     base = root.parent if any(r.path == root for r in runs) else root
     if missing:
         items = "".join(
-            f"<li><b>{_e(EXPERIMENTS[k].label)} {_e(EXPERIMENTS[k].title)}</b>: no run found; "
-            f"run <code>{_e(EXPERIMENTS[k].command)} --out {_e(base / k)}</code></li>" for k in missing)
+            f"<li><b>{_e(_outputs(k).label)} {_e(_outputs(k).title)}</b>: no run found; "
+            f"run <code>{_e(_outputs(k).command)} --out {_e(base / k)}</code></li>" for k in missing)
         missing_html = f'<div id="not-in-directory"><h3>Not in this directory</h3><ul>{items}</ul></div>'
     warn = ""
     if incomplete:
-        items = "".join(f"<li>{_e(EXPERIMENTS[r.experiment].label)} <code>{_e(r.path)}</code>: "
+        items = "".join(f"<li>{_e(_outputs(r.experiment).label)} <code>{_e(r.path)}</code>: "
                         f"status “{_e(r.status)}”</li>" for r in incomplete)
         warn = f'<div class="warn" id="incomplete-runs"><b>Unfinished runs</b><ul>{items}</ul></div>'
     now = time.strftime("%Y-%m-%d %H:%M:%S %z")
@@ -656,7 +440,7 @@ def build_report(results_dir: str | os.PathLike) -> str:
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>spectra_lens report: {_e(root.name)}</title><style>{_CSS}</style>"
-        f"<script>{get_plotlyjs()}</script></head><body>"
+        f"{_plotlyjs_tag(plotlyjs)}</head><body>"
         f"<h1>spectra_lens report</h1><p>results directory <code>{_e(root)}</code> · generated {now} "
         f"by spectra_lens {_e(__version__)} · {len(runs)} run(s), {len(figs.specs)} figure(s)</p>"
         f"{warn}<nav><ul>{nav}</ul></nav>{missing_html}{''.join(h for _, _, h in sections)}"
@@ -666,9 +450,16 @@ def build_report(results_dir: str | os.PathLike) -> str:
     )
 
 
-def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+def _plotlyjs_tag(src: str | None) -> str:
+    if src is None:
+        return f"<script>{get_plotlyjs()}</script>"
+    return f'<script src="{_e(src)}"></script>'
+
+
+def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 plotlyjs: str | None = None) -> Path:
     """Write `build_report(results_dir)` atomically to `out` (default RESULTS_DIR/report.html)."""
-    page = build_report(results_dir)
+    page = build_report(results_dir, plotlyjs=plotlyjs)
     out = Path(out) if out is not None else Path(results_dir) / REPORT_NAME
 
     def write(tmp: str) -> None:
@@ -680,7 +471,7 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
 
 def _runs_summary(runs: list[Run]) -> Iterator[str]:
     for r in runs:
-        yield f"{EXPERIMENTS[r.experiment].label} {r.experiment} ({r.status})"
+        yield f"{_outputs(r.experiment).label} {r.experiment} ({r.status})"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -688,6 +479,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results_dir", help="directory holding run directories (or one run directory)")
     p.add_argument("--out", default=None, help=f"output HTML file (default: RESULTS_DIR/{REPORT_NAME})")
+    p.add_argument("--plotlyjs", default=None, metavar="PATH_OR_URL",
+                   help="load plotly.js from this path or URL instead of inlining it (default: inline, "
+                        "a page that works offline on its own)")
     return p
 
 
@@ -696,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         runs = find_runs(args.results_dir)
-        path = write_report(args.results_dir, args.out)
+        path = write_report(args.results_dir, args.out, plotlyjs=args.plotlyjs)
     except SpectraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""Writing figures: HTML always (plotly.js once beside the pages, so they work offline), PNG
-where an image exporter works."""
+"""Writing figures: plotly JSON and HTML always (plotly.js once beside the pages, so they work
+offline), PNG where an image exporter works."""
 
 import logging
 import os
@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def save_figure(fig: go.Figure, path: str | os.PathLike, *, png: bool = True) -> list[Path]:
-    """Write `path`.html (atomically) and, where an exporter works, `path`.png; the paths written."""
+    """Write `path`.html and `path`.json (the plotly figure; both atomically) and, where an
+    exporter works, `path`.png; the paths written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     html = path.with_suffix(".html")
@@ -28,7 +29,9 @@ def save_figure(fig: go.Figure, path: str | os.PathLike, *, png: bool = True) ->
         atomic_write(bundle, lambda tmp: Path(tmp).write_text(get_plotlyjs(), encoding="utf-8"))
     atomic_write(html, lambda tmp: fig.write_html(tmp, include_plotlyjs="directory",
                                                   full_html=True))
-    written = [html]
+    json_path = path.with_suffix(".json")
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(fig.to_json(), encoding="utf-8"))
+    written = [html, json_path]
     if png:
         try:
             atomic_write(path.with_suffix(".png"),
