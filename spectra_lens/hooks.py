@@ -421,30 +421,16 @@ class MetricCapture:
 
         def fn(p, hook):
             _check_shape(p, name, (None, L.n_heads, None, None), "batch head query_pos key_pos")
-            p = p.detach().float()
-            s = self._scores.pop(l, None)
-            if s is not None:
-                visible = M.visible_from_scores(s)
-            else:  # scores not faithful: log p is s up to a per-row constant
-                visible = p > 0
-                s = M.logits_from_pattern(p)
-            st = self._store
-            H = M.entropy(p)
-            st["entropy"][l] = H
-            st["entropy_norm"][l] = M.normalized_entropy(H, M.n_visible(visible))
-            st["max_attn"][l] = M.max_attention(p)
-            st["k_eff_exp"][l] = M.k_eff_exp(H)
-            st["k_eff_pr"][l] = M.k_eff_participation(p)
-            # The top-mass count sorts every attention row, the costliest metric (BENCHMARKS.md);
-            # top_mass=None skips it and leaves NaN.
-            st["k_eff_top90"][l] = (M.k_eff_top_mass(p, mass=self.top_mass)
-                                    if self.top_mass is not None else torch.full_like(H, torch.nan))
+            p = p.detach()
+            # One blocked pass over the visible keys (metrics.row_metrics); without faithful
+            # scores the logits are log p (the same up to a per-row constant). top_mass=None
+            # skips k_eff_top90 (NaN), the only metric that sorts the rows.
+            got = M.row_metrics(p, self._scores.pop(l, None), top_mass=self.top_mass)
             mask = self._mask_for(p, name)
-            if mask is None:
-                st["sink_mass"][l] = M.sink_mass(p)
-            else:
+            if mask is not None:
+                pf = p.float()
                 # rows of real queries only: a padding query may see nothing but padding
-                leak = ((p * (~mask)[:, None, None, :]).sum(-1) * mask[:, None, :]).amax()
+                leak = ((pf * (~mask)[:, None, None, :]).sum(-1) * mask[:, None, :]).amax()
                 if leak > 1e-6:
                     raise SpectraError(
                         f"{name}: {float(leak):.3g} of the attention went to padding; give the model "
@@ -452,11 +438,12 @@ class MetricCapture:
                     )
                 first = mask.int().argmax(1)  # the first real key of each row: the sink
                 idx = first[:, None, None, None].expand(p.shape[0], p.shape[1], p.shape[2], 1)
-                st["sink_mass"][l] = p.gather(-1, idx).squeeze(-1)
-            st["local_gain"][l] = M.local_gain_under(p, s.float(), visible)
+                got["sink_mass"] = pf.gather(-1, idx).squeeze(-1)
+            for n, v in got.items():
+                self._store[n][l] = v
             for ll, h in self.patterns_for:
                 if ll == l:
-                    self._patterns[(l, h)] = p[:, h].clone()
+                    self._patterns[(l, h)] = p[:, h].float().clone()
 
         return fn
 
@@ -464,7 +451,9 @@ class MetricCapture:
         missing = [l for l in self.layers if l not in self._store["entropy"] or l not in self._store["q_norm"]]
         if missing:
             raise SpectraError(f"no forward pass reached layers {missing}; run the model inside attached()")
-        vals = {n: torch.stack([self._store[n][l] for l in self.layers], dim=1) for n in METRIC_NAMES}
+        # Under a device map the layers live on several devices: gather on the first layer's.
+        dev = self._store["entropy"][self.layers[0]].device
+        vals = {n: torch.stack([self._store[n][l].to(dev) for l in self.layers], dim=1) for n in METRIC_NAMES}
         mask = self._mask
         if mask is not None:
             pad = ~mask.to(vals["entropy"].device)[:, None, None, :]
