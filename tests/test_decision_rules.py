@@ -1,0 +1,316 @@
+"""Each clause of each decision rule, tested at its boundary.
+
+Planted-vs-null data pass and fail every clause at once, so they cannot tell whether a clause
+is there. Here each test builds records where exactly one clause decides: the head passes
+every other clause by a wide margin and sits on the boundary (or the wrong side) of the one
+under test. Removing or loosening that clause flips the test's decision. Ties at a threshold
+are made exactly by passing the threshold equal to a value the function itself reported.
+
+Records are built with exact sample correlations (`_pair`), so p-values are known in advance.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spectra_lens.stats import head_correlations, replication, shard_consistency
+
+N_BOOT = 200
+
+
+def _pair(n: int, r: float, seed: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of n points with correlation r: exactly r in the sample when `exact`, else r in
+    the population (bootstrap tests need sampling noise between sequences)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n)
+    e = rng.standard_normal(n)
+    if exact:
+        x = (x - x.mean()) / x.std()
+        e -= e.mean()
+        e -= (e @ x) / (x @ x) * x
+        e /= e.std()
+    return x, r * x + np.sqrt(1 - r * r) * e
+
+
+def _records(spec: dict, *, seed: int = 0, exact: bool = True) -> pd.DataFrame:
+    """spec: {(layer, head): [(shard, sequence, n_tokens, r), ...]} -> token records.
+
+    ln q_norm = x and entropy = 2 + y, so r(ln q_norm, entropy) is r within each chunk
+    (exactly, with `exact`). Positions 1..n (all kept at min_position = 1).
+    """
+    frames = []
+    for k, ((layer, head), chunks) in enumerate(spec.items()):
+        for j, (shard, sequence, n, r) in enumerate(chunks):
+            x, y = _pair(n, r, seed + 1000 * k + j, exact)
+            frames.append(pd.DataFrame({
+                "shard": shard, "sequence": sequence, "position": np.arange(1, n + 1),
+                "layer": layer, "head": head, "q_norm": np.exp(x), "entropy": 2.0 + y,
+                "entropy_norm": (2.0 + y) / 10,
+            }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _row(frame: pd.DataFrame, layer: int, head: int) -> pd.Series:
+    rows = frame[(frame["layer"] == layer) & (frame["head"] == head)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+# --------------------------------------------------------------------------- consistent
+# consistent = (share of counted shards with the pooled sign and p < alpha) >= threshold
+#              and at least 2 counted shards; a shard counts with >= 3 tokens and a defined r.
+
+STRONG, WEAK = 0.8, 0.05  # with 40 tokens: p ≈ 6e-10 and p ≈ 0.76
+
+
+def _consistency(spec, **kwargs):
+    return shard_consistency(_records(spec), y="entropy", **kwargs)
+
+
+def test_consistent_needs_two_counted_shards():
+    """A head present in one shard only is not consistent, however strong it is there."""
+    out = _consistency({(0, 0): [(0, 0, 40, STRONG)],
+                        (0, 1): [(0, 1, 40, STRONG), (1, 2, 40, STRONG)]})
+    one, two = _row(out, 0, 0), _row(out, 0, 1)
+    assert one["n_shards"] == 1 and one["frac_significant_same_sign"] == 1.0
+    assert not one["consistent"]
+    assert two["n_shards"] == 2 and two["consistent"]
+
+
+def test_shard_with_fewer_than_three_tokens_is_not_counted():
+    """Two tokens always give r = ±1: such a shard neither counts for nor against a head."""
+    records = _records({(0, 0): [(0, 0, 40, STRONG), (1, 1, 40, STRONG)]})
+    two = records.iloc[:2].assign(shard=2, sequence=2, q_norm=[1.0, 2.0], entropy=[2.0, 1.0])
+    out = shard_consistency(pd.concat([records, two], ignore_index=True), y="entropy")
+    row = _row(out, 0, 0)
+    assert row["n_shards"] == 2 and np.isnan(row["r_shard_2"])
+    assert row["consistent"]
+
+
+def test_shard_with_undefined_r_is_not_counted():
+    records = _records({(0, 0): [(0, 0, 40, STRONG), (1, 1, 40, STRONG), (2, 2, 40, STRONG)]})
+    records.loc[records["shard"] == 2, "entropy"] = 1.5  # constant: r undefined in shard 2
+    row = _row(shard_consistency(records, y="entropy"), 0, 0)
+    assert row["n_shards"] == 2 and np.isnan(row["r_shard_2"])
+    assert row["consistent"]
+
+
+def test_significant_shards_of_the_opposite_sign_do_not_count():
+    """3 of 5 shards significant with the pooled (positive) sign, 2 significant against it."""
+    out = _consistency({(0, 0): [(s, s, 40, STRONG if s < 3 else -STRONG) for s in range(5)]})
+    row = _row(out, 0, 0)
+    assert row["r_pooled"] > 0 and row["n_shards"] == 5
+    assert row["frac_significant_same_sign"] == pytest.approx(0.6)
+    assert not row["consistent"]
+
+
+def test_same_sign_shards_that_are_not_significant_do_not_count():
+    out = _consistency({(0, 0): [(s, s, 40, STRONG if s < 3 else WEAK) for s in range(5)]})
+    row = _row(out, 0, 0)
+    assert row["frac_same_sign"] == 1.0
+    assert row["frac_significant_same_sign"] == pytest.approx(0.6)
+    assert not row["consistent"]
+
+
+def test_share_equal_to_the_threshold_is_consistent():
+    """4 of 5 shards: exactly the default threshold 0.8 (>=), and a negative head likewise."""
+    out = _consistency({(0, 0): [(s, s, 40, STRONG if s < 4 else WEAK) for s in range(5)],
+                        (0, 1): [(s, s, 40, -STRONG if s < 4 else -WEAK) for s in range(5)],
+                        (0, 2): [(s, s, 40, STRONG if s < 3 else WEAK) for s in range(5)]})
+    for head in (0, 1):
+        row = _row(out, 0, head)
+        assert row["frac_significant_same_sign"] == 0.8 and row["consistent"], head
+    assert not _row(out, 0, 2)["consistent"]  # 0.6 < 0.8
+    tie = _consistency({(0, 2): [(s, s, 40, STRONG if s < 3 else WEAK) for s in range(5)]}, threshold=0.6)
+    assert _row(tie, 0, 2)["consistent"]
+
+
+def test_shard_p_equal_to_alpha_is_not_significant():
+    """p < alpha is strict: with alpha set to one shard's own p, that shard stops counting."""
+    spec = {(0, 0): [(0, 0, 40, STRONG), (1, 1, 40, STRONG), (2, 2, 40, 0.45)]}
+    first = _row(_consistency(spec), 0, 0)
+    p = first["p_shard_2"]
+    assert p < first["p_shard_0"] * 1e9 and first["consistent"]  # all three count at alpha 0.05
+    row = _row(_consistency(spec, alpha=p), 0, 0)
+    assert row["frac_significant_same_sign"] == pytest.approx(2 / 3)
+    assert not row["consistent"]
+
+
+# --------------------------------------------------------------------------- significant
+# significant = BH q of the sequence-clustered p (bootstrap Wald test) < alpha; a head seen in
+# fewer than 2 sequences has no clustered p.
+
+
+def _clustered(head, sequences=6, n=40, seed=0):
+    """Sequence offsets carry the whole correlation: the tokens agree, the sequences barely."""
+    rng = np.random.default_rng(seed)
+    u = np.array([-1.0, -0.6, 0.0, 0.4, 1.0, 2.5])[:sequences]
+    v = np.array([0.3, -0.9, 0.4, -0.2, 0.1, 2.2])[:sequences]
+    frames = []
+    for s in range(sequences):
+        x = u[s] + 0.05 * rng.standard_normal(n)
+        y = v[s] + 0.05 * rng.standard_normal(n)
+        frames.append(pd.DataFrame({
+            "shard": 0, "sequence": s, "position": np.arange(1, n + 1), "layer": head[0],
+            "head": head[1], "q_norm": np.exp(x), "entropy": 2 + y, "entropy_norm": (2 + y) / 10,
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _correlations(records, **kwargs):
+    return head_correlations(records, ys=("entropy",), n_boot=N_BOOT, **kwargs)
+
+
+def _planted(head, r, sequences=8, n=30, seed=0):
+    return _records({head: [(0, s, n, r) for s in range(sequences)]}, seed=seed, exact=False)
+
+
+def test_small_token_p_with_a_clustered_interval_across_zero_is_not_significant():
+    records = pd.concat([_clustered((0, 0)), _planted((0, 1), 0.6)], ignore_index=True)
+    out = _correlations(records)
+    row = _row(out, 0, 0)
+    assert row["p_entropy"] < 1e-10, "token-level p is tiny"
+    assert row["r_entropy_ci_low"] < 0 < row["r_entropy_ci_high"]
+    assert row["q_entropy_cluster"] >= 0.05
+    assert not row["significant"]
+    assert _row(out, 0, 1)["significant"]
+
+
+def test_a_head_seen_in_one_sequence_has_no_clustered_test():
+    records = pd.concat([_planted((0, 0), 0.9, sequences=1, n=60), _planted((0, 1), 0.6)],
+                        ignore_index=True)
+    out = _correlations(records)
+    row = _row(out, 0, 0)
+    assert row["p_entropy"] < 1e-10 and row["n_sequences"] == 1
+    assert np.isnan(row["p_entropy_cluster"]) and not row["significant"]
+
+
+def test_significance_uses_the_bh_q_not_the_raw_p():
+    """alpha between a head's clustered p and its BH q: raw p would call it, BH does not."""
+    records = pd.concat([_planted((0, h), r, seed=h) for h, r in enumerate((0.3, 0.0, 0.02, -0.03))],
+                        ignore_index=True)
+    first = _correlations(records)
+    row = _row(first, 0, 0)
+    p, q = row["p_entropy_cluster"], row["q_entropy_cluster"]
+    assert p < q
+    out = _correlations(records, alpha=(p + q) / 2)
+    assert not _row(out, 0, 0)["significant"]
+
+
+def test_q_equal_to_alpha_is_not_significant():
+    records = pd.concat([_planted((0, h), r, seed=h) for h, r in enumerate((0.3, 0.25, 0.0))],
+                        ignore_index=True)
+    first = _correlations(records)
+    q0, q1 = _row(first, 0, 0)["q_entropy_cluster"], _row(first, 0, 1)["q_entropy_cluster"]
+    assert q0 != q1
+    lo, hi = sorted((q0, q1))
+    out = _correlations(records, alpha=hi)
+    flags = {q: _row(out, 0, h)["significant"] for h, q in ((0, q0), (1, q1))}
+    assert flags[lo] and not flags[hi]
+
+
+def test_significant_partial_is_the_decision_on_the_partial_r():
+    """Entropy that follows position only: the raw r is significant, the partial r is not."""
+    rng = np.random.default_rng(3)
+    frames = []
+    for s in range(10):
+        pos = np.arange(1, 41)
+        z = np.log1p(pos)
+        frames.append(pd.DataFrame({
+            "shard": 0, "sequence": s, "position": pos, "layer": 0, "head": 0,
+            "q_norm": np.exp(z + 0.3 * rng.standard_normal(40)),
+            "entropy": z + 0.3 * rng.standard_normal(40), "entropy_norm": 0.5,
+        }))
+    records = pd.concat(frames + [_planted((0, 1), 0.6)], ignore_index=True)
+    out = _correlations(records)
+    row = _row(out, 0, 0)
+    assert row["significant"] and not row["significant_partial"]
+    assert _row(out, 0, 1)["significant_partial"]
+
+
+# --------------------------------------------------------------------------- replicated
+# replicated = selected (significant in the discovery half) and the replication half has the
+# same sign, one-sided p_replication < alpha, and a bootstrap interval that excludes 0.
+
+
+def _split_seed(records, discovery_shard: int) -> int:
+    """A split_seed whose discovery half is `discovery_shard` (read from the token counts)."""
+    n = records.groupby("shard").size()
+    for seed in range(50):
+        out = replication(records, n_boot=20, split_seed=seed)
+        if (out["n_tokens_discovery"].fillna(0).sum() == n[discovery_shard]):
+            return seed
+    raise AssertionError("no split seed puts that shard in the discovery half")
+
+
+def _replication(spec_or_records, **kwargs):
+    records = spec_or_records if isinstance(spec_or_records, pd.DataFrame) else _records(spec_or_records)
+    # shard 0 discovers, shard 1 replicates; shard 0 has a distinct token count to tell them apart
+    seed = _split_seed(records, 0)
+    return replication(records, n_boot=N_BOOT, split_seed=seed, **kwargs)
+
+
+def _two_halves(discovery, replication_, *, layer=0, head=0, seed=0):
+    """Head sequences 0..7 in shard 0 (r = discovery), 8..15 in shard 1 (r = replication_)."""
+    chunks = [(0, s, 31, discovery) for s in range(8)]
+    chunks += [(1, 8 + s, 30, replication_) for s in range(8)]
+    return _records({(layer, head): chunks}, seed=seed, exact=False)
+
+
+def test_replicated_needs_the_head_selected_in_the_discovery_half():
+    records = pd.concat([_two_halves(0.0, 0.7), _two_halves(0.6, 0.6, head=1, seed=5)], ignore_index=True)
+    out = _replication(records)
+    row = _row(out, 0, 0)
+    assert not row["selected"] and row["p_replication"] < 1e-10
+    assert row["r_replication_ci_low"] > 0
+    assert not row["replicated"]
+    assert _row(out, 0, 1)["replicated"]
+
+
+def test_replication_with_the_opposite_sign_is_not_replicated():
+    """The same-sign clause is implied by the others for alpha <= 0.5 (a one-sided p toward the
+    discovery sign is > 0.5 for the opposite sign, and the interval then holds 0): deleting it
+    alone changes no decision; this test pins the rule as a whole."""
+    records = pd.concat([_two_halves(0.6, -0.6), _two_halves(0.6, 0.6, head=1, seed=5)], ignore_index=True)
+    out = _replication(records)
+    row = _row(out, 0, 0)
+    assert row["selected"] and row["r_replication"] < 0
+    assert not row["replicated"]
+    assert _row(out, 0, 1)["replicated"]
+
+
+def test_small_replication_p_with_an_interval_across_zero_is_not_replicated():
+    """The replication half is clustered: its token-level p is tiny, its interval crosses 0."""
+    disc = _records({(0, 0): [(0, s, 31, 0.6) for s in range(8)]}, exact=False)
+    rep = _clustered((0, 0))
+    rep["shard"], rep["sequence"] = 1, rep["sequence"] + 100
+    out = _replication(pd.concat([disc, rep], ignore_index=True))
+    row = _row(out, 0, 0)
+    assert row["selected"] and row["r_replication"] > 0 and row["p_replication"] < 1e-10
+    assert row["r_replication_ci_low"] < 0
+    assert not row["replicated"]
+
+
+def test_replication_p_equal_to_alpha_is_not_replicated():
+    records = _two_halves(0.7, 0.25)
+    first = _row(_replication(records), 0, 0)
+    p = first["p_replication"]
+    assert first["replicated"] and first["q_discovery"] < p < 0.05
+    row = _row(_replication(records, alpha=p), 0, 0)
+    assert row["selected"] and row["r_replication_ci_low"] > 0
+    assert not row["replicated"]
+
+
+def test_a_head_present_in_one_half_only_is_not_replicated():
+    records = pd.concat([
+        _records({(0, 0): [(0, s, 31, 0.7) for s in range(8)]}, exact=False),  # discovery only
+        _records({(0, 1): [(1, 8 + s, 30, 0.7) for s in range(8)]}, seed=3, exact=False),
+        _two_halves(0.6, 0.6, head=2, seed=5),
+    ], ignore_index=True)
+    out = _replication(records)
+    for head in (0, 1):
+        row = _row(out, 0, head)
+        assert not row["replicated"], head
+    assert _row(out, 0, 0)["selected"] and np.isnan(_row(out, 0, 0)["r_replication"])
+    assert not _row(out, 0, 1)["selected"]
+    assert _row(out, 0, 2)["replicated"]
