@@ -5,7 +5,7 @@
 * figures: HTML always, PNG when an exporter works (`write_figure` warns once when it does not);
 * the model and the tokens of a run (default: the embedded model and `default_corpus()`);
 * the default target / control heads (`choose_heads`, rule below);
-* the command-line flags the three experiments share, one flag per config field.
+* the command line: generated from the configs by `spectra_lens.cli`.
 
 Default heads. With no --target-layer the target layer is the middle one (n_layers // 2). With
 no --target-head the target is the head of that layer with the most negative analytic local gain
@@ -16,14 +16,12 @@ before the measured sequences in the corpus, so the heads are not chosen on the 
 measures them. When the caller passes tokens, the selection uses those tokens (recorded).
 """
 
-import argparse
 import contextlib
 import logging
 import re
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -46,9 +44,7 @@ __all__ = [
     "Table",
     "write_outputs",
     "RunTokens",
-    "add_common_arguments",
     "choose_heads",
-    "config_from_args",
     "load_run_model",
     "load_run_tokens",
     "model_info",
@@ -196,20 +192,6 @@ def provenance(setup: RunSetup, choice: "HeadChoice", seed: int) -> dict:
         selection={**choice.as_dict(), "held_out": t.held_out, "n_select": int(t.select.shape[0])},
         seed=seed,
     )
-
-
-def run_cli(argv, parser: argparse.ArgumentParser, config_cls, run) -> tuple[object | None, float]:
-    """Parse `argv` into `config_cls`, call `run`; (result, seconds), or (None, 0) after printing
-    a user error to stderr (the caller exits with 2)."""
-    args = parser.parse_args(argv)
-    configure_logging()
-    t0 = time.time()
-    try:
-        cfg, progress = config_from_args(config_cls, args)
-        return run(cfg, progress=progress), time.time() - t0
-    except SpectraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None, 0.0
 
 
 # --------------------------------------------------------------------------- model and tokens
@@ -361,78 +343,12 @@ def _check_layer_head(layout: AttentionLayout, layer: int, head: int, role: str)
                            f"{layout.n_heads} heads)") from None
 
 
-# --------------------------------------------------------------------------- command line
-
-
-def _alpha_list(text: str) -> list[float]:
-    """One --alphas token: a number or comma-separated numbers (argparse reports a bad one)."""
-    out = []
-    for part in text.replace(",", " ").split():
-        try:
-            out.append(float(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"alphas must be numbers, got {part!r}") from None
-    return out
-
-
-_HEAD_DEFAULTS = {
-    "target_layer": "the middle layer, n_layers // 2",
-    "target_head": "the head of the target layer with the most negative analytic gain -Var_p(s) "
-                   "on the held-out selection sequences",
-    "control_layer": "the target layer",
-    "control_head": "the other head of the control layer whose analytic gain is nearest 0",
-}
-
-
-def add_common_arguments(p: argparse.ArgumentParser, defaults, *, heads: tuple[str, ...]) -> None:
-    """The flags every causal experiment has; `heads` names which head flags it takes."""
-    d = defaults
-    p.add_argument("--model", default=d.model,
-                   help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--corpus", default=d.corpus,
-                   help="corpus spec or prepared shard directory (default: CPython reference docs)")
-    p.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
-    for name in heads:
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name),
-                       help=f"{name.replace('_', ' ')} (default: {_HEAD_DEFAULTS[name]})")
-    p.add_argument("--alphas", nargs="+", type=_alpha_list, default=None, metavar="A",
-                   help=f"scales, space or comma separated (default: {len(d.alphas)} log-spaced "
-                        f"values {d.alphas[0]:g}..{d.alphas[-1]:g} including 1)")
-    p.add_argument("--n-sequences", type=int, default=d.n_sequences, help="sequences measured")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
-    p.add_argument("--n-select", type=int, default=d.n_select,
-                   help="held-out sequences that choose default heads")
-    p.add_argument("--min-position", type=int, default=d.min_position,
-                   help="query positions before this are not averaged (the sink)")
-    if any(f.name == "batch_size" for f in fields(d)):
-        p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per fast-path pass")
-    p.add_argument("--max-rows", type=int, default=d.max_rows,
-                   help="sequence copies per forward pass (bounds memory)")
-    p.add_argument("--ci", type=float, default=d.ci, help="interval level over sequences")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def config_from_args(cls, args: argparse.Namespace):
-    """(config, progress) from parsed arguments: every flag but --no-progress is a field."""
-    values = dict(vars(args))
-    progress = not values.pop("no_progress", False)
-    alphas = values.pop("alphas")
-    if alphas is not None:
-        values["alphas"] = tuple(a for token in alphas for a in token)
-    return cls(**values), progress
+# --------------------------------------------------------------------------- helpers
 
 
 def checked_alphas(cfg) -> tuple[float, ...]:
     """cfg.alphas validated and sorted (SpectraError for an empty grid or α <= 0)."""
     return check_alphas(cfg.alphas)
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
 def k_eff_definitions() -> dict[str, str]:

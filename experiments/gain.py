@@ -20,10 +20,10 @@ control heads, their bar comparison, fitted vs analytic gain) and `manifest.json
 control heads only choose which fits are drawn (rule: experiments/_common.py).
 """
 
-import argparse
 import dataclasses
 import logging
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from html import escape
@@ -43,7 +43,7 @@ from spectra_lens.sweep import HeadSweep, head_curves
 
 from . import _common as C
 
-__all__ = ["GainResult", "compute", "gain_table", "main", "parser", "run"]
+__all__ = ["GainResult", "compute", "gain_table", "command", "main", "run"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "gain"
@@ -229,19 +229,13 @@ def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | No
     return dataclasses.replace(result, out=rd.path)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spectra-lens gain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_arguments(p, GainConfig(),
-                           heads=("target_layer", "target_head", "control_layer", "control_head"))
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (2 for a user error)."""
-    result, seconds = C.run_cli(argv, parser(), GainConfig, run)
-    if result is None:
-        return 2
+def command(cfg: GainConfig, *, progress: bool = True) -> int:
+    """`spectra-lens gain`: run `cfg`, print a summary; SpectraError for bad input."""
+    t0 = time.perf_counter()
+    result = run(cfg, progress=progress)
+    seconds = time.perf_counter() - t0
     s = result.summary
     strongest = s.loc[s["gain_entropy"].idxmin()]
     print(f"{len(s)} heads, {len(result.sweep.alphas)} alphas, methods: "
@@ -253,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['fd_gain_entropy'].corr(s['analytic_gain']):.3f}")
     print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m experiments.gain`: the same as `spectra-lens gain`."""
+    from spectra_lens.cli import main as cli_main
+
+    return cli_main(["gain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

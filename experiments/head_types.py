@@ -18,7 +18,6 @@ gain_entropy, where present — and each label: n, mean, median, min and mean ra
 negative of all heads), figures under `figures/` and `manifest.json`.
 """
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from spectra_lens.layout import attention_layout
 
 from . import _common as C
 
-__all__ = ["BY_LABEL_COLUMNS", "HeadTypesResult", "compute", "figures", "main", "parser", "run", "tables"]
+__all__ = ["BY_LABEL_COLUMNS", "HeadTypesResult", "compute", "figures", "command", "main", "run", "tables"]
 
 EXPERIMENT = "head_types"
 
@@ -146,42 +145,10 @@ def run(cfg: HeadTypesConfig = HeadTypesConfig(), *, model=None, tokens=None,
     return HeadTypesResult(out["head_types"], out["head_types_by_label"], out=rd.path)
 
 
-def parser() -> argparse.ArgumentParser:
-    d = HeadTypesConfig()
-    p = argparse.ArgumentParser(prog="spectra-lens head-types", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=d.model,
-                   help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--corpus", default=d.corpus,
-                   help="corpus spec or prepared shard directory (default: CPython reference docs)")
-    p.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
-    p.add_argument("--n-sequences", type=int, default=d.n_sequences, help="text sequences")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per text sequence")
-    p.add_argument("--n-repeated", type=int, default=d.n_repeated, help="repeated random-token sequences")
-    p.add_argument("--half-len", type=int, default=d.half_len, help="random tokens per copy")
-    p.add_argument("--window", type=int, default=d.window, help="keys i-window+1 … i count as local")
-    p.add_argument("--agreement", default=d.agreement, help="agreement.csv to join on (layer, head)")
-    p.add_argument("--gain", default=d.gain, help="gain_summary.csv to join on (layer, head)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per forward pass")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random tokens")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (2 for a user error)."""
-    args = vars(parser().parse_args(argv))
-    C.configure_logging()
+def command(cfg: HeadTypesConfig, *, progress: bool = True) -> int:
+    """`spectra-lens head-types`: run `cfg`, print the labels; SpectraError for bad input."""
     t0 = time.time()
-    progress = not args.pop("no_progress")
-    try:
-        result = run(HeadTypesConfig(**args), progress=progress)
-    except SpectraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run(cfg, progress=progress)
     counts = result.types["label"].value_counts()
     print(f"{len(result.types)} heads: " + ", ".join(f"{n} {label}" for label, n in counts.items()))
     for label in ("induction", "previous-token"):
@@ -194,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r.label:<15} {r.mean:+.3f}  (n = {r.n}, mean rank {r.mean_rank:.0f} of {len(result.types)})")
     print(f"wrote {result.out} in {time.time() - t0:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m experiments.head_types`: the same as `spectra-lens head-types`."""
+    from spectra_lens.cli import main as cli_main
+
+    return cli_main(["head-types", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

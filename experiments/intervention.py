@@ -19,11 +19,11 @@ Outputs (in --out): `q_scale_intervention_L{l}_H{h}_{target|control}.csv` (one r
 effects, later-head heatmaps; HTML, and PNG where kaleido works) and `manifest.json`.
 """
 
-import argparse
 import dataclasses
 import logging
 import re
 import sys
+import time
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -42,7 +42,7 @@ from spectra_lens.sweep import ExactSweep, intervention_effects
 
 from . import _common as C
 
-__all__ = ["InterventionResult", "compute", "main", "parser", "run"]
+__all__ = ["InterventionResult", "compute", "command", "main", "run"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "intervention"
@@ -210,19 +210,13 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
     return dataclasses.replace(result, out=rd.path)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spectra-lens intervene", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_arguments(p, InterventionConfig(),
-                           heads=("target_layer", "target_head", "control_layer", "control_head"))
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (2 for a user error)."""
-    result, seconds = C.run_cli(argv, parser(), InterventionConfig, run)
-    if result is None:
-        return 2
+def command(cfg: InterventionConfig, *, progress: bool = True) -> int:
+    """`spectra-lens intervene`: run `cfg`, print a summary; SpectraError for bad input."""
+    t0 = time.perf_counter()
+    result = run(cfg, progress=progress)
+    seconds = time.perf_counter() - t0
     for role in ROLES:
         l, h = result.heads[role]
         t = result.tables[role].sort_values("scale")
@@ -234,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{np.nanmax(np.abs(t['mean_entropy'] - t['mean_entropy_fast'])):.1e}")
     print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m experiments.intervention`: the same as `spectra-lens intervene`."""
+    from spectra_lens.cli import main as cli_main
+
+    return cli_main(["intervene", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ per-head statistics (`head_summary.csv`, `significant_heads.csv`, `consistent_he
 `layer_statistics.csv`) -> figures (`figures/`) -> `manifest.json` (status "complete" last).
 """
 
-import argparse
 import dataclasses
 import logging
 import sys
@@ -34,7 +33,7 @@ from spectra_lens.shards import ShardManifest, corpus_from_spec, load_shard, pre
 
 from . import _common as C
 
-__all__ = ["ObservationalResult", "analyze", "collect", "main", "parser", "run"]
+__all__ = ["ObservationalResult", "analyze", "collect", "command", "main", "run"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "observational"
@@ -282,47 +281,10 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
     return ObservationalResult(out=rd.path, **tables)
 
 
-def _mass(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spectra-lens observe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = ObservationalConfig()
-    p.add_argument("--model", default=d.model, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--corpus", default=d.corpus, help="corpus spec or prepared shard directory (default: CPython docs)")
-    p.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--n-sequences", type=int, default=d.n_sequences)
-    p.add_argument("--shard-size", type=int, default=d.shard_size)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--min-position", type=int, default=d.min_position, help="exclude earlier positions (sink)")
-    p.add_argument("--top-mass", type=_mass, default=d.top_mass,
-                   help="mass of k_eff_top90 (default 0.9); 'none' skips that metric, a faster capture")
-    p.add_argument("--n-boot", type=int, default=d.n_boot)
-    p.add_argument("--fdr-alpha", type=float, default=d.fdr_alpha)
-    p.add_argument("--consistency-threshold", type=float, default=d.consistency_threshold)
-    p.add_argument("--top-heads", type=int, default=d.top_heads)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = vars(parser().parse_args(argv))
-    progress = not args.pop("no_progress")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = ObservationalConfig(**args)
+def command(cfg: ObservationalConfig, *, progress: bool = True) -> int:
+    """`spectra-lens observe`: run `cfg`, print a summary; SpectraError for bad input."""
     t0 = time.time()
-    try:
-        result = run(cfg, progress=progress)
-    except SpectraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run(cfg, progress=progress)
     s = result.head_summary
     print(f"{len(s)} heads; significant (BH q<{cfg.fdr_alpha} on the sequence-clustered test): "
           f"{len(result.significant_heads)}; consistent across shards: {len(result.consistent_heads)}; "
@@ -331,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
           f"median partial r (| log position) = {s['partial_r_entropy'].median():+.3f}")
     print(f"wrote {result.out} in {time.time() - t0:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m experiments.observational`: the same as `spectra-lens observe`."""
+    from spectra_lens.cli import main as cli_main
+
+    return cli_main(["observe", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ Outputs (in --out): `qk_comparison_results.csv` (one row per scaling × α × gr
 scaling and their ratio), figures under `figures/` and `manifest.json`.
 """
 
-import argparse
 import dataclasses
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -49,7 +49,7 @@ from spectra_lens.sweep import ExactSweep, intervention_effects
 
 from . import _common as C
 
-__all__ = ["QKResult", "compare", "compute", "main", "parser", "run", "sensitivity"]
+__all__ = ["QKResult", "compare", "compute", "command", "main", "run", "sensitivity"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "qk_control"
@@ -247,18 +247,13 @@ def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None =
     return dataclasses.replace(result, out=rd.path)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spectra-lens qk-control", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_arguments(p, QKConfig(), heads=("target_layer", "target_head"))
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (2 for a user error)."""
-    result, seconds = C.run_cli(argv, parser(), QKConfig, run)
-    if result is None:
-        return 2
+def command(cfg: QKConfig, *, progress: bool = True) -> int:
+    """`spectra-lens qk-control`: run `cfg`, print a summary; SpectraError for bad input."""
+    t0 = time.perf_counter()
+    result = run(cfg, progress=progress)
+    seconds = time.perf_counter() - t0
     l, h = result.target
     s = result.sensitivity
     t = s[s["is_target"]].iloc[0]
@@ -273,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
           f"max KL: Q {t['max_kl_q']:.4f}, K {t['max_kl_k']:.4f}")
     print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m experiments.qk_control`: the same as `spectra-lens qk-control`."""
+    from spectra_lens.cli import main as cli_main
+
+    return cli_main(["qk-control", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

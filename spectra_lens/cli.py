@@ -1,41 +1,259 @@
-"""The `spectra-lens` command: one subcommand per experiment, each the experiment's own CLI."""
+"""The `spectra-lens` command, generated from the config dataclasses of `spectra_lens.config`.
 
+Each subcommand has one flag per field of its config class (`--seq-len` for `seq_len`), with
+the help text of `config.FLAG_HELP` (one text per field name, so a flag means the same thing in
+every subcommand) and the field's default. `-v`/`--log-level`, `--no-progress` and `--version`
+are the same everywhere. Building the parser imports neither torch nor the experiments: a
+subcommand's module is imported only to run it, so `--help` answers at once.
+
+A subcommand's module provides `command(config, *, progress: bool) -> int`: it runs, prints a
+short summary and returns the exit status; `SpectraError` becomes `error: ...` and status 2.
+"""
+
+import argparse
+import dataclasses
 import importlib
+import logging
 import sys
+import time
+import types
+import typing
+from dataclasses import dataclass
 
-__all__ = ["main"]
+from spectra_lens import config as C
 
-# subcommand -> (module with main(argv), one-line help)
-COMMANDS = {
-    "observe": ("spectra_lens.experiments.observational", "EXP0: query norm vs attention entropy over a corpus"),
-    "intervene": ("spectra_lens.experiments.intervention", "EXP1: scale a head's queries on the real forward pass"),
-    "gain": ("spectra_lens.experiments.gain", "EXP2: entropy sensitivity to query scale, every head"),
-    "qk-control": ("spectra_lens.experiments.qk_control", "EXP3: scale keys instead of queries"),
-    "prepare": ("spectra_lens.experiments.prepare", "tokenize a corpus into shards with a manifest"),
-    "report": ("spectra_lens.report", "one HTML page from a results directory"),
-    "generate": ("spectra_lens.generate", "continue a prompt with and without head scalings, side by side"),
-    "head-types": ("spectra_lens.experiments.head_types", "label every head: sink, previous-token, induction, ..."),
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its config class (in `spectra_lens.config`) and the module that runs it."""
+
+    config: str
+    module: str
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "observe": Command("ObservationalConfig", "spectra_lens.experiments.observational",
+                       "EXP0: query norm vs attention entropy over a corpus"),
+    "intervene": Command("InterventionConfig", "spectra_lens.experiments.intervention",
+                         "EXP1: scale a head's queries on the real forward pass"),
+    "gain": Command("GainConfig", "spectra_lens.experiments.gain",
+                    "EXP2: entropy sensitivity to query scale, every head"),
+    "qk-control": Command("QKConfig", "spectra_lens.experiments.qk_control",
+                          "EXP3: scale keys instead of queries"),
+    "prepare": Command("PrepareConfig", "spectra_lens.experiments.prepare",
+                       "tokenize a corpus into shards with a manifest"),
+    "report": Command("ReportConfig", "spectra_lens.report", "one HTML page from a results directory"),
+    "generate": Command("GenerateConfig", "spectra_lens.generate",
+                        "continue a prompt with and without head scalings, side by side"),
+    "head-types": Command("HeadTypesConfig", "spectra_lens.experiments.head_types",
+                          "label every head: sink, previous-token, induction, ..."),
 }
 
+PROG = "spectra-lens"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-def _usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "usage: spectra-lens COMMAND [options]   (spectra-lens COMMAND --help)\n\n" + "\n".join(lines)
+
+def _version() -> str:
+    from spectra_lens import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- flag generation
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+def _unwrap(hint) -> tuple[object, bool]:
+    """(type without None, whether None is allowed) of an annotation like `int | None`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported annotation {hint!r}")
+        return args[0], True
+    return hint, False
+
+
+def _number(kind: type, *, allow_none: bool):
+    """argparse type: a `kind` value, or None for 'none' when allowed."""
+
+    def parse(text: str):
+        if allow_none and text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(
+                f"expected {what}{' or none' if allow_none else ''}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _number_list(kind: type):
+    """argparse type of one token of a list flag: numbers separated by commas or spaces."""
+
+    def parse(text: str) -> list:
+        out = []
+        for part in text.replace(",", " ").split():
+            try:
+                out.append(kind(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected numbers, got {part!r}") from None
+        return out
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def _show(name: str, value) -> str:
+    """A default as the help text shows it."""
+    if value is None:
+        return C.NONE_MEANS.get(name, "none")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        if not value:
+            return C.NONE_MEANS.get(name, "none")
+        if len(value) > 4:
+            return f"{len(value)} values from {min(value):g} to {max(value):g}" + C.TUPLE_NOTE.get(name, "")
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, hint, default) -> None:
+    name = f.name
+    text = f.metadata.get("help") or C.FLAG_HELP.get(name)
+    if not text:
+        raise TypeError(f"config field {name!r} has no help text: add it to config.FLAG_HELP")
+    kind, optional = _unwrap(hint)
+    kw: dict = {"dest": name}
+    if f.metadata.get("positional"):
+        p.add_argument(name, help=_escape(text), metavar=f.metadata.get("metavar", name.upper()))
+        return
+    flag = "--" + name.replace("_", "-")
+    if kind is bool:
+        kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is str:
+        kw["action"] = "append"  # repeatable: --scale A --scale B
+    elif typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        kw.update(nargs="+", type=_number_list(item), metavar=name[0].upper())
+    elif kind in (int, float):
+        kw.update(type=_number(kind, allow_none=optional), metavar="N" if kind is int else "X")
+    elif kind is not str:
+        raise TypeError(f"config field {name!r}: unsupported type {hint!r}")
+    if name in C.CHOICES:
+        kw["choices"] = C.CHOICES[name]
+    if "metavar" in f.metadata:
+        kw["metavar"] = f.metadata["metavar"]
+    kw["default"] = list(default) if kw.get("action") == "append" else default
+    kw["help"] = _escape(f"{text} (default: {_show(name, default)})")
+    p.add_argument(flag, **kw)
+
+
+def _common_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="show the library's progress messages: -v INFO, -vv DEBUG (default: off)")
+    g.add_argument("--log-level", choices=LOG_LEVELS, default=None, type=str.upper,
+                   help="log level of spectra_lens' messages; overrides -v (default: WARNING)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (default: off, bars are shown)")
+    g.add_argument("--version", action="version", version=f"{PROG} {_version()}",
+                   help="print the version and exit")
+
+
+def config_class(name: str) -> type:
+    return getattr(C, COMMANDS[name].config)
+
+
+def add_command(sub, name: str) -> argparse.ArgumentParser:
+    cmd, cls = COMMANDS[name], config_class(name)
+    doc = (cls.__doc__ or cmd.help).strip()
+    p = sub.add_parser(name, help=cmd.help, description=doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        _add_field(p, f, hints[f.name], defaults[f.name])
+    _common_options(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: one subparser per entry of COMMANDS."""
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Measure and causally test how query norm controls attention "
+                               "entropy in every head of a transformer.",
+        epilog=f"'{PROG} COMMAND --help' lists the flags of a command.")
+    p.add_argument("--version", action="version", version=f"{PROG} {_version()}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        add_command(sub, name)
+    return p
+
+
+# --------------------------------------------------------------------------- running
+
+
+def configure_logging(verbose: int = 0, level: str | None = None) -> int:
+    """Messages of spectra_lens at `level` (else WARNING, INFO with -v, DEBUG with -vv);
+    other libraries stay at WARNING unless DEBUG is asked for."""
+    if level is None:
+        level = LOG_LEVELS[max(0, 2 - verbose)]
+    value = getattr(logging, level)
+    logging.basicConfig(level=logging.DEBUG if value == logging.DEBUG else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("spectra_lens").setLevel(value)
+    return value
+
+
+def parse(argv: list[str]) -> tuple[str, object, argparse.Namespace]:
+    """(command, config, the common options) from `argv`; argparse exits on a usage error."""
+    args = build_parser().parse_args(argv)
+    values = vars(args).copy()
+    name = values.pop("command")
+    for key in ("verbose", "log_level", "no_progress"):
+        values.pop(key)
+    cls = config_class(name)
+    for f in dataclasses.fields(cls):  # list flags: tokens may each hold several numbers
+        if isinstance(values.get(f.name), list):
+            values[f.name] = tuple(x for token in values[f.name] for x in
+                                   (token if isinstance(token, list) else [token]))
+    return name, cls(**values), args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for a usage or input error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"error: unknown command {name!r}; expected one of {', '.join(COMMANDS)}\n", file=sys.stderr)
-        print(_usage(), file=sys.stderr)
+    try:
+        name, cfg, args = parse(argv)
+    except SystemExit as e:  # --help, --version, or a usage error argparse has printed
+        return e.code if isinstance(e.code, int) else 2
+    configure_logging(args.verbose, args.log_level)
+    from spectra_lens.errors import SpectraError
+
+    t0 = time.perf_counter()
+    try:
+        module = importlib.import_module(COMMANDS[name].module)
+        status = module.command(cfg, progress=not args.no_progress)
+    except SpectraError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest) or 0
+    logging.getLogger("spectra_lens.cli").info("%s finished in %.1f s", name, time.perf_counter() - t0)
+    return int(status or 0)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""Frozen, keyword-only settings of each experiment; one CLI flag per field.
+"""Frozen, keyword-only settings of each command; the command line (`spectra_lens.cli`) is
+generated from them: one flag per field, its help text from `FLAG_HELP`, its default the field's.
 
-Validation happens when a run starts (`validate()`), not in `__init__`.
+Validation happens when a run starts (`validate()`), not in `__init__`. This module imports
+neither torch nor the experiments, so building the command line is instant.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.validate import check_int, check_min_position
 
 __all__ = ["ObservationalConfig"]
 
@@ -40,6 +41,8 @@ class ObservationalConfig:
                 raise SpectraError(f"{name} must be a positive integer, got {v!r}")
         if self.seq_len < 2:
             raise SpectraError(f"seq_len must be >= 2, got {self.seq_len}")
+        from spectra_lens.validate import check_min_position  # imports torch: not at module load
+
         check_min_position(self.min_position, self.seq_len)
         if self.top_mass is not None and not 0 < self.top_mass <= 1:
             raise SpectraError(f"top_mass must be in (0, 1] or None, got {self.top_mass!r}")
@@ -68,6 +71,8 @@ def _check_causal(cfg) -> None:
             raise SpectraError(f"{name} must be a positive integer, got {v!r}")
     if cfg.seq_len < 2:
         raise SpectraError(f"seq_len must be >= 2, got {cfg.seq_len}")
+    from spectra_lens.validate import check_min_position  # imports torch: not at module load
+
     check_min_position(cfg.min_position, cfg.seq_len)
     if not isinstance(cfg.n_select, int) or isinstance(cfg.n_select, bool) or cfg.n_select < 0:
         raise SpectraError(f"n_select must be an integer >= 0, got {cfg.n_select!r}")
@@ -202,6 +207,8 @@ class HeadTypesConfig:
     overwrite: bool = False  # replace a finished run in `out` instead of refusing
 
     def validate(self) -> None:
+        from spectra_lens.validate import check_int  # imports torch: not at module load
+
         for name in ("n_sequences", "batch_size"):
             check_int(name, getattr(self, name))
         check_int("seq_len", self.seq_len, minimum=8)
@@ -210,3 +217,125 @@ class HeadTypesConfig:
         check_int("window", self.window)
         if self.window >= self.seq_len:
             raise SpectraError(f"window must be < seq_len ({self.seq_len}), got {self.window}")
+
+
+# --------------------------------------------------------------------------- command-line text
+# The command line (spectra_lens.cli) has one flag per config field. Its help text is looked up
+# here by field name, so a flag means the same thing in every subcommand; a field may override
+# it with `field(metadata={"help": ...})` where its meaning is specific to one command.
+
+FLAG_HELP: dict[str, str] = {
+    "model": "Hugging Face model id (local cache, or the hub when online) or local model directory",
+    "corpus": "corpus: 'default', a text file or glob, FILE.jsonl[:FIELD], hf:NAME[:SPLIT[:FIELD]], "
+              "or a prepared shard directory",
+    "out": "output directory of the run: manifest, tables, figures",
+    "seq_len": "tokens per sequence, BOS included where the model uses one",
+    "n_sequences": "sequences of seq_len tokens taken from the corpus",
+    "shard_size": "sequences per shard file: the unit of resuming, consistency and replication",
+    "batch_size": "sequences per forward pass",
+    "max_rows": "rows (sequence copies, one per alpha) per forward pass of the exact path; "
+                "bounds memory",
+    "min_position": "query positions before this one (the sink/BOS token) are left out",
+    "top_mass": "attention mass of the k_eff_top90 metric; 'none' skips it (a faster capture)",
+    "n_boot": "cluster-bootstrap resamples of whole sequences",
+    "fdr_alpha": "Benjamini-Hochberg false discovery rate across all heads",
+    "consistency_threshold": "share of shards that must agree for a head to count as consistent",
+    "top_heads": "strongest heads shown in the query-norm vs entropy scatter",
+    "target_layer": "layer of the studied head",
+    "target_head": "the studied head in the target layer",
+    "control_layer": "layer of the control head",
+    "control_head": "the control head in the control layer",
+    "alphas": "query scales alpha, separated by spaces or commas; 1 is the unscaled model",
+    "n_select": "held-out sequences, before the measured ones, that choose the default heads",
+    "ci": "level of the t-interval over sequences",
+    "seed": "random seed (bootstrap, replication split); recorded in the manifest",
+    "dtype": "dtype of the model weights; metrics are always computed in float32",
+    "device": "torch device, e.g. cpu or cuda:0",
+    "overwrite": "replace a finished run (or a different shard set) in --out instead of refusing",
+    "prepend_bos": "start each sequence with the tokenizer's BOS token",
+    "min_tokens": "skip documents shorter than this many tokens",
+    "file_format": "shard file format",
+    "results_dir": "directory holding run directories (or one run directory); symlinks are followed",
+    "plotlyjs": "load plotly.js from this path or URL instead of inlining it",
+    "n_repeated": "random-token sequences shown twice (induction and positional scores)",
+    "half_len": "random tokens per copy of a repeated sequence",
+    "window": "keys i - window + 1 ... i count as local to query i",
+    "agreement": "agreement.csv to join on (layer, head)",
+    "gain": "gain_summary.csv to join on (layer, head)",
+}
+
+# What a default of None means, by field name.
+NONE_MEANS: dict[str, str] = {
+    "model": "the embedded SmolLM2-135M-Instruct, a Q4_1 GGUF dequantized to float32",
+    "corpus": "CPython's reference documentation",
+    "device": "CUDA when present, else CPU",
+    "target_layer": "the middle layer, n_layers // 2",
+    "target_head": "the head of the target layer with the most negative analytic gain -Var_p(s) "
+                   "on the held-out selection sequences",
+    "control_layer": "the target layer",
+    "control_head": "the other head of the control layer whose analytic gain is nearest 0",
+    "top_mass": "none",
+    "n_sequences": "every full sequence of the corpus",
+    "prepend_bos": "when the tokenizer has a BOS token",
+    "min_tokens": "keep every document",
+    "agreement": "no join",
+    "gain": "no join",
+    "out": "RESULTS_DIR/report.html",
+    "plotlyjs": "inline, a page that works offline on its own",
+}
+
+TUPLE_NOTE: dict[str, str] = {"alphas": ", log-spaced, including 1"}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("float32", "bfloat16", "float16"),
+    "file_format": ("safetensors", "npy"),
+}
+
+
+# --------------------------------------------------------------------------- prepare and report
+
+__all__ += ["CHOICES", "FLAG_HELP", "NONE_MEANS", "PrepareConfig", "ReportConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareConfig:
+    """Tokenize a corpus once into fixed-length sequence shards with a manifest; every
+    experiment's --corpus accepts the shard directory. The tokenizer is the model's, read
+    without its weights."""
+
+    model: str | None = None  # whose tokenizer; None = the embedded default model's
+    corpus: str | None = None  # corpus spec (corpus_from_spec); None = pydoc topics
+    out: str = field(default="results/shards", metadata={"help": "shard directory to write"})
+    seq_len: int = 128  # tokens per sequence, as the experiments' default
+    n_sequences: int | None = None  # None = every full sequence of the corpus
+    shard_size: int = 32  # sequences per shard, as the observational run's default
+    prepend_bos: bool | None = None  # None = when the tokenizer has a BOS token
+    min_tokens: int | None = None  # None = keep every document
+    file_format: str = "safetensors"  # or "npy"
+    overwrite: bool = False  # replace a different shard set already in `out`
+
+    def validate(self) -> None:
+        for name in ("seq_len", "shard_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SpectraError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("n_sequences", "min_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise SpectraError(f"{name} must be None or a positive integer, got {v!r}")
+        if self.file_format not in CHOICES["file_format"]:
+            raise SpectraError(f"file_format must be one of {CHOICES['file_format']}, got {self.file_format!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """One self-contained HTML page of every run directory found under a results directory
+    (tables, figures, manifests); symlinked run directories are followed."""
+
+    results_dir: str = field(metadata={"positional": True})
+    out: str | None = field(default=None, metadata={"help": "HTML file to write"})
+    plotlyjs: str | None = None  # load plotly.js from here instead of inlining it
+
+    def validate(self) -> None:
+        if not self.results_dir:
+            raise SpectraError("results_dir must name a directory, got an empty string")

@@ -16,7 +16,6 @@ The page needs no network: plotly.js is embedded once, inline (or referenced wit
 "error"}}`, so a headless browser (and the tests) can check that every figure drew its data.
 """
 
-import argparse
 import base64
 import html
 import importlib
@@ -40,7 +39,7 @@ from spectra_lens.errors import SpectraError
 from spectra_lens.experiments._common import Table
 from spectra_lens.runs import MANIFEST, atomic_write
 
-__all__ = ["EXPERIMENTS", "Run", "build_report", "find_runs", "main", "parser", "write_report"]
+__all__ = ["EXPERIMENTS", "Run", "build_report", "command", "find_runs", "main", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -474,30 +473,22 @@ def _runs_summary(runs: list[Run]) -> Iterator[str]:
         yield f"{_outputs(r.experiment).label} {r.experiment} ({r.status})"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spectra-lens report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results_dir", help="directory holding run directories (or one run directory)")
-    p.add_argument("--out", default=None, help=f"output HTML file (default: RESULTS_DIR/{REPORT_NAME})")
-    p.add_argument("--plotlyjs", default=None, metavar="PATH_OR_URL",
-                   help="load plotly.js from this path or URL instead of inlining it (default: inline, "
-                        "a page that works offline on its own)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        runs = find_runs(args.results_dir)
-        path = write_report(args.results_dir, args.out, plotlyjs=args.plotlyjs)
-    except SpectraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def command(cfg, *, progress: bool = True) -> int:
+    """`spectra-lens report` (a `config.ReportConfig`): write the page, print what it holds."""
+    cfg.validate()
+    runs = find_runs(cfg.results_dir)
+    path = write_report(cfg.results_dir, cfg.out, plotlyjs=cfg.plotlyjs)
     missing = [k for k in EXPERIMENTS if k not in {r.experiment for r in runs}]
     print(f"wrote {path}: {', '.join(_runs_summary(runs))}"
           + (f"; not in this directory: {', '.join(missing)}" if missing else ""))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m spectra_lens.report`: the same as `spectra-lens report`."""
+    from spectra_lens.cli import main as cli_main
+
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -46,7 +46,13 @@ from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import QueryScale, SweepCapture, attention_mask_for, repeat_for_alphas
 from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.stats import t_interval
-from spectra_lens.validate import check_alphas, check_context, check_int, check_min_position, check_tokens
+from spectra_lens.validate import (
+    check_alphas,
+    check_context,
+    check_int,
+    check_min_position,
+    check_tokens,
+)
 
 __all__ = [
     "ExactSweep",
