@@ -93,14 +93,21 @@ def find_runs(results_dir: str | os.PathLike) -> list[Run]:
 
     A run directory holds a `manifest.json` whose "experiment" is a key of `EXPERIMENTS`; its
     subdirectories are not searched further (their manifests, e.g. of token shards, are not
-    runs). Unreadable manifests are logged and skipped.
+    runs). Symlinked directories are followed (each real directory once). Unreadable manifests
+    are logged and skipped.
     """
     root = Path(results_dir)
     if not root.is_dir():
         raise SpectraError(f"results directory {str(root)!r} does not exist or is not a directory")
     runs = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()  # real paths already walked: a symlink loop is entered once
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
+        real = os.path.realpath(here)
+        if real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
         depth = len(here.relative_to(root).parts)
         if MANIFEST in filenames:
             manifest = _read_manifest(here / MANIFEST)

@@ -130,3 +130,19 @@ def test_every_config_field_has_help_text():
     for name in COMMANDS:
         for f in dataclasses.fields(cli.config_class(name)):
             assert f.metadata.get("help") or config.FLAG_HELP.get(f.name), (name, f.name)
+
+
+def test_report_follows_symlinked_run_directories(tmp_path, capsys):
+    from spectra_lens.report import find_runs
+
+    elsewhere = tmp_path / "scratch" / "gain-run"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "manifest.json").write_text('{"experiment": "gain", "status": "running"}')
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "gain").symlink_to(elsewhere, target_is_directory=True)
+    (results / "loop").symlink_to(results, target_is_directory=True)  # walked once, no hang
+    runs = find_runs(results)
+    assert [(r.experiment, r.path) for r in runs] == [("gain", results / "gain")]
+    assert cli.main(["report", str(results), "--out", str(tmp_path / "page.html")]) == 0
+    assert "gain (running)" in capsys.readouterr().out and (tmp_path / "page.html").exists()
