@@ -66,6 +66,11 @@ class Corpus:
     def __iter__(self) -> Iterator[str]:
         return self.reader()
 
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<b>Corpus</b> {html.escape(self.description)} (documents are read when iterated)"
+
 
 def default_corpus() -> Corpus:
     """CPython's reference documentation text, `pydoc_data.topics`, one document per topic.

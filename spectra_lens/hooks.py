@@ -99,6 +99,42 @@ def attention_mask_for(
     return None if bool(m.all()) else m
 
 
+@no_type_check  # validates its input itself (SpectraError)
+def tokens_and_mask(model, tokens, *, attention_mask=None, pad_id: int | None = None
+                    ) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"] | None]:
+    """(token ids, mask of real tokens or None) from what TransformerLens accepts: token ids
+    [batch, pos] (with `attention_mask` or `pad_id` for padding, see `attention_mask_for`), a
+    string, or a list of strings. Text is tokenized by the model (`model.to_tokens`, BOS as the
+    model prepends it); texts of different token lengths are padded and masked."""
+    is_text = isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and len(tokens) > 0
+                                          and all(isinstance(t, str) for t in tokens))
+    if is_text:
+        if attention_mask is not None or pad_id is not None:
+            raise SpectraError("attention_mask / pad_id apply to token tensors; texts get their own")
+        if getattr(model, "tokenizer", None) is None:
+            raise SpectraError("text was given but the model has no tokenizer; pass token ids [batch, pos]")
+        texts = [tokens] if isinstance(tokens, str) else list(tokens)
+        tokens = check_tokens(model.to_tokens(texts))
+        check_context(model, tokens.shape[1])
+        return tokens, _text_mask(model, texts, tokens)
+    tokens = check_tokens(tokens)
+    check_context(model, tokens.shape[1])
+    return tokens, attention_mask_for(tokens, attention_mask=attention_mask, pad_id=pad_id)
+
+
+def _text_mask(model, texts: list[str], tokens: Tensor) -> Tensor | None:
+    """The real tokens of `model.to_tokens(texts)`: each text's own length, padding on the side
+    the tokenizer pads (None when no text was padded)."""
+    lengths = [model.to_tokens(t).shape[1] for t in texts]
+    n = tokens.shape[1]
+    if all(k == n for k in lengths):
+        return None
+    pos = torch.arange(n)
+    left = getattr(model.tokenizer, "padding_side", "right") == "left"
+    rows = [(pos >= n - k) if left else (pos < k) for k in lengths]
+    return torch.stack(rows).to(tokens.device)
+
+
 def _check_shape(x: Tensor, hook: str, expected: tuple[int | None, ...], axes: str) -> None:
     ok = x.ndim == len(expected) and all(e is None or e == g for e, g in zip(expected, x.shape))
     if not ok:
@@ -308,10 +344,14 @@ class TokenMetrics:
                 f"metrics={list(METRIC_NAMES)}, patterns=[{pats}])")
 
     def _repr_html_(self) -> str:
-        means = {n: float(getattr(self, n).nanmean()) for n in METRIC_NAMES}
-        rows = "".join(f"<tr><td>{n}</td><td>{v:.4g}</td></tr>" for n, v in means.items())
-        return (f"<b>TokenMetrics</b> {tuple(self.entropy.shape)} (batch, layer, head, pos)"
-                f"<table><tr><th>metric</th><th>mean</th></tr>{rows}</table>")
+        from spectra_lens.display import html_card
+
+        means = pd.DataFrame({"metric": list(METRIC_NAMES),
+                              "mean": [float(getattr(self, n).nanmean()) for n in METRIC_NAMES]})
+        pats = ", ".join(f"L{l}H{h}" for l, h in self.patterns) or "none"
+        return html_card("TokenMetrics", {"batch × layer × head × pos": tuple(self.entropy.shape),
+                                          "layers": self.layers, "patterns": pats},
+                         {"means over every token and head": means}, max_rows=len(METRIC_NAMES))
 
 
 class MetricCapture:
@@ -505,7 +545,7 @@ def attached(model, *items, layout: AttentionLayout | None = None) -> Iterator[A
 @no_type_check  # validates `tokens` itself (SpectraError), see repeat_for_alphas
 def capture_metrics(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | str | list[str],
     *,
     layers: Iterable[int] | None = None,
     patterns_for: Iterable[tuple[int, int]] = (),
@@ -518,10 +558,10 @@ def capture_metrics(
 
     Padded batches: pass `attention_mask` (1 = real token) or `pad_id` (padding at either end of
     a row); padding positions get NaN metrics and no attention (see `attention_mask_for`).
+    `tokens` may also be a string or a list of strings, tokenized by the model as TransformerLens
+    does (`tokens_and_mask`).
     """
-    tokens = check_tokens(tokens)
-    check_context(model, tokens.shape[1])
-    mask = attention_mask_for(tokens, attention_mask=attention_mask, pad_id=pad_id)
+    tokens, mask = tokens_and_mask(model, tokens, attention_mask=attention_mask, pad_id=pad_id)
     layout = attention_layout(model)
     cap = MetricCapture(layout, layers=layers, patterns_for=patterns_for, top_mass=top_mass)
     cap.set_attention_mask(mask)

@@ -85,6 +85,24 @@ class AttentionLayout:
     def k_hook(self, layer: int) -> str:
         return hook_name(layer, self.k_kind)
 
+    def _repr_html_(self) -> str:
+        import pandas as pd
+
+        from spectra_lens.display import html_card
+
+        odd = [(l, self.q_reason[l] or "", self.k_reason[l] or "") for l in range(self.n_layers)
+               if not (self.q_bilinear[l] and self.k_bilinear[l])]
+        tables = {"layers not bilinear in q or k": pd.DataFrame(odd, columns=["layer", "q", "k"])} if odd else {}
+        return html_card("AttentionLayout", {
+            "layers × heads": f"{self.n_layers} × {self.n_heads}",
+            "kv heads": f"{self.n_kv_heads} ({self.group_size} query heads each)",
+            "d_head": self.d_head,
+            "effective q / k hook": f"hook_{self.q_kind} / hook_{self.k_kind}",
+            "bilinear in q (fast path)": f"{sum(self.q_bilinear)} of {self.n_layers} layers",
+            "hook_attn_scores faithful": self.scores_faithful,
+            "hook_pattern editable": self.pattern_editable,
+        }, tables)
+
     def fast_path_ok(self, layer: int) -> bool:
         """softmax(α·s) of the unscaled logits is the pattern under query scale α in `layer`."""
         return self.q_bilinear[layer]

@@ -149,6 +149,16 @@ class ShardManifest:
         i = bisect.bisect_right([s.offset for s in self.shards], sequence_id) - 1
         return i, sequence_id - self.shards[i].offset
 
+    def _repr_html_(self) -> str:
+        from spectra_lens.display import html_card
+
+        settings = {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool))}
+        return html_card("ShardManifest", {
+            "directory": self.directory, "corpus": self.corpus, "tokenizer": self.tokenizer,
+            "sequences × tokens": f"{self.n_sequences} × {self.seq_len}",
+            "shards": f"{len(self.shards)} ({self.dtype})", **settings,
+        })
+
     def to_json(self) -> dict[str, Any]:
         """The manifest as written to `manifest.json`."""
         return {

@@ -42,13 +42,18 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from spectra_lens import metrics as M
+from spectra_lens.display import html_card, progress_bar
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import QueryScale, SweepCapture, attention_mask_for, repeat_for_alphas
+from spectra_lens.hooks import (
+    QueryScale,
+    SweepCapture,
+    repeat_for_alphas,
+    tokens_and_mask,
+)
 from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.stats import t_interval
 from spectra_lens.validate import (
     check_alphas,
-    check_context,
     check_int,
     check_min_position,
     check_tokens,
@@ -128,6 +133,11 @@ class HeadMetrics:
     def __repr__(self) -> str:
         return f"HeadMetrics(shape={tuple(self.entropy.shape)}, layers={list(self.layers)}, metrics={list(M.SWEEP_METRICS)})"
 
+    def _repr_html_(self) -> str:
+        means = {f"mean {n}": float(getattr(self, n).double().nanmean()) for n in M.SWEEP_METRICS}
+        return html_card("HeadMetrics", {"shape (…, batch, layer, head)": tuple(self.entropy.shape),
+                                         "layers": self.layers, **means})
+
 
 def _stack_metrics(layers: tuple[int, ...], per_layer: dict[int, dict[str, Tensor]], dim: int) -> HeadMetrics:
     return HeadMetrics(
@@ -183,6 +193,19 @@ class HeadSweep:
         return (f"HeadSweep(alpha×batch×layer×head={tuple(self.metrics.entropy.shape)}, "
                 f"alphas={self.alphas[0]:g}..{self.alphas[-1]:g}, layers fast/exact="
                 f"{n_fast}/{len(self.method) - n_fast})")
+
+    def _repr_html_(self) -> str:
+        s = self.summary()
+        at = s[np.isclose(s["scale"], self.alphas[-1])].nsmallest(5, "mean_entropy")
+        return html_card(
+            "HeadSweep: each head's own α-curve",
+            {"alpha × batch × layer × head": tuple(self.metrics.entropy.shape),
+             "alphas": self.alphas, "min_position": self.min_position,
+             "layers (fast / exact)": f"{self.method.count('fast')} / {self.method.count('exact')}",
+             "mean analytic gain −Var_p(s)": float(self.local_gain.double().mean())},
+            {f"sharpest heads at α = {self.alphas[-1]:g}":
+             at[["layer", "head", "scale", "mean_entropy", "mean_max_attn", "method"]]},
+        )
 
 
 @dataclass(frozen=True, repr=False)
@@ -270,27 +293,20 @@ class ExactSweep:
                 f"layers={self.scaled.layers[0]}..{self.scaled.layers[-1]}, "
                 f"patterns=[{', '.join(f'L{l}H{h}' for l, h in self.patterns)}])")
 
-
-# --------------------------------------------------------------------------- progress
-
-
-class _Bar:
-    """A tqdm bar when enabled, else nothing."""
-
-    def __init__(self, total: int, enabled: bool, desc: str):
-        self._bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, leave=False)
-
-    def step(self) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+    def _repr_html_(self) -> str:
+        effects = pd.DataFrame({
+            "scale": self.alphas,
+            "delta_loss": self.delta_loss.double().mean(1).numpy(),
+            "kl_from_unscaled": self.kl.double().mean(1).numpy(),
+        })
+        return html_card(
+            f"ExactSweep: {self.intervention}",
+            {"alpha × batch": tuple(self.loss.shape), "measured layers": self.scaled.layers,
+             "min_position": self.min_position,
+             "unscaled loss (nats)": float(self.base_loss.double().mean()),
+             "patterns": ", ".join(f"L{l}H{h}" for l, h in self.patterns) or "none"},
+            {"output effects per α (means over sequences)": effects}, max_rows=len(self.alphas),
+        )
 
 
 def _batches(tokens: Tensor, batch_size: int | None, mask: Tensor | None = None
@@ -311,7 +327,7 @@ def _fast_and_gain(model, layout, tokens, alphas, *, sweep_layers, gain_layers, 
     metrics: dict[int, dict[str, list[Tensor]]] = {l: {n: [] for n in M.SWEEP_METRICS} for l in sweep_layers}
     gain: dict[int, list[Tensor]] = {l: [] for l in gain_layers}
     batches = _batches(tokens, batch_size, mask)
-    bar = _Bar(len(batches), progress, "fast sweep")
+    bar = progress_bar(total=len(batches), desc="α-curves (fast path)", unit="batch", enabled=progress)
     for batch, batch_mask in batches:
         cap = SweepCapture(layout, layers=sweep_layers, alphas=alphas, gain_layers=gain_layers,
                             min_position=min_position, chunk_elements=chunk_elements,
@@ -322,7 +338,7 @@ def _fast_and_gain(model, layout, tokens, alphas, *, sweep_layers, gain_layers, 
                 metrics[l][n].append(cap.metrics[l][n])
         for l in gain_layers:
             gain[l].append(cap.gain[l])
-        bar.step()
+        bar.update(1)
     bar.close()
     return (
         {l: {n: torch.cat(v, dim=1) for n, v in d.items()} for l, d in metrics.items()},
@@ -396,7 +412,8 @@ def _exact_layers(model, layout, tokens, alphas, *, layers, min_position, max_ro
     seq_block, chunk = _plan(tokens.shape[0], n_alpha, max_rows)
     starts = range(0, tokens.shape[0], seq_block)
     alpha_chunks = [alphas[i : i + chunk] for i in range(0, n_alpha, chunk)]
-    bar = _Bar(len(layers) * len(starts) * len(alpha_chunks), progress, "exact sweep")
+    bar = progress_bar(total=len(layers) * len(starts) * len(alpha_chunks), unit="pass",
+                       desc="α-curves (exact)", enabled=progress)
     out: dict[int, dict[str, Tensor]] = {}
     for l in layers:
         per_block = []
@@ -410,7 +427,7 @@ def _exact_layers(model, layout, tokens, alphas, *, layers, min_position, max_ro
                                    attention_mask=None if mask is None else block_mask.repeat(len(a), 1))
                 cap.run(model, rows, interventions=[QueryScale(l, h, row_alpha) for h in range(n_heads)])
                 per_chunk.append({n: v.view(len(a), block.shape[0], n_heads) for n, v in cap.metrics[l].items()})
-                bar.step()
+                bar.update(1)
             per_block.append({n: torch.cat([c[n] for c in per_chunk], dim=0) for n in M.SWEEP_METRICS})
         out[l] = {n: torch.cat([b[n] for b in per_block], dim=1) for n in M.SWEEP_METRICS}
     bar.close()
@@ -480,15 +497,7 @@ def head_curves(
     `hooks.attention_mask_for`); padding is left out of every mean. Texts are tokenized with the
     model's padding and their mask.
     """
-    if isinstance(tokens, (str, list)) and (isinstance(tokens, str) or (tokens and isinstance(tokens[0], str))):
-        if attention_mask is not None or pad_id is not None:
-            raise SpectraError("attention_mask / pad_id apply to token tensors; texts get their own")
-        texts = [tokens] if isinstance(tokens, str) else tokens
-        tokens = model.to_tokens(texts)
-        attention_mask = _text_mask(model, texts, tokens)
-    tokens = check_tokens(tokens)
-    check_context(model, tokens.shape[1])
-    mask = attention_mask_for(tokens, attention_mask=attention_mask, pad_id=pad_id)
+    tokens, mask = tokens_and_mask(model, tokens, attention_mask=attention_mask, pad_id=pad_id)
     if method == "auto":
         return _auto_curves(model, tokens, alphas, layers=layers, min_position=min_position,
                             batch_size=batch_size, max_rows=max_rows,
@@ -551,7 +560,7 @@ def _auto_curves(
 
 def analytic_gain(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | str | list[str],
     *,
     layers: Iterable[int] | None = None,
     min_position: int = 1,
@@ -564,14 +573,13 @@ def analytic_gain(
 
     One unscaled forward pass (stopped after the last layer asked for). It is the local gain
     under query scaling only where the layer is bilinear in q (`layout.q_bilinear`); elsewhere it
-    is the gain under a temperature on the final logits (`hooks.LogitScale`).
+    is the gain under a temperature on the final logits (`hooks.LogitScale`). `tokens`: ids or
+    text (`hooks.tokens_and_mask`).
     """
-    tokens = check_tokens(tokens)
+    tokens, mask = tokens_and_mask(model, tokens, attention_mask=attention_mask, pad_id=pad_id)
     layout = attention_layout(model)
     layers = _check_layers(layout, layers)
     check_min_position(min_position, tokens.shape[1])
-    check_context(model, tokens.shape[1])
-    mask = attention_mask_for(tokens, attention_mask=attention_mask, pad_id=pad_id)
     _, gain = _fast_and_gain(
         model, layout, tokens, (1.0,), sweep_layers=(), gain_layers=layers,
         min_position=min_position, batch_size=batch_size, chunk_elements=M.ALPHA_CHUNK_ELEMENTS,
@@ -580,17 +588,11 @@ def analytic_gain(
     return torch.stack([gain[l] for l in layers], dim=1)
 
 
-def _text_mask(model, texts: list[str], tokens: Tensor) -> Tensor | None:
-    """The real tokens of `model.to_tokens(texts)`: each text's own length, padding on the side
-    the tokenizer pads."""
-    if len(texts) < 2:
-        return None
-    lengths = [model.to_tokens(t).shape[1] for t in texts]
-    n = tokens.shape[1]
-    pos = torch.arange(n)
-    left = getattr(model.tokenizer, "padding_side", "right") == "left"
-    rows = [(pos >= n - k) if left else (pos < k) for k in lengths]
-    return torch.stack(rows).to(tokens.device)
+def _label(intervention) -> str:
+    """Short name of an intervention for a progress bar: "QueryScale L12 H0", "KeyScale L12 KV1"."""
+    where = [f"{tag}{getattr(intervention, k)}" for k, tag in (("layer", "L"), ("head", "H"), ("kv_head", "KV"))
+             if getattr(intervention, k, None) is not None]
+    return " ".join([type(intervention).__name__, *where])
 
 
 def _describe(intervention) -> str:
@@ -623,7 +625,7 @@ def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
 
 def intervention_effects(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | str | list[str],
     alphas: Sequence[float],
     intervention,
     *,
@@ -645,7 +647,7 @@ def intervention_effects(
     `max_rows × pos × vocab` floats, and the KL and loss are computed one batch block at a time.
     An α of exactly 1 reuses the unscaled pass.
     """
-    tokens = check_tokens(tokens)
+    tokens, mask = tokens_and_mask(model, tokens, attention_mask=attention_mask, pad_id=pad_id)
     alphas = check_alphas(alphas)
     layout = attention_layout(model)
     layers = _check_layers(layout, layers)
@@ -657,8 +659,6 @@ def intervention_effects(
             f"KeyScale, LogitScale), got {intervention!r}"
         )
     intervention.hooks(layout)  # validates its layer / head against this model now
-    check_context(model, tokens.shape[1])
-    mask = attention_mask_for(tokens, attention_mask=attention_mask, pad_id=pad_id)
     patterns_for = tuple((int(l), int(h)) for l, h in patterns_for)
     for l, h in patterns_for:
         layout.check_head(l, h)
@@ -669,7 +669,8 @@ def intervention_effects(
     todo = [i for i in range(n_alpha) if alphas[i] != 1.0]
     chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
     starts = list(range(0, n_batch, seq_block))
-    bar = _Bar(len(starts) * (1 + len(chunks)), progress, "exact sweep")
+    bar = progress_bar(total=len(starts) * (1 + len(chunks)), unit="pass", enabled=progress,
+                       desc=f"{_label(intervention)} at {n_alpha} α")
 
     def capture(m):
         return SweepCapture(layout, layers=layers, gain_layers=layers, patterns_for=patterns_for,
@@ -684,7 +685,7 @@ def intervention_effects(
         base_logp = torch.log_softmax(cap.run(model, block, logits=True).float(), dim=-1)
         base_nll = _next_token_nll(base_logp, block, block_mask).cpu()
         base = (cap.metrics, cap.gain, base_nll, cap.patterns)
-        bar.step()
+        bar.update(1)
         got: dict[int, tuple] = {
             i: (cap.metrics, base_nll, torch.zeros(b), cap.patterns) for i in range(n_alpha) if alphas[i] == 1.0
         }
@@ -699,7 +700,7 @@ def intervention_effects(
                 got[i] = ({l: {n: v[sl] for n, v in d.items()} for l, d in cap_a.metrics.items()},
                           nll.cpu(), kl.cpu(), {k: v[sl] for k, v in cap_a.patterns.items()})
             del logits
-            bar.step()
+            bar.update(1)
         blocks.append((base, got))
         del base_logp
     bar.close()

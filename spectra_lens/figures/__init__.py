@@ -1,8 +1,10 @@
 """Plotly figures: functions of tables that return `go.Figure` (never show, never write), and
 `save_figure`, which writes them. `heads`: per-head observational figures (EXP0); `causal`: the
-α-sweep, intervention, gain and Q-vs-K figures (EXP1-EXP3). Each experiment composes these in its
+α-sweep, intervention, gain and Q-vs-K figures (EXP1-EXP3); `attention`: one head's
+token-labelled attention pattern beside its per-token query norm and entropy. Each experiment composes these in its
 own `figures(tables)`, which the report calls too, so every figure is defined once."""
 
+from spectra_lens.figures.attention import attention_pattern, head_attention, token_labels
 from spectra_lens.figures.causal import (
     gain_comparison,
     gain_fit,
@@ -23,9 +25,11 @@ from spectra_lens.figures.heads import (
 )
 
 __all__ = [
+    "attention_pattern",
     "gain_comparison",
     "gain_fit",
     "gain_vs_analytic",
+    "head_attention",
     "head_heatmap",
     "intervention_panels",
     "later_heads_heatmap",
@@ -37,4 +41,5 @@ __all__ = [
     "qk_output_effects",
     "r_distribution",
     "save_figure",
+    "token_labels",
 ]
