@@ -32,7 +32,7 @@ from spectra_lens.corpus import tokenize_corpus
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.metrics import K_EFF_DEFINITIONS
-from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
+from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device, weights_info
 from spectra_lens.runs import RunDir
 from spectra_lens.shards import ShardManifest, corpus_from_spec, load_tokens
 from spectra_lens.sweep import analytic_gain
@@ -187,7 +187,7 @@ def provenance(setup: RunSetup, choice: "HeadChoice", seed: int) -> dict:
     """The manifest fields every causal run records: model, corpus, sizes, head selection, seed."""
     t = setup.tokens
     return dict(
-        model=model_info(setup.model_name, setup.layout), corpus=t.corpus,
+        model=model_info(setup.model_name, setup.layout, setup.model), corpus=t.corpus,
         n_sequences=int(t.measure.shape[0]), seq_len=int(t.measure.shape[1]),
         selection={**choice.as_dict(), "held_out": t.held_out, "n_select": int(t.select.shape[0])},
         seed=seed,
@@ -205,9 +205,12 @@ def load_run_model(cfg, model=None) -> tuple[object, str]:
     return load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device)), cfg.model or DEFAULT_MODEL
 
 
-def model_info(name: str, layout: AttentionLayout) -> dict:
+def model_info(name: str, layout: AttentionLayout, model=None) -> dict:
+    """The manifest's model fields: spec, shape, effective hooks, bilinearity, and the weights'
+    source and quantization (`models.weights_info`: the default is a dequantized Q4_1 GGUF)."""
+    spec = None if name == DEFAULT_MODEL else model if name.startswith("pre-loaded model") else name
     return {
-        "spec": name, "n_layers": layout.n_layers, "n_heads": layout.n_heads,
+        "spec": name, "weights": weights_info(spec, model), "n_layers": layout.n_layers, "n_heads": layout.n_heads,
         "n_kv_heads": layout.n_kv_heads, "d_head": layout.d_head, "q_hook": layout.q_kind,
         "k_hook": layout.k_kind, "scores_faithful": layout.scores_faithful,
         "non_bilinear_layers": {l: layout.q_reason[l] for l in range(layout.n_layers)

