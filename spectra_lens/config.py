@@ -248,7 +248,7 @@ FLAG_HELP: dict[str, str] = {
     "alphas": "query scales alpha, separated by spaces or commas; 1 is the unscaled model",
     "n_select": "held-out sequences, before the measured ones, that choose the default heads",
     "ci": "level of the t-interval over sequences",
-    "seed": "random seed (bootstrap, replication split); recorded in the manifest",
+    "seed": "random seed (bootstrap resamples, replication split, sampling); recorded in manifests",
     "dtype": "dtype of the model weights; metrics are always computed in float32",
     "device": "torch device, e.g. cpu or cuda:0",
     "overwrite": "replace a finished run (or a different shard set) in --out instead of refusing",
@@ -262,6 +262,16 @@ FLAG_HELP: dict[str, str] = {
     "window": "keys i - window + 1 ... i count as local to query i",
     "agreement": "agreement.csv to join on (layer, head)",
     "gain": "gain_summary.csv to join on (layer, head)",
+    "prompt": "the text to continue",
+    "scale": "scale head y of layer x by ALPHA, e.g. L15H8=2.0; repeat the flag for several heads",
+    "kind": "what --scale scales: q the head's effective query, k the key of the kv head it reads "
+            "(its whole group), logit a temperature on its attention logits",
+    "mode": "greedy continuation, seeded sampling, or both",
+    "max_new_tokens": "tokens to generate",
+    "temperature": "sampling temperature",
+    "top_k": "sample from the k most likely tokens only",
+    "eos_stop": "stop a continuation at the end-of-text token",
+    "csv": "also write the per-token table to this CSV file",
 }
 
 # What a default of None means, by field name.
@@ -280,6 +290,9 @@ NONE_MEANS: dict[str, str] = {
     "min_tokens": "keep every document",
     "agreement": "no join",
     "gain": "no join",
+    "scale": "no scaling: the plain model in both rows",
+    "top_k": "the whole vocabulary",
+    "csv": "not written",
     "out": "RESULTS_DIR/report.html",
     "plotlyjs": "inline, a page that works offline on its own",
 }
@@ -287,6 +300,8 @@ NONE_MEANS: dict[str, str] = {
 TUPLE_NOTE: dict[str, str] = {"alphas": ", log-spaced, including 1"}
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "kind": ("q", "k", "logit"),
+    "mode": ("greedy", "sample", "both"),
     "dtype": ("float32", "bfloat16", "float16"),
     "file_format": ("safetensors", "npy"),
 }
@@ -294,7 +309,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # --------------------------------------------------------------------------- prepare and report
 
-__all__ += ["CHOICES", "FLAG_HELP", "NONE_MEANS", "PrepareConfig", "ReportConfig"]
+__all__ += ["CHOICES", "FLAG_HELP", "NONE_MEANS", "GenerateConfig", "PrepareConfig", "ReportConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -339,3 +354,24 @@ class ReportConfig:
     def validate(self) -> None:
         if not self.results_dir:
             raise SpectraError("results_dir must name a directory, got an empty string")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig:
+    """Continue a prompt with and without head scalings, side by side: greedy and seeded sampled
+    continuations of the plain and the scaled model, each token's log p_scaled - log p_plain
+    under teacher forcing, and where the two first differ."""
+
+    prompt: str = field(metadata={"positional": True})
+    scale: tuple[str, ...] = field(default=(), metadata={"metavar": "LxHy=ALPHA"})
+    kind: str = "q"  # what --scale scales: the query, the key of the kv head, or the logits
+    mode: str = "both"  # greedy, sample, or both
+    max_new_tokens: int = 20
+    seed: int = 0
+    temperature: float = 1.0
+    top_k: int | None = None
+    eos_stop: bool = True  # stop at the end-of-text token
+    model: str | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    csv: str | None = None  # also write the per-token table here

@@ -44,7 +44,7 @@ __all__ = [
     "main",
     "parse_head",
     "parse_scale",
-    "parser",
+    "command",
     "scalings",
 ]
 
@@ -349,34 +349,6 @@ def _describe(item) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def parser():
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="spectra-lens generate",
-        description="Continue a prompt with and without head scalings, side by side: greedy and "
-                    "sampled (seeded) continuations, each token's log-probability difference "
-                    "log p_scaled − log p_plain, and the first token where they diverge.")
-    p.add_argument("prompt", help="the text to continue")
-    p.add_argument("--scale", action="append", default=[], metavar="LxHy=ALPHA",
-                   help="scale head y of layer x by ALPHA, e.g. L15H8=2.0 (repeatable; none: plain model twice)")
-    p.add_argument("--kind", choices=KINDS, default="q",
-                   help="q: the head's effective query; k: the key of the kv head it reads (its whole "
-                        "group); logit: a temperature on its attention logits (default q)")
-    p.add_argument("--mode", choices=("greedy", "sample", "both"), default="both")
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled continuations")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--no-eos-stop", action="store_true", help="generate past the end-of-text token")
-    p.add_argument("--model", default=None,
-                   help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None)
-    p.add_argument("--csv", default=None, metavar="FILE", help="also write the per-token table as CSV")
-    return p
-
-
 def _format(diff: GenerationDiff) -> str:
     d = diff.diverge_at
     head = f"{diff.mode}" + (f" (seed {diff.seed}, temperature {diff.temperature:g}"
@@ -400,29 +372,26 @@ def _format(diff: GenerationDiff) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import sys
+def command(cfg, *, progress: bool = True) -> int:
+    """`spectra-lens generate` (a `config.GenerateConfig`): print both continuations and the
+    per-token log-probability differences. SpectraError for bad input."""
     import time
 
-    args = parser().parse_args(argv)
-    try:
-        from spectra_lens.models import load_model
+    from spectra_lens.models import load_model
 
-        specs = [parse_scale(s) for s in args.scale]
-        t0 = time.perf_counter()
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
-        layout = attention_layout(model)
-        items = scalings(specs, layout, kind=args.kind)
-        modes = MODES if args.mode == "both" else (args.mode,)
-        t1 = time.perf_counter()
-        out = compare_generations(model, args.prompt, items, modes=modes,
-                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                  temperature=args.temperature, top_k=args.top_k,
-                                  stop_at_eos=not args.no_eos_stop)
-        t2 = time.perf_counter()
-    except SpectraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = cfg
+    specs = [parse_scale(s) for s in args.scale]  # bad --scale fails before the model loads
+    t0 = time.perf_counter()
+    model = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    layout = attention_layout(model)
+    items = scalings(specs, layout, kind=args.kind)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    t1 = time.perf_counter()
+    out = compare_generations(model, args.prompt, items, modes=modes,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed,
+                              temperature=args.temperature, top_k=args.top_k,
+                              stop_at_eos=args.eos_stop)
+    t2 = time.perf_counter()
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (embedded default)'}")
     print(f"scalings ({args.kind}): {', '.join(out[modes[0]].interventions) or 'none (plain model in both rows)'}")
     if args.kind == "k":
@@ -439,3 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.csv}")
     print(f"load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m spectra_lens.generate`: the same as `spectra-lens generate`."""
+    import sys
+
+    from spectra_lens.cli import main as cli_main
+
+    return cli_main(["generate", *(sys.argv[1:] if argv is None else argv)])
