@@ -135,11 +135,12 @@ def test_save_figure_writes_html_and_plotlyjs_atomically(tmp_path, summary):
     fig = figs.head_heatmap(summary, "r_entropy", mark="significant")
     written = figs.save_figure(fig, tmp_path / "figs" / "heat", png=False)
     html = tmp_path / "figs" / "heat.html"
-    assert written == [html]
+    assert written == [html, html.with_suffix(".json")]
+    assert json.loads(html.with_suffix(".json").read_text())["data"][0]["type"] == "heatmap"
     bundle = tmp_path / "figs" / "plotly.min.js"
     assert bundle.stat().st_size > 1_000_000  # the whole plotly.js bundle, for offline viewing
     assert 'src="plotly.min.js"' in html.read_text()
-    assert sorted(p.name for p in html.parent.iterdir()) == ["heat.html", "plotly.min.js"]
+    assert sorted(p.name for p in html.parent.iterdir()) == ["heat.html", "heat.json", "plotly.min.js"]
     traces, layout = figure_json(html)
     assert traces_have_data(traces) and [t["type"] for t in traces] == ["heatmap", "scatter"]
     # Results are readable like any file the user writes (mkstemp would make them 0600).
@@ -175,4 +176,4 @@ def test_failed_write_keeps_the_old_figure_and_leaves_no_temp_file(tmp_path, sum
         figs.save_figure(figs.head_heatmap(summary, "partial_r_entropy"), tmp_path / "h",
                           png=False)
     assert (tmp_path / "h.html").read_text() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.html", "plotly.min.js"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.html", "h.json", "plotly.min.js"]
