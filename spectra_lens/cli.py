@@ -50,6 +50,8 @@ COMMANDS: dict[str, Command] = {
                         "continue a prompt with and without head scalings, side by side"),
     "head-types": Command("HeadTypesConfig", "spectra_lens.experiments.head_types",
                           "label every head: sink, previous-token, induction, ..."),
+    "head": Command("HeadPageConfig", "spectra_lens.experiments.head_page",
+                    "one HTML page for one head (e.g. L15H8)"),
 }
 
 PROG = "spectra-lens"

@@ -272,6 +272,8 @@ FLAG_HELP: dict[str, str] = {
     "top_k": "sample from the k most likely tokens only",
     "eos_stop": "stop a continuation at the end-of-text token",
     "csv": "also write the per-token table to this CSV file",
+    "head": "the head: L{layer}H{head}, e.g. L15H8",
+    "types": "head_types.csv of `spectra-lens head-types` to read this head's scores from",
 }
 
 # What a default of None means, by field name.
@@ -293,6 +295,8 @@ NONE_MEANS: dict[str, str] = {
     "scale": "no scaling: the plain model in both rows",
     "top_k": "the whole vocabulary",
     "csv": "not written",
+    "types": "measured on the page's text",
+    "prompt": "the first 16 tokens of the text",
     "out": "RESULTS_DIR/report.html",
     "plotlyjs": "inline, a page that works offline on its own",
 }
@@ -375,3 +379,39 @@ class GenerateConfig:
     dtype: str = "float32"
     device: str | None = None
     csv: str | None = None  # also write the per-token table here
+
+
+# --------------------------------------------------------------------------- one head's page
+
+__all__ += ["HeadPageConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadPageConfig:
+    """One HTML page for one head (`spectra_lens.head_page`): token-labelled patterns, ‖q‖ and
+    entropy along the text, its α-curve, observational slope vs causal gain with intervals, its
+    type scores and a greedy generation diff at two α."""
+
+    head: str = field(metadata={"positional": True})  # e.g. "L15H8"
+    out: str = field(default="results/heads", metadata={
+        "help": "directory of head pages; the page is OUT/L{layer}H{head}.html"})
+    model: str | None = None  # None = the embedded default model
+    corpus: str | None = None  # the text sequences; None = pydoc topics
+    n_sequences: int = 8  # text sequences: the units of every interval on the page
+    seq_len: int = 64  # tokens per text sequence
+    types: str | None = None  # head_types.csv; None = this head's scores measured on the text
+    agreement: str | None = None  # its obs_slope, gain_analytic; None = computed on the text
+    alphas: tuple[float, ...] = (0.5, 2.0)  # the two query scales of the generation diff
+    prompt: str | None = None  # continued in the generation diff; None = the text's first 16 tokens
+    max_new_tokens: int = 16  # tokens generated at each α
+    dtype: str = "float32"  # model weights; metrics are always float32
+    device: str | None = None  # None = CUDA when present, else CPU
+
+    def validate(self) -> None:
+        from spectra_lens.validate import check_int  # imports torch: not at module load
+
+        check_int("n_sequences", self.n_sequences, minimum=2)
+        check_int("seq_len", self.seq_len, minimum=8)
+        check_int("max_new_tokens", self.max_new_tokens)
+        if len(self.alphas) != 2:
+            raise SpectraError(f"alphas must be two query scales, got {list(self.alphas)}")

@@ -159,17 +159,53 @@ def _top(frame: pd.DataFrame, spec: Table) -> tuple[pd.DataFrame, str]:
     return frame, ", ".join(how)
 
 
-def _frame_html(frame: pd.DataFrame) -> str:
+def _frame_html(frame: pd.DataFrame, links: dict[tuple[int, int], str] | None = None) -> str:
+    """The table as HTML; with `links` ({(layer, head): href}), each head cell of a row whose
+    (layer, head) has a page links to it."""
     def fmt(v):
         if isinstance(v, (float, np.floating)):
             return "" if np.isnan(v) else f"{v:.4g}"
         return str(v)
 
-    return frame.to_html(index=False, classes="data", border=0, na_rep="", escape=True,
-                         formatters={c: fmt for c in frame.columns})
+    cells: dict[str, str] = {}
+    if links and {"layer", "head"} <= set(frame.columns):
+        frame = frame.copy()
+        marks = []
+        for i, (layer, head) in enumerate(zip(frame["layer"], frame["head"])):
+            try:
+                href = links.get((int(layer), int(head)))
+            except (TypeError, ValueError):  # NaN or not a number: no page to link
+                href = None
+            if href is None:
+                marks.append(fmt(head))
+                continue
+            mark = f"@@head-page-{i}@@"  # survives escaping; replaced by the link below
+            cells[mark] = f'<a href="{_e(href)}" title="page of L{int(layer)}H{int(head)}">{int(head)}</a>'
+            marks.append(mark)
+        frame["head"] = marks
+    out = frame.to_html(index=False, classes="data", border=0, na_rep="", escape=True,
+                        formatters={c: fmt for c in frame.columns})
+    for mark, link in cells.items():
+        out = out.replace(mark, link)
+    return out
 
 
-def _tables_html(run: Run) -> str:
+def _head_links(root: Path, link_from: Path) -> dict[tuple[int, int], str]:
+    """{(layer, head): href relative to `link_from`} of the head pages in `root/heads/`
+    (written by `spectra-lens head`)."""
+    if not (root / "heads").is_dir():  # head_page.HEAD_PAGES_DIR; checked before importing torch
+        return {}
+    from spectra_lens.head_page import HEAD_PAGES_DIR, head_page_path
+
+    out = {}
+    for f in (root / HEAD_PAGES_DIR).glob("L*H*.html"):
+        m = re.fullmatch(r"L(\d+)H(\d+)\.html", f.name)
+        if m and head_page_path(root / HEAD_PAGES_DIR, int(m[1]), int(m[2])) == f:
+            out[(int(m[1]), int(m[2]))] = Path(os.path.relpath(f, link_from)).as_posix()
+    return out
+
+
+def _tables_html(run: Run, links: dict[tuple[int, int], str] | None = None) -> str:
     spec = _outputs(run.experiment)
     parts, shown = [], set()
     for t in spec.tables:
@@ -182,22 +218,22 @@ def _tables_html(run: Run) -> str:
             continue
         for f in files:
             shown.add(f)
-            parts.append(_one_table(f, t, t.title if len(files) == 1 else f"{t.title}: {f.stem}"))
+            parts.append(_one_table(f, t, t.title if len(files) == 1 else f"{t.title}: {f.stem}", links))
     others = [f for f in sorted(run.path.glob("*.csv"), key=_natural_key) if f not in shown]
     if others:
-        inner = "".join(_one_table(f, Table(f.name, f.stem, rows=10), f.stem) for f in others)
+        inner = "".join(_one_table(f, Table(f.name, f.stem, rows=10), f.stem, links) for f in others)
         parts.append(f"<details><summary>other tables ({len(others)})</summary>{inner}</details>")
     return "".join(parts)
 
 
-def _one_table(path: Path, spec: Table, title: str) -> str:
+def _one_table(path: Path, spec: Table, title: str, links: dict[tuple[int, int], str] | None = None) -> str:
     try:
         frame = _read_csv(path)
     except SpectraError as e:
         return f'<h4>{_e(title)}</h4><p class="missing">{_e(str(e))}</p>'
     shown, how = _top(frame, spec)
     return (f'<h4>{_e(title)}</h4><p class="caption"><code>{_e(path.name)}</code>: {_e(how)}</p>'
-            f'<div class="scroll">{_frame_html(shown)}</div>')
+            f'<div class="scroll">{_frame_html(shown, links)}</div>')
 
 
 # --------------------------------------------------------------------------- figures
@@ -315,8 +351,9 @@ def _figures_html(run: Run, figs: _Figures, prefix: str) -> str:
     return f"{note_html}<div class=\"figures\">{divs}</div>"
 
 
-def _section(run: Run, root: Path, figs: _Figures, used: set[str]) -> tuple[str, str, str]:
-    """(section id, heading, html) of one run."""
+def _section(run: Run, root: Path, figs: _Figures, used: set[str],
+             links: dict[tuple[int, int], str] | None = None) -> tuple[str, str, str]:
+    """(section id, heading, html) of one run; `links`: head pages to link from its tables."""
     spec = _outputs(run.experiment)
     rel = run.path.relative_to(root).as_posix() if run.path != root else "."
     sid = _slug(f"{run.experiment}-{rel}")
@@ -334,7 +371,7 @@ def _section(run: Run, root: Path, figs: _Figures, used: set[str]) -> tuple[str,
         f'<span class="badge {badge}">{_e(run.status)}</span></h2>'
         f'<p class="path">run directory: <code>{_e(rel)}</code></p>{flag}'
         f"<h3>Manifest</h3>{_manifest_html(run)}"
-        f"<h3>Tables</h3>{_tables_html(run)}"
+        f"<h3>Tables</h3>{_tables_html(run, links)}"
         f"<h3>Figures</h3>{_figures_html(run, figs, sid)}</section>"
     )
 
@@ -410,9 +447,14 @@ def _script_json(obj: Any) -> str:
         .replace("&", "\\u0026")
 
 
-def build_report(results_dir: str | os.PathLike, *, plotlyjs: str | None = None) -> str:
+def build_report(results_dir: str | os.PathLike, *, plotlyjs: str | None = None,
+                 link_from: str | os.PathLike | None = None) -> str:
     """The report of every run under `results_dir`, as one HTML page: self-contained (plotly.js
-    inline, once) by default, or loading plotly.js from `plotlyjs` (a path or URL)."""
+    inline, once) by default, or loading plotly.js from `plotlyjs` (a path or URL).
+
+    Heads in its tables link to their pages in `results_dir/heads/` (`spectra-lens head`), by
+    paths relative to `link_from`, the directory the page will be saved in (default:
+    `results_dir`)."""
     from spectra_lens import __version__
 
     root = Path(results_dir).resolve()
@@ -426,7 +468,8 @@ def build_report(results_dir: str | os.PathLike, *, plotlyjs: str | None = None)
     missing = [k for k in EXPERIMENTS if k not in present]
     incomplete = [r for r in runs if not r.complete]
     figs, used = _Figures(), set()
-    sections = [_section(r, root, figs, used) for r in runs]
+    links = _head_links(root, Path(link_from).resolve() if link_from is not None else root)
+    sections = [_section(r, root, figs, used, links) for r in runs]
     nav = "".join(f'<li><a href="#{i}">{_e(t)}</a></li>' for i, t, _ in sections)
     missing_html = ""
     # Where a missing run would go: beside the others (the parent when root is itself a run).
@@ -465,8 +508,8 @@ def _plotlyjs_tag(src: str | None) -> str:
 def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
                  plotlyjs: str | None = None) -> Path:
     """Write `build_report(results_dir)` atomically to `out` (default RESULTS_DIR/report.html)."""
-    page = build_report(results_dir, plotlyjs=plotlyjs)
     out = Path(out) if out is not None else Path(results_dir) / REPORT_NAME
+    page = build_report(results_dir, plotlyjs=plotlyjs, link_from=out.parent)
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(page, encoding="utf-8")
