@@ -42,7 +42,8 @@ from spectra_lens.layout import attention_layout
 
 from . import _common as C
 
-__all__ = ["BY_LABEL_COLUMNS", "HeadTypesResult", "compute", "figures", "command", "main", "run", "tables"]
+__all__ = ["BY_LABEL_COLUMNS", "OUTPUTS", "HeadTypesResult", "command", "compute", "figures", "main", "run",
+           "tables"]
 
 EXPERIMENT = "head_types"
 
@@ -69,11 +70,10 @@ class HeadTypesResult:
 BY_LABEL_COLUMNS = ("analytic_gain", "obs_slope", "gain_analytic", "gain_entropy")
 
 
-def tables(types: pd.DataFrame, *, agreement: pd.DataFrame | None = None,
-           gain: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
-    """{"head_types": one row per head (scores, label, analytic gain, and the agreement / gain
-    tables' columns joined on (layer, head); a clashing name gets `_agreement` / `_gain`),
-    "head_types_by_label": per value column × label: n, mean, median, min, mean rank}."""
+def _join(types: pd.DataFrame, agreement: pd.DataFrame | None, gain: pd.DataFrame | None
+          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(types with the agreement / gain tables' columns joined on (layer, head), a clashing
+    name suffixed `_agreement` / `_gain`; per value column × label: n, mean, median, min, mean rank)."""
     extra = [(t, s) for t, s in ((agreement, "_agreement"), (gain, "_gain")) if t is not None]
     joined = join_heads(types, *(t for t, _ in extra), suffixes=tuple(s for _, s in extra))
     parts = []
@@ -85,13 +85,33 @@ def tables(types: pd.DataFrame, *, agreement: pd.DataFrame | None = None,
             parts.append(t)
     summary = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["value", "label", "n", "mean", "median", "min", "mean_rank"])
-    return {"head_types": joined, "head_types_by_label": summary}
+    return joined, summary
+
+
+OUTPUTS = C.Outputs(
+    "TYPES", "head types: sink, previous-token, induction, local, positional", "spectra-lens head-types",
+    (
+        C.Table("head_types.csv", "heads by induction score", ("induction_score",),
+                ("layer", "head", "label", "induction_score", "prev_token_score", "sink_score",
+                 "local_score", "positional_score", "entropy_norm", "analytic_gain", "obs_slope",
+                 "gain_analytic", "gain_entropy", "verdict"), rows=20),
+        C.Table("head_types_by_label.csv", "each gain by head type (mean rank 1 = most negative)", (),
+                ("value", "label", "n", "mean", "median", "min", "mean_rank"), rows=40),
+    ),
+)
+
+
+def tables(result: HeadTypesResult) -> dict[str, pd.DataFrame]:
+    """The run's tables by file stem."""
+    return {"head_types": result.types, "head_types_by_label": result.by_label}
 
 
 def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
     """The run's figures from its tables: the label map, the score heatmaps, and each gain-like
     column grouped by label."""
-    types = tables["head_types"]
+    types = tables.get("head_types")
+    if types is None:
+        return {}
     out = {"head_types_map": FT.head_type_map(types, title="head types (label rule: first match wins)"),
            "head_type_scores": FT.head_type_scores(types)}
     for col in BY_LABEL_COLUMNS:
@@ -109,12 +129,14 @@ def _read_table(path: str | None, what: str) -> pd.DataFrame | None:
         raise SpectraError(f"--{what} {path!r} is not a readable CSV ({type(e).__name__}: {e})") from e
 
 
-def compute(cfg: HeadTypesConfig, model, text, *, rd=None) -> pd.DataFrame:
-    """Every head's scores and label (no files written)."""
+def compute(cfg: HeadTypesConfig, model, text, *, agreement: pd.DataFrame | None = None,
+            gain: pd.DataFrame | None = None, rd=None) -> HeadTypesResult:
+    """Every head's scores and label, joined with the agreement / gain tables (no files written)."""
     with C.timed(rd, "scores_s"):
         inputs = diagnostic_inputs(model, text, n_repeated=cfg.n_repeated, half_len=cfg.half_len,
                                    seed=cfg.seed)
-        return head_type_scores(model, inputs, window=cfg.window, batch_size=cfg.batch_size)
+        types = head_type_scores(model, inputs, window=cfg.window, batch_size=cfg.batch_size)
+    return HeadTypesResult(*_join(types, agreement, gain))
 
 
 def run(cfg: HeadTypesConfig = HeadTypesConfig(), *, model=None, tokens=None,
@@ -130,19 +152,15 @@ def run(cfg: HeadTypesConfig = HeadTypesConfig(), *, model=None, tokens=None,
         # every head is scored, none is chosen: no held-out selection sequences (n_select = 0)
         spec = SimpleNamespace(corpus=cfg.corpus, seq_len=cfg.seq_len, n_sequences=cfg.n_sequences, n_select=0)
         text = C.load_run_tokens(spec, model, tokens)
-    types = compute(cfg, model, text.measure, rd=rd)
-    out = tables(types, agreement=agreement, gain=gain)
+    result = compute(cfg, model, text.measure, agreement=agreement, gain=gain, rd=rd)
     with C.timed(rd, "write_s"):
-        rd.write_csv("head_types.csv", out["head_types"])
-        rd.write_csv("head_types_by_label.csv", out["head_types_by_label"])
-        for name, fig in figures(out).items():
-            C.write_figure(rd, fig, name)
+        t = tables(result)
+        files = C.write_outputs(rd, t, figures(t))
     rd.finish(model=C.model_info(model_name, layout), corpus=text.corpus,
               n_sequences=int(text.measure.shape[0]), seq_len=int(text.measure.shape[1]),
               label_rule=LABEL_RULE, joined={"agreement": cfg.agreement, "gain": cfg.gain},
-              files=["head_types.csv", "head_types_by_label.csv"],
-              labels=out["head_types"]["label"].value_counts().to_dict())
-    return HeadTypesResult(out["head_types"], out["head_types_by_label"], out=rd.path)
+              files=files, labels=result.types["label"].value_counts().to_dict())
+    return HeadTypesResult(result.types, result.by_label, out=rd.path)
 
 
 def command(cfg: HeadTypesConfig, *, progress: bool = True) -> int:
