@@ -3,7 +3,10 @@
 1. A `Corpus` is a described, re-iterable source of documents (str), read lazily:
    `default_corpus()` (CPython's reference documentation, `pydoc_data.topics`), `text_files`,
    `jsonl`, `hf_dataset`; `spectra_lens.shards.corpus_from_spec` resolves a command-line string.
-2. `tokenize_corpus` concatenates documents with the EOS token between them and cuts the stream
+2. `tokenize_documents` cuts every document into its own fixed-length sequences (a sequence
+   never spans two documents), draws them round-robin across documents so that no document
+   dominates, and records each sequence's document id: the independent unit of the statistics.
+   `tokenize_corpus` concatenates documents with the EOS token between them and cuts the stream
    into fixed-length sequences, each starting with BOS where the model uses one. Fixed-length,
    unpadded sequences keep position ids trivial (left padding makes the bridge derive them from
    the attention mask).
@@ -36,7 +39,9 @@ __all__ = [
     "hf_dataset",
     "jsonl",
     "text_files",
+    "TokenizedCorpus",
     "tokenize_corpus",
+    "tokenize_documents",
 ]
 
 logger = logging.getLogger(__name__)
@@ -299,6 +304,156 @@ def tokenize_corpus(
     if bos is None:
         return body.clone()
     return torch.cat([torch.full((n_sequences, 1), bos, dtype=torch.long), body], dim=1)
+
+
+@dataclass(frozen=True, repr=False)
+class TokenizedCorpus:
+    """Fixed-length sequences and, per sequence, the id of the document they come from.
+
+    `documents[i]` is the index (in the corpus's reading order, from 0) of the document that
+    holds sequence i, or, for a sequence that spans documents (packing "stream"), the one
+    holding most of its tokens.
+    """
+
+    tokens: Int[Tensor, "sequence pos"]
+    documents: Int[Tensor, " sequence"]
+    n_documents_read: int
+
+    def __repr__(self) -> str:
+        return (f"TokenizedCorpus(sequences={self.tokens.shape[0]}, seq_len={self.tokens.shape[1]}, "
+                f"documents={int(self.documents.unique().numel())})")
+
+    def max_document_share(self) -> float:
+        """The largest share of the sequences that one document supplies."""
+        return float(torch.bincount(self.documents).max()) / len(self.documents)
+
+
+def tokenize_documents(
+    docs: Iterable[str],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    max_sequences: int | None = None,
+    prepend_bos: bool | None = None,
+    min_tokens: int | None = None,
+    packing: str = "document",
+    balance: bool = True,
+) -> TokenizedCorpus:
+    """Documents -> `[n_sequences, seq_len]` token ids and the document of every sequence.
+
+    `packing="document"` (default): each document is cut into its own chunks of `seq_len`
+    tokens ([BOS] + seq_len − 1 content tokens where the model uses BOS); a document's trailing
+    partial chunk is dropped, so a sequence never spans two documents and documents shorter
+    than one chunk give none. With `balance` (default) and `max_sequences`, the sequences are
+    drawn round-robin across documents (the first chunk of every document, then the second,
+    ...), so that no document supplies more than its share; reading stops once `max_sequences`
+    documents have a chunk. Without `balance` the chunks are taken in reading order. Either
+    way the result is ordered by document, then by position in the document.
+
+    `packing="stream"`: `tokenize_corpus`'s concatenation with EOS between documents (no
+    tokens lost, sequences may span documents); `documents[i]` is the document holding most
+    of sequence i (the earlier one on a tie). `balance` does not apply.
+
+    Document ids are indices in the reading order of `docs`, counting every document read
+    (also empty or skipped ones), so they are stable across runs of the same corpus.
+    """
+    if isinstance(docs, str):
+        raise SpectraError("tokenize_documents expected an iterable of documents; got one str")
+    if packing not in ("document", "stream"):
+        raise SpectraError(f"packing must be 'document' or 'stream'; got {packing!r}")
+    check_int("seq_len", seq_len, minimum=2)
+    if max_sequences is not None:
+        check_int("max_sequences", max_sequences, minimum=1)
+    if min_tokens is not None:
+        check_int("min_tokens", min_tokens, minimum=1)
+    bos = _bos_token(tokenizer, prepend_bos)
+    content_len = seq_len - (bos is not None)
+    if packing == "stream":
+        return _stream_with_documents(docs, tokenizer, bos=bos, content_len=content_len,
+                                      max_sequences=max_sequences, min_tokens=min_tokens)
+
+    chunks: dict[int, np.ndarray] = {}  # document id -> [n_chunks, content_len]
+    n_read = n_tokens = 0
+    for doc_id, ids in enumerate(_encode_documents(docs, tokenizer)):
+        n_read = doc_id + 1
+        if min_tokens is not None and len(ids) < min_tokens:
+            continue
+        n_tokens += len(ids)
+        n_chunks = len(ids) // content_len
+        if max_sequences is not None:
+            n_chunks = min(n_chunks, max_sequences)
+        if n_chunks:
+            chunks[doc_id] = np.asarray(ids[: n_chunks * content_len], dtype=np.int64).reshape(
+                n_chunks, content_len)
+        if max_sequences is not None:
+            if balance and len(chunks) >= max_sequences:
+                break
+            if not balance and sum(len(c) for c in chunks.values()) >= max_sequences:
+                break
+    if not chunks:
+        raise SpectraError(
+            f"corpus too short: {n_read} documents ({n_tokens} tokens) hold no document of at "
+            f"least {content_len} tokens, the content of one sequence of seq_len={seq_len}; "
+            "use a shorter seq_len or packing='stream'")
+    if max_sequences is None:
+        picked = [(d, k) for d in chunks for k in range(len(chunks[d]))]
+    elif balance:
+        picked = []
+        depth = 0
+        while len(picked) < max_sequences:
+            layer = [(d, depth) for d in chunks if depth < len(chunks[d])]
+            if not layer:
+                break
+            picked.extend(layer[: max_sequences - len(picked)])
+            depth += 1
+    else:
+        picked = [(d, k) for d in chunks for k in range(len(chunks[d]))][:max_sequences]
+    picked.sort()
+    body = torch.from_numpy(np.stack([chunks[d][k] for d, k in picked]))
+    documents = torch.tensor([d for d, _ in picked], dtype=torch.long)
+    if bos is not None:
+        body = torch.cat([torch.full((len(picked), 1), bos, dtype=torch.long), body], dim=1)
+    return TokenizedCorpus(body, documents, n_read)
+
+
+def _stream_with_documents(docs, tokenizer, *, bos, content_len, max_sequences, min_tokens):
+    eos = tokenizer.eos_token_id
+    wanted = None if max_sequences is None else max_sequences * content_len
+    pieces, owners = [], []
+    n_tokens = n_docs = n_read = 0
+    for doc_id, ids in enumerate(_encode_documents(docs, tokenizer)):
+        n_read = doc_id + 1
+        if not ids or (min_tokens is not None and len(ids) < min_tokens):
+            continue
+        if n_docs and eos is not None:
+            pieces.append(np.array([eos], dtype=np.int64))
+            owners.append(np.array([doc_id], dtype=np.int64))  # the separator opens the next
+            n_tokens += 1
+        pieces.append(np.asarray(ids, dtype=np.int64))
+        owners.append(np.full(len(ids), doc_id, dtype=np.int64))
+        n_tokens += len(ids)
+        n_docs += 1
+        if wanted is not None and n_tokens >= wanted:
+            break
+    n_sequences = n_tokens // content_len
+    if max_sequences is not None:
+        n_sequences = min(n_sequences, max_sequences)
+    if n_sequences == 0:
+        raise SpectraError(
+            f"corpus too short: found {n_tokens} tokens in {n_docs} documents; one sequence of "
+            f"{content_len} content tokens needs more")
+    cut = n_sequences * content_len
+    body = torch.from_numpy(np.concatenate(pieces)[:cut]).view(n_sequences, content_len)
+    own = np.concatenate(owners)[:cut].reshape(n_sequences, content_len)
+    # The owner holding most tokens of each chunk; ids ascend along the stream, so the
+    # earliest maximum is the earlier document on a tie.
+    documents = []
+    for row in own:
+        values, counts = np.unique(row, return_counts=True)
+        documents.append(int(values[np.argmax(counts)]))
+    if bos is not None:
+        body = torch.cat([torch.full((n_sequences, 1), bos, dtype=torch.long), body], dim=1)
+    return TokenizedCorpus(body.clone(), torch.tensor(documents, dtype=torch.long), n_read)
 
 
 def _bos_token(tokenizer: Any, prepend_bos: bool | None) -> int | None:

@@ -28,7 +28,8 @@ Manifest schema (`manifest.json`, format version 1)::
       "corpus": "pydoc_data.topics: CPython 3.11.7 reference documentation (79 topics)",
       "shards": [
         {"file": "shard_00000.safetensors", "offset": 0, "n_sequences": 256,
-         "sha256": "<64 hex digits of the file's bytes>"},
+         "sha256": "<64 hex digits of the file's bytes>",
+         "documents": [0, 0, 1, ...]},   # version 2: the document of each sequence
         ...
       ],
       "meta": {"prepend_bos": true, "bos_token_id": 1, "eos_token_id": 2, ...},
@@ -64,7 +65,7 @@ from spectra_lens.corpus import (
     hf_dataset,
     jsonl,
     text_files,
-    tokenize_corpus,
+    tokenize_documents,
 )
 from spectra_lens.errors import SpectraError
 from spectra_lens.runs import atomic_write_bytes
@@ -87,7 +88,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: per-shard document ids (version 1 still reads)
 _FORMAT = "spectra_lens.shards"
 _SHARD_KEY = "tokens"
 _SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy"}
@@ -109,6 +110,9 @@ class ShardInfo:
     offset: int  # global id of the shard's first sequence
     n_sequences: int  # rows in the file
     sha256: str  # hex digest of the file's bytes, checked on every load
+    # document id of each sequence (the independent unit of the statistics); None in shard
+    # sets written before documents were recorded (manifest version 1)
+    documents: tuple[int, ...] | None = None
 
     @property
     def stop(self) -> int:
@@ -159,6 +163,13 @@ class ShardManifest:
             "shards": f"{len(self.shards)} ({self.dtype})", **settings,
         })
 
+    def documents_of(self, start: int, stop: int) -> list[int] | None:
+        """Document ids of the global sequences `[start, stop)`; None if not recorded."""
+        if any(s.documents is None for s in self.shards):
+            return None
+        ids = [d for s in self.shards for d in s.documents]
+        return ids[start:stop]
+
     def to_json(self) -> dict[str, Any]:
         """The manifest as written to `manifest.json`."""
         return {
@@ -172,6 +183,7 @@ class ShardManifest:
             "shards": [
                 {"file": s.file, "offset": s.offset, "n_sequences": s.n_sequences,
                  "sha256": s.sha256}
+                | ({} if s.documents is None else {"documents": list(s.documents)})
                 for s in self.shards
             ],
             "meta": self.meta,
@@ -202,6 +214,7 @@ def write_shards(
     dtype: Literal["int32", "int64"] | None = None,
     file_format: FileFormat = "safetensors",
     overwrite: bool = False,
+    documents: Tensor | list[int] | None = None,
 ) -> ShardManifest:
     """Write `tokens` as shards of `shard_size` sequences and a `manifest.json`.
 
@@ -221,6 +234,8 @@ def write_shards(
         dtype: on-disk integer type; None: int32 when every id fits, else int64.
         file_format: "safetensors" (key "tokens") or "npy".
         overwrite: replace an existing, different shard set.
+        documents: the document id of every sequence (`corpus.tokenize_documents`), stored
+            per shard in the manifest; None records none (each sequence is then its own unit).
     """
     check_tokens(tokens)
     check_int("shard_size", shard_size, minimum=1)
@@ -239,6 +254,13 @@ def write_shards(
         raise SpectraError(f"out_dir {str(out_dir)!r} is a file; expected a directory")
 
     n_sequences, seq_len = tokens.shape
+    if documents is not None:
+        documents = [int(d) for d in (documents.tolist() if isinstance(documents, Tensor)
+                                      else documents)]
+        if len(documents) != n_sequences or min(documents) < 0:
+            raise SpectraError(
+                f"documents must hold one non-negative id per sequence ({n_sequences}); got "
+                f"{len(documents)} ids")
     blobs: list[bytes] = []
     shards: list[ShardInfo] = []
     for i, offset in enumerate(range(0, n_sequences, shard_size)):
@@ -250,6 +272,8 @@ def write_shards(
             offset=offset,
             n_sequences=len(block),
             sha256=hashlib.sha256(blob).hexdigest(),
+            documents=(None if documents is None
+                       else tuple(documents[offset : offset + len(block)])),
         ))
     manifest = ShardManifest(
         directory=out_dir,
@@ -460,6 +484,7 @@ def _manifest_from_json(raw: Any, directory: Path) -> ShardManifest:
             offset=_field(entry, "offset", int, entry_where),
             n_sequences=_field(entry, "n_sequences", int, entry_where),
             sha256=_field(entry, "sha256", str, entry_where),
+            documents=_documents_field(entry, entry_where),
         )
         if Path(info.file).name != info.file or Path(info.file).suffix not in (".safetensors",
                                                                                ".npy"):
@@ -490,6 +515,19 @@ def _manifest_from_json(raw: Any, directory: Path) -> ShardManifest:
             f"{where}: n_sequences is {manifest.n_sequences} but the shards hold {next_offset}"
         )
     return manifest
+
+
+def _documents_field(entry: dict, where: str) -> tuple[int, ...] | None:
+    docs = entry.get("documents")
+    if docs is None:
+        return None
+    n = entry.get("n_sequences")
+    if (not isinstance(docs, list) or len(docs) != n
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in docs)):
+        raise SpectraError(
+            f"{where}: field 'documents' must list one non-negative integer per sequence ({n}); "
+            f"got {str(docs)[:80]}")
+    return tuple(docs)
 
 
 def _field(raw: dict, key: str, kind: type, where: Any) -> Any:
@@ -524,6 +562,8 @@ def prepare(
     dtype: Literal["int32", "int64"] | None = None,
     file_format: FileFormat = "safetensors",
     overwrite: bool = False,
+    packing: str = "document",
+    balance: bool = True,
 ) -> ShardManifest:
     """Corpus -> tokens -> shards in `out_dir`; returns the manifest.
 
@@ -532,7 +572,10 @@ def prepare(
     match). `n_sequences=None` takes every full sequence the corpus yields; a number the corpus
     cannot fill raises `SpectraError` saying how many it holds. `tokenizer_name` defaults to
     the tokenizer's `name_or_path`. Re-running with the same arguments is a no-op; see
-    `write_shards` for `dtype`, `file_format` and `overwrite`.
+    `write_shards` for `dtype`, `file_format` and `overwrite`. Sequences are drawn by
+    `corpus.tokenize_documents` (`packing`, `balance`: by default a sequence never spans two
+    documents and the sequences are spread round-robin over the documents); every sequence's
+    document id is stored in the manifest.
     """
     if n_sequences is not None:
         check_int("n_sequences", n_sequences, minimum=1)
@@ -544,11 +587,14 @@ def prepare(
     source = corpus_spec if isinstance(corpus_spec, Corpus) else corpus_from_spec(corpus_spec)
     if isinstance(source, ShardManifest):
         tokens = _reuse_shards(source, name, seq_len, n_sequences)
+        documents = source.documents_of(0, len(tokens))
         description, meta = source.corpus, dict(source.meta)
     else:
         bos = _bos_token(tokenizer, prepend_bos)
-        tokens = tokenize_corpus(source, tokenizer, seq_len=seq_len, max_sequences=n_sequences,
-                                 prepend_bos=bos is not None, min_tokens=min_tokens)
+        drawn = tokenize_documents(source, tokenizer, seq_len=seq_len, max_sequences=n_sequences,
+                                   prepend_bos=bos is not None, min_tokens=min_tokens,
+                                   packing=packing, balance=balance)
+        tokens, documents = drawn.tokens, drawn.documents
         if n_sequences is not None and len(tokens) < n_sequences:
             raise SpectraError(
                 f"corpus {source.description} gives {len(tokens)} sequences of seq_len "
@@ -562,10 +608,14 @@ def prepare(
             "eos_token_id": tokenizer.eos_token_id,
             "min_tokens": min_tokens,
             "vocab_size": len(tokenizer),
+            "packing": packing,
+            "balance": balance,
+            "n_documents": int(documents.unique().numel()),
+            "max_document_share": drawn.max_document_share(),
         }
     return write_shards(tokens, out_dir, shard_size=shard_size, tokenizer_name=name,
                         corpus=description, meta=meta, dtype=dtype, file_format=file_format,
-                        overwrite=overwrite)
+                        overwrite=overwrite, documents=documents)
 
 
 def _reuse_shards(

@@ -20,6 +20,7 @@ from spectra_lens.corpus import (
     jsonl,
     text_files,
     tokenize_corpus,
+    tokenize_documents,
 )
 from spectra_lens.errors import SpectraError
 from spectra_lens.shards import (
@@ -290,7 +291,7 @@ def test_shards_round_trip_with_global_ids(tmp_path):
     assert read_manifest(tmp_path / "manifest.json") == manifest
 
     raw = json.loads((tmp_path / "manifest.json").read_text())
-    assert raw["format"] == "spectra_lens.shards" and raw["version"] == 1
+    assert raw["format"] == "spectra_lens.shards" and raw["version"] == 2
     assert (raw["tokenizer"], raw["seq_len"], raw["n_sequences"]) == ("tiny", 6, 10)
     assert (raw["dtype"], raw["corpus"], raw["meta"]) == ("int32", "numbers",
                                                           {"prepend_bos": False})
@@ -437,8 +438,11 @@ def test_prepare_then_reshard(tmp_path, tok):
     assert (manifest.n_sequences, manifest.seq_len, manifest.corpus) == (20, 5, "tiny words")
     assert [s.n_sequences for s in manifest.shards] == [8, 8, 4]
     assert manifest.meta == {"prepend_bos": True, "bos_token_id": BOS, "eos_token_id": EOS,
-                             "min_tokens": None, "vocab_size": len(tok)}
-    expected = tokenize_corpus(corpus, tok, seq_len=5, max_sequences=20)
+                             "min_tokens": None, "vocab_size": len(tok), "packing": "document",
+                             "balance": True, "n_documents": 3, "max_document_share": 0.35}
+    drawn = tokenize_documents(corpus, tok, seq_len=5, max_sequences=20)
+    expected = drawn.tokens
+    assert manifest.documents_of(0, 20) == drawn.documents.tolist()
     assert torch.equal(load_tokens(manifest), expected)
     assert prepare(corpus, tok, tmp_path / "a", seq_len=5, n_sequences=20, shard_size=8,
                    tokenizer_name=tok_name) == manifest  # re-running is a no-op
@@ -446,6 +450,7 @@ def test_prepare_then_reshard(tmp_path, tok):
     resharded = prepare(str(tmp_path / "a"), tok, tmp_path / "b", seq_len=5, n_sequences=12,
                         shard_size=5, tokenizer_name=tok_name)
     assert torch.equal(load_tokens(resharded), expected[:12])
+    assert resharded.documents_of(0, 12) == drawn.documents[:12].tolist()
     assert resharded.corpus == "tiny words"
     with pytest.raises(SpectraError, match="tokenized by 'tiny-words'"):
         prepare(str(tmp_path / "a"), tok, tmp_path / "c", seq_len=5, n_sequences=4,
@@ -481,3 +486,56 @@ def test_prepare_command_line(tmp_path, monkeypatch, capsys, tok):
     assert (manifest.tokenizer, manifest.n_sequences) == ("tiny", 9)
     assert main([*argv[:-1], "other"]) == 2  # a different set is not overwritten
     assert "already holds a different shard set" in capsys.readouterr().err
+
+
+# --- documents as the unit ----------------------------------------------------------------
+
+
+def test_document_packing_never_spans_documents_and_records_ids(tok):
+    docs = ["w1 " * 30, "w2 " * 5, "", "w3 " * 50]
+    out = tokenize_documents(docs, tok, seq_len=11)
+    assert out.tokens.shape[1] == 11
+    # 30 // 10 = 3 chunks of document 0, none of 1 (5 tokens) or 2, 5 of document 3.
+    assert out.documents.tolist() == [0, 0, 0, 3, 3, 3, 3, 3]
+    for row in out.tokens:
+        content = set(row[1:].tolist())
+        assert len(content) == 1  # one document's words only
+    assert out.n_documents_read == 4
+
+
+def test_balanced_draw_caps_every_document(tok):
+    docs = ["w1 " * 400, "w2 " * 40, "w3 " * 40, "w4 " * 40]
+    out = tokenize_documents(docs, tok, seq_len=11, max_sequences=12)
+    counts = torch.bincount(out.documents).tolist()
+    assert counts == [3, 3, 3, 3]
+    assert out.max_document_share() == 0.25
+    unbalanced = tokenize_documents(docs, tok, seq_len=11, max_sequences=12, balance=False)
+    assert unbalanced.documents.tolist() == [0] * 12
+    assert out.documents.tolist() == sorted(out.documents.tolist())
+
+
+def test_stream_packing_records_the_majority_document(tok):
+    docs = ["w1 " * 7, "w2 " * 12]
+    out = tokenize_documents(docs, tok, seq_len=11, packing="stream")
+    # stream: 7 × w1, eos, 12 × w2 = 20 tokens -> 2 chunks of 10
+    assert out.documents.tolist() == [0, 1]
+    legacy = tokenize_corpus(docs, tok, seq_len=11)
+    assert torch.equal(out.tokens, legacy)
+
+
+def test_too_short_documents_say_so(tok):
+    with pytest.raises(SpectraError, match="hold no document of at least"):
+        tokenize_documents(["w1 w2", "w3"], tok, seq_len=11)
+
+
+def test_shards_store_document_ids(tok, tmp_path):
+    docs = ["w1 " * 40, "w2 " * 40, "w3 " * 40]
+    out = tokenize_documents(docs, tok, seq_len=11, max_sequences=9)
+    write_shards(out.tokens, tmp_path / "s", shard_size=4, tokenizer_name="t",
+                 documents=out.documents)
+    back = read_manifest(tmp_path / "s")
+    assert back.documents_of(0, 9) == out.documents.tolist()
+    assert back.shards[1].documents == tuple(out.documents[4:8].tolist())
+    with pytest.raises(SpectraError, match="documents"):
+        write_shards(out.tokens, tmp_path / "t", shard_size=4, tokenizer_name="t",
+                     documents=out.documents[:3])
