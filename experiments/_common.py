@@ -36,7 +36,7 @@ from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device, weigh
 from spectra_lens.runs import RunDir
 from spectra_lens.shards import ShardManifest, corpus_from_spec, load_tokens
 from spectra_lens.sweep import analytic_gain
-from spectra_lens.validate import check_alphas
+from spectra_lens.validate import check_alphas, check_context
 
 __all__ = [
     "HeadChoice",
@@ -48,7 +48,7 @@ __all__ = [
     "load_run_model",
     "load_run_tokens",
     "model_info",
-    "start_run",
+    "run_directory",
     "timed",
     "write_figure",
 ]
@@ -66,11 +66,18 @@ SELECTION_RULE = (
 # --------------------------------------------------------------------------- run directory
 
 
-def start_run(cfg, experiment: str) -> RunDir:
-    """The run directory of `cfg.out`: refuses a finished run unless `cfg.overwrite`."""
+@contextlib.contextmanager
+def run_directory(cfg, experiment: str, *, inputs=()) -> Iterator[RunDir]:
+    """The run directory of `cfg.out`, checked (nothing written) and locked for the block.
+
+    Load the model, check what needs it, then `rd.start(cfg, overwrite=cfg.overwrite)` writes
+    the first manifest; a failure after that marks the run "failed" (Ctrl-C: "interrupted").
+    `inputs` are directories the run reads (prepared shards): they must not lie in `cfg.out`.
+    """
     rd = RunDir(cfg.out, experiment)
-    rd.start(cfg, overwrite=cfg.overwrite, resumable_keys=("overwrite",))
-    return rd
+    rd.check(cfg, overwrite=cfg.overwrite, inputs=inputs)
+    with rd:
+        yield rd
 
 
 @contextlib.contextmanager
@@ -145,8 +152,12 @@ _png_warned = False
 
 
 def write_figure(rd: RunDir, fig, name: str) -> list[Path]:
-    """figures/`name`.html (atomic), and .png where an exporter (kaleido) works; else one warning."""
+    """figures/`name`.html (atomic), and .png where an exporter (kaleido) works; else one warning.
+
+    Every file it may write is listed in the run's manifest first (`RunDir.output`)."""
     global _png_warned
+    for file in (f"{name}.html", f"{name}.png", "plotly.min.js"):
+        rd.output(f"figures/{file}")
     written = figs.save_figure(fig, rd.file("figures") / name, png=True)
     if not any(p.suffix == ".png" for p in written) and not _png_warned:
         log.warning("PNG export is unavailable (install the 'image' extra, kaleido); "
@@ -169,18 +180,41 @@ class RunSetup:
     tokens: "RunTokens"
 
 
-def begin_run(cfg, experiment: str, *, model=None, tokens: torch.Tensor | None = None) -> RunSetup:
-    """Validate `cfg`, open the run directory, load the model and the run's tokens, seed torch."""
+@contextlib.contextmanager
+def begin_run(cfg, experiment: str, *, model=None, tokens: torch.Tensor | None = None
+              ) -> Iterator[RunSetup]:
+    """The frame of a causal run, for a `with` block.
+
+    Checks everything that needs no model before anything is written (the config, the corpus,
+    `--out`), locks the run directory, loads the model and the tokens and checks the heads and
+    the context length against the model; only then is the manifest written ("running"). A
+    failure inside the block marks the run "failed" with the error, and the lock is released on
+    every exit.
+    """
     cfg.validate()
     checked_alphas(cfg)
-    rd = start_run(cfg, experiment)
-    with timed(rd, "load_model_s"):
-        model, model_name = load_run_model(cfg, model)
-        layout = attention_layout(model)
-    with timed(rd, "tokens_s"):
-        run_tokens = load_run_tokens(cfg, model, tokens)
-    torch.manual_seed(cfg.seed)
-    return RunSetup(rd, model, model_name, layout, run_tokens)
+    source = corpus_from_spec(cfg.corpus) if tokens is None else None  # a missing file: now
+    inputs = [source.directory] if isinstance(source, ShardManifest) else []
+    with run_directory(cfg, experiment, inputs=inputs) as rd:
+        with timed(rd, "load_model_s"):
+            model, model_name = load_run_model(cfg, model)
+            layout = attention_layout(model)
+        check_context(model, cfg.seq_len if tokens is None else tokens.shape[-1])
+        _check_given_heads(cfg, layout)
+        with timed(rd, "tokens_s"):
+            run_tokens = load_run_tokens(cfg, model, tokens)
+        rd.start(cfg, overwrite=cfg.overwrite)
+        torch.manual_seed(cfg.seed)
+        yield RunSetup(rd, model, model_name, layout, run_tokens)
+
+
+def _check_given_heads(cfg, layout: AttentionLayout) -> None:
+    """The layers and heads the config names exist in the model (before any file is written)."""
+    t_layer = cfg.target_layer if cfg.target_layer is not None else layout.n_layers // 2
+    _check_layer_head(layout, t_layer, cfg.target_head or 0, "target")
+    if hasattr(cfg, "control_head"):
+        c_layer = t_layer if cfg.control_layer is None else cfg.control_layer
+        _check_layer_head(layout, c_layer, cfg.control_head or 0, "control")
 
 
 def provenance(setup: RunSetup, choice: "HeadChoice", seed: int) -> dict:

@@ -208,24 +208,24 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
 def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | None = None,
         progress: bool = True) -> GainResult:
     """EXP2 into `cfg.out`: gain_summary.csv, gain_curves.csv, figures, manifest.json."""
-    setup = C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens)
-    rd = setup.rd
-    result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
-    with C.timed(rd, "write_s"):
-        t = tables(result)
-        files = C.write_outputs(rd, t, figures(t))
-    rd.finish(
-        **C.provenance(setup, result.choice, cfg.seed),
-        alphas=list(result.sweep.alphas),
-        files=files,
-        methods={str(l): m for l, m in zip(result.sweep.layers, result.sweep.method)},
-        definitions={**C.k_eff_definitions(),
-                     "gain_*": "least-squares slope of the per-α mean over sequences against ln α",
-                     "gain_*_ci": f"t-interval ({cfg.ci:g}) of per-sequence slopes",
-                     "r_squared/std_error/is_monotonic": "of the entropy fit (suffixed columns: other metrics)",
-                     "analytic_gain": "-Var_p(s) at alpha = 1, mean over sequences of per-sequence token means",
-                     "fd_gain_entropy": "central difference of mean entropy around alpha = 1 on the grid"},
-    )
+    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens) as setup:
+        rd = setup.rd
+        result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
+        with C.timed(rd, "write_s"):
+            t = tables(result)
+            files = C.write_outputs(rd, t, figures(t))
+        rd.finish(
+            **C.provenance(setup, result.choice, cfg.seed),
+            alphas=list(result.sweep.alphas),
+            files=files,
+            methods={str(l): m for l, m in zip(result.sweep.layers, result.sweep.method)},
+            definitions={**C.k_eff_definitions(),
+                         "gain_*": "least-squares slope of the per-α mean over sequences against ln α",
+                         "gain_*_ci": f"t-interval ({cfg.ci:g}) of per-sequence slopes",
+                         "r_squared/std_error/is_monotonic": "of the entropy fit (suffixed columns: other metrics)",
+                         "analytic_gain": "-Var_p(s) at alpha = 1, mean over sequences of per-sequence token means",
+                         "fd_gain_entropy": "central difference of mean entropy around alpha = 1 on the grid"},
+        )
     return dataclasses.replace(result, out=rd.path)
 
 

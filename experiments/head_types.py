@@ -144,22 +144,24 @@ def run(cfg: HeadTypesConfig = HeadTypesConfig(), *, model=None, tokens=None,
     """Head types into `cfg.out`: head_types.csv, head_types_by_label.csv, figures, manifest."""
     cfg.validate()
     agreement, gain = _read_table(cfg.agreement, "agreement"), _read_table(cfg.gain, "gain")
-    rd = C.start_run(cfg, EXPERIMENT)
-    with C.timed(rd, "load_model_s"):
-        model, model_name = C.load_run_model(cfg, model)
-        layout = attention_layout(model)
-    with C.timed(rd, "tokens_s"):
-        # every head is scored, none is chosen: no held-out selection sequences (n_select = 0)
-        spec = SimpleNamespace(corpus=cfg.corpus, seq_len=cfg.seq_len, n_sequences=cfg.n_sequences, n_select=0)
-        text = C.load_run_tokens(spec, model, tokens)
-    result = compute(cfg, model, text.measure, agreement=agreement, gain=gain, rd=rd)
-    with C.timed(rd, "write_s"):
-        t = tables(result)
-        files = C.write_outputs(rd, t, figures(t))
-    rd.finish(model=C.model_info(model_name, layout), corpus=text.corpus,
-              n_sequences=int(text.measure.shape[0]), seq_len=int(text.measure.shape[1]),
-              label_rule=LABEL_RULE, joined={"agreement": cfg.agreement, "gain": cfg.gain},
-              files=files, labels=result.types["label"].value_counts().to_dict())
+    with C.run_directory(cfg, EXPERIMENT) as rd:
+        with C.timed(rd, "load_model_s"):
+            model, model_name = C.load_run_model(cfg, model)
+            layout = attention_layout(model)
+        with C.timed(rd, "tokens_s"):
+            # every head is scored, none is chosen: no held-out selection sequences (n_select = 0)
+            spec = SimpleNamespace(corpus=cfg.corpus, seq_len=cfg.seq_len, n_sequences=cfg.n_sequences,
+                                   n_select=0)
+            text = C.load_run_tokens(spec, model, tokens)
+        rd.start(cfg, overwrite=cfg.overwrite)  # the manifest, once the model and text are there
+        result = compute(cfg, model, text.measure, agreement=agreement, gain=gain, rd=rd)
+        with C.timed(rd, "write_s"):
+            t = tables(result)
+            files = C.write_outputs(rd, t, figures(t))
+        rd.finish(model=C.model_info(model_name, layout), corpus=text.corpus,
+                  n_sequences=int(text.measure.shape[0]), seq_len=int(text.measure.shape[1]),
+                  label_rule=LABEL_RULE, joined={"agreement": cfg.agreement, "gain": cfg.gain},
+                  files=files, labels=result.types["label"].value_counts().to_dict())
     return HeadTypesResult(result.types, result.by_label, out=rd.path)
 
 

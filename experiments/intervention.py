@@ -192,21 +192,21 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
         progress: bool = True) -> InterventionResult:
     """EXP1 into `cfg.out`: CSVs, figures and manifest.json. `model` (a loaded bridge) and
     `tokens` ([batch, pos]; then default heads are chosen on them too) skip loading."""
-    setup = C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens)
-    rd = setup.rd
-    result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
-    with C.timed(rd, "write_s"):
-        t = tables(result)
-        files = C.write_outputs(rd, t, figures(t))
-    rd.finish(
-        **C.provenance(setup, result.choice, cfg.seed),
-        alphas=list(result.sweeps["target"].alphas), files=files,
-        definitions={**C.k_eff_definitions(),
-                     "intervals": f"t-interval ({cfg.ci:g}) over per-sequence means",
-                     "delta_loss": "mean next-token NLL at α minus unscaled, per sequence",
-                     "kl_from_unscaled": "mean over positions of KL(p_α || p_1) of the next-token distribution",
-                     "method": "exact: real forward passes with QueryScale; *_fast: softmax(α·s) prediction"},
-    )
+    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens) as setup:
+        rd = setup.rd
+        result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
+        with C.timed(rd, "write_s"):
+            t = tables(result)
+            files = C.write_outputs(rd, t, figures(t))
+        rd.finish(
+            **C.provenance(setup, result.choice, cfg.seed),
+            alphas=list(result.sweeps["target"].alphas), files=files,
+            definitions={**C.k_eff_definitions(),
+                         "intervals": f"t-interval ({cfg.ci:g}) over per-sequence means",
+                         "delta_loss": "mean next-token NLL at α minus unscaled, per sequence",
+                         "kl_from_unscaled": "mean over positions of KL(p_α || p_1) of the next-token distribution",
+                         "method": "exact: real forward passes with QueryScale; *_fast: softmax(α·s) prediction"},
+        )
     return dataclasses.replace(result, out=rd.path)
 
 

@@ -29,7 +29,8 @@ from spectra_lens.hooks import MetricCapture, attached
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
 from spectra_lens.runs import RunDir
-from spectra_lens.shards import ShardManifest, corpus_from_spec, load_shard, prepare
+from spectra_lens.shards import MANIFEST_NAME, ShardManifest, corpus_from_spec, load_shard, prepare
+from spectra_lens.validate import check_context
 
 from . import _common as C
 
@@ -81,6 +82,10 @@ def _shards(cfg: ObservationalConfig, run: RunDir, model, source, model_name: st
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise SpectraError("the model has no tokenizer; pass --corpus as a prepared shard directory")
+    # Listed in the run's manifest before they exist, so that --overwrite removes them.
+    for i in range(-(-cfg.n_sequences // cfg.shard_size)):
+        run.output(f"shards/shard_{i:05d}.safetensors")
+    run.output(f"shards/{MANIFEST_NAME}")
     # overwrite: a run that replaces a finished one may tokenize differently (seq_len, corpus).
     return prepare(
         source, tokenizer, run.file("shards"), seq_len=cfg.seq_len, n_sequences=cfg.n_sequences,
@@ -98,7 +103,7 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
     todo = [(i, s) for i, s in enumerate(manifest.shards)]
     bar = tqdm(total=manifest.n_sequences, desc="capture", unit="seq", disable=not progress)
     for i, info in todo:
-        path = run.file(f"records/shard_{i:05d}.parquet")
+        path = run.output(f"records/shard_{i:05d}.parquet")
         paths.append(path)
         if path.exists():
             bar.update(info.n_sequences)
@@ -237,47 +242,57 @@ def read_records(paths: list[Path]) -> pd.DataFrame:
 
 def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
         progress: bool = True) -> ObservationalResult:
-    """The whole observational run into `cfg.out`; resumes an unfinished run of the same config."""
+    """The whole observational run into `cfg.out`; resumes an unfinished run of the same config.
+
+    The config, the corpus and `--out` are checked before anything is written; the manifest is
+    written once the model has loaded and fits the sequences; a later failure marks it "failed".
+    """
     cfg.validate()
     # Resolve the corpus first: a missing or empty file fails before any model is loaded.
     source = corpus_from_spec(cfg.corpus)
+    inputs = []
+    if isinstance(source, ShardManifest):
+        inputs = [source.directory]
+        if source.n_sequences < 2:
+            raise SpectraError(
+                f"the shards in {source.directory} hold {source.n_sequences} sequence; the "
+                f"statistics (sequence bootstrap, replication split) need at least 2"
+            )
     if model is None:
         model_name = cfg.model or DEFAULT_MODEL
     else:  # provenance: not the default model's name for a model the caller loaded
         model_name = cfg.model or f"pre-loaded model ({getattr(model.cfg, 'model_name', '?')})"
-    rd = RunDir(cfg.out, EXPERIMENT)
-    resuming = rd.start(cfg, overwrite=cfg.overwrite, resumable_keys=("overwrite",))
-    if cfg.overwrite and not resuming:
-        for stale in rd.path.glob("records/*.parquet"):
-            stale.unlink()
-    t0 = time.time()
-    if model is None:
-        model = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
-    rd.timed("load_model_s", time.time() - t0)
-    t0 = time.time()
-    manifest = _shards(cfg, rd, model, source, model_name)
-    rd.timed("shards_s", time.time() - t0)
-    paths = collect(model, manifest, rd, batch_size=cfg.batch_size, top_mass=cfg.top_mass,
-                    progress=progress)
-    t0 = time.time()
-    records = read_records(paths)
-    tables = analyze(records, cfg)
-    written = dict(tables, strongest_heads_sample=strongest_heads_sample(
-        records, tables["head_summary"], top_heads=cfg.top_heads, min_position=cfg.min_position,
-        seed=cfg.seed))
-    rd.timed("statistics_s", time.time() - t0)
-    t0 = time.time()
-    C.write_outputs(rd, written, figures(written))
-    rd.timed("figures_s", time.time() - t0)
-    layout = attention_layout(model)
-    rd.finish(
-        model={"spec": model_name, "n_layers": layout.n_layers,
-               "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads,
-               "q_hook": layout.q_kind, "k_hook": layout.k_kind},
-        corpus=manifest.corpus, n_sequences=manifest.n_sequences, seq_len=manifest.seq_len,
-        n_tokens_per_head=int(len(records) / max(1, layout.n_layers * layout.n_heads)),
-        resumed=resuming, seed=cfg.seed,
-    )
+    with C.run_directory(cfg, EXPERIMENT, inputs=inputs) as rd:
+        t0 = time.time()
+        if model is None:
+            model = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
+        rd.timed("load_model_s", time.time() - t0)
+        check_context(model, source.seq_len if isinstance(source, ShardManifest) else cfg.seq_len)
+        resuming = rd.start(cfg, overwrite=cfg.overwrite)
+        t0 = time.time()
+        manifest = _shards(cfg, rd, model, source, model_name)
+        rd.timed("shards_s", time.time() - t0)
+        paths = collect(model, manifest, rd, batch_size=cfg.batch_size, top_mass=cfg.top_mass,
+                        progress=progress)
+        t0 = time.time()
+        records = read_records(paths)
+        tables = analyze(records, cfg)
+        written = dict(tables, strongest_heads_sample=strongest_heads_sample(
+            records, tables["head_summary"], top_heads=cfg.top_heads, min_position=cfg.min_position,
+            seed=cfg.seed))
+        rd.timed("statistics_s", time.time() - t0)
+        t0 = time.time()
+        C.write_outputs(rd, written, figures(written))
+        rd.timed("figures_s", time.time() - t0)
+        layout = attention_layout(model)
+        rd.finish(
+            model={"spec": model_name, "n_layers": layout.n_layers,
+                   "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads,
+                   "q_hook": layout.q_kind, "k_hook": layout.k_kind},
+            corpus=manifest.corpus, n_sequences=manifest.n_sequences, seq_len=manifest.seq_len,
+            n_tokens_per_head=int(len(records) / max(1, layout.n_layers * layout.n_heads)),
+            resumed=resuming, seed=cfg.seed,
+        )
     return ObservationalResult(out=rd.path, **tables)
 
 

@@ -224,26 +224,26 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
 def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None = None,
         progress: bool = True) -> QKResult:
     """EXP3 into `cfg.out`: qk_comparison_results.csv, sensitivity_summary.csv, figures, manifest."""
-    setup = C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens)
-    rd = setup.rd
-    result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
-    with C.timed(rd, "write_s"):
-        t = tables(result)
-        files = C.write_outputs(rd, t, figures(t))
-    rd.finish(
-        **C.provenance(setup, result.choice, cfg.seed),
-        kv_head=result.kv_head, group=list(result.group),
-        interventions={s: sw.intervention for s, sw in result.sweeps.items()},
-        alphas=list(result.sweeps["query"].alphas),
-        files=files,
-        definitions={**C.k_eff_definitions(),
-                     "kv group": "query heads h with h // (n_heads // n_kv_heads) == kv_head",
-                     "max_abs_pattern_diff_qk": "max over sequences, queries, keys of |p_Q - p_K|",
-                     "max_abs_dev_from_prediction": "max |p - prediction|; prediction = softmax(alpha*s) "
-                                                    "where the head is scaled, else the unscaled pattern",
-                     "sensitivity_ratio": "entropy slope vs ln alpha under Q scaling / under K scaling",
-                     "pattern_changed": f"some pattern entry moved by more than {CHANGE_TOL:g}"},
-    )
+    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens) as setup:
+        rd = setup.rd
+        result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
+        with C.timed(rd, "write_s"):
+            t = tables(result)
+            files = C.write_outputs(rd, t, figures(t))
+        rd.finish(
+            **C.provenance(setup, result.choice, cfg.seed),
+            kv_head=result.kv_head, group=list(result.group),
+            interventions={s: sw.intervention for s, sw in result.sweeps.items()},
+            alphas=list(result.sweeps["query"].alphas),
+            files=files,
+            definitions={**C.k_eff_definitions(),
+                         "kv group": "query heads h with h // (n_heads // n_kv_heads) == kv_head",
+                         "max_abs_pattern_diff_qk": "max over sequences, queries, keys of |p_Q - p_K|",
+                         "max_abs_dev_from_prediction": "max |p - prediction|; prediction = softmax(alpha*s) "
+                                                        "where the head is scaled, else the unscaled pattern",
+                         "sensitivity_ratio": "entropy slope vs ln alpha under Q scaling / under K scaling",
+                         "pattern_changed": f"some pattern entry moved by more than {CHANGE_TOL:g}"},
+        )
     return dataclasses.replace(result, out=rd.path)
 
 

@@ -245,17 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, or a usage error argparse has printed
         return e.code if isinstance(e.code, int) else 2
     configure_logging(args.verbose, args.log_level)
-    from spectra_lens.errors import SpectraError
+    from spectra_lens.errors import run_command
 
-    t0 = time.perf_counter()
-    try:
+    def command(_argv) -> int:
+        t0 = time.perf_counter()
         module = importlib.import_module(COMMANDS[name].module)
         status = module.command(cfg, progress=not args.no_progress)
-    except SpectraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logging.getLogger("spectra_lens.cli").info("%s finished in %.1f s", name, time.perf_counter() - t0)
-    return int(status or 0)
+        logging.getLogger("spectra_lens.cli").info("%s finished in %.1f s", name, time.perf_counter() - t0)
+        return int(status or 0)
+
+    # a user error: one line, exit 2; Ctrl-C: one line, exit 130
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":

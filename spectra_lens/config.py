@@ -41,15 +41,18 @@ class ObservationalConfig:
                 raise SpectraError(f"{name} must be a positive integer, got {v!r}")
         if self.seq_len < 2:
             raise SpectraError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.n_sequences < 2:
+            raise SpectraError(f"n_sequences must be >= 2: the sequence bootstrap and the "
+                               f"replication split need two sequences at least, got {self.n_sequences}")
         from spectra_lens.validate import check_min_position  # imports torch: not at module load
 
         check_min_position(self.min_position, self.seq_len)
         if self.top_mass is not None and not 0 < self.top_mass <= 1:
             raise SpectraError(f"top_mass must be in (0, 1] or None, got {self.top_mass!r}")
-        for name in ("fdr_alpha", "consistency_threshold"):
-            v = getattr(self, name)
-            if not 0 < v < 1 if name == "fdr_alpha" else not 0 < v <= 1:
-                raise SpectraError(f"{name} must be in (0, 1), got {v!r}")
+        if not 0 < self.fdr_alpha < 1:
+            raise SpectraError(f"fdr_alpha must be in (0, 1), got {self.fdr_alpha!r}")
+        if not 0 < self.consistency_threshold <= 1:
+            raise SpectraError(f"consistency_threshold must be in (0, 1], got {self.consistency_threshold!r}")
 
 
 # --------------------------------------------------------------------------- causal experiments
@@ -69,6 +72,9 @@ def _check_causal(cfg) -> None:
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise SpectraError(f"{name} must be a positive integer, got {v!r}")
+    if cfg.n_sequences < 2:
+        raise SpectraError(f"n_sequences must be >= 2: intervals over sequences need two at "
+                           f"least, got {cfg.n_sequences}")
     if cfg.seq_len < 2:
         raise SpectraError(f"seq_len must be >= 2, got {cfg.seq_len}")
     from spectra_lens.validate import check_min_position  # imports torch: not at module load
@@ -78,19 +84,22 @@ def _check_causal(cfg) -> None:
         raise SpectraError(f"n_select must be an integer >= 0, got {cfg.n_select!r}")
     if not 0 < cfg.ci < 1:
         raise SpectraError(f"ci must lie strictly between 0 and 1, got {cfg.ci!r}")
-    alphas = tuple(cfg.alphas)
-    if not alphas:
-        raise SpectraError("alphas must hold at least one value, got an empty grid")
-    bad = [a for a in alphas if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0
-           or a == float("inf")]
+    bad = [a for a in tuple(cfg.alphas) if isinstance(a, bool) or not isinstance(a, (int, float))]
     if bad:
-        raise SpectraError(f"every alpha must be a finite number > 0, got {bad} in {list(alphas)}")
-    if len(set(alphas)) != len(alphas):
-        raise SpectraError(f"alphas must be distinct, got {list(alphas)}")
+        raise SpectraError(f"every alpha must be a number, got {bad} in {list(cfg.alphas)}")
+    from spectra_lens.validate import check_alphas  # config stays importable without torch
+
+    check_alphas(cfg.alphas)
     for name in ("target_layer", "target_head", "control_layer", "control_head"):
         v = getattr(cfg, name, None)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             raise SpectraError(f"{name} must be None or an integer >= 0, got {v!r}")
+    target = (cfg.target_layer, cfg.target_head)
+    c_layer = getattr(cfg, "control_layer", None)
+    control = (cfg.target_layer if c_layer is None else c_layer, getattr(cfg, "control_head", None))
+    if None not in target and target == control:
+        raise SpectraError(f"the control head must differ from the target head; both are layer "
+                           f"{target[0]} head {target[1]}")
 
 
 @dataclass(frozen=True, kw_only=True)

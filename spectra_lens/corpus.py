@@ -214,8 +214,9 @@ def _jsonl_text(line: str, field: str, where: str) -> str:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise SpectraError(
-            f"{where}: invalid JSON ({err.msg} at column {err.colno}); expected one JSON object "
-            "per line"
+            # json's own message may end in "at" ("Unterminated string starting at")
+            f"{where}: invalid JSON ({err.msg.removesuffix(' at')} at column {err.colno}); "
+            "expected one JSON object per line"
         ) from None
     if not isinstance(record, dict):
         raise SpectraError(
@@ -469,12 +470,29 @@ def _bos_token(tokenizer: Any, prepend_bos: bool | None) -> int | None:
     return bos if prepend_bos else None
 
 
+# C0/C1 control characters other than tab, newline and carriage return.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _check_text(doc: str, where: str) -> None:
+    """SpectraError for a document that is mostly control characters (a binary file, NUL bytes):
+    it tokenizes without complaint and gives attention statistics of noise."""
+    n_control = len(_CONTROL.findall(doc))
+    if n_control and n_control * 2 > len(doc):
+        raise SpectraError(
+            f"{where} is mostly control characters ({n_control} of {len(doc)}, e.g. NUL bytes); "
+            f"expected text"
+        )
+
+
 def _encode_documents(docs: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
     """Token ids of each document, without special tokens, encoded in batches."""
     batch: list[str] = []
+    label = f" of {docs.description}" if isinstance(docs, Corpus) else ""
     for i, doc in enumerate(docs):
         if not isinstance(doc, str):
             raise SpectraError(f"document {i} is {type(doc).__name__}; expected str")
+        _check_text(doc, f"document {i}{label}")
         batch.append(doc)
         if len(batch) == _ENCODE_BATCH:
             yield from _encode(tokenizer, batch)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from spectra_lens.errors import SpectraError
+from spectra_lens.errors import SpectraError, one_line
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -49,8 +49,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise SpectraError(f"device must be like 'cpu' or 'cuda:0', got {device!r}") from e
+    if dev.type not in ("cpu", "cuda", "mps"):
+        # e.g. "meta": tensors without data, so every metric would be garbage or fail deep inside
+        raise SpectraError(f"device must be cpu, cuda[:N] or mps, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SpectraError(f"device {device!r} was asked for but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SpectraError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SpectraError(f"device {device!r} was asked for but MPS is not available here")
     return dev
 
 
@@ -171,9 +178,16 @@ def load_hf(spec: str | os.PathLike | None = None, *, dtype=None, device=None):
             )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, **kwargs)
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
-    except OSError as e:
-        raise SpectraError(f"could not load model {source!r}: {e}") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unknown model type, bad config, ...
+        raise SpectraError(f"could not load model {source!r}: {one_line(e)}") from e
+    tok = None
+    if not local or _has_tokenizer(Path(source)):
+        try:
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SpectraError(f"could not load the tokenizer of {source!r}: {one_line(e)}") from e
+    else:
+        log.info("%s has no tokenizer files; the model needs prepared shards as its corpus", source)
     return model.to(dev).eval(), tok
 
 
@@ -184,12 +198,22 @@ def load_tokenizer(spec: str | os.PathLike | None = None):
     if spec is None or spec == "default" or spec == DEFAULT_MODEL:
         return AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
     path = Path(spec).expanduser()
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if path.is_dir() and not _has_tokenizer(path):
+        raise SpectraError(f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                           f"expected the model directory with its tokenizer files")
     try:
-        return AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
-    except OSError as e:
-        raise SpectraError(f"tokenizer for {spec!r} is not available locally: {e}") from e
+        return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else str(spec),
+                                             local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SpectraError(f"tokenizer for {spec!r} is not available locally: {one_line(e)}") from e
+
+
+# Files any Hugging Face tokenizer is saved with (one of them at least).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def _reloadable_tokenizer(tokenizer):

@@ -323,7 +323,7 @@ def test_interrupted_run_resumes_with_identical_results(bridge, corpus, finished
     assert count_hooks(bridge) == 0
     first = out / "records" / "shard_00000.parquet"
     assert first.exists() and not (out / "records" / "shard_00001.parquet").exists()
-    assert looks_incomplete(out) and read_manifest(out)["status"] == "running"
+    assert looks_incomplete(out) and read_manifest(out)["status"] == "interrupted"
     mtime = first.stat().st_mtime_ns
 
     def counting(manifest, i):
@@ -377,7 +377,8 @@ def _empty_file(tmp_path, corpus):
 
 
 def _too_short(tmp_path, corpus):
-    return {"seq_len": 5000}, "corpus too short.*seq_len=5000"
+    (tmp_path / "short.txt").write_text("w1 w2 w3 w4")
+    return {"corpus": str(tmp_path / "short.txt"), "seq_len": 100}, "corpus too short.*seq_len=100"
 
 
 def _jsonl_without_text(tmp_path, corpus):
