@@ -44,6 +44,10 @@ HookFn = tuple[str, Callable]
 METRIC_NAMES: tuple[str, ...] = (
     "q_norm", "k_norm", "entropy", "entropy_norm", "max_attn",
     "k_eff_exp", "k_eff_pr", "k_eff_top90", "sink_mass", "local_gain",
+    # the same metrics of the pattern without the first key (renormalized), and the spread of
+    # the scores at unit query norm (the direction part of the logits)
+    "entropy_nosink", "max_attn_nosink", "k_eff_exp_nosink", "k_eff_pr_nosink",
+    "k_eff_top90_nosink", "dir_spread",
 )
 
 
@@ -288,6 +292,12 @@ class TokenMetrics:
     k_eff_top90: Float[Tensor, "batch layer head pos"]
     sink_mass: Float[Tensor, "batch layer head pos"]
     local_gain: Float[Tensor, "batch layer head pos"]
+    entropy_nosink: Float[Tensor, "batch layer head pos"]
+    max_attn_nosink: Float[Tensor, "batch layer head pos"]
+    k_eff_exp_nosink: Float[Tensor, "batch layer head pos"]
+    k_eff_pr_nosink: Float[Tensor, "batch layer head pos"]
+    k_eff_top90_nosink: Float[Tensor, "batch layer head pos"]
+    dir_spread: Float[Tensor, "batch layer head pos"]
     patterns: dict = field(default_factory=dict)
     # Real tokens [batch, pos] (None: all real). Metrics of padding positions are NaN.
     attention_mask: Tensor | None = None
@@ -465,7 +475,10 @@ class MetricCapture:
             # One blocked pass over the visible keys (metrics.row_metrics); without faithful
             # scores the logits are log p (the same up to a per-row constant). top_mass=None
             # skips k_eff_top90 (NaN), the only metric that sorts the rows.
-            got = M.row_metrics(p, self._scores.pop(l, None), top_mass=self.top_mass)
+            s = self._scores.pop(l, None)
+            got = M.row_metrics(p, s, top_mass=self.top_mass)
+            got |= M.sink_excluded_metrics(p, s, self._store["q_norm"][l],
+                                           top_mass=self.top_mass)
             mask = self._mask_for(p, name)
             if mask is not None:
                 pf = p.float()

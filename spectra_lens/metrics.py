@@ -50,6 +50,9 @@ __all__ = [
     "pattern_metrics",
     "ROW_METRICS",
     "row_metrics",
+    "without_first_key",
+    "direction_spread",
+    "sink_excluded_metrics",
     "alpha_row_metrics",
 ]
 
@@ -595,3 +598,72 @@ def alpha_row_metrics(
         for n, v in got.items():
             out[n][i : i + a.size] = v.reshape(a.size, rows)
     return {n: torch.from_numpy(v).float() for n, v in out.items()}
+
+
+def without_first_key(
+    scores: Float[Tensor, "*batch key_pos"], visible: Bool[Tensor, "*batch key_pos"]
+) -> Float[Tensor, "*batch key_pos"]:
+    """p'_j = softmax over the visible keys j ≥ 1 of s (0 at j = 0): p_j / (1 − p_0) for j ≥ 1.
+
+    The pattern with the first (sink / BOS) key excluded and the rest renormalized, computed
+    from the scores (or log p: any per-row shift works) so that p_0 near 1 loses no digits.
+    Rows with no visible key after the first (query position 0) are NaN.
+    """
+    vis = visible.clone()
+    vis[..., 0] = False
+    return torch.softmax(_f32(scores).masked_fill(~vis, float("-inf")), dim=-1)
+
+
+def direction_spread(
+    scores: Float[Tensor, "*batch key_pos"],
+    visible: Bool[Tensor, "*batch key_pos"],
+    q_norm: Float[Tensor, "*batch"],
+) -> Float[Tensor, "*batch"]:
+    """sd_j(s_j / ‖q‖) over the visible keys (population sd): the spread of q̂·k/√d.
+
+    The scores at unit query norm: the part of the logits set by the query's direction (and
+    the keys), so that entropy can be compared with the norm and with the direction. Any
+    per-row shift of `scores` (log p) gives the same value. 0 where one key is visible.
+    """
+    s = _f32(scores).masked_fill(~visible, 0.0)
+    n = visible.sum(-1, keepdim=True).clamp_min(1).to(s.dtype)
+    mean = s.sum(-1, keepdim=True) / n
+    var = ((s - mean).square() * visible).sum(-1) / n[..., 0]
+    return var.sqrt() / _f32(q_norm)
+
+
+def sink_excluded_metrics(
+    pattern: Float[Tensor, "*batch query_pos key_pos"],
+    scores: Float[Tensor, "*batch query_pos key_pos"] | None,
+    q_norm: Float[Tensor, "*batch query_pos"],
+    *,
+    top_mass: float | None = 0.9,
+) -> dict[str, Float[Tensor, "*batch query_pos"]]:
+    """The metrics of the pattern without the first key, and the direction spread of the logits.
+
+    `entropy_nosink`, `max_attn_nosink`, `k_eff_exp_nosink`, `k_eff_pr_nosink`,
+    `k_eff_top90_nosink` are `entropy`, `max_attention`, `k_eff_exp`, `k_eff_participation`,
+    `k_eff_top_mass` of `without_first_key` (NaN at query position 0, which sees only the first
+    key; k_eff_top90_nosink NaN throughout when `top_mass` is None); `dir_spread` is
+    `direction_spread`. Without `scores` the visible keys are p > 0 and the logits log p.
+    """
+    if scores is None:
+        visible = pattern > 0
+        scores = logits_from_pattern(pattern)
+    else:
+        visible = visible_from_scores(scores)
+    rest = without_first_key(scores, visible)
+    h = entropy(rest)
+    undefined = torch.isnan(h)
+    if top_mass is None:
+        top = torch.full_like(h, torch.nan)
+    else:
+        top = k_eff_top_mass(rest.nan_to_num(0.0), mass=top_mass).masked_fill(undefined, torch.nan)
+    return {
+        "entropy_nosink": h,
+        "max_attn_nosink": max_attention(rest),
+        "k_eff_exp_nosink": k_eff_exp(h),
+        "k_eff_pr_nosink": k_eff_participation(rest),
+        "k_eff_top90_nosink": top,
+        "dir_spread": direction_spread(scores, visible, q_norm),
+    }

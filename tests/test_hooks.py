@@ -614,3 +614,37 @@ def test_alpha_outside_float32_is_refused():
             check_alpha(bad)
         with pytest.raises(SpectraError, match="float32|finite and > 0"):  # 1e-46 is 0 in float32
             repeat_for_alphas(torch.ones(1, 2, dtype=torch.long), [1.0, bad])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+def test_first_key_excluded_metrics_and_direction_spread_from_hook_pattern(tiny, tokens, family):
+    """The *_nosink metrics are those of p_j / (1 − p_0), j ≥ 1; dir_spread is the sd over
+    visible keys of s_j / ‖q‖ — both recomputed by hand from the cached hooks."""
+    model, layout = tiny(family)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    tm = capture_metrics(model, tokens)
+    n = tokens.shape[1]
+    visible = causal_mask(n)
+    for l in range(layout.n_layers):
+        p = cache[hook_name(l, "pattern")].double()
+        rest = p[..., 1:] / (1 - p[..., :1])
+        H = _hand_entropy(rest)
+        assert_close(tm.entropy_nosink[:, l, :, 1:].double(), H[..., 1:], atol=1e-5, rtol=0)
+        assert torch.isnan(tm.entropy_nosink[:, l, :, 0]).all()
+        assert torch.isnan(tm.k_eff_top90_nosink[:, l, :, 0]).all()
+        assert_close(tm.max_attn_nosink[:, l, :, 1:].double(), rest.amax(-1)[..., 1:],
+                     atol=1e-5, rtol=0)
+        assert_close(tm.k_eff_exp_nosink[:, l, :, 1:].double(), H[..., 1:].exp(),
+                     atol=1e-4, rtol=1e-5)
+        assert_close(tm.k_eff_pr_nosink[:, l, :, 1:].double(),
+                     1 / (rest**2).sum(-1)[..., 1:], atol=1e-4, rtol=1e-5)
+        top = (rest.sort(-1, descending=True).values.cumsum(-1) < 0.9 - 1e-6).sum(-1) + 1
+        assert (tm.k_eff_top90_nosink[:, l, :, 1:].double() == top[..., 1:].double()).float().mean() > 0.99
+        s = cache[hook_name(l, "attn_scores")] if layout.scores_faithful else torch.log(p)
+        s = s.double().masked_fill(~visible, 0.0)
+        count = visible.sum(-1).double()
+        mean = s.sum(-1, keepdim=True) / count[:, None]
+        sd = (((s - mean) ** 2) * visible).sum(-1).div(count).sqrt()
+        q = cache[layout.q_hook(l)].double().norm(dim=-1).transpose(1, 2)
+        assert_close(tm.dir_spread[:, l].double(), sd / q, atol=1e-5, rtol=1e-4)
