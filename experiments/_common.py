@@ -181,15 +181,15 @@ class RunSetup:
 
 
 @contextlib.contextmanager
-def begin_run(cfg, experiment: str, *, model=None, tokens: torch.Tensor | None = None
-              ) -> Iterator[RunSetup]:
+def begin_run(cfg, experiment: str, *, model=None, tokens: torch.Tensor | None = None,
+              progress: bool = False) -> Iterator[RunSetup]:
     """The frame of a causal run, for a `with` block.
 
     Checks everything that needs no model before anything is written (the config, the corpus,
     `--out`), locks the run directory, loads the model and the tokens and checks the heads and
     the context length against the model; only then is the manifest written ("running"). A
     failure inside the block marks the run "failed" with the error, and the lock is released on
-    every exit.
+    every exit. `progress`: a bar over the model's loading stages.
     """
     cfg.validate()
     checked_alphas(cfg)
@@ -197,7 +197,7 @@ def begin_run(cfg, experiment: str, *, model=None, tokens: torch.Tensor | None =
     inputs = [source.directory] if isinstance(source, ShardManifest) else []
     with run_directory(cfg, experiment, inputs=inputs) as rd:
         with timed(rd, "load_model_s"):
-            model, model_name = load_run_model(cfg, model)
+            model, model_name = load_run_model(cfg, model, progress=progress)
             layout = attention_layout(model)
         check_context(model, cfg.seq_len if tokens is None else tokens.shape[-1])
         _check_given_heads(cfg, layout)
@@ -231,12 +231,13 @@ def provenance(setup: RunSetup, choice: "HeadChoice", seed: int) -> dict:
 # --------------------------------------------------------------------------- model and tokens
 
 
-def load_run_model(cfg, model=None) -> tuple[object, str]:
+def load_run_model(cfg, model=None, *, progress: bool = False) -> tuple[object, str]:
     """(bridge, name recorded in the manifest): `model` as given, else `cfg.model` loaded."""
     if model is not None:
         name = cfg.model or f"pre-loaded model ({getattr(model.cfg, 'model_name', '?')})"
         return model, name
-    return load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device)), cfg.model or DEFAULT_MODEL
+    bridge = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device), progress=progress)
+    return bridge, cfg.model or DEFAULT_MODEL
 
 
 def model_info(name: str, layout: AttentionLayout, model=None) -> dict:

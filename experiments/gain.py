@@ -208,7 +208,7 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
 def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | None = None,
         progress: bool = True) -> GainResult:
     """EXP2 into `cfg.out`: gain_summary.csv, gain_curves.csv, figures, manifest.json."""
-    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens) as setup:
+    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
         rd = setup.rd
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
         with C.timed(rd, "write_s"):

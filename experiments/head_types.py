@@ -146,7 +146,7 @@ def run(cfg: HeadTypesConfig = HeadTypesConfig(), *, model=None, tokens=None,
     agreement, gain = _read_table(cfg.agreement, "agreement"), _read_table(cfg.gain, "gain")
     with C.run_directory(cfg, EXPERIMENT) as rd:
         with C.timed(rd, "load_model_s"):
-            model, model_name = C.load_run_model(cfg, model)
+            model, model_name = C.load_run_model(cfg, model, progress=progress)
             layout = attention_layout(model)
         with C.timed(rd, "tokens_s"):
             # every head is scored, none is chosen: no held-out selection sequences (n_select = 0)
@@ -158,7 +158,7 @@ def run(cfg: HeadTypesConfig = HeadTypesConfig(), *, model=None, tokens=None,
         with C.timed(rd, "write_s"):
             t = tables(result)
             files = C.write_outputs(rd, t, figures(t))
-        rd.finish(model=C.model_info(model_name, layout), corpus=text.corpus,
+        rd.finish(model=C.model_info(model_name, layout, model), corpus=text.corpus,
                   n_sequences=int(text.measure.shape[0]), seq_len=int(text.measure.shape[1]),
                   label_rule=LABEL_RULE, joined={"agreement": cfg.agreement, "gain": cfg.gain},
                   files=files, labels=result.types["label"].value_counts().to_dict())

@@ -192,7 +192,7 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
         progress: bool = True) -> InterventionResult:
     """EXP1 into `cfg.out`: CSVs, figures and manifest.json. `model` (a loaded bridge) and
     `tokens` ([batch, pos]; then default heads are chosen on them too) skip loading."""
-    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens) as setup:
+    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
         rd = setup.rd
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
         with C.timed(rd, "write_s"):

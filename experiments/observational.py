@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from tqdm.auto import tqdm
 
+from spectra_lens import display, stats
 from spectra_lens import figures as figs
-from spectra_lens import stats
 from spectra_lens.config import ObservationalConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import MetricCapture, attached
@@ -101,7 +100,7 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
     cap = MetricCapture(layout, top_mass=top_mass)
     paths = []
     todo = [(i, s) for i, s in enumerate(manifest.shards)]
-    bar = tqdm(total=manifest.n_sequences, desc="capture", unit="seq", disable=not progress)
+    bar = display.progress_bar(total=manifest.n_sequences, desc="capture", unit="seq", enabled=progress)
     for i, info in todo:
         path = run.output(f"records/shard_{i:05d}.parquet")
         paths.append(path)
@@ -129,19 +128,30 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
     return paths
 
 
-def analyze(records: pd.DataFrame, cfg: ObservationalConfig) -> dict[str, pd.DataFrame]:
-    """Per-head and per-layer statistics of the records (no model needed)."""
+def analyze(records: pd.DataFrame, cfg: ObservationalConfig, *,
+            progress: bool = False) -> dict[str, pd.DataFrame]:
+    """Per-head and per-layer statistics of the records (no model needed); `progress`: a bar
+    over the stages (the cluster bootstrap of every head is the long one)."""
+    stages = ["correlations, bootstrap", "shard consistency", "replication", "layer statistics"]
+    with display.stages("statistics", stages, enabled=progress) as step:
+        step(stages[0])
+        return _analyze(records, cfg, step, stages)
+
+
+def _analyze(records, cfg, step, stages) -> dict[str, pd.DataFrame]:
     summary = stats.head_correlations(
         records, ys=_Y, min_position=cfg.min_position, n_boot=cfg.n_boot, alpha=cfg.fdr_alpha,
         seed=cfg.seed,
     )
     keys = ["layer", "head"]
+    step(stages[1])
     consistency = stats.shard_consistency(
         records, alpha=cfg.fdr_alpha, threshold=cfg.consistency_threshold,
         min_position=cfg.min_position,
     )
     cons_cols = keys + ["n_shards", "frac_same_sign", "frac_significant_same_sign", "consistent"]
     summary = summary.merge(consistency[cons_cols], on=keys, how="left")
+    step(stages[2])
     rep = stats.replication(records, alpha=cfg.fdr_alpha, min_position=cfg.min_position,
                             split_seed=cfg.seed)
     rep_cols = [c for c in rep.columns if c in keys or c not in summary.columns]
@@ -152,6 +162,7 @@ def analyze(records: pd.DataFrame, cfg: ObservationalConfig) -> dict[str, pd.Dat
     means = (records[records["position"] >= cfg.min_position]
              .groupby(keys)[extra].mean().add_prefix("mean_").reset_index())
     summary = summary.merge(means, on=keys, how="left")
+    step(stages[3])
     layer_stats = stats.layer_statistics(summary)
     return {
         "head_summary": summary,
@@ -265,7 +276,8 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
     with C.run_directory(cfg, EXPERIMENT, inputs=inputs) as rd:
         t0 = time.time()
         if model is None:
-            model = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
+            model = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device),
+                               progress=progress)
         rd.timed("load_model_s", time.time() - t0)
         check_context(model, source.seq_len if isinstance(source, ShardManifest) else cfg.seq_len)
         resuming = rd.start(cfg, overwrite=cfg.overwrite)
@@ -276,7 +288,7 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
                         progress=progress)
         t0 = time.time()
         records = read_records(paths)
-        tables = analyze(records, cfg)
+        tables = analyze(records, cfg, progress=progress)
         written = dict(tables, strongest_heads_sample=strongest_heads_sample(
             records, tables["head_summary"], top_heads=cfg.top_heads, min_position=cfg.min_position,
             seed=cfg.seed))
@@ -286,9 +298,7 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
         rd.timed("figures_s", time.time() - t0)
         layout = attention_layout(model)
         rd.finish(
-            model={"spec": model_name, "n_layers": layout.n_layers,
-                   "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads,
-                   "q_hook": layout.q_kind, "k_hook": layout.k_kind},
+            model=C.model_info(model_name, layout, model),
             corpus=manifest.corpus, n_sequences=manifest.n_sequences, seq_len=manifest.seq_len,
             n_tokens_per_head=int(len(records) / max(1, layout.n_layers * layout.n_heads)),
             resumed=resuming, seed=cfg.seed,

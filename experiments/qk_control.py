@@ -224,7 +224,7 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
 def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None = None,
         progress: bool = True) -> QKResult:
     """EXP3 into `cfg.out`: qk_comparison_results.csv, sensitivity_summary.csv, figures, manifest."""
-    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens) as setup:
+    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
         rd = setup.rd
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
         with C.timed(rd, "write_s"):

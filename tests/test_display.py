@@ -119,3 +119,16 @@ def test_progress_bars_are_labelled_and_stay_on_screen(model, capsys):
     assert any(line.startswith("QueryScale L1 H3 at 2 α") and "100%" in line for line in final), final
     assert any(line.startswith("KeyScale L0 KV1 at 2 α") and "100%" in line for line in final), final
     assert any(line.startswith("α-curves (exact)") and "100%" in line for line in final)
+
+
+def test_model_load_shows_its_stages_and_manifests_record_quantization(tmp_path, capsys):
+    from spectra_lens.models import load_model, weights_info
+
+    tiny_hf_model("gpt2").save_pretrained(tmp_path / "tiny")
+    model = load_model(str(tmp_path / "tiny"), progress=True)
+    final = [line.rsplit("\r", 1)[-1] for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert any(line.startswith(f"load {tmp_path / 'tiny'}") and "2/2" in line for line in final), final
+    assert weights_info(str(tmp_path / "tiny"), model) == {"format": "huggingface", "quantization": None}
+    default = weights_info(None)
+    assert default["quantization"] == "Q4_1" and default["dequantized"] is True
+    assert default["file"].endswith(".Q4_1.gguf")
