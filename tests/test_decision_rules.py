@@ -9,11 +9,26 @@ are made exactly by passing the threshold equal to a value the function itself r
 Records are built with exact sample correlations (`_pair`), so p-values are known in advance.
 """
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from spectra_lens.stats import head_correlations, replication, shard_consistency
+from spectra_lens.stats import (
+    VERDICT_RULE,
+    VERDICTS,
+    DocumentMoments,
+    cluster_wald,
+    document_folds,
+    document_replication,
+    fold_consistency,
+    head_correlations,
+    moments_from_records,
+    replication,
+    shard_consistency,
+    verdict,
+)
 
 N_BOOT = 200
 
@@ -313,4 +328,185 @@ def test_a_head_present_in_one_half_only_is_not_replicated():
         assert not row["replicated"], head
     assert _row(out, 0, 0)["selected"] and np.isnan(_row(out, 0, 0)["r_replication"])
     assert not _row(out, 0, 1)["selected"]
+    assert _row(out, 0, 2)["replicated"]
+
+
+# --------------------------------------------------------------------------- verdict
+# stats.VERDICT_RULE on the slope interval [lo, hi] and the causal gain g, at each boundary.
+
+
+@pytest.mark.parametrize("lo,hi,g,want", [
+    (-3.0, -1.0, -2.0, "agrees"),
+    (-3.0, -1.0, -3.0, "agrees"),                     # g == lo: inside (lo <= g)
+    (-3.0, -1.0, -1.0, "agrees"),                     # g == hi: inside (g <= hi)
+    (-3.0, -1.0, -0.5, "stronger than temperature"),  # hi < g
+    (-3.0, -1.0, -4.0, "weaker than temperature"),    # g < lo, hi < 0
+    (-3.0, 0.0, -4.0, "no norm effect seen"),         # hi == 0: the interval holds 0
+    (-3.0, 0.0, -2.0, "inconclusive"),                # hi == 0 and g inside
+    (1.0, 3.0, -2.0, "opposite sign"),                # lo > 0
+    (0.0, 3.0, -2.0, "no norm effect seen"),          # lo == 0: the interval holds 0
+    (0.0, 3.0, 0.0, "inconclusive"),                  # lo == 0 == g
+    (-1.0, 1.0, -0.5, "inconclusive"),
+    (-1.0, 1.0, -2.0, "no norm effect seen"),
+    (np.nan, np.nan, -1.0, "undefined"),
+    (-3.0, -1.0, np.nan, "undefined"),
+])
+def test_verdict_at_each_boundary(lo, hi, g, want):
+    assert verdict([lo], [hi], [g])[0] == want
+
+
+def test_every_verdict_is_reachable_and_named_in_the_rule():
+    cases = [(-3, -1, -2), (-3, -1, -0.5), (-3, -1, -4), (1, 3, -2), (-1, 1, -2), (-1, 1, -0.5)]
+    got = verdict(*(np.array(c, dtype=float) for c in zip(*cases)))
+    assert tuple(got) == VERDICTS
+    assert all(f"'{v}'" in VERDICT_RULE for v in VERDICTS)
+
+
+# --------------------------------------------------------------------------- moments rules
+# fold_consistency: consistent = share of folds (with a defined test) whose slope has the pooled
+# sign and p < alpha >= threshold, with >= 2 such folds. document_replication: selected = BH q
+# < alpha in the discovery half; replicated = selected, same sign, one-sided p < alpha in the
+# replication half.
+
+DOCS = 30
+
+
+def _doc_moments(spec: dict, *, seed: int = 0, n: int = 30) -> DocumentMoments:
+    """spec: {(layer, head): {document: r}} -> moments of n tokens per (document, head), with
+    ln q_norm ~ N(0, 1) and entropy = 2 + r ln q_norm + noise (population correlation r).
+    Head (9, 9) is present in every document, so that every spec has the same document ids
+    (the folds are drawn from them)."""
+    frames = []
+    spec = {**spec, (9, 9): {d: 0.5 for d in range(DOCS)}}
+    for k, (key, docs) in enumerate(spec.items()):
+        for d, r in docs.items():
+            x, y = _pair(n, r, seed + 1000 * k + d, exact=False)
+            frames.append(pd.DataFrame({
+                "document": d, "position": np.arange(1, n + 1), "layer": key[0], "head": key[1],
+                "q_norm": np.exp(x), "entropy": 2 + y}))
+    return moments_from_records(pd.concat(frames, ignore_index=True), ("log_q_norm", "entropy"))
+
+
+def _by_fold(r_of_fold, folds):
+    return {int(d): r_of_fold[k] for k, docs in enumerate(folds) for d in docs}
+
+
+FOLDS = document_folds(np.arange(DOCS), 5, 0)
+
+
+def _fold_row(spec, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = fold_consistency(_doc_moments(spec), n_folds=5, seed=0, **kwargs)
+    return out
+
+
+def test_fold_consistency_needs_two_folds_with_a_test():
+    spec = {(0, 0): {int(d): 0.7 for d in FOLDS[0]},
+            (0, 1): _by_fold([0.7] * 5, FOLDS)}
+    out = _fold_row(spec)
+    one = _row(out, 0, 0)
+    assert one["n_folds"] == 1 and one["frac_significant_same_sign"] == 1.0
+    assert not one["consistent"]
+    assert _row(out, 0, 1)["consistent"]
+
+
+def test_a_fold_without_a_defined_test_is_not_counted():
+    """Fold 4 holds the head in one document only (no clustered test there), against the sign."""
+    spec = {(0, 0): {**_by_fold([0.7, 0.7, 0.7, 0.7, None], FOLDS), int(FOLDS[4][0]): -0.9}}
+    spec[(0, 0)] = {d: r for d, r in spec[(0, 0)].items() if r is not None}
+    row = _row(_fold_row(spec, threshold=0.9), 0, 0)
+    assert row["n_folds"] == 4 and np.isnan(row["p_fold_4_doc_cr2"])
+    assert row["consistent"]
+
+
+def test_significant_folds_of_the_opposite_sign_do_not_count():
+    row = _row(_fold_row({(0, 0): _by_fold([0.7, 0.7, 0.7, -0.7, -0.7], FOLDS)}), 0, 0)
+    assert row["n_folds"] == 5 and row["frac_significant_same_sign"] == pytest.approx(0.6)
+    assert not row["consistent"]
+
+
+def test_same_sign_folds_that_are_not_significant_do_not_count():
+    row = _row(_fold_row({(0, 0): _by_fold([0.7, 0.7, 0.7, 0.1, 0.1], FOLDS)}), 0, 0)
+    assert row["frac_same_sign"] == 1.0, "the weak folds keep the pooled sign"
+    assert row["frac_significant_same_sign"] == pytest.approx(0.6)
+    assert not row["consistent"]
+
+
+def test_fold_share_equal_to_the_threshold_is_consistent():
+    spec = {(0, 0): _by_fold([0.7, 0.7, 0.7, 0.7, 0.1], FOLDS),
+            (0, 1): _by_fold([-0.7, -0.7, -0.7, -0.7, -0.1], FOLDS)}
+    out = _fold_row(spec)
+    for head in (0, 1):
+        row = _row(out, 0, head)
+        assert row["frac_significant_same_sign"] == 0.8 and row["consistent"], head
+
+
+def test_fold_p_equal_to_alpha_is_not_significant():
+    spec = {(0, 0): _by_fold([0.7, 0.7, 0.7, 0.7, 0.4], FOLDS)}
+    first = _row(_fold_row(spec), 0, 0)
+    p = first["p_fold_4_doc_cr2"]
+    assert first["consistent"] and p < 0.05 and p > first["p_fold_0_doc_cr2"]
+    row = _row(_fold_row(spec, alpha=p), 0, 0)
+    assert row["frac_significant_same_sign"] == pytest.approx(0.8)
+    assert not _row(_fold_row(spec, alpha=p, threshold=1.0), 0, 0)["consistent"]
+    assert _row(_fold_row(spec, threshold=1.0), 0, 0)["consistent"]
+
+
+HALVES = document_folds(np.arange(DOCS), 2, 0)
+
+
+def _halves(r_discovery, r_replication):
+    return {**{int(d): r_discovery for d in HALVES[0]}, **{int(d): r_replication for d in HALVES[1]}}
+
+
+def _replicate(spec, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return document_replication(_doc_moments(spec), seed=0, **kwargs)
+
+
+def test_document_replication_needs_selection_in_the_discovery_half():
+    out = _replicate({(0, 0): _halves(0.05, 0.7), (0, 1): _halves(0.7, 0.7)})
+    row = _row(out, 0, 0)
+    assert not row["selected"] and row["p_replication_doc_cr2_one_sided"] < 1e-6
+    assert not row["replicated"]
+    assert _row(out, 0, 1)["replicated"]
+
+
+def test_document_selection_uses_the_bh_q_not_the_raw_p():
+    """alpha between the discovery p and q of a head: selected only if BH is applied."""
+    spec = {(0, h): _halves(r, 0.7) for h, r in enumerate((0.12, 0.0, 0.0, 0.0, 0.0))}
+    moments = _doc_moments(spec)
+    half = moments.select(documents=HALVES[0])
+    p = cluster_wald(half.augmented()[0], 0, 1)["p"][0]
+    q = _replicate(spec)["q_discovery_doc_cr2"].iloc[0]
+    assert p < q
+    row = _row(_replicate(spec, alpha=(p + q) / 2), 0, 0)
+    assert not row["selected"] and not row["replicated"]
+
+
+def test_document_replication_with_the_opposite_sign_is_not_replicated():
+    out = _replicate({(0, 0): _halves(0.7, -0.7), (0, 1): _halves(0.7, 0.7)})
+    row = _row(out, 0, 0)
+    assert row["selected"] and row["r_replication"] < 0
+    assert not row["replicated"]
+
+
+def test_document_replication_p_equal_to_alpha_is_not_replicated():
+    spec = {(0, 0): _halves(0.7, 0.2)}
+    first = _row(_replicate(spec), 0, 0)
+    p = first["p_replication_doc_cr2_one_sided"]
+    assert first["replicated"] and first["q_discovery_doc_cr2"] < p
+    row = _row(_replicate(spec, alpha=p), 0, 0)
+    assert row["selected"] and not row["replicated"]
+
+
+def test_a_head_in_one_document_half_only_is_not_replicated():
+    spec = {(0, 0): {int(d): 0.7 for d in HALVES[0]},
+            (0, 1): {int(d): 0.7 for d in HALVES[1]},
+            (0, 2): _halves(0.7, 0.7)}
+    out = _replicate(spec)
+    assert _row(out, 0, 0)["selected"] and not _row(out, 0, 0)["replicated"]
+    assert not _row(out, 0, 1)["selected"] and not _row(out, 0, 1)["replicated"]
     assert _row(out, 0, 2)["replicated"]
