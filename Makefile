@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= results/observational
 
-.PHONY: setup observe test notebooks bench report clean
+.PHONY: setup observe test notebooks bench report clean mutants
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) ./scripts/setup.sh
@@ -30,3 +30,21 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
+
+# Mutation testing of the functions that decide results, with the fast test subset named in
+# pyproject.toml [tool.mutmut]; docs/MUTANTS.md lists the survivors and why each is
+# equivalent. `make mutants MUTANT_FUNCTIONS='spectra_lens.stats.*'` widens or narrows it.
+MUTANT_FUNCTIONS ?= \
+	'spectra_lens.metrics.x_entropy__*' 'spectra_lens.metrics.x_k_eff_top_mass__*' \
+	'spectra_lens.metrics.x_local_gain_under__*' 'spectra_lens.metrics.x_sorted_row_metrics__*' \
+	'spectra_lens.metrics.x_alpha_metrics__*' 'spectra_lens.metrics.x_pattern_metrics__*' \
+	'spectra_lens.sweep.x__output_effects__*' 'spectra_lens.hooks.*QueryScale*hooks__*' \
+	'spectra_lens.stats.x_verdict__*' 'spectra_lens.stats.x_fold_consistency__*' \
+	'spectra_lens.stats.x_document_replication__*'
+
+mutants: setup
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[mutation]"
+	rm -rf mutants
+	SPECTRA_LENS_NO_TYPECHECK=1 $(VENV)/bin/mutmut run --max-children 2 $(MUTANT_FUNCTIONS)
+	$(VENV)/bin/mutmut results
+
