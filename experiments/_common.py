@@ -2,7 +2,8 @@
 
 * the run directory (`spectra_lens.runs.RunDir`: refuse a finished run unless --overwrite,
   atomic CSV/JSON writes, `manifest.json` with config, model, versions, seed and timings);
-* figures: HTML always, PNG when an exporter works (`write_figure` warns once when it does not);
+* figures: HTML and JSON as written, then their images (`cfg.images`, PNG by default) in one
+  browser session at the end (`write_outputs`; one warning line when no browser draws them);
 * the model and the tokens of a run (default: the embedded model and `default_corpus()`);
 * the default target / control heads (`choose_heads`, rule below);
 * the command line: generated from the configs by `spectra_lens.cli`.
@@ -136,34 +137,32 @@ def _natural_key(p: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
 
-def write_outputs(rd: RunDir, tables: dict, figures: dict) -> list[str]:
-    """Write every table as `{name}.csv` and every figure under figures/ (HTML, and PNG where an
-    exporter works); the CSV file names written."""
+def write_outputs(rd: RunDir, tables: dict, figures: dict, *, images: str = "png") -> list[str]:
+    """Write every table as `{name}.csv` and every figure under figures/ (HTML and JSON), then
+    the figures' images (formats `images`: "png", "png,svg", "none") in one browser session,
+    timed as timings["images_s"]; the CSV file names written."""
     names = []
     for name, frame in tables.items():
         rd.write_csv(f"{name}.csv", frame)
         names.append(f"{name}.csv")
-    for name, fig in figures.items():
-        write_figure(rd, fig, name)
+    # every file the figures may write is listed in the run's manifest first (`RunDir.output`)
+    formats = figs.image_formats(images)
+    for name in figures:
+        for suffix in ("html", "json", *formats):
+            rd.output(f"figures/{name}.{suffix}")
+    if figures:
+        rd.output("figures/plotly.min.js")
+    exported = figs.write_figures(figures, rd.file("figures"), images=formats)
+    rd.timed("images_s", exported.seconds)
     return names
 
 
-_png_warned = False
-
-
 def write_figure(rd: RunDir, fig, name: str) -> list[Path]:
-    """figures/`name`.html (atomic), and .png where an exporter (kaleido) works; else one warning.
-
-    Every file it may write is listed in the run's manifest first (`RunDir.output`)."""
-    global _png_warned
-    for file in (f"{name}.html", f"{name}.png", "plotly.min.js"):
+    """figures/`name`.html and .json (atomic), no image: `write_outputs` exports a run's images
+    together at the end. Both files are listed in the run's manifest first (`RunDir.output`)."""
+    for file in (f"{name}.html", f"{name}.json", "plotly.min.js"):
         rd.output(f"figures/{file}")
-    written = figs.save_figure(fig, rd.file("figures") / name, png=True)
-    if not any(p.suffix == ".png" for p in written) and not _png_warned:
-        log.warning("PNG export is unavailable (install the 'image' extra, kaleido); "
-                    "figures are written as HTML only")
-        _png_warned = True
-    return written
+    return figs.save_figure(fig, rd.file("figures") / name)
 
 
 # --------------------------------------------------------------------------- a run's frame

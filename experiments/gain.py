@@ -213,7 +213,7 @@ def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | No
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
         with C.timed(rd, "write_s"):
             t = tables(result)
-            files = C.write_outputs(rd, t, figures(t))
+            files = C.write_outputs(rd, t, figures(t), images=cfg.images)
         rd.finish(
             **C.provenance(setup, result.choice, cfg.seed),
             alphas=list(result.sweep.alphas),

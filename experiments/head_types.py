@@ -157,7 +157,7 @@ def run(cfg: HeadTypesConfig = HeadTypesConfig(), *, model=None, tokens=None,
         result = compute(cfg, model, text.measure, agreement=agreement, gain=gain, rd=rd)
         with C.timed(rd, "write_s"):
             t = tables(result)
-            files = C.write_outputs(rd, t, figures(t))
+            files = C.write_outputs(rd, t, figures(t), images=cfg.images)
         rd.finish(model=C.model_info(model_name, layout, model), corpus=text.corpus,
                   n_sequences=int(text.measure.shape[0]), seq_len=int(text.measure.shape[1]),
                   label_rule=LABEL_RULE, joined={"agreement": cfg.agreement, "gain": cfg.gain},

@@ -197,7 +197,7 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
         with C.timed(rd, "write_s"):
             t = tables(result)
-            files = C.write_outputs(rd, t, figures(t))
+            files = C.write_outputs(rd, t, figures(t), images=cfg.images)
         rd.finish(
             **C.provenance(setup, result.choice, cfg.seed),
             alphas=list(result.sweeps["target"].alphas), files=files,

@@ -294,7 +294,7 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
             seed=cfg.seed))
         rd.timed("statistics_s", time.time() - t0)
         t0 = time.time()
-        C.write_outputs(rd, written, figures(written))
+        C.write_outputs(rd, written, figures(written), images=cfg.images)
         rd.timed("figures_s", time.time() - t0)
         layout = attention_layout(model)
         rd.finish(

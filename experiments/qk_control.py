@@ -229,7 +229,7 @@ def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None =
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
         with C.timed(rd, "write_s"):
             t = tables(result)
-            files = C.write_outputs(rd, t, figures(t))
+            files = C.write_outputs(rd, t, figures(t), images=cfg.images)
         rd.finish(
             **C.provenance(setup, result.choice, cfg.seed),
             kv_head=result.kv_head, group=list(result.group),

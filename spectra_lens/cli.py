@@ -160,6 +160,10 @@ def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, hint, default) 
     kw["default"] = list(default) if kw.get("action") == "append" else default
     kw["help"] = _escape(f"{text} (default: {_show(name, default)})")
     p.add_argument(flag, **kw)
+    if "off" in f.metadata:  # a second flag that sets the field to its "off" value
+        off_flag, off_value = f.metadata["off"]
+        p.add_argument(off_flag, dest=name, action="store_const", const=off_value,
+                       help=_escape(f"same as {flag} {off_value} (default: off)"))
 
 
 def _common_options(p: argparse.ArgumentParser) -> None:

@@ -12,6 +12,11 @@ from spectra_lens.errors import SpectraError
 __all__ = ["ObservationalConfig"]
 
 
+def _images():
+    """The `images` field of every experiment: `--images FMT`, and `--no-images` (= "none")."""
+    return field(default="png", metadata={"off": ("--no-images", "none"), "metavar": "FMT"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class ObservationalConfig:
     """EXP0: per-token query norm and attention metrics over a corpus, then per-head statistics."""
@@ -33,6 +38,7 @@ class ObservationalConfig:
     dtype: str = "float32"  # model weights; metrics are always float32
     device: str | None = None  # None = CUDA when present, else CPU
     overwrite: bool = False  # replace a finished run in `out` instead of refusing
+    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
         for name in ("seq_len", "n_sequences", "shard_size", "batch_size", "n_boot", "top_heads"):
@@ -47,12 +53,22 @@ class ObservationalConfig:
         from spectra_lens.validate import check_min_position  # imports torch: not at module load
 
         check_min_position(self.min_position, self.seq_len)
+        _check_images(self.images)
         if self.top_mass is not None and not 0 < self.top_mass <= 1:
             raise SpectraError(f"top_mass must be in (0, 1] or None, got {self.top_mass!r}")
         if not 0 < self.fdr_alpha < 1:
             raise SpectraError(f"fdr_alpha must be in (0, 1), got {self.fdr_alpha!r}")
         if not 0 < self.consistency_threshold <= 1:
             raise SpectraError(f"consistency_threshold must be in (0, 1], got {self.consistency_threshold!r}")
+
+
+def _check_images(images) -> None:
+    """Image formats of a run's figures (SpectraError naming a bad one)."""
+    from spectra_lens.figures.export import image_formats  # plotly, no torch
+
+    if not isinstance(images, str):
+        raise SpectraError(f"images must be a string such as 'png' or 'png,svg' or 'none', got {images!r}")
+    image_formats(images)
 
 
 # --------------------------------------------------------------------------- causal experiments
@@ -68,6 +84,7 @@ ALPHAS_21: tuple[float, ...] = tuple(2.0 ** (k / 5) for k in range(-10, 11))
 
 
 def _check_causal(cfg) -> None:
+    _check_images(cfg.images)
     for name in ("seq_len", "n_sequences", "max_rows"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -125,6 +142,7 @@ class InterventionConfig:
     dtype: str = "float32"  # model weights; metrics are always float32
     device: str | None = None  # None = CUDA when present, else CPU
     overwrite: bool = False  # replace a finished run in `out` instead of refusing
+    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
         _check_causal(self)
@@ -154,6 +172,7 @@ class GainConfig:
     dtype: str = "float32"  # model weights; metrics are always float32
     device: str | None = None  # None = CUDA when present, else CPU
     overwrite: bool = False  # replace a finished run in `out` instead of refusing
+    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
         _check_causal(self)
@@ -184,6 +203,7 @@ class QKConfig:
     dtype: str = "float32"  # model weights; metrics are always float32
     device: str | None = None  # None = CUDA when present, else CPU
     overwrite: bool = False  # replace a finished run in `out` instead of refusing
+    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
         _check_causal(self)
@@ -214,8 +234,10 @@ class HeadTypesConfig:
     dtype: str = "float32"  # model weights; metrics are always float32
     device: str | None = None  # None = CUDA when present, else CPU
     overwrite: bool = False  # replace a finished run in `out` instead of refusing
+    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
+        _check_images(self.images)
         from spectra_lens.validate import check_int  # imports torch: not at module load
 
         for name in ("n_sequences", "batch_size"):
@@ -261,6 +283,9 @@ FLAG_HELP: dict[str, str] = {
     "dtype": "dtype of the model weights; metrics are always computed in float32",
     "device": "torch device, e.g. cpu or cuda:0",
     "overwrite": "replace a finished run (or a different shard set) in --out instead of refusing",
+    "images": "image copies of every figure (png, svg, png,svg or none), drawn by Chrome/Chromium "
+              "in one batch at the end of the run; without a browser the figures stay HTML only",
+    "pdf": "also print the page to a PDF beside it (same name, .pdf), with Chrome/Chromium",
     "prepend_bos": "start each sequence with the tokenizer's BOS token",
     "min_tokens": "skip documents shorter than this many tokens",
     "file_format": "shard file format",
@@ -363,6 +388,7 @@ class ReportConfig:
     results_dir: str = field(metadata={"positional": True})
     out: str | None = field(default=None, metadata={"help": "HTML file to write"})
     plotlyjs: str | None = None  # load plotly.js from here instead of inlining it
+    pdf: bool = False  # also print the page to RESULTS_DIR/report.pdf (beside --out)
 
     def validate(self) -> None:
         if not self.results_dir:

@@ -1,6 +1,7 @@
 """One self-contained HTML page from a results directory.
 
     spectra-lens report RESULTS_DIR [--out FILE]       (default: RESULTS_DIR/report.html)
+    spectra-lens report RESULTS_DIR --pdf              (also report.pdf, printed by Chromium)
 
 The directory (and its subdirectories) is scanned for run directories: a `manifest.json` whose
 "experiment" is one of `EXPERIMENTS`. Each run gets a section with its manifest (status, model,
@@ -397,6 +398,8 @@ figure{margin:0;border:1px solid #e5e7eb;border-radius:6px;padding:.5rem;min-wid
 figure.wide{grid-column:1/-1}
 figcaption{color:#4b5563;font-size:.85rem;text-align:center}
 nav ul{columns:2}#spectra-render-status{display:none}
+@media print{body{max-width:none;padding:0 .5rem}.modebar-container{display:none}
+ figure{break-inside:avoid}.scroll{overflow:visible}table.data th{position:static}}
 """
 
 # Plots every figure, then records per figure: traces, traces with data, trace groups drawn.
@@ -531,6 +534,10 @@ def command(cfg, *, progress: bool = True) -> int:
     missing = [k for k in EXPERIMENTS if k not in {r.experiment for r in runs}]
     print(f"wrote {path}: {', '.join(_runs_summary(runs))}"
           + (f"; not in this directory: {', '.join(missing)}" if missing else ""))
+    if cfg.pdf:  # drawn by the same headless browser that exports the figures' images
+        from spectra_lens.figures.export import print_pdf
+
+        print(f"wrote {print_pdf(path, path.with_suffix('.pdf'))}")
     return 0
 
 

@@ -54,7 +54,7 @@ MANIFEST = "manifest.json"
 LOCK = ".spectra-lens.lock"
 FORMAT = "spectra_lens.run"
 # Config fields that do not change a run's results: a run may resume with other values.
-NOT_RESULT_FIELDS: tuple[str, ...] = ("out", "device", "overwrite")
+NOT_RESULT_FIELDS: tuple[str, ...] = ("out", "device", "overwrite", "images")
 _UNFINISHED = ("running", "interrupted", "failed")
 _PACKAGES = ("spectra-lens", "torch", "transformer-lens", "transformers", "numpy", "scipy",
              "pandas", "plotly")

@@ -133,7 +133,7 @@ def _umask() -> int:
 
 def test_save_figure_writes_html_and_plotlyjs_atomically(tmp_path, summary):
     fig = figs.head_heatmap(summary, "r_entropy", mark="significant")
-    written = figs.save_figure(fig, tmp_path / "figs" / "heat", png=False)
+    written = figs.save_figure(fig, tmp_path / "figs" / "heat")
     html = tmp_path / "figs" / "heat.html"
     assert written == [html, html.with_suffix(".json")]
     assert json.loads(html.with_suffix(".json").read_text())["data"][0]["type"] == "heatmap"
@@ -149,22 +149,21 @@ def test_save_figure_writes_html_and_plotlyjs_atomically(tmp_path, summary):
     # A second figure reuses the bundle rather than rewriting it.
     before = bundle.stat().st_mtime_ns
     figs.save_figure(figs.r_distribution(summary, {"r_entropy": "r"}, title="r"),
-                      tmp_path / "figs" / "dist", png=False)
+                     tmp_path / "figs" / "dist")
     assert bundle.stat().st_mtime_ns == before
     assert traces_have_data(figure_json(tmp_path / "figs" / "dist.html")[0])
 
 
-def test_save_figure_png_is_optional(tmp_path, summary):
-    """With png=True the HTML is always written; a PNG only where an exporter works."""
+def test_save_figure_writes_html_only_unless_images_are_asked(tmp_path, summary):
     written = figs.save_figure(figs.head_heatmap(summary, "r_entropy"), tmp_path / "h")
-    assert written[0] == tmp_path / "h.html"
+    assert written == [tmp_path / "h.html", tmp_path / "h.json"]
     assert all(p.exists() for p in written)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_failed_write_keeps_the_old_figure_and_leaves_no_temp_file(tmp_path, summary, monkeypatch):
     fig = figs.head_heatmap(summary, "r_entropy")
-    figs.save_figure(fig, tmp_path / "h", png=False)
+    figs.save_figure(fig, tmp_path / "h")
     old = (tmp_path / "h.html").read_text()
 
     def broken(self, file, **kw):
@@ -173,7 +172,6 @@ def test_failed_write_keeps_the_old_figure_and_leaves_no_temp_file(tmp_path, sum
 
     monkeypatch.setattr(go.Figure, "write_html", broken)
     with pytest.raises(KeyboardInterrupt):
-        figs.save_figure(figs.head_heatmap(summary, "partial_r_entropy"), tmp_path / "h",
-                          png=False)
+        figs.save_figure(figs.head_heatmap(summary, "partial_r_entropy"), tmp_path / "h")
     assert (tmp_path / "h.html").read_text() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.html", "h.json", "plotly.min.js"]

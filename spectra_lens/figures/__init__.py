@@ -1,5 +1,6 @@
 """Plotly figures: functions of tables that return `go.Figure` (never show, never write), and
-`save_figure`, which writes them. `heads`: per-head observational figures (EXP0); `causal`: the
+`save_figure` / `write_figures`, which write them (HTML, and PNG/SVG drawn by a system Chromium:
+`export`). `heads`: per-head observational figures (EXP0); `causal`: the
 α-sweep, intervention, gain and Q-vs-K figures (EXP1-EXP3); `attention`: one head's
 token-labelled attention pattern beside its per-token query norm and entropy. Each experiment composes these in its
 own `figures(tables)`, which the report calls too, so every figure is defined once."""
@@ -16,7 +17,15 @@ from spectra_lens.figures.causal import (
     qk_metric,
     qk_output_effects,
 )
-from spectra_lens.figures.export import save_figure
+from spectra_lens.figures.export import (
+    deferred_images,
+    export_images,
+    find_browser,
+    image_formats,
+    print_pdf,
+    save_figure,
+    write_figures,
+)
 from spectra_lens.figures.heads import (
     head_heatmap,
     layer_summary,
@@ -42,4 +51,10 @@ __all__ = [
     "r_distribution",
     "save_figure",
     "token_labels",
+    "deferred_images",
+    "export_images",
+    "find_browser",
+    "image_formats",
+    "print_pdf",
+    "write_figures",
 ]

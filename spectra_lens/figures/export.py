@@ -1,24 +1,255 @@
-"""Writing figures: plotly JSON and HTML always (plotly.js once beside the pages, so they work
-offline), PNG where an image exporter works."""
+"""Writing figures: HTML always, and static images (PNG, SVG) and PDFs drawn by a system Chromium.
 
+HTML: `save_figure` / `write_figures` write `name.html` atomically, with plotly.js once beside
+the pages, so they work offline, and `name.json`, the plotly figure (the report reads it back).
+
+Images are exported in one batch: `export_images` starts one headless browser (kaleido >= 1,
+which drives Chrome/Chromium over the DevTools protocol through choreographer), renders every
+figure in a few tabs, writes each file atomically and closes the browser. An experiment writes
+its HTML figures, then exports all their images once at the end of the run (`write_figures`);
+inside `deferred_images()` the exports of several runs wait and share one browser.
+
+Nothing here touches the network: plotly.js is the copy inside the plotly package, MathJax is
+off, and the browser is the one installed on the machine (`find_browser`: $SPECTRA_CHROMIUM,
+else $BROWSER_PATH, else chromium / google-chrome on PATH; `scripts/install_chromium.sh`
+installs Debian's). Where no browser exists, or it fails to start, the images are skipped with
+one warning that says why and how to get them; the HTML figures are always written.
+$SPECTRA_NO_IMAGES=1 turns every export off (the test suite sets it; its image tests unset it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
 import logging
 import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from spectra_lens.runs import atomic_write
+from spectra_lens.errors import SpectraError
+from spectra_lens.runs import atomic_write, atomic_write_bytes
 
-__all__ = ["save_figure"]
+__all__ = [
+    "BROWSER_ENV",
+    "DEFAULT_IMAGES",
+    "IMAGE_FORMATS",
+    "NO_IMAGES_ENV",
+    "ImageExport",
+    "deferred_images",
+    "export_images",
+    "find_browser",
+    "image_formats",
+    "print_pdf",
+    "save_figure",
+    "write_figures",
+]
 
 log = logging.getLogger(__name__)
 
+BROWSER_ENV = "SPECTRA_CHROMIUM"
+NO_IMAGES_ENV = "SPECTRA_NO_IMAGES"  # set (not "0"): every run writes HTML only, like --no-images
+IMAGE_FORMATS = ("png", "svg")
+DEFAULT_IMAGES = ("png",)  # what a run writes beside each HTML figure unless told otherwise
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 900, 600  # CSS pixels, unless the figure's layout sets its own
+DEFAULT_SCALE = 2  # device pixels per CSS pixel in PNGs: sharp in papers and slides
+_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+_INSTALL_HINT = (f"run scripts/install_chromium.sh (Debian/Ubuntu) or set {BROWSER_ENV} to a "
+                 "Chrome/Chromium binary")
 
-def save_figure(fig: go.Figure, path: str | os.PathLike, *, png: bool = True) -> list[Path]:
-    """Write `path`.html and `path`.json (the plotly figure; both atomically) and, where an
-    exporter works, `path`.png; the paths written."""
-    path = Path(path)
+
+def find_browser() -> str | None:
+    """The Chrome/Chromium binary to draw with, or None: ${BROWSER_ENV}, else $BROWSER_PATH,
+    else the first of chromium, chromium-browser, google-chrome on PATH.
+
+    Raises SpectraError when ${BROWSER_ENV} names no executable (a typo should not silently
+    fall back to another browser).
+    """
+    named = os.environ.get(BROWSER_ENV)
+    if named:
+        found = shutil.which(named)
+        if not found:
+            raise SpectraError(f"{BROWSER_ENV}={named!r} is not an executable file")
+        return found
+    named = os.environ.get("BROWSER_PATH")  # choreographer's own variable
+    if named and shutil.which(named):
+        return shutil.which(named)
+    for name in _NAMES:
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+@dataclass
+class ImageExport:
+    """What one export did: files written, files that failed (path -> reason), and, when
+    nothing could be drawn at all, why (`skipped`)."""
+
+    written: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)
+    skipped: str | None = None
+    browser: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped is None and not self.failed
+
+
+def _size(fig: go.Figure, width: int | None, height: int | None) -> tuple[int, int]:
+    return (int(fig.layout.width or width or DEFAULT_WIDTH),
+            int(fig.layout.height or height or DEFAULT_HEIGHT))
+
+
+def export_images(
+    items: Iterable[tuple[go.Figure, str | os.PathLike]],
+    formats: Sequence[str] = ("png",),
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    scale: float = DEFAULT_SCALE,
+    browser: str | None = None,
+    tabs: int = 2,
+    timeout: float = 120.0,
+) -> ImageExport:
+    """Write `path`.{fmt} for every (figure, path) and every format in `formats`, in one browser.
+
+    `path`'s own suffix is replaced. Size: the figure's layout width/height, else `width` ×
+    `height` (default 900 × 600), times `scale` for PNGs. Never raises for a missing or broken
+    browser: the reason is in the result (`skipped`, `failed`) and logged once as a warning.
+    """
+    formats = image_formats(formats)
+    jobs = [(fig, Path(p).with_suffix(f".{fmt}"), fmt) for fig, p in items for fmt in formats]
+    return _export(jobs, width=width, height=height, scale=scale, browser=browser, tabs=tabs,
+                   timeout=timeout)
+
+
+def _export(jobs: list[tuple[go.Figure, Path, str]], *, width: int | None = None,
+            height: int | None = None, scale: float = DEFAULT_SCALE, browser: str | None = None,
+            tabs: int = 2, timeout: float = 120.0) -> ImageExport:
+    """Draw every (figure, file, format) job in one browser session."""
+    t0 = time.perf_counter()
+    result = ImageExport()
+    if not jobs:
+        return result
+    if os.environ.get(NO_IMAGES_ENV, "") not in ("", "0"):
+        result.skipped = f"{NO_IMAGES_ENV} is set"
+        log.info("figures written as HTML only: %s", result.skipped)
+        return result
+    try:
+        result.browser = browser or find_browser()
+    except SpectraError as e:
+        result.skipped = str(e)
+    if result.browser is None and result.skipped is None:
+        result.skipped = f"no Chrome/Chromium found ({_INSTALL_HINT})"
+    if result.skipped is None:
+        try:
+            _run(_render_all(jobs, result, width, height, scale, tabs, timeout))
+        except Exception as e:  # the browser did not start or died: keep the HTML, say why
+            result.skipped = f"{result.browser} did not start or stopped: {_reason(e)}"
+    result.seconds = time.perf_counter() - t0
+    kinds = "/".join(dict.fromkeys(fmt.upper() for _, _, fmt in jobs))
+    if result.skipped:
+        log.warning("figures written as HTML only, no %s: %s", kinds, result.skipped)
+    elif result.failed:
+        path, why = next(iter(result.failed.items()))
+        log.warning("%d of %d %s images failed (first: %s: %s)", len(result.failed), len(jobs),
+                    kinds, path.name, why)
+    return result
+
+
+async def _render_all(jobs, result: ImageExport, width, height, scale, tabs, timeout) -> None:
+    import kaleido  # the browser driver; imported here because it is only needed to export
+    import plotly
+
+    # The browser driver logs its own retries and watchdog at WARNING; our one-line summary
+    # says what matters. A level the user set is kept.
+    for name in ("choreographer", "kaleido", "logistro"):
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    plotlyjs = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    n = max(1, min(tabs, len(jobs)))
+    async with kaleido.Kaleido(n=n, timeout=timeout, plotlyjs=str(plotlyjs), mathjax=False,
+                               path=result.browser) as k:
+        async def one(fig: go.Figure, path: Path, fmt: str) -> None:
+            w, h = _size(fig, width, height)
+            try:
+                data = await k.calc_fig(fig, opts=dict(format=fmt, width=w, height=h,
+                                                        scale=scale if fmt == "png" else 1))
+            except Exception as e:
+                result.failed[path] = _reason(e)
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+            result.written.append(path)
+
+        await asyncio.gather(*(one(*job) for job in jobs))
+    order = {p: i for i, (_, p, _) in enumerate(jobs)}
+    result.written.sort(key=order.__getitem__)
+
+
+def _reason(e: BaseException) -> str:
+    """One line: the exception's type and first message (kaleido's errors hold tuples)."""
+    first = e.args[0] if e.args else ""
+    text = " ".join(str(first).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def _run(coro) -> None:
+    """Run `coro` to completion, also from inside a running event loop (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coro)
+        return
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(coro)
+        except BaseException as e:  # re-raised in the caller's thread
+            error.append(e)
+
+    t = threading.Thread(target=target, name="spectra-image-export")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+
+
+# --------------------------------------------------------------------------- saving figures
+
+
+def image_formats(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Image formats from a spec: "png", "png,svg", ["svg"], "none" / "" / None (no images).
+
+    Raises SpectraError for a format that is not in IMAGE_FORMATS.
+    """
+    if spec is None:
+        return ()
+    parts = spec.replace("+", ",").split(",") if isinstance(spec, str) else list(spec)
+    out = tuple(dict.fromkeys(p.strip().lower() for p in parts if p.strip()))
+    if out in ((), ("none",)):
+        return ()
+    bad = [f for f in out if f not in IMAGE_FORMATS]
+    if bad:
+        raise SpectraError(f"image formats must be among {list(IMAGE_FORMATS)} (or 'none'), "
+                           f"got {', '.join(map(repr, bad))}")
+    return out
+
+
+def _write_html(fig: go.Figure, path: Path) -> list[Path]:
+    """`path`.html and `path`.json (the plotly figure, which the report reads back), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     html = path.with_suffix(".html")
     # "directory": one plotly.min.js beside the pages, loaded by relative path (offline).
@@ -31,12 +262,117 @@ def save_figure(fig: go.Figure, path: str | os.PathLike, *, png: bool = True) ->
                                                   full_html=True))
     json_path = path.with_suffix(".json")
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(fig.to_json(), encoding="utf-8"))
-    written = [html, json_path]
-    if png:
-        try:
-            atomic_write(path.with_suffix(".png"),
-                         lambda tmp: fig.write_image(tmp, width=900, height=600))
-            written.append(path.with_suffix(".png"))
-        except Exception as e:  # kaleido missing or without a browser: HTML is enough
-            log.info("PNG export skipped for %s: %s", path.name, e)
+    return [html, json_path]
+
+
+def save_figure(fig: go.Figure, path: str | os.PathLike, *,
+                images: str | Sequence[str] | None = ()) -> list[Path]:
+    """Write `path`.html and `path`.json (atomically) and `path`.{fmt} for each format in
+    `images` (none by default); the paths written. For many figures use `write_figures`: one
+    browser for all."""
+    path = Path(path)
+    written = _write_html(fig, path)
+    formats = image_formats(images)
+    if formats:
+        written += export_images([(fig, path)], formats).written
     return written
+
+
+# (queued jobs, formats for write_figures calls that name none) of the innermost deferred block
+_pending: contextvars.ContextVar[tuple[list, tuple[str, ...]] | None] = contextvars.ContextVar(
+    "spectra_pending_images", default=None)
+
+
+def write_figures(figures: Mapping[str, go.Figure], directory: str | os.PathLike, *,
+                  images: str | Sequence[str] | None = None) -> ImageExport:
+    """Write `directory`/`name`.html and .json for every figure, then export all their images in one
+    browser. `images`: formats ("png", "png,svg"; "none" or () for none); None means the
+    enclosing `deferred_images` block's formats, else DEFAULT_IMAGES. Inside such a block the
+    images wait for its end. The result lists the files written (HTML first)."""
+    directory = Path(directory)
+    pending = _pending.get()
+    result = ImageExport()
+    for name, fig in figures.items():
+        if Path(name).name != name or not name:
+            raise SpectraError(f"a figure name must be a plain file name, got {name!r}")
+        result.written += _write_html(fig, directory / name)
+    if images is None:
+        formats = pending[1] if pending is not None else DEFAULT_IMAGES
+    else:
+        formats = image_formats(images)
+    if not formats or not figures:
+        return result
+    jobs = [(fig, directory / f"{name}.{fmt}", fmt) for name, fig in figures.items()
+            for fmt in formats]
+    if pending is not None:
+        pending[0].extend(jobs)
+        return result
+    exported = _export(jobs)
+    result.written += exported.written
+    result.failed, result.skipped = exported.failed, exported.skipped
+    result.browser, result.seconds = exported.browser, exported.seconds
+    return result
+
+
+@contextlib.contextmanager
+def deferred_images(images: str | Sequence[str] | None = None) -> Iterator[ImageExport]:
+    """Inside the block, `write_figures` writes HTML only and queues its images (in `images`,
+    default DEFAULT_IMAGES, where a call names no formats); when the block ends without an
+    error they are all exported together, in one browser. The yielded ImageExport is filled
+    in then; in a nested block it stays empty and the outermost block exports."""
+    queue: list = []
+    result = ImageExport()
+    outer = _pending.get()
+    token = _pending.set((queue, DEFAULT_IMAGES if images is None else image_formats(images)))
+    try:
+        yield result
+    finally:
+        _pending.reset(token)
+    if outer is not None:  # nested: the outermost block exports everything at once
+        outer[0].extend(queue)
+        return
+    done = _export(queue)
+    result.written, result.failed, result.skipped = done.written, done.failed, done.skipped
+    result.browser, result.seconds = done.browser, done.seconds
+
+
+# --------------------------------------------------------------------------- PDF of a page
+
+_CHROMIUM_FLAGS = (
+    "--headless", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+    # no sandbox: Chromium refuses to start as root with one, and many containers lack the
+    # kernel features it needs; the page is our own local file.
+    "--no-sandbox",
+    # offline machines: no background connections (update checks, sync, field trials)
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-quic", "--disable-dev-shm-usage", "--hide-scrollbars",
+)
+
+
+def print_pdf(page: str | os.PathLike, out: str | os.PathLike, *, browser: str | None = None,
+              budget_ms: int = 30_000, timeout: float = 300.0) -> Path:
+    """Print the local HTML file `page` to the PDF `out` (atomically) with headless Chromium.
+
+    The page's scripts get `budget_ms` of virtual time to draw before printing. Raises
+    SpectraError when no browser is found or printing fails.
+    """
+    page, out = Path(page).resolve(), Path(out)
+    if not page.is_file():
+        raise SpectraError(f"no page to print at {str(page)!r}")
+    binary = browser or find_browser()
+    if binary is None:
+        raise SpectraError(f"cannot write a PDF: no Chrome/Chromium found ({_INSTALL_HINT})")
+    with tempfile.TemporaryDirectory(prefix="spectra-pdf-") as tmp:
+        pdf = Path(tmp) / "page.pdf"
+        cmd = [binary, *_CHROMIUM_FLAGS, f"--user-data-dir={Path(tmp) / 'profile'}",
+               f"--virtual-time-budget={budget_ms}", "--window-size=1200,1600",
+               "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri()]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise SpectraError(f"{binary} did not finish printing {page.name} within {timeout:.0f} s") from None
+        if done.returncode != 0 or not pdf.is_file() or pdf.stat().st_size == 0:
+            tail = " ".join(done.stderr.strip().splitlines()[-2:])
+            raise SpectraError(f"{binary} could not print {page.name} to PDF "
+                               f"(exit {done.returncode}): {tail[-300:]}")
+        return atomic_write_bytes(out, pdf.read_bytes())
