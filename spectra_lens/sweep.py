@@ -21,7 +21,7 @@ hooks and measures the gain's size, it is not evidence that the model uses query
 **One intervention's consequences** (`intervention_effects`): one intervention (`QueryScale`,
 `KeyScale`, `LogitScale`: any frozen dataclass with an `alpha` field) at every α of the grid in
 real forward passes, and what follows from it: the metrics of every head (the scaled head's own
-and every later head's), the next-token loss and KL(p_1 ‖ p_α) of the output distribution.
+and every later head's), the next-token loss and KL(p_1 ‖ p_α) (unscaled ‖ scaled) of the output distribution.
 
 **The analytic gain** (`analytic_gain`): dH/d ln α at α = 1 = −Var_p(s), from one pass.
 
@@ -214,7 +214,8 @@ class ExactSweep:
 
     `scaled` fields are `[alpha, batch, layer, head]`, `unscaled` the same heads without the
     intervention `[batch, layer, head]`. `loss` / `base_loss`: mean next-token NLL per sequence
-    (nats); `kl`: mean over positions of KL(p_α ‖ p_1) of the next-token distribution.
+    (nats); `kl`: mean over positions of KL(p_1 ‖ p_α) of the next-token distribution, p_1
+    without the intervention, p_α with it (unscaled ‖ scaled; ≥ 0).
     `patterns[(l, h)]` `[alpha, batch, query_pos, key_pos]` and `base_patterns[(l, h)]` for the
     heads asked for. `local_gain`: −Var_p(s) of the unscaled pass, per-sequence means.
     """
@@ -235,9 +236,12 @@ class ExactSweep:
     def delta_loss(self) -> Float[Tensor, "alpha batch"]:
         return self.loss - self.base_loss[None]
 
-    def head_frame(self, layer: int, head: int, *, ci: float = 0.95) -> pd.DataFrame:
+    def head_frame(self, layer: int, head: int, *, ci: float = 0.95, documents=None,
+                   n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
         """One row per α for head (layer, head): its metrics and the output effects, with
-        t-intervals over sequences.
+        percentile intervals that resample documents (`causal.document_bootstrap`; `documents`
+        one id per sequence, None: every sequence its own unit), so bounded metrics keep their
+        bounds (entropy ≥ 0, max attention in [0, 1], KL ≥ 0).
 
         Columns: `scale`, `layer`, `head`, `mean_{entropy,max_attn,k_eff}` (k_eff = exp(H)) with
         `_ci_low/_ci_high`, `k_eff_pr`, `k_eff_top90`, `delta_entropy` (paired, vs unscaled)
@@ -248,7 +252,7 @@ class ExactSweep:
         cols: dict[str, object] = {"scale": list(self.alphas), "layer": layer, "head": head}
 
         def put(name, values):
-            mean, low, high = t_interval(values, ci=ci, axis=1)
+            mean, low, high = _interval(values, documents, ci=ci, n_boot=n_boot, seed=seed)
             cols[name], cols[f"{name}_ci_low"], cols[f"{name}_ci_high"] = mean, low, high
 
         put("mean_entropy", m["entropy"])
@@ -262,9 +266,11 @@ class ExactSweep:
         cols["n_sequences"] = self.loss.shape[1]
         return pd.DataFrame(cols)
 
-    def downstream_frame(self, *, ci: float = 0.95, min_layer: int | None = None) -> pd.DataFrame:
+    def downstream_frame(self, *, ci: float = 0.95, min_layer: int | None = None, documents=None,
+                         n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
         """Long table: one row per (α, layer, head) of every measured head in layers ≥
-        `min_layer`: `entropy`, `delta_entropy` (paired, with interval), `delta_max_attn`."""
+        `min_layer`: `entropy`, `delta_entropy` (paired, with a document-bootstrap interval as
+        in `head_frame`), `delta_max_attn`."""
         layers = [l for l in self.scaled.layers if min_layer is None or l >= min_layer]
         if not layers:
             raise SpectraError(f"no measured layer is >= {min_layer}; measured: {list(self.scaled.layers)}")
@@ -275,7 +281,7 @@ class ExactSweep:
         n_alpha, n_batch, n_layer, n_head = ent.shape
         grid = np.meshgrid(np.arange(n_alpha), np.arange(n_layer), np.arange(n_head), indexing="ij")
         a_i, l_i, h_i = (g.reshape(-1) for g in grid)
-        mean_d, low_d, high_d = t_interval(d_ent, ci=ci, axis=1)
+        mean_d, low_d, high_d = _interval(d_ent, documents, ci=ci, n_boot=n_boot, seed=seed)
         return pd.DataFrame({
             "scale": np.asarray(self.alphas)[a_i],
             "layer": np.asarray(layers)[l_i],
@@ -596,17 +602,28 @@ def _label(intervention) -> str:
 
 
 def _describe(intervention) -> str:
+    grid_field = getattr(type(intervention), "grid_field", "alpha")
     parts = [f"{f.name}={getattr(intervention, f.name)}" for f in dataclasses.fields(intervention)
-             if f.name != "alpha"]
-    return f"{type(intervention).__name__}({', '.join(parts)}, alpha=grid)"
+             if f.name != grid_field]
+    return f"{type(intervention).__name__}({', '.join(parts)}, {grid_field}=grid)"
+
+
+def _interval(values, documents, *, ci, n_boot, seed):
+    """Document-bootstrap (mean, low, high) over the sequence axis 1 of `[grid, batch, ...]`."""
+    from spectra_lens.causal import document_bootstrap
+
+    x = values.detach().cpu().double().numpy() if isinstance(values, Tensor) else np.asarray(values, float)
+    mean, low, high = document_bootstrap(np.moveaxis(x, 1, 0), documents, ci=ci, n_boot=n_boot, seed=seed)
+    return mean, low, high
 
 
 def _output_effects(logits: Tensor, base_logp: Tensor, tokens: Tensor, mask: Tensor | None = None
                     ) -> tuple[Tensor, Tensor]:
-    """(mean next-token NLL, mean KL(p ‖ p_base)) per sequence of one block, in float32; with
+    """(mean next-token NLL, mean KL(p_base ‖ p)) per sequence of one block, in float32; with
     `mask`, over real positions only (the NLL over real tokens predicted from real tokens)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    kl = torch.nn.functional.kl_div(base_logp, logp, log_target=True, reduction="none").sum(-1)
+    # kl_div(input, target) = Σ target · (log target − input): KL(p_base ‖ p), unscaled ‖ scaled
+    kl = torch.nn.functional.kl_div(logp, base_logp, log_target=True, reduction="none").sum(-1)
     return _next_token_nll(logp, tokens, mask), _masked_mean(kl, mask)
 
 
@@ -638,25 +655,28 @@ def intervention_effects(
     pad_id: int | None = None,
 ) -> ExactSweep:
     """`intervention` at every α in real forward passes: metrics of every head of `layers`,
-    next-token loss and KL(p_α ‖ p_1). Padding (`attention_mask` or `pad_id`, see
-    `hooks.attention_mask_for`) is left out of every mean.
+    next-token loss and KL(p_1 ‖ p_α) (unscaled ‖ scaled). Padding (`attention_mask` or
+    `pad_id`, see `hooks.attention_mask_for`) is left out of every mean.
 
     `intervention` is a scaling dataclass with an `alpha` field (QueryScale, KeyScale,
     LogitScale); its alpha is replaced by the grid. α values are batched (copy j of the batch
     runs with α_j) in chunks of at most `max_rows` rows, so the logits held at once are
     `max_rows × pos × vocab` floats, and the KL and loss are computed one batch block at a time.
-    An α of exactly 1 reuses the unscaled pass.
+    A grid value equal to the intervention's identity (α = 1; angle 0 for QueryRotate) reuses
+    the unscaled pass (`causal.sham_check` runs the hook at α = 1 for real).
     """
     tokens, mask = tokens_and_mask(model, tokens, attention_mask=attention_mask, pad_id=pad_id)
     alphas = check_alphas(alphas)
     layout = attention_layout(model)
     layers = _check_layers(layout, layers)
     check_min_position(min_position, tokens.shape[1])
+    grid_field = getattr(type(intervention), "grid_field", "alpha")
+    identity = getattr(type(intervention), "identity", 1.0)
     if not (dataclasses.is_dataclass(intervention) and not isinstance(intervention, type)
-            and any(f.name == "alpha" for f in dataclasses.fields(intervention))):
+            and any(f.name == grid_field for f in dataclasses.fields(intervention))):
         raise SpectraError(
             f"intervention must be a scaling dataclass with an `alpha` field (QueryScale, "
-            f"KeyScale, LogitScale), got {intervention!r}"
+            f"KeyScale, LogitScale) or another grid field (QueryRotate: angle), got {intervention!r}"
         )
     intervention.hooks(layout)  # validates its layer / head against this model now
     patterns_for = tuple((int(l), int(h)) for l, h in patterns_for)
@@ -666,7 +686,7 @@ def intervention_effects(
     n_batch = tokens.shape[0]
     n_alpha = len(alphas)
     seq_block, chunk = _plan(n_batch, n_alpha, max_rows)
-    todo = [i for i in range(n_alpha) if alphas[i] != 1.0]
+    todo = [i for i in range(n_alpha) if alphas[i] != identity]
     chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
     starts = list(range(0, n_batch, seq_block))
     bar = progress_bar(total=len(starts) * (1 + len(chunks)), unit="pass", enabled=progress,
@@ -687,12 +707,12 @@ def intervention_effects(
         base = (cap.metrics, cap.gain, base_nll, cap.patterns)
         bar.update(1)
         got: dict[int, tuple] = {
-            i: (cap.metrics, base_nll, torch.zeros(b), cap.patterns) for i in range(n_alpha) if alphas[i] == 1.0
+            i: (cap.metrics, base_nll, torch.zeros(b), cap.patterns) for i in range(n_alpha) if alphas[i] == identity
         }
         for idx in chunks:
             rows, row_alpha = repeat_for_alphas(block, [alphas[i] for i in idx])
             cap_a = capture(None if block_mask is None else block_mask.repeat(len(idx), 1))
-            scaled = dataclasses.replace(intervention, alpha=row_alpha)
+            scaled = dataclasses.replace(intervention, **{grid_field: row_alpha})
             logits = cap_a.run(model, rows, interventions=[scaled], logits=True)
             for j, i in enumerate(idx):
                 sl = slice(j * b, (j + 1) * b)

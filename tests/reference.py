@@ -223,3 +223,22 @@ def t_interval(values, ci: float = 0.95):
     mean = x.mean(0)
     half = t.ppf((1 + ci) / 2, n - 1) * x.std(0, ddof=1) / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def document_bootstrap(values, documents=None, ci: float = 0.95, n_boot: int = 2000, seed: int = 0):
+    """(mean, low, high): percentile bootstrap resampling documents with replacement, each bringing
+    all its sequences; the statistic is the mean over the resampled sequences. One replicate at a
+    time (the library draws all replicates at once from the same generator)."""
+    x = np.asarray(values, dtype=np.float64)
+    n = x.shape[0]
+    docs = np.arange(n) if documents is None else np.asarray(documents)
+    ids = list(dict.fromkeys(sorted(docs.tolist())))
+    rng = np.random.default_rng(seed)
+    reps = []
+    for _ in range(n_boot):
+        counts = rng.multinomial(len(ids), np.full(len(ids), 1.0 / len(ids)))
+        rows = [i for d, c in zip(ids, counts) for i in np.flatnonzero(docs == d) for _ in range(c)]
+        reps.append(x[rows].mean(0))
+    tail = (1 - ci) / 2 * 100
+    low, high = np.percentile(np.stack(reps), [tail, 100 - tail], axis=0)
+    return x.mean(0), np.clip(low, x.min(0), x.max(0)), np.clip(high, x.min(0), x.max(0))

@@ -82,11 +82,12 @@ def test_delta_loss_equals_two_plain_forward_passes(effects, toks, family, layer
 
 @pytest.mark.parametrize("family,layer,head", CASES)
 def test_kl_equals_two_plain_forward_passes_in_the_stated_direction(effects, family, layer, head):
-    """kl = KL(p_α ‖ p_1) as documented; the other direction differs by more than the tolerance."""
+    """kl = KL(p_1 ‖ p_α) (unscaled ‖ scaled) as documented; the other direction differs by more
+    than the tolerance."""
     got, (base_logits, _), scaled = effects(family)
     for i, a in enumerate(got.alphas):
-        want = R.kl_per_sequence(scaled[a][0], base_logits)  # KL(p_α ‖ p_1)
-        other = R.kl_per_sequence(base_logits, scaled[a][0])  # KL(p_1 ‖ p_α)
+        want = R.kl_per_sequence(base_logits, scaled[a][0])  # KL(p_1 ‖ p_α)
+        other = R.kl_per_sequence(scaled[a][0], base_logits)  # KL(p_α ‖ p_1)
         np.testing.assert_allclose(got.kl[i].numpy(), want, rtol=RTOL, atol=1e-8)
         if a == max(ALPHAS):
             assert np.abs(other - want).max() > 10 * RTOL * np.abs(want).max(), (
@@ -120,7 +121,7 @@ def test_scaled_head_and_later_heads_metrics_equal_plain_forward_passes(effects,
 @pytest.mark.parametrize("family,layer,head", CASES[:2])
 def test_head_frame_and_downstream_frame_rows_equal_the_reference(effects, toks, family, layer, head):
     got, (base_logits, base_att), scaled = effects(family)
-    frame = got.head_frame(layer, head)
+    frame = got.head_frame(layer, head, n_boot=300)
     assert list(frame["scale"]) == list(ALPHAS)
     assert (frame["layer"] == layer).all() and (frame["head"] == head).all()
     base_loss = R.next_token_loss(base_logits, toks)
@@ -133,21 +134,21 @@ def test_head_frame_and_downstream_frame_rows_equal_the_reference(effects, toks,
             "mean_k_eff": ref["k_eff_exp"],
             "delta_entropy": ref["entropy"] - ref0["entropy"],
             "delta_loss": R.next_token_loss(scaled[a][0], toks) - base_loss,
-            "kl_from_unscaled": R.kl_per_sequence(scaled[a][0], base_logits),
+            "kl_from_unscaled": R.kl_per_sequence(base_logits, scaled[a][0]),
         }
         for col, values in checks.items():
-            mean, low, high = R.t_interval(values)
+            mean, low, high = R.document_bootstrap(values, n_boot=300)
             np.testing.assert_allclose([row[col], row[f"{col}_ci_low"], row[f"{col}_ci_high"]],
                                        [mean, low, high], rtol=2e-4, atol=1e-6, err_msg=col)
         np.testing.assert_allclose(row["k_eff_pr"], ref["k_eff_pr"].mean(), rtol=1e-5)
         np.testing.assert_allclose(row["k_eff_top90"], ref["k_eff_top90"].mean(), rtol=1e-6)
         assert row["n_sequences"] == toks.shape[0]
-    down = got.downstream_frame(min_layer=layer + 1)
+    down = got.downstream_frame(min_layer=layer + 1, n_boot=300)
     for _, row in down.iterrows():
         l, h, a = int(row["layer"]), int(row["head"]), float(row["scale"])
         ref = R.head_means(scaled[a][1][l][:, h])
         ref0 = R.head_means(base_att[l][:, h])
-        mean, low, high = R.t_interval(ref["entropy"] - ref0["entropy"])
+        mean, low, high = R.document_bootstrap(ref["entropy"] - ref0["entropy"], n_boot=300)
         np.testing.assert_allclose(row["entropy"], ref["entropy"].mean(), rtol=1e-5)
         np.testing.assert_allclose([row["delta_entropy"], row["delta_entropy_ci_low"],
                                     row["delta_entropy_ci_high"]], [mean, low, high],
@@ -166,7 +167,7 @@ def test_key_scaling_effects_equal_plain_forward_passes(toks):
         hf = _sensitive_hf(family)
         R.scale_key(hf, family, layer, kv, a)
         logits, att = R.forward(hf, toks)
-        np.testing.assert_allclose(got.kl[i].numpy(), R.kl_per_sequence(logits, base_logits),
+        np.testing.assert_allclose(got.kl[i].numpy(), R.kl_per_sequence(base_logits, logits),
                                    rtol=RTOL, atol=1e-8)
         np.testing.assert_allclose(got.delta_loss[i].numpy(),
                                    R.next_token_loss(logits, toks) - R.next_token_loss(base_logits, toks),

@@ -1,0 +1,435 @@
+"""Causal outcomes that can come out either way, and controls that mean something.
+
+A head's own entropy under its own query scaling is softmax(α·s) of the unscaled scores: it
+falls with α for every head, always (dH/d ln α = −α² Var_p(s) ≤ 0), so it checks the hooks and
+is no evidence. What the model does with the change is not fixed by the mathematics:
+
+* the **downstream effects** of the intervention: the next-token loss change, KL(p_1 ‖ p_α) of
+  the next-token distribution (unscaled ‖ scaled) and the entropy change of every later head
+  (`sweep.intervention_effects` measures them in real forward passes);
+* **controls**: a *sham* (`sham_check`: the scaling hook attached at α = 1, which must change
+  nothing, bit for bit), a *norm-preserving rotation* of the same head's query (`QueryRotate`)
+  by an angle matched to the head's natural variation in direction (`query_direction_spread`), and a
+  *control head* chosen because its observational r(log ‖q‖, H) is near 0 with a tight interval
+  on held-out sequences (`choose_control_head`, rule `CONTROL_RULE`).
+
+Intervals resample **documents** (`document_bootstrap`): a percentile bootstrap of the mean over
+sequences, in which every resampled document brings all its sequences. The bootstrap mean of
+values that lie in [a, b] lies in [a, b], so the interval of a bounded metric (entropy ≥ 0,
+max attention in [0, 1], KL ≥ 0) stays inside its bounds, which a t-interval does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from spectra_lens.errors import SpectraError
+from spectra_lens.hooks import MetricCapture, QueryScale, _check_shape, _row_factor, attached
+from spectra_lens.layout import AttentionLayout, attention_layout
+from spectra_lens.validate import check_tokens
+
+__all__ = [
+    "CONTROL_RULE",
+    "DirectionSpread",
+    "QueryRotate",
+    "SmallClusterWarning",
+    "choose_control_head",
+    "document_bootstrap",
+    "query_direction_spread",
+    "head_r_table",
+    "sham_check",
+]
+
+log = logging.getLogger(__name__)
+
+CONTROL_RULE = (
+    "control head: among all heads other than the target (or those of --control-layer when "
+    "given), the one whose document-bootstrap interval of the token-level Pearson r(log ||q||, "
+    "entropy) on the held-out selection sequences has the smallest max(|low|, |high|): r near 0 "
+    "with a tight interval; ties broken by |r|"
+)
+
+ROTATION_RULE = (
+    "rotation angle theta: the median over held-out selection tokens (positions >= "
+    "min_position) of the angle between the head's effective query and the head's mean query "
+    "direction (the normalized mean of the unit queries); each query is rotated by theta (times "
+    "the multiples of the grid) towards a random direction orthogonal to it, so ||q|| is kept"
+)
+
+
+class SmallClusterWarning(UserWarning):
+    """Fewer documents than a cluster bootstrap can resample meaningfully."""
+
+
+# --------------------------------------------------------------------------- document bootstrap
+
+
+def _document_index(documents, n: int) -> tuple[np.ndarray, int]:
+    docs = np.arange(n) if documents is None else np.asarray(documents)
+    if docs.shape != (n,):
+        raise SpectraError(f"documents must hold one id per sequence ({n}), got shape {docs.shape}")
+    _, index = np.unique(docs, return_inverse=True)
+    return index.reshape(-1), int(index.max()) + 1 if n else 0
+
+
+def document_bootstrap(
+    values: Tensor | np.ndarray,
+    documents=None,
+    *,
+    ci: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+    min_documents: int = 5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, low, high) of the mean over sequences (axis 0) of `values` `[sequence, ...]`.
+
+    The interval is the percentile bootstrap that resamples documents (`documents`: one id per
+    sequence; None: every sequence is its own document) with replacement, each bringing all its
+    sequences; the statistic is the pooled mean of the resampled sequences. Being a mean of
+    observed values, every bootstrap replicate lies within [min, max] of the values, so the
+    interval of a bounded quantity stays inside its bounds. NaN interval with fewer than 2
+    documents; a SmallClusterWarning below `min_documents`.
+    """
+    if not 0 < ci < 1:
+        raise SpectraError(f"ci must lie strictly between 0 and 1, got {ci!r}")
+    x = values.detach().cpu().double().numpy() if isinstance(values, Tensor) else np.asarray(values, float)
+    n = x.shape[0]
+    if n == 0:
+        raise SpectraError("document_bootstrap needs at least one sequence")
+    index, g = _document_index(documents, n)
+    flat = x.reshape(n, -1)
+    mean = flat.mean(0)
+    if g < 2:
+        nan = np.full_like(mean, np.nan)
+        return mean.reshape(x.shape[1:]), nan.reshape(x.shape[1:]), nan.copy().reshape(x.shape[1:])
+    if g < min_documents:
+        import warnings
+
+        warnings.warn(f"document bootstrap over only {g} documents: the interval is unreliable",
+                      SmallClusterWarning, stacklevel=2)
+    sums = np.zeros((g, flat.shape[1]))
+    np.add.at(sums, index, flat)
+    counts = np.bincount(index, minlength=g).astype(float)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(g, np.full(g, 1.0 / g), size=n_boot).astype(float)  # [boot, doc]
+    boot = (weights @ sums) / (weights @ counts)[:, None]
+    tail = (1 - ci) / 2 * 100
+    low, high = np.percentile(boot, [tail, 100 - tail], axis=0)
+    # Percentiles interpolate between replicates, all within [min, max]; clip float residue.
+    lo_b, hi_b = flat.min(0), flat.max(0)
+    low, high = np.clip(low, lo_b, hi_b), np.clip(high, lo_b, hi_b)
+    shape = x.shape[1:]
+    return mean.reshape(shape), low.reshape(shape), high.reshape(shape)
+
+
+# --------------------------------------------------------------------------- rotation control
+
+
+@dataclass(frozen=True)
+class QueryRotate:
+    """Rotate the effective query of (layer, head) by `angle` radians, keeping its norm.
+
+    Each query vector q (every batch row and position, or only `positions`) turns by `angle`
+    in the plane of q and a random unit direction u orthogonal to q (drawn with `seed`, one per
+    position and row; the same for every angle of a grid):
+    q' = cos(angle)·q + sin(angle)·‖q‖·u, so ‖q'‖ = ‖q‖ and angle(q, q') = angle. Computed in
+    float64 and cast back. `angle` is a float in [0, π] or one value per batch row (batched, as
+    `alpha` of QueryScale). `grid_field` / `identity` tell `sweep.intervention_effects` which field a
+    grid replaces and which value leaves the model unchanged.
+    """
+
+    layer: int
+    head: int
+    angle: float | Tensor
+    seed: int = 0
+    positions: tuple[int, ...] | None = None
+
+    grid_field = "angle"
+    identity = 0.0
+
+    def hooks(self, layout: AttentionLayout):
+        layout.check_head(self.layer, self.head)
+        angle = self.angle
+        if isinstance(angle, Tensor):
+            if angle.ndim != 1 or not torch.isfinite(angle).all() or (angle < 0).any() or (angle > math.pi).any():
+                raise SpectraError(f"angle tensor must be 1-D with values in [0, pi], got {angle.tolist()}")
+        elif isinstance(angle, bool) or not isinstance(angle, (int, float)) or not 0 <= angle <= math.pi:
+            raise SpectraError(f"angle must be a number in [0, pi] (radians), got {angle!r}")
+        else:
+            angle = float(angle)
+        name = layout.q_hook(self.layer)
+        head, positions, seed = self.head, self.positions, self.seed
+
+        def rotate(x: Float[Tensor, "batch pos head d_head"], hook) -> Tensor:
+            _check_shape(x, name, (None, None, layout.n_heads, layout.d_head), "batch pos head d_head")
+            pos = torch.arange(x.shape[1]) if positions is None else torch.as_tensor(positions)
+            if (pos < 0).any() or (pos >= x.shape[1]).any():
+                raise SpectraError(f"positions must be in [0, {x.shape[1]}), got {list(pos.tolist())}")
+            q = x[:, pos.to(x.device), head].double()  # [batch, n_pos, d]
+            gen = torch.Generator().manual_seed(seed)
+            # one random direction per (position, row) of the *unrepeated* batch would differ
+            # between batch layouts; draw per position and reuse across rows instead.
+            r = torch.randn(x.shape[1], layout.d_head, generator=gen, dtype=torch.float64)[pos]
+            r = r.to(q.device).expand_as(q)
+            norm = q.norm(dim=-1, keepdim=True)
+            unit = q / norm.clamp_min(1e-300)
+            u = r - (r * unit).sum(-1, keepdim=True) * unit
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+            a = _row_factor(angle, x.shape[0], name, q)
+            a = torch.as_tensor(a, dtype=torch.float64, device=q.device)
+            a = a[:, None, None] if a.ndim == 1 else a
+            rotated = torch.cos(a) * q + torch.sin(a) * norm * u
+            out = x.clone()
+            out[:, pos.to(x.device), head] = rotated.to(x.dtype)
+            return out
+
+        return [(name, rotate)]
+
+
+@dataclass(frozen=True)
+class DirectionSpread:
+    """How much a head's effective query varies, from held-out tokens.
+
+    `median_angle`: median angle (radians) between each query and the head's mean direction;
+    `sd_log_norm`: SD of ln ‖q‖ over the same tokens; `n_tokens`.
+    """
+
+    layer: int
+    head: int
+    median_angle: float
+    sd_log_norm: float
+    n_tokens: int
+
+    def as_dict(self) -> dict:
+        return {"layer": self.layer, "head": self.head, "median_angle_rad": self.median_angle,
+                "median_angle_deg": math.degrees(self.median_angle), "sd_log_q_norm": self.sd_log_norm,
+                "n_tokens": self.n_tokens, "rule": ROTATION_RULE}
+
+
+def query_direction_spread(
+    model, tokens: Int[Tensor, "batch pos"], layer: int, head: int, *, min_position: int = 1,
+    batch_size: int = 16,
+) -> DirectionSpread:
+    """The natural variation of (layer, head)'s effective query on `tokens` (see ROTATION_RULE)."""
+    tokens = check_tokens(tokens)
+    layout = attention_layout(model)
+    layout.check_head(layer, head)
+    if not 0 <= min_position < tokens.shape[1]:
+        raise SpectraError(f"min_position must be in [0, {tokens.shape[1]}), got {min_position}")
+    name = layout.q_hook(layer)
+    got: list[Tensor] = []
+
+    def grab(x, hook):
+        got.append(x[:, min_position:, head].detach().double().reshape(-1, x.shape[-1]).cpu())
+
+    device = next(model.parameters()).device
+    stop = layer + 1 if layer + 1 < layout.n_layers else None
+    with torch.no_grad():
+        for block in tokens.split(batch_size):
+            with attached(model, (name, grab), layout=layout):
+                model(block.to(device), return_type=None, stop_at_layer=stop)
+    q = torch.cat(got)
+    norm = q.norm(dim=-1)
+    unit = q / norm[:, None].clamp_min(1e-300)
+    mean_dir = unit.mean(0)
+    mean_dir = mean_dir / mean_dir.norm().clamp_min(1e-300)
+    angles = torch.arccos((unit @ mean_dir).clamp(-1, 1))
+    return DirectionSpread(layer, head, float(angles.median()), float(norm.log().std()), int(q.shape[0]))
+
+
+# --------------------------------------------------------------------------- sham control
+
+
+def sham_check(model, tokens: Int[Tensor, "batch pos"], layer: int, head: int, *,
+               min_position: int = 1, batch_size: int = 16) -> tuple[dict, Effects]:
+    """The query-scaling hook attached at α = 1 against no hook, pass for pass on the same
+    batches: logits and every captured metric of every layer ≥ `layer` must be bit-identical.
+
+    Returns ({"bitwise_equal", "max_abs_logit_diff", "max_abs_metric_diff", "n_sequences"},
+    the sham's per-sequence `Effects`), all measured, not assumed.
+    """
+    tokens = check_tokens(tokens)
+    layout = attention_layout(model)
+    layout.check_head(layer, head)
+    if not 0 <= min_position < tokens.shape[1]:
+        raise SpectraError(f"min_position must be in [0, {tokens.shape[1]}), got {min_position}")
+    layers = range(layer, layout.n_layers)
+    device = next(model.parameters()).device
+    equal, d_logit, d_metric = True, 0.0, 0.0
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    with torch.no_grad():
+        for block in tokens.split(batch_size):
+            block = block.to(device)
+            runs = []
+            for items in ((), (QueryScale(layer, head, 1.0),)):
+                cap = MetricCapture(layout, layers=layers, top_mass=None)
+                with attached(model, *items, cap, layout=layout):
+                    logits = model(block, return_type="logits")
+                runs.append((logits, cap.result()))
+            (l0, m0), (l1, m1) = runs
+            equal &= torch.equal(l0, l1)
+            d_logit = max(d_logit, float((l0 - l1).abs().max()))
+            for n in ("q_norm", "k_norm", "entropy", "max_attn", "k_eff_pr", "sink_mass", "local_gain"):
+                a, b = getattr(m0, n), getattr(m1, n)
+                equal &= torch.equal(a, b)
+                d_metric = max(d_metric, float((a - b).abs().max()))
+            lp0, lp1 = torch.log_softmax(l0.double(), -1), torch.log_softmax(l1.double(), -1)
+            tgt = block[:, 1:, None]
+            d_loss = (-lp1[:, :-1].gather(-1, tgt) + lp0[:, :-1].gather(-1, tgt)).squeeze(-1).mean(-1)
+            kl = (lp0.exp() * (lp0 - lp1)).sum(-1).mean(-1)
+            d_ent = (m1.entropy[..., min_position:].double() - m0.entropy[..., min_position:].double()).mean(-1)
+            parts.append((d_loss.cpu(), kl.cpu(), d_ent.cpu()))
+    d_loss, kl, d_ent = (torch.cat([p[i] for p in parts]) for i in range(3))
+    summary = {"bitwise_equal": bool(equal), "max_abs_logit_diff": d_logit,
+               "max_abs_metric_diff": d_metric, "n_sequences": int(tokens.shape[0])}
+    return summary, Effects(d_loss, kl, d_ent[:, 0, head], d_ent[:, 1:])
+
+
+# --------------------------------------------------------------------------- control head
+
+
+def _pearson_from_sums(n, sx, sy, sxx, syy, sxy):
+    cov = sxy - sx * sy / n
+    vx, vy = sxx - sx * sx / n, syy - sy * sy / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cov / np.sqrt(vx * vy)
+
+
+def head_r_table(
+    model, tokens: Int[Tensor, "batch pos"], documents=None, *, min_position: int = 1,
+    ci: float = 0.95, n_boot: int = 1000, seed: int = 0, batch_size: int = 16,
+) -> pd.DataFrame:
+    """Per head: token-level Pearson r(ln ‖q‖, entropy) on `tokens` (positions ≥ min_position),
+    with a percentile interval that resamples documents (per-document sums of x, y, x², y², xy).
+
+    Columns: layer, head, r_log_q_entropy, r_ci_low, r_ci_high, n_tokens, n_documents.
+    """
+    tokens = check_tokens(tokens)
+    layout = attention_layout(model)
+    index, g = _document_index(documents, tokens.shape[0])
+    device = next(model.parameters()).device
+    sums = None  # [doc, 6, layer, head]
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch_size):
+            block = tokens[start : start + batch_size]
+            cap = MetricCapture(layout, top_mass=None)
+            with attached(model, cap, layout=layout):
+                model(block.to(device), return_type=None)
+            m = cap.result()
+            x = m.q_norm[..., min_position:].double().log()  # [batch, layer, head, pos]
+            y = m.entropy[..., min_position:].double()
+            per_seq = torch.stack([torch.ones_like(x).sum(-1), x.sum(-1), y.sum(-1), (x * x).sum(-1),
+                                   (y * y).sum(-1), (x * y).sum(-1)], dim=1).numpy()  # [b, 6, L, H]
+            if sums is None:
+                sums = np.zeros((g, *per_seq.shape[1:]))
+            np.add.at(sums, index[start : start + block.shape[0]], per_seq)
+    total = sums.sum(0)
+    r = _pearson_from_sums(*total)
+    rng = np.random.default_rng(seed)
+    if g >= 2:
+        w = rng.multinomial(g, np.full(g, 1.0 / g), size=n_boot).astype(float)
+        boot = np.einsum("bg,gklh->bklh", w, sums)
+        rb = _pearson_from_sums(*(boot[:, k] for k in range(6)))
+        tail = (1 - ci) / 2 * 100
+        low, high = np.nanpercentile(rb, [tail, 100 - tail], axis=0)
+    else:
+        low = high = np.full_like(r, np.nan)
+    L, H = r.shape
+    return pd.DataFrame({
+        "layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
+        "r_log_q_entropy": r.reshape(-1), "r_ci_low": low.reshape(-1), "r_ci_high": high.reshape(-1),
+        "n_tokens": int(total[0, 0, 0]), "n_documents": g,
+    })
+
+
+def choose_control_head(r_table: pd.DataFrame, target: tuple[int, int], *,
+                        layer: int | None = None) -> tuple[int, int]:
+    """The head `CONTROL_RULE` picks from `head_r_table` output."""
+    t = r_table[~((r_table["layer"] == target[0]) & (r_table["head"] == target[1]))]
+    if layer is not None:
+        t = t[t["layer"] == layer]
+    t = t[np.isfinite(t["r_ci_low"]) & np.isfinite(t["r_ci_high"])]
+    if t.empty:
+        raise SpectraError("no head other than the target has a finite r interval to choose a control from "
+                           "(too few selection documents?)")
+    score = np.maximum(t["r_ci_low"].abs(), t["r_ci_high"].abs())
+    order = np.lexsort((t["r_log_q_entropy"].abs().to_numpy(), score.to_numpy()))
+    row = t.iloc[order[0]]
+    return int(row["layer"]), int(row["head"])
+
+
+# --------------------------------------------------------------------------- effects table
+
+EFFECT_DEFINITIONS = {
+    "delta_loss": "mean next-token NLL (nats) with the intervention minus without, per sequence",
+    "kl_unscaled_scaled": "mean over positions of KL(p_1 || p_x) of the next-token distribution, "
+                          "p_1 unintervened, p_x intervened (nats, >= 0)",
+    "own_delta_entropy": "the intervened head's own mean entropy change; under query scaling it "
+                         "is softmax(alpha*s) of the unscaled scores (an identity check, not a "
+                         "finding); under rotation or sham it is an outcome",
+    "later_mean_abs_delta_entropy": "per sequence, mean over every head of the later layers of "
+                                    "|mean entropy change|",
+    "later_mean_delta_entropy": "per sequence, mean over every head of the later layers of the "
+                                "signed mean entropy change",
+    "later_heads_changed": "later heads whose document-bootstrap interval of the entropy change "
+                           "excludes 0",
+    "intervals": "percentile bootstrap over documents (each resampled document brings all its "
+                 "sequences) of the mean over sequences; bounded quantities stay in their bounds",
+}
+
+
+@dataclass(frozen=True)
+class Effects:
+    """Per-sequence outcomes of one intervention at one grid value (inputs of `effect_row`)."""
+
+    delta_loss: Tensor  # [batch]
+    kl: Tensor  # [batch]
+    own_delta_entropy: Tensor  # [batch]
+    later_delta_entropy: Tensor  # [batch, later layer, head] (may have 0 layers)
+
+
+def sweep_effects(sweep, layer: int, head: int) -> list[Effects]:
+    """`Effects` of every grid value of a `sweep.ExactSweep` whose layers start at `layer`."""
+    i = sweep.scaled.index(layer)
+    d = sweep.scaled.entropy.double() - sweep.unscaled.entropy.double()[None]  # [grid, b, L, H]
+    return [Effects(sweep.delta_loss[k].double(), sweep.kl[k].double(), d[k, :, i, head],
+                    d[k, :, i + 1 :]) for k in range(len(sweep.alphas))]
+
+
+def effect_row(effects: Effects, documents=None, *, ci: float = 0.95, n_boot: int = 2000,
+               seed: int = 0) -> dict:
+    """One row of the effects table: every outcome with its document-bootstrap interval."""
+    row: dict = {}
+
+    def put(name, values):
+        mean, low, high = document_bootstrap(values, documents, ci=ci, n_boot=n_boot, seed=seed)
+        row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(mean), float(low), float(high)
+
+    put("delta_loss", effects.delta_loss)
+    put("kl_unscaled_scaled", effects.kl)
+    put("own_delta_entropy", effects.own_delta_entropy)
+    later = effects.later_delta_entropy
+    n_later = int(later[0].numel()) if later.ndim == 3 else 0
+    if n_later:
+        flat = later.reshape(later.shape[0], -1)
+        put("later_mean_abs_delta_entropy", flat.abs().mean(1))
+        put("later_mean_delta_entropy", flat.mean(1))
+        _, lo, hi = document_bootstrap(flat, documents, ci=ci, n_boot=n_boot, seed=seed)
+        row["later_heads_changed"] = int(((lo > 0) | (hi < 0)).sum())
+    else:
+        for name in ("later_mean_abs_delta_entropy", "later_mean_delta_entropy"):
+            row[name] = row[f"{name}_ci_low"] = row[f"{name}_ci_high"] = float("nan")
+        row["later_heads_changed"] = 0
+    row["n_later_heads"] = n_later
+    n = int(effects.delta_loss.shape[0])
+    row["n_sequences"] = n
+    row["n_documents"] = n if documents is None else int(len(np.unique(np.asarray(documents))))
+    return row
