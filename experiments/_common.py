@@ -260,6 +260,8 @@ class RunTokens:
     select: torch.Tensor  # [n_select, seq_len]; the measured tokens when none were held out
     held_out: bool  # True when `select` is disjoint from `measure`
     corpus: str  # description recorded in the manifest
+    measure_documents: object = None  # one document id per measured sequence; None: each its own
+    select_documents: object = None  # the same for `select`
 
     def __repr__(self) -> str:
         return (f"RunTokens(measure={tuple(self.measure.shape)}, select={tuple(self.select.shape)}, "
@@ -326,10 +328,13 @@ class HeadChoice:
     control: tuple[int, int] | None  # (layer, head), or None when the experiment has no control
     chosen: tuple[str, ...]  # which of "target_layer", "target_head", ... came from the rule
     gains: dict  # {layer: [per-head mean analytic gain]} of the layers the rule looked at
+    control_rule: str | None = None  # replaces SELECTION_RULE's control part when set
 
     def as_dict(self) -> dict:
+        rule = SELECTION_RULE if self.control_rule is None else (
+            SELECTION_RULE.split("; control layer:")[0] + "; " + self.control_rule)
         return {"target": list(self.target), "control": list(self.control) if self.control else None,
-                "chosen_by_rule": list(self.chosen), "rule": SELECTION_RULE,
+                "chosen_by_rule": list(self.chosen), "rule": rule,
                 "selection_gains": {str(l): g for l, g in self.gains.items()}}
 
 

@@ -21,6 +21,7 @@ effects, later-head heatmaps; HTML, and PNG where kaleido works) and `manifest.j
 
 import dataclasses
 import logging
+import math
 import re
 import sys
 import time
@@ -34,7 +35,20 @@ import plotly.graph_objects as go
 import torch
 
 from spectra_lens import figures as figs
+from spectra_lens.causal import (
+    CONTROL_RULE,
+    EFFECT_DEFINITIONS,
+    ROTATION_RULE,
+    QueryRotate,
+    choose_control_head,
+    effect_row,
+    head_r_table,
+    query_direction_spread,
+    sham_check,
+    sweep_effects,
+)
 from spectra_lens.config import InterventionConfig
+from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import QueryScale
 from spectra_lens.layout import attention_layout
 from spectra_lens.metrics import alpha_metrics
@@ -56,8 +70,11 @@ class InterventionResult:
     heads: dict  # role -> (layer, head)
     tables: dict  # role -> DataFrame, one row per α (the q_scale_intervention CSV)
     downstream: dict  # role -> DataFrame, one row per α × measured head (layers >= the head's)
-    sweeps: dict  # role -> ExactSweep (tensors per sequence)
+    sweeps: dict  # role -> ExactSweep (tensors per sequence); also "rotation"
     choice: C.HeadChoice
+    effects: pd.DataFrame | None = None  # intervention_effects.csv: one row per condition × grid value
+    control_selection: pd.DataFrame | None = None  # control_selection.csv: r(log ||q||, H) per head
+    controls: dict | None = None  # sham summary, direction spread, rotation angles (manifest)
     out: Path | None = None
 
     def csv_name(self, role: str) -> str:
@@ -79,10 +96,15 @@ class InterventionResult:
         return "".join(parts)
 
 
-def head_table(sweep: ExactSweep, layer: int, head: int, role: str, layout, *, ci: float) -> pd.DataFrame:
-    """The q_scale_intervention table: `ExactSweep.head_frame` plus role, method and the fast
-    path's prediction softmax(α·s) from the unscaled pattern (`mean_entropy_fast`, ...)."""
-    frame = sweep.head_frame(layer, head, ci=ci)
+OWN_CURVE = "identity check: softmax(alpha*s) of the unscaled scores, not a finding"
+
+
+def head_table(sweep: ExactSweep, layer: int, head: int, role: str, layout, *, ci: float,
+               documents=None, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """The q_scale_intervention table: `ExactSweep.head_frame` (document-bootstrap intervals)
+    plus role, method and the fast path's prediction softmax(α·s) from the unscaled pattern
+    (`mean_entropy_fast`, ...). The head's own curve is an identity check (`own_curve`)."""
+    frame = sweep.head_frame(layer, head, ci=ci, documents=documents, n_boot=n_boot, seed=seed)
     frame.insert(3, "head_type", role)
     pattern = sweep.base_patterns[(layer, head)][:, sweep.min_position:]
     predicted = alpha_metrics(torch.log(pattern), pattern > 0, sweep.alphas)
@@ -93,18 +115,56 @@ def head_table(sweep: ExactSweep, layer: int, head: int, role: str, layout, *, c
     frame["method"] = "exact"
     frame["fast_path_valid"] = bool(layout.q_bilinear[layer])
     frame["reason"] = layout.q_reason[layer] or ""
+    frame["own_curve"] = OWN_CURVE if layout.q_bilinear[layer] else \
+        "the head's own response to its query scale (not softmax(alpha*s): logits not bilinear)"
     return frame
+
+
+def _control(cfg, model, layout, tokens: C.RunTokens, target) -> tuple[tuple[int, int], pd.DataFrame, str]:
+    """(control head, r table of every head on the selection sequences, how it was chosen)."""
+    docs = tokens.select_documents
+    table = head_r_table(model, tokens.select, docs, min_position=cfg.min_position, ci=cfg.ci,
+                         n_boot=cfg.n_boot, seed=cfg.seed, batch_size=cfg.max_rows)
+    if cfg.control_head is None:
+        control, how = choose_control_head(table, target, layer=cfg.control_layer), "rule"
+    else:
+        c_layer = cfg.control_layer if cfg.control_layer is not None else target[0]
+        C._check_layer_head(layout, c_layer, cfg.control_head, "control")
+        control, how = (c_layer, cfg.control_head), "given"
+    if control == tuple(target):
+        raise SpectraError(f"the control head must differ from the target head; both are layer "
+                           f"{target[0]} head {target[1]}")
+    table.insert(2, "role", ["target" if (l, h) == tuple(target) else "control" if (l, h) == control else ""
+                             for l, h in zip(table["layer"], table["head"])])
+    return control, table, how
+
+
+def _rows(effects_list, documents, cfg, **fixed) -> list[dict]:
+    values = fixed.pop("values")
+    extra = fixed.pop("extra", [{}] * len(values))
+    return [{**fixed, "value": v, **x, **effect_row(e, documents, ci=cfg.ci, n_boot=cfg.n_boot, seed=cfg.seed)}
+            for v, x, e in zip(values, extra, effects_list)]
 
 
 def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bool = False,
             rd=None) -> InterventionResult:
-    """The EXP1 measurements on a loaded model and tokens (no files written)."""
+    """The EXP1 measurements on a loaded model and tokens (no files written).
+
+    Target: `_common.choose_heads`. Control: `causal.CONTROL_RULE` unless given. Outcomes per
+    condition (target scaling, control scaling, sham, rotation of the target's query):
+    `causal.effect_row` with document-bootstrap intervals.
+    """
     alphas = C.checked_alphas(cfg)
     layout = attention_layout(model)
+    docs = tokens.measure_documents
     with C.timed(rd, "choose_heads_s"):
-        choice = C.choose_heads(cfg, model, layout, tokens.select, control=True)
+        choice = C.choose_heads(cfg, model, layout, tokens.select, control=False)
+        control, r_table, how = _control(cfg, model, layout, tokens, choice.target)
+        choice = dataclasses.replace(
+            choice, control=control, control_rule=CONTROL_RULE,
+            chosen=choice.chosen + (("control_layer", "control_head") if how == "rule" else ()))
     heads = {"target": choice.target, "control": choice.control}
-    tables, downstream, sweeps = {}, {}, {}
+    tables, downstream, sweeps, rows = {}, {}, {}, []
     for role in ROLES:
         l, h = heads[role]
         with C.timed(rd, f"{role}_sweep_s"):
@@ -114,15 +174,45 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
                 min_position=cfg.min_position, max_rows=cfg.max_rows, progress=progress,
             )
         sweeps[role] = sweep
-        tables[role] = head_table(sweep, l, h, role, layout, ci=cfg.ci)
-        d = sweep.downstream_frame(ci=cfg.ci, min_layer=l)
+        tables[role] = head_table(sweep, l, h, role, layout, ci=cfg.ci, documents=docs,
+                                  n_boot=cfg.n_boot, seed=cfg.seed)
+        d = sweep.downstream_frame(ci=cfg.ci, min_layer=l, documents=docs, n_boot=cfg.n_boot, seed=cfg.seed)
         d.insert(0, "head_type", role)
         d.insert(1, "scaled_layer", l)
         d.insert(2, "scaled_head", h)
         d["is_scaled_head"] = (d["layer"] == l) & (d["head"] == h)
         downstream[role] = d
+        rows += _rows(sweep_effects(sweep, l, h), docs, cfg, condition=f"{role}_scale",
+                      intervention="QueryScale", layer=l, head=h, grid="alpha", values=sweep.alphas,
+                      own_effect="identity check" if layout.q_bilinear[l] else "outcome (not bilinear)")
+    l, h = choice.target
+    with C.timed(rd, "sham_s"):
+        sham, sham_effects = sham_check(model, tokens.measure, l, h, min_position=cfg.min_position,
+                                        batch_size=cfg.max_rows)
+    rows += _rows([sham_effects], docs, cfg, condition="sham", intervention="QueryScale at alpha=1 (hook attached)",
+                  layer=l, head=h, grid="alpha", values=[1.0], own_effect="outcome (must be 0)",
+                  extra=[{"bitwise_equal": sham["bitwise_equal"]}])
+    with C.timed(rd, "rotation_s"):
+        spread = query_direction_spread(model, tokens.select, l, h, min_position=cfg.min_position,
+                                  batch_size=cfg.max_rows)
+        multiples = {min(m * spread.median_angle, math.pi): m for m in sorted(cfg.rotation_multiples)}
+        angles = tuple(sorted(multiples))
+        rotation = intervention_effects(model, tokens.measure, angles, QueryRotate(l, h, 0.0, seed=cfg.seed),
+                               layers=range(l, layout.n_layers), patterns_for=[(l, h)],
+                               min_position=cfg.min_position, max_rows=cfg.max_rows, progress=progress)
+    sweeps["rotation"] = rotation
+    rows += _rows(sweep_effects(rotation, l, h), docs, cfg, condition="rotation",
+                  intervention="QueryRotate (norm kept)", layer=l, head=h, grid="angle_rad",
+                  values=angles, own_effect="outcome",
+                  extra=[{"angle_multiple": multiples[a]} for a in angles])
+    effects = pd.DataFrame(rows)
+    controls = {"sham": sham, "direction_spread": spread.as_dict(), "rotation_angles_rad": list(angles),
+                "rotation_multiples": [multiples[a] for a in angles], "rotation_seed": cfg.seed,
+                "control_rule": CONTROL_RULE, "control_chosen_by": how,
+                "control_r": r_table[r_table["role"] == "control"].iloc[0].drop("role").to_dict()}
     return InterventionResult(heads=heads, tables=tables, downstream=downstream, sweeps=sweeps,
-                              choice=choice)
+                              choice=choice, effects=effects, control_selection=r_table,
+                              controls=controls)
 
 
 OUTPUTS = C.Outputs(
@@ -138,6 +228,13 @@ OUTPUTS = C.Outputs(
                 ("head_type", "scaled_layer", "scaled_head", "scale", "layer", "head",
                  "is_scaled_head", "entropy", "delta_entropy", "delta_entropy_ci_low",
                  "delta_entropy_ci_high", "delta_max_attn"), rows=12),
+        C.Table("intervention_effects.csv", "outcomes that can come out either way (document intervals)",
+                (), ("condition", "layer", "head", "grid", "value", "delta_loss", "delta_loss_ci_low",
+                     "delta_loss_ci_high", "kl_unscaled_scaled", "kl_unscaled_scaled_ci_low",
+                     "kl_unscaled_scaled_ci_high", "later_mean_abs_delta_entropy",
+                     "later_heads_changed", "own_delta_entropy", "own_effect", "n_documents"), rows=30),
+        C.Table("control_selection.csv", "control head choice: r(log ||q||, H) on held-out sequences",
+                (), ("layer", "head", "role", "r_log_q_entropy", "r_ci_low", "r_ci_high"), rows=12),
     ),
 )
 
@@ -151,6 +248,10 @@ def tables(result: InterventionResult) -> dict[str, pd.DataFrame]:
         l, h = result.heads[role]
         out[result.csv_name(role).removesuffix(".csv")] = result.tables[role]
         out[f"downstream_heads_L{l}_H{h}_{role}"] = result.downstream[role]
+    if result.effects is not None:
+        out["intervention_effects"] = result.effects
+    if result.control_selection is not None:
+        out["control_selection"] = result.control_selection
     return out
 
 
@@ -185,6 +286,10 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
         out["intervention_combined_target_vs_control"] = figs.intervention_panels(
             both, title="target vs control under query scaling")
         out["intervention_output_effects"] = figs.output_effects(both, title="output effects of query scaling")
+    if "intervention_effects" in tables:
+        out["intervention_effects"] = figs.effects_panels(
+            tables["intervention_effects"], title="outcomes that can come out either way: target vs "
+                                                   "control scaling, rotation of the target's query, sham")
     return out
 
 
@@ -200,11 +305,16 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
             files = C.write_outputs(rd, t, figures(t), images=cfg.images)
         rd.finish(
             **C.provenance(setup, result.choice, cfg.seed),
-            alphas=list(result.sweeps["target"].alphas), files=files,
+            alphas=list(result.sweeps["target"].alphas), files=files, controls=result.controls,
+            rotation_rule=ROTATION_RULE,
             definitions={**C.k_eff_definitions(),
-                         "intervals": f"t-interval ({cfg.ci:g}) over per-sequence means",
+                         **EFFECT_DEFINITIONS,
+                         "intervals": f"{cfg.ci:g} percentile bootstrap over documents ({cfg.n_boot} "
+                                      f"resamples) of the mean over sequences",
                          "delta_loss": "mean next-token NLL at α minus unscaled, per sequence",
-                         "kl_from_unscaled": "mean over positions of KL(p_α || p_1) of the next-token distribution",
+                         "kl_from_unscaled": "mean over positions of KL(p_1 || p_α) of the next-token "
+                                             "distribution (unscaled || scaled)",
+                         "own_curve": OWN_CURVE,
                          "method": "exact: real forward passes with QueryScale; *_fast: softmax(α·s) prediction"},
         )
     return dataclasses.replace(result, out=rd.path)
@@ -226,6 +336,20 @@ def command(cfg: InterventionConfig, *, progress: bool = True) -> int:
               f"{hi['mean_max_attn']:.3f}; Δloss at α={hi['scale']:g}: {hi['delta_loss']:+.4f}, "
               f"KL {hi['kl_from_unscaled']:.4f}; fast-path max |ΔH| "
               f"{np.nanmax(np.abs(t['mean_entropy'] - t['mean_entropy_fast'])):.1e}")
+    e = result.effects
+    for cond in ("target_scale", "control_scale", "rotation"):
+        part = e[e["condition"] == cond]
+        row = part.loc[part["value"].idxmax()]
+        grid = f"α={row['value']:g}" if row["grid"] == "alpha" else f"angle={np.degrees(row['value']):.0f}°"
+        print(f"{cond:13s} L{row['layer']} H{row['head']} at {grid}: Δloss {row['delta_loss']:+.4f} "
+              f"[{row['delta_loss_ci_low']:+.4f}, {row['delta_loss_ci_high']:+.4f}], KL "
+              f"{row['kl_unscaled_scaled']:.4f} [{row['kl_unscaled_scaled_ci_low']:.4f}, "
+              f"{row['kl_unscaled_scaled_ci_high']:.4f}], later heads |ΔH| "
+              f"{row['later_mean_abs_delta_entropy']:.4f} ({row['later_heads_changed']}/"
+              f"{row['n_later_heads']} changed), {row['n_documents']} documents")
+    sham = result.controls["sham"]
+    print(f"sham (hook at α=1): bit-identical {sham['bitwise_equal']}, max |Δlogit| {sham['max_abs_logit_diff']:g}")
+    print("the scaled head's own entropy curve is an identity check (softmax(α·s)), not a finding")
     print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
 

@@ -21,6 +21,13 @@ absolute difference between the query-scaled and key-scaled patterns, each patte
 deviation from its prediction (softmax(α·s) where the head is scaled, the unscaled pattern where
 it is not), and the output effects (Δ loss, KL(p_α ‖ p_1)) of each scaling.
 
+What this checks, and what it does not: where the logits are bilinear the target's Q/K
+sensitivity ratio is 1 and its query- and key-scaled patterns are equal *by the algebra*
+(both give softmax(α·s)); a ratio of 1 there confirms the hooks act where they should, it is
+not evidence about the model (`ratio_is` says so per row). What can come out either way is
+the effect on the *other* heads of the kv group under key scaling (GQA) and the output
+effects (Δ loss, KL(p_1 ‖ p_α)) of the two scalings.
+
 Outputs (in --out): `qk_comparison_results.csv` (one row per scaling × α × group head),
 `sensitivity_summary.csv` (one row per group head: entropy slope vs ln α under Q and under K
 scaling and their ratio), figures under `figures/` and `manifest.json`.
@@ -150,6 +157,11 @@ def sensitivity(comparison: pd.DataFrame) -> pd.DataFrame:
         row["sensitivity_ratio"] = row["entropy_slope_q"] / k + 0.0 if np.isfinite(k) and abs(k) > 1e-12 else np.nan
         row["max_abs_pattern_diff_qk"] = float(g["max_abs_pattern_diff_qk"].max())
         row["bilinear"] = bool(g["bilinear"].iloc[0])
+        row["ratio_is"] = (
+            ("check: 1 by bilinearity (q·k scales the same either way)" if row["bilinear"]
+             else "measured: logits not bilinear, Q and K scaling may differ")
+            if row["is_target"] else
+            "measured: another head of the kv group (unchanged by Q scaling of the target)")
         row["reason"] = g["reason"].iloc[0]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -241,7 +253,10 @@ def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None =
                          "max_abs_pattern_diff_qk": "max over sequences, queries, keys of |p_Q - p_K|",
                          "max_abs_dev_from_prediction": "max |p - prediction|; prediction = softmax(alpha*s) "
                                                         "where the head is scaled, else the unscaled pattern",
-                         "sensitivity_ratio": "entropy slope vs ln alpha under Q scaling / under K scaling",
+                         "sensitivity_ratio": "entropy slope vs ln alpha under Q scaling / under K scaling; "
+                                              "for the target of a bilinear layer it is 1 by algebra "
+                                              "(a check of the hooks, not a finding)",
+                         "ratio_is": "whether sensitivity_ratio is a check (fixed by bilinearity) or a measurement",
                          "pattern_changed": f"some pattern entry moved by more than {CHANGE_TOL:g}"},
         )
     return dataclasses.replace(result, out=rd.path)
@@ -258,7 +273,8 @@ def command(cfg: QKConfig, *, progress: bool = True) -> int:
     s = result.sensitivity
     t = s[s["is_target"]].iloc[0]
     print(f"target L{l} H{h}, kv head {result.kv_head}, group {list(result.group)}: entropy slope "
-          f"Q {t['entropy_slope_q']:+.3f}, K {t['entropy_slope_k']:+.3f} (ratio {t['sensitivity_ratio']:.3f}); "
+          f"Q {t['entropy_slope_q']:+.3f}, K {t['entropy_slope_k']:+.3f} (ratio {t['sensitivity_ratio']:.3f}: "
+          f"{t['ratio_is']}); "
           f"max |p_Q - p_K| on the target {t['max_abs_pattern_diff_qk']:.1e}")
     others = s[~s["is_target"]]
     if len(others):

@@ -107,6 +107,12 @@ def _check_causal(cfg) -> None:
     from spectra_lens.validate import check_alphas  # config stays importable without torch
 
     check_alphas(cfg.alphas)
+    mult = tuple(getattr(cfg, "rotation_multiples", (1.0,)))
+    if not mult or any(isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < 100 for m in mult):
+        raise SpectraError(f"rotation_multiples must be numbers > 0, got {list(mult)}")
+    n_boot = getattr(cfg, "n_boot", 1000)
+    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 100:
+        raise SpectraError(f"n_boot must be an integer >= 100, got {n_boot!r}")
     for name in ("target_layer", "target_head", "control_layer", "control_head"):
         v = getattr(cfg, name, None)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
@@ -130,8 +136,10 @@ class InterventionConfig:
     target_layer: int | None = None  # None: the middle layer, n_layers // 2
     target_head: int | None = None  # None: most negative analytic gain −Var_p(s) in target_layer
     control_layer: int | None = None  # None: target_layer
-    control_head: int | None = None  # None: the other head of control_layer with gain nearest 0
+    control_head: int | None = None  # None: r(log ||q||, H) nearest 0 with a tight interval (causal.CONTROL_RULE)
     alphas: tuple[float, ...] = ALPHAS_9  # query scales; 1 is the unscaled model
+    rotation_multiples: tuple[float, ...] = (0.5, 1.0, 2.0)  # rotation angles in units of the target's natural direction spread
+    n_boot: int = 2000  # document-bootstrap resamples of every interval
     n_sequences: int = 8  # measured sequences: sized for ~1-2 minutes on 2 CPU cores
     seq_len: int = 128  # tokens per sequence (BOS included where the model uses one)
     n_select: int = 8  # held-out sequences (before the measured ones) that choose default heads

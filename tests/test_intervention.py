@@ -8,6 +8,7 @@ import torch
 from spectra_lens.experiments import _common as C
 from spectra_lens.experiments import intervention
 
+from spectra_lens.causal import choose_control_head
 from spectra_lens.config import InterventionConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import count_hooks
@@ -78,11 +79,17 @@ def test_default_heads_follow_the_rule(tmp_path, tiny, toks):
     gains = result.choice.gains[layout.n_layers // 2]
     target, control = result.heads["target"], result.heads["control"]
     assert target == (layout.n_layers // 2, min(range(layout.n_heads), key=gains.__getitem__))
-    rest = [h for h in range(layout.n_heads) if h != target[1]]
-    assert control == (target[0], min(rest, key=lambda h: abs(gains[h])))
-    # the target really is the more sensitive head
-    t, c = result.tables["target"], result.tables["control"]
-    assert t["analytic_gain"].iloc[0] <= c["analytic_gain"].iloc[0]
+    # the control: r(log ||q||, H) nearest 0 with the tightest interval, any layer but the target
+    sel = result.control_selection
+    assert control == choose_control_head(sel, target)
+    rest = sel[(sel["layer"] != target[0]) | (sel["head"] != target[1])]
+    bound = lambda row: max(abs(row["r_ci_low"]), abs(row["r_ci_high"]))  # noqa: E731
+    chosen = sel[(sel["layer"] == control[0]) & (sel["head"] == control[1])].iloc[0]
+    assert bound(chosen) == min(bound(r) for _, r in rest.iterrows())
+    assert set(sel["role"]) == {"target", "control", ""}
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert "r(log ||q||, entropy)" in manifest["selection"]["rule"]
+    assert manifest["controls"]["control_chosen_by"] == "rule"
 
 
 def test_rerun_refuses_without_overwrite(tmp_path, tiny, toks):
@@ -161,3 +168,32 @@ def test_cli_main(tmp_path, tiny, monkeypatch, capsys):
     assert intervention.main(argv + ["--overwrite"]) == 0
     assert intervention.main(argv[:-1] + ["--overwrite", "--alphas", "0", "1"]) == 2
     assert "> 0" in capsys.readouterr().err
+
+
+def test_effects_table_has_every_condition_with_bounded_intervals(tmp_path, tiny, toks):
+    model, layout = tiny("llama_gqa")
+    cfg = InterventionConfig(out=str(tmp_path / "e"), alphas=ALPHAS, target_layer=0, target_head=1,
+                             n_boot=200)
+    result = intervention.run(cfg, model=model, tokens=toks, progress=False)
+    e = pd.read_csv(tmp_path / "e" / "intervention_effects.csv")
+    assert set(e["condition"]) == {"target_scale", "control_scale", "sham", "rotation"}
+    sham = e[e["condition"] == "sham"].iloc[0]
+    assert bool(sham["bitwise_equal"])
+    for c in ("delta_loss", "kl_unscaled_scaled", "own_delta_entropy", "later_mean_abs_delta_entropy"):
+        assert sham[c] == 0 and sham[f"{c}_ci_low"] == 0 and sham[f"{c}_ci_high"] == 0
+    assert (e["kl_unscaled_scaled_ci_low"] >= 0).all()
+    assert (e["later_mean_abs_delta_entropy_ci_low"].dropna() >= 0).all()  # NaN: no later layer
+    assert (e["kl_unscaled_scaled_ci_low"] <= e["kl_unscaled_scaled"]).all()
+    rot = e[e["condition"] == "rotation"]
+    spread = result.controls["direction_spread"]["median_angle_rad"]
+    assert sorted(rot["angle_multiple"]) == [0.5, 1.0, 2.0]
+    assert rot.loc[rot["angle_multiple"] == 1.0, "value"].iloc[0] == pytest.approx(spread)
+    assert set(e.loc[e["condition"] == "target_scale", "own_effect"]) == {"identity check"}
+    assert set(rot["own_effect"]) == {"outcome"}
+    head = pd.read_csv(tmp_path / "e" / "q_scale_intervention_L0_H1_target.csv")
+    assert head["own_curve"].str.contains("identity check").all()
+    assert (tmp_path / "e" / "figures" / "intervention_effects.html").exists()
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["controls"]["sham"]["bitwise_equal"] is True
+    assert "KL(p_1 || p_x)" in manifest["definitions"]["kl_unscaled_scaled"]
+    assert count_hooks(model) == 0

@@ -7,6 +7,7 @@ own `figures(tables)`, which the report calls too, so every figure is defined on
 
 from spectra_lens.figures.attention import attention_pattern, head_attention, token_labels
 from spectra_lens.figures.causal import (
+    effects_panels,
     gain_comparison,
     gain_fit,
     gain_vs_analytic,
@@ -35,6 +36,7 @@ from spectra_lens.figures.heads import (
 
 __all__ = [
     "attention_pattern",
+    "effects_panels",
     "gain_comparison",
     "gain_fit",
     "gain_vs_analytic",

@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 from spectra_lens.errors import SpectraError
 
 __all__ = [
+    "effects_panels",
     "gain_comparison",
     "gain_fit",
     "gain_vs_analytic",
@@ -33,7 +34,9 @@ _LABELS = {
     "mean_k_eff": "k_eff = exp(H)",
     "delta_entropy": "Δ entropy (nats)",
     "delta_loss": "Δ next-token loss (nats)",
-    "kl_from_unscaled": "KL(p_α ‖ p_1) (nats)",
+    "kl_from_unscaled": "KL(p_1 ‖ p_α), unscaled ‖ scaled (nats)",
+    "kl_unscaled_scaled": "KL(p_1 ‖ p_x), unintervened ‖ intervened (nats)",
+    "later_mean_abs_delta_entropy": "later heads: mean |Δ entropy| (nats)",
 }
 _PANELS = ("mean_entropy", "mean_max_attn", "mean_k_eff")
 
@@ -114,7 +117,7 @@ def intervention_panels(frames: Mapping[str, pd.DataFrame], *, title: str) -> go
 
 
 def output_effects(frames: Mapping[str, pd.DataFrame], *, title: str) -> go.Figure:
-    """Two panels: Δ next-token loss and KL(p_α ‖ p_1) against α, one line per labelled table."""
+    """Two panels: Δ next-token loss and KL(p_1 ‖ p_α) against α, one line per labelled table."""
     cols = ("delta_loss", "kl_from_unscaled")
     fig = make_subplots(rows=1, cols=2, subplot_titles=[_LABELS[c] for c in cols])
     for i, (label, frame) in enumerate(frames.items()):
@@ -238,3 +241,36 @@ def qk_output_effects(frame: pd.DataFrame, *, title: str) -> go.Figure:
     _require(frame, ["scale", "scaled", "delta_loss", "kl_from_unscaled"], "Q/K table")
     per = {s: g.drop_duplicates("scale") for s, g in frame.groupby("scaled")}
     return output_effects({f"{s} scaled": g for s, g in sorted(per.items(), reverse=True)}, title=title)
+
+
+_EFFECTS = ("delta_loss", "kl_unscaled_scaled", "later_mean_abs_delta_entropy")
+
+
+def effects_panels(effects: pd.DataFrame, *, title: str) -> go.Figure:
+    """The outcomes that can come out either way, with their document-bootstrap bands.
+
+    Row 1: Δ loss, KL(p_1 ‖ p_x) and the later heads' mean |Δ entropy| against the query scale
+    α for every `*_scale` condition (target, control); row 2: the same against the rotation
+    angle (degrees) for the `rotation` condition, with the sham (the hook at α = 1) at angle 0.
+    """
+    _require(effects, ["condition", "value", *_EFFECTS], "effects table")
+    fig = make_subplots(rows=2, cols=3, vertical_spacing=0.18,
+                        subplot_titles=[_LABELS[c] for c in _EFFECTS] + [""] * 3)
+    scaled = [c for c in effects["condition"].unique() if str(c).endswith("_scale")]
+    for i, cond in enumerate(scaled):
+        f = effects[effects["condition"] == cond].rename(columns={"value": "scale"})
+        label = f"{cond} L{int(f['layer'].iloc[0])} H{int(f['head'].iloc[0])}"
+        for j, column in enumerate(_EFFECTS):
+            _line_with_band(fig, f, column, name=label, color=_color(i), row=1, col=j + 1,
+                            showlegend=j == 0)
+    rot = effects[effects["condition"].isin(["sham", "rotation"])].copy()
+    if not rot.empty:
+        rot["scale"] = np.where(rot["condition"] == "sham", 0.0, np.degrees(rot["value"]))
+        for j, column in enumerate(_EFFECTS):
+            _line_with_band(fig, rot, column, name="rotation (sham at 0°)", color=_color(len(scaled)),
+                            row=2, col=j + 1, showlegend=j == 0)
+    for j in range(3):
+        fig.update_xaxes(**_LOG_ALPHA, title_text="query scale α", row=1, col=j + 1)
+        fig.update_xaxes(title_text="rotation angle of q (degrees)", row=2, col=j + 1)
+    fig.update_layout(title=title, template="plotly_white", height=720)
+    return fig
