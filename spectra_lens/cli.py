@@ -43,6 +43,8 @@ COMMANDS: dict[str, Command] = {
                     "EXP2: entropy sensitivity to query scale, every head"),
     "qk-control": Command("QKConfig", "spectra_lens.experiments.qk_control",
                           "EXP3: scale keys instead of queries"),
+    "study": Command("StudyConfig", "spectra_lens.experiments.study",
+                     "EXP0 + agreement (+ gain) over several models and corpora: one table"),
     "prepare": Command("PrepareConfig", "spectra_lens.experiments.prepare",
                        "tokenize a corpus into shards with a manifest"),
     "report": Command("ReportConfig", "spectra_lens.report", "one HTML page from a results directory"),

@@ -250,6 +250,10 @@ class HeadTypesConfig:
 
         for name in ("n_sequences", "batch_size"):
             check_int(name, getattr(self, name))
+
+    def cells(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(models, corpora), the defaults where none were named."""
+        return self.models or self.DEFAULT_MODELS, self.corpora or self.DEFAULT_CORPORA
         check_int("seq_len", self.seq_len, minimum=8)
         check_int("n_repeated", self.n_repeated, minimum=2)
         check_int("half_len", self.half_len, minimum=4)
@@ -265,8 +269,8 @@ class HeadTypesConfig:
 
 FLAG_HELP: dict[str, str] = {
     "model": "Hugging Face model id (local cache, or the hub when online) or local model directory",
-    "corpus": "corpus: 'default', a text file or glob, FILE.jsonl[:FIELD], hf:NAME[:SPLIT[:FIELD]], "
-              "or a prepared shard directory",
+    "corpus": "corpus: 'default', 'kjv' (narrative), 'chatterbot' (dialog), a text file or glob, "
+              "FILE.jsonl[:FIELD], hf:NAME[:SPLIT[:FIELD]], or a prepared shard directory",
     "out": "output directory of the run: manifest, tables, figures",
     "seq_len": "tokens per sequence, BOS included where the model uses one",
     "n_sequences": "sequences of seq_len tokens taken from the corpus",
@@ -286,7 +290,14 @@ FLAG_HELP: dict[str, str] = {
     "control_head": "the control head in the control layer",
     "alphas": "query scales alpha, separated by spaces or commas; 1 is the unscaled model",
     "n_select": "held-out sequences, before the measured ones, that choose the default heads",
-    "ci": "level of the t-interval over sequences",
+    "ci": "confidence level of the intervals",
+    "rotation_multiples": "rotation angles of the target's query, in units of its natural direction "
+                          "spread (median angle to its mean direction on held-out sequences)",
+    "models": "model to include (a spec as for --model; 'default' = the embedded model); repeat the "
+              "flag for several",
+    "corpora": "corpus to include (as for --corpus); repeat the flag for several",
+    "gain_sequences": "sequences of the gain experiment in every cell",
+    "run_gain": "also run the gain experiment (EXP2) in every cell",
     "seed": "random seed (bootstrap resamples, replication split, sampling); recorded in manifests",
     "dtype": "dtype of the model weights; metrics are always computed in float32",
     "device": "torch device, e.g. cpu or cuda:0",
@@ -326,8 +337,9 @@ NONE_MEANS: dict[str, str] = {
     "target_layer": "the middle layer, n_layers // 2",
     "target_head": "the head of the target layer with the most negative analytic gain -Var_p(s) "
                    "on the held-out selection sequences",
-    "control_layer": "the target layer",
-    "control_head": "the other head of the control layer whose analytic gain is nearest 0",
+    "control_layer": "any layer",
+    "control_head": "the head whose r(log ||q||, entropy) on the held-out sequences is nearest 0 with "
+                    "the tightest document interval (any layer, or the control layer when given)",
     "top_mass": "none",
     "n_sequences": "every full sequence of the corpus",
     "prepend_bos": "when the tokenizer has a BOS token",
@@ -340,6 +352,8 @@ NONE_MEANS: dict[str, str] = {
     "types": "measured on the page's text",
     "prompt": "the first 16 tokens of the text",
     "out": "RESULTS_DIR/report.html",
+    "models": "the embedded default model",
+    "corpora": "default kjv (reference documentation and narrative prose)",
     "plotlyjs": "inline, a page that works offline on its own",
 }
 
@@ -458,3 +472,46 @@ class HeadPageConfig:
         check_int("max_new_tokens", self.max_new_tokens)
         if len(self.alphas) != 2:
             raise SpectraError(f"alphas must be two query scales, got {list(self.alphas)}")
+
+
+# --------------------------------------------------------------------------- study
+
+__all__ += ["StudyConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """The study: EXP0 (with the observational-causal agreement) and EXP2 in every model × corpus
+    cell, summarized in one table and one figure."""
+
+    DEFAULT_MODELS = ("default",)
+    DEFAULT_CORPORA = ("default", "kjv")
+
+    models: tuple[str, ...] = ()  # model specs; "default" = the embedded model; () = ("default",)
+    corpora: tuple[str, ...] = ()  # corpus specs or names (genres.NAMED_CORPORA); () = ("default", "kjv")
+    out: str = "results/study"  # study directory; every cell's runs go below it
+    n_sequences: int = 64  # EXP0 sequences per cell
+    seq_len: int = 128  # tokens per sequence
+    batch_size: int = 8  # sequences per forward pass
+    run_gain: bool = True  # also run EXP2 (gain) per cell
+    gain_sequences: int = 16  # EXP2 sequences per cell
+    seed: int = 0
+    dtype: str = "float32"
+    device: str | None = None
+    overwrite: bool = False  # redo every cell
+
+    def validate(self) -> None:
+        for name in ("models", "corpora"):
+            v = getattr(self, name)
+            if not all(isinstance(x, str) and x for x in v):
+                raise SpectraError(f"{name} must name at least one non-empty spec, got {v!r}")
+            if len(set(v)) != len(v):
+                raise SpectraError(f"{name} must be distinct, got {list(v)}")
+        from spectra_lens.validate import check_int  # imports torch: not at module load
+
+        for name in ("n_sequences", "seq_len", "batch_size", "gain_sequences"):
+            check_int(name, getattr(self, name))
+
+    def cells(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(models, corpora), the defaults where none were named."""
+        return self.models or self.DEFAULT_MODELS, self.corpora or self.DEFAULT_CORPORA
