@@ -261,14 +261,18 @@ def effects_panels(effects: pd.DataFrame, *, title: str) -> go.Figure:
         f = effects[effects["condition"] == cond].rename(columns={"value": "scale"})
         label = f"{cond} L{int(f['layer'].iloc[0])} H{int(f['head'].iloc[0])}"
         for j, column in enumerate(_EFFECTS):
-            _line_with_band(fig, f, column, name=label, color=_color(i), row=1, col=j + 1,
-                            showlegend=j == 0)
+            shown = f[f[column].notna()]  # NaN: no later layer to measure
+            if not shown.empty:
+                _line_with_band(fig, shown, column, name=label, color=_color(i), row=1, col=j + 1,
+                                showlegend=j == 0)
     rot = effects[effects["condition"].isin(["sham", "rotation"])].copy()
     if not rot.empty:
         rot["scale"] = np.where(rot["condition"] == "sham", 0.0, np.degrees(rot["value"]))
         for j, column in enumerate(_EFFECTS):
-            _line_with_band(fig, rot, column, name="rotation (sham at 0°)", color=_color(len(scaled)),
-                            row=2, col=j + 1, showlegend=j == 0)
+            shown = rot[rot[column].notna()]
+            if not shown.empty:
+                _line_with_band(fig, shown, column, name="rotation (sham at 0°)",
+                                color=_color(len(scaled)), row=2, col=j + 1, showlegend=j == 0)
     for j in range(3):
         fig.update_xaxes(**_LOG_ALPHA, title_text="query scale α", row=1, col=j + 1)
         fig.update_xaxes(title_text="rotation angle of q (degrees)", row=2, col=j + 1)
