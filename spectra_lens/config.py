@@ -250,10 +250,6 @@ class HeadTypesConfig:
 
         for name in ("n_sequences", "batch_size"):
             check_int(name, getattr(self, name))
-
-    def cells(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(models, corpora), the defaults where none were named."""
-        return self.models or self.DEFAULT_MODELS, self.corpora or self.DEFAULT_CORPORA
         check_int("seq_len", self.seq_len, minimum=8)
         check_int("n_repeated", self.n_repeated, minimum=2)
         check_int("half_len", self.half_len, minimum=4)
@@ -504,7 +500,7 @@ class StudyConfig:
         for name in ("models", "corpora"):
             v = getattr(self, name)
             if not all(isinstance(x, str) and x for x in v):
-                raise SpectraError(f"{name} must name at least one non-empty spec, got {v!r}")
+                raise SpectraError(f"{name} must name non-empty specs, got {v!r}")
             if len(set(v)) != len(v):
                 raise SpectraError(f"{name} must be distinct, got {list(v)}")
         from spectra_lens.validate import check_int  # imports torch: not at module load
