@@ -510,3 +510,18 @@ def test_a_head_in_one_document_half_only_is_not_replicated():
     assert _row(out, 0, 0)["selected"] and not _row(out, 0, 0)["replicated"]
     assert not _row(out, 0, 1)["selected"] and not _row(out, 0, 1)["replicated"]
     assert _row(out, 0, 2)["replicated"]
+
+
+def test_document_replication_p_is_one_sided_toward_the_discovery_sign():
+    """p_replication = P(T > t) for a positive discovery slope, T ~ t(df) of the replication
+    half's clustered test: half the two-sided p, so alpha between the two replicates."""
+    from scipy.stats import t as student_t
+
+    spec = {(0, 0): _halves(0.7, 0.2)}
+    half = _doc_moments(spec).select(documents=HALVES[1], heads=[0])
+    w = cluster_wald(half.augmented()[0], 0, 1)
+    one_sided = student_t.sf(w["beta"][0] / w["se"][0], w["df"][0])
+    row = _row(_replicate(spec), 0, 0)
+    assert row["r_discovery"] > 0
+    assert row["p_replication_doc_cr2_one_sided"] == pytest.approx(one_sided, rel=1e-9)
+    assert _row(_replicate(spec, alpha=1.5 * one_sided), 0, 0)["replicated"]
