@@ -25,11 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from spectra_lens import figures as figs
-from spectra_lens.corpus import tokenize_corpus
+from spectra_lens.corpus import tokenize_documents
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.metrics import K_EFF_DEFINITIONS
@@ -270,7 +271,12 @@ class RunTokens:
 
 def load_run_tokens(cfg, model, tokens: torch.Tensor | None = None) -> RunTokens:
     """Tokens of a run: `tokens` as given, else `cfg.n_select` + `cfg.n_sequences` sequences of
-    `cfg.corpus` (the first `n_select` choose default heads, the rest are measured)."""
+    `cfg.corpus` (the first `n_select` choose default heads, the rest are measured).
+
+    A corpus is tokenized with `corpus.tokenize_documents` (sequences never span documents,
+    drawn round-robin across documents), so the measured sample comes from many documents and
+    every sequence carries its document id (`measure_documents`, `select_documents`: the unit of
+    the intervals). Prepared shards give the ids their manifest records (None for old ones)."""
     vocab = int(model.cfg.d_vocab)
     if tokens is not None:
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
@@ -285,14 +291,18 @@ def load_run_tokens(cfg, model, tokens: torch.Tensor | None = None) -> RunTokens
                 f"shards in {source.directory} have seq_len {source.seq_len}; expected "
                 f"--seq-len {cfg.seq_len} (pass --seq-len {source.seq_len})"
             )
-        all_tokens = load_tokens(source, stop=min(source.n_sequences, n_sel + n))
+        stop = min(source.n_sequences, n_sel + n)
+        all_tokens = load_tokens(source, stop=stop)
+        docs = source.documents_of(0, stop)
+        all_docs = None if docs is None else np.asarray(docs)
         description = source.corpus or str(source.directory)
     else:
         if model.tokenizer is None:
             raise SpectraError("the model has no tokenizer; pass --corpus as a prepared shard directory")
         prepend = getattr(model.cfg, "default_prepend_bos", None)
-        all_tokens = tokenize_corpus(source, model.tokenizer, seq_len=cfg.seq_len,
-                                          max_sequences=n_sel + n, prepend_bos=prepend)
+        got = tokenize_documents(source, model.tokenizer, seq_len=cfg.seq_len,
+                                 max_sequences=n_sel + n, prepend_bos=prepend)
+        all_tokens, all_docs = got.tokens, got.documents.numpy()
         description = source.description
     if len(all_tokens) < n:
         raise SpectraError(
@@ -302,11 +312,13 @@ def load_run_tokens(cfg, model, tokens: torch.Tensor | None = None) -> RunTokens
     _check_vocab(all_tokens, vocab, description)
     n_held = min(n_sel, len(all_tokens) - n)
     measure = all_tokens[n_held : n_held + n].long()
+    docs_of = (lambda a, b: None) if all_docs is None else (lambda a, b: all_docs[a:b])  # noqa: E731
     if n_held == 0:
         if n_sel:
             log.warning("no sequences left to hold out for choosing heads; choosing on the measured ones")
-        return RunTokens(measure, measure, False, description)
-    return RunTokens(measure, all_tokens[:n_held].long(), True, description)
+        return RunTokens(measure, measure, False, description, docs_of(0, n), docs_of(0, n))
+    return RunTokens(measure, all_tokens[:n_held].long(), True, description,
+                     docs_of(n_held, n_held + n), docs_of(0, n_held))
 
 
 def _check_vocab(tokens: torch.Tensor, vocab: int, what: str) -> None:

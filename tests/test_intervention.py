@@ -197,3 +197,18 @@ def test_effects_table_has_every_condition_with_bounded_intervals(tmp_path, tiny
     assert manifest["controls"]["sham"]["bitwise_equal"] is True
     assert "KL(p_1 || p_x)" in manifest["definitions"]["kl_unscaled_scaled"]
     assert count_hooks(model) == 0
+
+
+def test_intervals_resample_the_documents_the_shards_record(tmp_path, tiny):
+    model, _ = tiny("llama_gqa")
+    tokens = torch.randint(1, 97, (10, 12), generator=torch.Generator().manual_seed(8))
+    docs = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    write_shards(tokens, tmp_path / "shards", shard_size=5, tokenizer_name="tiny", documents=docs)
+    cfg = InterventionConfig(out=str(tmp_path / "d"), corpus=str(tmp_path / "shards"), seq_len=12,
+                             n_sequences=6, n_select=4, alphas=(0.5, 1.0, 2.0), target_layer=0,
+                             target_head=1, n_boot=200)
+    run_tokens = C.load_run_tokens(cfg, model)
+    assert list(run_tokens.select_documents) == [0, 0, 1, 1]
+    assert list(run_tokens.measure_documents) == [2, 2, 3, 3, 4, 4]
+    result = intervention.run(cfg, model=model, progress=False)
+    assert set(result.effects["n_documents"]) == {3} and set(result.effects["n_sequences"]) == {6}
