@@ -34,7 +34,7 @@ from scipy import stats as sps
 
 from spectra_lens.config import StudyConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.runs import RunDir
+from spectra_lens.runs import RunDir, atomic_write_bytes
 
 from . import _common as C
 
@@ -205,6 +205,29 @@ def comparison_figure(cells: dict[tuple[str, str], Path], table: pd.DataFrame) -
     return fig
 
 
+def _agreement(obs_dir: Path) -> None:
+    """agreement.csv of an observational run, from its per-token records (`stats.agreement`),
+    when the run did not write one. Documents are the records' `document` column where present,
+    else each sequence is its own unit."""
+    if (obs_dir / "agreement.csv").exists():
+        return
+    from spectra_lens import stats
+
+    from .observational import read_records
+
+    paths = sorted((obs_dir / "records").glob("*.parquet"))
+    if not paths:
+        return
+    records = read_records(paths)
+    unit = "document" if "document" in records.columns else "sequence"
+    if unit == "sequence" and "shard" in records.columns:
+        records = records.assign(sequence=records["shard"].astype("int64") * 1_000_000 + records["sequence"])
+    moments = stats.moments_from_records(records, stats.MOMENT_VARIABLES, document=unit)
+    table = stats.agreement(moments)
+    table.insert(2, "unit", unit)
+    atomic_write_bytes(obs_dir / "agreement.csv", table.to_csv(index=False).encode())
+
+
 def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
         progress: bool = True) -> StudyResult:
     """Every cell's runs, then study_table.csv, figures/study_comparison.html, manifest.json.
@@ -248,6 +271,7 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
                                    device=cfg.device, overwrite=cfg.overwrite)
                 gain_dir = gain_exp.run(g_cfg, model=model, progress=progress).out
                 rd.timed(f"gain_{_slug(spec)}_{_slug(corpus)}_s", time.time() - t0)
+            _agreement(Path(obs.out))
             cells[(spec, corpus)] = Path(obs.out)
             rows.append({"model": spec, "corpus": corpus, "genre": GENRES.get(corpus, "user corpus"),
                          **summarize_cell(Path(obs.out), Path(gain_dir) if gain_dir else None)})

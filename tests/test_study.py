@@ -31,6 +31,7 @@ def test_study_runs_every_cell_and_writes_one_table_and_figure(tmp_path, tiny):
     assert table["median_r_logq_entropy"].between(-1, 1).all()
     assert table["median_gain_entropy"].notna().all() and (table["median_causal_gain"] <= 0).all()
     assert (tmp_path / "study" / "figures" / "study_comparison.html").exists()
+    assert table["median_obs_slope"].notna().all() and table["spearman_slope_gain"].between(-1, 1).all()
     manifest = json.loads((tmp_path / "study" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and "median_obs_slope" in manifest["definitions"]
     for obs_dir in table["observational_dir"]:
