@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,20 @@ import torch
 from spectra_lens import display, stats
 from spectra_lens import figures as figs
 from spectra_lens.config import ObservationalConfig
+from spectra_lens.distributed import Group
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import MetricCapture, attached
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
-from spectra_lens.runs import RunDir
-from spectra_lens.shards import MANIFEST_NAME, ShardManifest, corpus_from_spec, load_shard, prepare
+from spectra_lens.runs import RunDir, atomic_write
+from spectra_lens.shards import (
+    MANIFEST_NAME,
+    ShardManifest,
+    corpus_from_spec,
+    load_shard,
+    prepare,
+    read_manifest,
+)
 from spectra_lens.validate import check_context
 
 from . import _common as C
@@ -93,14 +102,18 @@ def _shards(cfg: ObservationalConfig, run: RunDir, model, source, model_name: st
 
 
 def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
-            top_mass: float | None = 0.9, progress: bool = True) -> list[Path]:
-    """Per-token records of every shard into `records/shard_XXXXX.parquet`; finished shards skipped."""
+            top_mass: float | None = 0.9, progress: bool = True,
+            shards: Sequence[int] | None = None) -> list[Path]:
+    """Per-token records of every shard (or of `shards`, this process's share under torchrun)
+    into `records/shard_XXXXX.parquet`; finished shards skipped."""
     layout = attention_layout(model)
     device = next(model.parameters()).device
     cap = MetricCapture(layout, top_mass=top_mass)
     paths = []
-    todo = [(i, s) for i, s in enumerate(manifest.shards)]
-    bar = display.progress_bar(total=manifest.n_sequences, desc="capture", unit="seq", enabled=progress)
+    mine = None if shards is None else set(shards)
+    todo = [(i, s) for i, s in enumerate(manifest.shards) if mine is None or i in mine]
+    bar = display.progress_bar(total=sum(s.n_sequences for _, s in todo), desc="capture", unit="seq",
+                               enabled=progress)
     for i, info in todo:
         path = run.output(f"records/shard_{i:05d}.parquet")
         paths.append(path)
@@ -252,11 +265,14 @@ def read_records(paths: list[Path]) -> pd.DataFrame:
 
 
 def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
-        progress: bool = True) -> ObservationalResult:
+        progress: bool = True) -> ObservationalResult | None:
     """The whole observational run into `cfg.out`; resumes an unfinished run of the same config.
 
     The config, the corpus and `--out` are checked before anything is written; the manifest is
     written once the model has loaded and fits the sequences; a later failure marks it "failed".
+    Under `torchrun` each rank captures its share of the shards and rank 0 merges; the other
+    ranks return None. A rank that dies leaves its unfinished shards missing; the same command
+    (any number of processes) redoes only those.
     """
     cfg.validate()
     # Resolve the corpus first: a missing or empty file fails before any model is loaded.
@@ -273,19 +289,71 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
         model_name = cfg.model or DEFAULT_MODEL
     else:  # provenance: not the default model's name for a model the caller loaded
         model_name = cfg.model or f"pre-loaded model ({getattr(model.cfg, 'model_name', '?')})"
+    # Under torchrun every rank runs this: rank 0 owns the run directory (lock, manifest) and
+    # prepares the shards, each rank captures its share, rank 0 merges (spectra_lens.distributed).
+    group = Group.from_env(device=cfg.device)
+    try:
+        if not group.is_main:
+            _capture_share(cfg, group, model, source, progress=progress)
+            return None
+        return _run_main(cfg, group, model, source, model_name, inputs, progress=progress)
+    finally:
+        group.close()
+
+
+class _ShardWriter:
+    """What `collect` needs of a run directory, for ranks other than 0: the shard files of the
+    run rank 0 started (atomic writes; rank 0 lists them in the manifest when it merges)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def output(self, name: str) -> Path:
+        return self.path / name
+
+    def write_parquet(self, name: str, frame: pd.DataFrame) -> Path:
+        return atomic_write(self.output(name), lambda tmp: frame.to_parquet(tmp, index=False))
+
+    def timed(self, name: str, seconds: float) -> None:
+        pass
+
+
+def _load(cfg: ObservationalConfig, group: Group, model, *, progress: bool = False):
+    if model is not None:
+        return model
+    return load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(group.device(cfg.device)),
+                      device_map=cfg.device_map, progress=progress)
+
+
+def _capture_share(cfg: ObservationalConfig, group: Group, model, source, *, progress: bool) -> None:
+    """A rank other than 0: wait for the shards, capture this rank's share, wait for the rest."""
+    model = _load(cfg, group, model)
+    group.barrier()  # rank 0 has started the run and written the shards
+    manifest = source if isinstance(source, ShardManifest) else read_manifest(Path(cfg.out) / "shards")
+    collect(model, manifest, _ShardWriter(Path(cfg.out)), batch_size=cfg.batch_size,
+            top_mass=cfg.top_mass, progress=False, shards=group.shards(len(manifest.shards)))
+    group.barrier()  # every rank's shards are written
+
+
+def _run_main(cfg, group: Group, model, source, model_name: str, inputs, *, progress: bool):
     with C.run_directory(cfg, EXPERIMENT, inputs=inputs) as rd:
         t0 = time.time()
-        if model is None:
-            model = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device),
-                               progress=progress)
+        model = _load(cfg, group, model, progress=progress)
         rd.timed("load_model_s", time.time() - t0)
         check_context(model, source.seq_len if isinstance(source, ShardManifest) else cfg.seq_len)
         resuming = rd.start(cfg, overwrite=cfg.overwrite)
         t0 = time.time()
         manifest = _shards(cfg, rd, model, source, model_name)
         rd.timed("shards_s", time.time() - t0)
-        paths = collect(model, manifest, rd, batch_size=cfg.batch_size, top_mass=cfg.top_mass,
-                        progress=progress)
+        group.barrier()  # the shards exist: every rank may start
+        collect(model, manifest, rd, batch_size=cfg.batch_size, top_mass=cfg.top_mass,
+                progress=progress, shards=group.shards(len(manifest.shards)))
+        group.barrier()  # every rank's shards are written
+        paths = [rd.output(f"records/shard_{i:05d}.parquet") for i in range(len(manifest.shards))]
+        missing = [p.name for p in paths if not p.exists()]
+        if missing:
+            raise SpectraError(f"shards not captured: {', '.join(missing)}; rerun the same command "
+                               f"to redo them")
         t0 = time.time()
         records = read_records(paths)
         tables = analyze(records, cfg, progress=progress)
@@ -310,6 +378,8 @@ def command(cfg: ObservationalConfig, *, progress: bool = True) -> int:
     """`spectra-lens observe`: run `cfg`, print a summary; SpectraError for bad input."""
     t0 = time.time()
     result = run(cfg, progress=progress)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 merges and reports
+        return 0
     s = result.head_summary
     print(f"{len(s)} heads; significant (BH q<{cfg.fdr_alpha} on the sequence-clustered test): "
           f"{len(result.significant_heads)}; consistent across shards: {len(result.consistent_heads)}; "

