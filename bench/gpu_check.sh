@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One GPU check, prepared to run once in a short slot on a CUDA machine:
+#
+#   bash bench/gpu_check.sh [OUT_DIR]        (default: gpu_check_results/)
+#
+# 1. installs the project into .venv (scripts/setup.sh: the CUDA build of torch where
+#    nvidia-smi works) unless SKIP_SETUP=1;
+# 2. records the machine (nvidia-smi, torch/CUDA versions) in OUT/machine.txt;
+# 3. runs the CUDA-marked tests (`pytest -m cuda`: capture == hook_pattern on the GPU, fast
+#    path == exact mode on the GPU, bf16/fp16 metrics within tolerance of float32, the numpy
+#    and torch kernels agree) -> OUT/pytest_cuda.txt and OUT/junit_cuda.xml;
+# 4. runs the benchmark on the GPU (`python -m bench.run --device cuda --quick` by default,
+#    BENCH_FULL=1 for the full run; BENCH_LONG=1 adds the 4096-token capture rows)
+#    -> OUT/bench.json, OUT/BENCHMARKS_gpu.md, OUT/bench.log.
+# Every step's exit code goes to OUT/status.txt; a failing step does not stop the later ones.
+# Time budget (H100/H200 class, default model): setup 2-5 min (pip cache cold), tests ~1 min,
+# quick benchmark ~2 min.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_check_results}
+mkdir -p "$OUT"
+PY=${VENV:-.venv}/bin/python
+STATUS="$OUT/status.txt"
+: > "$STATUS"
+step() {  # step NAME CMD...: run, log the exit code, never abort the script
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@"
+  local rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$STATUS"
+  return 0
+}
+
+if [ "${SKIP_SETUP:-0}" != "1" ]; then
+  step setup ./scripts/setup.sh
+fi
+
+{
+  date -u
+  nvidia-smi || echo "nvidia-smi failed"
+  "$PY" - <<'PY'
+import torch, platform
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("cuda available", torch.cuda.is_available())
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"cuda:{i}", p.name, round(p.total_memory / 2**30, 1), "GiB")
+PY
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device visible to torch: the CUDA tests would all be skipped" | tee -a "$STATUS"
+fi
+
+step tests_cuda "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider \
+  --junitxml="$OUT/junit_cuda.xml" tests > "$OUT/pytest_cuda.txt" 2>&1
+tail -5 "$OUT/pytest_cuda.txt"
+
+BENCH_ARGS=(--device cuda --out "$OUT/bench.json" --markdown "$OUT/BENCHMARKS_gpu.md")
+if [ "${BENCH_FULL:-0}" != "1" ]; then
+  BENCH_ARGS+=(--quick)
+fi
+if [ "${BENCH_LONG:-0}" = "1" ]; then
+  BENCH_ARGS+=(--long)
+fi
+step bench "$PY" -m bench.run "${BENCH_ARGS[@]}" > "$OUT/bench.log" 2>&1
+tail -15 "$OUT/bench.log"
+
+echo "results in $OUT/:"; ls -l "$OUT"
+cat "$STATUS"
