@@ -38,15 +38,15 @@ SECTIONS = ("overhead", "memory", "gain", "exact", "scaling")
 
 # Workload sizes. Full: sized for ~10 minutes on 2 unloaded CPU cores; quick: a smoke test.
 _FULL = {
-    "overhead": dict(batch=8, seq_len=128, reps=7),  # the observational experiment's batch
+    "overhead": dict(batch=8, seq_len=128, reps=5),  # the observational experiment's batch
     # 1× = 2 shards: one shard's records are concatenated and written before the allocators
     # settle, so the comparison starts from the steady state of the streaming loop.
     "memory": dict(batch=8, seq_len=128, shard_size=16, corpus_multiples=(1, 2, 4), base_sequences=32),
     "gain": dict(batch=4, seq_len=128, reps=5, naive_heads=((0, 0), (29, 8))),
     "exact": dict(batch=2, seq_len=128, reps=3, head=(15, 0), n_alphas=(5, 9)),
     "scaling": dict(
-        seq_lens=(128, 256, 512, 1024, 2048), seq_batch=1, seq_reps=(5, 4, 3, 2, 1),
-        batch_sizes=(1, 4, 8, 16), batch_seq_len=128, batch_reps=(5, 3, 3, 2),
+        seq_lens=(128, 256, 512, 1024, 2048, 4096), seq_batch=1, seq_reps=(4, 3, 2, 2, 1, 1),
+        batch_sizes=(1, 4, 8), batch_seq_len=128, batch_reps=(3, 2, 2),
     ),
 }
 _QUICK = {
