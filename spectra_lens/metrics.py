@@ -603,14 +603,16 @@ def alpha_row_metrics(
 def without_first_key(
     scores: Float[Tensor, "*batch key_pos"], visible: Bool[Tensor, "*batch key_pos"]
 ) -> Float[Tensor, "*batch key_pos"]:
-    """p'_j = softmax over the visible keys j ≥ 1 of s (0 at j = 0): p_j / (1 − p_0) for j ≥ 1.
+    """p'_j = softmax of s over the visible keys after the first visible one (the sink; key 0 unless
+    padding precedes it): p_j / (1 − p_sink), 0 at the sink.
 
     The pattern with the first (sink / BOS) key excluded and the rest renormalized, computed
     from the scores (or log p: any per-row shift works) so that p_0 near 1 loses no digits.
     Rows with no visible key after the first (query position 0) are NaN.
     """
-    vis = visible.clone()
-    vis[..., 0] = False
+    # the first *visible* key: key 0 in an unpadded causal row, the first real token under left padding
+    first = visible & (visible.long().cumsum(-1) == 1)
+    vis = visible & ~first
     return torch.softmax(_f32(scores).masked_fill(~vis, float("-inf")), dim=-1)
 
 

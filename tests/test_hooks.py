@@ -531,7 +531,7 @@ def test_top_mass_none_skips_only_that_metric(tiny, tokens):
     lean = capture_metrics(model, tokens, top_mass=None)
     assert torch.isnan(lean.k_eff_top90).all()
     for name in METRIC_NAMES:
-        if name != "k_eff_top90":
+        if name not in ("k_eff_top90", "k_eff_top90_nosink"):
             assert_close(getattr(full, name), getattr(lean, name), rtol=0, atol=0, equal_nan=True)
 
 

@@ -61,7 +61,8 @@ def observe(model_dir, corpus, out, *extra) -> list[str]:
 def intervene(model_dir, corpus, out, *extra) -> list[str]:
     return ["intervene", "--model", str(model_dir), "--corpus", corpus, "--out", str(out),
             "--seq-len", "16", "--n-sequences", "3", "--n-select", "2", "--alphas", "0.5,1,2",
-            "--no-progress", *extra]
+            # a named control: 2 selection sequences cannot give the r-based rule a finite interval
+            "--control-layer", "0", "--control-head", "2", "--no-progress", *extra]
 
 
 def run(argv, capsys) -> tuple[int, str]:
