@@ -4,15 +4,23 @@
     spectra-lens observe ...
 
 Stages, each stored so that a rerun resumes and analysis can be redone without the model:
-corpus -> token shards (`shards/`) -> per-token records per shard (`records/*.parquet`) ->
-per-head statistics (`head_summary.csv`, `significant_heads.csv`, `consistent_heads.csv`,
-`layer_statistics.csv`) -> figures (`figures/`) -> `manifest.json` (status "complete" last).
+corpus -> token shards with a document id per sequence (`shards/`) -> per shard, the
+per-(document, head) moments of every per-token variable (`moments/*.npz`; per-token records
+`records/*.parquet` too when asked, or by default for small runs) -> per-head statistics,
+clustered by document (`head_summary.csv`, `significant_heads.csv`, `consistent_heads.csv`,
+`layer_statistics.csv`) -> the observational slope against the causal gain (`agreement.csv`,
+`agreement_summary.csv`; a finite difference from real forward passes on a few sequences) ->
+figures (`figures/`) -> `manifest.json` (status "complete" last). Column meanings:
+docs/DATA_DICTIONARY.md.
 """
+
 
 import dataclasses
 import logging
+import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +28,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from scipy import stats as sps
 
 from spectra_lens import display, stats
 from spectra_lens import figures as figs
@@ -35,42 +44,55 @@ from spectra_lens.shards import (
     ShardManifest,
     corpus_from_spec,
     load_shard,
+    load_tokens,
     prepare,
     read_manifest,
 )
+from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_context
 
 from . import _common as C
 
-__all__ = ["ObservationalResult", "analyze", "collect", "command", "main", "run"]
+__all__ = ["ObservationalResult", "analyze", "collect", "command", "finite_difference_gain",
+           "main", "read_moments", "run"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "observational"
-_Y = ("entropy", "max_attn", "k_eff_exp")
+# The original project's significant_heads.csv and layer_statistics.csv columns, in its order.
+ORIGINAL_SIGNIFICANT = ("sample_id", "layer", "head", "mean_q_norm", "mean_entropy",
+                        "mean_max_attn", "mean_k_eff", "r_q_entropy", "p_q_entropy",
+                        "r_q_max_attn", "r_q_k_eff", "num_tokens")
+ORIGINAL_LAYER = ("layer", "mean_abs_r", "std_abs_r", "frac_significant")
+_FD_STEP = 0.05  # δ of the finite difference (H(e^δ) − H(e^−δ)) / 2δ, in ln α
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class ObservationalResult:
-    """The tables of one observational run (figures and records stay on disk under `out`)."""
+    """The tables of one observational run (figures, moments and records stay under `out`)."""
 
     out: Path
     head_summary: pd.DataFrame
     significant_heads: pd.DataFrame
     consistent_heads: pd.DataFrame
     layer_statistics: pd.DataFrame
+    agreement: pd.DataFrame
+    agreement_summary: pd.DataFrame
 
     def __repr__(self) -> str:
         n = len(self.head_summary)
+        verdicts = self.agreement["verdict"].value_counts().to_dict()
         return (f"ObservationalResult(out={str(self.out)!r}, heads={n}, "
-                f"significant={len(self.significant_heads)}, consistent={len(self.consistent_heads)})")
+                f"significant={len(self.significant_heads)}, consistent={len(self.consistent_heads)}, "
+                f"verdicts={verdicts})")
 
     def _repr_html_(self) -> str:
         top = self.head_summary.reindex(
-            self.head_summary["correlation"].abs().sort_values(ascending=False).index
+            self.head_summary["r_logq_entropy"].abs().sort_values(ascending=False).index
         ).head(10)
+        cols = ["layer", "head", "r_logq_entropy", "r_logq_entropy_given_pos",
+                "r_logq_entropy_given_pos_sink", "q_doc_cr2_logq_entropy", "significant"]
         return (f"<b>{self!r}</b><br>strongest heads:"
-                + top[["layer", "head", "correlation", "partial_r_entropy", "q_entropy_cluster", "significant"]]
-                .to_html(index=False, float_format="%.3g"))
+                + top[cols].to_html(index=False, float_format="%.3g"))
 
 
 def _shards(cfg: ObservationalConfig, run: RunDir, model, source, model_name: str,
@@ -101,23 +123,47 @@ def _shards(cfg: ObservationalConfig, run: RunDir, model, source, model_name: st
     )
 
 
+def _documents(manifest: ShardManifest) -> np.ndarray:
+    """The document id of every sequence; each sequence its own document for old shards."""
+    docs = manifest.documents_of(0, manifest.n_sequences)
+    if docs is None:
+        warnings.warn(
+            f"the shards in {manifest.directory} record no document ids (written before "
+            "documents were recorded); each sequence is treated as its own document, so the "
+            "clustered tests ignore any dependence between sequences of one document. "
+            "Re-prepare the shards to cluster by document.", RuntimeWarning, stacklevel=3)
+        return np.arange(manifest.n_sequences)
+    return np.asarray(docs, dtype=np.int64)
+
+
+def _variables(top_mass: float | None) -> tuple[str, ...]:
+    if top_mass is None:  # the top-mass metrics are NaN: leave them out of the moments
+        return tuple(v for v in stats.MOMENT_VARIABLES if not v.startswith("k_eff_top90"))
+    return stats.MOMENT_VARIABLES
+
+
 def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
-            top_mass: float | None = 0.9, progress: bool = True,
-            shards: Sequence[int] | None = None) -> list[Path]:
-    """Per-token records of every shard (or of `shards`, this process's share under torchrun)
-    into `records/shard_XXXXX.parquet`; finished shards skipped."""
+            top_mass: float | None = 0.9, min_position: int = 1, records: bool = True,
+            progress: bool = True, shards: Sequence[int] | None = None) -> list[Path]:
+    """Per-document moments of every shard (or of `shards`, this process's share under
+    torchrun) into `moments/shard_XXXXX.npz`, and per-token records into
+    `records/shard_XXXXX.parquet` when `records`; finished shards are skipped. Returns the
+    moment files of the shards it was given."""
     layout = attention_layout(model)
     device = next(model.parameters()).device
     cap = MetricCapture(layout, top_mass=top_mass)
+    documents = _documents(manifest)
+    variables = _variables(top_mass)
     paths = []
     mine = None if shards is None else set(shards)
     todo = [(i, s) for i, s in enumerate(manifest.shards) if mine is None or i in mine]
     bar = display.progress_bar(total=sum(s.n_sequences for _, s in todo), desc="capture", unit="seq",
                                enabled=progress)
     for i, info in todo:
-        path = run.output(f"records/shard_{i:05d}.parquet")
+        path = run.output(f"moments/shard_{i:05d}.npz")
+        record_path = run.output(f"records/shard_{i:05d}.parquet") if records else None
         paths.append(path)
-        if path.exists():
+        if path.exists() and (record_path is None or record_path.exists()):
             bar.update(info.n_sequences)
             continue
         t0 = time.time()
@@ -127,83 +173,170 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
                 f"shard {manifest.shard_path(i)} holds token id {int(tokens.max())}, expected ids "
                 f"below the model's vocabulary size {model.cfg.d_vocab}: tokenizer mismatch?"
             )
-        frames = []
+        parts, frames = [], []
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start : start + batch_size].to(device)
             with torch.no_grad(), attached(model, cap, layout=layout):
                 model(batch, return_type=None)
-            ids = range(info.offset + start, info.offset + start + len(batch))
-            frames.append(cap.result().to_frame(sequence_ids=list(ids), shard=i))
+            tm = cap.result()
+            first = info.offset + start
+            docs = documents[first : first + len(batch)]
+            parts.append(stats.DocumentMoments.from_metrics(
+                tm, docs, min_position=min_position, variables=variables))
+            if records:
+                frame = tm.to_frame(sequence_ids=list(range(first, first + len(batch))), shard=i)
+                per_sequence = len(frame) // len(batch)  # rows ordered by sequence first
+                frame.insert(1, "document", np.repeat(docs, per_sequence).astype("int64"))
+                frames.append(frame)
             bar.update(len(batch))
-        run.write_parquet(path.relative_to(run.path).as_posix(), pd.concat(frames, ignore_index=True))
+        if records:
+            run.write_parquet(record_path.relative_to(run.path).as_posix(),
+                              pd.concat(frames, ignore_index=True))
+        moments = stats.DocumentMoments.concat(parts)
+        moments.save(path)
         run.timed("capture_s", time.time() - t0)
     bar.close()
     return paths
 
 
-def analyze(records: pd.DataFrame, cfg: ObservationalConfig, *,
-            progress: bool = False) -> dict[str, pd.DataFrame]:
-    """Per-head and per-layer statistics of the records (no model needed); `progress`: a bar
-    over the stages (the cluster bootstrap of every head is the long one)."""
-    stages = ["correlations, bootstrap", "shard consistency", "replication", "layer statistics"]
-    with display.stages("statistics", stages, enabled=progress) as step:
-        step(stages[0])
-        return _analyze(records, cfg, step, stages)
+def read_moments(paths: list[Path]) -> stats.DocumentMoments:
+    """Merge per-shard moment files (concatenation; rows of one document merge exactly)."""
+    return stats.DocumentMoments.concat([stats.DocumentMoments.load(p) for p in paths])
 
 
-def _analyze(records, cfg, step, stages) -> dict[str, pd.DataFrame]:
-    summary = stats.head_correlations(
-        records, ys=_Y, min_position=cfg.min_position, n_boot=cfg.n_boot, alpha=cfg.fdr_alpha,
-        seed=cfg.seed,
-    )
+def finite_difference_gain(model, manifest: ShardManifest, *, n_sequences: int, step: float,
+                           min_position: int = 1, ci: float = 0.95) -> pd.DataFrame:
+    """dH/d ln α of every head from real forward passes: (H(e^δ) − H(e^−δ)) / 2δ.
+
+    The head's own query is scaled by α = e^±δ in the real forward pass
+    (`sweep.head_curves(method="exact")`), on `n_sequences` sequences taken from as many
+    different documents as possible (the first sequence of documents spread over the run).
+    Columns: layer, head, gain_fd with a t interval over sequences (gain_fd_ci_low/high),
+    gain_analytic_sample (−Var_p(s) on the same sequences: the two agree, the identity check),
+    n_sequences_fd.
+    """
+    documents = _documents(manifest)
+    firsts = np.flatnonzero(np.r_[True, documents[1:] != documents[:-1]])
+    pick = firsts[np.linspace(0, firsts.size - 1, min(n_sequences, firsts.size)).round().astype(int)]
+    if pick.size < n_sequences:  # fewer documents than sequences asked for: fill in order
+        rest = np.setdiff1d(np.arange(manifest.n_sequences), pick)[: n_sequences - pick.size]
+        pick = np.sort(np.r_[pick, rest])
+    tokens = torch.cat([load_tokens(manifest, start=int(s), stop=int(s) + 1)
+                        for s in np.unique(pick)])
+    sweep = head_curves(model, tokens, (math.exp(-step), math.exp(step)), method="exact",
+                        min_position=min_position, max_rows=2 * len(tokens))
+    h = sweep.metrics.entropy.double()  # [alpha, batch, layer, head]
+    fd = ((h[1] - h[0]) / (2 * step)).numpy()  # [batch, layer, head]
+    n = fd.shape[0]
+    mean = fd.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = (sps.t.ppf(0.5 + ci / 2, n - 1) * fd.std(axis=0, ddof=1) / math.sqrt(n)
+                if n > 1 else np.nan)
+    n_layers, n_heads = mean.shape
+    layers = np.repeat(np.asarray(sweep.layers), n_heads)
+    return pd.DataFrame({
+        "layer": layers, "head": np.tile(np.arange(n_heads), n_layers),
+        "gain_fd": mean.ravel(), "gain_fd_ci_low": (mean - half).ravel(),
+        "gain_fd_ci_high": (mean + half).ravel(),
+        "gain_analytic_sample": sweep.local_gain.double().mean(0).numpy().ravel(),
+        "n_sequences_fd": n,
+    })
+
+
+def analyze(moments: stats.DocumentMoments, cfg: ObservationalConfig, *,
+            finite_difference: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Per-head, per-layer and agreement tables from the per-document moments (no model)."""
+    alpha = cfg.fdr_alpha
+    summary = stats.head_statistics(moments, n_boot=cfg.n_boot, alpha=alpha, seed=cfg.seed)
     keys = ["layer", "head"]
-    step(stages[1])
-    consistency = stats.shard_consistency(
-        records, alpha=cfg.fdr_alpha, threshold=cfg.consistency_threshold,
-        min_position=cfg.min_position,
-    )
-    cons_cols = keys + ["n_shards", "frac_same_sign", "frac_significant_same_sign", "consistent"]
+    test = "doc_cr2"
+    for c in ("", "_given_pos", "_given_pos_sink"):
+        summary["significant" + c] = summary[f"q_{test}_logq_entropy{c}"] < alpha
+    # The original project's columns, with its meaning: r of ‖q‖ (not its log), token-level p.
+    original = {"sample_id": 0}
+    original["r_q_entropy"], original["p_q_entropy"] = stats.pearson_from_moments(
+        moments, "q_norm", "entropy")
+    original["r_q_max_attn"], _ = stats.pearson_from_moments(moments, "q_norm", "max_attn")
+    if "k_eff_top90" in moments.variables:
+        original["r_q_k_eff"], _ = stats.pearson_from_moments(moments, "q_norm", "k_eff_top90")
+        original["mean_k_eff"] = summary["mean_k_eff_top90"].to_numpy()
+    else:  # --top-mass none: the original's k_eff was not captured
+        original["r_q_k_eff"] = np.nan
+        original["mean_k_eff"] = np.nan
+    original["num_tokens"] = summary["n_tokens"].to_numpy()
+    for name, values in original.items():
+        summary[name] = values
+    consistency = stats.fold_consistency(moments, n_folds=cfg.n_folds, alpha=alpha,
+                                         threshold=cfg.consistency_threshold, seed=cfg.seed)
+    cons_cols = keys + ["n_folds", "frac_same_sign", "frac_significant_same_sign", "consistent"]
     summary = summary.merge(consistency[cons_cols], on=keys, how="left")
-    step(stages[2])
-    rep = stats.replication(records, alpha=cfg.fdr_alpha, min_position=cfg.min_position,
-                            split_seed=cfg.seed)
-    rep_cols = [c for c in rep.columns if c in keys or c not in summary.columns]
-    summary = summary.merge(rep[rep_cols], on=keys, how="left")
-    # The original's extra columns: mean metrics per head.
-    extra = [c for c in ("k_norm", "max_attn", "k_eff_exp", "k_eff_pr", "k_eff_top90",
-                         "local_gain", "sink_mass") if f"mean_{c}" not in summary.columns]
-    means = (records[records["position"] >= cfg.min_position]
-             .groupby(keys)[extra].mean().add_prefix("mean_").reset_index())
-    summary = summary.merge(means, on=keys, how="left")
-    step(stages[3])
-    layer_stats = stats.layer_statistics(summary)
+    if moments.n_documents >= 4:
+        rep = stats.document_replication(moments, alpha=alpha, seed=cfg.seed)
+        summary = summary.merge(rep, on=keys, how="left")
+    lead = list(ORIGINAL_SIGNIFICANT) + [
+        "significant", "r_logq_entropy", "slope_logq_entropy", "slope_ci_low_logq_entropy",
+        "slope_ci_high_logq_entropy", f"p_{test}_logq_entropy", f"q_{test}_logq_entropy",
+        "significant_given_pos", "r_logq_entropy_given_pos", "significant_given_pos_sink",
+        "r_logq_entropy_given_pos_sink", "n_documents"]
+    summary = summary[lead + [c for c in summary.columns if c not in lead]]
+    agreement = stats.agreement(moments, finite_difference=finite_difference)
     return {
         "head_summary": summary,
         "significant_heads": summary[summary["significant"]].reset_index(drop=True),
         "consistent_heads": consistency[consistency["consistent"]].reset_index(drop=True),
-        "layer_statistics": layer_stats,
+        "layer_statistics": _layer_statistics(summary),
+        "agreement": agreement,
+        "agreement_summary": stats.agreement_summary(agreement),
     }
+
+
+def _layer_statistics(summary: pd.DataFrame) -> pd.DataFrame:
+    """The original's per-layer columns (over |r_q_entropy|, with our significance) and ours."""
+    by = summary.groupby("layer", sort=True)
+    out = pd.DataFrame({
+        "mean_abs_r": by["r_q_entropy"].apply(lambda r: r.abs().mean()),
+        "std_abs_r": by["r_q_entropy"].apply(lambda r: r.abs().std(ddof=1)),
+        "frac_significant": by["significant"].mean(),
+        "n_heads": by.size(),
+        "mean_r_logq_entropy": by["r_logq_entropy"].mean(),
+        "mean_abs_r_logq_entropy": by["r_logq_entropy"].apply(lambda r: r.abs().mean()),
+        "mean_r_logq_entropy_given_pos": by["r_logq_entropy_given_pos"].mean(),
+        "mean_r_logq_entropy_given_pos_sink": by["r_logq_entropy_given_pos_sink"].mean(),
+        "frac_significant_given_pos_sink": by["significant_given_pos_sink"].mean(),
+        "median_slope_logq_entropy_given_pos": by["slope_logq_entropy_given_pos"].median(),
+    })
+    return out.rename_axis("layer").reset_index()
 
 
 OUTPUTS = C.Outputs(
     "EXP0", "observational: query norm vs attention entropy", "spectra-lens observe",
     (
-        C.Table("head_summary.csv", "strongest heads", ("r_entropy", "correlation"),
-                ("layer", "head", "mean_q_norm", "mean_entropy", "r_entropy", "r_entropy_ci_low",
-                 "r_entropy_ci_high", "q_entropy_cluster", "partial_r_entropy",
-                 "partial_q_entropy_cluster", "r_entropy_norm", "r_max_attn", "r_k_eff_exp",
-                 "significant", "consistent", "replicated", "r_replication", "mean_local_gain")),
-        C.Table("significant_heads.csv", "significant heads", ("r_entropy", "correlation"),
-                ("layer", "head", "mean_entropy", "r_entropy", "r_entropy_ci_low", "r_entropy_ci_high",
-                 "q_entropy_cluster", "partial_r_entropy", "partial_q_entropy_cluster", "consistent",
-                 "replicated", "r_replication")),
-        C.Table("consistent_heads.csv", "heads consistent across shards",
-                ("r_pooled", "r_entropy", "frac_significant_same_sign"),
-                ("layer", "head", "r_pooled", "p_pooled", "n_shards", "frac_same_sign",
-                 "frac_significant_same_sign", "consistent")),
+        C.Table("agreement.csv", "observational slope vs causal gain, per head (verdict rule: "
+                "stats.VERDICT_RULE)", ("obs_slope",),
+                ("layer", "head", "verdict", "obs_slope", "obs_slope_ci_low", "obs_slope_ci_high",
+                 "gain_analytic", "gain_fd", "ratio", "temperature_share", "obs_slope_raw")),
+        C.Table("agreement_summary.csv", "agreement across heads and by layer", (),
+                ("layer", "n_heads", "n_agrees", "n_opposite_sign", "n_weaker_than_temperature",
+                 "n_stronger_than_temperature", "n_no_norm_effect_seen", "n_inconclusive",
+                 "spearman_obs_slope_gain", "median_ratio"), rows=200),
+        C.Table("head_summary.csv", "strongest heads", ("r_logq_entropy",),
+                ("layer", "head", "mean_q_norm", "mean_entropy", "r_logq_entropy",
+                 "r_ci_low_logq_entropy", "r_ci_high_logq_entropy", "q_doc_cr2_logq_entropy",
+                 "r_logq_entropy_given_pos", "r_logq_entropy_given_pos_sink",
+                 "q_doc_cr2_logq_entropy_given_pos_sink", "r_logq_entropy_nosink",
+                 "r_logq_log_dir_spread", "significant", "significant_given_pos_sink",
+                 "consistent", "replicated", "n_documents")),
+        C.Table("significant_heads.csv", "significant heads (document-clustered CR2 test, BH)",
+                ("r_logq_entropy",), ORIGINAL_SIGNIFICANT + (
+                    "r_logq_entropy", "q_doc_cr2_logq_entropy", "r_logq_entropy_given_pos_sink")),
+        C.Table("consistent_heads.csv", "heads consistent across document folds",
+                ("frac_significant_same_sign",),
+                ("layer", "head", "n_folds", "frac_same_sign", "frac_significant_same_sign",
+                 "consistent")),
         C.Table("layer_statistics.csv", "layer statistics", (),
-                ("layer", "n_heads", "mean_r", "mean_abs_r", "std_r", "min_r", "max_r",
-                 "n_significant", "frac_significant"), rows=200),
+                ORIGINAL_LAYER + ("n_heads", "mean_r_logq_entropy",
+                                  "mean_r_logq_entropy_given_pos_sink",
+                                  "frac_significant_given_pos_sink"), rows=200),
         C.Table("strongest_heads_sample.csv", "sampled tokens of the strongest heads", (), (), rows=0),
     ),
 )
@@ -212,8 +345,8 @@ OUTPUTS = C.Outputs(
 def strongest_heads_sample(records: pd.DataFrame, summary: pd.DataFrame, *, top_heads: int,
                            min_position: int, max_points: int = 3000, seed: int = 0) -> pd.DataFrame:
     """Up to `max_points` random tokens (position ≥ min_position) of each of the `top_heads` heads
-    with the largest |r(log ‖q‖, H)|, in that order: the data of the scatter figure."""
-    strongest = summary.reindex(summary["r_entropy"].abs().sort_values(ascending=False).index)
+    with the largest |r(ln ‖q‖, H)|, in that order: the data of the scatter figure."""
+    strongest = summary.reindex(summary["r_logq_entropy"].abs().sort_values(ascending=False).index)
     rng = np.random.default_rng(seed)
     cols = ["layer", "head", "position", "q_norm", "entropy"]
     frames = []
@@ -233,19 +366,23 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
     out: dict[str, go.Figure] = {}
     summary = tables.get("head_summary")
     if summary is not None:
-        out["heatmap_r_entropy"] = figs.head_heatmap(
-            summary, "r_entropy", mark="significant", title="r(log query norm, entropy) per head")
-        out["heatmap_partial_r_entropy"] = figs.head_heatmap(
-            summary, "partial_r_entropy", mark="significant_partial",
-            title="partial r(log query norm, entropy | log position)")
-        out["heatmap_r_entropy_norm"] = figs.head_heatmap(
-            summary, "r_entropy_norm", title="r(log query norm, normalized entropy)")
+        out["heatmap_r_logq_entropy"] = figs.head_heatmap(
+            summary, "r_logq_entropy", mark="significant",
+            title="r(ln‖q‖, entropy) per head (dots: significant, document-clustered test)")
+        out["heatmap_r_logq_entropy_given_pos_sink"] = figs.head_heatmap(
+            summary, "r_logq_entropy_given_pos_sink", mark="significant_given_pos_sink",
+            title="partial r(ln‖q‖, entropy | ln position, sink mass)")
+        out["heatmap_r_logq_entropy_nosink"] = figs.head_heatmap(
+            summary, "r_logq_entropy_nosink", title="r(ln‖q‖, entropy without the first key)")
         out["r_distribution"] = figs.r_distribution(
-            summary, {"r_entropy": "raw r", "partial_r_entropy": "position-controlled r"},
-            title="distribution of per-head r(log query norm, entropy)")
+            summary, {"r_logq_entropy": "raw r", "r_logq_entropy_given_pos": "| ln position",
+                      "r_logq_entropy_given_pos_sink": "| ln position, sink mass"},
+            title="per-head r(ln‖q‖, entropy), raw and controlled")
     if tables.get("layer_statistics") is not None:
         out["layer_statistics"] = figs.layer_summary(
             tables["layer_statistics"], title="query norm vs entropy by layer")
+    if tables.get("agreement") is not None:
+        out["agreement"] = figs.agreement_scatter(tables["agreement"])
     sample = tables.get("strongest_heads_sample")
     if sample is not None and len(sample):
         heads = list(dict.fromkeys(zip(sample["layer"].astype(int), sample["head"].astype(int))))
@@ -270,9 +407,9 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
 
     The config, the corpus and `--out` are checked before anything is written; the manifest is
     written once the model has loaded and fits the sequences; a later failure marks it "failed".
-    Under `torchrun` each rank captures its share of the shards and rank 0 merges; the other
-    ranks return None. A rank that dies leaves its unfinished shards missing; the same command
-    (any number of processes) redoes only those.
+    Under `torchrun` each rank captures its share of the shards and rank 0 merges the
+    per-document moments; the other ranks return None. A rank that dies leaves its unfinished
+    shards missing; the same command (any number of processes) redoes only those.
     """
     cfg.validate()
     # Resolve the corpus first: a missing or empty file fails before any model is loaded.
@@ -303,7 +440,7 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
 
 class _ShardWriter:
     """What `collect` needs of a run directory, for ranks other than 0: the shard files of the
-    run rank 0 started (atomic writes; rank 0 lists them in the manifest when it merges)."""
+    run rank 0 started (atomic writes; rank 0 lists them in the manifest before they exist)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -325,13 +462,19 @@ def _load(cfg: ObservationalConfig, group: Group, model, *, progress: bool = Fal
                       device_map=cfg.device_map, progress=progress)
 
 
+def _collect(cfg: ObservationalConfig, group: Group, model, manifest: ShardManifest, run, *,
+             progress: bool) -> list[Path]:
+    return collect(model, manifest, run, batch_size=cfg.batch_size, top_mass=cfg.top_mass,
+                   min_position=cfg.min_position, records=cfg.records, progress=progress,
+                   shards=group.shards(len(manifest.shards)))
+
+
 def _capture_share(cfg: ObservationalConfig, group: Group, model, source, *, progress: bool) -> None:
     """A rank other than 0: wait for the shards, capture this rank's share, wait for the rest."""
     model = _load(cfg, group, model)
     group.barrier()  # rank 0 has started the run and written the shards
     manifest = source if isinstance(source, ShardManifest) else read_manifest(Path(cfg.out) / "shards")
-    collect(model, manifest, _ShardWriter(Path(cfg.out)), batch_size=cfg.batch_size,
-            top_mass=cfg.top_mass, progress=False, shards=group.shards(len(manifest.shards)))
+    _collect(cfg, group, model, manifest, _ShardWriter(Path(cfg.out)), progress=False)
     group.barrier()  # every rank's shards are written
 
 
@@ -345,21 +488,34 @@ def _run_main(cfg, group: Group, model, source, model_name: str, inputs, *, prog
         t0 = time.time()
         manifest = _shards(cfg, rd, model, source, model_name)
         rd.timed("shards_s", time.time() - t0)
+        # Every rank's shard outputs are listed in the run's manifest before any is written.
+        n = len(manifest.shards)
+        paths = [rd.output(f"moments/shard_{i:05d}.npz") for i in range(n)]
+        record_paths = [rd.output(f"records/shard_{i:05d}.parquet") for i in range(n)] \
+            if cfg.records else []
         group.barrier()  # the shards exist: every rank may start
-        collect(model, manifest, rd, batch_size=cfg.batch_size, top_mass=cfg.top_mass,
-                progress=progress, shards=group.shards(len(manifest.shards)))
+        _collect(cfg, group, model, manifest, rd, progress=progress)
         group.barrier()  # every rank's shards are written
-        paths = [rd.output(f"records/shard_{i:05d}.parquet") for i in range(len(manifest.shards))]
-        missing = [p.name for p in paths if not p.exists()]
+        missing = [p.name for p in paths + record_paths if not p.exists()]
         if missing:
             raise SpectraError(f"shards not captured: {', '.join(missing)}; rerun the same command "
                                f"to redo them")
+        fd = None
+        if cfg.fd_sequences:
+            t0 = time.time()
+            fd = finite_difference_gain(model, manifest, n_sequences=cfg.fd_sequences,
+                                        step=_FD_STEP, min_position=cfg.min_position)
+            rd.timed("finite_difference_s", time.time() - t0)
         t0 = time.time()
-        records = read_records(paths)
-        tables = analyze(records, cfg, progress=progress)
-        written = dict(tables, strongest_heads_sample=strongest_heads_sample(
-            records, tables["head_summary"], top_heads=cfg.top_heads, min_position=cfg.min_position,
-            seed=cfg.seed))
+        moments = read_moments(paths)
+        tables = analyze(moments, cfg, finite_difference=fd)
+        written = dict(tables)
+        if cfg.records:
+            records = read_records(record_paths)
+            written["strongest_heads_sample"] = strongest_heads_sample(
+                records, tables["head_summary"], top_heads=cfg.top_heads,
+                min_position=cfg.min_position, seed=cfg.seed)
+            del records
         rd.timed("statistics_s", time.time() - t0)
         t0 = time.time()
         C.write_outputs(rd, written, figures(written), images=cfg.images)
@@ -368,7 +524,13 @@ def _run_main(cfg, group: Group, model, source, model_name: str, inputs, *, prog
         rd.finish(
             model=C.model_info(model_name, layout, model),
             corpus=manifest.corpus, n_sequences=manifest.n_sequences, seq_len=manifest.seq_len,
-            n_tokens_per_head=int(len(records) / max(1, layout.n_layers * layout.n_heads)),
+            n_documents=moments.n_documents,
+            max_document_share=float(np.bincount(_documents(manifest)).max()
+                                     / manifest.n_sequences),
+            n_tokens_per_head=int(moments.n.sum() / max(1, len(moments.layers))),
+            test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.cluster_wald)",
+            verdict_rule=stats.VERDICT_RULE,
+            verdicts=tables["agreement"]["verdict"].value_counts().to_dict(),
             resumed=resuming, seed=cfg.seed,
         )
     return ObservationalResult(out=rd.path, **tables)
@@ -381,11 +543,17 @@ def command(cfg: ObservationalConfig, *, progress: bool = True) -> int:
     if result is None:  # a rank other than 0 under torchrun: rank 0 merges and reports
         return 0
     s = result.head_summary
-    print(f"{len(s)} heads; significant (BH q<{cfg.fdr_alpha} on the sequence-clustered test): "
-          f"{len(result.significant_heads)}; consistent across shards: {len(result.consistent_heads)}; "
-          f"replicated: {int(s['replicated'].sum()) if 'replicated' in s else 'n/a'}")
-    print(f"median r(log|q|, H) = {s['r_entropy'].median():+.3f}; "
-          f"median partial r (| log position) = {s['partial_r_entropy'].median():+.3f}")
+    print(f"{len(s)} heads over {int(s['n_documents'].max())} documents; significant (BH "
+          f"q<{cfg.fdr_alpha}, document-clustered CR2 test): {len(result.significant_heads)} raw, "
+          f"{int(s['significant_given_pos_sink'].sum())} given log position and sink mass; "
+          f"consistent across document folds: {len(result.consistent_heads)}")
+    print(f"median r(ln|q|, H) = {s['r_logq_entropy'].median():+.3f}; | ln position: "
+          f"{s['r_logq_entropy_given_pos'].median():+.3f}; | ln position, sink: "
+          f"{s['r_logq_entropy_given_pos_sink'].median():+.3f}")
+    a = result.agreement_summary.iloc[0]
+    print(f"agreement (observational slope vs causal gain): "
+          f"{result.agreement['verdict'].value_counts().to_dict()}; "
+          f"Spearman(slope, gain) = {a['spearman_obs_slope_gain']:+.2f}")
     print(f"wrote {result.out} in {time.time() - t0:.0f} s")
     return 0
 

@@ -30,9 +30,12 @@ class ObservationalConfig:
     batch_size: int = 8  # sequences per forward pass
     min_position: int = 1  # tokens before this position (the sink/BOS token) are excluded
     top_mass: float | None = 0.9  # mass of k_eff_top90; None skips it (its sort is ~2/3 of capture cost)
-    n_boot: int = 1000  # cluster-bootstrap resamples of whole sequences
+    n_boot: int = 1000  # bootstrap resamples of whole documents (intervals of r)
+    records: bool = True  # also write per-token Parquet records (statistics use the moments)
+    n_folds: int = 4  # disjoint random document folds for the consistency check
+    fd_sequences: int = 4  # sequences from distinct documents for the finite-difference gain; 0 skips
     fdr_alpha: float = 0.05  # Benjamini-Hochberg false discovery rate across all heads
-    consistency_threshold: float = 0.8  # share of shards that must agree for "consistent"
+    consistency_threshold: float = 0.8  # share of document folds that must agree for "consistent"
     top_heads: int = 6  # strongest heads shown in the query-norm vs entropy scatter
     seed: int = 0  # bootstrap and replication split
     dtype: str = "float32"  # model weights (float32, bf16, fp16); metrics are always float32
@@ -42,7 +45,11 @@ class ObservationalConfig:
     images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
-        for name in ("seq_len", "n_sequences", "shard_size", "batch_size", "n_boot", "top_heads"):
+        if not isinstance(self.fd_sequences, int) or isinstance(self.fd_sequences, bool) \
+                or self.fd_sequences < 0:
+            raise SpectraError(f"fd_sequences must be an integer >= 0, got {self.fd_sequences!r}")
+        for name in ("seq_len", "n_sequences", "shard_size", "batch_size", "n_boot", "top_heads",
+                     "n_folds"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SpectraError(f"{name} must be a positive integer, got {v!r}")
@@ -277,9 +284,12 @@ FLAG_HELP: dict[str, str] = {
                 "bounds memory",
     "min_position": "query positions before this one (the sink/BOS token) are left out",
     "top_mass": "attention mass of the k_eff_top90 metric; 'none' skips it (a faster capture)",
-    "n_boot": "cluster-bootstrap resamples of whole sequences",
+    "n_boot": "bootstrap resamples of whole documents (percentile intervals of r)",
+    "records": "also write per-token Parquet records (the statistics use per-document moments)",
+    "n_folds": "disjoint random document folds for the consistency check",
+    "fd_sequences": "sequences (from distinct documents) for the finite-difference gain; 0 skips it",
     "fdr_alpha": "Benjamini-Hochberg false discovery rate across all heads",
-    "consistency_threshold": "share of shards that must agree for a head to count as consistent",
+    "consistency_threshold": "share of document folds that must agree for a head to count as consistent",
     "top_heads": "strongest heads shown in the query-norm vs entropy scatter",
     "target_layer": "layer of the studied head",
     "target_head": "the studied head in the target layer",

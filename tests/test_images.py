@@ -120,7 +120,7 @@ def test_every_figure_has_a_non_blank_png_under_the_original_name(runs, experime
 
 def test_png_size_is_the_figure_size_at_twice_the_pixels(runs):
     root, _ = runs
-    with Image.open(root / "observational" / "figures" / "heatmap_r_entropy.png") as im:
+    with Image.open(root / "observational" / "figures" / "heatmap_r_logq_entropy.png") as im:
         assert im.format == "PNG"
         assert im.size == (1800, 1200)  # 900 × 600 CSS pixels at scale 2
         assert im.mode in ("RGB", "RGBA")

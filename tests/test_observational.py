@@ -16,7 +16,7 @@ from spectra_lens.experiments import observational
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from spectra_lens import cli
+from spectra_lens import cli, stats
 from spectra_lens.config import ObservationalConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import attached, count_hooks
@@ -26,7 +26,8 @@ from spectra_lens.shards import load_shard, prepare
 from spectra_lens.testing import tiny_hf_model
 
 WORDS = [f"w{i}" for i in range(60)]
-TABLES = ("head_summary", "significant_heads", "consistent_heads", "layer_statistics")
+TABLES = ("head_summary", "significant_heads", "consistent_heads", "layer_statistics",
+          "agreement", "agreement_summary")
 PLANTED = (1, 2)  # last layer: the planted scale cannot reach any other head
 
 
@@ -53,18 +54,18 @@ def bridge(tok):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    """Four random-word documents (~1200 tokens); a glob, as --corpus takes it."""
+    """Sixteen random-word documents (~1600 tokens); a glob, as --corpus takes it."""
     d = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
-    for i in range(4):
-        (d / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, 300)))
+    for i in range(16):
+        (d / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, 100)))
     return str(d / "*.txt")
 
 
 def config(out, corpus, **kw) -> ObservationalConfig:
-    """12 sequences of 24 tokens in 3 shards: ~1 s of capture on a tiny model."""
+    """12 sequences of 24 tokens (12 documents) in 3 shards: ~1 s of capture on a tiny model."""
     base = dict(corpus=corpus, out=str(out), seq_len=24, n_sequences=12, shard_size=4,
-                batch_size=4, n_boot=100, top_heads=3)
+                batch_size=4, n_boot=100, top_heads=3, fd_sequences=2)
     return ObservationalConfig(**(base | kw))
 
 
@@ -118,13 +119,22 @@ def synthetic_records(log_q, entropy, *, shard_size: int, rng) -> pd.DataFrame:
     grid = np.meshgrid(*(np.arange(n) for n in log_q.shape), indexing="ij")
     layer, head, sequence, position = (g.ravel() for g in grid)
     frame = pd.DataFrame({
-        "shard": sequence // shard_size, "sequence": sequence, "layer": layer, "head": head,
+        "shard": sequence // shard_size, "sequence": sequence, "document": sequence,
+        "layer": layer, "head": head,
         "position": position, "q_norm": np.exp(log_q.ravel()), "entropy": entropy.ravel(),
     })
     frame["entropy_norm"] = frame["entropy"] / np.log1p(frame["position"]).clip(lower=1e-3)
     for name in _EXTRA:
         frame[name] = rng.random(len(frame))
     return frame
+
+
+SYNTHETIC_VARIABLES = ("log_q_norm", "q_norm", "log_position", "sink_mass", "entropy",
+                       "entropy_norm", "max_attn", "k_eff_exp", "k_eff_top90", "local_gain")
+
+
+def moments_of(records: pd.DataFrame, min_position: int = 1) -> stats.DocumentMoments:
+    return stats.moments_from_records(records, SYNTHETIC_VARIABLES, min_position=min_position)
 
 
 def ar1(rng, shape, phi=0.6) -> np.ndarray:
@@ -170,20 +180,24 @@ def test_planted_query_scale_is_found(bridge, corpus, finished, tmp_path):
 
     summary, base = result.head_summary, finished[1].head_summary
     row = head_row(summary, layer, head)
-    assert row["r_entropy"] < -0.4 and row["partial_r_entropy"] < -0.4
-    assert row["r_entropy_ci_high"] < 0 and row["significant"]
-    assert row["r_entropy"] == summary["r_entropy"].min()
-    assert row["r_entropy"] < head_row(base, layer, head)["r_entropy"] - 0.3
+    assert row["r_logq_entropy"] < -0.4 and row["r_logq_entropy_given_pos"] < -0.4
+    assert row["r_ci_high_logq_entropy"] < 0 and row["significant"]
+    assert row["r_logq_entropy"] == summary["r_logq_entropy"].min()
+    assert row["r_logq_entropy"] < head_row(base, layer, head)["r_logq_entropy"] - 0.3
+    # A pure temperature: the observed slope is the causal gain on the same tokens.
+    agree = head_row(result.agreement, layer, head)
+    assert agree["verdict"] == "agrees" and 0.7 < agree["ratio"] < 1.3
     # Every other head saw exactly the same tokens and attention as without the plant.
     others = ~((summary["layer"] == layer) & (summary["head"] == head))
-    np.testing.assert_allclose(summary.loc[others, "r_entropy"], base.loc[others, "r_entropy"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(summary.loc[others, "r_logq_entropy"],
+                               base.loc[others, "r_logq_entropy"], rtol=1e-5, atol=1e-6)
 
     # Circularly shifting q_norm within each sequence decouples it again: the effect is gone.
     records = observational.read_records(sorted((result.out / "records").glob("*.parquet")))
-    shifted = observational.analyze(circular_shift_q(records, np.random.default_rng(1)), cfg)
-    row = head_row(shifted["head_summary"], layer, head)
-    assert abs(row["r_entropy"]) < 0.15 and not row["significant"]
+    shifted = circular_shift_q(records, np.random.default_rng(1))
+    tables = observational.analyze(moments_of(shifted), cfg)
+    row = head_row(tables["head_summary"], layer, head)
+    assert abs(row["r_logq_entropy"]) < 0.15 and not row["significant"]
 
 
 def test_null_false_discoveries_near_nominal():
@@ -200,9 +214,9 @@ def test_null_false_discoveries_near_nominal():
     records = synthetic_records(log_q, entropy, shard_size=6, rng=rng)
     cfg = ObservationalConfig(n_boot=200)
 
-    coupled = observational.analyze(records, cfg)["head_summary"]
-    assert coupled["significant"].all() and (coupled["r_entropy"] < 0).all()
-    null = observational.analyze(circular_shift_q(records, rng), cfg)
+    coupled = observational.analyze(moments_of(records), cfg)["head_summary"]
+    assert coupled["significant"].all() and (coupled["r_logq_entropy"] < 0).all()
+    null = observational.analyze(moments_of(circular_shift_q(records, rng)), cfg)
     assert null["head_summary"]["significant"].mean() <= 0.10
     assert len(null["significant_heads"]) == null["head_summary"]["significant"].sum()
 
@@ -216,9 +230,10 @@ def test_position_confound_is_removed_by_the_partial_correlation():
     log_q = 0.5 * z + 0.1 * rng.standard_normal(shape)
     entropy = z + 0.1 * rng.standard_normal(shape)
     records = synthetic_records(log_q, entropy, shard_size=4, rng=rng)
-    summary = observational.analyze(records, ObservationalConfig(n_boot=50))["head_summary"]
-    assert (summary["r_entropy"].abs() > 0.8).all()
-    assert (summary["partial_r_entropy"].abs() < 0.1).all()
+    summary = observational.analyze(moments_of(records),
+                                    ObservationalConfig(n_boot=50))["head_summary"]
+    assert (summary["r_logq_entropy"].abs() > 0.8).all()
+    assert (summary["r_logq_entropy_given_pos"].abs() < 0.1).all()
 
 
 # --- outputs ------------------------------------------------------------------------------
@@ -230,36 +245,62 @@ def test_tables_carry_the_original_and_our_columns(finished):
     tables = {name: pd.read_csv(out / f"{name}.csv") for name in TABLES}
     summary = tables["head_summary"]
     assert len(summary) == 2 * 4 and not summary.duplicated(["layer", "head"]).any()
-    original = ["layer", "head", "correlation", "p_value"]
-    ours = ["r_entropy", "p_entropy", "q_entropy", "partial_r_entropy", "rho_entropy",
-            "r_entropy_ci_low", "r_entropy_ci_high", "r_entropy_norm", "r_max_attn",
-            "r_k_eff_exp", "significant", "n_shards", "consistent", "selected", "replicated",
-            "n_tokens", "n_sequences", "mean_q_norm", "mean_entropy", "mean_k_eff_top90"]
-    assert set(original + ours) <= set(summary.columns)
-    assert (summary["correlation"] == summary["r_entropy"]).all()
-    assert (summary["r_entropy_ci_low"] <= summary["r_entropy_ci_high"]).all()
-    assert (summary["n_sequences"] == 12).all() and (summary["n_tokens"] == 12 * 23).all()
+    ours = ["r_logq_entropy", "slope_logq_entropy", "p_doc_cr2_logq_entropy",
+            "q_doc_cr2_logq_entropy", "r_logq_entropy_given_pos",
+            "r_logq_entropy_given_pos_sink", "p_doc_cr2_logq_entropy_given_pos_sink",
+            "r_ci_low_logq_entropy", "r_ci_high_logq_entropy", "r_logq_entropy_nosink",
+            "r_logq_log_dir_spread", "p_token_logq_entropy", "significant",
+            "significant_given_pos_sink", "n_folds", "consistent", "selected", "replicated",
+            "n_tokens", "n_documents", "mean_q_norm", "mean_entropy", "mean_k_eff_top90"]
+    assert set(observational.ORIGINAL_SIGNIFICANT + tuple(ours)) <= set(summary.columns)
+    assert (summary["r_ci_low_logq_entropy"] <= summary["r_ci_high_logq_entropy"]).all()
+    assert (summary["n_documents"] == 12).all() and (summary["n_tokens"] == 12 * 23).all()
+    assert (summary["num_tokens"] == summary["n_tokens"]).all()
     assert summary["significant"].dtype == bool and summary["consistent"].dtype == bool
+    # The flag and the p/q beside it come from one test.
+    assert (summary["significant"] == (summary["q_doc_cr2_logq_entropy"] < cfg.fdr_alpha)).all()
 
     keys = ["layer", "head"]
     sig = tables["significant_heads"]
-    assert set(summary.columns) <= set(sig.columns)
+    assert list(sig.columns[:12]) == list(observational.ORIGINAL_SIGNIFICANT)
     marked = set(map(tuple, summary.loc[summary["significant"], keys].to_numpy()))
     assert set(map(tuple, sig[keys].to_numpy())) == marked and sig["significant"].all()
     cons = tables["consistent_heads"]
-    assert {"layer", "head", "n_shards", "frac_significant_same_sign",
+    assert {"layer", "head", "n_folds", "frac_significant_same_sign",
             "consistent"} <= set(cons.columns)
-    assert set(map(tuple, cons[keys].to_numpy())) == set(
-        map(tuple, summary.loc[summary["consistent"], keys].to_numpy()))
     layers = tables["layer_statistics"]
-    assert {"layer", "n_heads", "mean_r", "mean_abs_r", "std_r", "n_significant",
-            "frac_significant", "mean_correlation", "std_correlation"} <= set(layers.columns)
+    assert list(layers.columns[:4]) == list(observational.ORIGINAL_LAYER)
     assert layers["layer"].tolist() == [0, 1] and layers["n_heads"].tolist() == [4, 4]
+    abs_r = summary["r_q_entropy"].abs().groupby(summary["layer"])
+    np.testing.assert_allclose(layers["std_abs_r"], abs_r.std(ddof=1).to_numpy())
+
+    agreement = tables["agreement"]
+    assert len(agreement) == 8 and set(agreement["verdict"]) <= set(stats.VERDICTS)
+    assert (agreement["gain_analytic"] <= 0).all()
+    # The finite difference of real forward passes equals the analytic gain on its sample.
+    np.testing.assert_allclose(agreement["gain_fd"], agreement["gain_analytic_sample"],
+                               rtol=0.02, atol=1e-4)
+    assert tables["agreement_summary"]["layer"].astype(str).tolist() == ["all", "0", "1"]
 
     # The returned tables are the written ones.
     pd.testing.assert_frame_equal(result.head_summary.reset_index(drop=True), summary,
                                   check_dtype=False)
     assert "heads=8" in repr(result)
+
+
+def test_statistics_from_records_equal_the_moments_path(finished):
+    """The per-token records of a run and its per-document moments give the same tables."""
+    cfg, result = finished
+    out = Path(cfg.out)
+    records = observational.read_records(sorted((out / "records").glob("*.parquet")))
+    from_records = stats.moments_from_records(records, stats.MOMENT_VARIABLES,
+                                              min_position=cfg.min_position)
+    from_capture = observational.read_moments(sorted((out / "moments").glob("*.npz")))
+    assert from_records.variables == from_capture.variables
+    np.testing.assert_array_equal(from_records.documents, from_capture.documents)
+    a = stats.head_statistics(from_records, n_boot=50)
+    b = stats.head_statistics(from_capture, n_boot=50)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-9)
 
 
 def test_manifest_records_versions_timings_and_provenance(finished):
@@ -268,21 +309,23 @@ def test_manifest_records_versions_timings_and_provenance(finished):
     assert m["status"] == "complete" and m["experiment"] == "observational"
     assert m["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
     assert {"python", "torch", "transformer-lens", "transformers", "pandas"} <= set(m["versions"])
-    assert {"load_model_s", "shards_s", "capture_s", "statistics_s", "figures_s",
-            "total_s"} <= set(m["timings"])
+    assert {"load_model_s", "shards_s", "capture_s", "finite_difference_s", "statistics_s",
+            "figures_s", "total_s"} <= set(m["timings"])
     assert m["model"]["n_layers"] == 2 and m["model"]["n_heads"] == 4
     assert m["model"]["n_kv_heads"] == 2 and m["model"]["q_hook"] == "rot_q"
     assert "SmolLM2" not in m["model"]["spec"]  # a pre-loaded model is not the default's name
     assert m["n_sequences"] == 12 and m["seq_len"] == 24 and m["resumed"] is False
-    assert m["n_tokens_per_head"] == 12 * 24
+    assert m["n_tokens_per_head"] == 12 * 23 and m["n_documents"] == 12
+    assert m["max_document_share"] == pytest.approx(1 / 12) and "agrees" in m["verdict_rule"]
     assert "text files" in m["corpus"]
 
 
 def test_figures_exist_and_hold_data(finished):
     out = Path(finished[0].out)
     figures = out / "figures"
-    names = {"heatmap_r_entropy", "heatmap_partial_r_entropy", "heatmap_r_entropy_norm",
-             "r_distribution", "layer_statistics", "scatter_strongest_heads"}
+    names = {"heatmap_r_logq_entropy", "heatmap_r_logq_entropy_given_pos_sink",
+             "heatmap_r_logq_entropy_nosink", "r_distribution", "layer_statistics", "agreement",
+             "scatter_strongest_heads"}
     assert {p.stem for p in figures.glob("*.html")} == names
     assert (figures / "plotly.min.js").stat().st_size > 1_000_000
     for name in names:
@@ -321,8 +364,8 @@ def test_interrupted_run_resumes_with_identical_results(bridge, corpus, finished
     with pytest.raises(KeyboardInterrupt):
         observational.run(cfg, model=bridge, progress=False)
     assert count_hooks(bridge) == 0
-    first = out / "records" / "shard_00000.parquet"
-    assert first.exists() and not (out / "records" / "shard_00001.parquet").exists()
+    first = out / "moments" / "shard_00000.npz"
+    assert first.exists() and not (out / "moments" / "shard_00001.npz").exists()
     assert looks_incomplete(out) and read_manifest(out)["status"] == "interrupted"
     mtime = first.stat().st_mtime_ns
 
@@ -362,6 +405,8 @@ def test_finished_run_is_refused_and_overwrite_reruns(bridge, corpus, finished, 
     assert loaded == [0, 1]
     assert sorted(p.name for p in (out / "records").iterdir()) == [
         "shard_00000.parquet", "shard_00001.parquet"]  # the third, stale shard is gone
+    assert sorted(p.name for p in (out / "moments").iterdir()) == [
+        "shard_00000.npz", "shard_00001.npz"]
     m = read_manifest(out)
     assert m["status"] == "complete" and m["seq_len"] == 16 and m["resumed"] is False
     assert (result.head_summary["n_tokens"] == 8 * 15).all()

@@ -28,6 +28,7 @@ from spectra_lens.figures.export import (
     write_figures,
 )
 from spectra_lens.figures.heads import (
+    agreement_scatter,
     head_heatmap,
     layer_summary,
     norm_entropy_scatter,
@@ -35,6 +36,7 @@ from spectra_lens.figures.heads import (
 )
 
 __all__ = [
+    "agreement_scatter",
     "attention_pattern",
     "effects_panels",
     "gain_comparison",

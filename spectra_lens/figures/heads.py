@@ -102,3 +102,38 @@ def norm_entropy_scatter(
     fig.update_layout(title=f"query norm vs {y}, strongest heads", template="plotly_white",
                       height=320 * rows)
     return fig
+
+
+def agreement_scatter(agreement: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Observational slope dH/d ln‖q‖ (with its interval) against the causal gain, per head.
+
+    One point per head, coloured by verdict; the line y = x is a pure temperature effect
+    (ratio 1), y = 0 no observable norm effect. Points hover with layer, head and verdict.
+    """
+    for c in ("layer", "head", "obs_slope", "obs_slope_ci_low", "obs_slope_ci_high",
+              "gain_analytic", "verdict"):
+        if c not in agreement.columns:
+            raise SpectraError(f"expected column {c!r} in the agreement table; got "
+                               f"{list(agreement.columns)}")
+    fig = go.Figure()
+    for verdict, sub in agreement.groupby("verdict", sort=True):
+        fig.add_trace(go.Scatter(
+            x=sub["gain_analytic"], y=sub["obs_slope"], mode="markers", name=str(verdict),
+            error_y=dict(type="data", symmetric=False,
+                         array=sub["obs_slope_ci_high"] - sub["obs_slope"],
+                         arrayminus=sub["obs_slope"] - sub["obs_slope_ci_low"],
+                         thickness=0.8, width=0),
+            customdata=np.stack([sub["layer"], sub["head"]], axis=1),
+            hovertemplate=("L%{customdata[0]} H%{customdata[1]}<br>gain %{x:.3f}<br>"
+                           "obs slope %{y:.3f}<extra>" + str(verdict) + "</extra>"),
+        ))
+    lo = float(np.nanmin([agreement["gain_analytic"].min(), 0.0]))
+    fig.add_trace(go.Scatter(x=[lo, 0], y=[lo, 0], mode="lines", name="pure temperature (y = x)",
+                             line=dict(color="black", dash="dash")))
+    fig.add_hline(y=0, line=dict(color="grey", width=1))
+    fig.update_layout(
+        title=title or "observational slope vs causal gain per head",
+        xaxis_title="causal gain −Var_p(s) (nats per unit ln α)",
+        yaxis_title="observational dH/d ln‖q‖ | log position (nats)",
+        template="plotly_white")
+    return fig
