@@ -961,7 +961,11 @@ class DocumentMoments:
 
         Centring at the pooled mean keeps the sums' digits; any statistic that is linear in the
         sums (the bootstrap, the cluster scores) is a sum over documents of these matrices.
+        Computed once per object (the analysis asks for it several times) and read-only.
         """
+        cached = self.__dict__.get("_augmented")
+        if cached is not None:
+            return cached
         total = self.n.sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             mu = np.where(total[:, None] > 0,
@@ -974,6 +978,9 @@ class DocumentMoments:
         s[..., 0, 1:] = b
         s[..., 1:, 0] = b
         s[..., 1:, 1:] = self.m2 + b[..., :, None] * d[..., None, :]
+        s.setflags(write=False)
+        mu.setflags(write=False)
+        object.__setattr__(self, "_augmented", (s, mu))  # frozen: a cache, not a field
         return s, mu
 
     # --- storage: one .npz per shard (merging is concatenation) -----------------------------
@@ -1186,66 +1193,72 @@ def _bootstrap_partial_r(s_docs: np.ndarray, keep: Sequence[int], counts: np.nda
         pairs.setdefault(pr, len(pairs))
     rows = np.array([pr[0] for pr in pairs])
     cols = np.array([pr[1] for pr in pairs])
-    flat = np.ascontiguousarray(s_docs[:, :, keep[rows], keep[cols]]).reshape(n_docs, -1)
-    # C = A − b bᵀ / n, entry by entry as `_cov` forms it: a[k] − b[u] b[v] / n for pair k = (u, v).
-    first = np.array([pairs[u, 0] if u else 0 for u, _ in pairs])
-    second = np.array([pairs[v, 0] if v else 0 for _, v in pairs])
-    ix = lambda rows_, cols_: np.array([[pairs[r, c] for c in cols_] for r in rows_])  # noqa: E731
-    at_xx, at_xy, at_yy = pairs[x, x], ix([x], ys)[0], np.array([pairs[y, y] for y in ys])
+    # (doc, pair, head): a resample's sums are counts @ flat, and each pair's sums over heads
+    # are one contiguous row.
+    flat = np.ascontiguousarray(np.swapaxes(s_docs[:, :, keep[rows], keep[cols]], 1, 2))
+    flat = flat.reshape(n_docs, -1)
+    # C = A − b bᵀ / n entry by entry, as `_cov` forms it, for the pairs (u, v) with u, v ≥ 1.
+    need = [k for k, (u, v) in enumerate(pairs) if u and v]
+    where = {pr: i for i, pr in enumerate(pr for pr in pairs if pr[0] and pr[1])}
+    first = np.array([pairs[pr[0], 0] for pr in where])
+    second = np.array([pairs[pr[1], 0] for pr in where])
+    ix = lambda rows_, cols_: np.array([[where[r, c] for c in cols_] for r in rows_])  # noqa: E731
+    at_xx, at_xy, at_yy = where[x, x], ix([x], ys)[0], np.array([where[y, y] for y in ys])
     n_boot = counts.shape[0]
     out = {c: np.empty((n_boot, n_heads, n_y)) for c in local_z}
     for start in range(0, n_boot, chunk):
         block = counts[start:start + chunk]
-        m = (block @ flat).reshape(block.shape[0], n_heads, len(pairs))
+        m = (block @ flat).reshape(block.shape[0], len(pairs), n_heads)
         with np.errstate(invalid="ignore", divide="ignore"):
-            cov = m - m[..., first] * m[..., second] / m[..., :1]
-            cxx = cov[..., at_xx, None]
-            cxy = cov[..., at_xy]
-            cyy = cov[..., at_yy]
+            cov = m[:, need] - m[:, first] * m[:, second] / m[:, :1]  # (resample, pair, head)
+            cxx = cov[:, at_xx][:, None]
+            cxy = cov[:, at_xy]
+            cyy = cov[:, at_yy]
             for c, z in local_z.items():
                 za = [j + 1 for j in z]
                 dest = out[c][start:start + block.shape[0]]
                 if not za:
-                    dest[...] = _corr(cxx, cyy, cxy)
+                    dest[...] = np.swapaxes(_corr(cxx, cyy, cxy), 1, 2)
                     continue
-                # cz[k, u]: control k against u in [x, ys]; czz: the controls' own matrix.
-                sol = _small_solve(cov[..., ix(za, za)], cz := cov[..., ix(za, [x, *ys])])
+                # cz[:, k, u]: control k against u in [x, ys]; czz: the controls' own matrix.
+                cz = cov[:, ix(za, [x, *ys])]
+                sol = _small_solve(cov[:, ix(za, za)], cz)
                 if sol is None:  # singular or undefined in some resample: the general path
                     sub = s_docs[:, :, keep, :][:, :, :, keep]
                     cb = _cov((block @ sub.reshape(n_docs, -1)).reshape(block.shape[0], *sub.shape[1:]))
                     dest[...] = _residual_corr(cb, 0, list(range(1, 1 + n_y)), z)
                     continue
-                rxx = cxx[..., 0] - np.einsum("...k,...k->...", cz[..., 0], sol[..., 0])
-                rxy = cxy - np.einsum("...k,...kv->...v", cz[..., 0], sol[..., 1:])
-                ryy = cyy - np.einsum("...kv,...kv->...v", cz[..., 1:], sol[..., 1:])
-                dest[...] = _corr(rxx[..., None], ryy, rxy)
+                rxx = cxx[:, 0] - (cz[:, :, 0] * sol[:, :, 0]).sum(axis=1)
+                rxy = cxy - (cz[:, :, :1] * sol[:, :, 1:]).sum(axis=1)
+                ryy = cyy - (cz[:, :, 1:] * sol[:, :, 1:]).sum(axis=1)
+                dest[...] = np.swapaxes(_corr(rxx[:, None], ryy, rxy), 1, 2)
     return out
 
 
 def _small_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
-    """a⁻¹ b for stacks of 1×1 or 2×2 `a` in closed form (np.linalg.solve beyond); None where
-    some `a` is singular or not finite, so that the caller takes its general path."""
-    k = a.shape[-1]
+    """a⁻¹ b for a (batch, k, k, head) and b (batch, k, m, head): closed form for k = 1, 2
+    (np.linalg.solve beyond); None where some `a` is singular or not finite, so that the
+    caller takes its general path."""
+    k = a.shape[1]
     if not np.isfinite(a).all():
         return None
     if k == 1:
-        d = a[..., 0, 0]
+        d = a[:, 0, 0]
         if (d == 0).any():
             return None
-        return b / d[..., None, None]
+        return b / d[:, None, None]
     if k == 2:
-        p, q, r, s = a[..., 0, 0], a[..., 0, 1], a[..., 1, 0], a[..., 1, 1]
+        p, q, r, s = a[:, 0, 0, None], a[:, 0, 1, None], a[:, 1, 0, None], a[:, 1, 1, None]
         det = p * s - q * r
         if (det == 0).any():
             return None
-        b0, b1 = b[..., 0, :], b[..., 1, :]
-        d = det[..., None]
-        return np.stack([(s[..., None] * b0 - q[..., None] * b1) / d,
-                         (p[..., None] * b1 - r[..., None] * b0) / d], axis=-2)
+        b0, b1 = b[:, 0], b[:, 1]
+        return np.stack([(s * b0 - q * b1) / det, (p * b1 - r * b0) / det], axis=1)
     try:
-        return np.linalg.solve(a, b)
+        sol = np.linalg.solve(np.moveaxis(a, -1, 1), np.moveaxis(b, -1, 1))
     except np.linalg.LinAlgError:
         return None
+    return np.moveaxis(sol, 1, -1)
 
 
 def _bootstrap_partial_r_full(s_docs, keep, counts, n_y, local_z, *, chunk=50):
@@ -1405,7 +1418,7 @@ def head_statistics(
     alpha: float = 0.05,
     seed: int = 0,
     test: str = "cr2",
-    boot_chunk: int = 50,
+    boot_chunk: int = 200,
 ) -> pd.DataFrame:
     """Per head, the association of each y with x = ln ‖q‖, raw and controlled, from moments.
 
@@ -1452,7 +1465,7 @@ def head_statistics(
                                       "n_tokens": n_tok.astype(np.int64),
                                       "n_documents": g.astype(np.int64)}
     for j, v in enumerate(moments.variables):
-        columns[f"mean_{v}"] = mu[:, j]
+        columns[f"mean_{v}"] = mu[:, j].copy()  # mu is the cached, read-only one
     c_all = _cov(s_docs.sum(axis=0))
     for c, z in zs.items():
         r = _residual_corr(c_all, ix, iy, z)  # (head, ny)

@@ -107,3 +107,17 @@ def test_from_tokens_second_moments_equal_the_per_token_sum():
             c = v - v.mean(axis=0)
             np.testing.assert_allclose(m.m2[g, h], c.T @ c, atol=1e-12)
             np.testing.assert_allclose(m.mean[g, h], v.mean(axis=0), atol=1e-14)
+
+
+def test_augmented_is_computed_once_and_results_stay_writable():
+    m = _moments(np.random.default_rng(5), n_docs=8)
+    s1, mu1 = m.augmented()
+    s2, mu2 = m.augmented()
+    assert s1 is s2 and mu1 is mu2
+    with pytest.raises(ValueError):
+        s1[0, 0, 0, 0] = 1.0  # the cache is read-only, so no caller can change it for the next
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = stats.head_statistics(m, ys=["entropy"], n_boot=5)
+    out.loc[0, "mean_entropy"] = 0.0  # tables are the caller's to edit
+    assert mu1[0, m.index("entropy")] != 0.0
