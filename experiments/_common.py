@@ -5,16 +5,18 @@
 * figures: HTML and JSON as written, then their images (`cfg.images`, PNG by default) in one
   browser session at the end (`write_outputs`; one warning line when no browser draws them);
 * the model and the tokens of a run (default: the embedded model and `default_corpus()`);
-* the default target / control heads (`choose_heads`, rule below);
+* the default target / control heads (`choose_heads`, `choose_control`, rules below);
 * the command line: generated from the configs by `spectra_lens.cli`.
 
 Default heads. With no --target-layer the target layer is the middle one (n_layers // 2). With
 no --target-head the target is the head of that layer with the most negative analytic local gain
-dH/d ln α at α = 1 = −Var_p(s) (the head whose entropy responds most to query scale); the
-control (no --control-head) is the other head of the control layer (default: the target's)
-whose gain is nearest 0. Gains are measured on `n_select` held-out sequences, the ones just
-before the measured sequences in the corpus, so the heads are not chosen on the data that then
-measures them. When the caller passes tokens, the selection uses those tokens (recorded).
+dH/d ln α at α = 1 = −Var_p(s) (the head whose entropy responds most to query scale). The
+control (no --control-head) is the head whose observational r(log ‖q‖, entropy) is nearest 0
+with a tight document-bootstrap interval (`causal.CONTROL_RULE`), among all heads but the
+target, or among the heads of --control-layer when given. Both are chosen on `n_select`
+held-out sequences, the ones just before the measured sequences in the corpus, so the heads are
+not chosen on the data that then measures them. When the caller passes tokens, the selection
+uses those tokens (recorded).
 """
 
 import contextlib
@@ -30,6 +32,7 @@ import pandas as pd
 import torch
 
 from spectra_lens import figures as figs
+from spectra_lens.causal import CONTROL_RULE, choose_control_head, head_r_table
 from spectra_lens.corpus import tokenize_documents
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout, attention_layout
@@ -59,9 +62,8 @@ log = logging.getLogger(__name__)
 
 SELECTION_RULE = (
     "target layer: given, else n_layers // 2; target head: given, else the head of the target "
-    "layer with the most negative analytic gain -Var_p(s) at alpha = 1; control layer: given, else "
-    "the target layer; control head: given, else the other head of the control layer whose gain is "
-    "nearest 0; gains are per-sequence means over the selection sequences"
+    "layer with the most negative analytic gain -Var_p(s) at alpha = 1 (per-sequence means over "
+    "the selection sequences); " + CONTROL_RULE
 )
 
 
@@ -340,53 +342,55 @@ class HeadChoice:
     control: tuple[int, int] | None  # (layer, head), or None when the experiment has no control
     chosen: tuple[str, ...]  # which of "target_layer", "target_head", ... came from the rule
     gains: dict  # {layer: [per-head mean analytic gain]} of the layers the rule looked at
-    control_rule: str | None = None  # replaces SELECTION_RULE's control part when set
+    control_r: dict | None = None  # the control's row of the selection r table (CONTROL_RULE)
 
     def as_dict(self) -> dict:
-        rule = SELECTION_RULE if self.control_rule is None else (
-            SELECTION_RULE.split("; control layer:")[0] + "; " + self.control_rule)
         return {"target": list(self.target), "control": list(self.control) if self.control else None,
-                "chosen_by_rule": list(self.chosen), "rule": rule,
-                "selection_gains": {str(l): g for l, g in self.gains.items()}}
+                "chosen_by_rule": list(self.chosen), "rule": SELECTION_RULE,
+                "selection_gains": {str(l): g for l, g in self.gains.items()},
+                **({"control_r": self.control_r} if self.control_r is not None else {})}
 
 
-def choose_heads(cfg, model, layout: AttentionLayout, select: torch.Tensor, *, control: bool = True) -> HeadChoice:
+def choose_heads(cfg, model, layout: AttentionLayout, tokens: "RunTokens", *,
+                 control: bool = True) -> tuple[HeadChoice, pd.DataFrame | None]:
     """Target (and control) heads: the config's, with None fields chosen by SELECTION_RULE.
 
+    Returns the choice and, with `control`, the r table of every head on the selection
+    sequences that the control rule reads (`causal.head_r_table`, with a "role" column).
     Raises SpectraError for a head out of range or a control equal to the target.
     """
     t_layer = cfg.target_layer if cfg.target_layer is not None else layout.n_layers // 2
-    c_layer = getattr(cfg, "control_layer", None)
-    c_layer = t_layer if c_layer is None else c_layer
-    t_head, c_head = cfg.target_head, getattr(cfg, "control_head", None)
+    t_head = cfg.target_head
     _check_layer_head(layout, t_layer, t_head if t_head is not None else 0, "target")
+    c_layer, c_head = getattr(cfg, "control_layer", None), getattr(cfg, "control_head", None)
     if control:
-        _check_layer_head(layout, c_layer, c_head if c_head is not None else 0, "control")
-    chosen = tuple(name for name, v in (
-        ("target_layer", cfg.target_layer), ("target_head", t_head),
-        *((("control_layer", getattr(cfg, "control_layer", None)), ("control_head", c_head)) if control else ()),
-    ) if v is None)
-    need = {t_layer} if t_head is None else set()
-    if control and c_head is None:
-        need.add(c_layer)
+        _check_layer_head(layout, t_layer if c_layer is None else c_layer,
+                          c_head if c_head is not None else 0, "control")
+    chosen = [name for name, v in (("target_layer", cfg.target_layer), ("target_head", t_head)) if v is None]
     gains: dict[int, list[float]] = {}
-    if need:
-        layers = sorted(need)
-        g = analytic_gain(model, select, layers=layers, min_position=cfg.min_position,
-                          batch_size=cfg.max_rows).mean(0)
-        gains = {l: [round(float(x), 6) for x in g[i]] for i, l in enumerate(layers)}
     if t_head is None:
+        g = analytic_gain(model, tokens.select, layers=[t_layer], min_position=cfg.min_position,
+                          batch_size=cfg.max_rows).mean(0)
+        gains = {t_layer: [round(float(x), 6) for x in g[0]]}
         t_head = min(range(layout.n_heads), key=lambda h: gains[t_layer][h])
-    if control and c_head is None:
-        candidates = [h for h in range(layout.n_heads) if (c_layer, h) != (t_layer, t_head)]
-        if not candidates:
-            raise SpectraError(f"layer {c_layer} has no head other than the target to serve as control")
-        c_head = min(candidates, key=lambda h: abs(gains[c_layer][h]))
-    if control and (c_layer, c_head) == (t_layer, t_head):
+    target = (t_layer, t_head)
+    if not control:
+        return HeadChoice(target, None, tuple(chosen), gains), None
+    table = head_r_table(model, tokens.select, tokens.select_documents, min_position=cfg.min_position,
+                         ci=cfg.ci, n_boot=cfg.n_boot, seed=cfg.seed, batch_size=cfg.max_rows)
+    if c_head is None:
+        chosen += [name for name, v in (("control_layer", c_layer), ("control_head", c_head)) if v is None]
+        ctrl = choose_control_head(table, target, layer=c_layer)
+    else:
+        ctrl = (t_layer if c_layer is None else c_layer, c_head)
+    if ctrl == target:
         raise SpectraError(
             f"the control head must differ from the target head; both are layer {t_layer} head {t_head}"
         )
-    return HeadChoice((t_layer, t_head), (c_layer, c_head) if control else None, chosen, gains)
+    table.insert(2, "role", ["target" if (l, h) == target else "control" if (l, h) == ctrl else ""
+                             for l, h in zip(table["layer"], table["head"])])
+    row = table[table["role"] == "control"].iloc[0].drop("role").to_dict()
+    return HeadChoice(target, ctrl, tuple(chosen), gains, control_r=row), table
 
 
 def _check_layer_head(layout: AttentionLayout, layer: int, head: int, role: str) -> None:

@@ -142,7 +142,7 @@ def compute(cfg: GainConfig, model, tokens: C.RunTokens, *, progress: bool = Fal
         raise SpectraError(f"a slope fit needs at least 3 alphas, got {list(alphas)}")
     layout = attention_layout(model)
     with C.timed(rd, "choose_heads_s"):
-        choice = C.choose_heads(cfg, model, layout, tokens.select, control=True)
+        choice, _ = C.choose_heads(cfg, model, layout, tokens, control=True)
     with C.timed(rd, "sweep_s"):
         sweep = head_curves(model, tokens.measure, alphas, min_position=cfg.min_position,
                             batch_size=cfg.batch_size, max_rows=cfg.max_rows, progress=progress)

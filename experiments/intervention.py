@@ -6,12 +6,13 @@
     spectra-lens intervene ...
 
 For a target head and a control head (defaults: see experiments/_common.py — the middle layer's
-head with the most negative analytic gain −Var_p(s), and the head of the same layer whose gain
-is nearest 0, both chosen on held-out sequences), each α of the grid is applied with
-`hooks.QueryScale` in real forward passes (α batched). Measured per α, with t-intervals over
-sequences: the head's mean entropy, max attention, k_eff (exp(H); also participation ratio and
-top-90% count), the paired entropy change, the next-token loss change and KL(p_α ‖ p_1) of the
-output; and the entropy change of every head in the same and later layers.
+head with the most negative analytic gain −Var_p(s), and the head whose observational
+r(log ‖q‖, entropy) is nearest 0 with a tight interval, both chosen on held-out sequences), each
+α of the grid is applied with `hooks.QueryScale` in real forward passes (α batched). Measured per
+α, with document-bootstrap intervals: the head's mean entropy, max attention, k_eff (exp(H); also
+participation ratio and top-90% count) as the identity check they are, and the outcomes: the
+next-token loss change, KL(p_1 ‖ p_α) of the output distribution and the entropy change of every
+head in the same and later layers.
 
 Outputs (in --out): `q_scale_intervention_L{l}_H{h}_{target|control}.csv` (one row per α),
 `downstream_heads_L{l}_H{h}_{target|control}.csv` (one row per α × later head), figures under
@@ -40,15 +41,12 @@ from spectra_lens.causal import (
     EFFECT_DEFINITIONS,
     ROTATION_RULE,
     QueryRotate,
-    choose_control_head,
     effect_row,
-    head_r_table,
     query_direction_spread,
     sham_check,
     sweep_effects,
 )
 from spectra_lens.config import InterventionConfig
-from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import QueryScale
 from spectra_lens.layout import attention_layout
 from spectra_lens.metrics import alpha_metrics
@@ -120,25 +118,6 @@ def head_table(sweep: ExactSweep, layer: int, head: int, role: str, layout, *, c
     return frame
 
 
-def _control(cfg, model, layout, tokens: C.RunTokens, target) -> tuple[tuple[int, int], pd.DataFrame, str]:
-    """(control head, r table of every head on the selection sequences, how it was chosen)."""
-    docs = tokens.select_documents
-    table = head_r_table(model, tokens.select, docs, min_position=cfg.min_position, ci=cfg.ci,
-                         n_boot=cfg.n_boot, seed=cfg.seed, batch_size=cfg.max_rows)
-    if cfg.control_head is None:
-        control, how = choose_control_head(table, target, layer=cfg.control_layer), "rule"
-    else:
-        c_layer = cfg.control_layer if cfg.control_layer is not None else target[0]
-        C._check_layer_head(layout, c_layer, cfg.control_head, "control")
-        control, how = (c_layer, cfg.control_head), "given"
-    if control == tuple(target):
-        raise SpectraError(f"the control head must differ from the target head; both are layer "
-                           f"{target[0]} head {target[1]}")
-    table.insert(2, "role", ["target" if (l, h) == tuple(target) else "control" if (l, h) == control else ""
-                             for l, h in zip(table["layer"], table["head"])])
-    return control, table, how
-
-
 def _rows(effects_list, documents, cfg, **fixed) -> list[dict]:
     values = fixed.pop("values")
     extra = fixed.pop("extra", [{}] * len(values))
@@ -150,7 +129,7 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
             rd=None) -> InterventionResult:
     """The EXP1 measurements on a loaded model and tokens (no files written).
 
-    Target: `_common.choose_heads`. Control: `causal.CONTROL_RULE` unless given. Outcomes per
+    Target and control: `_common.choose_heads` (control: `causal.CONTROL_RULE` unless given). Outcomes per
     condition (target scaling, control scaling, sham, rotation of the target's query):
     `causal.effect_row` with document-bootstrap intervals.
     """
@@ -158,11 +137,7 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
     layout = attention_layout(model)
     docs = tokens.measure_documents
     with C.timed(rd, "choose_heads_s"):
-        choice = C.choose_heads(cfg, model, layout, tokens.select, control=False)
-        control, r_table, how = _control(cfg, model, layout, tokens, choice.target)
-        choice = dataclasses.replace(
-            choice, control=control, control_rule=CONTROL_RULE,
-            chosen=choice.chosen + (("control_layer", "control_head") if how == "rule" else ()))
+        choice, r_table = C.choose_heads(cfg, model, layout, tokens, control=True)
     heads = {"target": choice.target, "control": choice.control}
     tables, downstream, sweeps, rows = {}, {}, {}, []
     for role in ROLES:
@@ -208,8 +183,9 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
     effects = pd.DataFrame(rows)
     controls = {"sham": sham, "direction_spread": spread.as_dict(), "rotation_angles_rad": list(angles),
                 "rotation_multiples": [multiples[a] for a in angles], "rotation_seed": cfg.seed,
-                "control_rule": CONTROL_RULE, "control_chosen_by": how,
-                "control_r": r_table[r_table["role"] == "control"].iloc[0].drop("role").to_dict()}
+                "control_rule": CONTROL_RULE,
+                "control_chosen_by": "rule" if "control_head" in choice.chosen else "given",
+                "control_r": choice.control_r}
     return InterventionResult(heads=heads, tables=tables, downstream=downstream, sweeps=sweeps,
                               choice=choice, effects=effects, control_selection=r_table,
                               controls=controls)

@@ -172,7 +172,7 @@ def compute(cfg: QKConfig, model, tokens: C.RunTokens, *, progress: bool = False
     alphas = C.checked_alphas(cfg)
     layout = attention_layout(model)
     with C.timed(rd, "choose_heads_s"):
-        choice = C.choose_heads(cfg, model, layout, tokens.select, control=False)
+        choice, _ = C.choose_heads(cfg, model, layout, tokens, control=False)
     layer, head = choice.target
     kv = layout.kv_head(head)
     group = layout.heads_of_kv(kv)

@@ -175,8 +175,9 @@ class GainConfig:
     target_layer: int | None = None  # head shown in the fit plots; None: as InterventionConfig
     target_head: int | None = None  # None: most negative analytic gain in target_layer
     control_layer: int | None = None  # None: target_layer
-    control_head: int | None = None  # None: the other head of control_layer with gain nearest 0
+    control_head: int | None = None  # None: r(log ||q||, H) nearest 0 with a tight interval (causal.CONTROL_RULE)
     alphas: tuple[float, ...] = ALPHAS_21  # query scales for the fits (log-spaced, contains 1)
+    n_boot: int = 1000  # document-bootstrap resamples of the r intervals that choose the control
     n_sequences: int = 16  # measured sequences
     seq_len: int = 128  # tokens per sequence
     n_select: int = 8  # held-out sequences that choose the default target / control
