@@ -11,8 +11,8 @@
 #    and torch kernels agree) -> OUT/pytest_cuda.txt and OUT/junit_cuda.xml;
 # 4. runs the benchmark on the GPU (`python -m bench.run --device cuda --quick` by default,
 #    BENCH_FULL=1 for the full run) -> OUT/bench.json, OUT/BENCHMARKS_gpu.md, OUT/bench.log;
-#    BENCH_LONG=1 adds `python -m bench.lengths` (capture ÷ forward, 128..4096 tokens)
-#    -> OUT/lengths.json, OUT/lengths.md.
+#    BENCH_LONG=1 adds the full-size sequence-length section (`python -m bench.run --only
+#    scaling`: capture ÷ forward at 128..4096 tokens) -> OUT/lengths.json, OUT/lengths.md.
 # Every step's exit code goes to OUT/status.txt; a failing step does not stop the later ones.
 # Time budget (H100/H200 class, default model): setup 2-5 min (pip cache cold), tests ~1 min,
 # quick benchmark ~2 min.
@@ -65,7 +65,8 @@ fi
 step bench "$PY" -m bench.run "${BENCH_ARGS[@]}" > "$OUT/bench.log" 2>&1
 tail -15 "$OUT/bench.log"
 if [ "${BENCH_LONG:-0}" = "1" ]; then  # capture ÷ forward at 128..4096 tokens
-  step bench_lengths "$PY" -m bench.lengths --out "$OUT/lengths.json" > "$OUT/lengths.md" 2> "$OUT/lengths.log"
+  step bench_lengths "$PY" -m bench.run --device cuda --only scaling --out "$OUT/lengths.json" \
+    --markdown "$OUT/lengths.md" > "$OUT/lengths.log" 2>&1
 fi
 
 echo "results in $OUT/:"; ls -l "$OUT"

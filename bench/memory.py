@@ -9,7 +9,9 @@ peak of loading does not mask the forward pass; where the reset is unavailable i
 Kinds: "hf" (bare Hugging Face forward), "bridge" (TransformerBridge forward, no hooks),
 "capture" (the observational pass: MetricCapture on every head inside `attached`, then
 `result()`), "collect" (`experiments.observational.collect` streaming `n_sequences` through
-batches and per-shard Parquet files, exactly as the observational experiment does).
+batches and per-shard Parquet files, exactly as the observational experiment does),
+"analysis" (reading `moments_dir`'s shard files and the statistics, `bench.analysis.analyze`;
+no model).
 """
 
 import ctypes
@@ -70,7 +72,29 @@ def _peak(device: torch.device, how: str) -> int:
     return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
+def measure_analysis(spec: dict) -> dict:
+    """Peak RSS of reading a run's moment files and computing its statistics (no model)."""
+    from bench.analysis import analyze
+
+    paths = sorted(Path(spec["moments_dir"]).glob("shard_*.npz"))
+    tiny = spec.get("warmup_dir")
+    if tiny:  # imports and first-call set-up belong to the baseline, not to the analysis
+        analyze(sorted(Path(tiny).glob("shard_*.npz")), n_boot=2)
+    _release_free_memory()
+    baseline = _current(torch.device("cpu"))
+    how = _reset_peak(torch.device("cpu"))
+    t0 = time.perf_counter()
+    info = analyze(paths, n_boot=spec.get("n_boot", 1000))
+    work_s = time.perf_counter() - t0
+    peak = _peak(torch.device("cpu"), how)
+    return {**spec, **info, "device": "cpu", "baseline_bytes": baseline, "peak_bytes": peak,
+            "peak_over_baseline_bytes": max(0, peak - baseline), "measure": how,
+            "work_s": round(work_s, 2), "reps": 1}
+
+
 def measure(spec: dict) -> dict:
+    if spec["kind"] == "analysis":
+        return measure_analysis(spec)
     from spectra_lens.corpus import default_corpus, tokenize_corpus
     from spectra_lens.models import load_hf, load_model, load_tokenizer, resolve_device
     from spectra_lens.shards import prepare
@@ -127,9 +151,10 @@ def measure(spec: dict) -> dict:
 
         def work():
             run = RunDir(Path(tmp.name) / "run", "observational")
+            run.start({"bench": "memory"}, overwrite=True)  # outputs are listed once started
             collect(model, manifest, run, batch_size=batch, progress=False)
     else:
-        raise SystemExit(f"unknown kind {kind!r}; expected hf, bridge, capture or collect")
+        raise SystemExit(f"unknown kind {kind!r}; expected hf, bridge, capture, collect or analysis")
 
     # One untimed call first: safetensors weights are memory-mapped and only become resident
     # when a forward pass touches them, and the first call sets up caches; the baseline is the

@@ -57,7 +57,26 @@ def _machine(meta: dict) -> str:
         ["run", f"`{meta['command']}`, started {meta['started']}, {meta.get('wall_s', 0) / 60:.1f} min"],
         ["load average (1, 5, 15 min)", f"before {meta.get('loadavg_before')}, after {meta.get('loadavg_after')}"],
     ]
+    for u in meta.get("updates", []):
+        rows.append(["sections rerun", f"{', '.join(u['sections'])}: `{u['command']}`, started {u['started']}, "
+                     f"{u.get('wall_s', 0) / 60:.1f} min, load average before {u.get('loadavg_before')}, "
+                     f"after {u.get('loadavg_after')}"])
     return _table(["", ""], rows)
+
+
+def _run_line(s: dict) -> str:
+    """Which run measured a section, when, and under what machine load."""
+    r = s.get("run")
+    if not r:
+        return ""
+    d = r.get("loadavg_during")
+    during = (f"; during its repetitions median {d['median']:.1f} (range {d['min']:.1f}–{d['max']:.1f}, "
+              f"{d['samples']} samples, of which about {d['own_threads']} is this run's own threads)"
+              if d else "")
+    lb, la = r.get("loadavg_before"), r.get("loadavg_after")
+    return (f"Measured by `{r['command']}`, section started {r['started']} ({r.get('threads')} torch "
+            f"thread(s)); 1-minute load average {lb[0] if lb else '?'} before, {la[0] if la else '?'} "
+            f"after{during}.")
 
 
 def _load_note(meta: dict) -> str:
@@ -311,11 +330,62 @@ def _scaling(s: dict) -> str:
     ])
 
 
+def _analysis(s: dict) -> str:
+    w, v, b, mem = s["workload"], s["variants"]["analysis"], s["breakdown_s"], s["memory"]
+    steps = [
+        ["read every shard's moments file and merge them (`observational.read_moments`)", _f(b["read_s"], 2)],
+        ["the run's tables from the moments (`observational.analyze`: `head_statistics` with a "
+         f"{w['n_boot']:,}-resample document bootstrap, fold consistency, replication, agreement; "
+         "no finite-difference gain, which needs the model)", _f(b["analyze_s"], 2)],
+        [f"**total** (median of {v['reps']}; range {_f(v['min_s'], 2)}–{_f(v['max_s'], 2)} s; "
+         f"CPU {_f(v['cpu_median_s'], 2)} s)", f"**{_f(v['median_s'], 2)}**"],
+        ["of which `stats.head_statistics` alone (one call, timed separately)",
+         _f(b["head_statistics_alone_s"], 2)],
+    ]
+    labels = {"1x": "1× (the default run)"}
+    one = mem["1x"]
+    rows = []
+    for name, d in mem.items():
+        rows.append([labels.get(name, name.replace("x_", "× the ").replace("_", " ")), f"{d['n_documents']}",
+                     f"{d['n_shards']}", f"{d['tokens_per_head']:,}", _mib(d["baseline_bytes"]),
+                     _mib(d["peak_bytes"]), _mib(d["peak_over_baseline_bytes"]),
+                     f"{d['peak_bytes'] / one['peak_bytes']:.3f}×",
+                     f"{d['peak_over_baseline_bytes'] / max(1, one['peak_over_baseline_bytes']):.2f}×"])
+    return "\n".join([
+        f"Workload: the per-document moments of the observational run at its defaults — "
+        f"{w['n_sequences']} sequences × {w['seq_len']} tokens in {w['n_shards']} shard files of "
+        f"{w['shard_size']}, {w['n_documents']} documents (the default corpus cut as `prepare` "
+        f"cuts it), {w['n_heads']} heads, {w['n_variables']} variables per token, "
+        f"{w['tokens_per_head']:,} tokens per head, {w['n_boot']:,} bootstrap resamples. The "
+        f"statistics' work depends on the moments' shapes (documents × heads × variables², "
+        f"resamples), not on the token values, so the token values are synthetic (`bench.analysis`; "
+        f"moments formed by `DocumentMoments.from_tokens` batch by batch and saved per shard, as "
+        f"the run does; {_f(w['prepare_s'], 0)} s to write all inputs, not timed).",
+        "",
+        _table(["step", "seconds"], steps),
+        "",
+        f"Peak memory (fresh process each, `python -m bench.memory`; measure: {one['measure']}; "
+        f"\"loaded\" is the resident set after imports and a warm-up analysis of 2 shards). "
+        f"\"× the tokens\": every document cut into that many times the sequences (same documents, "
+        f"more shards); \"× the documents\": that many times the documents of the same size:",
+        "",
+        _table(["corpus", "documents", "shards", "tokens per head", "loaded MiB", "peak MiB",
+                "peak − loaded MiB", "peak ÷ 1×", "(peak − loaded) ÷ 1×"], rows),
+        "",
+        "The analysis holds per-(document, head) moment matrices, so its memory is "
+        "O(documents × heads × variables²) and does not depend on the tokens per document; more "
+        "documents make it grow in proportion.",
+        "",
+        f"Reproduce: `{s['command']}`",
+    ])
+
+
 def _why_overhead(sec, results):
     r = sec["ratios"]
     share = sec.get("top90_share_of_overhead")
-    text = ("The capture computes ten per-token metrics of every head inside the forward pass, in "
-            "float32, from each layer's full `[batch, head, query, key]` pattern and scores. ")
+    text = ("The capture computes ten per-token metrics of every head inside the forward pass "
+            "(`metrics.row_metrics`: query blocks of at most 2¹⁸ pattern entries over the visible "
+            "keys only, each read once into float32). ")
     if share is not None:
         v = r["capture_without_top90_vs_bridge"]["value"]
         text += (f"The sort behind k_eff_top90 is {100 * share:.0f}% of the extra time; without it "
@@ -330,13 +400,35 @@ def _why_overhead(sec, results):
                  f"length: at {d['seq_len']} tokens the capture is "
                  f"{_x(d['capture_vs_bridge'])} the forward, {_x(d['capture_without_top90_vs_bridge'])} "
                  f"without k_eff_top90. ")
-    text += ("What would close the gap (hooks.py, not changed here): a `MetricCapture` option to "
-             "skip k_eff_top90 (e.g. `top_mass=None`) or to compute it only for the heads/positions "
-             "analysed. Where it is kept: a `topk(32)` first pass with the full sort only for the rows it "
-             "does not settle (on this model 90% of rows at 128 tokens have k_eff_top90 ≤ 32, 61% "
-             "at 1024), and sorting only the causal part of each row in query blocks (as `sweep` "
-             "does; −17% on the sort at 128 tokens in a micro-benchmark, more on longer rows).")
+    text += ("k_eff_top90 needs each row's masses in descending order: the CPU path sorts every "
+             "visible row with NumPy's vectorized sort and sums in float64 only up to the crossing. "
+             "Without it (`--top-mass none`) the capture is the cheaper variant above. Not measured "
+             "here: a fused pass on a GPU (`bench/gpu_check.sh`).")
     return text
+
+
+def _why_long(sec, results):
+    rows = [d for d in sec["rows"] if d["axis"] == "seq_len" and "capture_without_top90_vs_bridge" in d]
+    text = ("At length T the capture's work per head is O(T²) for the row metrics and O(T² log T) "
+            "for the sort behind k_eff_top90, while the forward's own cost on this model is "
+            "dominated by O(T) matrix products until T is large. ")
+    if rows:
+        text += "Capture ÷ bridge by length: " + ", ".join(
+            f"{d['seq_len']}: {_x(d['capture_vs_bridge'])} ({_x(d['capture_without_top90_vs_bridge'])} "
+            f"without k_eff_top90)" for d in rows) + ". "
+    return text + "The gap is the sort; without k_eff_top90 the ratio is the second number."
+
+
+def _why_analysis(sec, results):
+    w, mem = sec["workload"], sec["memory"]
+    m = w["multiple"]
+    one, tok = mem["1x"], mem[f"{m}x_tokens"]
+    return (f"With {m}× the tokens the analysis reads {tok['n_shards']} shard files instead of "
+            f"{one['n_shards']}; every file holds the rows of the documents in that shard, and "
+            f"reading concatenates all of them before the rows of one document are merged, so the "
+            f"transient grows with the number of shards ({_mib(one['peak_over_baseline_bytes'])} → "
+            f"{_mib(tok['peak_over_baseline_bytes'])} MiB over loaded) while the merged moments "
+            f"do not ({one['n_documents']} → {tok['n_documents']} documents).")
 
 
 def _why_gain(sec, results):
@@ -350,10 +442,10 @@ def _why_gain(sec, results):
 def _why_memory(sec, results):
     r = sec["ratios"]
     text = (f"The capture's working memory (peak − loaded) is "
-            f"{r['capture_over_loaded_vs_bridge_over_loaded']:.2f}× the bridge forward's. Per layer "
-            f"it allocates float32 temporaries the size of that layer's pattern (entropy, gain, "
-            f"masks) and the sort's values and int64 indices for k_eff_top90, and frees them "
-            f"before the next layer; it keeps only per-token results `[batch, layer, head, pos]`. ")
+            f"{r['capture_over_loaded_vs_bridge_over_loaded']:.2f}× the bridge forward's. The row "
+            f"metrics work in query blocks of at most 2¹⁸ entries, so their temporaries are small; "
+            f"the capture keeps per-token results `[batch, layer, head, pos]` per metric and the "
+            f"query/key norms, and the hooks hold each layer's pattern and scores while it runs. ")
     pinned = r.get("capture_vs_bridge_pinned_mmap_threshold")
     if pinned is not None:
         p = sec["single_batch_pinned_mmap_threshold"]
@@ -366,10 +458,8 @@ def _why_memory(sec, results):
                  f"working memory {p['capture']['peak_over_baseline_bytes'] / MiB:,.0f} MiB instead "
                  f"of {sec['single_batch']['capture']['peak_over_baseline_bytes'] / MiB:,.0f} MiB; the "
                  f"remaining {extra:,.0f} MiB over the bridge is the capture's live working set plus what retention is left. ")
-    text += ("What would close the gap: fewer and smaller temporaries in the pattern hook (row "
-             "metrics in query blocks, in-place ops, no sort where k_eff_top90 is not needed), so "
-             "that freed buffers are few and small; or, outside the library, "
-             "`MALLOC_MMAP_THRESHOLD_` or jemalloc.")
+    text += ("Outside the library, `MALLOC_MMAP_THRESHOLD_` or jemalloc return freed buffers at "
+             "once.")
     return text
 
 
@@ -384,6 +474,10 @@ def _why_flat(sec, results):
 def _why(name: str, target: str):
     if name == "overhead":
         return _why_overhead
+    if name == "scaling":
+        return _why_long
+    if name == "analysis":
+        return _why_analysis if "memory" in target else None
     if name == "gain":
         return _why_gain
     if name == "memory":
@@ -418,11 +512,14 @@ def render(results: dict, *, results_path: Path | None = None) -> str:
     ]
     titles = {"overhead": "1. Capture overhead", "memory": "2. Memory", "gain": "3. Gain for every head",
               "exact": "4. Exact-mode sweeps: batched α vs one forward per α",
-              "scaling": "5. Scaling with sequence length and batch size"}
-    render_fn = {"overhead": _overhead, "memory": _memory, "gain": _gain, "exact": _exact, "scaling": _scaling}
-    for name in ("overhead", "memory", "gain", "exact", "scaling"):
+              "scaling": "5. Scaling with sequence length and batch size",
+              "analysis": "6. Analysis: statistics from per-document moments"}
+    render_fn = {"overhead": _overhead, "memory": _memory, "gain": _gain, "exact": _exact, "scaling": _scaling,
+                 "analysis": _analysis}
+    for name in titles:
         if name in secs:
-            parts += [f"## {titles[name]}", "", render_fn[name](secs[name]), ""]
+            run = _run_line(secs[name])
+            parts += [f"## {titles[name]}", ""] + ([run, ""] if run else []) + [render_fn[name](secs[name]), ""]
     parts += ["## Missed targets: why, and what would close the gap", "", _missed_all(results), ""]
     return "\n".join(parts)
 

@@ -11,10 +11,16 @@ medians of the per-repetition ratios, all measured in this run):
             hooked forward per head per α) timed on a subset of heads and extrapolated
   exact     `sweep.intervention_effects` with the α grid batched (one forward, batch repeated per α) vs
             one forward per α, for 5 and 9 α values
-  scaling   bare forward vs capture over sequence length and batch size; tokens per second
+  scaling   bare forward vs capture over sequence length (128 to 4096 tokens) and batch size;
+            tokens per second
+  analysis  the observational statistics from per-document moments at the default run's size
+            (`bench.analysis`): seconds, and peak memory (fresh subprocess each) for 4× the
+            tokens and 4× the documents
 
 Full run: bench/results.json and BENCHMARKS.md. `--quick` or `--only`: bench/results-quick.json
-(or --out), and no markdown unless --markdown is given.
+(or --out), and no markdown unless --markdown is given. `--only SECTION ... --merge`: replace
+those sections in bench/results.json (or --out) and re-render BENCHMARKS.md; every section
+records the command, start time and machine load of the run that measured it.
 """
 
 import argparse
@@ -25,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -34,7 +41,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("overhead", "memory", "gain", "exact", "scaling")
+SECTIONS = ("overhead", "memory", "gain", "exact", "scaling", "analysis")
 
 # Workload sizes. Full: sized for ~10 minutes on 2 unloaded CPU cores; quick: a smoke test.
 _FULL = {
@@ -45,9 +52,12 @@ _FULL = {
     "gain": dict(batch=4, seq_len=128, reps=5, naive_heads=((0, 0), (29, 8))),
     "exact": dict(batch=2, seq_len=128, reps=3, head=(15, 0), n_alphas=(5, 9)),
     "scaling": dict(
-        seq_lens=(128, 256, 512, 1024, 2048, 4096), seq_batch=1, seq_reps=(4, 3, 2, 2, 1, 1),
+        seq_lens=(128, 512, 1024, 2048, 4096), seq_batch=1, seq_reps=(3, 2, 2, 1, 1),
         batch_sizes=(1, 4, 8), batch_seq_len=128, batch_reps=(3, 2, 2),
     ),
+    # The observational run's defaults: 256 sequences × 128 tokens, shards of 32, batches of 8.
+    "analysis": dict(n_sequences=256, seq_len=128, shard_size=32, batch=8, multiple=4,
+                     n_boot=1000, reps=3),
 }
 _QUICK = {
     "overhead": dict(batch=2, seq_len=64, reps=3),
@@ -58,7 +68,12 @@ _QUICK = {
         seq_lens=(64, 256), seq_batch=1, seq_reps=(2, 2),
         batch_sizes=(1, 4), batch_seq_len=64, batch_reps=(2, 2),
     ),
+    "analysis": dict(n_sequences=32, seq_len=32, shard_size=8, batch=8, multiple=4,
+                     n_boot=100, reps=2),
 }
+# Issue-12 targets (benchmarks, not tests).
+LIMITS = {"overhead": 1.10, "long": 1.5, "long_seq_len": 2048, "memory": 1.2, "gain": 1.5,
+          "analysis_s": 5.0, "analysis_memory": 1.05}
 # Exact-mode grids leave out α = 1 (intervention_effects reuses the unscaled pass there), so that
 # "n α values" means n scaled rows per sequence.
 _EXACT_GRIDS = {
@@ -321,7 +336,8 @@ def section_overhead(b: Bench, cfg: dict) -> dict:
         "ratios": ratios,
         "top90_share_of_overhead": share(times.wall),
         "top90_share_of_overhead_cpu": share(times.cpu),
-        "targets": [_time_target("capture ÷ hook-free bridge forward", ratios["capture_vs_bridge"], 1.15)],
+        "targets": [_time_target("capture ÷ hook-free bridge forward", ratios["capture_vs_bridge"],
+                                 LIMITS["overhead"])],
     }
 
 
@@ -379,8 +395,9 @@ def section_memory(b: Bench | None, cfg: dict, device: torch.device, quick: bool
         "corpus_growth": growth,
         "ratios": ratios,
         "targets": [
-            _target("peak memory: capture ÷ hook-free bridge forward", ratios["capture_vs_bridge"], 1.2),
-            _target("peak memory: capture ÷ bare HF forward", ratios["capture_vs_hf"], 1.2),
+            _target("peak memory: capture ÷ hook-free bridge forward", ratios["capture_vs_bridge"],
+                    LIMITS["memory"]),
+            _target("peak memory: capture ÷ bare HF forward", ratios["capture_vs_hf"], LIMITS["memory"]),
             _target(f"peak memory: collect over {cfg['corpus_multiples'][-1]}× ÷ 1× the sequences (flat)",
                     ratios["collect_largest_vs_smallest"], 1.05,
                     note="flat = within 5%"),
@@ -468,8 +485,10 @@ def section_gain(b: Bench, cfg: dict) -> dict:
                                    / ratios["fast_vs_bridge"]["value"],
         },
         "targets": [
-            _time_target("fast path (all heads × 21 α) ÷ one hook-free bridge forward", ratios["fast_vs_bridge"], 2.0),
-            _time_target("fast path (all heads × 21 α) ÷ one bare HF forward", ratios["fast_vs_hf"], 2.0),
+            _time_target("fast path (all heads × 21 α) ÷ one hook-free bridge forward", ratios["fast_vs_bridge"],
+                         LIMITS["gain"]),
+            _time_target("fast path (all heads × 21 α) ÷ one bare HF forward", ratios["fast_vs_hf"],
+                         LIMITS["gain"]),
         ],
     }
 
@@ -521,8 +540,64 @@ def section_scaling(b: Bench, cfg: dict) -> dict:
         t = interleave({"bridge_forward": b.bridge_forward(x), "capture": b.capture(x)}, reps,
                        b.device, warmup=batch == cfg["batch_sizes"][0], label=f"batch {batch}")
         rows.append(_scaling_row("batch", batch, cfg["batch_seq_len"], t))
+    targets = [_time_target(f"capture ÷ hook-free bridge forward at {d['seq_len']} tokens (batch 1)",
+                            d["capture_vs_bridge"], LIMITS["long"])
+               for d in rows if d["axis"] == "seq_len" and d["seq_len"] == LIMITS["long_seq_len"]]
     return {"workload": {k: v for k, v in cfg.items()}, "command": _cmd("scaling", b.quick),
-            "rows": rows, "targets": []}
+            "rows": rows, "targets": targets}
+
+
+def section_analysis(cfg: dict, quick: bool) -> dict:
+    from bench import analysis as A
+
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory(prefix="spectra-bench-analysis-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        docs = A.default_documents(cfg["n_sequences"], cfg["seq_len"])
+        m = cfg["multiple"]
+        sets = {"1x": docs, f"{m}x_tokens": A.scaled_documents(docs, m, "tokens"),
+                f"{m}x_documents": A.scaled_documents(docs, m, "documents")}
+        geometry = dict(seq_len=cfg["seq_len"], shard_size=cfg["shard_size"], batch=cfg["batch"])
+        for name, d in sets.items():
+            A.write_moments(root / name, d, **geometry)
+        A.write_moments(root / "warmup", np.unique(docs)[: 2 * cfg["batch"]], **geometry)  # >= 4 documents
+        prepare_s = time.perf_counter() - t0
+        paths = sorted((root / "1x" / "moments").glob("shard_*.npz"))
+        infos: list[dict] = []
+        times = interleave({"analysis": lambda: infos.append(A.analyze(paths, n_boot=cfg["n_boot"]))},
+                           cfg["reps"], cpu, label="analysis")
+        infos = infos[1:]  # the warm-up call
+        head_statistics_s = A.head_statistics_seconds(paths, n_boot=cfg["n_boot"])
+        memory = {name: _memory_child({"kind": "analysis", "n_boot": cfg["n_boot"],
+                                       "moments_dir": str(root / name / "moments"),
+                                       "warmup_dir": str(root / "warmup" / "moments")})
+                  for name in sets}
+    one = memory["1x"]
+    ratios = {name: memory[name]["peak_bytes"] / one["peak_bytes"] for name in sets}
+    over = {name: memory[name]["peak_over_baseline_bytes"] / max(1, one["peak_over_baseline_bytes"])
+            for name in sets}
+    summary = _summary(times, "analysis")
+    breakdown = {k: statistics.median(i[k] for i in infos) for k in ("read_s", "analyze_s")}
+    breakdown["head_statistics_alone_s"] = head_statistics_s
+    return {
+        "workload": {**cfg, "n_documents": infos[0]["n_documents"], "n_heads": infos[0]["n_heads"],
+                     "n_variables": infos[0]["n_variables"], "n_shards": infos[0]["n_shards"],
+                     "tokens_per_head": infos[0]["tokens_per_head"], "prepare_s": round(prepare_s, 1)},
+        "command": _cmd("analysis", quick),
+        "variants": {"analysis": summary},
+        "breakdown_s": breakdown,
+        "memory": memory,
+        "peak_ratio": ratios,
+        "working_memory_ratio": over,
+        "targets": [
+            _target("analysis of the default run: read moments + statistics, seconds",
+                    summary["median_s"], LIMITS["analysis_s"], cpu_value=summary["cpu_median_s"],
+                    note="CPU-time column: CPU seconds"),
+            _target(f"peak memory: analysis of {m}× the tokens (same documents) ÷ 1×",
+                    ratios[f"{m}x_tokens"], LIMITS["analysis_memory"], note="flat = within 5%"),
+        ],
+    }
 
 
 def _scaling_row(axis: str, batch: int, seq_len: int, t: Times) -> dict:
@@ -555,6 +630,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice, all cores)")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--merge", action="store_true",
+                   help="with --only: replace those sections in bench/results.json (or --out) and "
+                        "re-render BENCHMARKS.md (or --markdown); the other sections are kept")
     return p
 
 
@@ -568,8 +646,12 @@ def main(argv: list[str] | None = None) -> int:
     from spectra_lens.models import resolve_device
 
     full = not args.quick and not args.only
-    out = Path(args.out) if args.out else ROOT / ("bench/results.json" if full else "bench/results-quick.json")
-    md = Path(args.markdown) if args.markdown else (ROOT / "BENCHMARKS.md" if full else None)
+    if args.merge and (not args.only or args.quick):
+        print("error: --merge needs --only SECTION ... and no --quick", file=sys.stderr)
+        return 2
+    main_files = full or args.merge
+    out = Path(args.out) if args.out else ROOT / ("bench/results.json" if main_files else "bench/results-quick.json")
+    md = Path(args.markdown) if args.markdown else (ROOT / "BENCHMARKS.md" if main_files else None)
     sizes = _QUICK if args.quick else _FULL
     sections = args.only or list(SECTIONS)
     device = resolve_device(args.device)
@@ -583,11 +665,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     load_before = _loadavg()
+    previous = json.loads(out.read_text()) if args.merge and out.exists() else None
     results: dict = {
         "meta": {
             "command": "python -m bench.run" + (" --quick" if args.quick else "")
                        + (f" --only {' '.join(args.only)}" if args.only else "")
-                       + "".join(" " + f for f in _EXTRA_FLAGS),
+                       + "".join(" " + f for f in _EXTRA_FLAGS) + (" --merge" if args.merge else ""),
             "quick": args.quick,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": "SmolLM2-135M-Instruct (embedded default, float32)",
@@ -601,30 +684,48 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and load_before and load_before[0] > 0.5 * cores and args.threads is None:
         log.warning("the CPU is loaded (load average %.1f on %d cores): wall times will be noisy and "
                     "inflated; `--threads 1` is far steadier under load", load_before[0], cores)
+    if previous is not None:  # --merge: the earlier run's sections and machine, this run's on top
+        this_run = results["meta"]
+        results = previous
+        results.setdefault("meta", {}).setdefault("updates", []).append(
+            {k: this_run[k] for k in ("command", "started", "loadavg_before")} | {"sections": sections})
     b = None
-    if any(s != "memory" for s in sections):
+    if any(s not in ("memory", "analysis") for s in sections):
         b = Bench(device, args.quick)
         results["meta"]["model_load_s"] = round(b.load_s, 1)
         results["meta"]["model_shape"] = {"n_layers": b.layout.n_layers, "n_heads": b.layout.n_heads,
                                           "n_kv_heads": b.layout.n_kv_heads, "d_head": b.layout.d_head}
+    command = "python -m bench.run" + (" --quick" if args.quick else "") + \
+        (f" --only {' '.join(args.only)}" if args.only else "") + "".join(" " + f for f in _EXTRA_FLAGS) + \
+        (" --merge" if args.merge else "")
     for s in sections:
         t0 = time.time()
         log.info("section %s", s)
+        n_samples, section_load = len(_LOAD_SAMPLES), _loadavg()
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if s == "memory":
             res = section_memory(b, sizes[s], device, args.quick)
+        elif s == "analysis":
+            res = section_analysis(sizes[s], args.quick)
         else:
             res = globals()[f"section_{s}"](b, sizes[s])
         res["section_wall_s"] = round(time.time() - t0, 1)
+        res["run"] = {"command": command, "started": started, "loadavg_before": section_load,
+                      "loadavg_after": _loadavg(), "threads": torch.get_num_threads(),
+                      "loadavg_during": _load_summary(_LOAD_SAMPLES[n_samples:])}
         results["sections"][s] = res
-        _write(results, out, md, t_start)  # partial results survive an interruption
-    results["meta"]["loadavg_after"] = _loadavg()
-    if _LOAD_SAMPLES:
-        results["meta"]["loadavg_during"] = {
-            "min": min(_LOAD_SAMPLES), "median": statistics.median(_LOAD_SAMPLES),
-            "max": max(_LOAD_SAMPLES), "samples": len(_LOAD_SAMPLES),
-            "own_threads": torch.get_num_threads(),
-        }
-    _write(results, out, md, t_start)
+        if previous is None:
+            results["meta"]["wall_s"] = round(time.time() - t_start, 1)
+        _write(results, out, md)  # partial results survive an interruption
+    if previous is None:
+        results["meta"]["loadavg_after"] = _loadavg()
+        if _LOAD_SAMPLES:
+            results["meta"]["loadavg_during"] = _load_summary(_LOAD_SAMPLES)
+        results["meta"]["wall_s"] = round(time.time() - t_start, 1)
+    else:
+        results["meta"]["updates"][-1]["loadavg_after"] = _loadavg()
+        results["meta"]["updates"][-1]["wall_s"] = round(time.time() - t_start, 1)
+    _write(results, out, md)
     for t in [t for r in results["sections"].values() for t in r["targets"]]:
         print(f"{'met   ' if t['met'] else 'MISSED'} {t['name']}: {t['value']:.3f} (target ≤ {t['limit']})")
     print(f"wrote {out}" + (f" and {md}" if md else "") + f" in {time.time() - t_start:.0f} s; "
@@ -632,10 +733,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write(results: dict, out: Path, md: Path | None, t_start: float) -> None:
+def _load_summary(samples: list[float]) -> dict | None:
+    if not samples:
+        return None
+    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples),
+            "samples": len(samples), "own_threads": torch.get_num_threads()}
+
+
+def _write(results: dict, out: Path, md: Path | None) -> None:
     from bench.report import render
 
-    results["meta"]["wall_s"] = round(time.time() - t_start, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
