@@ -640,6 +640,8 @@ def sink_excluded_metrics(
     q_norm: Float[Tensor, "*batch query_pos"],
     *,
     top_mass: float | None = 0.9,
+    block_elements: int | None = None,
+    backend: str | None = None,
 ) -> dict[str, Float[Tensor, "*batch query_pos"]]:
     """The metrics of the pattern without the first key, and the direction spread of the logits.
 
@@ -648,7 +650,56 @@ def sink_excluded_metrics(
     `k_eff_top_mass` of `without_first_key` (NaN at query position 0, which sees only the first
     key; k_eff_top90_nosink NaN throughout when `top_mass` is None); `dir_spread` is
     `direction_spread`. Without `scores` the visible keys are p > 0 and the logits log p.
+
+    Computed like `row_metrics`: in query blocks over the visible keys only, `without_first_key`
+    of each block and `row_metrics` of that (one block at a time, so the temporaries are the
+    size of a block); equal to the single-metric functions on the whole tensor up to rounding
+    (`_sink_excluded_metrics_whole` is that reference; tested).
     """
+    lead, (n_q, n_k) = pattern.shape[:-2], pattern.shape[-2:]
+    p3 = pattern.reshape(-1, n_q, n_k)
+    s3 = None if scores is None else scores.reshape(-1, n_q, n_k)
+    qn = q_norm.reshape(-1, n_q)
+    device = pattern.device
+    if block_elements is None:
+        block_elements = CPU_BLOCK_ELEMENTS if device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
+    n_b = p3.shape[0]
+    rows_per = max(1, block_elements // max(1, n_b * n_k))
+    names = ("entropy", "max_attn", "k_eff_pr", "k_eff_top90", "dir_spread")
+    out = {n: torch.empty(n_b, n_q, dtype=torch.float32, device=device) for n in names}
+    with torch.no_grad():
+        for q0 in range(0, n_q, rows_per):
+            q1 = min(n_q, q0 + rows_per)
+            ext = _key_extent(s3, p3, q0, q1)
+            pb = p3[:, q0:q1, :ext]
+            if s3 is None:
+                visible = pb > 0
+                sb = logits_from_pattern(pb)
+            else:
+                sb = s3[:, q0:q1, :ext]
+                visible = visible_from_scores(sb)
+            rest = without_first_key(sb, visible)
+            with np.errstate(divide="ignore", invalid="ignore"):  # all-zero rows: NaN below
+                got = row_metrics(rest.nan_to_num(0.0), top_mass=top_mass,
+                                  block_elements=max(1, rest.numel()), backend=backend)
+            undefined = ~(visible.sum(-1) > 1)  # nothing visible after the first key: NaN
+            for n in ("entropy", "max_attn", "k_eff_pr", "k_eff_top90"):
+                out[n][:, q0:q1] = got[n].masked_fill(undefined, torch.nan)
+            out["dir_spread"][:, q0:q1] = direction_spread(sb, visible, qn[:, q0:q1])
+    h = out["entropy"]
+    res = {
+        "entropy_nosink": h,
+        "max_attn_nosink": out["max_attn"],
+        "k_eff_exp_nosink": torch.exp(h),
+        "k_eff_pr_nosink": out["k_eff_pr"],
+        "k_eff_top90_nosink": out["k_eff_top90"] if top_mass is not None else torch.full_like(h, torch.nan),
+        "dir_spread": out["dir_spread"],
+    }
+    return {n: v.reshape(*lead, n_q) for n, v in res.items()}
+
+
+def _sink_excluded_metrics_whole(pattern, scores, q_norm, *, top_mass=0.9):
+    """`sink_excluded_metrics` by the single-metric functions on the whole tensor (the reference)."""
     if scores is None:
         visible = pattern > 0
         scores = logits_from_pattern(pattern)
