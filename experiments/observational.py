@@ -54,7 +54,7 @@ from spectra_lens.validate import check_context
 from . import _common as C
 
 __all__ = ["ObservationalResult", "analyze", "collect", "command", "finite_difference_gain",
-           "main", "read_moments", "run"]
+           "main", "merge", "read_moments", "run"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "observational"
@@ -430,6 +430,9 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
     # prepares the shards, each rank captures its share, rank 0 merges (spectra_lens.distributed).
     group = Group.from_env(device=cfg.device)
     try:
+        if group.detached:  # one share of the shards, into its own run directory; no tables
+            _run_share(cfg, group, model, source, model_name, inputs, progress=progress)
+            return None
         if not group.is_main:
             _capture_share(cfg, group, model, source, progress=progress)
             return None
@@ -500,39 +503,127 @@ def _run_main(cfg, group: Group, model, source, model_name: str, inputs, *, prog
         if missing:
             raise SpectraError(f"shards not captured: {', '.join(missing)}; rerun the same command "
                                f"to redo them")
-        fd = None
-        if cfg.fd_sequences:
-            t0 = time.time()
-            fd = finite_difference_gain(model, manifest, n_sequences=cfg.fd_sequences,
-                                        step=_FD_STEP, min_position=cfg.min_position)
-            rd.timed("finite_difference_s", time.time() - t0)
-        t0 = time.time()
-        moments = read_moments(paths)
-        tables = analyze(moments, cfg, finite_difference=fd)
-        written = dict(tables)
-        if cfg.records:
-            records = read_records(record_paths)
-            written["strongest_heads_sample"] = strongest_heads_sample(
-                records, tables["head_summary"], top_heads=cfg.top_heads,
-                min_position=cfg.min_position, seed=cfg.seed)
-            del records
-        rd.timed("statistics_s", time.time() - t0)
-        t0 = time.time()
-        C.write_outputs(rd, written, figures(written), images=cfg.images)
-        rd.timed("figures_s", time.time() - t0)
         layout = attention_layout(model)
-        rd.finish(
-            model=C.model_info(model_name, layout, model),
-            corpus=manifest.corpus, n_sequences=manifest.n_sequences, seq_len=manifest.seq_len,
-            n_documents=moments.n_documents,
-            max_document_share=float(np.bincount(_documents(manifest)).max()
-                                     / manifest.n_sequences),
-            n_tokens_per_head=int(moments.n.sum() / max(1, len(moments.layers))),
-            test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.cluster_wald)",
-            verdict_rule=stats.VERDICT_RULE,
-            verdicts=tables["agreement"]["verdict"].value_counts().to_dict(),
-            resumed=resuming, seed=cfg.seed,
-        )
+        tables = _tables(cfg, rd, manifest, paths, record_paths, model,
+                         model_info=C.model_info(model_name, layout, model), resumed=resuming)
+    return ObservationalResult(out=rd.path, **tables)
+
+
+def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[Path],
+            record_paths: list[Path], model, *, model_info: dict, **info) -> dict[str, pd.DataFrame]:
+    """After capture: the finite-difference gain (needs `model`), the tables from the moment
+    files `paths`, the records' sample, the figures, and the finished manifest."""
+    fd = None
+    if cfg.fd_sequences:
+        t0 = time.time()
+        fd = finite_difference_gain(model, manifest, n_sequences=cfg.fd_sequences,
+                                    step=_FD_STEP, min_position=cfg.min_position)
+        rd.timed("finite_difference_s", time.time() - t0)
+    t0 = time.time()
+    moments = read_moments(paths)
+    tables = analyze(moments, cfg, finite_difference=fd)
+    written = dict(tables)
+    if cfg.records:
+        records = read_records(record_paths)
+        written["strongest_heads_sample"] = strongest_heads_sample(
+            records, tables["head_summary"], top_heads=cfg.top_heads,
+            min_position=cfg.min_position, seed=cfg.seed)
+        del records
+    rd.timed("statistics_s", time.time() - t0)
+    t0 = time.time()
+    C.write_outputs(rd, written, figures(written), images=cfg.images)
+    rd.timed("figures_s", time.time() - t0)
+    rd.finish(
+        model=model_info,
+        corpus=manifest.corpus, n_sequences=manifest.n_sequences, seq_len=manifest.seq_len,
+        n_documents=moments.n_documents,
+        max_document_share=float(np.bincount(_documents(manifest)).max()
+                                 / manifest.n_sequences),
+        n_tokens_per_head=int(moments.n.sum() / max(1, len(moments.layers))),
+        test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.cluster_wald)",
+        verdict_rule=stats.VERDICT_RULE,
+        verdicts=tables["agreement"]["verdict"].value_counts().to_dict(),
+        seed=cfg.seed, **info,
+    )
+    return tables
+
+
+def _run_share(cfg: ObservationalConfig, group: Group, model, source, model_name: str, inputs, *,
+               progress: bool) -> None:
+    """A detached share (SPECTRA_SHARD_RANK / SPECTRA_SHARD_WORLD): capture shards rank, rank +
+    world, ... of prepared shards into the run directory `cfg.out`; `merge` makes the tables."""
+    if not isinstance(source, ShardManifest):
+        raise SpectraError(
+            "a share of the shards (SPECTRA_SHARD_RANK/SPECTRA_SHARD_WORLD) needs prepared shards, "
+            "so that every share reads the same sequences and document ids: run `spectra-lens "
+            "prepare` once and pass its directory as --corpus")
+    with C.run_directory(cfg, EXPERIMENT, inputs=inputs) as rd:
+        t0 = time.time()
+        model = _load(cfg, group, model, progress=progress)
+        rd.timed("load_model_s", time.time() - t0)
+        check_context(model, source.seq_len)
+        resuming = rd.start(cfg, overwrite=cfg.overwrite)
+        mine = group.shards(len(source.shards))
+        for i in mine:  # listed before they exist, so that --overwrite removes them
+            rd.output(f"moments/shard_{i:05d}.npz")
+            if cfg.records:
+                rd.output(f"records/shard_{i:05d}.parquet")
+        _collect(cfg, group, model, source, rd, progress=progress)
+        layout = attention_layout(model)
+        rd.finish(model=C.model_info(model_name, layout, model), shards_dir=str(source.directory),
+                  share={"rank": group.rank, "world": group.world, "shards": mine,
+                         "n_shards": len(source.shards)},
+                  resumed=resuming)
+
+
+def merge(cfg, *, progress: bool = True) -> ObservationalResult:
+    """The tables of a run captured in shares (`config.MergeConfig`): every share's run directory
+    must hold a finished share of the same configuration over the same prepared shards, and
+    together they must cover every shard (a shard in several shares is read once)."""
+    cfg.validate()
+    parts = []
+    for d in cfg.run_dir:
+        m = RunDir(d, EXPERIMENT).read_manifest()
+        if m is None or m.get("experiment") != EXPERIMENT:
+            raise SpectraError(f"{d} is not an observational run directory (no manifest.json of "
+                               "experiment 'observational')")
+        if m.get("status") != "complete" or "share" not in m:
+            raise SpectraError(f"{d} holds no finished share (status {m.get('status')!r}); rerun "
+                               "that share's command to finish it")
+        parts.append((Path(d), m))
+    ignore = {"out", "device", "overwrite", "images", "device_map", "dtype"}
+    first_cfg = {k: v for k, v in parts[0][1]["config"].items() if k not in ignore}
+    for d, m in parts[1:]:
+        other = {k: v for k, v in m["config"].items() if k not in ignore}
+        if other != first_cfg:
+            diff = sorted(k for k in set(first_cfg) | set(other) if first_cfg.get(k) != other.get(k))
+            raise SpectraError(f"{d} was run with a different configuration than {parts[0][0]} "
+                               f"({', '.join(diff)}); shares of one run share every setting")
+    names = {f.name for f in dataclasses.fields(ObservationalConfig)}
+    base = {k: v for k, v in parts[0][1]["config"].items() if k in names}
+    run_cfg = dataclasses.replace(ObservationalConfig(**base), out=cfg.out, overwrite=cfg.overwrite,
+                                  images=cfg.images)
+    manifest = read_manifest(Path(parts[0][1]["shards_dir"]))
+    n = len(manifest.shards)
+    paths, record_paths, missing = [], [], []
+    for i in range(n):
+        got = [d for d, m in parts if i in m["share"]["shards"]
+               and (d / f"moments/shard_{i:05d}.npz").exists()]
+        if not got:
+            missing.append(i)
+            continue
+        paths.append(got[0] / f"moments/shard_{i:05d}.npz")
+        record_paths.append(got[0] / f"records/shard_{i:05d}.parquet")
+    if missing:
+        raise SpectraError(f"shards {missing} of {n} are in none of the shares given; run the "
+                           "shares that hold them (or pass their run directories)")
+    inputs = [manifest.directory, *(d for d, _ in parts)]
+    with C.run_directory(run_cfg, EXPERIMENT, inputs=inputs) as rd:
+        resuming = rd.start(run_cfg, overwrite=run_cfg.overwrite)
+        model = _load(run_cfg, Group(), None, progress=progress) if run_cfg.fd_sequences else None
+        tables = _tables(run_cfg, rd, manifest, paths, record_paths if run_cfg.records else [],
+                         model, model_info=parts[0][1].get("model", {}), resumed=resuming,
+                         merged_from=[str(d) for d, _ in parts])
     return ObservationalResult(out=rd.path, **tables)
 
 

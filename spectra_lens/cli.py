@@ -54,6 +54,8 @@ COMMANDS: dict[str, Command] = {
                           "label every head: sink, previous-token, induction, ..."),
     "head": Command("HeadPageConfig", "spectra_lens.experiments.head_page",
                     "one HTML page for one head (e.g. L15H8)"),
+    "merge": Command("MergeConfig", "spectra_lens.experiments.merge",
+                     "EXP0 tables from the shares of a run (SLURM array, several machines)"),
 }
 
 PROG = "spectra-lens"
@@ -141,7 +143,9 @@ def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, hint, default) 
     kind, optional = _unwrap(hint)
     kw: dict = {"dest": name}
     if f.metadata.get("positional"):
-        p.add_argument(name, help=_escape(text), metavar=f.metadata.get("metavar", name.upper()))
+        many = typing.get_origin(kind) is tuple  # one or more values
+        p.add_argument(name, help=_escape(text), metavar=f.metadata.get("metavar", name.upper()),
+                       **({"nargs": "+"} if many else {}))
         return
     flag = "--" + name.replace("_", "-")
     if kind is bool:

@@ -525,3 +525,26 @@ class StudyConfig:
     def cells(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(models, corpora), the defaults where none were named."""
         return self.models or self.DEFAULT_MODELS, self.corpora or self.DEFAULT_CORPORA
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """Merge the shares of one observational run (jobs started with SPECTRA_SHARD_RANK=i
+    SPECTRA_SHARD_WORLD=N, e.g. a SLURM array, each into its own run directory over the same
+    prepared shards): read every share's per-document moments and write the run's tables and
+    figures once, as a single run of the same configuration would."""
+
+    run_dir: tuple[str, ...] = field(metadata={"positional": True,
+                                               "help": "run directories of the shares (all of them)"})
+    out: str = field(default="results/observational",
+                     metadata={"help": "run directory of the merged run: manifest, tables, figures"})
+    overwrite: bool = False  # replace a finished run in `out` instead of refusing
+    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
+
+    def validate(self) -> None:
+        if not self.run_dir or any(not r for r in self.run_dir):
+            raise SpectraError(f"merge needs the run directories of the shares; got {list(self.run_dir)}")
+        _check_images(self.images)
+
+
+__all__ += ["MergeConfig"]

@@ -14,8 +14,11 @@ after every rank is done (a second barrier). Without torchrun (no WORLD_SIZE, or
 initialised and the group is one process: the same code path.
 
 Across machines: `torchrun --nnodes N --node-rank i --rdzv-endpoint HOST:PORT ...` on each node
-with the run directory on a shared file system; or, without a rendezvous, one job per shard
-subset (e.g. a SLURM array, `--shard-rank i --shard-world N`) followed by one merging run.
+with the run directory on a shared file system; or, without a rendezvous, one job per share of
+the shards (e.g. a SLURM array task) with `SPECTRA_SHARD_RANK=i SPECTRA_SHARD_WORLD=N` in its
+environment: such a job is "detached" (no process group, no barriers), captures shards i, i + N,
+... of prepared shards into its own run directory and analyses nothing; `spectra-lens merge
+RUN_DIR ...` then reads every share's moments and computes the tables once.
 """
 
 import datetime
@@ -26,7 +29,9 @@ import torch
 
 from spectra_lens.errors import SpectraError
 
-__all__ = ["Group", "shard_indices"]
+__all__ = ["Group", "SHARD_RANK", "SHARD_WORLD", "shard_indices"]
+
+SHARD_RANK, SHARD_WORLD = "SPECTRA_SHARD_RANK", "SPECTRA_SHARD_WORLD"  # detached shares
 
 
 def shard_indices(n_shards: int, rank: int, world: int) -> list[int]:
@@ -38,13 +43,15 @@ def shard_indices(n_shards: int, rank: int, world: int) -> list[int]:
 
 @dataclass
 class Group:
-    """One process's place in a run: rank, world size, local rank, and whether torch.distributed
-    was initialised by us (so `close` tears it down)."""
+    """One process's place in a run: rank, world size, local rank, whether torch.distributed
+    was initialised by us (so `close` tears it down), and whether it is a detached share
+    (`SPECTRA_SHARD_RANK` / `SPECTRA_SHARD_WORLD`: its shards only, no process group)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     initialised: bool = False
+    detached: bool = False
 
     @classmethod
     def from_env(cls, *, device: str | None = None, timeout_s: float = 3600.0) -> "Group":
@@ -55,6 +62,19 @@ class Group:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        share = os.environ.get(SHARD_WORLD)
+        if share is not None:
+            if world > 1:
+                raise SpectraError(f"{SHARD_WORLD} (a detached share) and torchrun (WORLD_SIZE="
+                                   f"{world}) exclude each other; use one of them")
+            try:
+                share_world, share_rank = int(share), int(os.environ.get(SHARD_RANK, ""))
+            except ValueError:
+                raise SpectraError(f"{SHARD_RANK} and {SHARD_WORLD} must be integers; got "
+                                   f"{os.environ.get(SHARD_RANK)!r} and {share!r}") from None
+            shard_indices(0, share_rank, share_world)  # checks 0 <= rank < world
+            if share_world > 1:
+                return cls(rank=share_rank, world=share_world, detached=True)
         if world <= 1:
             return cls()
         import torch.distributed as dist
@@ -74,7 +94,8 @@ class Group:
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        """Several processes in one torch.distributed group (not detached shares)."""
+        return self.world > 1 and not self.detached
 
     def device(self, requested: str | None) -> str | None:
         """The device of this rank: `cuda:LOCAL_RANK` when several ranks share CUDA devices."""

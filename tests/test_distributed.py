@@ -185,3 +185,48 @@ def test_a_killed_rank_is_redone_on_resume_with_one_process(model_dir, corpus, s
     # The same command with one process finishes the run: rank 1's shards are redone.
     _run(_torchrun(1, _args(model_dir, corpus, out)))
     _assert_same_tables(single, out)
+
+
+def test_detached_shares_merged_give_the_tables_of_one_process(model_dir, corpus, single, tmp_path,
+                                                               monkeypatch):
+    """A SLURM array without a rendezvous: each task captures its share of prepared shards into
+    its own run directory (SPECTRA_SHARD_RANK/WORLD), `spectra-lens merge` makes the tables."""
+    shards = tmp_path / "shards"
+    _run([sys.executable, "-m", "spectra_lens.cli", "prepare", "--model", str(model_dir),
+          "--corpus", corpus, "--out", str(shards), "--seq-len", "24", "--n-sequences", "16",
+          "--shard-size", "2"])
+    parts = [tmp_path / f"part_{i}" for i in range(3)]
+    for i, part in enumerate(parts):
+        args = _args(model_dir, str(shards), part)
+        proc = subprocess.run([sys.executable, "-m", "spectra_lens.cli", *args], capture_output=True,
+                              text=True, timeout=600,
+                              env=_env() | {"SPECTRA_SHARD_RANK": str(i), "SPECTRA_SHARD_WORLD": "3"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not (part / "head_summary.csv").exists()  # a share makes no tables
+        assert sorted(p.name for p in (part / "moments").iterdir()) == \
+            [f"shard_{j:05d}.npz" for j in range(i, 8, 3)]
+    from spectra_lens import cli
+
+    monkeypatch.setenv("SPECTRA_NO_IMAGES", "1")
+    # two of the three shares leave shards 2 and 5 out: refused, naming them
+    assert cli.main(["merge", *map(str, parts[:2]), "--out", str(tmp_path / "bad")]) == 2
+    out = tmp_path / "merged"
+    assert cli.main(["merge", *map(str, parts), "--out", str(out), "--no-progress"]) == 0
+    _assert_same_tables(single, out)
+
+
+def test_shard_share_environment(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SPECTRA_SHARD_RANK", "1")
+    monkeypatch.setenv("SPECTRA_SHARD_WORLD", "3")
+    g = Group.from_env()
+    assert (g.rank, g.world, g.detached, g.distributed) == (1, 3, True, False)
+    assert g.shards(8) == [1, 4, 7]
+    g.barrier()  # no process group: a no-op
+    monkeypatch.setenv("SPECTRA_SHARD_RANK", "3")
+    with pytest.raises(SpectraError, match="rank must be in"):
+        Group.from_env()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SpectraError, match="exclude each other"):
+        Group.from_env()
