@@ -35,12 +35,11 @@ clean:
 # pyproject.toml [tool.mutmut]; docs/MUTANTS.md lists the survivors and why each is
 # equivalent. `make mutants MUTANT_FUNCTIONS='spectra_lens.stats.*'` widens or narrows it.
 MUTANT_FUNCTIONS ?= \
-	'spectra_lens.metrics.x_entropy__*' 'spectra_lens.metrics.x_k_eff_top_mass__*' \
-	'spectra_lens.metrics.x_local_gain_under__*' 'spectra_lens.metrics.x_sorted_row_metrics__*' \
-	'spectra_lens.metrics.x_alpha_metrics__*' 'spectra_lens.metrics.x_pattern_metrics__*' \
-	'spectra_lens.sweep.x__output_effects__*' 'spectra_lens.hooks.*QueryScale*hooks__*' \
-	'spectra_lens.stats.x_verdict__*' 'spectra_lens.stats.x_fold_consistency__*' \
-	'spectra_lens.stats.x_document_replication__*'
+	'spectra_lens.stats.x_verdict__*' 'spectra_lens.stats.x_agreement__*' \
+	'spectra_lens.stats.x_fold_consistency__*' 'spectra_lens.stats.x_document_replication__*' \
+	'spectra_lens.sweep.x__output_effects__*' 'spectra_lens.sweep.x__next_token_nll__*' \
+	'spectra_lens.sweep.x__masked_mean__*' 'spectra_lens.hooks.*QueryScale*hooks__*' \
+	'spectra_lens.metrics.x__top_count_sorted__*'
 
 mutants: setup
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[mutation]"

@@ -11,6 +11,7 @@ linear and rotary embeddings are rotations applied after it, so scaling the proj
 every family in `WEIGHT_EDIT_FAMILIES` (none of them has a norm after the projection).
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -132,6 +133,36 @@ def _scale_projection(hf, family, layer, head, alpha, *, part):
             lin.bias[head * d:(head + 1) * d] *= alpha
     else:
         raise ValueError(f"no weight edit for family {family!r}")
+
+
+@contextlib.contextmanager
+def query_scaled_at(hf, family: str, layer: int, head: int, alpha, positions):
+    """Within the block: the query projection output of (layer, head) multiplied by α at the
+    query `positions` only (α a float, or one value per batch row), with a plain torch forward
+    hook on the HF module. Rotary acts per position after the projection, so this scales the
+    effective query of those positions."""
+    config, d = hf.config, _head_dim(hf.config)
+    if family == "gpt2":
+        module = hf.transformer.h[layer].attn.c_attn
+        cols = _qkv_rows(family, config, 0, head)
+    elif family == "llama_gqa":
+        module = hf.model.layers[layer].self_attn.q_proj
+        cols = list(range(head * d, (head + 1) * d))
+    else:
+        raise ValueError(f"no query hook for family {family!r}")
+
+    def scale(mod, args, out):
+        a = torch.as_tensor(alpha, dtype=out.dtype).reshape(-1, 1)  # [batch or 1, 1]
+        out = out.clone()
+        for t in positions:
+            out[:, t, cols] = out[:, t, cols] * a
+        return out
+
+    handle = module.register_forward_hook(scale)
+    try:
+        yield hf
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spectra_lens.errors import SpectraError
 from spectra_lens.stats import (
     VERDICT_RULE,
     VERDICTS,
@@ -525,3 +526,45 @@ def test_document_replication_p_is_one_sided_toward_the_discovery_sign():
     assert row["r_discovery"] > 0
     assert row["p_replication_doc_cr2_one_sided"] == pytest.approx(one_sided, rel=1e-9)
     assert _row(_replicate(spec, alpha=1.5 * one_sided), 0, 0)["replicated"]
+
+
+def test_document_replication_needs_four_documents_and_works_with_four():
+    moments = _doc_moments({(0, 0): _halves(0.7, 0.7)})
+    four = moments.select(documents=moments.documents[:4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = document_replication(four)
+        assert len(out) == 2 and set(out["layer"]) == {0, 9}
+        with pytest.raises(SpectraError, match="replication needs >= 4 documents; got 3"):
+            document_replication(moments.select(documents=moments.documents[:3]))
+
+
+def test_document_replication_defaults_to_seed_0_and_the_cr2_test():
+    spec = {(0, 0): _halves(0.7, 0.3), (0, 1): _halves(0.3, 0.3)}
+    moments = _doc_moments(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        default = document_replication(moments)
+        other_seed = document_replication(moments, seed=1)
+        cr1 = document_replication(moments, seed=0, test="cr1")
+    pd.testing.assert_frame_equal(default, _replicate(spec))
+    assert not np.allclose(default["r_discovery"], other_seed["r_discovery"])
+    halves = [moments.select(documents=h, heads=[0]) for h in HALVES]
+    w1 = [cluster_wald(h.augmented()[0], 0, 1, kind="cr1") for h in halves]
+    w2 = [cluster_wald(h.augmented()[0], 0, 1) for h in halves]
+    from scipy.stats import t as student_t
+
+    for frame, w, test in ((cr1, w1, "cr1"), (default, w2, "cr2")):
+        row = _row(frame, 0, 0)
+        want = student_t.sf(w[1]["beta"][0] / w[1]["se"][0], w[1]["df"][0])
+        assert row[f"p_replication_doc_{test}_one_sided"] == pytest.approx(want, rel=1e-9)
+    assert w1[1]["p"][0] != pytest.approx(w2[1]["p"][0], rel=1e-3), "the tests must differ"
+
+
+def test_document_q_equal_to_alpha_is_not_selected():
+    spec = {(0, h): _halves(r, 0.7) for h, r in enumerate((0.3, 0.0, 0.0))}
+    q = _row(_replicate(spec), 0, 0)["q_discovery_doc_cr2"]
+    assert q < 0.05 and _row(_replicate(spec), 0, 0)["selected"]
+    row = _row(_replicate(spec, alpha=q), 0, 0)
+    assert not row["selected"] and not row["replicated"]
+    assert _row(_replicate(spec, alpha=np.nextafter(q, 1)), 0, 0)["replicated"]

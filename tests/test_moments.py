@@ -108,6 +108,12 @@ VARS = ("log_q_norm", "log_position", "sink_mass", "entropy", "max_attn", "local
 
 
 def _reference(frame, y, controls, groups):
+    """(r, slope, p CR1, p CR2) from `_reference_fit`."""
+    f = _reference_fit(frame, y, controls, groups)
+    return f["r"], f["beta"], f["p1"], f["p3"]
+
+
+def _reference_fit(frame, y, controls, groups):
     """Per-token formulas: residual regression, explicit cluster sums, leave-one-out refits."""
     x = np.log(frame["q_norm"].to_numpy())
     yy = frame[y].to_numpy()
@@ -148,7 +154,8 @@ def _reference(frame, y, controls, groups):
     df = np.trace(gtg) ** 2 / np.trace(gtg @ gtg)
     p1 = 2 * sps.t.sf(abs(beta[1]) / np.sqrt(v1[1, 1]), G - 1)
     p3 = 2 * sps.t.sf(abs(beta[1]) / np.sqrt(v2[1, 1]), df)
-    return r, beta[1], p1, p3
+    return {"r": r, "beta": beta[1], "p1": p1, "p3": p3, "se1": np.sqrt(v1[1, 1]),
+            "se3": np.sqrt(v2[1, 1]), "df3": df, "G": G}
 
 
 def test_moments_path_equals_per_token_formulas_to_1e9():
@@ -169,6 +176,68 @@ def test_moments_path_equals_per_token_formulas_to_1e9():
                 assert out3[f"slope_logq_{y}{suffix}"][i] == pytest.approx(slope, abs=1e-9)
                 assert out1[f"p_doc_cr1_logq_{y}{suffix}"][i] == pytest.approx(p1, abs=1e-9)
                 assert out3[f"p_doc_cr2_logq_{y}{suffix}"][i] == pytest.approx(p3, abs=1e-9)
+
+
+def _mean_reference(values, groups, ci):
+    """Mean with the CR1 cluster interval: se = √(G/(G−1) Σ_g (Σ_{t∈g} (v_t − v̄))²) / N, t(G − 1)."""
+    ids = np.unique(groups)
+    G, N, mean = ids.size, len(values), values.mean()
+    sums = np.array([(values[groups == g] - mean).sum() for g in ids])
+    half = sps.t.ppf(0.5 + ci / 2, G - 1) * np.sqrt(G / (G - 1) * (sums**2).sum()) / N
+    return mean, mean - half, mean + half
+
+
+@pytest.mark.parametrize("test,ci,control", [("cr2", 0.95, "pos"), ("cr1", 0.9, ""),
+                                             ("cr2", 0.8, "pos_sink")])
+def test_agreement_columns_equal_per_token_formulas(test, ci, control):
+    """Every column of `agreement` per head from the tokens: the slope given the control with its
+    clustered t interval and p, the raw slope, the mean local gain with its CR1 interval, the ratio,
+    the temperature share, the verdict's inputs, and the finite-difference join."""
+    records = _records(np.random.default_rng(0))
+    m = stats.moments_from_records(records, VARS, min_position=1)
+    fd = pd.DataFrame({"layer": [0, 1, 0], "head": [1, 0, 5], "gain_fd": [-0.25, -0.5, -9.0],
+                       "gain_fd_ci_low": [-0.3, -0.6, -9.5], "obs_slope": [7.0, 7.0, 7.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        table = stats.agreement(m, control=control, test=test, ci=ci, finite_difference=fd)
+    kept = records[records["position"] >= 1]
+    controls = {"": (), "pos": ("log_position",), "pos_sink": ("log_position", "sink_mass")}[control]
+    groups = list(kept.groupby(["layer", "head"], sort=True))
+    assert len(table) == len(groups) == 4
+    for i, ((layer, head), frame) in enumerate(groups):
+        row = table.iloc[i]
+        docs = frame["document"].to_numpy()
+        assert (row["layer"], row["head"]) == (layer, head)
+        assert row["n_tokens"] == len(frame) and row["n_documents"] == np.unique(docs).size
+        f = _reference_fit(frame, "entropy", controls, docs)
+        se, df = (f["se3"], f["df3"]) if test == "cr2" else (f["se1"], f["G"] - 1)
+        half = sps.t.ppf(0.5 + ci / 2, df) * se
+        assert row["obs_slope"] == pytest.approx(f["beta"], abs=1e-9)
+        assert row["obs_slope_ci_low"] == pytest.approx(f["beta"] - half, abs=1e-9)
+        assert row["obs_slope_ci_high"] == pytest.approx(f["beta"] + half, abs=1e-9)
+        assert row[f"p_obs_slope_doc_{test}"] == pytest.approx(f["p3" if test == "cr2" else "p1"],
+                                                               abs=1e-9)
+        raw = _reference_fit(frame, "entropy", (), docs)
+        assert row["obs_slope_raw"] == pytest.approx(raw["beta"], abs=1e-9)
+        gain = frame["local_gain"].to_numpy()
+        mean, low, high = _mean_reference(gain, docs, ci)
+        assert [row["gain_analytic"], row["gain_ci_low"], row["gain_ci_high"]] == pytest.approx(
+            [mean, low, high], abs=1e-9)
+        assert row["ratio"] == pytest.approx(f["beta"] / mean, rel=1e-9)
+        log_q, ent = np.log(frame["q_norm"].to_numpy()), frame["entropy"].to_numpy()
+        assert row["temperature_share"] == pytest.approx(mean**2 * log_q.var() / ent.var(), rel=1e-9)
+        assert row["verdict"] == stats.verdict([row["obs_slope_ci_low"]], [row["obs_slope_ci_high"]],
+                                               [mean])[0]
+        joined = fd[(fd["layer"] == layer) & (fd["head"] == head)]
+        if len(joined):
+            assert row["gain_fd"] == joined["gain_fd"].iloc[0]
+            assert row["gain_fd_ci_low"] == joined["gain_fd_ci_low"].iloc[0]
+            assert row["ratio_fd"] == pytest.approx(f["beta"] / joined["gain_fd"].iloc[0], rel=1e-12)
+        else:
+            assert np.isnan(row["gain_fd"]) and np.isnan(row["ratio_fd"])
+    assert list(table.columns[-1:]) == ["verdict"] and "head" in table.columns
+    with pytest.raises(SpectraError, match="gain_fd"):
+        stats.agreement(m, finite_difference=fd.drop(columns="gain_fd"))
 
 
 def test_merging_shards_is_concatenation():

@@ -18,7 +18,8 @@ import pytest
 import reference as R
 import torch
 
-from spectra_lens.hooks import KeyScale, QueryScale
+from spectra_lens.errors import SpectraError
+from spectra_lens.hooks import KeyScale, QueryScale, attached
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.sweep import intervention_effects
 from spectra_lens.testing import tiny_hf_model
@@ -176,3 +177,28 @@ def test_key_scaling_effects_equal_plain_forward_passes(toks):
             for h in range(att[l].shape[1]):
                 np.testing.assert_allclose(got.scaled.entropy[i, :, l, h].numpy(),
                                            R.head_means(att[l][:, h])["entropy"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+def test_query_scale_at_chosen_positions_equals_a_plain_forward_pass(toks, family):
+    """QueryScale(positions=...) against a plain HF pass whose query projection output is scaled
+    at those positions only: the first and the last position included, α one float or one value
+    per batch row."""
+    layer, head, positions = 0, 1, (0, 5, toks.shape[1] - 1)
+    model = bridge_from_hf(_sensitive_hf(family))
+    base, _ = R.forward(_sensitive_hf(family), toks)
+    for alpha in (3.0, torch.tensor([0.5, 3.0, 8.0])):
+        with torch.no_grad(), attached(model, QueryScale(layer, head, alpha, positions=positions)):
+            got = model(toks).double().numpy()
+        hf = _sensitive_hf(family)
+        with R.query_scaled_at(hf, family, layer, head, alpha, positions):
+            want, _ = R.forward(hf, toks)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+        moved = np.abs(got - base.numpy()).max(-1)  # [batch, pos]
+        # Position 0 sees one key (its row is 1 at any α); positions 1–4 are not scaled.
+        assert moved[:, :5].max() < 1e-4 and moved[:, 5].min() > 1e-2
+    n = toks.shape[1]
+    for bad in ((n,), (-1,), (2, n)):
+        with pytest.raises(SpectraError, match=rf"positions must be in \[0, {n}\), got \[{', '.join(map(str, bad))}\]"):
+            with torch.no_grad(), attached(model, QueryScale(layer, head, 2.0, positions=bad)):
+                model(toks)

@@ -164,6 +164,40 @@ def test_top90_count_at_the_tolerance_boundary():
         assert float(pattern_metrics(p[None].expand(1, 1, 4).clone())["k_eff_top90"][0]) == want
 
 
+def test_top_mass_count_kernel_at_exact_ties_in_every_branch():
+    """The sorted-row count kernel behind k_eff_top90 (capture and sweep): the fewest leading
+    keys whose float64 sum reaches `lim`; a row that never does gets a count ≥ W, which the
+    callers read as every key (so the test clamps at W). Keys of 2⁻¹⁰
+    make every partial sum exact, so `lim` can equal a partial sum: inside the first keys summed
+    one by one, at a chunk's last key and inside a chunk after them, and never reached."""
+    from spectra_lens.metrics import _TOP_CHUNK, _TOP_PREFIX, _top_count_sorted
+
+    W = _TOP_PREFIX + 4 * _TOP_CHUNK
+    unit = 2.0**-10
+    want = {10: 10, _TOP_PREFIX: _TOP_PREFIX, _TOP_PREFIX + _TOP_CHUNK: _TOP_PREFIX + _TOP_CHUNK,
+            _TOP_PREFIX + 6: _TOP_PREFIX + 6, W: W, W + 3: W}  # lim / unit -> count
+    E = torch.full((len(want), W), unit, dtype=torch.float32)
+    lim = torch.tensor([k * unit for k in want], dtype=torch.float64)
+    assert _top_count_sorted(E, lim).clamp_max(W).tolist() == list(want.values())
+    # General rows against a plain loop (float64 sums of the float32 keys, sorted descending).
+    gen = torch.Generator().manual_seed(3)
+    for width in (_TOP_CHUNK, _TOP_PREFIX, W):
+        E = torch.rand(40, width, generator=gen).pow(8).sort(-1, descending=True).values
+        E = E / E.sum(-1, keepdim=True) * torch.linspace(0.85, 1.0, 40)[:, None]
+        lim = torch.full((40,), 0.9 - 1e-6, dtype=torch.float64)
+        ref = []
+        for row in E.double().tolist():
+            total, count = 0.0, width
+            for i, v in enumerate(row):
+                total += v
+                if total >= 0.9 - 1e-6:
+                    count = i + 1
+                    break
+            ref.append(count)
+        assert _top_count_sorted(E, lim).clamp_max(width).tolist() == ref
+        assert width in ref and min(ref) < width, "rows that reach the mass and rows that do not"
+
+
 @pytest.mark.parametrize("family,method", [("gpt2", "fast"), ("llama_gqa", "fast"),
                                            ("neox", "exact"), ("opt", "fast")])
 def test_head_curves_equal_plain_forward_passes_with_scaled_query_weights(tiny, tokens, family, method):
