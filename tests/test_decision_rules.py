@@ -377,6 +377,11 @@ def _doc_moments(spec: dict, *, seed: int = 0, n: int = 30) -> DocumentMoments:
     ln q_norm ~ N(0, 1) and entropy = 2 + r ln q_norm + noise (population correlation r).
     Head (9, 9) is present in every document, so that every spec has the same document ids
     (the folds are drawn from them)."""
+    return moments_from_records(_doc_records(spec, seed=seed, n=n), ("log_q_norm", "entropy"))
+
+
+def _doc_records(spec: dict, *, seed: int = 0, n: int = 30) -> pd.DataFrame:
+    """The token records behind `_doc_moments`."""
     frames = []
     spec = {**spec, (9, 9): {d: 0.5 for d in range(DOCS)}}
     for k, (key, docs) in enumerate(spec.items()):
@@ -385,7 +390,7 @@ def _doc_moments(spec: dict, *, seed: int = 0, n: int = 30) -> DocumentMoments:
             frames.append(pd.DataFrame({
                 "document": d, "position": np.arange(1, n + 1), "layer": key[0], "head": key[1],
                 "q_norm": np.exp(x), "entropy": 2 + y}))
-    return moments_from_records(pd.concat(frames, ignore_index=True), ("log_q_norm", "entropy"))
+    return pd.concat(frames, ignore_index=True)
 
 
 def _by_fold(r_of_fold, folds):
@@ -452,6 +457,62 @@ def test_fold_p_equal_to_alpha_is_not_significant():
     assert row["frac_significant_same_sign"] == pytest.approx(0.8)
     assert not _row(_fold_row(spec, alpha=p, threshold=1.0), 0, 0)["consistent"]
     assert _row(_fold_row(spec, threshold=1.0), 0, 0)["consistent"]
+
+
+def test_fold_consistency_defaults_and_its_columns_against_the_tokens():
+    """Defaults: 4 folds, seed 0, alpha 0.05, threshold 0.8, the CR2 test. Each fold's r is the
+    Pearson r of that fold's tokens; with test="cr1" each fold's p is the CR1 test on the fold."""
+    from scipy.stats import t as student_t
+
+    spec = {(0, 0): _by_fold([0.3, 0.2, 0.3, 0.25, 0.3], FOLDS)}
+    records = _doc_records(spec)
+    moments = moments_from_records(records, ("log_q_norm", "entropy"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        default = fold_consistency(moments)
+        explicit = fold_consistency(moments, n_folds=4, alpha=0.05, threshold=0.8, seed=0,
+                                    test="cr2")
+        seed1 = fold_consistency(moments, seed=1)
+        cr1 = fold_consistency(moments, test="cr1")
+    pd.testing.assert_frame_equal(default, explicit)
+    assert [c for c in default.columns if c.startswith("r_fold_")] == [f"r_fold_{k}" for k in range(4)]
+    assert not np.allclose(default["r_fold_0"], seed1["r_fold_0"])
+    head = records[(records["layer"] == 0) & (records["head"] == 0)]
+    for k, docs in enumerate(document_folds(moments.documents, 4, 0)):
+        fold = head[head["document"].isin(docs)]
+        want = np.corrcoef(np.log(fold["q_norm"]), fold["entropy"])[0, 1]
+        assert _row(cr1, 0, 0)[f"r_fold_{k}"] == pytest.approx(want, abs=1e-9)
+        w1 = cluster_wald(moments.select(documents=docs, heads=[0]).augmented()[0], 0, 1, kind="cr1")
+        w2 = cluster_wald(moments.select(documents=docs, heads=[0]).augmented()[0], 0, 1)
+        assert _row(cr1, 0, 0)[f"p_fold_{k}_doc_cr1"] == pytest.approx(w1["p"][0], rel=1e-9)
+        assert _row(default, 0, 0)[f"p_fold_{k}_doc_cr2"] == pytest.approx(w2["p"][0], rel=1e-9)
+        assert w1["p"][0] != pytest.approx(w2["p"][0], rel=1e-3)
+        assert 2 * student_t.sf(abs(w1["beta"][0] / w1["se"][0]), w1["df"][0]) == pytest.approx(
+            w1["p"][0], rel=1e-9)
+
+
+def test_a_fold_of_two_documents_is_tested_and_two_such_folds_suffice():
+    """Six documents in four folds: two folds of two documents (a defined test), two of one
+    (none). With threshold 0 a head is consistent exactly when two folds count."""
+    moments = _doc_moments({(0, 0): _plain_r(0.7)})
+    six = moments.select(documents=moments.documents[:6])
+    folds = document_folds(six.documents, 4, 0)
+    assert sorted(f.size for f in folds) == [1, 1, 2, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = fold_consistency(six, n_folds=4, threshold=0.0)
+    row = _row(out, 0, 0)
+    for k, docs in enumerate(folds):
+        p = row[f"p_fold_{k}_doc_cr2"]
+        assert np.isfinite(p) == (docs.size == 2), (k, docs)
+        if docs.size == 2:
+            w = cluster_wald(six.select(documents=docs, heads=[0]).augmented()[0], 0, 1)
+            assert p == pytest.approx(w["p"][0], rel=1e-9)
+    assert row["n_folds"] == 2 and row["consistent"]
+
+
+def _plain_r(r):
+    return {d: r for d in range(DOCS)}
 
 
 HALVES = document_folds(np.arange(DOCS), 2, 0)

@@ -236,7 +236,8 @@ def test_agreement_columns_equal_per_token_formulas(test, ci, control):
         else:
             assert np.isnan(row["gain_fd"]) and np.isnan(row["ratio_fd"])
     assert list(table.columns[-1:]) == ["verdict"] and "head" in table.columns
-    with pytest.raises(SpectraError, match="gain_fd"):
+    assert table["n_tokens"].dtype == np.int64 and table["n_documents"].dtype == np.int64
+    with pytest.raises(SpectraError, match="finite_difference lacks column"):
         stats.agreement(m, finite_difference=fd.drop(columns="gain_fd"))
 
 

@@ -202,3 +202,50 @@ def test_query_scale_at_chosen_positions_equals_a_plain_forward_pass(toks, famil
         with pytest.raises(SpectraError, match=rf"positions must be in \[0, {n}\), got \[{', '.join(map(str, bad))}\]"):
             with torch.no_grad(), attached(model, QueryScale(layer, head, 2.0, positions=bad)):
                 model(toks)
+
+
+def test_loss_of_a_two_token_sequence_in_a_padded_batch_equals_a_plain_pass(toks):
+    """A right-padded sequence with two real tokens beside a full one: its loss (one next-token
+    prediction, from position 0, whose query sees one key and so does not change) and its KL
+    (over its two positions) are those of the two tokens alone."""
+    family, layer, head, alpha = "llama_gqa", 0, 2, 8.0
+    model = bridge_from_hf(_sensitive_hf(family))
+    short = toks[1:2, :2]
+    n = toks.shape[1]
+    batch = torch.cat([toks[:1], torch.cat([short, torch.full((1, n - 2), 3)], 1)])
+    mask = torch.zeros_like(batch)
+    mask[0], mask[1, :2] = 1, 1
+    got = intervention_effects(model, batch, (alpha,), QueryScale(layer, head, 1.0), attention_mask=mask)
+    base_logits, _ = R.forward(_sensitive_hf(family), short)
+    want = R.next_token_loss(base_logits, short)[0]
+    assert want > 1.0
+    np.testing.assert_allclose(float(got.base_loss[1]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(got.loss[0, 1]), want, rtol=1e-5)
+    hf = _sensitive_hf(family)
+    R.scale_query(hf, family, layer, head, alpha)
+    kl = R.kl_per_sequence(base_logits, R.forward(hf, short)[0])[0]
+    assert kl > 1e-3
+    np.testing.assert_allclose(float(got.kl[0, 1]), kl, rtol=RTOL)
+
+
+def test_query_scale_hook_keeps_the_dtype_and_names_its_hook_in_errors():
+    """The hook function itself: a bfloat16 query stays bfloat16 (only the head is multiplied,
+    exactly), and a wrong shape or a wrong number of per-row α values is refused with the hook
+    point's name."""
+    from spectra_lens.layout import attention_layout
+
+    model = bridge_from_hf(_sensitive_hf("llama_gqa"))
+    layout = attention_layout(model)
+    (name, fn), = QueryScale(1, 2, 2.0).hooks(layout)
+    assert name == layout.q_hook(1)
+    x = torch.randn(2, 5, layout.n_heads, layout.d_head, generator=torch.Generator().manual_seed(0))
+    out = fn(x.bfloat16(), None)
+    assert out.dtype == torch.bfloat16
+    want = x.bfloat16().clone()
+    want[:, :, 2] = want[:, :, 2] * 2
+    assert torch.equal(out, want)
+    with pytest.raises(SpectraError, match=rf"^{name}: expected \[batch pos head d_head\]"):
+        fn(x[..., :-1], None)
+    (_, per_row), = QueryScale(1, 2, torch.tensor([2.0, 3.0, 4.0])).hooks(layout)
+    with pytest.raises(SpectraError, match=rf"^{name}: one alpha per batch row expected \(2\), got 3"):
+        per_row(x, None)
