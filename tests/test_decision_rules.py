@@ -629,3 +629,112 @@ def test_document_q_equal_to_alpha_is_not_selected():
     row = _row(_replicate(spec, alpha=q), 0, 0)
     assert not row["selected"] and not row["replicated"]
     assert _row(_replicate(spec, alpha=np.nextafter(q, 1)), 0, 0)["replicated"]
+
+
+# --------------------------------------------------------------------------- significant (EXP0)
+# observational.analyze: significant[_given_c] = q_doc_cr2_logq_entropy[_given_c] < fdr_alpha,
+# the Benjamini–Hochberg q over heads of the document-clustered CR2 test of the slope of
+# entropy on ln‖q‖ (given the control set c).
+
+OBS_VARIABLES = ("log_q_norm", "q_norm", "log_position", "sink_mass", "entropy", "max_attn",
+                 "local_gain")
+
+
+def _obs_moments(spec: dict, *, n: int = 30, seed: int = 0) -> DocumentMoments:
+    """spec: {(layer, head): {document: (r, x_offset, y_offset)}} -> moments of n tokens per
+    (document, head): ln q_norm = x_offset + x, entropy = 2 + y_offset + y, with r(x, y) = r
+    exactly within the document; sink mass, max attention and local gain unrelated noise."""
+    frames = []
+    for k, (key, docs) in enumerate(spec.items()):
+        for d, (r, dx, dy) in docs.items():
+            x, y = _pair(n, r, seed + 1000 * k + d, exact=True)
+            rng = np.random.default_rng(seed + 7919 * k + d)
+            frames.append(pd.DataFrame({
+                "document": d, "position": np.arange(1, n + 1), "layer": key[0], "head": key[1],
+                "q_norm": np.exp(dx + x), "entropy": 2 + dy + y, "sink_mass": rng.random(n),
+                "max_attn": rng.random(n), "local_gain": -rng.random(n)}))
+    return moments_from_records(pd.concat(frames, ignore_index=True), OBS_VARIABLES)
+
+
+def _analyze(moments, **cfg):
+    from spectra_lens.config import ObservationalConfig
+    from spectra_lens.experiments.observational import analyze
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return analyze(moments, ObservationalConfig(n_boot=20, **cfg))["head_summary"]
+
+
+def _plain(r: float, docs=range(DOCS)) -> dict:
+    return {d: (r, 0.0, 0.0) for d in docs}
+
+
+def test_small_token_p_with_a_document_interval_across_zero_is_not_significant():
+    """Head (0, 0): x and y have large document offsets whose correlation over 8 documents is
+    0.5 and none within documents. Treating tokens as independent gives a tiny p; the
+    document-clustered interval of the slope crosses 0 and the head is not significant."""
+    a, b = _pair(8, 0.5, 5, exact=True)
+    spec = {(0, 0): {d: (0.0, 3 * a[d], 3 * b[d]) for d in range(8)},
+            (0, 1): {d: (0.8, 0.0, 0.0) for d in range(8)}}
+    row = _row(_analyze(_obs_moments(spec)), 0, 0)
+    assert row["p_token_logq_entropy"] < 1e-6
+    assert row["slope_ci_low_logq_entropy"] < 0 < row["slope_ci_high_logq_entropy"]
+    assert row["q_doc_cr2_logq_entropy"] > 0.05 and not row["significant"]
+    assert _row(_analyze(_obs_moments(spec)), 0, 1)["significant"]
+
+
+def _varying(hi: float, lo: float) -> dict:
+    """r = hi in odd documents and lo in even ones: a positive slope that varies by document, so
+    that its document-clustered p is moderate (exact r in every document would make it ~0)."""
+    return {d: (hi if d % 2 else lo, 0.0, 0.0) for d in range(DOCS)}
+
+
+def test_significance_uses_the_bh_q_of_the_clustered_test_not_its_raw_p():
+    spec = {(0, 0): _varying(0.35, -0.15), **{(0, h): _plain(0.0) for h in range(1, 5)}}
+    first = _row(_analyze(_obs_moments(spec)), 0, 0)
+    p, q = first["p_doc_cr2_logq_entropy"], first["q_doc_cr2_logq_entropy"]
+    assert p < 0.05 < q < 1
+    assert not first["significant"]
+    row = _row(_analyze(_obs_moments(spec), fdr_alpha=(p + q) / 2), 0, 0)
+    assert not row["significant"]
+    assert _row(_analyze(_obs_moments(spec), fdr_alpha=np.nextafter(q, 1)), 0, 0)["significant"]
+
+
+def test_q_equal_to_fdr_alpha_is_not_significant():
+    spec = {(0, 0): _varying(0.35, -0.15), (0, 1): _plain(0.0)}
+    q = _row(_analyze(_obs_moments(spec)), 0, 0)["q_doc_cr2_logq_entropy"]
+    assert 0 < q < 1
+    assert not _row(_analyze(_obs_moments(spec), fdr_alpha=q), 0, 0)["significant"]
+    assert _row(_analyze(_obs_moments(spec), fdr_alpha=np.nextafter(q, 1)), 0, 0)["significant"]
+
+
+def test_a_head_in_one_document_has_no_test_and_is_not_significant():
+    spec = {(0, 0): {0: (0.95, 0.0, 0.0)}, (0, 1): _plain(0.8)}
+    summary = _analyze(_obs_moments(spec))
+    one = _row(summary, 0, 0)
+    assert one["n_documents"] == 1 and np.isnan(one["q_doc_cr2_logq_entropy"])
+    assert not one["significant"] and not one["significant_given_pos_sink"]
+    assert _row(summary, 0, 1)["significant"]
+
+
+def test_each_control_set_has_its_own_significance():
+    """Head (0, 0): entropy follows the sink mass, and ln‖q‖ follows it too: the raw slope is
+    significant, the slope given log position and sink mass is not. Each flag is its own q."""
+    rng = np.random.default_rng(3)
+    frames = []
+    for d in range(DOCS):
+        sink = rng.random(40)
+        frames.append(pd.DataFrame({
+            "document": d, "position": np.arange(1, 41), "layer": 0, "head": 0,
+            "q_norm": np.exp(sink + 0.05 * rng.standard_normal(40)),
+            "entropy": 2 - sink + 0.05 * rng.standard_normal(40), "sink_mass": sink,
+            "max_attn": rng.random(40), "local_gain": -rng.random(40)}))
+    moments = moments_from_records(pd.concat(frames, ignore_index=True), OBS_VARIABLES)
+    summary = _analyze(moments)
+    row = _row(summary, 0, 0)
+    assert row["significant"] and row["significant_given_pos"]
+    assert not row["significant_given_pos_sink"]
+    for c in ("", "_given_pos", "_given_pos_sink"):
+        q = row[f"q_doc_cr2_logq_entropy{c}"]
+        assert bool(row["significant" + c]) == (q < 0.05)
+        assert not _row(_analyze(moments, fdr_alpha=q), 0, 0)["significant" + c]
