@@ -383,9 +383,11 @@ def _analysis(s: dict) -> str:
 def _why_overhead(sec, results):
     r = sec["ratios"]
     share = sec.get("top90_share_of_overhead")
-    text = ("The capture computes ten per-token metrics of every head inside the forward pass "
-            "(`metrics.row_metrics`: query blocks of at most 2¹⁸ pattern entries over the visible "
-            "keys only, each read once into float32). ")
+    text = ("The capture computes every per-token metric of every head inside the forward pass in "
+            "two blocked passes over each layer's pattern (`metrics.row_metrics` and "
+            "`metrics.sink_excluded_metrics`: query blocks of at most 2¹⁸ entries over the visible "
+            "keys only, each read once into float32), plus the direction spread of the scores and "
+            "the query/key norms. ")
     if share is not None:
         v = r["capture_without_top90_vs_bridge"]["value"]
         text += (f"The sort behind k_eff_top90 is {100 * share:.0f}% of the extra time; without it "
@@ -416,7 +418,10 @@ def _why_long(sec, results):
         text += "Capture ÷ bridge by length: " + ", ".join(
             f"{d['seq_len']}: {_x(d['capture_vs_bridge'])} ({_x(d['capture_without_top90_vs_bridge'])} "
             f"without k_eff_top90)" for d in rows) + ". "
-    return text + "The gap is the sort; without k_eff_top90 the ratio is the second number."
+    return text + ("The sort (k_eff_top90 and k_eff_top90_nosink) is the difference between the two "
+                   "numbers; the rest is the two blocked passes over every visible pattern entry, "
+                   "which grow as T² per head like the model's own attention but do several times "
+                   "its elementwise work.")
 
 
 def _why_analysis(sec, results):
