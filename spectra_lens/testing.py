@@ -8,6 +8,9 @@ that measured head types and interventions find what was planted.
 """
 
 
+from pathlib import Path
+
+import numpy as np
 import torch
 import transformers
 
@@ -19,9 +22,14 @@ __all__ = [
     "PLANTED_PREV_TOKEN_HEAD",
     "planted_circuit_hf_model",
     "planted_circuit_model",
+    "TEST_WORDS",
     "tiny_hf_model",
     "tiny_model",
+    "word_corpus",
+    "word_tokenizer",
 ]
+
+TEST_WORDS = tuple(f"w{i}" for i in range(60))  # the vocabulary of `word_tokenizer`
 
 _COMMON = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 
@@ -146,3 +154,28 @@ def planted_circuit_model(**kwargs):
     from spectra_lens.models import bridge_from_hf
 
     return bridge_from_hf(planted_circuit_hf_model(**kwargs))
+
+
+def word_tokenizer(*, pad: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over `TEST_WORDS`, offline: <unk>=0, <bos>=1, <eos>=2,
+    then <pad>=3 when `pad`, then the words in order (ids below every tiny model's vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    special = ["<unk>", "<bos>", "<eos>"] + (["<pad>"] if pad else [])
+    vocab = {w: i for i, w in enumerate(special + list(TEST_WORDS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+        **({"pad_token": "<pad>"} if pad else {}))
+
+
+def word_corpus(directory, n_documents: int, n_words: int, *, name: str = "doc{i}.txt",
+                seed: int = 0) -> str:
+    """`n_documents` text files of `n_words` random `TEST_WORDS` each, written into `directory`
+    (file names from `name`); returns their glob, as `--corpus` takes it."""
+    rng = np.random.default_rng(seed)
+    directory = Path(directory)
+    for i in range(n_documents):
+        (directory / name.format(i=i)).write_text(" ".join(rng.choice(TEST_WORDS, n_words)))
+    return str(directory / "*.txt")

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from experiments import observational
 from spectra_lens.config import ObservationalConfig
@@ -19,18 +17,11 @@ from spectra_lens.corpus import tokenize_corpus
 from spectra_lens.errors import SpectraError
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.shards import corpus_from_spec, load_tokens, prepare, read_manifest
-from spectra_lens.testing import tiny_hf_model
+from spectra_lens.testing import TEST_WORDS, tiny_hf_model, word_tokenizer
 
-WORDS = [f"w{i}" for i in range(60)]
+WORDS = TEST_WORDS
 SEEDS = range(6)
 
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>",
-                                   eos_token="<eos>")
 
 
 @pytest.fixture(scope="module")

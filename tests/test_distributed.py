@@ -22,9 +22,8 @@ from spectra_lens.distributed import Group, shard_indices
 from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import METRIC_NAMES, capture_metrics
 from spectra_lens.models import load_model, parse_device_map
-from spectra_lens.testing import tiny_hf_model
+from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
-WORDS = [f"w{i}" for i in range(60)]
 TABLES = ("head_summary", "layer_statistics", "significant_heads", "consistent_heads")
 
 
@@ -49,14 +48,7 @@ def test_single_process_group_without_torchrun(monkeypatch):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny Llama and a word-level tokenizer saved as a Hugging Face directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                  bos_token="<bos>", eos_token="<eos>")
+    tok = word_tokenizer()
     d = tmp_path_factory.mktemp("tiny_llama")
     tiny_hf_model("llama_gqa").save_pretrained(d)
     tok.save_pretrained(d)
@@ -65,11 +57,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        (d / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, 200)))
-    return str(d / "*.txt")
+    return word_corpus(tmp_path_factory.mktemp("corpus"), 6, 200)
 
 
 def test_an_explicit_device_map_across_layers_gives_the_metrics_of_no_map(model_dir):

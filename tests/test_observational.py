@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 from spectra_lens.experiments import observational
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from spectra_lens import cli, stats
@@ -23,21 +22,12 @@ from spectra_lens.hooks import attached, count_hooks
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.shards import load_shard, prepare
-from spectra_lens.testing import tiny_hf_model
+from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
-WORDS = [f"w{i}" for i in range(60)]
 TABLES = ("head_summary", "significant_heads", "consistent_heads", "layer_statistics",
           "agreement", "agreement_summary")
 PLANTED = (1, 2)  # last layer: the planted scale cannot reach any other head
 
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """Whitespace word-level tokenizer, offline: <unk>=0, <bos>=1, <eos>=2, wN=N+3 (< vocab 97)."""
-    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                   bos_token="<bos>", eos_token="<eos>")
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +45,7 @@ def bridge(tok):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     """Sixteen random-word documents (~1600 tokens); a glob, as --corpus takes it."""
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        (d / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, 100)))
-    return str(d / "*.txt")
+    return word_corpus(tmp_path_factory.mktemp("corpus"), 16, 100, name="doc{i:02d}.txt")
 
 
 def config(out, corpus, **kw) -> ObservationalConfig:

@@ -14,24 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from spectra_lens import cli
 from spectra_lens.runs import LOCK, RunDir
-from spectra_lens.testing import tiny_hf_model
-
-WORDS = [f"w{i}" for i in range(60)]
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, "<pad>": 3} | {w: i + 4 for i, w in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>",
-                                   eos_token="<eos>", pad_token="<pad>")
+from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +26,13 @@ def model_dir(tmp_path_factory) -> Path:
     """A tiny Llama (2 layers, 4 heads, context 128) with its tokenizer, as `--model DIR`."""
     d = tmp_path_factory.mktemp("model")
     tiny_hf_model("llama_gqa").save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
+    word_tokenizer(pad=True).save_pretrained(d)
     return d
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        (d / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, 300)))
-    return str(d / "*.txt")
+    return word_corpus(tmp_path_factory.mktemp("corpus"), 4, 300)
 
 
 def observe(model_dir, corpus, out, *extra) -> list[str]:
