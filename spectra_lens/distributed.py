@@ -1,24 +1,31 @@
-"""Several processes or machines on torch.distributed: who does which shard, and when to merge.
+"""Several processes or machines on torch.distributed: who does which unit of work, and when to merge.
 
-Launch any experiment command under `torchrun` (one process per GPU, or several CPU processes):
+Launch the observational run (`observe`) or the gain sweep (`gain`) under `torchrun` (one
+process per GPU, or several CPU processes):
 
     torchrun --nproc-per-node 2 -m spectra_lens.cli observe --out results/obs ...
+    torchrun --nproc-per-node 2 -m spectra_lens.cli gain --out results/gain ...
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `Group.from_env()` reads them, initialises the
 process group (gloo on CPU, NCCL on CUDA) and gives each rank its device (`cuda:LOCAL_RANK`
-where CUDA exists). Work is split by shard: rank r takes shards r, r + W, r + 2W, ... Each rank
-writes its shard outputs itself (atomic files), so a killed rank leaves exactly its unfinished
-shards missing and a rerun of the same command (any number of processes) redoes only those.
-Rank 0 prepares the run directory and the shards before the others start (a barrier) and merges
-after every rank is done (a second barrier). Without torchrun (no WORLD_SIZE, or 1) nothing is
-initialised and the group is one process: the same code path.
+where CUDA exists). Work is split into numbered units, round robin: rank r takes units r,
+r + W, r + 2W, ... (`shard_indices`). The unit of `observe` is a token shard; the unit of `gain`
+is a part, one fast-path batch of `--batch-size` measured sequences (experiments/gain.py says
+why). Each rank writes its units' outputs itself (atomic files, listed in the run's manifest by
+rank 0 before any is written), so a killed rank leaves exactly its unfinished units missing and
+a rerun of the same command (any number of processes) redoes only those. Rank 0 owns the run
+directory and starts the run before the others begin (a barrier) and merges after every rank
+is done (a second barrier); `Steps` makes these barriers report a failed rank, so the others
+stop instead of waiting for the timeout. Without torchrun (no WORLD_SIZE, or 1) nothing is
+initialised and the group is one process: the same code path. `intervene` and `qk-control`
+run in one process.
 
 Across machines: `torchrun --nnodes N --node-rank i --rdzv-endpoint HOST:PORT ...` on each node
 with the run directory on a shared file system; or, without a rendezvous, one job per share of
-the shards (e.g. a SLURM array task) with `SPECTRA_SHARD_RANK=i SPECTRA_SHARD_WORLD=N` in its
-environment: such a job is "detached" (no process group, no barriers), captures shards i, i + N,
-... of prepared shards into its own run directory and analyses nothing; `spectra-lens merge
-RUN_DIR ...` then reads every share's moments and computes the tables once.
+the units (e.g. a SLURM array task) with `SPECTRA_SHARD_RANK=i SPECTRA_SHARD_WORLD=N` in its
+environment: such a job is "detached" (no process group, no barriers), computes units i, i + N,
+... into its own run directory (observe: of prepared shards) and makes no tables; `spectra-lens
+merge RUN_DIR ...` then reads every share's files and computes the tables once.
 """
 
 import datetime
@@ -29,7 +36,7 @@ import torch
 
 from spectra_lens.errors import SpectraError
 
-__all__ = ["Group", "SHARD_RANK", "SHARD_WORLD", "shard_indices"]
+__all__ = ["Group", "SHARD_RANK", "SHARD_WORLD", "Steps", "shard_indices"]
 
 SHARD_RANK, SHARD_WORLD = "SPECTRA_SHARD_RANK", "SPECTRA_SHARD_WORLD"  # detached shares
 
@@ -133,3 +140,30 @@ class Group:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.initialised = False
+
+
+class Steps:
+    """`n` collective checkpoints that every rank of a group passes in the same order.
+
+    `step()` is a barrier that also says whether every rank got there without failing
+    (`Group.all_ok`). A rank that fails calls `abort()`, which passes its remaining checkpoints
+    with "failed", so the other ranks learn of it at their next checkpoint and stop instead of
+    waiting for the group's timeout. Without a process group every step is True at once.
+    """
+
+    def __init__(self, group: Group, n: int):
+        self.group, self.n, self.done = group, n, 0
+
+    def step(self) -> bool:
+        if self.done >= self.n:
+            raise SpectraError(f"more checkpoints than the {self.n} declared")
+        self.done += 1
+        return self.group.all_ok(True)
+
+    def abort(self) -> None:
+        while self.done < self.n:
+            self.done += 1
+            try:
+                self.group.all_ok(False)
+            except Exception:  # the group itself is broken (a rank died): nobody to tell
+                return

@@ -31,6 +31,8 @@ only itself); `stats.t_interval` gives intervals over sequences. k_eff definitio
 """
 
 import dataclasses
+import io
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +71,24 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+SWEEP_FORMAT = "spectra_lens.head_sweep"  # HeadSweep.save / load
+
+
+def _read_sweep(path, *, arrays: bool = True) -> tuple[dict, dict]:
+    """(header, {name: array}) of a HeadSweep file; SpectraError when it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            data = {k: z[k] for k in z.files if k != "header"} if arrays else {}
+    except Exception as e:  # numpy / zipfile / json raise many types for a damaged file
+        raise SpectraError(f"sweep file {path} is unreadable ({e}); delete it and rerun to redo it") from e
+    if not isinstance(header, dict) or header.get("format") != SWEEP_FORMAT or header.get("version", 0) > 1:
+        raise SpectraError(f"{path} is not a {SWEEP_FORMAT} file of version 1")
+    missing = [n for n in (*M.SWEEP_METRICS, "local_gain") if arrays and n not in data]
+    if missing:
+        raise SpectraError(f"sweep file {path} lacks {missing}; delete it and rerun to redo it")
+    return header, data
 
 
 
@@ -187,6 +207,63 @@ class HeadSweep:
         cols["method"] = np.asarray(self.method, dtype=object)[l_i]
         cols["reason"] = np.asarray([r or "" for r in self.reason], dtype=object)[l_i]
         return pd.DataFrame(cols).sort_values(["layer", "head", "scale"], ignore_index=True)
+
+    @classmethod
+    def concat(cls, parts: Sequence["HeadSweep"]) -> "HeadSweep":
+        """The sweeps of consecutive blocks of sequences as one sweep (sequence axis joined in
+        order). Every metric is a per-sequence mean, so a sweep measured in parts equals the
+        sweep of all sequences measured with the same forward batches. The parts must share
+        alphas, layers, methods and min_position."""
+        parts = list(parts)
+        if not parts:
+            raise SpectraError("HeadSweep.concat needs at least one sweep")
+        first = parts[0]
+        key = (first.alphas, first.layers, first.method, first.reason, first.min_position)
+        for p in parts[1:]:
+            if (p.alphas, p.layers, p.method, p.reason, p.min_position) != key:
+                raise SpectraError(
+                    "the sweeps to join differ in alphas, layers, methods or min_position: "
+                    f"{key[:3]} vs {(p.alphas, p.layers, p.method)}")
+        return cls(
+            alphas=first.alphas,
+            metrics=HeadMetrics(layers=first.layers, **{
+                n: torch.cat([p.metrics.metric(n) for p in parts], dim=1) for n in M.SWEEP_METRICS}),
+            local_gain=torch.cat([p.local_gain for p in parts], dim=0),
+            method=first.method, reason=first.reason, min_position=first.min_position,
+        )
+
+    def save(self, path, *, meta: dict | None = None) -> None:
+        """One `.npz` file, written atomically: the metric tensors as stored (no rounding), and
+        a JSON header (format `spectra_lens.head_sweep` v1, alphas, layers, method, reason,
+        min_position, `meta`)."""
+        from spectra_lens.runs import atomic_write_bytes
+
+        header = {"format": SWEEP_FORMAT, "version": 1, "alphas": list(self.alphas),
+                  "layers": list(self.layers), "method": list(self.method),
+                  "reason": list(self.reason), "min_position": self.min_position, "meta": meta or {}}
+        arrays = {n: self.metrics.metric(n).detach().cpu().numpy() for n in M.SWEEP_METRICS}
+        buffer = io.BytesIO()
+        np.savez(buffer, header=np.array(json.dumps(header)),
+                 local_gain=self.local_gain.detach().cpu().numpy(), **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path) -> "HeadSweep":
+        """A sweep written by `save` (its header's `meta`: `HeadSweep.read_meta`)."""
+        header, arrays = _read_sweep(path)
+        return cls(
+            alphas=tuple(header["alphas"]),
+            metrics=HeadMetrics(layers=tuple(header["layers"]),
+                                **{n: torch.from_numpy(arrays[n]) for n in M.SWEEP_METRICS}),
+            local_gain=torch.from_numpy(arrays["local_gain"]),
+            method=tuple(header["method"]), reason=tuple(header["reason"]),
+            min_position=int(header["min_position"]),
+        )
+
+    @staticmethod
+    def read_meta(path) -> dict:
+        """The `meta` a sweep file was saved with (SpectraError when it is unreadable)."""
+        return _read_sweep(path, arrays=False)[0].get("meta") or {}
 
     def __repr__(self) -> str:
         n_fast = sum(m == "fast" for m in self.method)
