@@ -17,17 +17,44 @@ measured entropy around α = 1 on the grid, which it should match.
 Outputs (in --out): `gain_summary.csv` (one row per head), `gain_curves.csv` (one row per head
 × α), figures under `figures/` (layer × head heatmaps of the gains, fit plots of the target and
 control heads, their bar comparison, fitted vs analytic gain) and `manifest.json`. The target /
-control heads only choose which fits are drawn (rule: experiments/_common.py).
+control heads only choose which fits are drawn (rule: experiments/_common.py); `parts/` holds
+the per-sequence α-curves of every part (below).
+
+Parts, resuming, several processes. The measured sequences are cut into parts of
+`--batch-size` consecutive sequences (`part_ranges`); each part's α-curves of every head
+(`sweep_part`, a `HeadSweep` of those sequences) are written to `parts/part_XXXXX.npz`
+(atomic, listed in the manifest before they are written, with the sha256 of the part's token
+ids and the settings they depend on), and the tables are computed from all parts joined
+(`HeadSweep.concat`). A rerun of an unfinished run with the same settings skips every part
+already written. Under `torchrun` rank r computes parts r, r + W, ...; rank 0 starts the run,
+chooses the target / control heads, and after a barrier joins the parts and writes the tables.
+A detached share (SPECTRA_SHARD_RANK / SPECTRA_SHARD_WORLD) writes its parts into its own run
+directory, and `spectra-lens merge` joins the shares.
+
+Why a part is a block of sequences, not a group of heads or layers: every number in the tables
+is built from per-sequence means (curves, per-sequence slopes, t-intervals over sequences), so
+joining parts along the sequence axis is exact, and each part is one forward batch of the fast
+path, so every rank runs exactly the forward passes one process would run: 1 and N processes
+give the same numbers bit for bit. The fast path measures all heads of all layers from one
+unscaled pass, so splitting by heads or layers would repeat that forward pass on every rank;
+splitting by sequences divides it. Parts cost the same (the same number of sequences, all
+layers each), so round robin balances them; exact-mode layers (one forward per layer and α
+chunk) are split the same way. Use at least as many parts as processes (n_sequences /
+batch_size >= W; a warning says when ranks are idle). The selection of the target / control
+heads (one pass over the held-out sequences) runs on rank 0 while the other ranks compute.
 """
 
 import dataclasses
+import hashlib
 import logging
+import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -36,17 +63,22 @@ import torch
 
 from spectra_lens import figures as figs
 from spectra_lens.config import GainConfig
+from spectra_lens.display import progress_bar
+from spectra_lens.distributed import SHARD_RANK, SHARD_WORLD, Group, Steps
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import attention_layout
+from spectra_lens.runs import NOT_RESULT_FIELDS, RunDir
 from spectra_lens.stats import fit_log_slopes, t_interval
 from spectra_lens.sweep import HeadSweep, head_curves
 
 from . import _common as C
 
-__all__ = ["GainResult", "compute", "gain_table", "command", "main", "run"]
+__all__ = ["GainResult", "compute", "gain_table", "command", "main", "merge", "part_ranges", "read_parts",
+           "run", "sweep_part", "write_parts"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "gain"
+PARTS_DIR = "parts"  # one file per part: parts/part_XXXXX.npz (HeadSweep.save)
 
 # metric of the sweep -> gain column; the first is the primary fit (r_squared, std_error, ...)
 _GAINS = {"entropy": "gain_entropy", "max_attn": "gain_max_attn", "k_eff_exp": "gain_k_eff",
@@ -135,8 +167,99 @@ def gain_table(sweep: HeadSweep, layout, *, ci: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+def part_ranges(n_sequences: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of every part: consecutive blocks of `batch_size` measured sequences, one
+    fast-path forward batch each (the last may be shorter)."""
+    return [(a, min(a + batch_size, n_sequences)) for a in range(0, n_sequences, batch_size)]
+
+
+def part_name(i: int) -> str:
+    """The file of part `i` in a run directory."""
+    return f"{PARTS_DIR}/part_{i:05d}.npz"
+
+
+def _digest(tokens: torch.Tensor) -> str:
+    t = tokens.detach().cpu().to(torch.int64).contiguous()
+    return hashlib.sha256(repr(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
+
+
+def part_digests(cfg: GainConfig, measure: torch.Tensor) -> list[str]:
+    """sha256 of the token ids of every part (recorded in each part file and share manifest)."""
+    return [_digest(measure[a:b]) for a, b in part_ranges(len(measure), cfg.batch_size)]
+
+
+def _part_metas(cfg: GainConfig, n_sequences: int, digests: list[str]) -> list[dict]:
+    """What each part file must record to be reused: its sequences (range and sha256 of their
+    ids) and every setting its numbers depend on."""
+    alphas = list(C.checked_alphas(cfg))
+    return [{"part": i, "start": a, "stop": b, "tokens_sha256": digests[i], "alphas": alphas,
+             "min_position": cfg.min_position, "batch_size": cfg.batch_size, "max_rows": cfg.max_rows}
+            for i, (a, b) in enumerate(part_ranges(n_sequences, cfg.batch_size))]
+
+
+def _part_done(path: Path, meta: dict) -> bool:
+    """The part file exists and was computed for exactly `meta` (else it is redone)."""
+    if not path.exists():
+        return False
+    try:
+        return HeadSweep.read_meta(path) == meta
+    except SpectraError:
+        return False
+
+
+def sweep_part(cfg: GainConfig, model, measure: torch.Tensor, i: int) -> HeadSweep:
+    """The α-curves of every head on part `i` of the measured sequences (`part_ranges`)."""
+    a, b = part_ranges(len(measure), cfg.batch_size)[i]
+    return head_curves(model, measure[a:b], C.checked_alphas(cfg), min_position=cfg.min_position,
+                       batch_size=cfg.batch_size, max_rows=cfg.max_rows)
+
+
+def write_parts(cfg: GainConfig, model, measure: torch.Tensor, directory, parts, *,
+                progress: bool = False) -> None:
+    """Compute parts `parts` and write each into `directory` (atomic file `part_name(i)`); a
+    part whose file already holds exactly that part is skipped, so a rerun redoes only the rest."""
+    parts = list(parts)
+    metas = _part_metas(cfg, len(measure), part_digests(cfg, measure))
+    bar = progress_bar(total=len(parts), desc="α-curves", unit="part", enabled=progress)
+    for i in parts:
+        path = Path(directory) / part_name(i)
+        if not _part_done(path, metas[i]):
+            sweep_part(cfg, model, measure, i).save(path, meta=metas[i])
+        bar.update(1)
+    bar.close()
+
+
+def read_parts(cfg: GainConfig, n_sequences: int, digests: list[str], directories) -> HeadSweep:
+    """Every part of a run, each from the first of `directories` that holds it, joined in order
+    (`HeadSweep.concat`). SpectraError naming the parts that are missing or were computed for
+    other sequences or settings."""
+    metas = _part_metas(cfg, n_sequences, digests)
+    found, missing = [], []
+    for i, meta in enumerate(metas):
+        path = next((p for p in (Path(d) / part_name(i) for d in directories) if _part_done(p, meta)), None)
+        if path is None:
+            missing.append(i)
+        else:
+            found.append(path)
+    if missing:
+        raise SpectraError(f"parts {missing} of {len(metas)} are missing (or were computed for other "
+                           f"sequences or settings); rerun the same command to redo them")
+    return HeadSweep.concat([HeadSweep.load(p) for p in found])
+
+
+def _result(cfg: GainConfig, sweep: HeadSweep, choice: C.HeadChoice, layout) -> GainResult:
+    """The tables of a finished sweep: gain_summary (with the target / control rows marked) and
+    gain_curves. `layout`: anything with the model's per-layer `q_bilinear`."""
+    summary = gain_table(sweep, layout, ci=cfg.ci)
+    role = {choice.target: "target", choice.control: "control"}
+    summary.insert(2, "head_type", [role.get((int(l), int(h)), "")
+                                    for l, h in zip(summary["layer"], summary["head"])])
+    return GainResult(summary=summary, curves=sweep.summary(ci=cfg.ci), sweep=sweep, choice=choice)
+
+
 def compute(cfg: GainConfig, model, tokens: C.RunTokens, *, progress: bool = False, rd=None) -> GainResult:
-    """The EXP2 measurements on a loaded model and tokens (no files written)."""
+    """The EXP2 measurements on a loaded model and tokens (no files written), part by part in
+    this process: the same numbers as `run` with any number of processes."""
     alphas = C.checked_alphas(cfg)
     if len(alphas) < 3:
         raise SpectraError(f"a slope fit needs at least 3 alphas, got {list(alphas)}")
@@ -144,15 +267,16 @@ def compute(cfg: GainConfig, model, tokens: C.RunTokens, *, progress: bool = Fal
     with C.timed(rd, "choose_heads_s"):
         choice, _ = C.choose_heads(cfg, model, layout, tokens, control=True)
     with C.timed(rd, "sweep_s"):
-        sweep = head_curves(model, tokens.measure, alphas, min_position=cfg.min_position,
-                            batch_size=cfg.batch_size, max_rows=cfg.max_rows, progress=progress)
+        n = len(part_ranges(len(tokens.measure), cfg.batch_size))
+        bar = progress_bar(total=n, desc="α-curves", unit="part", enabled=progress)
+        parts = []
+        for i in range(n):
+            parts.append(sweep_part(cfg, model, tokens.measure, i))
+            bar.update(1)
+        bar.close()
+        sweep = HeadSweep.concat(parts)
     with C.timed(rd, "fits_s"):
-        summary = gain_table(sweep, layout, ci=cfg.ci)
-        role = {choice.target: "target", choice.control: "control"}
-        summary.insert(2, "head_type", [role.get((int(l), int(h)), "")
-                                        for l, h in zip(summary["layer"], summary["head"])])
-        curves = sweep.summary(ci=cfg.ci)
-    return GainResult(summary=summary, curves=curves, sweep=sweep, choice=choice)
+        return _result(cfg, sweep, choice, layout)
 
 
 OUTPUTS = C.Outputs(
@@ -206,29 +330,176 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
 
 
 def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | None = None,
-        progress: bool = True) -> GainResult:
-    """EXP2 into `cfg.out`: gain_summary.csv, gain_curves.csv, figures, manifest.json."""
-    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
-        rd = setup.rd
-        result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
-        with C.timed(rd, "write_s"):
-            t = tables(result)
-            files = C.write_outputs(rd, t, figures(t), images=cfg.images)
-        rd.finish(
-            **C.provenance(setup, result.choice, cfg.seed),
-            alphas=list(result.sweep.alphas),
-            files=files,
-            methods={str(l): m for l, m in zip(result.sweep.layers, result.sweep.method)},
-            definitions={**C.k_eff_definitions(),
-                         "gain_*": "least-squares slope of the per-α mean over sequences against ln α",
-                         "gain_*_ci": f"t-interval ({cfg.ci:g}) of per-sequence slopes",
-                         "r_squared/std_error/is_monotonic": "of the entropy fit (suffixed columns: other metrics)",
-                         "analytic_gain": "-Var_p(s) at alpha = 1, mean over sequences of per-sequence token means",
-                         "fd_gain_entropy": "central difference of mean entropy around alpha = 1 on the grid"},
-        )
+        progress: bool = True) -> GainResult | None:
+    """EXP2 into `cfg.out`: gain_summary.csv, gain_curves.csv, figures, parts/, manifest.json.
+
+    Rerunning an unfinished run with the same settings reuses every part already written.
+    Under `torchrun` every rank computes its share of the parts and rank 0 returns the result
+    (the other ranks None); a detached share (SPECTRA_SHARD_RANK / SPECTRA_SHARD_WORLD) writes
+    its parts into its own run directory and returns None (`spectra-lens merge` joins them).
+    """
+    group = Group.from_env(device=cfg.device)
+    if group.distributed:
+        cfg = dataclasses.replace(cfg, device=group.device(cfg.device))
+    try:
+        if group.detached:
+            _run_share(cfg, group, model, tokens, progress=progress)
+            return None
+        if not group.is_main:
+            _compute_share(cfg, group, model, tokens)
+            return None
+        return _run_main(cfg, group, model, tokens, progress=progress)
+    finally:
+        group.close()
+
+
+def _finish(cfg: GainConfig, rd, result: GainResult, info: dict) -> None:
+    with C.timed(rd, "write_s"):
+        t = tables(result)
+        files = C.write_outputs(rd, t, figures(t), images=cfg.images)
+    rd.finish(
+        **info,
+        alphas=list(result.sweep.alphas),
+        files=files,
+        methods={str(l): m for l, m in zip(result.sweep.layers, result.sweep.method)},
+        definitions={**C.k_eff_definitions(),
+                     "gain_*": "least-squares slope of the per-α mean over sequences against ln α",
+                     "gain_*_ci": f"t-interval ({cfg.ci:g}) of per-sequence slopes",
+                     "r_squared/std_error/is_monotonic": "of the entropy fit (suffixed columns: other metrics)",
+                     "analytic_gain": "-Var_p(s) at alpha = 1, mean over sequences of per-sequence token means",
+                     "fd_gain_entropy": "central difference of mean entropy around alpha = 1 on the grid"},
+    )
+
+
+def _parts_info(cfg: GainConfig, n_parts: int, world: int) -> dict:
+    return {"parts": {"n_parts": n_parts, "sequences_per_part": cfg.batch_size, "processes": world,
+                      "unit": "one fast-path batch of measured sequences (experiments/gain.py)"}}
+
+
+def _run_main(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) -> GainResult:
+    """Rank 0 (or the only process): the run directory, its share of the parts, the tables."""
+    steps = Steps(group, 2)
+    try:
+        with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
+            rd, measure = setup.rd, setup.tokens.measure
+            n = len(part_ranges(len(measure), cfg.batch_size))
+            for i in range(n):  # every rank's parts are listed in the manifest before any is written
+                rd.output(part_name(i))
+            if group.world > n:
+                log.warning("%d processes for %d parts (of --batch-size %d sequences): ranks %d.. have "
+                            "nothing to do; a smaller --batch-size makes more parts",
+                            group.world, n, cfg.batch_size, n)
+            if not steps.step():  # the others start once the run has started
+                raise SpectraError("another rank could not start (see its message); nothing was computed")
+            with C.timed(rd, "choose_heads_s"):
+                choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True)
+            with C.timed(rd, "sweep_s"):
+                write_parts(cfg, setup.model, measure, rd.path, group.shards(n), progress=progress)
+            if not steps.step():  # every rank has written its parts
+                raise SpectraError("another rank failed before writing its parts (see its message); "
+                                   "rerun the same command to redo only the missing parts")
+            with C.timed(rd, "fits_s"):
+                sweep = read_parts(cfg, len(measure), part_digests(cfg, measure), [rd.path])
+                result = _result(cfg, sweep, choice, setup.layout)
+            _finish(cfg, rd, result, {**C.provenance(setup, choice, cfg.seed),
+                                      **_parts_info(cfg, n, group.world)})
+    except Exception:
+        steps.abort()
+        raise
     return dataclasses.replace(result, out=rd.path)
 
 
+def _compute_share(cfg: GainConfig, group: Group, model, tokens) -> None:
+    """A rank other than 0: wait for rank 0 to start the run, write this rank's parts into it."""
+    steps = Steps(group, 2)
+    try:
+        cfg.validate()
+        model, _ = C.load_run_model(cfg, model)
+        measure = C.load_run_tokens(cfg, model, tokens).measure
+        if not steps.step():  # rank 0 could not start the run; it says why
+            steps.abort()
+            return
+        n = len(part_ranges(len(measure), cfg.batch_size))
+        write_parts(cfg, model, measure, Path(cfg.out), group.shards(n))
+        steps.step()
+    except Exception:
+        steps.abort()
+        raise
+
+
+def _run_share(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) -> None:
+    """A detached share: parts rank, rank + world, ... into its own run directory `cfg.out`
+    (share 0 also chooses the target / control heads); `merge` makes the tables."""
+    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
+        rd, measure = setup.rd, setup.tokens.measure
+        n = len(part_ranges(len(measure), cfg.batch_size))
+        mine = group.shards(n)
+        for i in mine:  # listed before they exist, so that --overwrite removes them
+            rd.output(part_name(i))
+        if group.rank == 0:
+            with C.timed(rd, "choose_heads_s"):
+                choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True)
+            info = C.provenance(setup, choice, cfg.seed)
+        else:
+            info = C.provenance(setup, C.HeadChoice((0, 0), None, (), {}), cfg.seed)
+            info.pop("selection")
+        with C.timed(rd, "sweep_s"):
+            write_parts(cfg, setup.model, measure, rd.path, mine, progress=progress)
+        rd.finish(**info, share={"rank": group.rank, "world": group.world, "parts": mine, "n_parts": n},
+                  part_digests=part_digests(cfg, measure),
+                  q_bilinear=[bool(b) for b in setup.layout.q_bilinear])
+
+
+def merge(cfg, *, progress: bool = True) -> GainResult:
+    """The tables of a gain run computed in detached shares (`config.MergeConfig`): every share's
+    run directory must hold a finished share of the same configuration over the same sequences
+    (their sha256 agree), share 0 (which chose the heads) among them, and together they must
+    hold every part (a part in several shares is read once)."""
+    cfg.validate()
+    shares = []
+    for d in cfg.run_dir:
+        m = RunDir(d, EXPERIMENT).read_manifest()
+        if m is None or m.get("experiment") != EXPERIMENT:
+            raise SpectraError(f"{d} is not a gain run directory (no manifest.json of experiment 'gain')")
+        if m.get("status") != "complete" or "share" not in m:
+            raise SpectraError(f"{d} holds no finished share (status {m.get('status')!r}); rerun "
+                               "that share's command to finish it")
+        shares.append((Path(d), m))
+    ignore = set(NOT_RESULT_FIELDS)
+    first = {k: v for k, v in shares[0][1]["config"].items() if k not in ignore}
+    for d, m in shares[1:]:
+        other = {k: v for k, v in m["config"].items() if k not in ignore}
+        if other != first:
+            diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+            raise SpectraError(f"{d} was run with a different configuration than {shares[0][0]} "
+                               f"({', '.join(diff)}); shares of one run share every setting")
+        if m.get("part_digests") != shares[0][1].get("part_digests"):
+            raise SpectraError(f"{d} measured other sequences than {shares[0][0]} (their sha256 "
+                               "differ): shares must read the same corpus")
+    zero = [(d, m) for d, m in shares if m["share"]["rank"] == 0]
+    if not zero:
+        raise SpectraError("share 0 (SPECTRA_SHARD_RANK=0) is not among the run directories given; it "
+                           "records the heads the figures show: pass its run directory")
+    m0 = zero[0][1]
+    names = {f.name for f in dataclasses.fields(GainConfig)}
+    base = {k: tuple(v) if isinstance(v, list) else v for k, v in m0["config"].items() if k in names}
+    run_cfg = dataclasses.replace(GainConfig(**base), out=cfg.out, overwrite=cfg.overwrite,
+                                  images=cfg.images)
+    n_sequences, digests = int(m0["n_sequences"]), list(m0["part_digests"])
+    sweep = read_parts(run_cfg, n_sequences, digests, [d for d, _ in shares])
+    sel = m0["selection"]
+    choice = C.HeadChoice(tuple(sel["target"]), tuple(sel["control"]) if sel.get("control") else None,
+                          tuple(sel.get("chosen_by_rule", ())),
+                          {int(k): v for k, v in sel.get("selection_gains", {}).items()},
+                          control_r=sel.get("control_r"))
+    inputs = [d for d, _ in shares]
+    with C.run_directory(run_cfg, EXPERIMENT, inputs=inputs) as rd:
+        rd.start(run_cfg, overwrite=run_cfg.overwrite)
+        result = _result(run_cfg, sweep, choice, SimpleNamespace(q_bilinear=tuple(m0["q_bilinear"])))
+        info = {k: m0[k] for k in ("model", "corpus", "n_sequences", "seq_len", "selection", "seed") if k in m0}
+        _finish(run_cfg, rd, result, {**info, **_parts_info(run_cfg, len(digests), m0["share"]["world"]),
+                                      "merged_from": [str(d) for d, _ in shares]})
+    return dataclasses.replace(result, out=rd.path)
 
 
 def command(cfg: GainConfig, *, progress: bool = True) -> int:
@@ -236,6 +507,12 @@ def command(cfg: GainConfig, *, progress: bool = True) -> int:
     t0 = time.perf_counter()
     result = run(cfg, progress=progress)
     seconds = time.perf_counter() - t0
+    if result is None:  # a rank other than 0, or a detached share: its parts are written
+        share = os.environ.get(SHARD_WORLD)
+        if share is not None and int(share) > 1:
+            print(f"wrote share {os.environ.get(SHARD_RANK)} of {share} of the parts into {cfg.out} in "
+                  f"{seconds:.0f} s; `spectra-lens merge` joins the shares")
+        return 0
     s = result.summary
     strongest = s.loc[s["gain_entropy"].idxmin()]
     print(f"{len(s)} heads, {len(result.sweep.alphas)} alphas, methods: "

@@ -55,7 +55,7 @@ COMMANDS: dict[str, Command] = {
     "head": Command("HeadPageConfig", "spectra_lens.experiments.head_page",
                     "one HTML page for one head (e.g. L15H8)"),
     "merge": Command("MergeConfig", "spectra_lens.experiments.merge",
-                     "EXP0 tables from the shares of a run (SLURM array, several machines)"),
+                     "EXP0 or EXP2 tables from the shares of a run (SLURM array, several machines)"),
 }
 
 PROG = "spectra-lens"

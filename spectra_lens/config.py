@@ -529,10 +529,11 @@ class StudyConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MergeConfig:
-    """Merge the shares of one observational run (jobs started with SPECTRA_SHARD_RANK=i
-    SPECTRA_SHARD_WORLD=N, e.g. a SLURM array, each into its own run directory over the same
-    prepared shards): read every share's per-document moments and write the run's tables and
-    figures once, as a single run of the same configuration would."""
+    """Merge the shares of one observational or gain run (jobs started with SPECTRA_SHARD_RANK=i
+    SPECTRA_SHARD_WORLD=N, e.g. a SLURM array, each into its own run directory; observational
+    shares over the same prepared shards): read every share's per-document moments (or per-part
+    α-curves) and write the run's tables and figures once, as a single run of the same
+    configuration would."""
 
     run_dir: tuple[str, ...] = field(metadata={"positional": True,
                                                "help": "run directories of the shares (all of them)"})
