@@ -440,9 +440,10 @@ def _run_share(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) 
             with C.timed(rd, "choose_heads_s"):
                 choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True)
             info = C.provenance(setup, choice, cfg.seed)
-        else:
-            info = C.provenance(setup, C.HeadChoice((0, 0), None, (), {}), cfg.seed)
-            info.pop("selection")
+        else:  # the other shares record what share 0 records, less the head selection
+            t = setup.tokens
+            info = dict(model=C.model_info(setup.model_name, setup.layout, setup.model), corpus=t.corpus,
+                        n_sequences=int(t.measure.shape[0]), seq_len=int(t.measure.shape[1]), seed=cfg.seed)
         with C.timed(rd, "sweep_s"):
             write_parts(cfg, setup.model, measure, rd.path, mine, progress=progress)
         rd.finish(**info, share={"rank": group.rank, "world": group.world, "parts": mine, "n_parts": n},
