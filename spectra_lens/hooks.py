@@ -472,13 +472,11 @@ class MetricCapture:
         def fn(p, hook):
             _check_shape(p, name, (None, L.n_heads, None, None), "batch head query_pos key_pos")
             p = p.detach()
-            # One blocked pass over the visible keys (metrics.row_metrics); without faithful
-            # scores the logits are log p (the same up to a per-row constant). top_mass=None
-            # skips k_eff_top90 (NaN), the only metric that sorts the rows.
+            # One blocked pass over the visible keys (metrics.capture_row_metrics); without
+            # faithful scores the logits are log p (the same up to a per-row constant).
+            # top_mass=None skips k_eff_top90 (NaN), the only metric that sorts the rows.
             s = self._scores.pop(l, None)
-            got = M.row_metrics(p, s, top_mass=self.top_mass)
-            got |= M.sink_excluded_metrics(p, s, self._store["q_norm"][l],
-                                           top_mass=self.top_mass)
+            got = M.capture_row_metrics(p, s, self._store["q_norm"][l], top_mass=self.top_mass)
             mask = self._mask_for(p, name)
             if mask is not None:
                 pf = p.float()

@@ -54,6 +54,8 @@ __all__ = [
     "direction_spread",
     "sink_excluded_metrics",
     "alpha_row_metrics",
+    "CAPTURE_ROW_METRICS",
+    "capture_row_metrics",
 ]
 
 K_EFF_DEFINITIONS: dict[str, str] = {
@@ -353,34 +355,35 @@ _SCORE_FLOOR = -1e18  # masked scores (finfo.min, −inf) clamped here: p = 0 ti
 
 
 def _top_count_sorted(E: Tensor, lim: Tensor) -> Tensor:
-    """Rows of E [rows, W] sorted in descending order (≥ 0, W a multiple of `_TOP_CHUNK`):
-    the fewest leading entries whose sum reaches lim [rows]; W where the row never does.
+    """Rows of E [rows, W] sorted in descending order (≥ 0): the fewest leading entries whose
+    sum reaches lim [rows]; W + 1 where the row never does (callers read it as every key).
+
+    `_top_counts_sorted` with one threshold per row.
+    """
+    return _top_counts_sorted(E, lim[:, None])[:, 0]
+
+
+def _top_counts_sorted(E: Tensor, lims: Tensor) -> Tensor:
+    """Rows of E [rows, W] sorted in descending order (≥ 0): for every threshold lims[:, m]
+    (float64 [rows, m]), the fewest leading entries whose sum reaches it; W + 1 where the row
+    never does. Returns [rows, m].
 
     Sums in float64, as `k_eff_top_mass`: a cumulative sum of the first `_TOP_PREFIX` keys
-    settles most rows; the others get chunk sums and their cumulative sum, then key by key only
-    inside the chunk where they cross `lim` (a full cumulative sum of every row costs more than
-    the sort).
+    settles most rows; only the rows it leaves open for some threshold get the cumulative sum of
+    every key (a full cumulative sum of every row costs more than the sort). The count is the
+    insertion point of the threshold in the non-decreasing cumulative sums.
     """
     rows, W = E.shape
     k = min(_TOP_PREFIX, W)
     c = E[:, :k].double().cumsum_(-1)
-    count = (c < lim[:, None]).sum(-1) + 1
+    lims = lims.contiguous()
+    count = torch.searchsorted(c, lims) + 1
     if k == W:
         return count
-    open_ = (c[:, -1] < lim).nonzero()[:, 0]
-    if open_.numel() == 0:
-        return count
-    n_chunks = W // _TOP_CHUNK
-    Eo, lo = E[open_], lim[open_]
-    chunks = Eo.view(-1, n_chunks, _TOP_CHUNK)
-    cs = chunks.double().sum(-1).cumsum_(-1)
-    j = (cs < lo[:, None]).sum(-1)  # whole chunks still below the mass
-    jj = j.clamp_max(n_chunks - 1)
-    base = torch.where(jj > 0, cs.gather(1, (jj - 1).clamp_min(0)[:, None])[:, 0], 0.0)
-    seg = chunks.gather(1, jj[:, None, None].expand(-1, 1, _TOP_CHUNK))[:, 0]
-    within = seg.double().cumsum_(-1).add_(base[:, None])
-    cnt = jj * _TOP_CHUNK + (within < lo[:, None]).sum(-1) + 1
-    count[open_] = torch.where(j >= n_chunks, W, cnt)
+    open_ = (c[:, -1:] < lims).any(-1).nonzero()[:, 0]
+    if open_.numel():
+        full = E[open_].double().cumsum_(-1)
+        count[open_] = torch.searchsorted(full, lims[open_]) + 1
     return count
 
 
@@ -461,7 +464,8 @@ def row_metrics(
     rows_per = max(1, block_elements // max(1, n_b * n_k))
     names = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "local_gain")
     out = {n: torch.empty(n_b, n_q, dtype=torch.float32, device=device) for n in names}
-    thr = torch.finfo(s3.dtype).min / 2 if s3 is not None else 0.0
+    # blocks are float32: a float64 mask (≤ float64 min / 2) is −inf there
+    thr = max(torch.finfo(s3.dtype).min, torch.finfo(torch.float32).min) / 2 if s3 is not None else 0.0
     with torch.no_grad():
         for q0 in range(0, n_q, rows_per):
             _row_block(p3, s3, q0, min(n_q, q0 + rows_per), out, thr, top_mass, backend)
@@ -665,37 +669,220 @@ def sink_excluded_metrics(
         block_elements = CPU_BLOCK_ELEMENTS if device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
     n_b = p3.shape[0]
     rows_per = max(1, block_elements // max(1, n_b * n_k))
-    names = ("entropy", "max_attn", "k_eff_pr", "k_eff_top90", "dir_spread")
-    out = {n: torch.empty(n_b, n_q, dtype=torch.float32, device=device) for n in names}
+    out = {n: torch.empty(n_b, n_q, dtype=torch.float32, device=device) for n in _SINK_NAMES}
+    with torch.no_grad():
+        for q0 in range(0, n_q, rows_per):
+            _sink_block(p3, s3, qn, q0, min(n_q, q0 + rows_per), out, top_mass, backend)
+    return {n: v.reshape(*lead, n_q) for n, v in _sink_results(out, top_mass).items()}
+
+
+_SINK_NAMES = ("entropy_ns", "max_attn_ns", "k_eff_pr_ns", "k_eff_top90_ns", "dir_spread")
+
+
+def _sink_results(out: dict[str, Tensor], top_mass: float | None) -> dict[str, Tensor]:
+    h = out["entropy_ns"]
+    return {
+        "entropy_nosink": h,
+        "max_attn_nosink": out["max_attn_ns"],
+        "k_eff_exp_nosink": torch.exp(h),
+        "k_eff_pr_nosink": out["k_eff_pr_ns"],
+        "k_eff_top90_nosink": out["k_eff_top90_ns"] if top_mass is not None else torch.full_like(h, torch.nan),
+        "dir_spread": out["dir_spread"],
+    }
+
+
+def _sink_block(p3, s3, qn, q0, q1, out, top_mass, backend) -> None:
+    """Sink-excluded metrics of query rows [q0, q1) into `out` (see sink_excluded_metrics):
+    `without_first_key` of the block from its scores, then `row_metrics` of that."""
+    ext = _key_extent(s3, p3, q0, q1)
+    pb = p3[:, q0:q1, :ext]
+    if s3 is None:
+        visible = pb > 0
+        sb = logits_from_pattern(pb)
+    else:
+        sb = s3[:, q0:q1, :ext]
+        visible = visible_from_scores(sb)
+    rest = without_first_key(sb, visible)
+    with np.errstate(divide="ignore", invalid="ignore"):  # all-zero rows: NaN below
+        got = row_metrics(rest.nan_to_num(0.0), top_mass=top_mass,
+                          block_elements=max(1, rest.numel()), backend=backend)
+    undefined = ~(visible.sum(-1) > 1)  # nothing visible after the first key: NaN
+    for n in ("entropy", "max_attn", "k_eff_pr", "k_eff_top90"):
+        out[n + "_ns"][:, q0:q1] = got[n].masked_fill(undefined, torch.nan)
+    out["dir_spread"][:, q0:q1] = direction_spread(sb, visible, qn[:, q0:q1])
+
+
+#: The metrics of `capture_row_metrics`: `ROW_METRICS` and those of `sink_excluded_metrics`.
+CAPTURE_ROW_METRICS: tuple[str, ...] = ROW_METRICS + (
+    "entropy_nosink", "max_attn_nosink", "k_eff_exp_nosink", "k_eff_pr_nosink",
+    "k_eff_top90_nosink", "dir_spread",
+)
+_NOSINK_MIN_MASS = 1e-30  # below this, the rest of a row is renormalized from its scores
+_MIN_BLOCK_ROWS = 256  # rows (batch × head × query) per block of capture_row_metrics by default
+
+
+def capture_row_metrics(
+    pattern: Float[Tensor, "*batch query_pos key_pos"],
+    scores: Float[Tensor, "*batch query_pos key_pos"] | None,
+    q_norm: Float[Tensor, "*batch query_pos"],
+    *,
+    top_mass: float | None = 0.9,
+    block_elements: int | None = None,
+    backend: str | None = None,
+) -> dict[str, Float[Tensor, "*batch query_pos"]]:
+    """`row_metrics` and `sink_excluded_metrics` together (`CAPTURE_ROW_METRICS`), in one pass.
+
+    The same values as the two functions (tested), computed in one read of each query block
+    where the block allows it: a float32 or float64 pattern on the CPU ("numpy" backend) whose
+    first key is visible in every row of the block (no left padding). There the pattern without
+    its first key is p_j / R with R = Σ_{j≥1} p_j summed directly (not 1 − p_0, so a sink near 1
+    loses no digits), and its metrics follow from the sums of the full row's: H' = −Σ_{j≥1} p_j
+    log p_j / R + log R, max' = max_{j≥1} p_j / R, 1 / Σ p'² = R² / Σ_{j≥1} p_j²; both top-mass
+    counts come from one sort of the full row (removing p_0 from a sorted row shifts the
+    cumulative sums after its rank by p_0). Rows whose rest underflows (R < 1e-30) are
+    renormalized from their scores instead, as `without_first_key` does. Other blocks (half
+    precision, left padding, other devices) go through the two functions' block kernels.
+    """
+    if top_mass is not None and not 0.0 < top_mass <= 1.0:
+        from spectra_lens.errors import SpectraError
+
+        raise SpectraError(f"top_mass must be in (0, 1] or None, got {top_mass!r}")
+    lead, (n_q, n_k) = pattern.shape[:-2], pattern.shape[-2:]
+    device = pattern.device
+    if backend is None:
+        backend = "numpy" if device.type == "cpu" else "torch"
+    fused = backend == "numpy" and pattern.dtype in (torch.float32, torch.float64)
+    if not fused:
+        return (row_metrics(pattern, scores, top_mass=top_mass, block_elements=block_elements, backend=backend)
+                | sink_excluded_metrics(pattern, scores, q_norm, top_mass=top_mass,
+                                        block_elements=block_elements, backend=backend))
+    p3 = pattern.reshape(-1, n_q, n_k)
+    s3 = None if scores is None else scores.reshape(-1, n_q, n_k)
+    qn = q_norm.reshape(-1, n_q)
+    n_b = p3.shape[0]
+    if block_elements is None:  # at least _MIN_BLOCK_ROWS rows, so that long rows amortize the calls
+        rows_per = max(CPU_BLOCK_ELEMENTS // max(1, n_b * n_k), -(-_MIN_BLOCK_ROWS // n_b))
+    else:
+        rows_per = max(1, block_elements // max(1, n_b * n_k))
+    names = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "local_gain") + _SINK_NAMES
+    out = {n: torch.empty(n_b, n_q, dtype=torch.float32) for n in names}
+    # blocks are float32: a float64 mask (≤ float64 min / 2) is −inf there
+    thr = max(torch.finfo(s3.dtype).min, torch.finfo(torch.float32).min) / 2 if s3 is not None else 0.0
     with torch.no_grad():
         for q0 in range(0, n_q, rows_per):
             q1 = min(n_q, q0 + rows_per)
-            ext = _key_extent(s3, p3, q0, q1)
-            pb = p3[:, q0:q1, :ext]
-            if s3 is None:
-                visible = pb > 0
-                sb = logits_from_pattern(pb)
-            else:
-                sb = s3[:, q0:q1, :ext]
-                visible = visible_from_scores(sb)
-            rest = without_first_key(sb, visible)
-            with np.errstate(divide="ignore", invalid="ignore"):  # all-zero rows: NaN below
-                got = row_metrics(rest.nan_to_num(0.0), top_mass=top_mass,
-                                  block_elements=max(1, rest.numel()), backend=backend)
-            undefined = ~(visible.sum(-1) > 1)  # nothing visible after the first key: NaN
-            for n in ("entropy", "max_attn", "k_eff_pr", "k_eff_top90"):
-                out[n][:, q0:q1] = got[n].masked_fill(undefined, torch.nan)
-            out["dir_spread"][:, q0:q1] = direction_spread(sb, visible, qn[:, q0:q1])
-    h = out["entropy"]
+            if not _fused_block(p3, s3, qn, q0, q1, out, thr, top_mass):
+                _row_block(p3, s3, q0, q1, out, thr, top_mass, backend)
+                _sink_block(p3, s3, qn, q0, q1, out, top_mass, backend)
+    H = out["entropy"]
+    log_n = out["n_visible"].log_()
     res = {
-        "entropy_nosink": h,
-        "max_attn_nosink": out["max_attn"],
-        "k_eff_exp_nosink": torch.exp(h),
-        "k_eff_pr_nosink": out["k_eff_pr"],
-        "k_eff_top90_nosink": out["k_eff_top90"] if top_mass is not None else torch.full_like(h, torch.nan),
-        "dir_spread": out["dir_spread"],
-    }
+        "entropy": H,
+        "entropy_norm": torch.where(log_n > 0, H / log_n.clamp_min(1e-30), torch.nan),
+        "max_attn": out["max_attn"],
+        "k_eff_exp": torch.exp(H),
+        "k_eff_pr": out["k_eff_pr"],
+        "k_eff_top90": out["k_eff_top90"] if top_mass is not None else torch.full_like(H, torch.nan),
+        "sink_mass": p3[:, :, 0].float(),
+        "local_gain": out["local_gain"],
+    } | _sink_results(out, top_mass)
     return {n: v.reshape(*lead, n_q) for n, v in res.items()}
+
+
+def _fused_block(p3, s3, qn, q0, q1, out, thr, top_mass) -> bool:
+    """Every metric of `capture_row_metrics` for query rows [q0, q1) from one float32 read of
+    the block; False (nothing written) where the first key is hidden in some row."""
+    n_b, n_q, n_k = p3.shape
+    ext = _key_extent(s3, p3, q0, q1)
+    f32 = torch.float32
+    width = ext + (-ext % _TOP_CHUNK)
+    rows = n_b * (q1 - q0)
+    pb = torch.zeros(n_b, q1 - q0, width, dtype=f32)
+    pb[..., :ext] = p3[:, q0:q1, :ext]
+    P = pb.view(rows, width).numpy()
+    L = pb.clamp_min(torch.finfo(f32).tiny).log_().view(rows, width).numpy()
+    if s3 is None:
+        V = P > 0
+        S = L
+    else:
+        sb = torch.full((n_b, q1 - q0, width), torch.finfo(f32).min, dtype=f32)
+        sb[..., :ext] = s3[:, q0:q1, :ext]
+        S = sb.view(rows, width).numpy()
+        V = S > thr
+    if not V[:, 0].all():  # left padding: the first visible key is not key 0
+        return False
+    if s3 is not None:
+        np.maximum(S, _SCORE_FLOOR, out=S)  # −inf masks: finite, so that masking by product works
+    S0 = S * V  # the logits, 0 at masked keys
+    n_vis = np.count_nonzero(V, axis=-1)
+    P0, P1, L1 = P[:, 0], P[:, 1:], L[:, 1:]
+    A1 = np.einsum("ij,ij->i", P1, L1)  # Σ_{j≥1} p log p
+    B1 = np.einsum("ij,ij->i", P1, P1)  # Σ_{j≥1} p²
+    R = P1.sum(-1).astype(np.float64)  # the mass off the first key, summed directly
+    if top_mass is not None:  # one sort of each row gives both top-mass counts and max_{j≥1}
+        asc = np.sort(np.negative(P), axis=-1)  # −p ascending
+        desc = np.negative(asc)
+        # p_0 sits after the r0 keys larger than it (the first of them is max_{j≥1} p_j)
+        r0 = torch.searchsorted(torch.from_numpy(asc), torch.from_numpy(-P0[:, None]))[:, 0].numpy()
+        max1 = np.where(r0 > 0, desc[:, 0], desc[:, 1])
+    else:
+        max1 = P1.max(-1)
+    mean = np.einsum("ij,ij->i", P, S0)
+    D = S0 - mean[:, None]
+    np.square(D, out=D)
+    gain = -np.einsum("ij,ij->i", P, D)  # masked keys: p = 0
+    m_s = (S0.sum(-1) / np.maximum(n_vis, 1)).astype(np.float32)
+    E = S0 - m_s[:, None]
+    E *= V
+    spread = np.sqrt(np.einsum("ij,ij->i", E, E) / np.maximum(n_vis, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):  # undefined rows: NaN below
+        Hn = -A1 / R + np.log(R)
+        maxn = max1 / R
+        prn = R * R / B1
+    undefined = n_vis <= 1  # nothing visible after the first key
+    got = {
+        "entropy": -(A1 + P0 * L[:, 0]),
+        "n_visible": n_vis,
+        "max_attn": np.maximum(P0, max1),
+        "k_eff_pr": 1.0 / (B1 + P0 * P0),
+        "local_gain": gain,
+        "entropy_ns": np.where(undefined, np.nan, Hn),
+        "max_attn_ns": np.where(undefined, np.nan, maxn),
+        "k_eff_pr_ns": np.where(undefined, np.nan, prn),
+    }
+    if top_mass is not None:
+        lim = top_mass - _TOP_TOL
+        lims = np.stack([np.full(rows, lim), lim * R, lim * R + P0], axis=-1)
+        cnt = _top_counts_sorted(torch.from_numpy(desc), torch.from_numpy(lims)).numpy()
+        # up to p_0's rank the rest's cumulative sums are the row's; after it, the row's one key
+        # later minus p_0
+        ns = np.where(cnt[:, 1] <= r0, cnt[:, 1], cnt[:, 2] - 1)
+        ns = np.where((cnt[:, 1] > r0) & (cnt[:, 2] > ext), width + 1, ns)  # never reached
+        # A rest below float64's resolution next to p_0 (p_0 the largest key and R < 1e-6):
+        # its own cumulative sums, from the sorted row with p_0 (its first key) set to 0.
+        tiny = ((r0 == 0) & (R < 1e-6) & ~undefined).nonzero()[0]
+        if tiny.size:
+            rest = desc[tiny].copy()
+            rest[:, 0] = 0.0
+            got_rest = _top_count_sorted(torch.from_numpy(rest), torch.from_numpy(lim * R[tiny])).numpy()
+            ns[tiny] = got_rest - 1
+        full = cnt[:, 0]
+        got["k_eff_top90"] = np.where(full > ext, n_k, full)
+        got["k_eff_top90_ns"] = np.where(undefined, np.nan, np.where(ns > ext, n_k, ns))
+    else:
+        got["k_eff_top90"] = np.full(rows, np.nan)
+        got["k_eff_top90_ns"] = np.full(rows, np.nan)
+    got["dir_spread"] = spread / qn[:, q0:q1].reshape(rows).numpy()
+    for n, v in got.items():
+        out[n][:, q0:q1] = torch.from_numpy(np.asarray(v, dtype=np.float32)).view(n_b, q1 - q0)
+    lost = ~undefined & (R < _NOSINK_MIN_MASS)  # the rest underflowed in p: from the scores
+    if lost.any():
+        tmp = {n: out[n][:, q0:q1].clone() for n in _SINK_NAMES}
+        _sink_block(p3, s3, qn, q0, q1, out, top_mass, "numpy")
+        keep = torch.from_numpy(~lost).view(n_b, q1 - q0)
+        for n in _SINK_NAMES:
+            out[n][:, q0:q1] = torch.where(keep, tmp[n], out[n][:, q0:q1])
+    return True
 
 
 def _sink_excluded_metrics_whole(pattern, scores, q_norm, *, top_mass=0.9):
