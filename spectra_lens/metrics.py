@@ -561,6 +561,12 @@ def _block_torch(pb: Tensor, sb: Tensor | None, thr: float, top_mass: float | No
 
 
 _EXP_FLOOR = -87.0
+# `alpha_row_metrics`: keys per chunk of the chunk sums behind k_eff_top90 (rows are padded to a
+# multiple), and pattern entries per piece of its exponentials and sums (2**17 floats = 512 KiB:
+# a piece, its exponents and its exponentials stay in the cache while they are summed).
+_ALPHA_KEY_CHUNK = 16
+_ALPHA_PIECE = 2**17
+_F32_EPS = 2.0**-24  # unit roundoff of float32
 
 
 def alpha_row_metrics(
@@ -570,38 +576,113 @@ def alpha_row_metrics(
 
     Sorts each row once (softmax(α·z) keeps the order of z for α > 0); per α:
     e = exp(α (z − max z)) (so e_0 = 1), Z = Σ e, H = log Z − α Σ e (z − max) / Z,
-    max p = 1 / Z, 1 / Σ p² = Z² / Σ e², and the top-mass count from e against 0.9 · Z.
+    max p = 1 / Z, 1 / Σ p² = Z² / Σ e², and the top-mass count from e against 0.9 · Z
+    (`_top_count_from_chunks`: exactly the float64 count of `k_eff_top_mass`).
+
+    The α grid runs in chunks of at most `chunk_elements` entries of e; inside a chunk the
+    exponentials and their sums are formed in cache-sized pieces. Every per-row quantity depends
+    only on that row and α, so the chunking does not change any result.
     """
     alphas = check_alphas(alphas)
     rows, n_keys = z.shape
-    width = n_keys + (-n_keys % _TOP_CHUNK)
+    kc = _ALPHA_KEY_CHUNK
+    width = n_keys + (-n_keys % kc)
+    n_chunks = width // kc
     zs = np.sort(z.numpy(), axis=-1)[:, ::-1]  # descending, −inf last
     zc = np.full((rows, width), _SCORE_FLOOR, dtype=np.float32)  # exp(α · floor) = 0
     with np.errstate(invalid="ignore"):  # a row with no visible key (padding) gives NaN
         np.maximum(zs - zs[:, :1], _SCORE_FLOOR, out=zc[:, :n_keys])
     n_a = len(alphas)
+    a_all = np.asarray(alphas, dtype=np.float32)
     out = {n: np.empty((n_a, rows)) for n in SWEEP_METRICS}
-    step = max(1, chunk_elements // max(1, zc.size))
+    step = max(1, chunk_elements // zc.size)  # α per chunk
+    piece = max(1, min(chunk_elements, _ALPHA_PIECE))
+    if zc.size <= piece:  # a piece: several α × every row, or one α × a range of rows
+        p_a, p_r = piece // zc.size, rows
+    else:
+        p_a, p_r = 1, max(1, piece // width)
+    c_a = min(step, n_a)
+    E = np.empty((c_a, rows, width), np.float32)  # e of one chunk, for the top-mass count
+    E_t = torch.from_numpy(E)
+    sums = np.empty((3, c_a, rows), np.float32)  # Z, Σ e·x, Σ e² (x = α (z − max z))
+    chunk_sums = np.empty((n_chunks, c_a * rows), np.float32)  # [key chunk, (α, row)]
+    x_buf = np.empty(min(p_a, c_a) * min(p_r, rows) * width, np.float32)
+    ones = np.ones(kc, np.float32)
     for i in range(0, n_a, step):
-        a = np.asarray(alphas[i : i + step], dtype=np.float32)
-        x3 = zc[None] * a[:, None, None]
-        # exp is many times slower where it underflows (subnormal range): clamp the exponent at
-        # −87 (exp = 1.6e−38, the smallest normal float): such terms add < 1e−36 each to any sum.
-        np.maximum(x3, _EXP_FLOOR, out=x3)
-        e3 = torch.from_numpy(x3).exp().numpy()
-        e = e3.reshape(-1, width)
-        Z = e.sum(-1).astype(np.float64)
-        ex = np.einsum("ij,ij->i", e, x3.reshape(-1, width)).astype(np.float64)
+        n_ai = min(step, n_a - i)
+        for ia in range(0, n_ai, p_a):
+            ib = min(ia + p_a, n_ai)
+            for r0 in range(0, rows, p_r):
+                r1 = min(r0 + p_r, rows)
+                x = x_buf[: (ib - ia) * (r1 - r0) * width].reshape(ib - ia, r1 - r0, width)
+                np.multiply(zc[None, r0:r1], a_all[i + ia : i + ib, None, None], out=x)
+                # exp is many times slower below −87 (subnormal range and beyond): clamp the
+                # exponent there (exp = 1.6e−38, the smallest normal float): such terms add
+                # < 1e−36 each to any sum.
+                x_t = torch.from_numpy(x).clamp_min_(_EXP_FLOOR)
+                torch.exp(x_t, out=E_t[ia:ib, r0:r1])
+                e = E[ia:ib, r0:r1].reshape(-1, width)
+                xf = x.reshape(-1, width)
+                sums[0, ia:ib, r0:r1] = np.einsum("ij->i", e).reshape(ib - ia, r1 - r0)
+                sums[1, ia:ib, r0:r1] = np.einsum("ij,ij->i", e, xf).reshape(ib - ia, r1 - r0)
+                sums[2, ia:ib, r0:r1] = np.einsum("ij,ij->i", e, e).reshape(ib - ia, r1 - r0)
+                cs = (e.reshape(-1, kc) @ ones).reshape(-1, n_chunks)
+                chunk_sums[:, ia * rows + r0 : (ib - 1) * rows + r1] = cs.T
+        n = n_ai * rows
+        Z, ex, ee = (v.reshape(-1).astype(np.float64) for v in sums[:, :n_ai])
+        top = _top_count_from_chunks(E[:n_ai].reshape(n, width), (0.9 - _TOP_TOL) * Z, chunk_sums[:, :n])
         H = np.log(Z) - ex / Z
-        ee = np.einsum("ij,ij->i", e, e).astype(np.float64)
-        lim = torch.from_numpy((0.9 - _TOP_TOL) * Z)
-        top = _top_count_sorted(torch.from_numpy(e), lim).numpy()
-        top = np.where(top > n_keys, n_keys, top)
         got = {"entropy": H, "max_attn": 1.0 / Z, "k_eff_exp": np.exp(H), "k_eff_pr": Z * Z / ee,
-               "k_eff_top90": top}
-        for n, v in got.items():
-            out[n][i : i + a.size] = v.reshape(a.size, rows)
+               "k_eff_top90": np.minimum(top, n_keys)}
+        for name, v in got.items():
+            out[name][i : i + n_ai] = v.reshape(n_ai, rows)
     return {n: torch.from_numpy(v).float() for n, v in out.items()}
+
+
+def _top_count_from_chunks(E: np.ndarray, lim: np.ndarray, chunk_sums: np.ndarray) -> np.ndarray:
+    """Rows of E [N, W] (float32 ≥ 0, sorted in descending order, W a multiple of
+    `_ALPHA_KEY_CHUNK`): the fewest leading entries whose float64 sum reaches lim [N] (float64);
+    W where the row never does. `chunk_sums` [W / _ALPHA_KEY_CHUNK, N] (float32): each row's sums
+    of its consecutive chunks of keys; overwritten (with their cumulative sums).
+
+    Found in float32, one operation over all rows at a time: the chunk where the cumulative sum
+    reaches lim, then the key inside it. A float32 partial sum is within δ = 4 (W + 32) u Z of
+    the exact one (u = 2⁻²⁴, Z the row's sum), so a count whose partial sums on both sides of lim
+    are more than δ away from it is the float64 count; the few other rows (a partial sum within
+    δ of lim, a NaN row) are counted again with a float64 cumulative sum.
+    """
+    kc = _ALPHA_KEY_CHUNK
+    N, W = E.shape
+    n_chunks = W // kc
+    lim32 = lim.astype(np.float32)
+    C = chunk_sums
+    for c in range(1, n_chunks):
+        C[c] += C[c - 1]
+    delta = C[-1].astype(np.float64) * (4 * (W + 2 * kc) * _F32_EPS)
+    j = np.zeros(N, np.intp)  # whole chunks below lim
+    for c in range(n_chunks):
+        j += C[c] < lim32
+    jj = np.minimum(j, n_chunks - 1)
+    r = np.arange(N)
+    base = np.take(C.reshape(-1), np.maximum(jj - 1, 0) * N + r)  # the sum before chunk jj
+    base[jj == 0] = 0.0
+    w = np.take(E.reshape(N * n_chunks, kc), r * n_chunks + jj, axis=0).T.copy()  # [key, row]
+    w[0] += base
+    k = (w[0] < lim32).astype(np.intp)  # keys of chunk jj whose partial sum is below lim
+    for t in range(1, kc):
+        w[t] += w[t - 1]
+        k += w[t] < lim32
+    flat = w.reshape(-1)
+    above = np.take(flat, np.minimum(k, kc - 1) * N + r)  # the partial sum that reaches lim
+    below = np.take(flat, np.maximum(k - 1, 0) * N + r)  # the one before it
+    below = np.where(k == 0, base, below)
+    settled = (k < kc) & (above - lim >= delta) & ((lim - below >= delta) | ((k == 0) & (jj == 0)))
+    count = jj * kc + k + 1
+    redo = np.flatnonzero(~settled)
+    if redo.size:
+        c = torch.from_numpy(np.take(E, redo, axis=0)).cumsum(-1, dtype=torch.float64).numpy()
+        count[redo] = np.minimum((c < lim[redo, None]).sum(-1) + 1, W)
+    return count
 
 
 def without_first_key(
