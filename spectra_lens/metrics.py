@@ -872,34 +872,46 @@ def capture_row_metrics(
 
 def _fused_block(p3, s3, qn, q0, q1, out, thr, top_mass) -> bool:
     """Every metric of `capture_row_metrics` for query rows [q0, q1) from one float32 read of
-    the block; False (nothing written) where the first key is hidden in some row."""
+    the block; False (nothing written) where the first key is hidden in some row.
+
+    With p = softmax(s) over the visible keys, s = log p + log Z there, so the local gain
+    −Var_p(s) = −Σ p (log p + H)² needs no scores; the scores give the visible keys and the
+    direction spread. Keys whose p underflows to 0 add nothing to either sum.
+    """
     n_b, n_q, n_k = p3.shape
     ext = _key_extent(s3, p3, q0, q1)
     f32 = torch.float32
-    width = ext + (-ext % _TOP_CHUNK)
     rows = n_b * (q1 - q0)
-    pb = torch.zeros(n_b, q1 - q0, width, dtype=f32)
-    pb[..., :ext] = p3[:, q0:q1, :ext]
-    P = pb.view(rows, width).numpy()
-    L = pb.clamp_min(torch.finfo(f32).tiny).log_().view(rows, width).numpy()
+    width = max(ext, 2)  # a second column (zero) where only the first key is in the block
+
+    def block(x: Tensor, fill: float) -> np.ndarray:  # a float32 copy [rows, width]
+        if width == ext:
+            return x[:, q0:q1, :ext].to(f32, copy=True).reshape(rows, width).numpy()
+        b = torch.full((n_b, q1 - q0, width), fill, dtype=f32)
+        b[..., :ext] = x[:, q0:q1, :ext]
+        return b.view(rows, width).numpy()
+
+    P = block(p3, 0.0)
     if s3 is None:
         V = P > 0
-        S = L
     else:
-        sb = torch.full((n_b, q1 - q0, width), torch.finfo(f32).min, dtype=f32)
-        sb[..., :ext] = s3[:, q0:q1, :ext]
-        S = sb.view(rows, width).numpy()
+        S = block(s3, torch.finfo(f32).min)
         V = S > thr
     if not V[:, 0].all():  # left padding: the first visible key is not key 0
         return False
-    if s3 is not None:
+    L = np.maximum(P, np.float32(torch.finfo(f32).tiny))
+    np.log(L, out=L)
+    if s3 is None:
+        S = L
+    else:
         np.maximum(S, _SCORE_FLOOR, out=S)  # −inf masks: finite, so that masking by product works
-    S0 = S * V  # the logits, 0 at masked keys
     n_vis = np.count_nonzero(V, axis=-1)
-    P0, P1, L1 = P[:, 0], P[:, 1:], L[:, 1:]
-    A1 = np.einsum("ij,ij->i", P1, L1)  # Σ_{j≥1} p log p
-    B1 = np.einsum("ij,ij->i", P1, P1)  # Σ_{j≥1} p²
-    R = P1.sum(-1).astype(np.float64)  # the mass off the first key, summed directly
+    P0 = P[:, 0]
+    PL = P * L
+    A1 = PL[:, 1:].sum(-1)  # Σ_{j≥1} p log p
+    H = -(A1 + PL[:, 0])
+    B1 = np.einsum("ij,ij->i", P[:, 1:], P[:, 1:])  # Σ_{j≥1} p²
+    R = P[:, 1:].sum(-1).astype(np.float64)  # the mass off the first key, summed directly
     if top_mass is not None:  # one sort of each row gives both top-mass counts and max_{j≥1}
         asc = np.sort(np.negative(P), axis=-1)  # −p ascending
         desc = np.negative(asc)
@@ -907,22 +919,24 @@ def _fused_block(p3, s3, qn, q0, q1, out, thr, top_mass) -> bool:
         r0 = torch.searchsorted(torch.from_numpy(asc), torch.from_numpy(-P0[:, None]))[:, 0].numpy()
         max1 = np.where(r0 > 0, desc[:, 0], desc[:, 1])
     else:
-        max1 = P1.max(-1)
-    mean = np.einsum("ij,ij->i", P, S0)
-    D = S0 - mean[:, None]
-    np.square(D, out=D)
-    gain = -np.einsum("ij,ij->i", P, D)  # masked keys: p = 0
+        max1 = P[:, 1:].max(-1)
+    S0 = S * V  # the logits, 0 at masked keys
     m_s = (S0.sum(-1) / np.maximum(n_vis, 1)).astype(np.float32)
     E = S0 - m_s[:, None]
     E *= V
     spread = np.sqrt(np.einsum("ij,ij->i", E, E) / np.maximum(n_vis, 1))
+    # −Σ p (log p + H)², about the mean −H (the one-pass Σ p (log p)² − H² loses the small
+    # variance of a long, nearly uniform row); L is not needed after this
+    L += H[:, None]
+    np.square(L, out=L)
+    gain = -np.einsum("ij,ij->i", P, L)
     with np.errstate(divide="ignore", invalid="ignore"):  # undefined rows: NaN below
         Hn = -A1 / R + np.log(R)
         maxn = max1 / R
         prn = R * R / B1
     undefined = n_vis <= 1  # nothing visible after the first key
     got = {
-        "entropy": -(A1 + P0 * L[:, 0]),
+        "entropy": H,
         "n_visible": n_vis,
         "max_attn": np.maximum(P0, max1),
         "k_eff_pr": 1.0 / (B1 + P0 * P0),
