@@ -280,17 +280,17 @@ def alpha_metrics(
         lead, (n_rows, n_k) = scores.shape[:-2], scores.shape[-2:]
         s3, v3 = scores.reshape(-1, n_rows, n_k), visible.reshape(-1, n_rows, n_k)
         n_b = s3.shape[0]
-        rw = None if row_weight is None else row_weight.expand(*lead, n_rows).reshape(n_b, n_rows).double()
-        acc = {n: torch.zeros(len(alphas), n_b, dtype=torch.float64) for n in SWEEP_METRICS}
+        rw = None if row_weight is None else row_weight.expand(*lead, n_rows).reshape(n_b, n_rows).double().numpy()
+        acc = {n: np.zeros((len(alphas), n_b)) for n in SWEEP_METRICS}
         for rows, n_keys in query_blocks(visible):
             n_r = rows.stop - rows.start
-            z = s3[:, rows, :n_keys].float().masked_fill(~v3[:, rows, :n_keys], float("-inf"))
-            got = alpha_row_metrics(z.reshape(-1, n_keys), alphas, chunk_elements=chunk_elements)
+            z = torch.where(v3[:, rows, :n_keys], s3[:, rows, :n_keys].float(), float("-inf"))
+            got = _alpha_rows(z.reshape(-1, n_keys).numpy(), alphas, chunk_elements)
             for n in SWEEP_METRICS:
-                v = got[n].double().view(len(alphas), n_b, n_r)
-                acc[n] += v.sum(-1) if rw is None else torch.where(rw[:, rows] > 0, v * rw[:, rows], 0.0).sum(-1)
+                v = got[n].reshape(len(alphas), n_b, n_r)
+                acc[n] += v.sum(-1) if rw is None else np.where(rw[:, rows] > 0, v * rw[:, rows], 0.0).sum(-1)
         denom = n_rows if rw is None else rw.sum(-1)
-        return {n: (v / denom).float().reshape(len(alphas), *lead) for n, v in acc.items()}
+        return {n: torch.from_numpy(v / denom).float().reshape(len(alphas), *lead) for n, v in acc.items()}
     a_all = torch.tensor(alphas, dtype=torch.float32, device=scores.device)
     n_q = scores.shape[-2] if row_weight is None else row_weight.sum(-1)
     sums = {n: scores.new_zeros((len(alphas), *scores.shape[:-2]), dtype=torch.float32)
@@ -561,10 +561,12 @@ def _block_torch(pb: Tensor, sb: Tensor | None, thr: float, top_mass: float | No
 
 
 _EXP_FLOOR = -87.0
-# `alpha_row_metrics`: keys per chunk of the chunk sums behind k_eff_top90 (rows are padded to a
-# multiple), and pattern entries per piece of its exponentials and sums (2**17 floats = 512 KiB:
-# a piece, its exponents and its exponentials stay in the cache while they are summed).
-_ALPHA_KEY_CHUNK = 16
+# `alpha_row_metrics`: rows padded to a multiple of _ALPHA_PAD keys (whole vectors for exp);
+# keys per chunk of the chunk sums behind k_eff_top90 (divides _ALPHA_PAD); pattern entries per
+# piece of the exponentials and their sums (2**17 floats = 512 KiB: a piece, its exponents and
+# its exponentials stay in the cache while they are summed).
+_ALPHA_PAD = 16
+_ALPHA_KEY_CHUNK = 8
 _ALPHA_PIECE = 2**17
 _F32_EPS = 2.0**-24  # unit roundoff of float32
 
@@ -577,24 +579,35 @@ def alpha_row_metrics(
     Sorts each row once (softmax(α·z) keeps the order of z for α > 0); per α:
     e = exp(α (z − max z)) (so e_0 = 1), Z = Σ e, H = log Z − α Σ e (z − max) / Z,
     max p = 1 / Z, 1 / Σ p² = Z² / Σ e², and the top-mass count from e against 0.9 · Z
-    (`_top_count_from_chunks`: exactly the float64 count of `k_eff_top_mass`).
+    (`_top_count_from_chunks`: exactly the float64 count of `k_eff_top_mass`). Σ e² is summed
+    as Σ exp(2α (z − max z)) (equal to float32 rounding; squares of small e would be subnormal
+    floats, which are many times slower), which is the Z of 2α where 2α is on the grid too
+    (log-spaced grids with a point per octave).
 
     The α grid runs in chunks of at most `chunk_elements` entries of e; inside a chunk the
     exponentials and their sums are formed in cache-sized pieces. Every per-row quantity depends
     only on that row and α, so the chunking does not change any result.
     """
-    alphas = check_alphas(alphas)
+    got = _alpha_rows(z.float().numpy(), check_alphas(alphas), chunk_elements)
+    return {n: torch.from_numpy(v).float() for n, v in got.items()}
+
+
+def _alpha_rows(z: np.ndarray, alphas: tuple[float, ...], chunk_elements: int) -> dict[str, np.ndarray]:
+    """`alpha_row_metrics` on z [rows, keys] (float32 NumPy), in float64 [alpha, rows]."""
     rows, n_keys = z.shape
     kc = _ALPHA_KEY_CHUNK
-    width = n_keys + (-n_keys % kc)
+    width = n_keys + (-n_keys % _ALPHA_PAD)
     n_chunks = width // kc
-    zs = np.sort(z.numpy(), axis=-1)[:, ::-1]  # descending, −inf last
+    zs = np.sort(z, axis=-1)[:, ::-1]  # descending, −inf last
     zc = np.full((rows, width), _SCORE_FLOOR, dtype=np.float32)  # exp(α · floor) = 0
     with np.errstate(invalid="ignore"):  # a row with no visible key (padding) gives NaN
         np.maximum(zs - zs[:, :1], _SCORE_FLOOR, out=zc[:, :n_keys])
     n_a = len(alphas)
     a_all = np.asarray(alphas, dtype=np.float32)
+    # double[i]: the index of 2 α_i on the grid (exact in float32), or -1: Σ e² summed
+    double = [next((j for j in range(n_a) if a_all[j] == 2 * a_all[i]), -1) for i in range(n_a)]
     out = {n: np.empty((n_a, rows)) for n in SWEEP_METRICS}
+    Z_all = np.empty((n_a, rows))
     step = max(1, chunk_elements // zc.size)  # α per chunk
     piece = max(1, min(chunk_elements, _ALPHA_PIECE))
     if zc.size <= piece:  # a piece: several α × every row, or one α × a range of rows
@@ -604,9 +617,10 @@ def alpha_row_metrics(
     c_a = min(step, n_a)
     E = np.empty((c_a, rows, width), np.float32)  # e of one chunk, for the top-mass count
     E_t = torch.from_numpy(E)
-    sums = np.empty((3, c_a, rows), np.float32)  # Z, Σ e·x, Σ e² (x = α (z − max z))
-    chunk_sums = np.empty((n_chunks, c_a * rows), np.float32)  # [key chunk, (α, row)]
+    sums = np.zeros((3, c_a, rows), np.float32)  # Z, Σ e·x, Σ e² (x = α (z − max z))
+    chunk_sums = np.zeros((1 + n_chunks, c_a * rows), np.float32)  # [0 | key chunk, (α, row)]
     x_buf = np.empty(min(p_a, c_a) * min(p_r, rows) * width, np.float32)
+    y_buf = np.empty(min(p_r, rows) * width, np.float32)  # exp(2x) of one α
     ones = np.ones(kc, np.float32)
     for i in range(0, n_a, step):
         n_ai = min(step, n_a - i)
@@ -625,63 +639,72 @@ def alpha_row_metrics(
                 xf = x.reshape(-1, width)
                 sums[0, ia:ib, r0:r1] = np.einsum("ij->i", e).reshape(ib - ia, r1 - r0)
                 sums[1, ia:ib, r0:r1] = np.einsum("ij,ij->i", e, xf).reshape(ib - ia, r1 - r0)
-                sums[2, ia:ib, r0:r1] = np.einsum("ij,ij->i", e, e).reshape(ib - ia, r1 - r0)
+                for ja in range(ia, ib):
+                    if double[i + ja] < 0:  # Σ exp(2x), clamped as every exponent
+                        y = y_buf[: (r1 - r0) * width].reshape(r1 - r0, width)
+                        np.multiply(x[ja - ia], np.float32(2), out=y)
+                        y_t = torch.from_numpy(y).clamp_min_(_EXP_FLOOR)
+                        torch.exp(y_t, out=y_t)
+                        sums[2, ja, r0:r1] = np.einsum("ij->i", y)
                 cs = (e.reshape(-1, kc) @ ones).reshape(-1, n_chunks)
-                chunk_sums[:, ia * rows + r0 : (ib - 1) * rows + r1] = cs.T
+                chunk_sums[1:, ia * rows + r0 : (ib - 1) * rows + r1] = cs.T
         n = n_ai * rows
         Z, ex, ee = (v.reshape(-1).astype(np.float64) for v in sums[:, :n_ai])
         top = _top_count_from_chunks(E[:n_ai].reshape(n, width), (0.9 - _TOP_TOL) * Z, chunk_sums[:, :n])
         H = np.log(Z) - ex / Z
-        got = {"entropy": H, "max_attn": 1.0 / Z, "k_eff_exp": np.exp(H), "k_eff_pr": Z * Z / ee,
+        got = {"entropy": H, "max_attn": 1.0 / Z, "k_eff_exp": np.exp(H), "k_eff_pr": ee,
                "k_eff_top90": np.minimum(top, n_keys)}
         for name, v in got.items():
             out[name][i : i + n_ai] = v.reshape(n_ai, rows)
-    return {n: torch.from_numpy(v).float() for n, v in out.items()}
+        Z_all[i : i + n_ai] = Z.reshape(n_ai, rows)
+    for i, j in enumerate(double):  # k_eff_pr = Z² / Σ e², Σ e² held there so far where j < 0
+        out["k_eff_pr"][i] = Z_all[i] ** 2 / (Z_all[j] if j >= 0 else out["k_eff_pr"][i])
+    return out
 
 
 def _top_count_from_chunks(E: np.ndarray, lim: np.ndarray, chunk_sums: np.ndarray) -> np.ndarray:
     """Rows of E [N, W] (float32 ≥ 0, sorted in descending order, W a multiple of
     `_ALPHA_KEY_CHUNK`): the fewest leading entries whose float64 sum reaches lim [N] (float64);
-    W where the row never does. `chunk_sums` [W / _ALPHA_KEY_CHUNK, N] (float32): each row's sums
-    of its consecutive chunks of keys; overwritten (with their cumulative sums).
+    W where the row never does. `chunk_sums` [1 + W / _ALPHA_KEY_CHUNK, N] (float32): zeros,
+    then each row's sums of its consecutive chunks of keys; overwritten (cumulative sums).
 
     Found in float32, one operation over all rows at a time: the chunk where the cumulative sum
-    reaches lim, then the key inside it. A float32 partial sum is within δ = 4 (W + 32) u Z of
-    the exact one (u = 2⁻²⁴, Z the row's sum), so a count whose partial sums on both sides of lim
-    are more than δ away from it is the float64 count; the few other rows (a partial sum within
-    δ of lim, a NaN row) are counted again with a float64 cumulative sum.
+    reaches lim, then the key inside it. A float32 partial sum (a chunk sum, the sum of the
+    chunk sums before it, the keys of its chunk) adds at most n_chunks + 2·chunk nonnegative
+    terms, so it is within (n_chunks + 2·chunk) u Z of the exact one (u = 2⁻²⁴, Z the row's
+    sum); with δ = 2 (n_chunks + 2·chunk + 2) u Z (which also covers rounding lim ± δ to
+    float32), where no partial sum of that chunk (nor the sum before it) lies within δ of lim,
+    the count is the float64 count. The few other rows (a partial sum within δ of lim, a NaN
+    row) are counted again with a float64 cumulative sum.
     """
     kc = _ALPHA_KEY_CHUNK
     N, W = E.shape
     n_chunks = W // kc
-    lim32 = lim.astype(np.float32)
-    C = chunk_sums
-    for c in range(1, n_chunks):
-        C[c] += C[c - 1]
-    delta = C[-1].astype(np.float64) * (4 * (W + 2 * kc) * _F32_EPS)
-    j = np.zeros(N, np.intp)  # whole chunks below lim
-    for c in range(n_chunks):
-        j += C[c] < lim32
-    jj = np.minimum(j, n_chunks - 1)
+    C = chunk_sums  # C[c]: the sum of the first c chunks
+    for c in range(2, n_chunks + 1):
+        np.add(C[c], C[c - 1], out=C[c])
+    delta = C[-1].astype(np.float64) * (2 * (n_chunks + 2 * kc + 2) * _F32_EPS)
+    lim32, lo32, hi32 = (v.astype(np.float32) for v in (lim, lim - delta, lim + delta))
+    # whole chunks below lim (≤ n_chunks; uint8 counts of a bool view are the fast sum)
+    j = (C[1:] < lim32).view(np.uint8).sum(0, dtype=np.uint16 if n_chunks > 255 else np.uint8)
+    jj = np.minimum(j, n_chunks - 1).astype(np.intp)
     r = np.arange(N)
-    base = np.take(C.reshape(-1), np.maximum(jj - 1, 0) * N + r)  # the sum before chunk jj
-    base[jj == 0] = 0.0
+    base = np.take(C.reshape(-1), jj * N + r)  # the sum before chunk jj
     w = np.take(E.reshape(N * n_chunks, kc), r * n_chunks + jj, axis=0).T.copy()  # [key, row]
     w[0] += base
-    k = (w[0] < lim32).astype(np.intp)  # keys of chunk jj whose partial sum is below lim
     for t in range(1, kc):
-        w[t] += w[t - 1]
-        k += w[t] < lim32
-    flat = w.reshape(-1)
-    above = np.take(flat, np.minimum(k, kc - 1) * N + r)  # the partial sum that reaches lim
-    below = np.take(flat, np.maximum(k - 1, 0) * N + r)  # the one before it
-    below = np.where(k == 0, base, below)
-    settled = (k < kc) & (above - lim >= delta) & ((lim - below >= delta) | ((k == 0) & (jj == 0)))
+        np.add(w[t], w[t - 1], out=w[t])
+
+    def below(v):  # keys of chunk jj whose partial sum is below v
+        return (w < v).view(np.uint8).sum(0, dtype=np.uint8)
+
+    k, k_lo, k_hi = below(lim32), below(lo32), below(hi32)
+    settled = (k_lo == k_hi) & (k_hi < kc) & ((jj == 0) | (base < lo32))
     count = jj * kc + k + 1
     redo = np.flatnonzero(~settled)
     if redo.size:
-        c = torch.from_numpy(np.take(E, redo, axis=0)).cumsum(-1, dtype=torch.float64).numpy()
-        count[redo] = np.minimum((c < lim[redo, None]).sum(-1) + 1, W)
+        c = torch.from_numpy(np.take(E, redo, axis=0)).cumsum(-1, dtype=torch.float64)
+        count[redo] = ((c < torch.from_numpy(lim[redo, None])).sum(-1) + 1).clamp_max_(W).numpy()
     return count
 
 

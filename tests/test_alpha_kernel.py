@@ -12,6 +12,7 @@ import torch
 from spectra_lens import metrics as M
 from spectra_lens.metrics import (
     _ALPHA_KEY_CHUNK,
+    _ALPHA_PAD,
     SWEEP_METRICS,
     _top_count_from_chunks,
     alpha_row_metrics,
@@ -35,7 +36,8 @@ def _plain_count(E: np.ndarray, lim: np.ndarray) -> list[int]:
 def _count(E: np.ndarray, lim: np.ndarray) -> list[int]:
     E = np.ascontiguousarray(E, dtype=np.float32)
     n_chunks = E.shape[1] // _ALPHA_KEY_CHUNK
-    chunk_sums = E.reshape(len(E), n_chunks, _ALPHA_KEY_CHUNK).sum(-1).T.copy()
+    chunk_sums = np.zeros((1 + n_chunks, len(E)), np.float32)
+    chunk_sums[1:] = E.reshape(len(E), n_chunks, _ALPHA_KEY_CHUNK).sum(-1).T
     return _top_count_from_chunks(E, np.asarray(lim, dtype=np.float64), chunk_sums).tolist()
 
 
@@ -107,7 +109,7 @@ def test_alpha_row_metrics_do_not_depend_on_the_chunking():
     z = _rows(7, 50, 70, 4.0)
     z[3] = float("-inf")
     alphas = tuple(2.0 ** (k / 5) for k in range(-10, 11))
-    width = 70 + (-70 % _ALPHA_KEY_CHUNK)
+    width = 70 + (-70 % _ALPHA_PAD)
     whole = alpha_row_metrics(z, alphas)
     for chunk in (1, 3 * width, 50 * width + 1, 7 * 50 * width):
         got = alpha_row_metrics(z, alphas, chunk_elements=chunk)
@@ -126,3 +128,21 @@ def test_alpha_row_metrics_pieces_smaller_than_a_row_block(monkeypatch):
     got = alpha_row_metrics(z, alphas)
     for m in SWEEP_METRICS:
         torch.testing.assert_close(got[m], whole[m], atol=0, rtol=0)
+
+
+def test_alpha_metrics_weighted_mean_of_the_row_kernel():
+    """`alpha_metrics` on [batch, head, query, key] = the (row-weighted) mean over query rows of
+    `alpha_row_metrics`; rows of weight 0 (padding, here with no visible key) are left out."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 3, 40, 40, generator=g) * 3
+    visible = M.causal_mask(40).expand_as(s).clone()
+    visible[1, :, :5] = False  # sequence 1: its first 5 rows are padding
+    w = torch.ones(2, 1, 40)
+    w[1, :, :5] = 0
+    alphas = (0.5, 1.0, 2.0)
+    got = M.alpha_metrics(s, visible, alphas, row_weight=w)
+    rows = alpha_row_metrics(s.masked_fill(~visible, float("-inf")).reshape(-1, 40), alphas)
+    for m in SWEEP_METRICS:
+        v = rows[m].double().view(len(alphas), 2, 3, 40)
+        want = torch.stack([v[:, 0].mean(-1), v[:, 1, :, 5:].mean(-1)], 1).float()
+        torch.testing.assert_close(got[m], want, rtol=1e-6, atol=1e-6)
