@@ -191,9 +191,21 @@ def local_gain_under(
     """−Var_p(s) with p the model's own pattern: the local gain at α = 1, no softmax recomputed.
 
     `scores` may be shifted by any per-row constant (log p works); masked keys contribute nothing.
+    On the CPU, [..., query, key] tensors go in blocks of query rows over the keys that some row
+    of the block sees (`query_blocks`: under a causal mask about half of the keys).
     """
-    p = _f32(pattern)
-    s0 = _f32(scores).masked_fill(~visible, 0.0)
+    p, s = _f32(pattern), _f32(scores)
+    if p.device.type != "cpu" or p.ndim < 2 or not (p.shape == s.shape == visible.shape):
+        return _local_gain_rows(p, s, visible)
+    out = p.new_empty(p.shape[:-1])
+    for rows, n_keys in query_blocks(visible):
+        out[..., rows] = _local_gain_rows(p[..., rows, :n_keys], s[..., rows, :n_keys],
+                                          visible[..., rows, :n_keys])
+    return out
+
+
+def _local_gain_rows(p: Tensor, s: Tensor, visible: Tensor) -> Tensor:
+    s0 = torch.where(visible, s, 0.0)
     mean = (p * s0).sum(-1, keepdim=True)
     return -(p * (s0 - mean).square()).sum(-1)
 

@@ -146,3 +146,19 @@ def test_alpha_metrics_weighted_mean_of_the_row_kernel():
         v = rows[m].double().view(len(alphas), 2, 3, 40)
         want = torch.stack([v[:, 0].mean(-1), v[:, 1, :, 5:].mean(-1)], 1).float()
         torch.testing.assert_close(got[m], want, rtol=1e-6, atol=1e-6)
+
+
+def test_local_gain_under_in_query_blocks_equals_the_whole_tensor():
+    """The CPU path (blocks of query rows over the keys they see) = −Var_p(s) over every key,
+    with a causal mask, a mask that is not causal (a row sees a late key) and an empty row."""
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(2, 3, 37, 37, generator=g) * 2
+    visible = M.causal_mask(37).expand_as(s).clone()
+    visible[0, 1, 3, 30] = True
+    visible[1, 2, 20] = False
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    s0 = s.masked_fill(~visible, 0.0)
+    mean = (p * s0).sum(-1, keepdim=True)
+    want = -(p * (s0 - mean).square()).sum(-1)
+    torch.testing.assert_close(M.local_gain_under(p, s, visible), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(M.local_gain_under(p[0, 0, 5], s[0, 0, 5], visible[0, 0, 5]), want[0, 0, 5])
