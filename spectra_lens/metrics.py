@@ -698,7 +698,7 @@ def _top_count_from_chunks(E: np.ndarray, lim: np.ndarray, chunk_sums: np.ndarra
     delta = C[-1].astype(np.float64) * (2 * (n_chunks + 2 * kc + 2) * _F32_EPS)
     lim32, lo32, hi32 = (v.astype(np.float32) for v in (lim, lim - delta, lim + delta))
     # whole chunks below lim (≤ n_chunks; uint8 counts of a bool view are the fast sum)
-    j = (C[1:] < lim32).view(np.uint8).sum(0, dtype=np.uint16 if n_chunks > 255 else np.uint8)
+    j = (C[1:] < lim32).view(np.uint8).sum(0, dtype=np.uint8 if n_chunks < 256 else np.int64)
     jj = np.minimum(j, n_chunks - 1).astype(np.intp)
     r = np.arange(N)
     base = np.take(C.reshape(-1), jj * N + r)  # the sum before chunk jj

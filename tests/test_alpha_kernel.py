@@ -41,7 +41,7 @@ def _count(E: np.ndarray, lim: np.ndarray) -> list[int]:
     return _top_count_from_chunks(E, np.asarray(lim, dtype=np.float64), chunk_sums).tolist()
 
 
-@pytest.mark.parametrize("width", [_ALPHA_KEY_CHUNK, 2 * _ALPHA_KEY_CHUNK, 8 * _ALPHA_KEY_CHUNK])
+@pytest.mark.parametrize("width", [_ALPHA_KEY_CHUNK, 2 * _ALPHA_KEY_CHUNK, 16 * _ALPHA_KEY_CHUNK, 300 * _ALPHA_KEY_CHUNK])
 def test_count_equals_the_float64_count_on_random_rows(width):
     g = np.random.default_rng(width)
     E = np.sort(g.random((300, width), dtype=np.float32) ** g.uniform(1, 30, (300, 1)), -1)[:, ::-1]
