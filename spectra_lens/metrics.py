@@ -940,31 +940,39 @@ def _fused_block(p3, s3, qn, q0, q1, out, thr, top_mass) -> bool:
         S = L
     else:
         np.maximum(S, _SCORE_FLOOR, out=S)  # −inf masks: finite, so that masking by product works
+    # Each temporary is freed as soon as it is used, so that few block-sized arrays are alive at
+    # once (the allocator's high-water mark, not only the time).
     n_vis = np.count_nonzero(V, axis=-1)
     P0 = P[:, 0]
     PL = P * L
     A1 = PL[:, 1:].sum(-1)  # Σ_{j≥1} p log p
     H = -(A1 + PL[:, 0])
+    del PL
     B1 = np.einsum("ij,ij->i", P[:, 1:], P[:, 1:])  # Σ_{j≥1} p²
     R = P[:, 1:].sum(-1).astype(np.float64)  # the mass off the first key, summed directly
-    if top_mass is not None:  # one sort of each row gives both top-mass counts and max_{j≥1}
-        asc = np.sort(np.negative(P), axis=-1)  # −p ascending
-        desc = np.negative(asc)
-        # p_0 sits after the r0 keys larger than it (the first of them is max_{j≥1} p_j)
-        r0 = torch.searchsorted(torch.from_numpy(asc), torch.from_numpy(-P0[:, None]))[:, 0].numpy()
-        max1 = np.where(r0 > 0, desc[:, 0], desc[:, 1])
-    else:
-        max1 = P[:, 1:].max(-1)
-    S0 = S * V  # the logits, 0 at masked keys
-    m_s = (S0.sum(-1) / np.maximum(n_vis, 1)).astype(np.float32)
-    E = S0 - m_s[:, None]
+    E = S * V  # the logits, 0 at masked keys
+    del S
+    m_s = (E.sum(-1) / np.maximum(n_vis, 1)).astype(np.float32)
+    E -= m_s[:, None]
     E *= V
+    del V
     spread = np.sqrt(np.einsum("ij,ij->i", E, E) / np.maximum(n_vis, 1))
+    del E
     # −Σ p (log p + H)², about the mean −H (the one-pass Σ p (log p)² − H² loses the small
-    # variance of a long, nearly uniform row); L is not needed after this
+    # variance of a long, nearly uniform row)
     L += H[:, None]
     np.square(L, out=L)
     gain = -np.einsum("ij,ij->i", P, L)
+    del L
+    if top_mass is not None:  # one sort of each row gives both top-mass counts and max_{j≥1}
+        desc = np.negative(P)
+        desc.sort(axis=-1)  # −p ascending
+        # p_0 sits after the r0 keys larger than it (the first of them is max_{j≥1} p_j)
+        r0 = torch.searchsorted(torch.from_numpy(desc), torch.from_numpy(-P0[:, None]))[:, 0].numpy()
+        np.negative(desc, out=desc)  # p descending
+        max1 = np.where(r0 > 0, desc[:, 0], desc[:, 1])
+    else:
+        max1 = P[:, 1:].max(-1)
     with np.errstate(divide="ignore", invalid="ignore"):  # undefined rows: NaN below
         Hn = -A1 / R + np.log(R)
         maxn = max1 / R
