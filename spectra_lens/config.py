@@ -537,8 +537,9 @@ class MergeConfig:
 
     run_dir: tuple[str, ...] = field(metadata={"positional": True,
                                                "help": "run directories of the shares (all of them)"})
-    out: str = field(default="results/observational",
-                     metadata={"help": "run directory of the merged run: manifest, tables, figures"})
+    out: str = field(default="results/merged",
+                     metadata={"help": "run directory of the merged run (observational or gain): "
+                                       "manifest, tables, figures"})
     overwrite: bool = False  # replace a finished run in `out` instead of refusing
     images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
