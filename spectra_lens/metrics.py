@@ -481,9 +481,15 @@ def row_metrics(
     with torch.no_grad():
         for q0 in range(0, n_q, rows_per):
             _row_block(p3, s3, q0, min(n_q, q0 + rows_per), out, thr, top_mass, backend)
+    return {n: v.reshape(*lead, n_q) for n, v in _row_results(out, p3, top_mass).items()}
+
+
+def _row_results(out: dict[str, Tensor], p3: Tensor, top_mass: float | None) -> dict[str, Tensor]:
+    """The `ROW_METRICS` of a row kernel's sums `out` [batch, query] (its visible-key counts
+    become entropy_norm)."""
     H = out["entropy"]
-    log_n = out.pop("n_visible").log_()
-    res = {
+    log_n = out["n_visible"].log()
+    return {
         "entropy": H,
         "entropy_norm": torch.where(log_n > 0, H / log_n.clamp_min(1e-30), torch.nan),
         "max_attn": out["max_attn"],
@@ -493,7 +499,6 @@ def row_metrics(
         "sink_mass": p3[:, :, 0].float(),
         "local_gain": out["local_gain"],
     }
-    return {n: v.reshape(*lead, n_q) for n, v in res.items()}
 
 
 def _row_block(p3, s3, q0, q1, out, thr, top_mass, backend) -> None:
@@ -890,18 +895,7 @@ def capture_row_metrics(
             if not _fused_block(p3, s3, qn, q0, q1, out, thr, top_mass):
                 _row_block(p3, s3, q0, q1, out, thr, top_mass, backend)
                 _sink_block(p3, s3, qn, q0, q1, out, top_mass, backend)
-    H = out["entropy"]
-    log_n = out["n_visible"].log_()
-    res = {
-        "entropy": H,
-        "entropy_norm": torch.where(log_n > 0, H / log_n.clamp_min(1e-30), torch.nan),
-        "max_attn": out["max_attn"],
-        "k_eff_exp": torch.exp(H),
-        "k_eff_pr": out["k_eff_pr"],
-        "k_eff_top90": out["k_eff_top90"] if top_mass is not None else torch.full_like(H, torch.nan),
-        "sink_mass": p3[:, :, 0].float(),
-        "local_gain": out["local_gain"],
-    } | _sink_results(out, top_mass)
+    res = _row_results(out, p3, top_mass) | _sink_results(out, top_mass)
     return {n: v.reshape(*lead, n_q) for n, v in res.items()}
 
 
