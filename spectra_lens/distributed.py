@@ -138,6 +138,13 @@ class Group:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # Every rank tears down together: a rank that destroyed its group while another
+                # still held its connections could abort at exit ("terminate called without an
+                # active exception"). A broken group (a rank died) skips the wait.
+                try:
+                    dist.barrier()
+                except Exception:
+                    pass
                 dist.destroy_process_group()
             self.initialised = False
 
