@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from spectra_lens import compiled
 from spectra_lens.validate import check_alphas
 
 __all__ = [
@@ -863,6 +864,10 @@ def capture_row_metrics(
     cumulative sums after its rank by p_0). Rows whose rest underflows (R < 1e-30) are
     renormalized from their scores instead, as `without_first_key` does. Other blocks (half
     precision, left padding, other devices) go through the two functions' block kernels.
+
+    `backend`: "compiled" (the CPU default where numba is available and the scores are given:
+    `spectra_lens.compiled`, the same values row by row, its flagged rows from the two
+    functions), "numpy" (the kernel above, the reference) or "torch" (the two functions).
     """
     if top_mass is not None and not 0.0 < top_mass <= 1.0:
         from spectra_lens.errors import SpectraError
@@ -870,9 +875,20 @@ def capture_row_metrics(
         raise SpectraError(f"top_mass must be in (0, 1] or None, got {top_mass!r}")
     lead, (n_q, n_k) = pattern.shape[:-2], pattern.shape[-2:]
     device = pattern.device
+    floats = (torch.float32, torch.float64)
+    compilable = (device.type == "cpu" and scores is not None and pattern.dtype in floats
+                  and scores.dtype in floats)
     if backend is None:
-        backend = "numpy" if device.type == "cpu" else "torch"
-    fused = backend == "numpy" and pattern.dtype in (torch.float32, torch.float64)
+        backend = ("compiled" if compilable and compiled.AVAILABLE
+                   else "numpy" if device.type == "cpu" else "torch")
+    elif backend == "compiled" and not (compilable and compiled.AVAILABLE):
+        from spectra_lens.errors import SpectraError
+
+        have = "" if scores is not None else " without scores"
+        raise SpectraError(f"backend 'compiled' needs numba (available: {compiled.AVAILABLE}) and a "
+                           f"float32/float64 CPU pattern with its scores; got a {pattern.dtype} "
+                           f"pattern on {device}{have}")
+    fused = backend in ("numpy", "compiled") and pattern.dtype in floats
     if not fused:
         return (row_metrics(pattern, scores, top_mass=top_mass, block_elements=block_elements, backend=backend)
                 | sink_excluded_metrics(pattern, scores, q_norm, top_mass=top_mass,
@@ -886,9 +902,12 @@ def capture_row_metrics(
     else:
         rows_per = max(1, block_elements // max(1, n_b * n_k))
     names = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "local_gain") + _SINK_NAMES
-    out = {n: torch.empty(n_b, n_q, dtype=torch.float32) for n in names}
     # blocks are float32: a float64 mask (≤ float64 min / 2) is −inf there
     thr = max(torch.finfo(s3.dtype).min, torch.finfo(torch.float32).min) / 2 if s3 is not None else 0.0
+    if backend == "compiled":
+        res = _capture_compiled(p3, s3, qn, thr, top_mass, rows_per)
+        return {n: v.reshape(*lead, n_q) for n, v in res.items()}
+    out = {n: torch.empty(n_b, n_q, dtype=torch.float32) for n in names}
     with torch.no_grad():
         for q0 in range(0, n_q, rows_per):
             q1 = min(n_q, q0 + rows_per)
@@ -897,6 +916,33 @@ def capture_row_metrics(
                 _sink_block(p3, s3, qn, q0, q1, out, top_mass, backend)
     res = _row_results(out, p3, top_mass) | _sink_results(out, top_mass)
     return {n: v.reshape(*lead, n_q) for n, v in res.items()}
+
+
+def _capture_compiled(p3, s3, qn, thr, top_mass, rows_per) -> dict[str, Tensor]:
+    """`capture_row_metrics` by the compiled kernel (`spectra_lens.compiled`), row by row; the
+    rows it flags (first key hidden; the rest underflowed) from the two functions' blocks."""
+    n_b, n_q, _ = p3.shape
+    with torch.no_grad():
+        got, flag = compiled.capture_rows(
+            p3.contiguous().numpy(), s3.contiguous().numpy(), qn.float().contiguous().numpy(),
+            thr=thr, floor=_SCORE_FLOOR, top_mass=top_mass, tol=_TOP_TOL, min_rest=_NOSINK_MIN_MASS,
+            block_rows=rows_per)
+        out = {n: torch.from_numpy(got[i]).float() for i, n in enumerate(compiled.OUT_NAMES)}
+        flag = torch.from_numpy(flag)
+        for code, names in ((compiled.FLAG_ROW, compiled.OUT_NAMES), (compiled.FLAG_REST, _SINK_NAMES)):
+            rows = flag == code
+            if not rows.any():
+                continue
+            qs = rows.any(0).nonzero()[:, 0]
+            tmp = {n: torch.empty(n_b, n_q, dtype=torch.float32) for n in compiled.OUT_NAMES}
+            for q0 in range(int(qs[0]), int(qs[-1]) + 1, rows_per):
+                q1 = min(n_q, q0 + rows_per)
+                if code == compiled.FLAG_ROW:
+                    _row_block(p3, s3, q0, q1, tmp, thr, top_mass, "numpy")
+                _sink_block(p3, s3, qn, q0, q1, tmp, top_mass, "numpy")
+            for n in names:
+                out[n] = torch.where(rows, tmp[n], out[n])
+    return _row_results(out, p3, top_mass) | _sink_results(out, top_mass)
 
 
 def _fused_block(p3, s3, qn, q0, q1, out, thr, top_mass) -> bool:
@@ -1004,7 +1050,8 @@ def _fused_block(p3, s3, qn, q0, q1, out, thr, top_mass) -> bool:
     else:
         got["k_eff_top90"] = np.full(rows, np.nan)
         got["k_eff_top90_ns"] = np.full(rows, np.nan)
-    got["dir_spread"] = spread / qn[:, q0:q1].reshape(rows).numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero query norm: inf or NaN
+        got["dir_spread"] = spread / qn[:, q0:q1].reshape(rows).numpy()
     for n, v in got.items():
         out[n][:, q0:q1] = torch.from_numpy(np.asarray(v, dtype=np.float32)).view(n_b, q1 - q0)
     lost = ~undefined & (R < _NOSINK_MIN_MASS)  # the rest underflowed in p: from the scores

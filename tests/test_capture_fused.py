@@ -47,42 +47,49 @@ def _check(got, want, *, exact_counts=True, atol=2e-5, rtol=2e-5):
         assert_close(g, w, atol=atol, rtol=rtol, equal_nan=True, msg=name)
 
 
+# the one-pass kernels: NumPy (any input) and compiled (inputs with scores)
+KERNELS = [(True, "numpy"), (False, "numpy"), (True, "compiled")]
+
+
 @pytest.mark.parametrize("n", [1, 2, 16, 37, 130])
-@pytest.mark.parametrize("with_scores", [True, False])
+@pytest.mark.parametrize(("with_scores", "backend"), KERNELS)
 @pytest.mark.parametrize("top_mass", [0.9, 0.5, None])
-def test_fused_equals_the_two_functions(n, with_scores, top_mass):
+def test_fused_equals_the_two_functions(n, with_scores, backend, top_mass):
     for sink in (0.0, 4.0, 12.0):
         p, s, q = _inputs(n + int(sink), n=n, sink=sink)
         s = s if with_scores else None
-        got = M.capture_row_metrics(p, s, q, top_mass=top_mass)
+        got = M.capture_row_metrics(p, s, q, top_mass=top_mass, backend=backend)
         _check(got, _two_pass(p, s, q, top_mass))
 
 
 @pytest.mark.parametrize("block_elements", [1, 300, 5000])
-def test_any_block_size_gives_the_same_values(block_elements):
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+def test_any_block_size_gives_the_same_values(block_elements, backend):
     p, s, q = _inputs(5, n=45)
-    want = M.capture_row_metrics(p, s, q)
-    got = M.capture_row_metrics(p, s, q, block_elements=block_elements)
+    want = M.capture_row_metrics(p, s, q, backend=backend)
+    got = M.capture_row_metrics(p, s, q, block_elements=block_elements, backend=backend)
     for name in want:
         assert_close(got[name], want[name], atol=1e-6, rtol=1e-6, equal_nan=True, msg=name)
 
 
-def test_minus_infinity_masks_and_float64_inputs():
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+def test_minus_infinity_masks_and_float64_inputs(backend):
     p, s, q = _inputs(6, n=33, mask_value=float("-inf"))
-    _check(M.capture_row_metrics(p, s, q), _two_pass(p, s, q, 0.9))
+    _check(M.capture_row_metrics(p, s, q, backend=backend), _two_pass(p, s, q, 0.9))
     p, s, q = _inputs(6, n=33)
     s64 = s.double().masked_fill(s == MIN, torch.finfo(torch.float64).min)  # a float64 model's mask
     p64 = torch.softmax(s64, dim=-1)
-    _check(M.capture_row_metrics(p64, s64, q), _two_pass(p64, s64, q, 0.9))
+    _check(M.capture_row_metrics(p64, s64, q, backend=backend), _two_pass(p64, s64, q, 0.9))
 
 
-def test_a_sink_that_takes_almost_everything_keeps_the_rest_exact():
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+def test_a_sink_that_takes_almost_everything_keeps_the_rest_exact(backend):
     """p_0 within 1e-6 of 1: the rest is summed directly (not 1 − p_0), so its metrics keep
     their digits; where the rest underflows in p (sink logit far above the others), the rows are
     renormalized from the scores, as `without_first_key` does."""
     for sink, seed in ((14.0, 7), (40.0, 8), (120.0, 9)):
         p, s, q = _inputs(seed, n=40, sink=sink, scale=1.0)
-        got = M.capture_row_metrics(p, s, q)
+        got = M.capture_row_metrics(p, s, q, backend=backend)
         want = _two_pass(p, s, q, 0.9)
         _check(got, want, exact_counts=False)
         assert torch.isfinite(got["entropy_nosink"][..., 1:]).all()

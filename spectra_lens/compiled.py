@@ -1,0 +1,216 @@
+"""The capture's row kernel compiled with Numba: every metric of `metrics.capture_row_metrics`
+for float32/float64 patterns with their scores on the CPU.
+
+The NumPy kernel (`metrics._fused_block`) makes about twenty passes over each block; this one
+reads each row's visible keys twice (the sums, then the spreads about the row's centers) and
+takes no logarithm per key: with p = softmax(s) over the visible keys, log p_j = s_j − lse and
+lse = s_m − log p_m at the row's largest p_m, so
+
+    H = lse · Σp − Σ p s,     H' (without key 0) = −(Σ_{j≥1} p s − lse R) / R + log R,
+    local gain = −Σ p (s − lse + H)²   (= −Var_p(s), as −Σ p (log p + H)²),
+
+with every sum in float64. The top-mass counts sort each block of rows over its visible keys with
+NumPy's vectorized sort and walk the sorted rows once for both counts (the rest's skips one key
+of mass p_0). Values equal those of the NumPy kernel to float32 rounding (tested); a count can
+differ only where the top mass meets its threshold within float64 rounding.
+
+Numba is a dependency; where it is missing, or SPECTRA_LENS_NUMBA=0 is set, `AVAILABLE` is False
+and the capture runs the NumPy kernel.
+"""
+
+import os
+from typing import no_type_check
+
+import numpy as np
+
+try:  # the NumPy kernel is the reference and the fallback
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is not installed
+    numba = None
+
+#: Whether `capture_row_metrics` runs this kernel by default on the CPU.
+AVAILABLE = numba is not None and os.environ.get("SPECTRA_LENS_NUMBA", "1") != "0"
+
+#: Rows flagged for the two-function path: the first key is hidden in the row (left padding),
+#: or nothing is visible.
+FLAG_ROW = 1
+#: Rows flagged for the sink-excluded metrics from the scores: the rest underflowed (R < min_rest).
+FLAG_REST = 2
+
+#: The order of the kernel's outputs (the names of `metrics.capture_row_metrics`'s sums).
+OUT_NAMES = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "local_gain",
+             "entropy_ns", "max_attn_ns", "k_eff_pr_ns", "k_eff_top90_ns", "dir_spread")
+
+
+def _jit(fn):
+    # fastmath "reassoc"/"contract" lets LLVM vectorize the sums; no "nnan"/"ninf": NaN marks
+    # undefined metrics and masked scores may be −inf. error_model "numpy": x / 0 is inf or NaN.
+    if numba is None:
+        return fn
+    return numba.njit(cache=True, nogil=True, error_model="numpy",
+                      fastmath={"reassoc", "contract", "nsz"})(fn)
+
+
+@_jit
+@no_type_check  # compiled: the test suite's runtime type checker must not wrap it
+def row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent):
+    """Every metric but the top-mass counts, row by row; `extent` [n_b, n_q] gets each row's
+    last visible key + 1 and `out[11]`, `out[12]` its p_0 and R = Σ_{j≥1} p_j."""
+    n_b, n_q, n_k = P.shape
+    nan = np.nan
+    for b in range(n_b):
+        for q in range(n_q):
+            p = P[b, q]
+            s = S[b, q]
+            # the visible keys lie in [0, e): the causal extent when no key after it is visible
+            # (a count without early exit, which vectorizes), then back to the last visible key
+            e = min(n_k, q + 1 + n_k - n_q)
+            later = 0
+            for j in range(e, n_k):
+                later += s[j] > thr
+            if later:
+                e = n_k
+            while e > 0 and not s[e - 1] > thr:
+                e -= 1
+            extent[b, q] = e
+            if e == 0 or not s[0] > thr:
+                flag[b, q] = FLAG_ROW
+                continue
+            # pass 1: the sums off the first key, and the largest p_j there
+            n_vis = 1
+            R = 0.0
+            B1 = 0.0
+            SP1 = 0.0
+            sum_s = 0.0
+            max1 = 0.0
+            for j in range(1, e):
+                pj = np.float64(p[j])
+                sj = np.float64(s[j])
+                v = sj > thr
+                sc = max(sj, floor)
+                n_vis += v
+                sum_s += sc if v else 0.0
+                R += pj
+                B1 += pj * pj
+                SP1 += pj * sc
+                max1 = max(max1, pj)
+            P0 = np.float64(p[0])
+            s0 = max(np.float64(s[0]), floor)
+            total = P0 + R
+            sum_s += s0
+            if P0 >= max1:
+                p_m, s_m = P0, s0
+            else:
+                j = 1
+                while np.float64(p[j]) != max1:
+                    j += 1
+                p_m, s_m = max1, max(np.float64(s[j]), floor)
+            lse = s_m - np.log(p_m) if p_m > 0 else 0.0
+            SP = SP1 + P0 * s0
+            H = lse * total - SP
+            center = lse - H
+            mean_s = sum_s / n_vis
+            # pass 2: the spreads about the row's own centers
+            G = 0.0
+            D = 0.0
+            for j in range(e):
+                pj = np.float64(p[j])
+                sj = np.float64(s[j])
+                sc = max(sj, floor)
+                d = sc - center
+                G += pj * d * d
+                t = sc - mean_s if sj > thr else 0.0
+                D += t * t
+            o = out[:, b, q]
+            o[0] = H
+            o[1] = n_vis
+            o[2] = max(P0, max1)
+            o[3] = 1.0 / (B1 + P0 * P0)
+            o[5] = -G
+            o[10] = np.sqrt(D / n_vis) / np.float64(qn[b, q])
+            o[11] = P0
+            o[12] = R
+            if n_vis <= 1:  # nothing visible after the first key
+                o[6] = nan
+                o[7] = nan
+                o[8] = nan
+            else:
+                o[6] = -(SP1 - lse * R) / R + np.log(R)
+                o[7] = max1 / R
+                o[8] = R * R / B1
+                if R < min_rest:
+                    flag[b, q] = FLAG_REST
+
+
+@_jit
+@no_type_check  # compiled: the test suite's runtime type checker must not wrap it
+def top_counts(D, P0, R, undefined, lim, n_k, full, rest):
+    """k_eff_top90 of rows D [rows, W] holding −p sorted ascending (p descending): `full` the
+    fewest largest p whose float64 sum reaches lim, `rest` the same without one key of mass p_0
+    (the first key) against lim · R; n_k where a row never reaches its threshold."""
+    rows, W = D.shape
+    for i in range(rows):
+        thr_rest = lim * R[i]
+        p0 = P0[i]
+        c_full = -1
+        c_rest = -1 if not undefined[i] else 0
+        acc = 0.0
+        acc_r = 0.0
+        k_r = 0
+        skipped = False
+        for t in range(W):
+            x = -np.float64(D[i, t])
+            acc += x
+            if c_full < 0 and acc >= lim:
+                c_full = t + 1
+            if c_rest < 0:
+                if not skipped and x == p0:
+                    skipped = True
+                else:
+                    acc_r += x
+                    k_r += 1
+                    if acc_r >= thr_rest:
+                        c_rest = k_r
+            if c_full >= 0 and c_rest >= 0:
+                break
+        full[i] = c_full if c_full >= 0 else n_k
+        rest[i] = np.nan if undefined[i] else (c_rest if c_rest >= 0 else n_k)
+
+
+def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, floor: float,
+                 top_mass: float | None, tol: float, min_rest: float,
+                 block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels on C-contiguous P, S [n_b, n_q, n_k] (float32 or float64) and query norms
+    qn [n_b, n_q]. Returns (out [len(OUT_NAMES), n_b, n_q] float64, flag [n_b, n_q] int8): rows
+    flagged FLAG_ROW hold no value, rows flagged FLAG_REST no valid sink-excluded value.
+
+    The top-mass counts sort each block of `block_rows` query positions (all of `n_b`) over its
+    visible keys with NumPy's vectorized sort, then walk the sorted rows.
+    """
+    n_b, n_q, _ = P.shape
+    out = np.empty((len(OUT_NAMES) + 2, n_b, n_q), np.float64)
+    flag = np.zeros((n_b, n_q), np.int8)
+    extent = np.zeros((n_b, n_q), np.int64)
+    row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent)
+    i_top, i_top_ns = OUT_NAMES.index("k_eff_top90"), OUT_NAMES.index("k_eff_top90_ns")
+    if top_mass is None:
+        out[i_top] = np.nan
+        out[i_top_ns] = np.nan
+        return out[:len(OUT_NAMES)], flag
+    lim = top_mass - tol
+    undefined = out[OUT_NAMES.index("n_visible")] <= 1
+    for q0 in range(0, n_q, block_rows):
+        q1 = min(n_q, q0 + block_rows)
+        ext = int(extent[:, q0:q1].max())
+        if ext == 0:
+            continue
+        desc = np.negative(P[:, q0:q1, :ext]).reshape(-1, ext)  # a new array: −p, sorted below
+        desc.sort(axis=-1)
+        full = out[i_top, :, q0:q1]
+        rest = out[i_top_ns, :, q0:q1]
+        f_, r_ = np.empty(full.size), np.empty(rest.size)
+        top_counts(desc, out[-2, :, q0:q1].ravel(), out[-1, :, q0:q1].ravel(),
+                   undefined[:, q0:q1].ravel(), lim, P.shape[2], f_, r_)
+        full[...] = f_.reshape(full.shape)
+        rest[...] = r_.reshape(rest.shape)
+    return out[:len(OUT_NAMES)], flag
