@@ -639,7 +639,8 @@ class SweepCapture:
             p = p.detach()
             for ll, h in self.patterns_for:
                 if ll == l:
-                    self.patterns[(l, h)] = p[:, h].float().cpu()
+                    # a copy: a view of p would keep the layer's pattern of every head alive
+                    self.patterns[(l, h)] = p[:, h].to("cpu", torch.float32, copy=True)
             q0 = self.min_position
             p = p.float()[..., q0:, :]
             s = self._scores.pop(l, None)

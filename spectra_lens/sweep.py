@@ -22,6 +22,8 @@ hooks and measures the gain's size, it is not evidence that the model uses query
 `KeyScale`, `LogitScale`: any frozen dataclass with an `alpha` field) at every α of the grid in
 real forward passes, and what follows from it: the metrics of every head (the scaled head's own
 and every later head's), the next-token loss and KL(p_1 ‖ p_α) (unscaled ‖ scaled) of the output distribution.
+`paired_intervention_effects` runs several interventions in step, one forward pass of each at a
+time, and hands each pass's attention patterns to a reducer instead of keeping them.
 
 **The analytic gain** (`analytic_gain`): dH/d ln α at α = 1 = −Var_p(s), from one pass.
 
@@ -67,7 +69,9 @@ __all__ = [
     "HeadSweep",
     "analytic_gain",
     "head_curves",
+    "PassPatterns",
     "intervention_effects",
+    "paired_intervention_effects",
 ]
 
 log = logging.getLogger(__name__)
@@ -294,7 +298,7 @@ class ExactSweep:
     (nats); `kl`: mean over positions of KL(p_1 ‖ p_α) of the next-token distribution, p_1
     without the intervention, p_α with it (unscaled ‖ scaled; ≥ 0).
     `patterns[(l, h)]` `[alpha, batch, query_pos, key_pos]` and `base_patterns[(l, h)]` for the
-    heads asked for. `local_gain`: −Var_p(s) of the unscaled pass, per-sequence means.
+    heads asked for (empty from `paired_intervention_effects`, which reduces them pass by pass). `local_gain`: −Var_p(s) of the unscaled pass, per-sequence means.
     """
 
     alphas: tuple[float, ...]
@@ -717,6 +721,24 @@ def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return torch.where(m, x, 0.0).sum(-1) / m.sum(-1).clamp_min(1)
 
 
+@dataclass(frozen=True, repr=False)
+class PassPatterns:
+    """The patterns of one forward pass of an exact sweep (`paired_intervention_effects`).
+
+    `start`: the index of the block's first sequence; `base`: `{(l, h): [batch, query_pos,
+    key_pos]}` of the block's unscaled pass; `scaled`: `{α index: {(l, h): [batch, query_pos,
+    key_pos]}}` of the α values this pass ran (a grid value equal to the intervention's identity
+    is the unscaled pass: its entry is `base`). Over one sweep every (block, α index) comes once.
+    """
+
+    start: int
+    base: dict
+    scaled: dict
+
+    def __repr__(self) -> str:
+        return f"PassPatterns(start={self.start}, alphas={sorted(self.scaled)}, heads={sorted(self.base)})"
+
+
 def intervention_effects(
     model,
     tokens: Int[Tensor, "batch pos"] | str | list[str],
@@ -741,7 +763,76 @@ def intervention_effects(
     `max_rows × pos × vocab` floats, and the KL and loss are computed one batch block at a time.
     A grid value equal to the intervention's identity (α = 1; angle 0 for QueryRotate) reuses
     the unscaled pass (`causal.sham_check` runs the hook at α = 1 for real).
+    The full patterns of the heads in `patterns_for` are kept (`ExactSweep.patterns`,
+    `[alpha, batch, query_pos, key_pos]` each); `paired_intervention_effects` reduces them pass
+    by pass instead.
     """
+    passes = _intervention_passes(
+        model, tokens, alphas, intervention, layers=layers, patterns_for=patterns_for,
+        min_position=min_position, max_rows=max_rows, progress=progress,
+        attention_mask=attention_mask, pad_id=pad_id, keep_patterns=True)
+    while True:
+        try:
+            next(passes)
+        except StopIteration as done:
+            return done.value
+
+
+def paired_intervention_effects(
+    model,
+    tokens: Int[Tensor, "batch pos"] | str | list[str],
+    alphas: Sequence[float],
+    interventions: dict,
+    on_patterns,
+    *,
+    layers: Iterable[int] | None = None,
+    patterns_for: Iterable[tuple[int, int]] = (),
+    min_position: int = 1,
+    max_rows: int = 32,
+    progress: bool = False,
+    attention_mask: Tensor | None = None,
+    pad_id: int | None = None,
+) -> dict[str, ExactSweep]:
+    """`intervention_effects` of each of `interventions` (`{name: intervention}`) on the same
+    tokens and α grid, run pass by pass in step: after the i-th forward pass of every
+    intervention, `on_patterns({name: PassPatterns})` sees the patterns of `patterns_for` from
+    that pass of each, side by side (same block of sequences, same α values), and they are then
+    dropped. Memory holds one pass's patterns per intervention (`max_rows` sequence copies) and
+    the current block's unscaled ones, never a sweep's `[alpha, batch, query_pos, key_pos]`.
+    Returns `{name: ExactSweep}` with the same metrics, losses and KL as `intervention_effects`
+    and no patterns.
+    """
+    if not interventions:
+        raise SpectraError("paired_intervention_effects needs at least one intervention, got none")
+    runs = {name: _intervention_passes(
+        model, tokens, alphas, iv, layers=layers, patterns_for=patterns_for,
+        min_position=min_position, max_rows=max_rows, progress=progress,
+        attention_mask=attention_mask, pad_id=pad_id, keep_patterns=False)
+        for name, iv in interventions.items()}
+    sweeps: dict[str, ExactSweep] = {}
+    while not sweeps:
+        step: dict[str, PassPatterns] = {}
+        for name, run in runs.items():
+            try:
+                step[name] = next(run)
+            except StopIteration as done:
+                sweeps[name] = done.value
+        if step and sweeps:  # every run has the same plan (tokens, grid, max_rows): they end together
+            raise SpectraError(f"paired sweeps fell out of step: {sorted(sweeps)} ended before {sorted(step)}")
+        if step:
+            first = next(iter(step.values()))
+            for name, got in step.items():
+                if (got.start, sorted(got.scaled)) != (first.start, sorted(first.scaled)):
+                    raise SpectraError(f"paired sweeps fell out of step: {name} ran {got!r}, others {first!r}")
+            on_patterns(step)
+        del step  # this pass's patterns go before the next pass runs
+    return sweeps
+
+
+def _intervention_passes(model, tokens, alphas, intervention, *, layers, patterns_for, min_position,
+                         max_rows, progress, attention_mask, pad_id, keep_patterns):
+    """The exact sweep of `intervention_effects` as a generator: yields a `PassPatterns` after
+    every forward pass and returns the `ExactSweep` (with patterns only when `keep_patterns`)."""
     tokens, mask = tokens_and_mask(model, tokens, attention_mask=attention_mask, pad_id=pad_id)
     alphas = check_alphas(alphas)
     layout = attention_layout(model)
@@ -781,23 +872,28 @@ def intervention_effects(
         cap = capture(block_mask)
         base_logp = torch.log_softmax(cap.run(model, block, logits=True).float(), dim=-1)
         base_nll = _next_token_nll(base_logp, block, block_mask).cpu()
-        base = (cap.metrics, cap.gain, base_nll, cap.patterns)
+        kept = cap.patterns if keep_patterns else None
+        base = (cap.metrics, cap.gain, base_nll, kept)
         bar.update(1)
-        got: dict[int, tuple] = {
-            i: (cap.metrics, base_nll, torch.zeros(b), cap.patterns) for i in range(n_alpha) if alphas[i] == identity
-        }
+        same = [i for i in range(n_alpha) if alphas[i] == identity]
+        got: dict[int, tuple] = {i: (cap.metrics, base_nll, torch.zeros(b), kept) for i in same}
+        yield PassPatterns(start=s, base=cap.patterns, scaled={i: cap.patterns for i in same})
         for idx in chunks:
             rows, row_alpha = repeat_for_alphas(block, [alphas[i] for i in idx])
             cap_a = capture(None if block_mask is None else block_mask.repeat(len(idx), 1))
             scaled = dataclasses.replace(intervention, **{grid_field: row_alpha})
             logits = cap_a.run(model, rows, interventions=[scaled], logits=True)
+            pats = {}
             for j, i in enumerate(idx):
                 sl = slice(j * b, (j + 1) * b)
                 nll, kl = _output_effects(logits[sl], base_logp, block, block_mask)
+                pats[i] = {k: v[sl] for k, v in cap_a.patterns.items()}
                 got[i] = ({l: {n: v[sl] for n, v in d.items()} for l, d in cap_a.metrics.items()},
-                          nll.cpu(), kl.cpu(), {k: v[sl] for k, v in cap_a.patterns.items()})
+                          nll.cpu(), kl.cpu(), pats[i] if keep_patterns else None)
             del logits
             bar.update(1)
+            yield PassPatterns(start=s, base=cap.patterns, scaled=pats)
+            del pats, cap_a  # this pass's patterns are not held while the next one runs
         blocks.append((base, got))
         del base_logp
     bar.close()
@@ -820,6 +916,6 @@ def intervention_effects(
         local_gain=torch.stack([torch.cat([bl[0][1][l] for bl in blocks]) for l in layers], dim=1),
         min_position=min_position,
         patterns={k: torch.stack([torch.cat([bl[1][i][3][k] for bl in blocks]) for i in range(n_alpha)])
-                  for k in patterns_for},
-        base_patterns={k: torch.cat([bl[0][3][k] for bl in blocks]) for k in patterns_for},
+                  for k in patterns_for} if keep_patterns else {},
+        base_patterns={k: torch.cat([bl[0][3][k] for bl in blocks]) for k in patterns_for} if keep_patterns else {},
     )

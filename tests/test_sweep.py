@@ -12,7 +12,7 @@ from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import KeyScale, MetricCapture, QueryScale, attached, count_hooks
 from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics, pattern_metrics
 from spectra_lens.stats import t_interval
-from spectra_lens.sweep import analytic_gain, head_curves, intervention_effects
+from spectra_lens.sweep import analytic_gain, head_curves, intervention_effects, paired_intervention_effects
 from spectra_lens.validate import check_alphas
 
 BILINEAR = ("gpt2", "neox", "llama_gqa", "qwen3", "gemma3", "opt")
@@ -215,6 +215,37 @@ def test_exact_sweep_downstream_effects(tiny, toks):
     down = sw.downstream_frame(min_layer=1)
     assert set(down["layer"]) == {1} and len(down) == len(ALPHAS) * layout.n_heads
     assert count_hooks(model) == 0
+
+
+def test_paired_sweeps_hand_over_each_pass_in_step(tiny, toks):
+    model, layout = tiny("llama_gqa")
+    ivs = {"q": QueryScale(1, 3, 1.0), "k": KeyScale(1, 1, 1.0)}
+    heads = [(1, 2), (1, 3)]
+    seen = []
+
+    def take(step):
+        assert set(step) == {"q", "k"}
+        starts = {p.start for p in step.values()}
+        alphas = {tuple(sorted(p.scaled)) for p in step.values()}
+        assert len(starts) == 1 and len(alphas) == 1  # the same block and α values from both
+        for p in step.values():
+            for pats in p.scaled.values():
+                assert set(pats) == set(heads) and all(v.shape[0] <= 2 for v in pats.values())
+        seen.extend((starts.pop(), i) for i in alphas.pop())
+
+    grid = (0.5, 1.0, 2.0)
+    paired = paired_intervention_effects(model, toks, grid, ivs, take, layers=[1], patterns_for=heads, max_rows=2)
+    # 3 sequences in blocks of 2 and 1, one α per pass; α = 1 comes with the unscaled pass
+    assert sorted(seen) == [(s, i) for s in (0, 2) for i in range(len(grid))]
+    for name, iv in ivs.items():
+        alone = intervention_effects(model, toks, grid, iv, layers=[1], patterns_for=heads, max_rows=2)
+        assert not paired[name].patterns and not paired[name].base_patterns
+        for n in SWEEP_METRICS:
+            torch.testing.assert_close(paired[name].scaled.metric(n), alone.scaled.metric(n), atol=0, rtol=0)
+        torch.testing.assert_close(paired[name].kl, alone.kl, atol=0, rtol=0)
+        torch.testing.assert_close(paired[name].loss, alone.loss, atol=0, rtol=0)
+    with pytest.raises(SpectraError, match="at least one"):
+        paired_intervention_effects(model, toks, grid, {}, take)
 
 
 def test_exact_sweep_key_scaling_reaches_the_whole_group(tiny, toks):
