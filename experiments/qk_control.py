@@ -14,12 +14,16 @@ the symmetry, and this experiment measures both:
 * non-bilinear logits (soft-capping, ALiBi): query and key scaling still agree with each other
   for the target (both scale q·k), but neither gives softmax(α·s).
 
-Both scalings run as real forward passes (`sweep.intervention_effects` with `hooks.QueryScale` /
-`hooks.KeyScale`, α batched). For every query head of the group and every α: mean entropy, max
-attention, k_eff with t-intervals over sequences, the paired entropy change, the largest
-absolute difference between the query-scaled and key-scaled patterns, each pattern's largest
-deviation from its prediction (softmax(α·s) where the head is scaled, the unscaled pattern where
-it is not), and the output effects (Δ loss, KL(p_α ‖ p_1)) of each scaling.
+Both scalings run as real forward passes (`sweep.paired_intervention_effects` with
+`hooks.QueryScale` / `hooks.KeyScale`, α batched). For every query head of the group and every
+α: mean entropy, max attention, k_eff with t-intervals over sequences, the paired entropy
+change, the largest absolute difference between the query-scaled and key-scaled patterns, each
+pattern's largest deviation from its prediction (softmax(α·s) where the head is scaled, the
+unscaled pattern where it is not), and the output effects (Δ loss, KL(p_α ‖ p_1)) of each
+scaling. The two sweeps run pass by pass in step (same block of sequences, same α values) and
+the pattern comparisons are running maxima (`PatternMaxima`): memory holds the group's patterns
+of one forward pass of each sweep (`--max-rows` sequence copies) and of the current block's
+unscaled passes, not `[α, batch, T, T]` per head.
 
 What this checks, and what it does not: where the logits are bilinear the target's Q/K
 sensitivity ratio is 1 and its query- and key-scaled patterns are equal *by the algebra*
@@ -48,15 +52,16 @@ import torch
 
 from spectra_lens import figures as figs
 from spectra_lens.config import QKConfig
+from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import KeyScale, QueryScale
 from spectra_lens.layout import attention_layout
 from spectra_lens.metrics import rescale_pattern
 from spectra_lens.stats import fit_log_slopes
-from spectra_lens.sweep import ExactSweep, intervention_effects
+from spectra_lens.sweep import ExactSweep, paired_intervention_effects
 
 from . import _common as C
 
-__all__ = ["QKResult", "compare", "compute", "command", "main", "run", "sensitivity"]
+__all__ = ["PatternMaxima", "QKResult", "compare", "compute", "command", "main", "run", "sensitivity"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "qk_control"
@@ -91,11 +96,54 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def compare(sweeps: dict, layer: int, target: int, group: tuple[int, ...], kv_head: int, layout,
-            *, ci: float) -> pd.DataFrame:
+class PatternMaxima:
+    """The pattern comparisons of `compare` as running maxima over sequences, fed one forward
+    pass of the query-scaled and of the key-scaled sweep at a time (`update` is the
+    `on_patterns` of `sweep.paired_intervention_effects`), so no sweep's patterns are kept:
+    the largest of per-block maxima is the maximum over all sequences, exactly.
+
+    Per group head and α index: `diff_qk[h]` max |p_Q − p_K| (one value for both scalings);
+    per (scaling, head): `dev` max |p − prediction| (softmax(α·s) of the unscaled pattern where
+    the head is scaled, the unscaled pattern where it is not) and `moved` max |p − p_unscaled|.
+    """
+
+    def __init__(self, alphas: tuple[float, ...], layer: int, target: int, group: tuple[int, ...]):
+        self.alphas, self.layer, self.target, self.group = tuple(alphas), layer, target, tuple(group)
+        empty = lambda: np.full(len(self.alphas), -np.inf)  # noqa: E731
+        self.diff_qk = {h: empty() for h in self.group}
+        self.dev = {(sc, h): empty() for sc in SCALINGS for h in self.group}
+        self.moved = {(sc, h): empty() for sc in SCALINGS for h in self.group}
+        self.seen = np.zeros(len(self.alphas), dtype=np.int64)  # sequences compared per α
+
+    def head_is_scaled(self, scaled: str, head: int) -> bool:
+        """Key scaling scales every head of the group, query scaling only the target."""
+        return scaled == "key" or head == self.target
+
+    def update(self, passes: dict) -> None:
+        """Fold in one pass of each sweep: `{"query": PassPatterns, "key": PassPatterns}` of the
+        same block of sequences and the same α values."""
+        q, k = passes["query"], passes["key"]
+        for i in q.scaled:
+            for h in self.group:
+                key = (self.layer, h)
+                pats = {"query": q.scaled[i][key], "key": k.scaled[i][key]}
+                bases = {"query": q.base[key], "key": k.base[key]}
+                self.diff_qk[h][i] = np.maximum(self.diff_qk[h][i], _max_abs(pats["query"], pats["key"]))
+                for sc in SCALINGS:
+                    pat, base = pats[sc], bases[sc]
+                    predicted = rescale_pattern(base, self.alphas[i]) if self.head_is_scaled(sc, h) else base
+                    self.dev[(sc, h)][i] = np.maximum(self.dev[(sc, h)][i], _max_abs(pat, predicted))
+                    self.moved[(sc, h)][i] = np.maximum(self.moved[(sc, h)][i], _max_abs(pat, base))
+            self.seen[i] += q.scaled[i][(self.layer, self.group[0])].shape[0]
+
+
+def compare(sweeps: dict, maxima: PatternMaxima, kv_head: int, layout, *, ci: float) -> pd.DataFrame:
     """One row per (scaled ∈ query/key, α, head of the group); see the module docs."""
-    q_sw: ExactSweep = sweeps["query"]
-    alphas = q_sw.alphas
+    n = sweeps["query"].loss.shape[1]
+    if tuple(sweeps["query"].alphas) != maxima.alphas or not (maxima.seen == n).all():
+        raise SpectraError(f"the pattern maxima cover {maxima.seen.tolist()} sequences per α of "
+                           f"{list(maxima.alphas)}; the sweeps ran {n} at {list(sweeps['query'].alphas)}")
+    layer, target, group = maxima.layer, maxima.target, maxima.group
     frames = []
     for scaled in SCALINGS:
         sw: ExactSweep = sweeps[scaled]
@@ -104,20 +152,10 @@ def compare(sweeps: dict, layer: int, target: int, group: tuple[int, ...], kv_he
             f.insert(0, "scaled", scaled)
             f.insert(3, "kv_head", kv_head)
             f.insert(4, "is_target", head == target)
-            base = sw.base_patterns[(layer, head)]
-            head_is_scaled = scaled == "key" or head == target
-            diff_qk, dev, changed = [], [], []
-            for i, a in enumerate(alphas):
-                pat = sw.patterns[(layer, head)][i]
-                other = sweeps["key" if scaled == "query" else "query"].patterns[(layer, head)][i]
-                predicted = rescale_pattern(base, a) if head_is_scaled else base
-                diff_qk.append(_max_abs(pat, other))
-                dev.append(_max_abs(pat, predicted))
-                changed.append(_max_abs(pat, base) > CHANGE_TOL)
-            f["max_abs_pattern_diff_qk"] = diff_qk
-            f["max_abs_dev_from_prediction"] = dev
-            f["prediction"] = "softmax(alpha*s)" if head_is_scaled else "unchanged"
-            f["pattern_changed"] = changed
+            f["max_abs_pattern_diff_qk"] = maxima.diff_qk[head]
+            f["max_abs_dev_from_prediction"] = maxima.dev[(scaled, head)]
+            f["prediction"] = "softmax(alpha*s)" if maxima.head_is_scaled(scaled, head) else "unchanged"
+            f["pattern_changed"] = maxima.moved[(scaled, head)] > CHANGE_TOL
             frames.append(f)
     out = pd.concat(frames, ignore_index=True)
     out["group_size"] = len(group)
@@ -176,14 +214,15 @@ def compute(cfg: QKConfig, model, tokens: C.RunTokens, *, progress: bool = False
     layer, head = choice.target
     kv = layout.kv_head(head)
     group = layout.heads_of_kv(kv)
-    sweeps = {}
-    for scaled, intervention in (("query", QueryScale(layer, head, 1.0)), ("key", KeyScale(layer, kv, 1.0))):
-        with C.timed(rd, f"{scaled}_sweep_s"):
-            sweeps[scaled] = intervention_effects(
-                model, tokens.measure, alphas, intervention, layers=[layer],
-                patterns_for=[(layer, h) for h in group], min_position=cfg.min_position,
-                max_rows=cfg.max_rows, progress=progress)
-    comparison = compare(sweeps, layer, head, group, kv, layout, ci=cfg.ci)
+    maxima = PatternMaxima(alphas, layer, head, group)
+    with C.timed(rd, "query_and_key_sweeps_s"):
+        # the two sweeps run pass by pass in step: one pass's patterns of each are held at a time
+        sweeps = paired_intervention_effects(
+            model, tokens.measure, alphas,
+            {"query": QueryScale(layer, head, 1.0), "key": KeyScale(layer, kv, 1.0)}, maxima.update,
+            layers=[layer], patterns_for=[(layer, h) for h in group], min_position=cfg.min_position,
+            max_rows=cfg.max_rows, progress=progress)
+    comparison = compare(sweeps, maxima, kv, layout, ci=cfg.ci)
     return QKResult(target=(layer, head), kv_head=kv, group=group, comparison=comparison,
                     sensitivity=sensitivity(comparison), sweeps=sweeps, choice=choice)
 

@@ -9,7 +9,10 @@ from spectra_lens.experiments import qk_control
 
 from spectra_lens.config import QKConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import count_hooks
+from spectra_lens.experiments._common import RunTokens
+from spectra_lens.hooks import KeyScale, QueryScale, count_hooks
+from spectra_lens.metrics import rescale_pattern
+from spectra_lens.sweep import intervention_effects
 
 ALPHAS = (0.5, 1.0, 2.0, 4.0)
 COMPARISON_COLUMNS = ("scaled", "scale", "layer", "head", "kv_head", "is_target", "mean_entropy",
@@ -106,3 +109,47 @@ def test_bad_input(tmp_path, tiny, toks):
                       (dict(alphas=()), "empty"), (dict(target_layer=-1), "target_layer")):
         with pytest.raises(SpectraError, match=words):
             qk_control.run(QKConfig(out=str(tmp_path / "x"), **kw), model=model, tokens=toks, progress=False)
+
+
+def _held_pattern_comparison(sweeps, layer, target, group, kv_head) -> pd.DataFrame:
+    """The comparison recomputed from both sweeps' full patterns `[α, batch, T, T]` at once."""
+    frames = []
+    for scaled in ("query", "key"):
+        sw, other = sweeps[scaled], sweeps["key" if scaled == "query" else "query"]
+        for head in group:
+            f = sw.head_frame(layer, head)
+            f.insert(0, "scaled", scaled)
+            f.insert(3, "kv_head", kv_head)
+            f.insert(4, "is_target", head == target)
+            base = sw.base_patterns[(layer, head)]
+            head_is_scaled = scaled == "key" or head == target
+            pats, others = sw.patterns[(layer, head)], other.patterns[(layer, head)]
+            f["max_abs_pattern_diff_qk"] = [float((pats[i] - others[i]).abs().max()) for i in range(len(sw.alphas))]
+            f["max_abs_dev_from_prediction"] = [
+                float((pats[i] - (rescale_pattern(base, a) if head_is_scaled else base)).abs().max())
+                for i, a in enumerate(sw.alphas)]
+            f["prediction"] = "softmax(alpha*s)" if head_is_scaled else "unchanged"
+            f["pattern_changed"] = [float((pats[i] - base).abs().max()) > qk_control.CHANGE_TOL
+                                    for i in range(len(sw.alphas))]
+            frames.append(f)
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.mark.parametrize("max_rows", [2, 32])
+def test_streamed_comparison_equals_the_held_patterns(tiny, max_rows):
+    # 5 sequences: max_rows 2 runs blocks of 2, 2, 1 sequences and one α per pass; 32 one block
+    # with every α in one pass. The running maxima must equal the maxima over all patterns.
+    model, layout = tiny("llama_gqa")
+    toks = torch.randint(1, 97, (5, 12), generator=torch.Generator().manual_seed(21))
+    result = qk_control.compute(QKConfig(alphas=ALPHAS, target_layer=1, target_head=3, max_rows=max_rows),
+                                model, RunTokens(select=toks, measure=toks, held_out=False, corpus="random ids"))
+    assert all(not sw.patterns and not sw.base_patterns for sw in result.sweeps.values())
+    layer, group = 1, result.group
+    held = {"query": intervention_effects(model, toks, ALPHAS, QueryScale(layer, 3, 1.0), layers=[layer],
+                                          patterns_for=[(layer, h) for h in group], max_rows=max_rows),
+            "key": intervention_effects(model, toks, ALPHAS, KeyScale(layer, result.kv_head, 1.0), layers=[layer],
+                                        patterns_for=[(layer, h) for h in group], max_rows=max_rows)}
+    expected = _held_pattern_comparison(held, layer, 3, group, result.kv_head)
+    pd.testing.assert_frame_equal(result.comparison[list(expected.columns)], expected, check_exact=True)
+    # the key scaling moves the other head of the group, so the maxima are not trivially 0
+    assert expected["max_abs_pattern_diff_qk"].max() > 1e-3
