@@ -2,17 +2,18 @@
 for float32/float64 patterns with their scores on the CPU.
 
 The NumPy kernel (`metrics._fused_block`) makes about twenty passes over each block; this one
-reads each row's visible keys twice (the sums, then the spreads about the row's centers) and
-takes no logarithm per key: with p = softmax(s) over the visible keys, log p_j = s_j − lse and
-lse = s_m − log p_m at the row's largest p_m, so
+reads each row's visible keys once and takes no logarithm per key. With x = s − s_0 (the logits
+about the first key's) and p = softmax(s) over the visible keys, log p_j = x_j − L where
+L = lse − s_0 = −log p_0 (or, where p_0 is below 1e-30, from the row's largest p_m), so
 
-    H = lse · Σp − Σ p s,     H' (without key 0) = −(Σ_{j≥1} p s − lse R) / R + log R,
-    local gain = −Σ p (s − lse + H)²   (= −Var_p(s), as −Σ p (log p + H)²),
+    H = L · Σp − Σ p x,     H' (without key 0) = −(Σ_{j≥1} p x − L R) / R + log R,
+    local gain = −Σ p (x − d)²  with d = L − H   (= −Var_p(s), as −Σ p (log p + H)²),
 
-with every sum in float64. The top-mass counts sort each block of rows over its visible keys with
-NumPy's vectorized sort and walk the sorted rows once for both counts (the rest's skips one key
-of mass p_0). Values equal those of the NumPy kernel to float32 rounding (tested); a count can
-differ only where the top mass meets its threshold within float64 rounding.
+the last expanded from Σ p x and Σ p x², and the direction spread from the visible keys' Σ x
+and Σ x², with every sum in float64. The top-mass counts sort each block of rows over its
+visible keys with NumPy's vectorized sort and walk the sorted rows once for both counts (the
+rest's skips one key of mass p_0). Values equal those of the NumPy kernel to float32 rounding
+(tested); a count can differ only where the top mass meets its threshold within float64 rounding.
 
 Numba is a dependency; where it is missing, or SPECTRA_LENS_NUMBA=0 is set, `AVAILABLE` is False
 and the capture runs the NumPy kernel.
@@ -76,51 +77,49 @@ def row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent):
             if e == 0 or not s[0] > thr:
                 flag[b, q] = FLAG_ROW
                 continue
-            # pass 1: the sums off the first key, and the largest p_j there
+            # One pass: the sums off the first key, and the moments of the logits about the
+            # first key's (x = s − s_0; p-weighted, and over the visible keys), from which the
+            # spreads about the row's own centers follow (float64: no cancellation that matters).
+            s0 = max(np.float64(s[0]), floor)
             n_vis = 1
             R = 0.0
             B1 = 0.0
-            SP1 = 0.0
-            sum_s = 0.0
             max1 = 0.0
+            G1 = 0.0  # Σ p x
+            G2 = 0.0  # Σ p x²
+            V1 = 0.0  # Σ_visible x
+            V2 = 0.0  # Σ_visible x²
             for j in range(1, e):
                 pj = np.float64(p[j])
                 sj = np.float64(s[j])
                 v = sj > thr
-                sc = max(sj, floor)
+                x = max(sj, floor) - s0
                 n_vis += v
-                sum_s += sc if v else 0.0
+                xv = x if v else 0.0
+                V1 += xv
+                V2 += xv * xv
                 R += pj
                 B1 += pj * pj
-                SP1 += pj * sc
+                g = pj * x
+                G1 += g
+                G2 += g * x
                 max1 = max(max1, pj)
             P0 = np.float64(p[0])
-            s0 = max(np.float64(s[0]), floor)
             total = P0 + R
-            sum_s += s0
-            if P0 >= max1:
-                p_m, s_m = P0, s0
-            else:
+            # L = lse − s_0, from the first key where its p is a normal number, else the largest
+            if P0 >= 1e-30:
+                L = -np.log(P0)
+            elif max1 > 0:
                 j = 1
                 while np.float64(p[j]) != max1:
                     j += 1
-                p_m, s_m = max1, max(np.float64(s[j]), floor)
-            lse = s_m - np.log(p_m) if p_m > 0 else 0.0
-            SP = SP1 + P0 * s0
-            H = lse * total - SP
-            center = lse - H
-            mean_s = sum_s / n_vis
-            # pass 2: the spreads about the row's own centers
-            G = 0.0
-            D = 0.0
-            for j in range(e):
-                pj = np.float64(p[j])
-                sj = np.float64(s[j])
-                sc = max(sj, floor)
-                d = sc - center
-                G += pj * d * d
-                t = sc - mean_s if sj > thr else 0.0
-                D += t * t
+                L = max(np.float64(s[j]), floor) - s0 - np.log(max1)
+            else:
+                L = 0.0
+            H = L * total - G1  # −Σ p log p with log p = x − L
+            d = L - H  # the p-weighted mean of x
+            G = max(G2 - 2.0 * d * G1 + d * d * total, 0.0)
+            D = max(V2 - V1 * V1 / n_vis, 0.0)
             o = out[:, b, q]
             o[0] = H
             o[1] = n_vis
@@ -135,7 +134,7 @@ def row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent):
                 o[7] = nan
                 o[8] = nan
             else:
-                o[6] = -(SP1 - lse * R) / R + np.log(R)
+                o[6] = -(G1 - L * R) / R + np.log(R)  # Σ_{j≥1} p log p = G1 − L R
                 o[7] = max1 / R
                 o[8] = R * R / B1
                 if R < min_rest:

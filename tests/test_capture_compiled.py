@@ -54,6 +54,24 @@ def test_masks_other_than_causal(kind):
     _check(M.capture_row_metrics(p, s, q, backend="numpy"), want)
 
 
+def test_a_first_key_below_1e30_and_long_flat_rows():
+    """log p is taken from the first key unless its p is below 1e-30 (then from the largest p);
+    the local gain of long, nearly uniform rows is a small variance that float64 keeps."""
+    p, s, q = _inputs(31, n=24, sink=-100.0, scale=1.0)  # p_0 ≈ e^-100, subnormal: the largest key
+    assert (p[..., 5:, 0] < 1e-30).all()
+    _check(M.capture_row_metrics(p, s, q, backend="compiled"), _two_pass(p, s, q, 0.9))
+    n = 1024
+    s = (torch.randn(1, 1, n, n, generator=torch.Generator().manual_seed(5)) * 0.05)
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), MIN)
+    p = torch.softmax(s, dim=-1)
+    got = M.capture_row_metrics(p, s, torch.ones(1, 1, n), backend="compiled")["local_gain"]
+    s64 = s.double().masked_fill(s == MIN, float("-inf"))
+    p64 = torch.softmax(s64, dim=-1)
+    mean = (p64 * s64.nan_to_num(0.0, neginf=0.0)).sum(-1, keepdim=True)
+    want = -(p64 * (s64.nan_to_num(0.0, neginf=0.0) - mean) ** 2).sum(-1)
+    assert_close(got.double(), want, atol=2e-7, rtol=1e-4)
+
+
 def test_flags_and_their_rows():
     """Rows whose first key is hidden get FLAG_ROW, rows whose rest underflows FLAG_REST; the
     other rows' values do not depend on them."""
