@@ -213,3 +213,114 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
         full[...] = f_.reshape(full.shape)
         rest[...] = r_.reshape(rest.shape)
     return out[:len(OUT_NAMES)], flag
+
+
+# --------------------------------------------------------------------------- the gain's α rows
+
+#: e^x is taken as 0 below this exponent: a term under e^-110 (< 2e-48) changes no float64 sum
+#: that holds e^0 = 1, and no count (the sums run over a row's keys in descending order).
+EXP_CUT = -110.0
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@_jit
+@no_type_check  # compiled: the test suite's runtime type checker must not wrap it
+def alpha_rows(A, alphas, lim_frac, n_keys, out, buf, x0, bits, two_n):
+    """The sweep metrics of softmax(α·z) per α and row of A [rows, n] (z sorted ascending, the
+    masked keys −inf first), into out [5, n_a, rows]: entropy, max p, k_eff_exp, k_eff_pr and
+    the top-mass count (`metrics.SWEEP_METRICS`). Per α and row: e_j = exp(α (z_j − max z)) over
+    the keys in descending order (e_0 = 1) down to EXP_CUT, Z = Σe, H = log Z − Σ e x / Z,
+    max p = 1 / Z, 1 / Σp² = Z² / Σe², and the fewest leading e whose float64 sum reaches
+    lim_frac · Z. A row with no visible key (or a NaN) gives NaN and a count of 1.
+
+    e = 2^n · e^f with n = round(x log2 e) and |f| ≤ ln 2 / 2: e^f by its Taylor polynomial of
+    degree 9 (relative error below 1e-11), 2^n from its float64 bits (`bits`, seen as floats
+    through `two_n`), so that the loops vectorize (a call of the C library's exp does not).
+    Buffers: buf, x0, bits [n] (two_n = bits.view(float64))."""
+    rows, n = A.shape
+    n_a = alphas.shape[0]
+    for r in range(rows):
+        a = A[r]
+        lo = 0  # the first visible key (binary search over the −inf prefix)
+        hi = n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if a[mid] == -np.inf:
+                lo = mid + 1
+            else:
+                hi = mid
+        top = np.float64(a[n - 1]) if lo < n else np.nan
+        if not np.isfinite(top):
+            for ia in range(n_a):
+                for k in range(4):
+                    out[k, ia, r] = np.nan
+                out[4, ia, r] = 1.0
+            continue
+        n_fin = n - lo
+        for j in range(n_fin):  # z − max z in descending order, float64
+            x0[j] = np.float64(a[n - 1 - j]) - top
+        for ia in range(n_a):
+            al = alphas[ia]
+            x_cut = EXP_CUT / al  # keys below it: e < e^EXP_CUT
+            lo2 = 0  # the first key below x_cut (binary search; key 0 is never below)
+            hi2 = n_fin
+            while lo2 < hi2:
+                mid = (lo2 + hi2) // 2
+                if x0[mid] >= x_cut:
+                    lo2 = mid + 1
+                else:
+                    hi2 = mid
+            m = lo2
+            Z = 0.0
+            SX = 0.0
+            SE = 0.0
+            for j in range(m):  # e^f, and 2^n as bits
+                t = al * x0[j] * _LOG2E
+                nn = np.floor(t + 0.5)
+                f = (t - nn) * _LN2
+                q = 1.0 / 362880.0
+                q = q * f + 1.0 / 40320.0
+                q = q * f + 1.0 / 5040.0
+                q = q * f + 1.0 / 720.0
+                q = q * f + 1.0 / 120.0
+                q = q * f + 1.0 / 24.0
+                q = q * f + 1.0 / 6.0
+                q = q * f + 0.5
+                q = q * f + 1.0
+                q = q * f + 1.0
+                buf[j] = q
+                bits[j] = (np.int64(nn) + 1023) << 52
+            for j in range(m):
+                e = buf[j] * two_n[j]
+                x = al * x0[j]
+                buf[j] = e
+                Z += e
+                SX += e * x
+                SE += e * e
+            lim = lim_frac * Z
+            c = n_keys
+            acc = 0.0
+            for j in range(m):
+                acc += buf[j]
+                if acc >= lim:
+                    c = j + 1
+                    break
+            H = np.log(Z) - SX / Z
+            out[0, ia, r] = H
+            out[1, ia, r] = 1.0 / Z
+            out[2, ia, r] = np.exp(H)
+            out[3, ia, r] = Z * Z / SE
+            out[4, ia, r] = min(c, n_keys)
+
+
+def alpha_row_sums(z: np.ndarray, alphas: tuple[float, ...], *, top_mass: float,
+                   tol: float) -> np.ndarray:
+    """`alpha_rows` on z [rows, n_keys] (float32, masked −inf): [5, n_a, rows] float64."""
+    rows, n_keys = z.shape
+    A = np.sort(z, axis=-1)
+    out = np.empty((5, len(alphas), rows))
+    bits = np.empty(max(n_keys, 1), np.int64)
+    alpha_rows(A, np.asarray(alphas, np.float64), top_mass - tol, n_keys, out,
+               np.empty(max(n_keys, 1)), np.empty(max(n_keys, 1)), bits, bits.view(np.float64))
+    return out

@@ -590,7 +590,8 @@ _F32_EPS = 2.0**-24  # unit roundoff of float32
 
 
 def alpha_row_metrics(
-    z: Float[Tensor, "rows key_pos"], alphas: Sequence[float], *, chunk_elements: int = ALPHA_CHUNK_ELEMENTS
+    z: Float[Tensor, "rows key_pos"], alphas: Sequence[float], *, chunk_elements: int = ALPHA_CHUNK_ELEMENTS,
+    backend: str | None = None,
 ) -> dict[str, Float[Tensor, "alpha rows"]]:
     """Metrics of softmax(α·z) for every α, per row of z [rows, keys] (float32, masked −inf).
 
@@ -605,13 +606,25 @@ def alpha_row_metrics(
     The α grid runs in chunks of at most `chunk_elements` entries of e; inside a chunk the
     exponentials and their sums are formed in cache-sized pieces. Every per-row quantity depends
     only on that row and α, so the chunking does not change any result.
+
+    `backend`: "compiled" (the default where numba is available: `compiled.alpha_rows`, one
+    pass per α and row in float64, no chunks) or "numpy" (the kernel above, the reference).
     """
-    got = _alpha_rows(z.float().numpy(), check_alphas(alphas), chunk_elements)
+    if backend not in (None, "numpy", "compiled") or (backend == "compiled" and not compiled.AVAILABLE):
+        from spectra_lens.errors import SpectraError
+
+        raise SpectraError(f"backend must be None, 'numpy' or 'compiled' (numba available: "
+                           f"{compiled.AVAILABLE}), got {backend!r}")
+    got = _alpha_rows(z.float().numpy(), check_alphas(alphas), chunk_elements, backend)
     return {n: torch.from_numpy(v).float() for n, v in got.items()}
 
 
-def _alpha_rows(z: np.ndarray, alphas: tuple[float, ...], chunk_elements: int) -> dict[str, np.ndarray]:
+def _alpha_rows(z: np.ndarray, alphas: tuple[float, ...], chunk_elements: int,
+                backend: str | None = None) -> dict[str, np.ndarray]:
     """`alpha_row_metrics` on z [rows, keys] (float32 NumPy), in float64 [alpha, rows]."""
+    if backend == "compiled" or (backend is None and compiled.AVAILABLE):
+        got = compiled.alpha_row_sums(z, alphas, top_mass=0.9, tol=_TOP_TOL)
+        return {n: got[i] for i, n in enumerate(SWEEP_METRICS)}
     rows, n_keys = z.shape
     kc = _ALPHA_KEY_CHUNK
     width = n_keys + (-n_keys % _ALPHA_PAD)

@@ -89,12 +89,13 @@ def _rows(seed: int, n_rows: int, n_keys: int, scale: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n_keys,scale", [(5, 1.0), (37, 3.0), (100, 8.0)])
-def test_alpha_row_metrics_equal_the_reference(n_keys, scale):
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+def test_alpha_row_metrics_equal_the_reference(n_keys, scale, backend):
     """Per row and α: every sweep metric of softmax(α·z) over the visible keys, as the float64
     reference computes it (the α grid spans sharp and flat patterns)."""
     z = _rows(n_keys, 24, n_keys, scale)
     alphas = (0.05, 0.25, 1.0, 2.0 ** 0.2, 4.0, 30.0)
-    got = alpha_row_metrics(z, alphas)
+    got = alpha_row_metrics(z, alphas, backend=backend)
     for j, a in enumerate(alphas):
         for r in range(z.shape[0]):
             row = z[r][torch.isfinite(z[r])].double().numpy()
@@ -110,9 +111,9 @@ def test_alpha_row_metrics_do_not_depend_on_the_chunking():
     z[3] = float("-inf")
     alphas = tuple(2.0 ** (k / 5) for k in range(-10, 11))
     width = 70 + (-70 % _ALPHA_PAD)
-    whole = alpha_row_metrics(z, alphas)
+    whole = alpha_row_metrics(z, alphas, backend="numpy")
     for chunk in (1, 3 * width, 50 * width + 1, 7 * 50 * width):
-        got = alpha_row_metrics(z, alphas, chunk_elements=chunk)
+        got = alpha_row_metrics(z, alphas, chunk_elements=chunk, backend="numpy")
         for m in SWEEP_METRICS:
             torch.testing.assert_close(got[m], whole[m], atol=0, rtol=0, equal_nan=True)
     assert torch.isnan(whole["entropy"][:, 3]).all() and (whole["k_eff_top90"][:, 3] == 1).all()
@@ -123,11 +124,35 @@ def test_alpha_row_metrics_pieces_smaller_than_a_row_block(monkeypatch):
     """With pieces of a few rows (one α each) the results are those of whole-chunk pieces."""
     z = _rows(11, 40, 33, 2.0)
     alphas = (0.5, 1.0, 3.0)
-    whole = alpha_row_metrics(z, alphas)
+    whole = alpha_row_metrics(z, alphas, backend="numpy")
     monkeypatch.setattr(M, "_ALPHA_PIECE", 7 * 48)  # 7 rows of 48 padded keys, ragged at the end
-    got = alpha_row_metrics(z, alphas)
+    got = alpha_row_metrics(z, alphas, backend="numpy")
     for m in SWEEP_METRICS:
         torch.testing.assert_close(got[m], whole[m], atol=0, rtol=0)
+
+
+def test_compiled_alpha_rows_equal_the_numpy_kernel():
+    """The compiled kernel (float64 exponentials, keys below e^-110 left out) against the NumPy
+    one on sharp and flat rows, a row with no visible key and one with a single key; counts may
+    differ only where a partial sum meets the limit within rounding (none here)."""
+    z = _rows(17, 300, 90, 6.0)
+    z[3] = float("-inf")
+    z[4, 1:] = float("-inf")
+    z[5] = torch.randn(90) * 1e-3  # flat: every key counts at every α
+    alphas = tuple(2.0 ** (k / 5) for k in range(-10, 11)) + (40.0,)
+    want = alpha_row_metrics(z, alphas, backend="numpy")
+    got = alpha_row_metrics(z, alphas, backend="compiled")
+    for m in SWEEP_METRICS:
+        if m == "k_eff_top90":
+            assert torch.equal(got[m], want[m]), m
+        else:
+            torch.testing.assert_close(got[m], want[m], rtol=2e-6, atol=1e-6, equal_nan=True, msg=m)
+    assert torch.isnan(got["entropy"][:, 3]).all() and (got["k_eff_top90"][:, 3] == 1).all()
+    assert (got["max_attn"][:, 4] == 1).all() and (got["k_eff_top90"][:, 4] == 1).all()
+    from spectra_lens.errors import SpectraError
+
+    with pytest.raises(SpectraError, match="backend"):
+        alpha_row_metrics(z, alphas, backend="cuda")
 
 
 def test_alpha_metrics_weighted_mean_of_the_row_kernel():
