@@ -109,7 +109,7 @@ class PatternMaxima:
 
     def __init__(self, alphas: tuple[float, ...], layer: int, target: int, group: tuple[int, ...]):
         self.alphas, self.layer, self.target, self.group = tuple(alphas), layer, target, tuple(group)
-        empty = lambda: np.full(len(self.alphas), -np.inf)  # noqa: E731
+        empty = lambda: np.full(len(self.alphas), -np.inf)
         self.diff_qk = {h: empty() for h in self.group}
         self.dev = {(sc, h): empty() for sc in SCALINGS for h in self.group}
         self.moved = {(sc, h): empty() for sc in SCALINGS for h in self.group}

@@ -12,7 +12,12 @@ from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import KeyScale, MetricCapture, QueryScale, attached, count_hooks
 from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics, pattern_metrics
 from spectra_lens.stats import t_interval
-from spectra_lens.sweep import analytic_gain, head_curves, intervention_effects, paired_intervention_effects
+from spectra_lens.sweep import (
+    analytic_gain,
+    head_curves,
+    intervention_effects,
+    paired_intervention_effects,
+)
 from spectra_lens.validate import check_alphas
 
 BILINEAR = ("gpt2", "neox", "llama_gqa", "qwen3", "gemma3", "opt")
