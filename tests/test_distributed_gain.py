@@ -3,30 +3,23 @@
 detached shares joined by `spectra-lens merge` give the same tables. In one process: a sweep
 measured part by part, saved and loaded, is the sweep of all sequences.
 
-Each launch starts fresh Python processes that load a tiny model saved to disk (~5-10 s each on
-a loaded 2-core machine).
+The launches and the table comparison are in tests/cli_processes.py.
 """
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
+import cli_processes as procs
 import pandas as pd
 import pytest
 import torch
 from spectra_lens.experiments import gain
-from test_distributed import _env, _rank_pids, _run, _torchrun
 
 from spectra_lens.config import GainConfig
 from spectra_lens.distributed import Group, Steps
 from spectra_lens.errors import SpectraError
 from spectra_lens.metrics import SWEEP_METRICS
 from spectra_lens.sweep import HeadSweep, head_curves
-from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
 TABLES = ("gain_summary", "gain_curves")
 N_SEQUENCES, BATCH = 12, 2  # 6 parts: rank 0 takes parts 0, 2, 4 and rank 1 parts 1, 3, 5
@@ -34,15 +27,12 @@ N_SEQUENCES, BATCH = 12, 2  # 6 parts: rank 0 takes parts 0, 2, 4 and rank 1 par
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_hf_model("llama_gqa").save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
-    return d
+    return procs.save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    return word_corpus(tmp_path_factory.mktemp("corpus"), 6, 200)
+    return procs.save_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _args(model_dir, corpus, out) -> list[str]:
@@ -52,17 +42,6 @@ def _args(model_dir, corpus, out) -> list[str]:
             "--no-progress"]
 
 
-def _assert_same_tables(a: Path, b: Path) -> None:
-    for name in TABLES:
-        x, y = pd.read_csv(a / f"{name}.csv"), pd.read_csv(b / f"{name}.csv")
-        assert list(x.columns) == list(y.columns), name
-        num = x.select_dtypes("number").columns
-        np.testing.assert_allclose(x[num].to_numpy(float), y[num].to_numpy(float), rtol=0, atol=1e-9,
-                                   err_msg=name)
-        other = [c for c in x.columns if c not in num]
-        assert x[other].astype(str).equals(y[other].astype(str)), name
-
-
 def _parts(out: Path) -> dict[str, tuple[int, int]]:
     """{part file: (inode, mtime_ns)}: a rewritten part (atomic rename) gets a new inode."""
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((out / "parts").glob("part_*.npz"))}
@@ -70,15 +49,13 @@ def _parts(out: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def single(model_dir, corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single") / "run"
-    _run([sys.executable, "-m", "spectra_lens.cli", *_args(model_dir, corpus, out)])
-    return out
+    return procs.one_process_run(tmp_path_factory, lambda out: _args(model_dir, corpus, out))
 
 
 def test_two_processes_give_the_gain_tables_of_one(model_dir, corpus, single, tmp_path):
     out = tmp_path / "run"
-    _run(_torchrun(2, _args(model_dir, corpus, out)))
-    _assert_same_tables(single, out)
+    procs.run(procs.torchrun(2, _args(model_dir, corpus, out)))
+    procs.assert_same_tables(single, out, TABLES)
     assert sorted(_parts(out)) == [f"part_{i:05d}.npz" for i in range(N_SEQUENCES // BATCH)]
     import json
 
@@ -91,8 +68,8 @@ def test_when_rank_0_refuses_the_run_the_other_rank_stops_too(model_dir, corpus,
     """Rank 0 refuses --out (a finished run, no --overwrite): rank 1, waiting at the first
     checkpoint, learns it there and exits instead of waiting for the group's timeout."""
     before = (single / "manifest.json").read_text()
-    proc = subprocess.run(_torchrun(2, _args(model_dir, corpus, single)), env=_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(procs.torchrun(2, _args(model_dir, corpus, single)), env=procs.env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "already holds a finished gain run" in proc.stdout + proc.stderr
     assert (single / "manifest.json").read_text() == before
@@ -109,34 +86,21 @@ def test_steps_without_a_process_group():
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find a rank's process")
 def test_a_killed_rank_has_only_its_missing_parts_redone(model_dir, corpus, single, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_torchrun(2, _args(model_dir, corpus, out)), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = False
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            # kill rank 1 as soon as it has written its first part: its later parts are left
-            if (out / "parts" / "part_00001.npz").exists():
-                for pid in _rank_pids(proc.pid, 1):
-                    os.kill(pid, signal.SIGKILL)
-                    killed = True
-                break
-            time.sleep(0.001)
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert killed and proc.returncode != 0
+    # kill rank 1 as soon as it has written its first part: its later parts are left
+    killed, returncode = procs.run_killing_rank(
+        procs.torchrun(2, _args(model_dir, corpus, out)), 1,
+        when=(out / "parts" / "part_00001.npz").exists, poll=0.001)
+    assert killed and returncode != 0
     assert not (out / "gain_summary.csv").exists()
     before = _parts(out)
     all_parts = [f"part_{i:05d}.npz" for i in range(N_SEQUENCES // BATCH)]
     assert "part_00001.npz" in before and set(before) != set(all_parts)
     # The same command with one process finishes the run: only the missing parts are computed.
-    _run(_torchrun(1, _args(model_dir, corpus, out)))
+    procs.run(procs.torchrun(1, _args(model_dir, corpus, out)))
     after = _parts(out)
     assert sorted(after) == all_parts
     assert {name: after[name] for name in before} == before  # the parts written before: untouched
-    _assert_same_tables(single, out)
+    procs.assert_same_tables(single, out, TABLES)
 
 
 def test_detached_gain_shares_merged_give_the_tables_of_one_process(model_dir, corpus, single, tmp_path,
@@ -157,7 +121,7 @@ def test_detached_gain_shares_merged_give_the_tables_of_one_process(model_dir, c
     assert cli.main(["merge", str(shares[0]), "--out", str(tmp_path / "bad")]) == 2
     out = tmp_path / "merged"
     assert cli.main(["merge", *map(str, shares), "--out", str(out), "--no-progress"]) == 0
-    _assert_same_tables(single, out)
+    procs.assert_same_tables(single, out, TABLES)
     s = pd.read_csv(out / "gain_summary.csv", keep_default_na=False)
     assert sorted(s["head_type"]) == sorted(["target", "control"] + [""] * (len(s) - 2))
 
