@@ -20,17 +20,14 @@ and the capture runs the NumPy kernel.
 """
 
 import os
+from importlib.util import find_spec
 from typing import no_type_check
 
 import numpy as np
 
-try:  # the NumPy kernel is the reference and the fallback
-    import numba
-except ImportError:  # pragma: no cover - exercised only where numba is not installed
-    numba = None
-
-#: Whether `capture_row_metrics` runs this kernel by default on the CPU.
-AVAILABLE = numba is not None and os.environ.get("SPECTRA_LENS_NUMBA", "1") != "0"
+#: Whether `capture_row_metrics` and the gain's α rows run these kernels by default on the CPU.
+#: Numba is imported (about 110 MB of resident memory with LLVM) only when a kernel first runs.
+AVAILABLE = find_spec("numba") is not None and os.environ.get("SPECTRA_LENS_NUMBA", "1") != "0"
 
 #: Rows flagged for the two-function path: the first key is hidden in the row (left padding),
 #: or nothing is visible.
@@ -43,18 +40,29 @@ OUT_NAMES = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "loc
              "entropy_ns", "max_attn_ns", "k_eff_pr_ns", "k_eff_top90_ns", "dir_spread")
 
 
-def _jit(fn):
-    # fastmath "reassoc"/"contract" lets LLVM vectorize the sums; no "nnan"/"ninf": NaN marks
-    # undefined metrics and masked scores may be −inf. error_model "numpy": x / 0 is inf or NaN.
-    if numba is None:
-        return fn
-    return numba.njit(cache=True, nogil=True, error_model="numpy",
-                      fastmath={"reassoc", "contract", "nsz"})(fn)
+_COMPILED: dict = {}
 
 
-@_jit
-@no_type_check  # compiled: the test suite's runtime type checker must not wrap it
-def row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent):
+def _kernel(fn):
+    """`fn` compiled by Numba on first use (the machine code is cached on disk across processes).
+
+    fastmath "reassoc"/"contract" lets LLVM vectorize the sums; no "nnan"/"ninf": NaN marks
+    undefined metrics and masked scores may be −inf. error_model "numpy": x / 0 is inf or NaN.
+    """
+    k = _COMPILED.get(fn.__name__)
+    if k is None:
+        if not AVAILABLE:
+            raise RuntimeError("the compiled kernels need numba (and SPECTRA_LENS_NUMBA not 0)")
+        import numba
+
+        k = numba.njit(cache=True, nogil=True, error_model="numpy",
+                       fastmath={"reassoc", "contract", "nsz"})(fn)
+        _COMPILED[fn.__name__] = k
+    return k
+
+
+@no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
+def _row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent):
     """Every metric but the top-mass counts, row by row; `extent` [n_b, n_q] gets each row's
     last visible key + 1 and `out[11]`, `out[12]` its p_0 and R = Σ_{j≥1} p_j."""
     n_b, n_q, n_k = P.shape
@@ -141,9 +149,8 @@ def row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent):
                     flag[b, q] = FLAG_REST
 
 
-@_jit
-@no_type_check  # compiled: the test suite's runtime type checker must not wrap it
-def top_counts(D, P0, R, undefined, lim, n_k, full, rest):
+@no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
+def _top_counts(D, P0, R, undefined, lim, n_k, full, rest):
     """k_eff_top90 of rows D [rows, W] holding −p sorted ascending (p descending): `full` the
     fewest largest p whose float64 sum reaches lim, `rest` the same without one key of mass p_0
     (the first key) against lim · R; n_k where a row never reaches its threshold."""
@@ -176,6 +183,11 @@ def top_counts(D, P0, R, undefined, lim, n_k, full, rest):
         rest[i] = np.nan if undefined[i] else (c_rest if c_rest >= 0 else n_k)
 
 
+def top_counts(D, P0, R, undefined, lim, n_k, full, rest) -> None:
+    """`_top_counts`, compiled (see there)."""
+    _kernel(_top_counts)(D, P0, R, undefined, lim, n_k, full, rest)
+
+
 def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, floor: float,
                  top_mass: float | None, tol: float, min_rest: float,
                  block_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +202,7 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
     out = np.empty((len(OUT_NAMES) + 2, n_b, n_q), np.float64)
     flag = np.zeros((n_b, n_q), np.int8)
     extent = np.zeros((n_b, n_q), np.int64)
-    row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent)
+    _kernel(_row_sums)(P, S, qn, thr, floor, min_rest, out, flag, extent)
     i_top, i_top_ns = OUT_NAMES.index("k_eff_top90"), OUT_NAMES.index("k_eff_top90_ns")
     if top_mass is None:
         out[i_top] = np.nan
@@ -224,9 +236,8 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-@_jit
-@no_type_check  # compiled: the test suite's runtime type checker must not wrap it
-def alpha_rows(A, alphas, lim_frac, n_keys, out, buf, x0, bits, two_n):
+@no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
+def _alpha_rows(A, alphas, lim_frac, n_keys, out, buf, x0, bits, two_n):
     """The sweep metrics of softmax(α·z) per α and row of A [rows, n] (z sorted ascending, the
     masked keys −inf first), into out [5, n_a, rows]: entropy, max p, k_eff_exp, k_eff_pr and
     the top-mass count (`metrics.SWEEP_METRICS`). Per α and row: e_j = exp(α (z_j − max z)) over
@@ -316,11 +327,11 @@ def alpha_rows(A, alphas, lim_frac, n_keys, out, buf, x0, bits, two_n):
 
 def alpha_row_sums(z: np.ndarray, alphas: tuple[float, ...], *, top_mass: float,
                    tol: float) -> np.ndarray:
-    """`alpha_rows` on z [rows, n_keys] (float32, masked −inf): [5, n_a, rows] float64."""
+    """`_alpha_rows` on z [rows, n_keys] (float32, masked −inf): [5, n_a, rows] float64."""
     rows, n_keys = z.shape
     A = np.sort(z, axis=-1)
     out = np.empty((5, len(alphas), rows))
     bits = np.empty(max(n_keys, 1), np.int64)
-    alpha_rows(A, np.asarray(alphas, np.float64), top_mass - tol, n_keys, out,
+    _kernel(_alpha_rows)(A, np.asarray(alphas, np.float64), top_mass - tol, n_keys, out,
                np.empty(max(n_keys, 1)), np.empty(max(n_keys, 1)), bits, bits.view(np.float64))
     return out

@@ -607,7 +607,7 @@ def alpha_row_metrics(
     exponentials and their sums are formed in cache-sized pieces. Every per-row quantity depends
     only on that row and α, so the chunking does not change any result.
 
-    `backend`: "compiled" (the default where numba is available: `compiled.alpha_rows`, one
+    `backend`: "compiled" (the default where numba is available: `compiled.alpha_row_sums`, one
     pass per α and row in float64, no chunks) or "numpy" (the kernel above, the reference).
     """
     if backend not in (None, "numpy", "compiled") or (backend == "compiled" and not compiled.AVAILABLE):
