@@ -55,8 +55,11 @@ def _kernel(fn):
             raise RuntimeError("the compiled kernels need numba (and SPECTRA_LENS_NUMBA not 0)")
         import numba
 
-        k = numba.njit(cache=True, nogil=True, error_model="numpy",
-                       fastmath={"reassoc", "contract", "nsz"})(fn)
+        options = dict(nogil=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
+        try:
+            k = numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # no writable cache directory (NUMBA_CACHE_DIR sets one): compile per process
+            k = numba.njit(**options)(fn)
         _COMPILED[fn.__name__] = k
     return k
 
@@ -210,12 +213,15 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
         return out[:len(OUT_NAMES)], flag
     lim = top_mass - tol
     undefined = out[OUT_NAMES.index("n_visible")] <= 1
+    space = np.empty(n_b * min(block_rows, n_q) * P.shape[2], P.dtype)  # one block's −p, reused
     for q0 in range(0, n_q, block_rows):
         q1 = min(n_q, q0 + block_rows)
         ext = int(extent[:, q0:q1].max())
         if ext == 0:
             continue
-        desc = np.negative(P[:, q0:q1, :ext]).reshape(-1, ext)  # a new array: −p, sorted below
+        desc = space[: n_b * (q1 - q0) * ext].reshape(n_b, q1 - q0, ext)
+        np.negative(P[:, q0:q1, :ext], out=desc)
+        desc = desc.reshape(-1, ext)
         desc.sort(axis=-1)
         full = out[i_top, :, q0:q1]
         rest = out[i_top_ns, :, q0:q1]

@@ -937,7 +937,8 @@ def _capture_compiled(p3, s3, qn, thr, top_mass, rows_per) -> dict[str, Tensor]:
     n_b, n_q, _ = p3.shape
     with torch.no_grad():
         got, flag = compiled.capture_rows(
-            p3.contiguous().numpy(), s3.contiguous().numpy(), qn.float().contiguous().numpy(),
+            p3.detach().contiguous().numpy(), s3.detach().contiguous().numpy(),
+            qn.detach().float().contiguous().numpy(),
             thr=thr, floor=_SCORE_FLOOR, top_mass=top_mass, tol=_TOP_TOL, min_rest=_NOSINK_MIN_MASS,
             block_rows=rows_per)
         out = {n: torch.from_numpy(got[i]).float() for i, n in enumerate(compiled.OUT_NAMES)}
