@@ -177,7 +177,8 @@ def _memory(s: dict) -> str:
     w, one, g, r = s["workload"], s["single_batch"], s["corpus_growth"], s["ratios"]
     unit = "GPU memory allocated" if w["device"].startswith("cuda") else "resident set (RSS)"
     labels = {"hf": "bare HF forward", "bridge": "bridge forward, no hooks",
-              "capture": "observational pass (capture + result)"}
+              "capture": "observational pass (capture + result)",
+              "capture_numpy_kernels": "observational pass, NumPy kernels (`SPECTRA_LENS_NUMBA=0`)"}
     rows = [[labels[k], _mib(d["baseline_bytes"]), _mib(d["peak_bytes"]),
              _mib(d["peak_over_baseline_bytes"]),
              f"{d['peak_bytes'] / one['bridge']['peak_bytes']:.3f}×",
@@ -383,11 +384,11 @@ def _analysis(s: dict) -> str:
 def _why_overhead(sec, results):
     r = sec["ratios"]
     share = sec.get("top90_share_of_overhead")
-    text = ("The capture computes every per-token metric of every head inside the forward pass in "
-            "two blocked passes over each layer's pattern (`metrics.row_metrics` and "
-            "`metrics.sink_excluded_metrics`: query blocks of at most 2¹⁸ entries over the visible "
-            "keys only, each read once into float32), plus the direction spread of the scores and "
-            "the query/key norms. ")
+    text = ("The capture computes every per-token metric of every head inside the forward pass: on "
+            "the CPU one compiled pass over each attention row's visible keys "
+            "(`spectra_lens.compiled`, numba; float64 sums, log p from the scores, no logarithm per "
+            "key), the top-mass counts from NumPy's sort of each query block walked once, plus the "
+            "query/key norms. ")
     if share is not None:
         v = r["capture_without_top90_vs_bridge"]["value"]
         text += (f"The sort behind k_eff_top90 is {100 * share:.0f}% of the extra time; without it "
@@ -405,7 +406,7 @@ def _why_overhead(sec, results):
     text += ("k_eff_top90 needs each row's masses in descending order: the CPU path sorts every "
              "visible row with NumPy's vectorized sort and sums in float64 only up to the crossing. "
              "Without it (`--top-mass none`) the capture is the cheaper variant above. Not measured "
-             "here: a fused pass on a GPU (`bench/gpu_check.sh`).")
+             "here: the GPU path (`bench/gpu_check.sh`).")
     return text
 
 
@@ -419,9 +420,8 @@ def _why_long(sec, results):
             f"{d['seq_len']}: {_x(d['capture_vs_bridge'])} ({_x(d['capture_without_top90_vs_bridge'])} "
             f"without k_eff_top90)" for d in rows) + ". "
     return text + ("The sort (k_eff_top90 and k_eff_top90_nosink) is the difference between the two "
-                   "numbers; the rest is the two blocked passes over every visible pattern entry, "
-                   "which grow as T² per head like the model's own attention but do several times "
-                   "its elementwise work.")
+                   "numbers; the rest is the compiled pass over every visible pattern entry, which "
+                   "grows as T² per head like the model's own attention.")
 
 
 def _why_analysis(sec, results):
@@ -439,9 +439,10 @@ def _why_analysis(sec, results):
 def _why_gain(sec, results):
     return ("The fast path evaluates softmax(α·s) and five metrics for every α on every layer's "
             "score tensor, so its cost grows with α × heads × query × key, while the forward "
-            "pass's attention is a small part of a 135M model's compute on short sequences. "
-            "Closing the gap: fewer or cheaper metrics per α (k_eff_top90 needs a sort, shared "
-            "across α but still a pass per α), or evaluating only the query positions analysed.")
+            "pass's attention is a small part of a 135M model's compute on short sequences. On the "
+            "CPU each row is sorted once and every α is one compiled, vectorized pass over the keys "
+            "down to e^-110 (`compiled.alpha_row_sums`: float64 exponentials from a polynomial, "
+            "the sums and the top-mass count).")
 
 
 def _why_memory(sec, results):
@@ -463,6 +464,14 @@ def _why_memory(sec, results):
                  f"working memory {p['capture']['peak_over_baseline_bytes'] / MiB:,.0f} MiB instead "
                  f"of {sec['single_batch']['capture']['peak_over_baseline_bytes'] / MiB:,.0f} MiB; the "
                  f"remaining {extra:,.0f} MiB over the bridge is the capture's live working set plus what retention is left. ")
+    nk = sec["single_batch"].get("capture_numpy_kernels")
+    if nk is not None:
+        cap = sec["single_batch"]["capture"]
+        text += (f"The compiled kernels' runtime (numba and LLVM, loaded by the warm-up call, so it "
+                 f"is part of \"loaded\") adds {(cap['baseline_bytes'] - nk['baseline_bytes']) / MiB:,.0f} MiB "
+                 f"to the process whatever the model or batch; with the NumPy kernels "
+                 f"(`SPECTRA_LENS_NUMBA=0`, numba never imported) the capture peaks at "
+                 f"{r['capture_numpy_kernels_vs_bridge']:.2f}× the bridge forward. ")
     text += ("Outside the library, `MALLOC_MMAP_THRESHOLD_` or jemalloc return freed buffers at "
              "once.")
     return text

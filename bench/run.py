@@ -368,6 +368,10 @@ def section_memory(b: Bench | None, cfg: dict, device: torch.device, quick: bool
     if device.type == "cpu":
         pinned = {k: _memory_child({**base, "kind": k, "reps": 2}, {_PIN: "65536"})
                   for k in ("bridge", "capture")}
+        # The same capture with the NumPy kernels: numba (imported when a compiled kernel first
+        # runs) adds a fixed resident cost to the process, independent of model and batch.
+        single["capture_numpy_kernels"] = _memory_child({**base, "kind": "capture", "reps": 2},
+                                                        {"SPECTRA_LENS_NUMBA": "0"})
     growth = []
     for m in cfg["corpus_multiples"]:
         n = cfg["base_sequences"] * m
@@ -384,6 +388,9 @@ def section_memory(b: Bench | None, cfg: dict, device: torch.device, quick: bool
     if pinned:
         ratios["capture_vs_bridge_pinned_mmap_threshold"] = (
             pinned["capture"]["peak_bytes"] / pinned["bridge"]["peak_bytes"])
+    if "capture_numpy_kernels" in single:
+        ratios["capture_numpy_kernels_vs_bridge"] = (
+            single["capture_numpy_kernels"]["peak_bytes"] / single["bridge"]["peak_bytes"])
     return {
         "workload": {**base, "shard_size": cfg["shard_size"],
                      "collect_sequences": [g["n_sequences"] for g in growth]},
