@@ -14,6 +14,12 @@ participation ratio and top-90% count) as the identity check they are, and the o
 next-token loss change, KL(p_1 ‖ p_α) of the output distribution and the entropy change of every
 head in the same and later layers.
 
+Memory: every table column is a per-sequence metric of a forward pass. The only one that reads
+an attention pattern, the fast path's prediction softmax(α·s) (`*_fast`), is computed from each
+block's unscaled pattern of the head as the sweep runs (`FastPrediction`), so a sweep holds the
+head's patterns of one forward pass (`--max-rows` sequence copies) and of the current block's
+unscaled pass, never `[α, batch, T, T]`.
+
 Outputs (in --out): `q_scale_intervention_L{l}_H{h}_{target|control}.csv` (one row per α),
 `downstream_heads_L{l}_H{h}_{target|control}.csv` (one row per α × later head), figures under
 `figures/` (entropy / max attention / k_eff vs α per head, a three-panel figure per head, output
@@ -47,14 +53,15 @@ from spectra_lens.causal import (
     sweep_effects,
 )
 from spectra_lens.config import InterventionConfig
+from spectra_lens.errors import SpectraError
 from spectra_lens.hooks import QueryScale
 from spectra_lens.layout import attention_layout
-from spectra_lens.metrics import alpha_metrics
-from spectra_lens.sweep import ExactSweep, intervention_effects
+from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics
+from spectra_lens.sweep import ExactSweep, intervention_effects, paired_intervention_effects
 
 from . import _common as C
 
-__all__ = ["InterventionResult", "compute", "command", "main", "run"]
+__all__ = ["FastPrediction", "InterventionResult", "compute", "command", "main", "run"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "intervention"
@@ -68,7 +75,7 @@ class InterventionResult:
     heads: dict  # role -> (layer, head)
     tables: dict  # role -> DataFrame, one row per α (the q_scale_intervention CSV)
     downstream: dict  # role -> DataFrame, one row per α × measured head (layers >= the head's)
-    sweeps: dict  # role -> ExactSweep (tensors per sequence); also "rotation"
+    sweeps: dict  # role -> ExactSweep (tensors per sequence, no patterns); also "rotation"
     choice: C.HeadChoice
     effects: pd.DataFrame | None = None  # intervention_effects.csv: one row per condition × grid value
     control_selection: pd.DataFrame | None = None  # control_selection.csv: r(log ||q||, H) per head
@@ -97,15 +104,54 @@ class InterventionResult:
 OWN_CURVE = "identity check: softmax(alpha*s) of the unscaled scores, not a finding"
 
 
-def head_table(sweep: ExactSweep, layer: int, head: int, role: str, layout, *, ci: float,
-               documents=None, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+class FastPrediction:
+    """The fast path's prediction for one head, softmax(α·s) of its unscaled pattern, computed
+    block by block while the sweep runs: `update` is the `on_patterns` of
+    `sweep.paired_intervention_effects`, and reads the unscaled pattern of the head from the
+    first pass of each block of sequences, so the sweep keeps no patterns.
+
+    Per block: `metrics.alpha_metrics(log p, p > 0, alphas)` over the query rows ≥
+    `min_position`, one value per α and sequence. Each sequence's rows are reduced on their own,
+    so `metrics` (the blocks joined in sequence order) equals the same call on every unscaled
+    pattern at once.
+    """
+
+    def __init__(self, name: str, alphas, layer: int, head: int, *, min_position: int):
+        self.name, self.alphas, self.key = name, tuple(alphas), (int(layer), int(head))
+        self.min_position = min_position
+        self._blocks: dict[int, dict[str, torch.Tensor]] = {}  # block start -> {metric: [α, b]}
+
+    def update(self, passes: dict) -> None:
+        """Fold in one forward pass: `{name: sweep.PassPatterns}`. Every pass of a block carries
+        the same unscaled patterns; the first one is used."""
+        got = passes[self.name]
+        if got.start not in self._blocks:
+            pattern = got.base[self.key][:, self.min_position:]
+            self._blocks[got.start] = alpha_metrics(torch.log(pattern), pattern > 0, self.alphas)
+
+    def metrics(self, sweep: ExactSweep) -> dict[str, torch.Tensor]:
+        """{metric: [α, batch]} for the sequences of `sweep` (SpectraError when this prediction
+        was fed a different grid or other sequences than the sweep ran)."""
+        n = sweep.loss.shape[1]
+        starts = sorted(self._blocks)
+        seen = sum(self._blocks[s]["entropy"].shape[1] for s in starts)
+        if tuple(sweep.alphas) != self.alphas or seen != n or sweep.min_position != self.min_position:
+            raise SpectraError(
+                f"the fast-path prediction of L{self.key[0]} H{self.key[1]} covers {seen} sequences at "
+                f"{list(self.alphas)} (min_position {self.min_position}); the sweep ran {n} at "
+                f"{list(sweep.alphas)} (min_position {sweep.min_position})")
+        return {m: torch.cat([self._blocks[s][m] for s in starts], dim=1) for m in SWEEP_METRICS}
+
+
+def head_table(sweep: ExactSweep, layer: int, head: int, role: str, layout, prediction: FastPrediction,
+               *, ci: float, documents=None, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """The q_scale_intervention table: `ExactSweep.head_frame` (document-bootstrap intervals)
     plus role, method and the fast path's prediction softmax(α·s) from the unscaled pattern
-    (`mean_entropy_fast`, ...). The head's own curve is an identity check (`own_curve`)."""
+    (`mean_entropy_fast`, ...: `prediction`, fed by the same sweep). The head's own curve is an
+    identity check (`own_curve`)."""
     frame = sweep.head_frame(layer, head, ci=ci, documents=documents, n_boot=n_boot, seed=seed)
     frame.insert(3, "head_type", role)
-    pattern = sweep.base_patterns[(layer, head)][:, sweep.min_position:]
-    predicted = alpha_metrics(torch.log(pattern), pattern > 0, sweep.alphas)
+    predicted = prediction.metrics(sweep)
     frame["mean_entropy_fast"] = predicted["entropy"].double().mean(1).numpy()
     frame["mean_max_attn_fast"] = predicted["max_attn"].double().mean(1).numpy()
     frame["mean_k_eff_fast"] = predicted["k_eff_exp"].double().mean(1).numpy()
@@ -142,14 +188,16 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
     tables, downstream, sweeps, rows = {}, {}, {}, []
     for role in ROLES:
         l, h = heads[role]
+        prediction = FastPrediction(role, alphas, l, h, min_position=cfg.min_position)
         with C.timed(rd, f"{role}_sweep_s"):
-            sweep = intervention_effects(
-                model, tokens.measure, alphas, QueryScale(l, h, 1.0),
+            # the head's patterns reach `prediction` one forward pass at a time and are not kept
+            sweep = paired_intervention_effects(
+                model, tokens.measure, alphas, {role: QueryScale(l, h, 1.0)}, prediction.update,
                 layers=range(l, layout.n_layers), patterns_for=[(l, h)],
                 min_position=cfg.min_position, max_rows=cfg.max_rows, progress=progress,
-            )
+            )[role]
         sweeps[role] = sweep
-        tables[role] = head_table(sweep, l, h, role, layout, ci=cfg.ci, documents=docs,
+        tables[role] = head_table(sweep, l, h, role, layout, prediction, ci=cfg.ci, documents=docs,
                                   n_boot=cfg.n_boot, seed=cfg.seed)
         d = sweep.downstream_frame(ci=cfg.ci, min_layer=l, documents=docs, n_boot=cfg.n_boot, seed=cfg.seed)
         d.insert(0, "head_type", role)
@@ -173,8 +221,8 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
         multiples = {min(m * spread.median_angle, math.pi): m for m in sorted(cfg.rotation_multiples)}
         angles = tuple(sorted(multiples))
         rotation = intervention_effects(model, tokens.measure, angles, QueryRotate(l, h, 0.0, seed=cfg.seed),
-                               layers=range(l, layout.n_layers), patterns_for=[(l, h)],
-                               min_position=cfg.min_position, max_rows=cfg.max_rows, progress=progress)
+                               layers=range(l, layout.n_layers), min_position=cfg.min_position,
+                               max_rows=cfg.max_rows, progress=progress)
     sweeps["rotation"] = rotation
     rows += _rows(sweep_effects(rotation, l, h), docs, cfg, condition="rotation",
                   intervention="QueryRotate (norm kept)", layer=l, head=h, grid="angle_rad",

@@ -11,8 +11,10 @@ from spectra_lens.experiments import intervention
 from spectra_lens.causal import choose_control_head
 from spectra_lens.config import InterventionConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import count_hooks
+from spectra_lens.hooks import QueryScale, count_hooks
+from spectra_lens.metrics import alpha_metrics
 from spectra_lens.shards import write_shards
+from spectra_lens.sweep import intervention_effects
 
 ALPHAS = (0.5, 1.0, 2.0, 4.0)
 HEAD_COLUMNS = ("scale", "layer", "head", "head_type", "mean_entropy", "mean_max_attn", "mean_k_eff",
@@ -212,3 +214,49 @@ def test_intervals_resample_the_documents_the_shards_record(tmp_path, tiny):
     assert list(run_tokens.measure_documents) == [2, 2, 3, 3, 4, 4]
     result = intervention.run(cfg, model=model, progress=False)
     assert set(result.effects["n_documents"]) == {3} and set(result.effects["n_sequences"]) == {6}
+
+
+def _held_pattern_head_tables(model, layout, toks, cfg, heads) -> dict:
+    """{role: (q_scale table, downstream table)} from sweeps that keep every pattern
+    `[α, batch, T, T]`, the fast path's prediction from all unscaled patterns at once."""
+    out = {}
+    for role, (l, h) in heads.items():
+        sw = intervention_effects(model, toks, cfg.alphas, QueryScale(l, h, 1.0),
+                                  layers=range(l, layout.n_layers), patterns_for=[(l, h)],
+                                  min_position=cfg.min_position, max_rows=cfg.max_rows)
+        assert sw.patterns[(l, h)].shape == (len(cfg.alphas), *toks.shape, toks.shape[1])
+        f = sw.head_frame(l, h, ci=cfg.ci, n_boot=cfg.n_boot, seed=cfg.seed)
+        f.insert(3, "head_type", role)
+        pattern = sw.base_patterns[(l, h)][:, cfg.min_position:]
+        predicted = alpha_metrics(torch.log(pattern), pattern > 0, sw.alphas)
+        f["mean_entropy_fast"] = predicted["entropy"].double().mean(1).numpy()
+        f["mean_max_attn_fast"] = predicted["max_attn"].double().mean(1).numpy()
+        f["mean_k_eff_fast"] = predicted["k_eff_exp"].double().mean(1).numpy()
+        d = sw.downstream_frame(ci=cfg.ci, min_layer=l, n_boot=cfg.n_boot, seed=cfg.seed)
+        out[role] = (f, d)
+    return out
+
+
+@pytest.mark.parametrize("max_rows", [2, 32])
+def test_streamed_fast_prediction_equals_the_held_patterns(tiny, max_rows):
+    # 5 sequences: max_rows 2 runs blocks of 2, 2, 1 sequences and one α per pass; 32 one block
+    # with every α in one pass. The prediction reduced block by block must equal the one from
+    # all unscaled patterns at once, and the sweeps keep no patterns.
+    model, layout = tiny("llama_gqa")
+    toks = torch.randint(1, 97, (5, 12), generator=torch.Generator().manual_seed(21))
+    cfg = InterventionConfig(alphas=ALPHAS, target_layer=0, target_head=1, control_layer=1,
+                             control_head=2, max_rows=max_rows, n_boot=50)
+    result = intervention.compute(cfg, model, C.RunTokens(select=toks, measure=toks, held_out=False,
+                                                          corpus="random ids"))
+    assert all(not sw.patterns and not sw.base_patterns for sw in result.sweeps.values())
+    expected = _held_pattern_head_tables(model, layout, toks, cfg, result.heads)
+    for role, (table, down) in expected.items():
+        pd.testing.assert_frame_equal(result.tables[role][list(table.columns)], table, check_exact=True)
+        pd.testing.assert_frame_equal(result.downstream[role][list(down.columns)], down, check_exact=True)
+    # a bilinear layer: the prediction is the measurement, not a copy of a constant
+    target = result.tables["target"]
+    assert (target["mean_entropy"] - target["mean_entropy_fast"]).abs().max() < 1e-5
+    assert target["mean_entropy_fast"].iloc[0] - target["mean_entropy_fast"].iloc[-1] > 0.01
+    unfed = intervention.FastPrediction("target", ALPHAS, 0, 1, min_position=cfg.min_position)
+    with pytest.raises(SpectraError, match="covers 0 sequences"):
+        unfed.metrics(result.sweeps["target"])
