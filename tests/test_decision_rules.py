@@ -657,8 +657,9 @@ def _obs_moments(spec: dict, *, n: int = 30, seed: int = 0) -> DocumentMoments:
 
 
 def _analyze(moments, **cfg):
-    from spectra_lens.config import ObservationalConfig
     from spectra_lens.experiments.observational import analyze
+
+    from spectra_lens.config import ObservationalConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
