@@ -497,7 +497,8 @@ def _row_results(out: dict[str, Tensor], p3: Tensor, top_mass: float | None) -> 
         "k_eff_exp": torch.exp(H),
         "k_eff_pr": out["k_eff_pr"],
         "k_eff_top90": out["k_eff_top90"] if top_mass is not None else torch.full_like(H, torch.nan),
-        "sink_mass": p3[:, :, 0].float(),
+        # a copy: a view of a float32 pattern would keep the whole layer's pattern alive
+        "sink_mass": p3[:, :, 0].to(torch.float32, copy=True),
         "local_gain": out["local_gain"],
     }
 

@@ -139,3 +139,14 @@ def test_torch_backend_and_bad_top_mass():
 
     with pytest.raises(SpectraError, match="top_mass"):
         M.capture_row_metrics(p, s, q, top_mass=1.5)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled", "torch"])
+def test_no_result_is_a_view_of_the_pattern(backend):
+    """The capture keeps every layer's results until the pass ends: a result that is a view of
+    the pattern (sink_mass is p[..., 0]) would keep each layer's whole pattern alive with it."""
+    p, s, q = _inputs(14, n=20)
+    got = M.capture_row_metrics(p, s, q, backend=backend)
+    for name, v in got.items():
+        assert v.untyped_storage().data_ptr() != p.untyped_storage().data_ptr(), name
+    assert torch.equal(got["sink_mass"], p[..., 0])
