@@ -583,6 +583,11 @@ def capture_metrics(
     return cap.result()
 
 
+class _PassDone(Exception):
+    """Raised by `SweepCapture`'s last hook inside `SweepCapture.run`: the pass has given every
+    value asked of it, so the rest of the forward is not computed."""
+
+
 class SweepCapture:
     """Per-sequence capture for sweeps: hooks on hook_attn_scores / hook_pattern computing
     per-sequence means inside the pass (`MetricCapture` is the per-token capture).
@@ -609,6 +614,7 @@ class SweepCapture:
         self.gain: dict[int, Tensor] = {}
         self.patterns: dict[tuple[int, int], Tensor] = {}
         self._scores: dict[int, Tensor] = {}
+        self._stop_after: int | None = None  # set by run(): the layer whose pattern ends the pass
 
     def all_layers(self) -> list[int]:
         return sorted(set(self.layers) | set(self.gain_layers) | {l for l, _ in self.patterns_for})
@@ -662,6 +668,8 @@ class SweepCapture:
                     got = M.alpha_metrics(s, visible, self.alphas, chunk_elements=self.chunk_elements,
                                           row_weight=w)
                 self.metrics[l] = {n: v.cpu() for n, v in got.items()}
+            if l == self._stop_after:
+                raise _PassDone
 
         return fn
 
@@ -682,13 +690,21 @@ class SweepCapture:
         return keep[:, None, self.min_position:].float()
 
     def run(self, model, tokens: Tensor, *, interventions=(), layout=None, logits: bool = False):
-        """One forward pass (no grad) with `interventions` before the capture; logits if asked,
-        else the pass stops after the last captured layer."""
+        """One forward pass (no grad) with `interventions` before the capture; the logits if
+        asked, else None: the pass then ends at the last captured layer's pattern, computing
+        neither that layer's output nor anything after it (the last MLP, the unembedding)."""
         layout = layout or self.layout
-        last = max(self.all_layers())
-        stop = None if logits or last + 1 >= layout.n_layers else last + 1
         extra = {}
         if self.attention_mask is not None:
             extra["attention_mask"] = self.attention_mask.to(tokens.device).long()
-        with torch.no_grad(), attached(model, *interventions, self, layout=layout):
-            return model(tokens, return_type="logits" if logits else None, stop_at_layer=stop, **extra)
+        self._stop_after = None if logits else max(self.all_layers())
+        try:
+            with torch.no_grad(), attached(model, *interventions, self, layout=layout):
+                out = model(tokens, return_type="logits" if logits else None, **extra)
+        except _PassDone:
+            return None
+        finally:
+            self._stop_after = None
+        if not logits:  # the last captured layer's hook did not run: its pattern never formed
+            raise SpectraError(f"the pass ended without reaching {hook_name(max(self.all_layers()), 'pattern')}")
+        return out

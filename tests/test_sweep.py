@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import KeyScale, MetricCapture, QueryScale, attached, count_hooks
+from spectra_lens.hooks import KeyScale, MetricCapture, QueryScale, SweepCapture, attached, count_hooks
 from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics, pattern_metrics
 from spectra_lens.stats import t_interval
 from spectra_lens.sweep import (
@@ -329,3 +329,30 @@ def test_sweeps_refuse_tokens_beyond_the_context(tiny):
                  lambda: intervention_effects(model, too_long, (1.0, 2.0), QueryScale(0, 0, 1.0))):
         with pytest.raises(SpectraError, match="exceed the model's context"):
             call()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2"])
+def test_sweep_pass_ends_at_its_last_layer(tiny, tokens, family):
+    """Without logits, a SweepCapture pass stops after its last layer's pattern: that layer's
+    MLP and the unembedding never run, the values equal those of a full pass, and the model is
+    left as it was (no hooks, the same logits)."""
+    model, layout = tiny(family)
+    before = model(tokens, return_type="logits")
+    alphas = check_alphas([0.5, 1.0, 2.0])
+    fired: list[str] = []
+    spies = [(name, lambda x, hook, name=name: fired.append(name))
+             for name in (f"blocks.{layout.n_layers - 1}.mlp.hook_in", "unembed.hook_in")]
+    kw = dict(layers=[0, layout.n_layers - 1], alphas=alphas, gain_layers=[layout.n_layers - 1])
+
+    short = SweepCapture(layout, **kw)
+    assert short.run(model, tokens, interventions=spies) is None
+    assert fired == []
+    full = SweepCapture(layout, **kw)
+    full.run(model, tokens, interventions=spies, logits=True)
+    assert sorted(fired) == sorted(name for name, _ in spies)
+    for l in kw["layers"]:
+        for n in SWEEP_METRICS:
+            assert_close(short.metrics[l][n], full.metrics[l][n], rtol=0, atol=0)
+    assert_close(short.gain[layout.n_layers - 1], full.gain[layout.n_layers - 1], rtol=0, atol=0)
+    assert count_hooks(model) == 0
+    assert_close(model(tokens, return_type="logits"), before, rtol=0, atol=0)
