@@ -1,10 +1,11 @@
 """The capture's row kernel compiled with Numba: every metric of `metrics.capture_row_metrics`
-for float32/float64 patterns with their scores on the CPU.
+for CPU patterns with their scores (float32/float64; half precision one float32 block at a time).
 
 The NumPy kernel (`metrics._fused_block`) makes about twenty passes over each block; this one
 reads each row's visible keys once and takes no logarithm per key. With x = s − s_0 (the logits
 about the first key's) and p = softmax(s) over the visible keys, log p_j = x_j − L where
-L = lse − s_0 = −log p_0 (or, where p_0 is below 1e-30, from the row's largest p_m), so
+L = lse − s_0 = −log p_0 (or, where p_0 is below `anchor`, 1e-30 by default, from the row's
+largest p_m), so
 
     H = L · Σp − Σ p x,     H' (without key 0) = −(Σ_{j≥1} p x − L R) / R + log R,
     local gain = −Σ p (x − d)²  with d = L − H   (= −Var_p(s), as −Σ p (log p + H)²),
@@ -65,9 +66,10 @@ def _kernel(fn):
 
 
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
-def _row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent):
+def _row_sums(P, S, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent):
     """Every metric but the top-mass counts, row by row; `extent` [n_b, n_q] gets each row's
-    last visible key + 1 and `out[11]`, `out[12]` its p_0 and R = Σ_{j≥1} p_j."""
+    last visible key + 1 and `out[11]`, `out[12]` its p_0 and R = Σ_{j≥1} p_j. Rows whose R is
+    below min_rest or below rest_tiny per visible key are flagged FLAG_REST."""
     n_b, n_q, n_k = P.shape
     nan = np.nan
     for b in range(n_b):
@@ -118,7 +120,7 @@ def _row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent):
             P0 = np.float64(p[0])
             total = P0 + R
             # L = lse − s_0, from the first key where its p is a normal number, else the largest
-            if P0 >= 1e-30:
+            if P0 >= anchor or (P0 > 0 and P0 >= max1):
                 L = -np.log(P0)
             elif max1 > 0:
                 j = 1
@@ -148,7 +150,7 @@ def _row_sums(P, S, qn, thr, floor, min_rest, out, flag, extent):
                 o[6] = -(G1 - L * R) / R + np.log(R)  # Σ_{j≥1} p log p = G1 − L R
                 o[7] = max1 / R
                 o[8] = R * R / B1
-                if R < min_rest:
+                if R < min_rest or R < rest_tiny * n_vis:
                     flag[b, q] = FLAG_REST
 
 
@@ -193,19 +195,32 @@ def top_counts(D, P0, R, undefined, lim, n_k, full, rest) -> None:
 
 def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, floor: float,
                  top_mass: float | None, tol: float, min_rest: float,
-                 block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+                 block_rows: int, n_keys: int | None = None, anchor: float = 1e-30,
+                 rest_tiny: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The kernels on C-contiguous P, S [n_b, n_q, n_k] (float32 or float64) and query norms
     qn [n_b, n_q]. Returns (out [len(OUT_NAMES), n_b, n_q] float64, flag [n_b, n_q] int8): rows
     flagged FLAG_ROW hold no value, rows flagged FLAG_REST no valid sink-excluded value.
 
     The top-mass counts sort each block of `block_rows` query positions (all of `n_b`) over its
     visible keys with NumPy's vectorized sort, then walk the sorted rows.
+
+    P, S may also be one query block of a longer pattern cut to the block's key extent (the
+    causal extent of its last row, or all keys; no visible key after it): each row's causal
+    extent is then the whole pattern's (or larger where all keys are kept: the kernel walks back
+    to the last visible key), and `n_keys` is the whole rows' length, the count of a row that
+    never reaches the top mass (default n_k).
+
+    Blocks read from float16 pass that type's smallest normal number (6.1e-5) as `anchor` (log p
+    is never taken from a subnormal p_0, whose few digits would shift every log p) and as
+    `rest_tiny` (a rest below it per visible key, whose keys are float16 subnormals, is flagged
+    FLAG_REST and measured from the scores).
     """
     n_b, n_q, _ = P.shape
+    n_keys = P.shape[2] if n_keys is None else n_keys
     out = np.empty((len(OUT_NAMES) + 2, n_b, n_q), np.float64)
     flag = np.zeros((n_b, n_q), np.int8)
     extent = np.zeros((n_b, n_q), np.int64)
-    _kernel(_row_sums)(P, S, qn, thr, floor, min_rest, out, flag, extent)
+    _kernel(_row_sums)(P, S, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent)
     i_top, i_top_ns = OUT_NAMES.index("k_eff_top90"), OUT_NAMES.index("k_eff_top90_ns")
     if top_mass is None:
         out[i_top] = np.nan
@@ -227,7 +242,7 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
         rest = out[i_top_ns, :, q0:q1]
         f_, r_ = np.empty(full.size), np.empty(rest.size)
         top_counts(desc, out[-2, :, q0:q1].ravel(), out[-1, :, q0:q1].ravel(),
-                   undefined[:, q0:q1].ravel(), lim, P.shape[2], f_, r_)
+                   undefined[:, q0:q1].ravel(), lim, n_keys, f_, r_)
         full[...] = f_.reshape(full.shape)
         rest[...] = r_.reshape(rest.shape)
     return out[:len(OUT_NAMES)], flag

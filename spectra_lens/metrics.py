@@ -854,7 +854,15 @@ CAPTURE_ROW_METRICS: tuple[str, ...] = ROW_METRICS + (
     "k_eff_top90_nosink", "dir_spread",
 )
 _NOSINK_MIN_MASS = 1e-30  # below this, the rest of a row is renormalized from its scores
+_NUMPY_FLOATS = (torch.float32, torch.float64)  # the compiled kernel reads these in place
+_CPU_FLOATS = _NUMPY_FLOATS + (torch.float16, torch.bfloat16)  # these in float32 blocks
 _MIN_BLOCK_ROWS = 256  # rows (batch × head × query) per block of capture_row_metrics by default
+
+
+def _subnormal_below(dtype: torch.dtype) -> float:
+    """float16's smallest normal number (its p below it keep few digits), 0 for the types whose
+    range is float32's or wider."""
+    return torch.finfo(torch.float16).tiny if dtype == torch.float16 else 0.0
 
 
 def capture_row_metrics(
@@ -869,19 +877,28 @@ def capture_row_metrics(
     """`row_metrics` and `sink_excluded_metrics` together (`CAPTURE_ROW_METRICS`), in one pass.
 
     The same values as the two functions (tested), computed in one read of each query block
-    where the block allows it: a float32 or float64 pattern on the CPU ("numpy" backend) whose
-    first key is visible in every row of the block (no left padding). There the pattern without
-    its first key is p_j / R with R = Σ_{j≥1} p_j summed directly (not 1 − p_0, so a sink near 1
-    loses no digits), and its metrics follow from the sums of the full row's: H' = −Σ_{j≥1} p_j
-    log p_j / R + log R, max' = max_{j≥1} p_j / R, 1 / Σ p'² = R² / Σ_{j≥1} p_j²; both top-mass
-    counts come from one sort of the full row (removing p_0 from a sorted row shifts the
-    cumulative sums after its rank by p_0). Rows whose rest underflows (R < 1e-30) are
-    renormalized from their scores instead, as `without_first_key` does. Other blocks (half
-    precision, left padding, other devices) go through the two functions' block kernels.
+    where the block allows it: a CPU pattern ("numpy" backend; half precision is read into a
+    float32 copy of the block) whose first key is visible in every row of the block (no left
+    padding). There the pattern without its first key is p_j / R with R = Σ_{j≥1} p_j summed
+    directly (not 1 − p_0, so a sink near 1 loses no digits), and its metrics follow from the
+    sums of the full row's: H' = −Σ_{j≥1} p_j log p_j / R + log R, max' = max_{j≥1} p_j / R,
+    1 / Σ p'² = R² / Σ_{j≥1} p_j²; both top-mass counts come from one sort of the full row
+    (removing p_0 from a sorted row shifts the cumulative sums after its rank by p_0). Rows whose
+    rest underflows (R < 1e-30; in float16 also R below its smallest normal number, 6.1e-5, per
+    visible key) are renormalized from their scores instead, as `without_first_key` does. Other blocks (left
+    padding) and other devices go through the two functions' block kernels.
 
     `backend`: "compiled" (the CPU default where numba is available and the scores are given:
     `spectra_lens.compiled`, the same values row by row, its flagged rows from the two
-    functions), "numpy" (the kernel above, the reference) or "torch" (the two functions).
+    functions; a half-precision pattern and its scores are read one query block at a time into
+    float32 copies over the block's key extent, never the whole pattern at once), "numpy" (the
+    kernel above, the reference) or "torch" (the two functions).
+
+    bfloat16 inputs give the values of the same path on their float32 upcast (float16 too, but
+    for its subnormal p, above). With scores, half inputs differ from the two functions' values
+    on the same inputs by the inputs' own rounding (a half pattern is softmax of its half scores
+    only to its rounding, and the paths take log p and the rest's renormalization from one or
+    the other): a few units of the half type's eps, not float32's (tested).
     """
     if top_mass is not None and not 0.0 < top_mass <= 1.0:
         from spectra_lens.errors import SpectraError
@@ -889,9 +906,8 @@ def capture_row_metrics(
         raise SpectraError(f"top_mass must be in (0, 1] or None, got {top_mass!r}")
     lead, (n_q, n_k) = pattern.shape[:-2], pattern.shape[-2:]
     device = pattern.device
-    floats = (torch.float32, torch.float64)
-    compilable = (device.type == "cpu" and scores is not None and pattern.dtype in floats
-                  and scores.dtype in floats)
+    compilable = (device.type == "cpu" and scores is not None and pattern.dtype in _CPU_FLOATS
+                  and scores.dtype in _CPU_FLOATS)
     if backend is None:
         backend = ("compiled" if compilable and compiled.AVAILABLE
                    else "numpy" if device.type == "cpu" else "torch")
@@ -900,9 +916,11 @@ def capture_row_metrics(
 
         have = "" if scores is not None else " without scores"
         raise SpectraError(f"backend 'compiled' needs numba (available: {compiled.AVAILABLE}) and a "
-                           f"float32/float64 CPU pattern with its scores; got a {pattern.dtype} "
-                           f"pattern on {device}{have}")
-    fused = backend in ("numpy", "compiled") and pattern.dtype in floats
+                           f"float16/bfloat16/float32/float64 CPU pattern with its scores; got a "
+                           f"{pattern.dtype} pattern on {device}{have}"
+                           + ("" if scores is None else f" with {scores.dtype} scores"))
+    fused = (backend in ("numpy", "compiled") and device.type == "cpu" and pattern.dtype in _CPU_FLOATS
+             and (scores is None or scores.dtype in _CPU_FLOATS))
     if not fused:
         return (row_metrics(pattern, scores, top_mass=top_mass, block_elements=block_elements, backend=backend)
                 | sink_excluded_metrics(pattern, scores, q_norm, top_mass=top_mass,
@@ -916,7 +934,8 @@ def capture_row_metrics(
     else:
         rows_per = max(1, block_elements // max(1, n_b * n_k))
     names = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "local_gain") + _SINK_NAMES
-    # blocks are float32: a float64 mask (≤ float64 min / 2) is −inf there
+    # blocks are float32: a float64 mask (≤ float64 min / 2) is −inf there; a half mask
+    # (finfo(half).min, or −inf) is below finfo(half).min / 2 in float32 as in half
     thr = max(torch.finfo(s3.dtype).min, torch.finfo(torch.float32).min) / 2 if s3 is not None else 0.0
     if backend == "compiled":
         res = _capture_compiled(p3, s3, qn, thr, top_mass, rows_per)
@@ -936,12 +955,14 @@ def _capture_compiled(p3, s3, qn, thr, top_mass, rows_per) -> dict[str, Tensor]:
     """`capture_row_metrics` by the compiled kernel (`spectra_lens.compiled`), row by row; the
     rows it flags (first key hidden; the rest underflowed) from the two functions' blocks."""
     n_b, n_q, _ = p3.shape
+    kw = dict(thr=thr, floor=_SCORE_FLOOR, top_mass=top_mass, tol=_TOP_TOL, min_rest=_NOSINK_MIN_MASS)
     with torch.no_grad():
-        got, flag = compiled.capture_rows(
-            p3.detach().contiguous().numpy(), s3.detach().contiguous().numpy(),
-            qn.detach().float().contiguous().numpy(),
-            thr=thr, floor=_SCORE_FLOOR, top_mass=top_mass, tol=_TOP_TOL, min_rest=_NOSINK_MIN_MASS,
-            block_rows=rows_per)
+        Q = qn.detach().float().contiguous().numpy()
+        if p3.dtype in _NUMPY_FLOATS and s3.dtype in _NUMPY_FLOATS:
+            got, flag = compiled.capture_rows(p3.detach().contiguous().numpy(),
+                                              s3.detach().contiguous().numpy(), Q, block_rows=rows_per, **kw)
+        else:
+            got, flag = _compiled_by_block(p3, s3, Q, rows_per, kw)
         out = {n: torch.from_numpy(got[i]).float() for i, n in enumerate(compiled.OUT_NAMES)}
         flag = torch.from_numpy(flag)
         for code, names in ((compiled.FLAG_ROW, compiled.OUT_NAMES), (compiled.FLAG_REST, _SINK_NAMES)):
@@ -958,6 +979,29 @@ def _capture_compiled(p3, s3, qn, thr, top_mass, rows_per) -> dict[str, Tensor]:
             for n in names:
                 out[n] = torch.where(rows, tmp[n], out[n])
     return _row_results(out, p3, top_mass) | _sink_results(out, top_mass)
+
+
+def _compiled_by_block(p3, s3, Q, rows_per, kw) -> tuple[np.ndarray, np.ndarray]:
+    """`compiled.capture_rows` on float32 copies of one query block at a time (inputs NumPy
+    cannot hold, as bfloat16), each cut to the block's key extent: the whole pattern is never
+    copied, and each block is read once. A float16 pattern's subnormal p are not used as the
+    anchor of log p, and rests made of them come from the scores (`compiled.capture_rows`)."""
+    n_b, n_q, n_k = p3.shape
+    got = np.empty((len(compiled.OUT_NAMES), n_b, n_q))
+    flag = np.empty((n_b, n_q), np.int8)
+    size = n_b * min(rows_per, n_q) * n_k
+    tiny = _subnormal_below(p3.dtype)
+    buf_p, buf_s = torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.float32)
+    for q0 in range(0, n_q, rows_per):
+        q1 = min(n_q, q0 + rows_per)
+        ext = _key_extent(s3, p3, q0, q1)
+        shape, n = (n_b, q1 - q0, ext), n_b * (q1 - q0) * ext
+        P = buf_p[:n].view(shape).copy_(p3[:, q0:q1, :ext]).numpy()
+        S = buf_s[:n].view(shape).copy_(s3[:, q0:q1, :ext]).numpy()
+        got[:, :, q0:q1], flag[:, q0:q1] = compiled.capture_rows(
+            P, S, np.ascontiguousarray(Q[:, q0:q1]), block_rows=q1 - q0, n_keys=n_k,
+            anchor=max(1e-30, tiny), rest_tiny=tiny, **kw)
+    return got, flag
 
 
 def _fused_block(p3, s3, qn, q0, q1, out, thr, top_mass) -> bool:
@@ -1066,10 +1110,11 @@ def _fused_block(p3, s3, qn, q0, q1, out, thr, top_mass) -> bool:
         got["k_eff_top90"] = np.full(rows, np.nan)
         got["k_eff_top90_ns"] = np.full(rows, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero query norm: inf or NaN
-        got["dir_spread"] = spread / qn[:, q0:q1].reshape(rows).numpy()
+        got["dir_spread"] = spread / _f32(qn[:, q0:q1]).reshape(rows).numpy()
     for n, v in got.items():
         out[n][:, q0:q1] = torch.from_numpy(np.asarray(v, dtype=np.float32)).view(n_b, q1 - q0)
-    lost = ~undefined & (R < _NOSINK_MIN_MASS)  # the rest underflowed in p: from the scores
+    # the rest underflowed in p, or is made of float16 subnormals: from the scores
+    lost = ~undefined & ((R < _NOSINK_MIN_MASS) | (R < _subnormal_below(p3.dtype) * n_vis))
     if lost.any():
         tmp = {n: out[n][:, q0:q1].clone() for n in _SINK_NAMES}
         _sink_block(p3, s3, qn, q0, q1, out, top_mass, "numpy")
