@@ -35,7 +35,7 @@ from spectra_lens import figures as figs
 from spectra_lens.config import ObservationalConfig
 from spectra_lens.distributed import Group
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import MetricCapture, attached
+from spectra_lens.hooks import MetricCapture
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
 from spectra_lens.runs import RunDir, atomic_write
@@ -176,9 +176,7 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
         parts, frames = [], []
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start : start + batch_size].to(device)
-            with torch.no_grad(), attached(model, cap, layout=layout):
-                model(batch, return_type=None)
-            tm = cap.result()
+            tm = cap.run(model, batch, layout=layout)  # ends at the last layer's pattern: no logits
             first = info.offset + start
             docs = documents[first : first + len(batch)]
             parts.append(stats.DocumentMoments.from_metrics(

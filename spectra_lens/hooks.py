@@ -364,11 +364,36 @@ class TokenMetrics:
                          {"means over every token and head": means}, max_rows=len(METRIC_NAMES))
 
 
+class _PassDone(Exception):
+    """Raised by a capture's last pattern hook inside `_run_capture`: the pass has given every
+    value asked of it, so the rest of the forward is not computed."""
+
+
+def _run_capture(model, tokens: Tensor, cap, stop_after: int | None, *, interventions=(),
+                 layout: AttentionLayout, **model_kwargs):
+    """model(tokens) without grad, `interventions` then `cap` attached. With `stop_after` a layer
+    the pass ends at that layer's pattern hook (`cap` raises `_PassDone` there once its values
+    are stored) and returns None; with None it runs whole and returns the logits."""
+    cap._stop_after = stop_after
+    try:
+        with torch.no_grad(), attached(model, *interventions, cap, layout=layout):
+            out = model(tokens, return_type="logits" if stop_after is None else None, **model_kwargs)
+    except _PassDone:
+        return None
+    finally:
+        cap._stop_after = None
+    if stop_after is not None:  # the hook that ends the pass never ran
+        raise SpectraError(f"the forward pass ended without reaching {hook_name(stop_after, 'pattern')}")
+    return out
+
+
 class MetricCapture:
     """Hooks that compute `TokenMetrics` inside one forward pass.
 
-    Use: `cap = MetricCapture(layout)`; `with attached(model, cap): model(tokens)`;
-    `cap.result()`. A capture holds one forward pass: `result()` clears it for the next.
+    Use: `cap = MetricCapture(layout)`; `tm = cap.run(model, tokens)` (the pass ends at the last
+    captured layer's attention pattern: neither that layer's MLP nor the logits are computed),
+    or `with attached(model, cap): model(tokens)` then `cap.result()`. A capture holds one
+    forward pass: `result()` clears it for the next.
     With padded batches call `cap.set_attention_mask(mask)` before the pass and give the model the
     same mask (`model(tokens, attention_mask=mask)`): padding rows get NaN metrics, the sink is
     the first real key, and a pass that attended to padding is refused.
@@ -400,6 +425,7 @@ class MetricCapture:
         self.top_mass = top_mass
         self._kv = layout.kv_index()
         self._mask: Tensor | None = None
+        self._stop_after: int | None = None  # set by run(): the layer whose pattern ends the pass
         self._clear()
 
     def set_attention_mask(self, attention_mask: Tensor | None) -> None:
@@ -495,8 +521,19 @@ class MetricCapture:
             for ll, h in self.patterns_for:
                 if ll == l:
                     self._patterns[(l, h)] = p[:, h].float().clone()
+            if l == self._stop_after:
+                raise _PassDone
 
         return fn
+
+    def run(self, model, tokens: Tensor, *, interventions=(), layout: AttentionLayout | None = None) -> TokenMetrics:
+        """One forward pass (no grad) of `tokens` with `interventions` before the capture, ended
+        at the last captured layer's attention pattern; its `result()`. Under a mask set by
+        `set_attention_mask` the model gets the same mask."""
+        extra = {} if self._mask is None else {"attention_mask": self._mask.long().to(tokens.device)}
+        _run_capture(model, tokens, self, max(self.layers), interventions=interventions,
+                     layout=layout or self.layout, **extra)
+        return self.result()
 
     def result(self) -> TokenMetrics:
         missing = [l for l in self.layers if l not in self._store["entropy"] or l not in self._store["q_norm"]]
@@ -576,16 +613,8 @@ def capture_metrics(
     layout = attention_layout(model)
     cap = MetricCapture(layout, layers=layers, patterns_for=patterns_for, top_mass=top_mass)
     cap.set_attention_mask(mask)
-    device = next(model.parameters()).device
-    extra = {} if mask is None else {"attention_mask": mask.long().to(device)}
-    with torch.no_grad(), attached(model, *interventions, cap, layout=layout):
-        model(tokens.to(device), return_type="logits", **extra)
-    return cap.result()
-
-
-class _PassDone(Exception):
-    """Raised by `SweepCapture`'s last hook inside `SweepCapture.run`: the pass has given every
-    value asked of it, so the rest of the forward is not computed."""
+    return cap.run(model, tokens.to(next(model.parameters()).device), interventions=interventions,
+                   layout=layout)
 
 
 class SweepCapture:
@@ -693,18 +722,8 @@ class SweepCapture:
         """One forward pass (no grad) with `interventions` before the capture; the logits if
         asked, else None: the pass then ends at the last captured layer's pattern, computing
         neither that layer's output nor anything after it (the last MLP, the unembedding)."""
-        layout = layout or self.layout
         extra = {}
         if self.attention_mask is not None:
             extra["attention_mask"] = self.attention_mask.to(tokens.device).long()
-        self._stop_after = None if logits else max(self.all_layers())
-        try:
-            with torch.no_grad(), attached(model, *interventions, self, layout=layout):
-                out = model(tokens, return_type="logits" if logits else None, **extra)
-        except _PassDone:
-            return None
-        finally:
-            self._stop_after = None
-        if not logits:  # the last captured layer's hook did not run: its pattern never formed
-            raise SpectraError(f"the pass ended without reaching {hook_name(max(self.all_layers()), 'pattern')}")
-        return out
+        return _run_capture(model, tokens, self, None if logits else max(self.all_layers()),
+                            interventions=interventions, layout=layout or self.layout, **extra)

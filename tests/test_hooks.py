@@ -164,6 +164,37 @@ def test_metric_capture_is_reusable(tiny, tokens):
     assert_close(second.entropy[0], first.entropy[0])
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "qwen3", "gemma2", "bloom"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_run_ends_the_pass_at_the_last_pattern_with_the_values_of_a_full_pass(tiny, tokens, family, padded):
+    """MetricCapture.run stops after the last captured layer's pattern (no MLP of that layer, no
+    unembedding), gives exactly the metrics and patterns of a whole forward pass, and leaves the
+    model as it was."""
+    model, layout = tiny(family)
+    last = layout.n_layers - 1
+    batch, mask = _padded(tokens, 3, "left") if padded else (tokens, None)
+    mask = None if mask is None else mask.bool()
+    before = model(batch, return_type="logits", attention_mask=None if mask is None else mask.long())
+    fired: list[str] = []
+    spies = [(name, lambda x, hook, name=name: fired.append(name))
+             for name in (f"blocks.{last}.mlp.hook_in", "unembed.hook_in")]
+    cap = MetricCapture(layout, patterns_for=[(last, 0)])
+    cap.set_attention_mask(mask)
+    short = cap.run(model, batch, interventions=spies)
+    assert fired == []
+    cap.set_attention_mask(mask)
+    with torch.no_grad(), attached(model, *spies, cap):
+        model(batch, return_type="logits", attention_mask=None if mask is None else mask.long())
+    full = cap.result()
+    assert sorted(fired) == sorted(name for name, _ in spies)
+    for name in METRIC_NAMES:
+        assert_close(short.metric(name), full.metric(name), rtol=0, atol=0, equal_nan=True, msg=name)
+    assert_close(short.patterns[(last, 0)], full.patterns[(last, 0)], rtol=0, atol=0)
+    assert count_hooks(model) == 0
+    after = model(batch, return_type="logits", attention_mask=None if mask is None else mask.long())
+    assert_close(after, before, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- query scaling
 
 

@@ -9,7 +9,14 @@ from torch.testing import assert_close
 
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import KeyScale, MetricCapture, QueryScale, SweepCapture, attached, count_hooks
+from spectra_lens.hooks import (
+    KeyScale,
+    MetricCapture,
+    QueryScale,
+    SweepCapture,
+    attached,
+    count_hooks,
+)
 from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics, pattern_metrics
 from spectra_lens.stats import t_interval
 from spectra_lens.sweep import (
