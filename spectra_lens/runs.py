@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from spectra_lens.errors import SpectraError
@@ -112,6 +114,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
 def atomic_write_bytes(path: str | os.PathLike, blob: bytes) -> Path:
     """`atomic_write` of a bytes object."""
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
+
+
+def npz_bytes(**arrays) -> bytes:
+    """`np.savez` of `arrays`, in memory. A Ctrl-C inside the write arrives as KeyboardInterrupt:
+    otherwise zipfile's close in NumPy's clean-up replaces it with a ValueError ("open writing
+    handle"), and an interrupted run would end in a traceback instead of status "interrupted"."""
+    buffer = io.BytesIO()
+    try:
+        np.savez(buffer, **arrays)
+    except ValueError as err:
+        if isinstance(err.__context__, KeyboardInterrupt):
+            raise err.__context__ from None
+        raise
+    return buffer.getvalue()
 
 
 def _fsync_dir(directory: Path) -> None:

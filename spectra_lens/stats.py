@@ -18,7 +18,6 @@ functions above it (`head_correlations`, `shard_consistency`, `replication`) clu
 sequence or shard and remain for per-token tables.
 """
 
-import io
 import json
 import os
 import tempfile
@@ -33,6 +32,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 
 from spectra_lens.errors import SpectraError
+from spectra_lens.runs import npz_bytes
 
 __all__ = [
     "CLUSTER_TESTS",
@@ -990,14 +990,13 @@ class DocumentMoments:
         path = Path(path)
         header = {"format": MOMENTS_FORMAT, "version": MOMENTS_VERSION,
                   "variables": list(self.variables), "meta": self.meta}
-        buffer = io.BytesIO()
-        np.savez(buffer, header=np.array(json.dumps(header)), documents=self.documents,
-                 layers=self.layers, heads=self.heads, n=self.n, mean=self.mean, m2=self.m2)
+        blob = npz_bytes(header=np.array(json.dumps(header)), documents=self.documents,
+                         layers=self.layers, heads=self.heads, n=self.n, mean=self.mean, m2=self.m2)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getvalue())
+                f.write(blob)
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:

@@ -33,7 +33,6 @@ only itself); `stats.t_interval` gives intervals over sequences. k_eff definitio
 """
 
 import dataclasses
-import io
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -240,16 +239,14 @@ class HeadSweep:
         """One `.npz` file, written atomically: the metric tensors as stored (no rounding), and
         a JSON header (format `spectra_lens.head_sweep` v1, alphas, layers, method, reason,
         min_position, `meta`)."""
-        from spectra_lens.runs import atomic_write_bytes
+        from spectra_lens.runs import atomic_write_bytes, npz_bytes
 
         header = {"format": SWEEP_FORMAT, "version": 1, "alphas": list(self.alphas),
                   "layers": list(self.layers), "method": list(self.method),
                   "reason": list(self.reason), "min_position": self.min_position, "meta": meta or {}}
         arrays = {n: self.metrics.metric(n).detach().cpu().numpy() for n in M.SWEEP_METRICS}
-        buffer = io.BytesIO()
-        np.savez(buffer, header=np.array(json.dumps(header)),
-                 local_gain=self.local_gain.detach().cpu().numpy(), **arrays)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, npz_bytes(header=np.array(json.dumps(header)),
+                                           local_gain=self.local_gain.detach().cpu().numpy(), **arrays))
 
     @classmethod
     def load(cls, path) -> "HeadSweep":

@@ -339,3 +339,25 @@ def test_planted_temperature_head_agrees_and_sink_head_does_not():
     assert summary["q_doc_cr2_logq_entropy"][1] < 0.01
     assert sink["verdict"] != "agrees"
     assert sink["verdict"] == "opposite sign"
+
+
+def test_ctrl_c_inside_the_npz_write_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """A Ctrl-C while NumPy writes one array of the zip: zipfile's close in NumPy's clean-up
+    raises ValueError ("open writing handle"), which hid the interrupt and turned an interrupted
+    run into a crash. save() raises the KeyboardInterrupt and writes nothing."""
+    import zipfile
+
+    m = stats.moments_from_records(_records(np.random.default_rng(2)), VARS)
+    close = zipfile._ZipWriteFile.close
+    calls = []
+
+    def interrupted_close(self):
+        calls.append(1)
+        if len(calls) == 2:  # the second array's handle: interrupted before it closes
+            raise KeyboardInterrupt
+        return close(self)
+
+    monkeypatch.setattr(zipfile._ZipWriteFile, "close", interrupted_close)
+    with pytest.raises(KeyboardInterrupt):
+        m.save(tmp_path / "shard_00000.npz")
+    assert len(calls) >= 2 and list(tmp_path.iterdir()) == []
