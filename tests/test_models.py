@@ -13,7 +13,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerFast
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.layout import attention_layout, hook_name
+from spectra_lens.layout import attention_layout, hook_name, probe_tolerance
 from spectra_lens.models import bridge_from_hf, load_model, resolve_device, resolve_dtype
 from spectra_lens.testing import FAMILIES, tiny_hf_model
 
@@ -174,6 +174,35 @@ def test_layout_flags_non_bilinear_families_with_a_reason(tiny, family):
             assert all(bilinear)
             assert all(r is None for r in reasons)
     assert [layout.fast_path_ok(l) for l in range(layout.n_layers)] == list(layout.q_bilinear)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layout_of_a_sharp_model(dtype):
+    """A half-precision pattern is rounded: with sharp attention it differs from the softmax of
+    its own scores, and from the bilinearity probe's prediction, by more than 1e-4. The probes
+    compare to the dtype's precision (`probe_tolerance`), so such a model is faithful and bilinear
+    as in float32 (with a 1e-4 tolerance every layer was called neither)."""
+    hf = tiny_hf_model("llama_gqa")
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight *= 8
+    layout = attention_layout(bridge_from_hf(hf.to(dtype)))
+    assert layout.scores_faithful
+    assert all(layout.q_bilinear) and all(layout.k_bilinear)
+    assert layout.score_scale == (pytest.approx(0.25, rel=1e-2),) * 2
+    assert probe_tolerance(torch.float32) == probe_tolerance(torch.float64) == 1e-4
+    assert probe_tolerance(dtype) == torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_layout_flags_equal_float32(tiny, family):
+    """The half-precision tolerance keeps what the probes detect: OPT's unfaithful scores, the
+    non-bilinear families, QK-norm."""
+    _, ref = tiny(family)
+    got = attention_layout(bridge_from_hf(tiny_hf_model(family).to(torch.bfloat16)))
+    for field in ("q_kind", "k_kind", "scores_faithful", "q_bilinear", "k_bilinear", "q_reason",
+                  "k_reason", "pattern_editable"):
+        assert getattr(got, field) == getattr(ref, field), field
 
 
 def test_kv_head_map_is_repeat_interleave(tiny):
