@@ -7,8 +7,9 @@ peak of loading does not mask the forward pass; where the reset is unavailable i
 `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`.
 
 Kinds: "hf" (bare Hugging Face forward), "bridge" (TransformerBridge forward, no hooks),
-"capture" (the observational pass: MetricCapture on every head inside `attached`, then
-`result()`), "collect" (`experiments.observational.collect` streaming `n_sequences` through
+"capture" (the observational pass: MetricCapture on every head inside `attached` over a
+whole forward pass, then `result()`), "observe_pass" (the same as `observe` runs it,
+`MetricCapture.run`: the pass ends at the last layer's pattern), "collect" (`experiments.observational.collect` streaming `n_sequences` through
 batches and per-shard Parquet files, exactly as the observational experiment does),
 "analysis" (reading `moments_dir`'s shard files and the statistics, `bench.analysis.analyze`;
 no model).
@@ -137,6 +138,16 @@ def measure(spec: dict) -> dict:
             with attached(model, cap, layout=layout):
                 model(x, return_type=None)
             cap.result()
+    elif kind == "observe_pass":  # as `observe` runs it: the pass ends at the last layer's pattern
+        from spectra_lens.hooks import MetricCapture
+        from spectra_lens.layout import attention_layout
+
+        layout = attention_layout(model)
+        cap = MetricCapture(layout)
+        x = tokens[:batch].to(device)
+
+        def work():
+            cap.run(model, x, layout=layout)
     elif kind == "collect":
         from spectra_lens.experiments.observational import collect
 
@@ -154,7 +165,7 @@ def measure(spec: dict) -> dict:
             run.start({"bench": "memory"}, overwrite=True)  # outputs are listed once started
             collect(model, manifest, run, batch_size=batch, progress=False)
     else:
-        raise SystemExit(f"unknown kind {kind!r}; expected hf, bridge, capture, collect or analysis")
+        raise SystemExit(f"unknown kind {kind!r}; expected hf, bridge, capture, observe_pass, collect or analysis")
 
     # One untimed call first: safetensors weights are memory-mapped and only become resident
     # when a forward pass touches them, and the first call sets up caches; the baseline is the

@@ -135,6 +135,9 @@ def _overhead(s: dict) -> str:
         "capture": "observational pass: MetricCapture, every head, every metric",
         "capture_without_top90": "same without k_eff_top90 (`MetricCapture(top_mass=None)`)",
         "capture_and_records": "observational pass + `to_frame()` (what `collect` does per batch)",
+        "observe_pass": "the pass as `observe` runs it: `MetricCapture.run`, ending at the last "
+                        "layer's pattern (no last MLP, no logits)",
+        "observe_pass_and_records": "same + `to_frame()` (what `collect` does per batch with records)",
     }
     bridge, hf = v["bridge_forward"], v["hf_forward"]
     rows = []
@@ -156,6 +159,13 @@ def _overhead(s: dict) -> str:
         f"{r['capture_vs_bridge']['ratio_of_medians']:.3f}×); ÷ bare HF: **{_x(r['capture_vs_hf'])}**; "
         f"the bridge itself ÷ HF: {_x(r['bridge_vs_hf'])}.",
     ]
+    if "observe_pass_vs_bridge" in r:
+        text.append(
+            f"The `MetricCapture` rows above the `MetricCapture.run` ones run the hooks inside a "
+            f"whole forward pass: the cost of "
+            f"the hooks, like for like. `observe` needs no logits, so its pass ends at the last "
+            f"layer's attention pattern: it costs **{_x(r['observe_pass_vs_bridge'])}** the "
+            f"hook-free bridge forward and {_x(r['observe_pass_vs_hf'])} the bare HF forward.")
     if share is not None:
         text.append(
             f"k_eff_top90 (a full sort of every attention row) is {100 * share:.0f}% of the capture's "
@@ -178,8 +188,17 @@ def _memory(s: dict) -> str:
     unit = "GPU memory allocated" if w["device"].startswith("cuda") else "resident set (RSS)"
     labels = {"hf": "bare HF forward", "bridge": "bridge forward, no hooks",
               "capture": "observational pass (capture + result)",
-              "capture_numpy_kernels": "observational pass, NumPy kernels (`SPECTRA_LENS_NUMBA=0`)"}
-    rows = [[labels[k], _mib(d["baseline_bytes"]), _mib(d["peak_bytes"]),
+              "capture_numpy_kernels": "observational pass, NumPy kernels (`SPECTRA_LENS_NUMBA=0`)",
+              "observe_pass": "the pass as `observe` runs it (`MetricCapture.run`: ends at the last "
+                              "layer's pattern, no logits)"}
+
+    def peak(d: dict) -> str:
+        peaks = d.get("peaks_bytes") or []
+        return (_mib(d["peak_bytes"]) if len(peaks) < 2
+                else f"{_mib(d['peak_bytes'])} ({_mib(peaks[0])}–{_mib(peaks[-1])})")
+
+    procs = max((d.get("procs", 1) for d in one.values()), default=1)
+    rows = [[labels[k], _mib(d["baseline_bytes"]), peak(d),
              _mib(d["peak_over_baseline_bytes"]),
              f"{d['peak_bytes'] / one['bridge']['peak_bytes']:.3f}×",
              f"{d['peak_bytes'] / one['hf']['peak_bytes']:.3f}×"] for k, d in one.items()]
@@ -194,7 +213,9 @@ def _memory(s: dict) -> str:
     return "\n".join([
         f"Each configuration runs in a fresh process (`python -m bench.memory`); measure: "
         f"{s['measure']}. \"loaded\" is the {unit} after loading the model and tokenizing; "
-        f"the peak is over the forward passes only. Batch {w['batch']} × {w['seq_len']} tokens.",
+        f"the peak is over the forward passes only. Batch {w['batch']} × {w['seq_len']} tokens."
+        + (f" Each of the first rows ran in {procs} processes: the row is the process with the median "
+           f"peak, the range in brackets the peaks of all {procs}." if procs > 1 else ""),
         "",
         _table(["configuration", "loaded MiB", "peak MiB", "peak − loaded MiB", "÷ bridge", "÷ HF"], rows),
         "",
@@ -209,7 +230,11 @@ def _memory(s: dict) -> str:
               else ".")
            if "capture_vs_bridge_pinned_mmap_threshold" in r else ".")
         + " The bare forward's own working memory includes the logits, `batch × pos × 49152` "
-        "float32.",
+        "float32."
+        + (f" `observe` computes no logits: its pass (`MetricCapture.run`) ends at the last layer's "
+           f"pattern and peaks at {r['observe_pass_vs_bridge']:.3f}× the bridge forward, "
+           f"{r['observe_pass_vs_hf']:.3f}× the bare HF forward."
+           if "observe_pass_vs_bridge" in r else ""),
         "",
         f"Corpus growth: `experiments.observational.collect` (capture, `to_frame`, one Parquet file "
         f"per shard of {w['shard_size']} sequences) over "
@@ -478,6 +503,10 @@ def _why_memory(sec, results):
                  f"{r['capture_numpy_kernels_vs_bridge']:.2f}× the bridge forward. ")
     text += ("Outside the library, `MALLOC_MMAP_THRESHOLD_` or jemalloc return freed buffers at "
              "once.")
+    if "observe_pass_vs_hf" in r:
+        text += (f" The pass `observe` runs ends at the last layer's pattern and computes no logits: "
+                 f"it peaks at {r['observe_pass_vs_bridge']:.2f}× the bridge forward and "
+                 f"{r['observe_pass_vs_hf']:.2f}× the bare HF forward, numba's runtime included.")
     return text
 
 

@@ -3,7 +3,8 @@
 Sections (each one's variants are interleaved repetition by repetition; medians; ratios are
 medians of the per-repetition ratios, all measured in this run):
 
-  overhead  the observational pass (MetricCapture on every head, every metric, in `attached`)
+  overhead  the observational pass (MetricCapture on every head, every metric, in `attached`;
+            and as `observe` runs it, ending at the last layer's pattern)
             ÷ the bridge's forward without hooks, ÷ the bare Hugging Face forward
   memory    peak memory of capture vs bare forwards (fresh subprocess each) and of
             `experiments.observational.collect` over 1×, 2×, 4× the sequences
@@ -45,10 +46,11 @@ SECTIONS = ("overhead", "memory", "gain", "exact", "scaling", "analysis")
 
 # Workload sizes. Full: sized for ~10 minutes on 2 unloaded CPU cores; quick: a smoke test.
 _FULL = {
-    "overhead": dict(batch=8, seq_len=128, reps=5),  # the observational experiment's batch
+    "overhead": dict(batch=8, seq_len=128, reps=9),  # the observational experiment's batch
     # 1× = 2 shards: one shard's records are concatenated and written before the allocators
     # settle, so the comparison starts from the steady state of the streaming loop.
-    "memory": dict(batch=8, seq_len=128, shard_size=16, corpus_multiples=(1, 2, 4), base_sequences=32),
+    "memory": dict(batch=8, seq_len=128, shard_size=16, corpus_multiples=(1, 2, 4), base_sequences=32,
+                   procs=3),
     "gain": dict(batch=4, seq_len=128, reps=5, naive_heads=((0, 0), (29, 8))),
     "exact": dict(batch=2, seq_len=128, reps=3, head=(15, 0), n_alphas=(5, 9)),
     "scaling": dict(
@@ -277,16 +279,22 @@ class Bench:
     def bridge_forward(self, x):
         return lambda: self.model(x, return_type=None)
 
-    def capture(self, x, *, records: bool = False, top90: bool = True):
+    def capture(self, x, *, records: bool = False, top90: bool = True, ended: bool = False):
+        """The capture inside a whole forward pass (the like-for-like cost of the hooks), or with
+        `ended` as `observe` runs it: `MetricCapture.run`, the pass ending at the last layer's
+        pattern (no last MLP, no logits)."""
         from spectra_lens.hooks import MetricCapture, attached
 
         # top_mass=None: the library's switch that skips k_eff_top90 (the sort of every row).
         cap = MetricCapture(self.layout, top_mass=0.9 if top90 else None)
 
         def run():
-            with attached(self.model, cap, layout=self.layout):
-                self.model(x, return_type=None)
-            tm = cap.result()
+            if ended:
+                tm = cap.run(self.model, x, layout=self.layout)
+            else:
+                with attached(self.model, cap, layout=self.layout):
+                    self.model(x, return_type=None)
+                tm = cap.result()
             if records:
                 tm.to_frame()
 
@@ -311,7 +319,8 @@ def section_overhead(b: Bench, cfg: dict) -> dict:
         "bridge_forward": b.bridge_forward(x),
         "capture": b.capture(x),
         "capture_without_top90": b.capture(x, top90=False),
-        "capture_and_records": b.capture(x, records=True),
+        "observe_pass": b.capture(x, ended=True),
+        "observe_pass_and_records": b.capture(x, records=True, ended=True),
     }
     times = interleave(variants, cfg["reps"], b.device, label="overhead")
     ratios = {
@@ -319,7 +328,9 @@ def section_overhead(b: Bench, cfg: dict) -> dict:
         "capture_vs_hf": _ratio(times, "capture", "hf_forward"),
         "bridge_vs_hf": _ratio(times, "bridge_forward", "hf_forward"),
         "capture_without_top90_vs_bridge": _ratio(times, "capture_without_top90", "bridge_forward"),
-        "capture_and_records_vs_bridge": _ratio(times, "capture_and_records", "bridge_forward"),
+        "observe_pass_vs_bridge": _ratio(times, "observe_pass", "bridge_forward"),
+        "observe_pass_vs_hf": _ratio(times, "observe_pass", "hf_forward"),
+        "observe_pass_and_records_vs_bridge": _ratio(times, "observe_pass_and_records", "bridge_forward"),
     }
 
     def share(clock: dict[str, list[float]]) -> float | None:
@@ -357,10 +368,20 @@ def _memory_child(spec: dict, env_extra: dict | None = None) -> dict:
 _PIN = "MALLOC_MMAP_THRESHOLD_"
 
 
+def _memory_median(spec: dict, procs: int, env_extra: dict | None = None) -> dict:
+    """`spec` measured in `procs` fresh processes: the one with the median peak, with every
+    process's peak and loaded bytes (the peak moves by tens of MiB from process to process)."""
+    runs = sorted((_memory_child(spec, env_extra) for _ in range(procs)), key=lambda d: d["peak_bytes"])
+    return {**runs[len(runs) // 2], "procs": procs, "peaks_bytes": [d["peak_bytes"] for d in runs],
+            "baselines_bytes": [d["baseline_bytes"] for d in runs]}
+
+
 def section_memory(b: Bench | None, cfg: dict, device: torch.device, quick: bool) -> dict:
     base = dict(batch=cfg["batch"], seq_len=cfg["seq_len"], device=str(device),
                 threads=torch.get_num_threads())
-    single = {k: _memory_child({**base, "kind": k, "reps": 2}) for k in ("hf", "bridge", "capture")}
+    procs = cfg.get("procs", 1)
+    single = {k: _memory_median({**base, "kind": k, "reps": 2}, procs)
+              for k in ("hf", "bridge", "capture", "observe_pass")}
     # glibc raises its mmap threshold after large frees and then keeps freed heap pages, so the
     # RSS peak can overstate what is live. The same pair with the threshold pinned at 64 KiB
     # (big buffers always mmapped and returned at free) separates retention from live memory.
@@ -370,8 +391,8 @@ def section_memory(b: Bench | None, cfg: dict, device: torch.device, quick: bool
                   for k in ("bridge", "capture")}
         # The same capture with the NumPy kernels: numba (imported when a compiled kernel first
         # runs) adds a fixed resident cost to the process, independent of model and batch.
-        single["capture_numpy_kernels"] = _memory_child({**base, "kind": "capture", "reps": 2},
-                                                        {"SPECTRA_LENS_NUMBA": "0"})
+        single["capture_numpy_kernels"] = _memory_median({**base, "kind": "capture", "reps": 2}, procs,
+                                                         {"SPECTRA_LENS_NUMBA": "0"})
     growth = []
     for m in cfg["corpus_multiples"]:
         n = cfg["base_sequences"] * m
@@ -380,6 +401,8 @@ def section_memory(b: Bench | None, cfg: dict, device: torch.device, quick: bool
     ratios = {
         "capture_vs_bridge": single["capture"]["peak_bytes"] / single["bridge"]["peak_bytes"],
         "capture_vs_hf": single["capture"]["peak_bytes"] / single["hf"]["peak_bytes"],
+        "observe_pass_vs_bridge": single["observe_pass"]["peak_bytes"] / single["bridge"]["peak_bytes"],
+        "observe_pass_vs_hf": single["observe_pass"]["peak_bytes"] / single["hf"]["peak_bytes"],
         "capture_over_loaded_vs_bridge_over_loaded": (
             single["capture"]["peak_over_baseline_bytes"] / max(1, single["bridge"]["peak_over_baseline_bytes"])),
         "collect_largest_vs_bridge": growth[-1]["peak_bytes"] / single["bridge"]["peak_bytes"],
