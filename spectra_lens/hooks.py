@@ -413,6 +413,9 @@ class MetricCapture:
         self.layers = tuple(range(layout.n_layers)) if layers is None else tuple(layers)
         if not self.layers:
             raise SpectraError("layers must name at least one layer, got none")
+        if len(set(self.layers)) != len(self.layers):
+            raise SpectraError(f"layers must not repeat, got {list(self.layers)}")
+        self._index = {l: i for i, l in enumerate(self.layers)}
         for l in self.layers:
             layout.check_head(l, 0)
         self.patterns_for = tuple((int(l), int(h)) for l, h in patterns_for)
@@ -450,6 +453,11 @@ class MetricCapture:
         return m.to(p.device)
 
     def _clear(self) -> None:
+        # Per metric, one [batch, layer, head, pos] tensor for the whole pass, allocated at its
+        # first layer and filled layer by layer (`_put`); `_store` holds each layer's view of it.
+        # Small per-layer tensors kept between the forward's large temporaries fragmented the
+        # heap: the pass's peak RSS was ~90 MiB higher on the default model at 8 x 128 tokens.
+        self._out: dict[str, Tensor] = {}
         self._store: dict[str, dict[int, Tensor]] = {n: {} for n in METRIC_NAMES}
         self._scores: dict[int, Tensor] = {}
         self._patterns: dict[tuple[int, int], Tensor] = {}
@@ -469,7 +477,7 @@ class MetricCapture:
 
         def fn(q, hook):
             _check_shape(q, name, (None, None, L.n_heads, L.d_head), "batch pos head d_head")
-            self._store["q_norm"][l] = M.vector_norm(q.detach()).transpose(1, 2)
+            self._put("q_norm", l, M.vector_norm(q.detach()).transpose(1, 2))
 
         return fn
 
@@ -479,7 +487,7 @@ class MetricCapture:
         def fn(k, hook):
             _check_shape(k, name, (None, None, L.n_kv_heads, L.d_head), "batch pos kv_head d_head")
             norms = M.vector_norm(k.detach())  # [batch, pos, kv_head]
-            self._store["k_norm"][l] = norms[:, :, self._kv.to(norms.device)].transpose(1, 2)
+            self._put("k_norm", l, norms[:, :, self._kv.to(norms.device)].transpose(1, 2))
 
         return fn
 
@@ -517,7 +525,7 @@ class MetricCapture:
                 idx = first[:, None, None, None].expand(p.shape[0], p.shape[1], p.shape[2], 1)
                 got["sink_mass"] = pf.gather(-1, idx).squeeze(-1)
             for n, v in got.items():
-                self._store[n][l] = v
+                self._put(n, l, v)
             for ll, h in self.patterns_for:
                 if ll == l:
                     self._patterns[(l, h)] = p[:, h].float().clone()
@@ -525,6 +533,18 @@ class MetricCapture:
                 raise _PassDone
 
         return fn
+
+    def _put(self, name: str, l: int, value: Tensor) -> None:
+        """Layer `l`'s `value` [batch, head, pos] into the pass's tensor of `name`, which lives
+        on the device of the first layer to arrive (under a device map, the first layer's)."""
+        out = self._out.get(name)
+        if out is None or out.shape[0] != value.shape[0] or out.shape[2:] != value.shape[1:]:
+            b, h, n = value.shape
+            out = self._out[name] = torch.empty(b, len(self.layers), h, n, dtype=value.dtype,
+                                                device=value.device)
+        i = self._index[l]
+        out[:, i].copy_(value)
+        self._store[name][l] = out[:, i]
 
     def run(self, model, tokens: Tensor, *, interventions=(), layout: AttentionLayout | None = None) -> TokenMetrics:
         """One forward pass (no grad) of `tokens` with `interventions` before the capture, ended
@@ -536,12 +556,12 @@ class MetricCapture:
         return self.result()
 
     def result(self) -> TokenMetrics:
-        missing = [l for l in self.layers if l not in self._store["entropy"] or l not in self._store["q_norm"]]
+        missing = sorted({l for n in METRIC_NAMES for l in self.layers if l not in self._store[n]})
         if missing:
             raise SpectraError(f"no forward pass reached layers {missing}; run the model inside attached()")
-        # Under a device map the layers live on several devices: gather on the first layer's.
-        dev = self._store["entropy"][self.layers[0]].device
-        vals = {n: torch.stack([self._store[n][l].to(dev) for l in self.layers], dim=1) for n in METRIC_NAMES}
+        # Under a device map the layers live on several devices: `_put` gathered them on the
+        # first layer's. Every layer of every metric was written (checked above, per metric).
+        vals = dict(self._out)
         mask = self._mask
         if mask is not None:
             pad = ~mask.to(vals["entropy"].device)[:, None, None, :]

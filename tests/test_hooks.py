@@ -164,6 +164,24 @@ def test_metric_capture_is_reusable(tiny, tokens):
     assert_close(second.entropy[0], first.entropy[0])
 
 
+def test_capture_results_follow_the_layer_order_and_own_their_memory(tiny, tokens):
+    """The pass's metrics are written layer by layer into one tensor per metric: in the order
+    of `layers`, and a result is not overwritten by the capture's next pass."""
+    model, layout = tiny("llama_gqa")
+    every = MetricCapture(layout).run(model, tokens)
+    cap = MetricCapture(layout, layers=[1, 0])
+    first = cap.run(model, tokens)
+    kept = {n: first.metric(n).clone() for n in METRIC_NAMES}
+    for name in METRIC_NAMES:
+        assert_close(first.metric(name), every.metric(name)[:, [1, 0]], rtol=0, atol=0, equal_nan=True)
+    second = cap.run(model, tokens.flip(1))
+    assert not torch.equal(second.entropy, first.entropy)
+    for name in METRIC_NAMES:
+        assert_close(first.metric(name), kept[name], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(SpectraError, match="must not repeat"):
+        MetricCapture(layout, layers=[0, 1, 0])
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "qwen3", "gemma2", "bloom"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_run_ends_the_pass_at_the_last_pattern_with_the_values_of_a_full_pass(tiny, tokens, family, padded):
