@@ -8,8 +8,8 @@ import torch
 from torch.testing import assert_close
 
 from spectra_lens import metrics as M
-from spectra_lens.hooks import METRIC_NAMES, capture_metrics
-from spectra_lens.layout import hook_name
+from spectra_lens.hooks import METRIC_NAMES, MetricCapture, attached, capture_metrics
+from spectra_lens.layout import attention_layout, hook_name
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.sweep import head_curves
 from spectra_lens.testing import tiny_hf_model
@@ -72,3 +72,32 @@ def test_half_precision_model_metrics_are_float32_and_close_to_float32(dtype):
     tol = 0.05 if dtype == torch.bfloat16 else 0.01
     for name in ("entropy", "max_attn", "sink_mass"):
         assert_close(getattr(half, name), getattr(ref, name), atol=tol, rtol=tol)
+
+
+def test_gpu_pass_ended_at_the_last_pattern_equals_a_whole_pass():
+    """MetricCapture.run ends the pass at the last layer's pattern; on the GPU too its metrics
+    equal those of a whole forward pass, and its per-pass tensors live on the model's device."""
+    model = _bridge()
+    layout = attention_layout(model)
+    x = _tokens().cuda()
+    cap = MetricCapture(layout)
+    short = cap.run(model, x)
+    with torch.no_grad(), attached(model, cap, layout=layout):
+        model(x, return_type="logits")
+    full = cap.result()
+    for name in METRIC_NAMES:
+        assert short.metric(name).device.type == "cuda"
+        assert_close(short.metric(name), full.metric(name), rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_half_precision_layout_of_a_sharp_model(dtype):
+    """The layout probes compare half-precision patterns to the dtype's precision on the GPU too:
+    a tiny Llama with sharp attention is faithful and bilinear, so the gain takes the fast path."""
+    hf = tiny_hf_model("llama_gqa")
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight *= 8
+    layout = attention_layout(bridge_from_hf(hf.to(device="cuda", dtype=dtype)))
+    assert layout.scores_faithful
+    assert all(layout.q_bilinear) and all(layout.k_bilinear)
