@@ -454,11 +454,11 @@ class MetricCapture:
 
     def _clear(self) -> None:
         # Per metric, one [batch, layer, head, pos] tensor for the whole pass, allocated at its
-        # first layer and filled layer by layer (`_put`); `_store` holds each layer's view of it.
+        # first layer and filled layer by layer (`_put`); `_filled` names the layers written.
         # Small per-layer tensors kept between the forward's large temporaries fragmented the
         # heap: the pass's peak RSS was 60-110 MiB higher on the default model at 8 x 128 tokens.
         self._out: dict[str, Tensor] = {}
-        self._store: dict[str, dict[int, Tensor]] = {n: {} for n in METRIC_NAMES}
+        self._filled: dict[str, set[int]] = {n: set() for n in METRIC_NAMES}
         self._scores: dict[int, Tensor] = {}
         self._patterns: dict[tuple[int, int], Tensor] = {}
 
@@ -510,7 +510,9 @@ class MetricCapture:
             # faithful scores the logits are log p (the same up to a per-row constant).
             # top_mass=None skips k_eff_top90 (NaN), the only metric that sorts the rows.
             s = self._scores.pop(l, None)
-            got = M.capture_row_metrics(p, s, self._store["q_norm"][l], top_mass=self.top_mass)
+            # the pass's tensors live on the first layer's device (`_put`), p on this layer's
+            q_norm = self._out["q_norm"][:, self._index[l]].to(p.device)
+            got = M.capture_row_metrics(p, s, q_norm, top_mass=self.top_mass)
             mask = self._mask_for(p, name)
             if mask is not None:
                 pf = p.float()
@@ -544,7 +546,7 @@ class MetricCapture:
                                                 device=value.device)
         i = self._index[l]
         out[:, i].copy_(value)
-        self._store[name][l] = out[:, i]
+        self._filled[name].add(l)
 
     def run(self, model, tokens: Tensor, *, interventions=(), layout: AttentionLayout | None = None) -> TokenMetrics:
         """One forward pass (no grad) of `tokens` with `interventions` before the capture, ended
@@ -556,7 +558,7 @@ class MetricCapture:
         return self.result()
 
     def result(self) -> TokenMetrics:
-        missing = sorted({l for n in METRIC_NAMES for l in self.layers if l not in self._store[n]})
+        missing = sorted({l for n in METRIC_NAMES for l in self.layers if l not in self._filled[n]})
         if missing:
             raise SpectraError(f"no forward pass reached layers {missing}; run the model inside attached()")
         # Under a device map the layers live on several devices: `_put` gathered them on the
