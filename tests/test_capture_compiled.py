@@ -109,6 +109,30 @@ def test_top_counts_of_sorted_rows_by_hand():
     assert rest[:2].tolist() == [3, 3] and np.isnan(rest[2])
 
 
+def test_reused_buffers_carry_nothing_from_the_previous_call():
+    """`reuse` hands back this thread's scratch arrays, and the sort space and extents are
+    always reused: a call after a larger one with flagged rows (or a smaller one) gives the
+    values of fresh arrays."""
+    def rows(p, s, q, **kw):
+        P, S, Q = (x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous().numpy() if x.ndim == 4
+                   else x.reshape(-1, x.shape[-1]).contiguous().numpy() for x in (p, s, q))
+        return compiled.capture_rows(P, S, Q, thr=MIN / 2, floor=M._SCORE_FLOOR, top_mass=0.9,
+                                     tol=M._TOP_TOL, min_rest=M._NOSINK_MIN_MASS, block_rows=5, **kw)
+
+    big = _inputs(41, batch=2, heads=3, n=40, left_pad=6)  # FLAG_ROW rows, long extents
+    small = _inputs(42, batch=1, heads=2, n=13)
+    larger = _inputs(43, batch=3, heads=3, n=52)
+    want = [[a.copy() for a in rows(*x)] for x in (big, small, larger)]
+    for x, (w_out, w_flag) in zip((big, small, larger, small), want + want[1:2]):
+        out, flag = rows(*x, reuse=True)
+        assert np.array_equal(flag, w_flag)
+        held = flag != compiled.FLAG_ROW  # rows flagged FLAG_ROW hold no value (by contract)
+        assert np.array_equal(out[:, held], w_out[:, held], equal_nan=True)
+    assert (want[0][1] == compiled.FLAG_ROW).any() and not want[1][1].any()
+    again, _ = rows(*small, reuse=True)
+    assert np.shares_memory(again, out)  # the same scratch: valid until the next call
+
+
 def test_bad_backend_requests_are_refused():
     p, s, q = _inputs(4, n=8)
     with pytest.raises(SpectraError, match="without scores"):
