@@ -155,10 +155,19 @@ def _overhead(s: dict) -> str:
         "",
         _table(["variant", "median s", "range s", "tokens/s", "÷ bridge", "÷ HF", "CPU time ÷ bridge"], rows),
         "",
-        f"Capture ÷ hook-free bridge: **{_x(r['capture_vs_bridge'])}** (ratio of medians "
-        f"{r['capture_vs_bridge']['ratio_of_medians']:.3f}×); ÷ bare HF: **{_x(r['capture_vs_hf'])}**; "
-        f"the bridge itself ÷ HF: {_x(r['bridge_vs_hf'])}.",
+        f"Capture ÷ hook-free bridge in this interleaved run: {_x(r['capture_vs_bridge'])} (ratio "
+        f"of medians {r['capture_vs_bridge']['ratio_of_medians']:.3f}×); ÷ bare HF: "
+        f"**{_x(r['capture_vs_hf'])}**; the bridge itself ÷ HF: {_x(r['bridge_vs_hf'])}.",
     ]
+    adj = r.get("capture_vs_bridge_adjacent")
+    if adj:
+        q = adj["per_quad"]
+        text.append(
+            f"The target is measured back to back (`bench.run.adjacent`): {adj['quads']} quads of "
+            f"bridge, capture, capture, bridge (or the reverse), nothing else in between; capture ÷ "
+            f"hook-free bridge **{adj['value']:.3f}×** (median over quads; single quads {min(q):.3f}–"
+            f"{max(q):.3f}×). In the interleaved run above up to five other variants' calls can lie "
+            f"between the two calls of a pair, while the machine's speed changes.")
     if "observe_pass_vs_bridge" in r:
         text.append(
             f"The `MetricCapture` rows above the `MetricCapture.run` ones run the hooks inside a "
@@ -421,7 +430,14 @@ def _why_overhead(sec, results):
     v = sec["variants"]
     limit = next((t["limit"] for t in sec.get("targets", []) if t["name"].startswith("capture ÷")), 1.1)
     reps = [c / b for c, b in zip(v["capture"]["times_s"], v["bridge_forward"]["times_s"])]
-    if len(reps) > 1:
+    adj = r.get("capture_vs_bridge_adjacent")
+    if adj:
+        text += (f"Back to back the capture is {adj['value']:.3f}× the forward (quads "
+                 f"{min(adj['per_quad']):.2f}–{max(adj['per_quad']):.2f}×); interleaved with the "
+                 f"other variants {_x(r['capture_vs_bridge'])} (single repetitions "
+                 f"{min(reps):.2f}–{max(reps):.2f}×): the median of a rerun can land a few percent "
+                 f"either side. ")
+    elif len(reps) > 1:
         text += (f"Single repetitions of the ratio ranged {min(reps):.2f}–{max(reps):.2f}× in this "
                  f"run: the median of a rerun can land a few percent either side. ")
     if share is not None:
