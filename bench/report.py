@@ -163,11 +163,12 @@ def _overhead(s: dict) -> str:
     if adj:
         q = adj["per_quad"]
         text.append(
-            f"The target is measured back to back (`bench.run.adjacent`): {adj['quads']} quads of "
-            f"bridge, capture, capture, bridge (or the reverse), nothing else in between; capture ÷ "
-            f"hook-free bridge **{adj['value']:.3f}×** (median over quads; single quads {min(q):.3f}–"
-            f"{max(q):.3f}×). In the interleaved run above up to five other variants' calls can lie "
-            f"between the two calls of a pair, while the machine's speed changes.")
+            f"The target is timed close together (`bench.run.adjacent`): {adj['quads']} quads of "
+            f"bridge, bridge, capture, capture (or the reverse), timing the second call of each kind, "
+            f"so each timed call follows one of its own kind; capture ÷ hook-free bridge "
+            f"**{adj['value']:.3f}×** (median over quads; single quads {min(q):.3f}–{max(q):.3f}×). "
+            f"In the interleaved run above up to five other variants' calls can lie between the two "
+            f"calls of a pair, while the machine's speed changes.")
     if "observe_pass_vs_bridge" in r:
         text.append(
             f"The `MetricCapture` rows above the `MetricCapture.run` ones run the hooks inside a "
@@ -432,7 +433,7 @@ def _why_overhead(sec, results):
     reps = [c / b for c, b in zip(v["capture"]["times_s"], v["bridge_forward"]["times_s"])]
     adj = r.get("capture_vs_bridge_adjacent")
     if adj:
-        text += (f"Back to back the capture is {adj['value']:.3f}× the forward (quads "
+        text += (f"Timed close together the capture is {adj['value']:.3f}× the forward (quads "
                  f"{min(adj['per_quad']):.2f}–{max(adj['per_quad']):.2f}×); interleaved with the "
                  f"other variants {_x(r['capture_vs_bridge'])} (single repetitions "
                  f"{min(reps):.2f}–{max(reps):.2f}×): the median of a rerun can land a few percent "
@@ -572,7 +573,9 @@ def render(results: dict, *, results_path: Path | None = None) -> str:
         _load_note(meta),
         "",
         "Ratios are the median over repetitions of (variant ÷ baseline) within the same "
-        "repetition; variants are interleaved and their order rotates every repetition. "
+        "repetition; variants are interleaved and their order rotates every repetition. The "
+        "capture-overhead target is timed close together instead (section 1: quads of bridge, "
+        "bridge, capture, capture, or the reverse, the second call of each kind timed). "
         "On CUDA every timed call ends with `torch.cuda.synchronize()`.",
         "",
         "## Targets",

@@ -6,7 +6,8 @@ medians of the per-repetition ratios, all measured in this run):
   overhead  the observational pass (MetricCapture on every head, every metric, in `attached`;
             and as `observe` runs it, ending at the last layer's pattern)
             ÷ the bridge's forward without hooks, ÷ the bare Hugging Face forward; the target
-            pair (capture ÷ bridge) also back to back in ABBA quads (`adjacent`)
+            pair (capture ÷ bridge) also timed close together, each call after one of its own
+            kind (`adjacent`)
   memory    peak memory of capture vs bare forwards (fresh subprocess each) and of
             `experiments.observational.collect` over 1×, 2×, 4× the sequences
   gain      `sweep.head_curves` (every head × 21 α) ÷ one bare forward; the naive method (one
@@ -47,8 +48,8 @@ SECTIONS = ("overhead", "memory", "gain", "exact", "scaling", "analysis")
 
 # Workload sizes. Full: sized for ~10 minutes on 2 unloaded CPU cores; quick: a smoke test.
 _FULL = {
-    # the observational experiment's batch; `pairs`: ABBA quads of the target pair (`adjacent`)
-    "overhead": dict(batch=8, seq_len=128, reps=9, pairs=15),
+    # the observational experiment's batch; `pairs`: quads of the target pair (`adjacent`)
+    "overhead": dict(batch=8, seq_len=128, reps=9, pairs=20),
     # 1× = 2 shards: one shard's records are concatenated and written before the allocators
     # settle, so the comparison starts from the steady state of the streaming loop.
     "memory": dict(batch=8, seq_len=128, shard_size=16, corpus_multiples=(1, 2, 4), base_sequences=32,
@@ -204,17 +205,19 @@ _LOAD_SAMPLES: list[float] = []  # 1-minute load average at the end of every rep
 
 def adjacent(num: Callable[[], object], den: Callable[[], object], quads: int,
              device: torch.device, *, label: str = "") -> dict:
-    """num ÷ den from back-to-back calls: quad r runs den, num, num, den (r even) or num, den,
-    den, num (r odd) and gives (num + num) / (den + den). A linear drift of the machine's speed
-    within a quad cancels, and no other workload runs between the two; the value is the median
-    over quads (`interleave` puts the other variants of a section between them)."""
-    pairs, cpu_pairs, pattern = [], [], ("d", "n", "n", "d")
+    """num ÷ den timed close together: quad r runs den, den, num, num (r even) or num, num, den,
+    den (r odd) and times only the second call of each kind, so each timed call follows a call
+    of its own kind (no carry-over from the other variant: garbage, allocator state) and no
+    other workload runs between the two. The even and odd quads swap the order, so a drift of
+    the machine's speed tilts them opposite ways; the value is the median over quads of
+    (timed num ÷ timed den). `interleave` puts the other variants of a section between them."""
+    pairs, cpu_pairs = [], []
     for r in range(quads):
-        got = {"n": [0.0, 0.0], "d": [0.0, 0.0]}
-        for who in (pattern if r % 2 == 0 else pattern[::-1]):
-            wall, cpu = _timed(num if who == "n" else den, device)
-            got[who][0] += wall
-            got[who][1] += cpu
+        got = {}
+        for who in (("d", "n") if r % 2 == 0 else ("n", "d")):
+            fn = num if who == "n" else den
+            _timed(fn, device)  # the washout call
+            got[who] = _timed(fn, device)
         pairs.append(got["n"][0] / got["d"][0])
         if device.type == "cpu" and got["d"][1] > 0:
             cpu_pairs.append(got["n"][1] / got["d"][1])
@@ -351,10 +354,10 @@ def section_overhead(b: Bench, cfg: dict) -> dict:
         "observe_pass_and_records": b.capture(x, records=True, ended=True),
     }
     times = interleave(variants, cfg["reps"], b.device, label="overhead")
-    # the target: the two variants back to back (`adjacent`), not six variants apart
+    # the target: the two variants timed close together (`adjacent`), not six variants apart
     pair = adjacent(variants["capture"], variants["bridge_forward"], cfg["pairs"], b.device,
                     label="overhead capture ÷ bridge")
-    pair["of"] = "capture / bridge_forward, back to back"
+    pair["of"] = "capture / bridge_forward, each timed after a call of its own kind"
     ratios = {
         "capture_vs_bridge_adjacent": pair,
         "capture_vs_bridge": _ratio(times, "capture", "bridge_forward"),
