@@ -48,7 +48,7 @@ _SCRATCH = threading.local()
 
 def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     """A buffer of `shape` whose contents are undefined, reused by this thread's later calls
-    (each name holds the largest size asked for so far, until the thread ends: a few MB per
+    (each name holds the largest size asked for so far, until the thread ends: up to ~1 MB per
     name for a layer of the default model at 8 × 128 tokens). A fresh allocation of a block's size
     (~1 MB) per layer comes from mmap where the allocator's threshold is low, and its page
     faults cost about 1 ms per layer of the default model at 8 × 128 tokens (30 layers: ~30 ms
