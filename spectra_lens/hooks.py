@@ -544,6 +544,7 @@ class MetricCapture:
             b, h, n = value.shape
             out = self._out[name] = torch.empty(b, len(self.layers), h, n, dtype=value.dtype,
                                                 device=value.device)
+            self._filled[name] = set()  # layers of an earlier (failed) pass are not in it
         i = self._index[l]
         out[:, i].copy_(value)
         self._filled[name].add(l)

@@ -182,6 +182,28 @@ def test_capture_results_follow_the_layer_order_and_own_their_memory(tiny, token
         MetricCapture(layout, layers=[0, 1, 0])
 
 
+def test_a_pass_of_another_shape_forgets_the_layers_of_a_failed_pass(tiny, tokens):
+    """A pass that fails after every layer was captured, then a pass of another batch size that
+    fails before the last layer: `result()` refuses (the last layer belongs to the first pass,
+    whose tensors the second pass replaced), rather than returning unwritten memory."""
+    model, layout = tiny("llama_gqa")
+    last = layout.n_layers - 1
+
+    class Stop(Exception):
+        pass
+
+    def stop(x, hook):
+        raise Stop
+
+    cap = MetricCapture(layout)
+    with pytest.raises(Stop), torch.no_grad(), attached(model, cap, ("unembed.hook_in", stop)):
+        model(tokens)
+    with pytest.raises(Stop), torch.no_grad(), attached(model, (hook_name(last, "pattern"), stop), cap):
+        model(tokens[:1])
+    with pytest.raises(SpectraError, match=rf"no forward pass reached layers \[{last}\]"):
+        cap.result()
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "qwen3", "gemma2", "bloom"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_run_ends_the_pass_at_the_last_pattern_with_the_values_of_a_full_pass(tiny, tokens, family, padded):
