@@ -38,7 +38,7 @@ MUTANT_FUNCTIONS ?= \
 	'spectra_lens.stats.x_verdict__*' 'spectra_lens.stats.x_agreement__*' \
 	'spectra_lens.stats.x_fold_consistency__*' 'spectra_lens.stats.x_document_replication__*' \
 	'spectra_lens.sweep.x__output_effects__*' 'spectra_lens.sweep.x__next_token_nll__*' \
-	'spectra_lens.sweep.x__masked_mean__*' 'spectra_lens.hooks.*QueryScale*hooks__*' \
+	'spectra_lens.sweep.x__masked_mean__*' 'spectra_lens.capture.*QueryScale*hooks__*' \
 	'spectra_lens.metrics.x__top_count_sorted__*' 'spectra_lens.metrics.x__top_counts_sorted__*'
 
 mutants: setup

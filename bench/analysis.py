@@ -23,7 +23,7 @@ N_LAYERS, N_HEADS = 30, 9  # the default model
 
 def default_documents(n_sequences: int, seq_len: int) -> np.ndarray:
     """The document of every sequence of the default run (`prepare` with the default corpus)."""
-    from spectra_lens.corpus import default_corpus, tokenize_documents
+    from spectra_lens.data.corpus import default_corpus, tokenize_documents
     from spectra_lens.models import load_tokenizer
 
     tok = tokenize_documents(default_corpus(), load_tokenizer(), seq_len=seq_len,

@@ -96,9 +96,9 @@ def measure_analysis(spec: dict) -> dict:
 def measure(spec: dict) -> dict:
     if spec["kind"] == "analysis":
         return measure_analysis(spec)
-    from spectra_lens.corpus import default_corpus, tokenize_corpus
+    from spectra_lens.data.corpus import default_corpus, tokenize_corpus
+    from spectra_lens.data.shards import prepare
     from spectra_lens.models import load_hf, load_model, load_tokenizer, resolve_device
-    from spectra_lens.shards import prepare
 
     device = resolve_device(spec.get("device"))
     if spec.get("threads"):
@@ -127,7 +127,7 @@ def measure(spec: dict) -> dict:
         def work():
             model(x, return_type=None)
     elif kind == "capture":
-        from spectra_lens.hooks import MetricCapture, attached
+        from spectra_lens.capture import MetricCapture, attached
         from spectra_lens.layout import attention_layout
 
         layout = attention_layout(model)
@@ -139,7 +139,7 @@ def measure(spec: dict) -> dict:
                 model(x, return_type=None)
             cap.result()
     elif kind == "observe_pass":  # as `observe` runs it: the pass ends at the last layer's pattern
-        from spectra_lens.hooks import MetricCapture
+        from spectra_lens.capture import MetricCapture
         from spectra_lens.layout import attention_layout
 
         layout = attention_layout(model)
@@ -152,7 +152,7 @@ def measure(spec: dict) -> dict:
         from spectra_lens.experiments.observational import collect
 
         from spectra_lens.layout import attention_layout
-        from spectra_lens.runs import RunDir
+        from spectra_lens.runs.rundir import RunDir
 
         attention_layout(model)  # the probe pass belongs to loading, not to the corpus
         tmp = tempfile.TemporaryDirectory(prefix="spectra-bench-")

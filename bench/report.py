@@ -425,7 +425,7 @@ def _why_overhead(sec, results):
     share = sec.get("top90_share_of_overhead")
     text = ("The capture computes every per-token metric of every head inside the forward pass: on "
             "the CPU one compiled pass over each attention row's visible keys "
-            "(`spectra_lens.compiled`, numba; float64 sums, log p from the scores, no logarithm per "
+            "(`spectra_lens.kernels.compiled`, numba; float64 sums, log p from the scores, no logarithm per "
             "key), the top-mass counts from NumPy's sort of each query block walked once, plus the "
             "query/key norms. ")
     v = sec["variants"]

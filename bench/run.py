@@ -120,7 +120,7 @@ def _loadavg() -> list[float] | None:
 
 
 def machine(device: torch.device) -> dict:
-    from spectra_lens.runs import package_versions
+    from spectra_lens.runs.rundir import package_versions
 
     out = {
         "cpu_model": _cpu_model(),
@@ -275,7 +275,7 @@ class Bench:
     """Models and tokens shared by the sections of one run."""
 
     def __init__(self, device: torch.device, quick: bool):
-        from spectra_lens.corpus import default_corpus
+        from spectra_lens.data.corpus import default_corpus
         from spectra_lens.layout import attention_layout
         from spectra_lens.models import load_hf, load_model
 
@@ -293,7 +293,7 @@ class Bench:
 
     def tokens(self, batch: int, seq_len: int) -> torch.Tensor:
         """`batch` sequences of `seq_len` tokens of the default corpus (pydoc topics)."""
-        from spectra_lens.corpus import tokenize_corpus
+        from spectra_lens.data.corpus import tokenize_corpus
 
         have = self._tokens.get(seq_len)
         if have is None or have.shape[0] < batch:
@@ -314,7 +314,7 @@ class Bench:
         """The capture inside a whole forward pass (the like-for-like cost of the hooks), or with
         `ended` as `observe` runs it: `MetricCapture.run`, the pass ending at the last layer's
         pattern (no last MLP, no logits)."""
-        from spectra_lens.hooks import MetricCapture, attached
+        from spectra_lens.capture import MetricCapture, attached
 
         # top_mass=None: the library's switch that skips k_eff_top90 (the sort of every row).
         cap = MetricCapture(self.layout, top_mass=0.9 if top90 else None)
@@ -479,7 +479,7 @@ def _alpha_grid() -> tuple[float, ...]:
 
 def section_gain(b: Bench, cfg: dict) -> dict:
     from spectra_lens import metrics, sweep
-    from spectra_lens.hooks import MetricCapture, QueryScale, attached
+    from spectra_lens.capture import MetricCapture, QueryScale, attached
 
     x = b.tokens(cfg["batch"], cfg["seq_len"])
     alphas = _alpha_grid()
@@ -560,7 +560,7 @@ def section_gain(b: Bench, cfg: dict) -> dict:
 
 def section_exact(b: Bench, cfg: dict) -> dict:
     from spectra_lens import sweep
-    from spectra_lens.hooks import QueryScale
+    from spectra_lens.capture import QueryScale
 
     x = b.tokens(cfg["batch"], cfg["seq_len"])
     layer, head = cfg["head"]

@@ -1,6 +1,6 @@
 """Shared plumbing of the causal experiment CLIs (EXP1 intervention, EXP2 gain, EXP3 qk_control).
 
-* the run directory (`spectra_lens.runs.RunDir`: refuse a finished run unless --overwrite,
+* the run directory (`spectra_lens.runs.rundir.RunDir`: refuse a finished run unless --overwrite,
   atomic CSV/JSON writes, `manifest.json` with config, model, versions, seed and timings);
 * figures: HTML and JSON as written, then their images (`cfg.images`, PNG by default) in one
   browser session at the end (`write_outputs`; one warning line when no browser draws them);
@@ -31,15 +31,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spectra_lens import figures as figs
 from spectra_lens.causal import CONTROL_RULE, choose_control_head, head_r_table
-from spectra_lens.corpus import tokenize_documents
+from spectra_lens.data.corpus import tokenize_documents
+from spectra_lens.data.shards import ShardManifest, corpus_from_spec, load_tokens
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.metrics import K_EFF_DEFINITIONS
 from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device, weights_info
-from spectra_lens.runs import RunDir
-from spectra_lens.shards import ShardManifest, corpus_from_spec, load_tokens
+from spectra_lens.present import figures as figs
+from spectra_lens.runs.rundir import RunDir
 from spectra_lens.sweep import analytic_gain
 from spectra_lens.validate import check_alphas, check_context
 

@@ -61,13 +61,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from spectra_lens import figures as figs
 from spectra_lens.config import GainConfig
-from spectra_lens.display import progress_bar
-from spectra_lens.distributed import SHARD_RANK, SHARD_WORLD, Group, Steps
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import attention_layout
-from spectra_lens.runs import NOT_RESULT_FIELDS, RunDir
+from spectra_lens.present import figures as figs
+from spectra_lens.present.display import progress_bar
+from spectra_lens.runs.distributed import SHARD_RANK, SHARD_WORLD, Group, Steps
+from spectra_lens.runs.rundir import NOT_RESULT_FIELDS, RunDir
 from spectra_lens.stats import fit_log_slopes, t_interval
 from spectra_lens.sweep import HeadSweep, head_curves
 

@@ -1,4 +1,4 @@
-"""One HTML page for one head (`spectra_lens.head_page`), from the command line.
+"""One HTML page for one head (`spectra_lens.present.head_page`), from the command line.
 
     spectra-lens head L15H8 [--out results/heads] [--model M] [--corpus C] [--n-sequences 8]
         [--seq-len 64] [--types head_types.csv] [--agreement agreement.csv] [--alphas 0.5 2]
@@ -23,8 +23,8 @@ import torch
 from spectra_lens.config import HeadPageConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.generate import parse_head
-from spectra_lens.head_page import HeadPage, head_page
 from spectra_lens.models import DEFAULT_MODEL
+from spectra_lens.present.head_page import HeadPage, head_page
 
 from . import _common as C
 

@@ -30,7 +30,6 @@ import plotly.graph_objects as go
 
 from spectra_lens.config import HeadTypesConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.figures import head_types as FT
 from spectra_lens.head_types import (
     LABEL_RULE,
     by_label,
@@ -39,6 +38,7 @@ from spectra_lens.head_types import (
     join_heads,
 )
 from spectra_lens.layout import attention_layout
+from spectra_lens.present.figures import head_types as FT
 
 from . import _common as C
 

@@ -41,7 +41,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from spectra_lens import figures as figs
+from spectra_lens.capture import QueryScale
 from spectra_lens.causal import (
     CONTROL_RULE,
     EFFECT_DEFINITIONS,
@@ -54,9 +54,9 @@ from spectra_lens.causal import (
 )
 from spectra_lens.config import InterventionConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import QueryScale
 from spectra_lens.layout import attention_layout
 from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics
+from spectra_lens.present import figures as figs
 from spectra_lens.sweep import ExactSweep, intervention_effects, paired_intervention_effects
 
 from . import _common as C

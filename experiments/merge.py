@@ -14,7 +14,7 @@ import time
 
 from spectra_lens.config import MergeConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.runs import RunDir
+from spectra_lens.runs.rundir import RunDir
 
 __all__ = ["command", "main"]
 

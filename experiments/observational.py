@@ -30,16 +30,10 @@ import plotly.graph_objects as go
 import torch
 from scipy import stats as sps
 
-from spectra_lens import display, stats
-from spectra_lens import figures as figs
+from spectra_lens import stats
+from spectra_lens.capture import MetricCapture
 from spectra_lens.config import ObservationalConfig
-from spectra_lens.distributed import Group
-from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import MetricCapture
-from spectra_lens.layout import attention_layout
-from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
-from spectra_lens.runs import RunDir, atomic_write
-from spectra_lens.shards import (
+from spectra_lens.data.shards import (
     MANIFEST_NAME,
     ShardManifest,
     corpus_from_spec,
@@ -48,6 +42,13 @@ from spectra_lens.shards import (
     prepare,
     read_manifest,
 )
+from spectra_lens.errors import SpectraError
+from spectra_lens.layout import attention_layout
+from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
+from spectra_lens.present import display
+from spectra_lens.present import figures as figs
+from spectra_lens.runs.distributed import Group
+from spectra_lens.runs.rundir import RunDir, atomic_write
 from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_context
 
@@ -425,7 +426,7 @@ def run(cfg: ObservationalConfig = ObservationalConfig(), *, model=None,
     else:  # provenance: not the default model's name for a model the caller loaded
         model_name = cfg.model or f"pre-loaded model ({getattr(model.cfg, 'model_name', '?')})"
     # Under torchrun every rank runs this: rank 0 owns the run directory (lock, manifest) and
-    # prepares the shards, each rank captures its share, rank 0 merges (spectra_lens.distributed).
+    # prepares the shards, each rank captures its share, rank 0 merges (spectra_lens.runs.distributed).
     group = Group.from_env(device=cfg.device)
     try:
         if group.detached:  # one share of the shards, into its own run directory; no tables

@@ -50,12 +50,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from spectra_lens import figures as figs
+from spectra_lens.capture import KeyScale, QueryScale
 from spectra_lens.config import QKConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import KeyScale, QueryScale
 from spectra_lens.layout import attention_layout
 from spectra_lens.metrics import rescale_pattern
+from spectra_lens.present import figures as figs
 from spectra_lens.stats import fit_log_slopes
 from spectra_lens.sweep import ExactSweep, paired_intervention_effects
 

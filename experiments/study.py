@@ -34,7 +34,7 @@ from scipy import stats as sps
 
 from spectra_lens.config import StudyConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.runs import RunDir, atomic_write_bytes
+from spectra_lens.runs.rundir import RunDir, atomic_write_bytes
 
 from . import _common as C
 
@@ -234,7 +234,7 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
 
     `models` maps specs of `cfg.models` to bridges already loaded (the others are loaded)."""
     from spectra_lens.config import GainConfig, ObservationalConfig
-    from spectra_lens.genres import GENRES
+    from spectra_lens.data.genres import GENRES
     from spectra_lens.models import load_model, resolve_device
 
     from . import gain as gain_exp

@@ -6,7 +6,7 @@ forward pass (`QueryScale`, `KeyScale`, `LogitScale`) inside `attached(...)`, an
 sweep questions: each head's own α-curve (`head_curves`: the fast path softmax(α·s) where the
 logits are bilinear, the exact forward pass elsewhere) and one intervention's consequences
 (`intervention_effects`: downstream loss, KL and later heads), plus `analytic_gain`.
-Statistics are in `spectra_lens.stats`, figures in `spectra_lens.figures`, the four experiments
+Statistics are in `spectra_lens.stats`, figures in `spectra_lens.present.figures`, the four experiments
 in `spectra_lens.experiments`.
 
 Names resolve lazily, so `import spectra_lens` (and the command line's --help) does not import
@@ -20,16 +20,16 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SpectraError": "spectra_lens.errors",
-    "METRIC_NAMES": "spectra_lens.hooks",
-    "KeyScale": "spectra_lens.hooks",
-    "LogitScale": "spectra_lens.hooks",
-    "MetricCapture": "spectra_lens.hooks",
-    "QueryScale": "spectra_lens.hooks",
-    "SweepCapture": "spectra_lens.hooks",
-    "TokenMetrics": "spectra_lens.hooks",
-    "attached": "spectra_lens.hooks",
-    "capture_metrics": "spectra_lens.hooks",
-    "repeat_for_alphas": "spectra_lens.hooks",
+    "METRIC_NAMES": "spectra_lens.capture",
+    "KeyScale": "spectra_lens.capture",
+    "LogitScale": "spectra_lens.capture",
+    "MetricCapture": "spectra_lens.capture",
+    "QueryScale": "spectra_lens.capture",
+    "SweepCapture": "spectra_lens.capture",
+    "TokenMetrics": "spectra_lens.capture",
+    "attached": "spectra_lens.capture",
+    "capture_metrics": "spectra_lens.capture",
+    "repeat_for_alphas": "spectra_lens.capture",
     "AttentionLayout": "spectra_lens.layout",
     "attention_layout": "spectra_lens.layout",
     "bridge_from_hf": "spectra_lens.models",
@@ -58,8 +58,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names resolve lazily
-    from spectra_lens.errors import SpectraError  # noqa: F401
-    from spectra_lens.hooks import (  # noqa: F401
+    from spectra_lens.capture import (  # noqa: F401
         METRIC_NAMES,
         KeyScale,
         LogitScale,
@@ -71,6 +70,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names resolve lazil
         capture_metrics,
         repeat_for_alphas,
     )
+    from spectra_lens.errors import SpectraError  # noqa: F401
     from spectra_lens.layout import AttentionLayout, attention_layout  # noqa: F401
     from spectra_lens.models import bridge_from_hf, load_model, load_tokenizer  # noqa: F401
     from spectra_lens.sweep import (  # noqa: F401

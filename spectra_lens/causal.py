@@ -31,8 +31,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from spectra_lens.capture import MetricCapture, QueryScale, _check_shape, _row_factor, attached
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import MetricCapture, QueryScale, _check_shape, _row_factor, attached
 from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.validate import check_tokens
 

@@ -72,7 +72,7 @@ class ObservationalConfig:
 
 def _check_images(images) -> None:
     """Image formats of a run's figures (SpectraError naming a bad one)."""
-    from spectra_lens.figures.export import image_formats  # plotly, no torch
+    from spectra_lens.present.figures.export import image_formats  # plotly, no torch
 
     if not isinstance(images, str):
         raise SpectraError(f"images must be a string such as 'png' or 'png,svg' or 'none', got {images!r}")
@@ -455,7 +455,7 @@ __all__ += ["HeadPageConfig"]
 
 @dataclass(frozen=True, kw_only=True)
 class HeadPageConfig:
-    """One HTML page for one head (`spectra_lens.head_page`): token-labelled patterns, ‖q‖ and
+    """One HTML page for one head (`spectra_lens.present.head_page`): token-labelled patterns, ‖q‖ and
     entropy along the text, its α-curve, observational slope vs causal gain with intervals, its
     type scores and a greedy generation diff at two α."""
 

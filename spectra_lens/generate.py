@@ -31,8 +31,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from spectra_lens.capture import KeyScale, LogitScale, QueryScale, attached
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import KeyScale, LogitScale, QueryScale, attached
 from spectra_lens.layout import attention_layout
 from spectra_lens.validate import check_alpha, check_int
 
@@ -401,7 +401,7 @@ def command(cfg, *, progress: bool = True) -> int:
     for diff in out.values():
         print(_format(diff))
     if args.csv:
-        from spectra_lens.runs import atomic_write
+        from spectra_lens.runs.rundir import atomic_write
 
         frame = pd.concat([d.frame() for d in out.values()], ignore_index=True)
         atomic_write(args.csv, lambda tmp: frame.to_csv(tmp, index=False))

@@ -32,8 +32,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from spectra_lens.capture import attached
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import attached
 from spectra_lens.layout import attention_layout, hook_name
 from spectra_lens.sweep import analytic_gain
 

@@ -88,7 +88,7 @@ class AttentionLayout:
     def _repr_html_(self) -> str:
         import pandas as pd
 
-        from spectra_lens.display import html_card
+        from spectra_lens.present.display import html_card
 
         odd = [(l, self.q_reason[l] or "", self.k_reason[l] or "") for l in range(self.n_layers)
                if not (self.q_bilinear[l] and self.k_bilinear[l])]

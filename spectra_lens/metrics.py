@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from spectra_lens import compiled
+from spectra_lens.kernels import compiled
 from spectra_lens.validate import check_alphas
 
 __all__ = [
@@ -889,7 +889,7 @@ def capture_row_metrics(
     padding) and other devices go through the two functions' block kernels.
 
     `backend`: "compiled" (the CPU default where numba is available and the scores are given:
-    `spectra_lens.compiled`, the same values row by row, its flagged rows from the two
+    `spectra_lens.kernels.compiled`, the same values row by row, its flagged rows from the two
     functions; a half-precision pattern and its scores are read one query block at a time into
     float32 copies over the block's key extent, never the whole pattern at once), "numpy" (the
     kernel above, the reference) or "torch" (the two functions).
@@ -952,7 +952,7 @@ def capture_row_metrics(
 
 
 def _capture_compiled(p3, s3, qn, thr, top_mass, rows_per) -> dict[str, Tensor]:
-    """`capture_row_metrics` by the compiled kernel (`spectra_lens.compiled`), row by row; the
+    """`capture_row_metrics` by the compiled kernel (`spectra_lens.kernels.compiled`), row by row; the
     rows it flags (first key hidden; the rest underflowed) from the two functions' blocks."""
     n_b, n_q, _ = p3.shape
     kw = dict(thr=thr, floor=_SCORE_FLOOR, top_mass=top_mass, tol=_TOP_TOL, min_rest=_NOSINK_MIN_MASS)

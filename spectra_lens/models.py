@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from spectra_lens.data.packaged import PackagedFile, cache_root, fetch_members
 from spectra_lens.errors import SpectraError, one_line
-from spectra_lens.packaged import PackagedFile, cache_root, fetch_members
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -351,7 +351,7 @@ def load_model(spec=None, *, dtype=None, device=None, progress: bool = False, de
         if type(spec).__name__ == "TransformerBridge":
             return spec
         return bridge_from_hf(spec)
-    from spectra_lens.display import stages
+    from spectra_lens.present.display import stages
 
     convert = isinstance(spec, str | None) and _is_default(spec)
     names = (["convert GGUF (first run only)"] if convert else []) + ["weights", "TransformerBridge"]

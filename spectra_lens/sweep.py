@@ -45,15 +45,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from spectra_lens import metrics as M
-from spectra_lens.display import html_card, progress_bar
-from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import (
+from spectra_lens.capture import (
     QueryScale,
     SweepCapture,
     repeat_for_alphas,
     tokens_and_mask,
 )
+from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout, attention_layout
+from spectra_lens.present.display import html_card, progress_bar
 from spectra_lens.stats import t_interval
 from spectra_lens.validate import (
     check_alphas,
@@ -239,7 +239,7 @@ class HeadSweep:
         """One `.npz` file, written atomically: the metric tensors as stored (no rounding), and
         a JSON header (format `spectra_lens.head_sweep` v1, alphas, layers, method, reason,
         min_position, `meta`)."""
-        from spectra_lens.runs import atomic_write_bytes, npz_bytes
+        from spectra_lens.runs.rundir import atomic_write_bytes, npz_bytes
 
         header = {"format": SWEEP_FORMAT, "version": 1, "alphas": list(self.alphas),
                   "layers": list(self.layers), "method": list(self.method),

@@ -29,7 +29,7 @@ os.environ.setdefault("SPECTRA_NO_IMAGES", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from spectra_lens.hooks import count_hooks  # noqa: E402
+from spectra_lens.capture import count_hooks  # noqa: E402
 from spectra_lens.layout import attention_layout  # noqa: E402
 from spectra_lens.testing import tiny_model  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The compiled capture kernel (`spectra_lens.compiled`, `capture_row_metrics(backend="compiled")`)
+"""The compiled capture kernel (`spectra_lens.kernels.compiled`, `capture_row_metrics(backend="compiled")`)
 equals the NumPy kernel and the two-function reference on masks the causal fast case does not
 cover, flags the rows it cannot measure and hands them to the reference, and is what the capture
 runs on the CPU."""
@@ -9,10 +9,10 @@ import torch
 from test_capture_fused import _check, _inputs, _two_pass
 from torch.testing import assert_close
 
-from spectra_lens import compiled
 from spectra_lens import metrics as M
+from spectra_lens.capture import MetricCapture, attached, capture_metrics
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import MetricCapture, attached, capture_metrics
+from spectra_lens.kernels import compiled
 from spectra_lens.layout import attention_layout, hook_name
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.testing import tiny_hf_model, tiny_model

@@ -8,7 +8,7 @@ import transformers
 from torch.testing import assert_close
 
 from spectra_lens import metrics as M
-from spectra_lens.hooks import capture_metrics
+from spectra_lens.capture import capture_metrics
 from spectra_lens.layout import hook_name
 from spectra_lens.models import bridge_from_hf
 

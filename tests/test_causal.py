@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from spectra_lens.capture import QueryScale, attached, capture_metrics, count_hooks
 from spectra_lens.causal import (
     QueryRotate,
     SmallClusterWarning,
@@ -20,7 +21,6 @@ from spectra_lens.causal import (
     sweep_effects,
 )
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import QueryScale, attached, capture_metrics, count_hooks
 from spectra_lens.sweep import intervention_effects
 
 

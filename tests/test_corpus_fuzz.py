@@ -13,10 +13,10 @@ import pytest
 
 from experiments import observational
 from spectra_lens.config import ObservationalConfig
-from spectra_lens.corpus import tokenize_corpus
+from spectra_lens.data.corpus import tokenize_corpus
+from spectra_lens.data.shards import corpus_from_spec, load_tokens, prepare, read_manifest
 from spectra_lens.errors import SpectraError
 from spectra_lens.models import bridge_from_hf
-from spectra_lens.shards import corpus_from_spec, load_tokens, prepare, read_manifest
 from spectra_lens.testing import TEST_WORDS, tiny_hf_model, word_tokenizer
 
 WORDS = TEST_WORDS

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from spectra_lens import metrics as M
-from spectra_lens.hooks import METRIC_NAMES, MetricCapture, attached, capture_metrics
+from spectra_lens.capture import METRIC_NAMES, MetricCapture, attached, capture_metrics
 from spectra_lens.layout import attention_layout, hook_name
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.sweep import head_curves

@@ -1,4 +1,4 @@
-"""Tests for spectra_lens.shards: corpora, tokenization into fixed-length sequences, shards."""
+"""Tests for spectra_lens.data.shards: corpora, tokenization into fixed-length sequences, shards."""
 
 import importlib.util
 import json
@@ -12,8 +12,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from spectra_lens import shards as shards_module
-from spectra_lens.corpus import (
+from spectra_lens.data import shards as shards_module
+from spectra_lens.data.corpus import (
     Corpus,
     default_corpus,
     hf_dataset,
@@ -22,8 +22,7 @@ from spectra_lens.corpus import (
     tokenize_corpus,
     tokenize_documents,
 )
-from spectra_lens.errors import SpectraError
-from spectra_lens.shards import (
+from spectra_lens.data.shards import (
     ShardManifest,
     corpus_from_spec,
     iter_shards,
@@ -33,6 +32,7 @@ from spectra_lens.shards import (
     read_manifest,
     write_shards,
 )
+from spectra_lens.errors import SpectraError
 
 # Word "wN" has id N + 3, so expected token ids can be written down by hand.
 WORDS = [f"w{i}" for i in range(40)]
@@ -291,7 +291,7 @@ def test_shards_round_trip_with_global_ids(tmp_path):
     assert read_manifest(tmp_path / "manifest.json") == manifest
 
     raw = json.loads((tmp_path / "manifest.json").read_text())
-    assert raw["format"] == "spectra_lens.shards" and raw["version"] == 2
+    assert raw["format"] == "spectra_lens.data.shards" and raw["version"] == 2
     assert (raw["tokenizer"], raw["seq_len"], raw["n_sequences"]) == ("tiny", 6, 10)
     assert (raw["dtype"], raw["corpus"], raw["meta"]) == ("int32", "numbers",
                                                           {"prepend_bos": False})

@@ -17,8 +17,8 @@ from spectra_lens import (
     intervention_effects,
 )
 from spectra_lens.errors import SpectraError
-from spectra_lens.figures import attention_pattern, head_attention, token_labels
 from spectra_lens.models import bridge_from_hf
+from spectra_lens.present.figures import attention_pattern, head_attention, token_labels
 from spectra_lens.testing import tiny_hf_model
 
 WORDS = "the cat sat on a mat and dog ran to park while bird sang".split()
@@ -88,8 +88,8 @@ def test_attention_pattern_checks_its_shapes():
 
 
 def test_every_result_type_has_an_html_representation(model, tmp_path):
-    from spectra_lens.corpus import default_corpus
-    from spectra_lens.shards import write_shards
+    from spectra_lens.data.corpus import default_corpus
+    from spectra_lens.data.shards import write_shards
 
     two = ["the cat sat on a mat", "the dog ran to a park"]
     curves = head_curves(model, two, [0.5, 1.0, 2.0])

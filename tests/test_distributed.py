@@ -12,10 +12,10 @@ import cli_processes as procs
 import pytest
 import torch
 
-from spectra_lens.distributed import Group, shard_indices
+from spectra_lens.capture import METRIC_NAMES, capture_metrics
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import METRIC_NAMES, capture_metrics
 from spectra_lens.models import load_model, parse_device_map
+from spectra_lens.runs.distributed import Group, shard_indices
 
 TABLES = ("head_summary", "layer_statistics", "significant_heads", "consistent_heads")
 

@@ -16,9 +16,9 @@ import torch
 from spectra_lens.experiments import gain
 
 from spectra_lens.config import GainConfig
-from spectra_lens.distributed import Group, Steps
 from spectra_lens.errors import SpectraError
 from spectra_lens.metrics import SWEEP_METRICS
+from spectra_lens.runs.distributed import Group, Steps
 from spectra_lens.sweep import HeadSweep, head_curves
 
 TABLES = ("gain_summary", "gain_curves")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from spectra_lens.experiments import gain
 
+from spectra_lens.capture import count_hooks
 from spectra_lens.config import ALPHAS_21, GainConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import count_hooks
 from spectra_lens.stats import fit_log_slope
 from spectra_lens.sweep import head_curves
 

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
+from spectra_lens.capture import count_hooks
 from spectra_lens.errors import SpectraError
-from spectra_lens.head_page import head_page, head_page_path
-from spectra_lens.hooks import count_hooks
+from spectra_lens.present.head_page import head_page, head_page_path
 from spectra_lens.testing import PLANTED_INDUCTION_HEAD, planted_circuit_model
 
 FIGURES = {"fig-pattern-text", "fig-pattern-repeated", "fig-pattern-prompt", "fig-qnorm-entropy",
@@ -84,7 +84,7 @@ def test_head_page_reads_estimates_from_an_agreement_table(planted, text):
 
 
 def test_report_links_heads_to_their_pages(tmp_path):
-    from spectra_lens.report import build_report
+    from spectra_lens.present.report import build_report
 
     run = tmp_path / "gain"
     run.mkdir()
@@ -105,7 +105,7 @@ def test_report_links_heads_to_their_pages(tmp_path):
 def default_run(tmp_path_factory):
     """Head types of all 270 heads of the embedded default model and the page of its strongest
     induction head, on 4 sequences × 48 tokens of the default corpus (one model load)."""
-    from spectra_lens.corpus import default_corpus, tokenize_corpus
+    from spectra_lens.data.corpus import default_corpus, tokenize_corpus
     from spectra_lens.head_types import diagnostic_inputs, head_type_scores
     from spectra_lens.models import load_model
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from spectra_lens.experiments.head_types import run
 
+from spectra_lens.capture import count_hooks
 from spectra_lens.config import HeadTypesConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.head_types import (
@@ -22,7 +23,6 @@ from spectra_lens.head_types import (
     join_heads,
     label_heads,
 )
-from spectra_lens.hooks import count_hooks
 from spectra_lens.testing import (
     PLANTED_INDUCTION_HEAD,
     PLANTED_PREV_TOKEN_HEAD,

@@ -1,4 +1,4 @@
-"""spectra_lens.hooks on the real forward pass of tiny models of every architecture family.
+"""spectra_lens.capture on the real forward pass of tiny models of every architecture family.
 
 Ground truth is TransformerLens's own `hook_pattern` / `hook_attn_scores` (which equal the HF
 model's attentions), never a recomputation by the library under test.
@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import (
+from spectra_lens.capture import (
     METRIC_NAMES,
     KeyScale,
     LogitScale,
@@ -22,6 +21,7 @@ from spectra_lens.hooks import (
     count_hooks,
     repeat_for_alphas,
 )
+from spectra_lens.errors import SpectraError
 from spectra_lens.layout import hook_name
 from spectra_lens.metrics import causal_mask, rescale_pattern
 from spectra_lens.testing import FAMILIES
@@ -595,7 +595,7 @@ def test_capture_and_attach_misuse(tiny, tokens):
 
 
 def test_top_mass_none_skips_only_that_metric(tiny, tokens):
-    from spectra_lens.hooks import METRIC_NAMES, capture_metrics
+    from spectra_lens.capture import METRIC_NAMES, capture_metrics
 
     model, _ = tiny("llama_gqa")
     full = capture_metrics(model, tokens)

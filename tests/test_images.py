@@ -18,8 +18,9 @@ from PIL import Image
 from spectra_lens.experiments import gain, intervention, observational, qk_control
 
 from spectra_lens.config import GainConfig, InterventionConfig, ObservationalConfig, QKConfig
+from spectra_lens.data.shards import write_shards
 from spectra_lens.errors import SpectraError
-from spectra_lens.figures.export import (
+from spectra_lens.present.figures.export import (
     BROWSER_ENV,
     NO_IMAGES_ENV,
     deferred_images,
@@ -27,7 +28,6 @@ from spectra_lens.figures.export import (
     image_formats,
     write_figures,
 )
-from spectra_lens.shards import write_shards
 
 FAMILY = "llama_gqa"
 _CAUSAL = {"seq_len": 16, "n_sequences": 4, "n_select": 2, "alphas": (0.5, 1.0, 2.0)}
@@ -127,7 +127,7 @@ def test_png_size_is_the_figure_size_at_twice_the_pixels(runs):
 
 
 def test_report_pdf(runs, tmp_path, capsys):
-    from spectra_lens.report import main
+    from spectra_lens.present.report import main
 
     root, _ = runs
     assert main([str(root), "--out", str(tmp_path / "report.html"), "--pdf"]) == 0

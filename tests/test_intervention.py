@@ -8,12 +8,12 @@ import torch
 from spectra_lens.experiments import _common as C
 from spectra_lens.experiments import intervention
 
+from spectra_lens.capture import QueryScale, count_hooks
 from spectra_lens.causal import choose_control_head
 from spectra_lens.config import InterventionConfig
+from spectra_lens.data.shards import write_shards
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import QueryScale, count_hooks
 from spectra_lens.metrics import alpha_metrics
-from spectra_lens.shards import write_shards
 from spectra_lens.sweep import intervention_effects
 
 ALPHAS = (0.5, 1.0, 2.0, 4.0)

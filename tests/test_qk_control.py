@@ -8,9 +8,9 @@ import torch
 from spectra_lens.experiments import qk_control
 from spectra_lens.experiments._common import RunTokens
 
+from spectra_lens.capture import KeyScale, QueryScale, count_hooks
 from spectra_lens.config import QKConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import KeyScale, QueryScale, count_hooks
 from spectra_lens.metrics import rescale_pattern
 from spectra_lens.sweep import intervention_effects
 

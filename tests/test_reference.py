@@ -14,7 +14,7 @@ import pytest
 import reference as R
 import torch
 
-from spectra_lens.hooks import capture_metrics
+from spectra_lens.capture import capture_metrics
 from spectra_lens.metrics import alpha_metrics, pattern_metrics
 from spectra_lens.sweep import analytic_gain, head_curves
 from spectra_lens.testing import FAMILIES, tiny_hf_model

@@ -20,8 +20,9 @@ import pytest
 import torch
 from plotly.offline import get_plotlyjs
 
+from spectra_lens.data.shards import write_shards
 from spectra_lens.errors import SpectraError
-from spectra_lens.report import (
+from spectra_lens.present.report import (
     EXPERIMENTS,
     _slug,
     build_report,
@@ -30,7 +31,6 @@ from spectra_lens.report import (
     run_figures,
     write_report,
 )
-from spectra_lens.shards import write_shards
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 FAMILY = "llama_gqa"  # grouped keys: the default model's architecture, in miniature

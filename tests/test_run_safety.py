@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from spectra_lens import cli
-from spectra_lens.runs import LOCK, RunDir
+from spectra_lens.runs.rundir import LOCK, RunDir
 from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
 

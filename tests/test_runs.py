@@ -1,4 +1,4 @@
-"""Tests for spectra_lens.runs: the lock, atomic writes, the manifest and its outputs, and the
+"""Tests for spectra_lens.runs.rundir: the lock, atomic writes, the manifest and its outputs, and the
 refuse / resume / replace rules."""
 
 import dataclasses
@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from spectra_lens.errors import SpectraError, run_command
-from spectra_lens.runs import LOCK, RunDir, atomic_write, package_versions
+from spectra_lens.runs.rundir import LOCK, RunDir, atomic_write, package_versions
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -249,7 +249,7 @@ def test_refuses_files_broken_manifests_and_shard_directories(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     for text, match in (("{not json", "not valid JSON"), ("[1, 2]", "expected a run manifest"),
-                        ('{"format": "spectra_lens.shards"}', "prepared shard directory"),
+                        ('{"format": "spectra_lens.data.shards"}', "prepared shard directory"),
                         ('{"a": 1}', "not a spectra_lens run manifest")):
         (run / "manifest.json").write_text(text)
         for overwrite in (False, True):
@@ -291,7 +291,7 @@ _WRITER = textwrap.dedent("""
     from pathlib import Path
     import pandas as pd
     from spectra_lens.errors import run_command
-    from spectra_lens.runs import RunDir
+    from spectra_lens.runs.rundir import RunDir
 
     def main(argv):
         out, go, hold = argv

@@ -8,8 +8,8 @@ import torch
 from spectra_lens.experiments import study
 
 from spectra_lens.config import StudyConfig
+from spectra_lens.data.shards import write_shards
 from spectra_lens.errors import SpectraError
-from spectra_lens.shards import write_shards
 
 
 def _shards(path, seed):

@@ -8,8 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from spectra_lens import metrics as M
-from spectra_lens.errors import SpectraError
-from spectra_lens.hooks import (
+from spectra_lens.capture import (
     KeyScale,
     MetricCapture,
     QueryScale,
@@ -17,6 +16,7 @@ from spectra_lens.hooks import (
     attached,
     count_hooks,
 )
+from spectra_lens.errors import SpectraError
 from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics, pattern_metrics
 from spectra_lens.stats import t_interval
 from spectra_lens.sweep import (

@@ -397,7 +397,7 @@ class RunDir:
         if not isinstance(manifest, dict):
             raise SpectraError(f"{f} holds {type(manifest).__name__}; expected a run manifest "
                                f"(a JSON object): choose another --out")
-        if manifest.get("format") == "spectra_lens.shards":
+        if manifest.get("format") == "spectra_lens.data.shards":
             raise SpectraError(f"{self.path} is a prepared shard directory, not a run directory; "
                                f"choose another --out (its shards are read with --corpus {self.path})")
         if "experiment" not in manifest or "status" not in manifest:

@@ -1,6 +1,6 @@
 """Token shards on disk: fixed-length token sequences -> checksummed shards with a JSON manifest.
 
-The last of three stages (the first two, sources and tokenizing, are `spectra_lens.corpus`):
+The last of three stages (the first two, sources and tokenizing, are `spectra_lens.data.corpus`):
 
 1. A `Corpus` is a described, re-iterable source of documents (str), read lazily:
    `default_corpus()` (CPython's reference documentation, `pydoc_data.topics`), `text_files`,
@@ -19,7 +19,7 @@ so per-shard results of a distributed run merge back onto the same ids.
 Manifest schema (`manifest.json`, format version 1)::
 
     {
-      "format": "spectra_lens.shards",
+      "format": "spectra_lens.data.shards",
       "version": 1,
       "tokenizer": "HuggingFaceTB/SmolLM2-135M-Instruct",
       "seq_len": 128,
@@ -58,7 +58,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from spectra_lens.corpus import (
+from spectra_lens.data.corpus import (
     Corpus,
     _bos_token,
     default_corpus,
@@ -68,7 +68,7 @@ from spectra_lens.corpus import (
     tokenize_documents,
 )
 from spectra_lens.errors import SpectraError
-from spectra_lens.runs import atomic_write_bytes
+from spectra_lens.runs.rundir import atomic_write_bytes
 from spectra_lens.validate import check_int, check_tokens
 
 __all__ = [
@@ -89,7 +89,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2  # 2: per-shard document ids (version 1 still reads)
-_FORMAT = "spectra_lens.shards"
+_FORMAT = "spectra_lens.data.shards"
 _SHARD_KEY = "tokens"
 _SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy"}
 
@@ -154,7 +154,7 @@ class ShardManifest:
         return i, sequence_id - self.shards[i].offset
 
     def _repr_html_(self) -> str:
-        from spectra_lens.display import html_card
+        from spectra_lens.present.display import html_card
 
         settings = {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool))}
         return html_card("ShardManifest", {
@@ -651,8 +651,7 @@ def corpus_from_spec(spec: PathLike | None) -> "Corpus | ShardManifest":
     """
     if spec is None or spec == "default":
         return default_corpus()
-    from spectra_lens import genres
-
+    from spectra_lens.data import genres
     if isinstance(spec, str) and spec in genres.NAMED_CORPORA:
         return genres.named_corpus(spec)
     spec = os.fspath(spec)

@@ -32,13 +32,13 @@ import pandas as pd
 import torch
 from plotly.offline import get_plotlyjs
 
+from spectra_lens.capture import QueryScale, capture_metrics
 from spectra_lens.errors import SpectraError
-from spectra_lens.figures import head_page as F
 from spectra_lens.generate import compare_generations
 from spectra_lens.head_types import LABEL_RULE, diagnostic_inputs, head_type_scores
-from spectra_lens.hooks import QueryScale, capture_metrics
 from spectra_lens.layout import attention_layout
-from spectra_lens.runs import atomic_write
+from spectra_lens.present.figures import head_page as F
+from spectra_lens.runs.rundir import atomic_write
 from spectra_lens.stats import t_interval
 from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_alphas, check_tokens
@@ -280,7 +280,7 @@ def _generation_html(page: HeadPage) -> str:
 def _render(page: HeadPage) -> str:
     # The report's page machinery (style, figure embedding, the render-status script that a
     # headless browser reads): one definition, so a head page renders and is checked like the report.
-    from spectra_lens.report import _CSS, _PLOT_JS, _Figures, _script_json
+    from spectra_lens.present.report import _CSS, _PLOT_JS, _Figures, _script_json
 
     figs = _Figures()
     divs = {k: figs.div(json.loads(f.to_json()), f"fig-{k}", f.layout.title.text or k) for k, f in page.figures.items()}

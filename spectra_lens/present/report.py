@@ -38,7 +38,7 @@ from plotly.offline import get_plotlyjs
 
 from spectra_lens.errors import SpectraError
 from spectra_lens.experiments._common import Table
-from spectra_lens.runs import MANIFEST, atomic_write
+from spectra_lens.runs.rundir import MANIFEST, atomic_write
 
 __all__ = ["EXPERIMENTS", "Run", "build_report", "command", "find_runs", "main", "write_report"]
 
@@ -196,7 +196,7 @@ def _head_links(root: Path, link_from: Path) -> dict[tuple[int, int], str]:
     (written by `spectra-lens head`)."""
     if not (root / "heads").is_dir():  # head_page.HEAD_PAGES_DIR; checked before importing torch
         return {}
-    from spectra_lens.head_page import HEAD_PAGES_DIR, head_page_path
+    from spectra_lens.present.head_page import HEAD_PAGES_DIR, head_page_path
 
     out = {}
     for f in (root / HEAD_PAGES_DIR).glob("L*H*.html"):
@@ -535,14 +535,14 @@ def command(cfg, *, progress: bool = True) -> int:
     print(f"wrote {path}: {', '.join(_runs_summary(runs))}"
           + (f"; not in this directory: {', '.join(missing)}" if missing else ""))
     if cfg.pdf:  # drawn by the same headless browser that exports the figures' images
-        from spectra_lens.figures.export import print_pdf
+        from spectra_lens.present.figures.export import print_pdf
 
         print(f"wrote {print_pdf(path, path.with_suffix('.pdf'))}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m spectra_lens.report`: the same as `spectra-lens report`."""
+    """`python -m spectra_lens.present.report`: the same as `spectra-lens report`."""
     from spectra_lens.cli import main as cli_main
 
     return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])

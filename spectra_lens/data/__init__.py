@@ -1,0 +1,1 @@
+"""Corpus sources -> fixed-length token shards with document ids."""

@@ -1,0 +1,1 @@
+"""Figures, the HTML page builder, the report and the head page."""
