@@ -3,7 +3,8 @@ and what was given. One definition per rule, so the same input is accepted or re
 way everywhere (capture, sweeps, corpora, shards, configs)."""
 
 import math
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Int
@@ -12,7 +13,8 @@ from torch import Tensor
 from spectra_lens.errors import SpectraError
 
 __all__ = [
-    "check_alpha", "check_alphas", "check_context", "check_int", "check_min_position", "check_tokens",
+    "HeadRef", "check_alpha", "check_alphas", "check_context", "check_int", "check_min_position",
+    "check_tokens",
 ]
 
 
@@ -71,17 +73,18 @@ def check_alpha(alpha: Any, *, what: str = "alpha") -> float | Tensor:
     return float(alpha)
 
 
-def check_alphas(alphas: object) -> tuple[float, ...]:
+def check_alphas(alphas: object, *, at_least: int = 1) -> tuple[float, ...]:
     """The α grid (any iterable of numbers or a 1-D tensor), sorted ascending: finite,
-    > 0, distinct, at least one value."""
+    > 0, distinct, at least `at_least` values (a slope on ln α needs 2, a fit with a residual 3)."""
     if isinstance(alphas, (int, float)):
         raise SpectraError(f"alphas must be a sequence of numbers, got the single number {alphas!r}")
     try:
         values = [float(a) for a in (alphas.tolist() if isinstance(alphas, Tensor) else alphas)]
     except (TypeError, ValueError) as e:
         raise SpectraError(f"alphas must be a sequence of numbers, got {alphas!r}") from e
-    if not values:
-        raise SpectraError("alphas must hold at least one value, got an empty grid")
+    if len(values) < at_least:
+        raise SpectraError(f"alphas must hold at least {at_least} value{'s' * (at_least > 1)}, "
+                           f"got {values or 'an empty grid'}")
     bad = [a for a in values if not (math.isfinite(a) and a > 0)]
     if bad:
         raise SpectraError(
@@ -114,3 +117,31 @@ def check_context(model, n_positions: int) -> None:
             f"sequences of {n_positions} tokens exceed the model's context of {n_ctx} tokens; "
             f"expected at most {n_ctx} (pass a smaller --seq-len)"
         )
+
+
+_HEAD = re.compile(r"^\s*L(\d+)\s*_?\s*H(\d+)\s*$", re.IGNORECASE)
+
+
+class HeadRef(NamedTuple):
+    """One attention head: (layer, query head), printed "L{layer}H{head}" everywhere (flags,
+    tables, file names); `file_tag` is the original study's file-name spelling "L{layer}_H{head}"."""
+
+    layer: int
+    head: int
+
+    @classmethod
+    def parse(cls, text: Any) -> "HeadRef":
+        """'L15H8' (also 'L15_H8', 'l15 h8') -> HeadRef(15, 8); a (layer, head) pair passes through."""
+        if isinstance(text, tuple) and len(text) == 2:
+            return cls(check_int("layer", text[0], minimum=0), check_int("head", text[1], minimum=0))
+        m = _HEAD.match(str(text))
+        if not m:
+            raise SpectraError(f"expected a head like 'L15H8' (layer 15, head 8), got {text!r}")
+        return cls(int(m[1]), int(m[2]))
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+    @property
+    def file_tag(self) -> str:
+        return f"L{self.layer}_H{self.head}"
