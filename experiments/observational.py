@@ -43,12 +43,13 @@ from spectra_lens.data.shards import (
     read_manifest,
 )
 from spectra_lens.errors import SpectraError
+from spectra_lens.io import atomic_write
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
 from spectra_lens.present import display
 from spectra_lens.present import figures as figs
 from spectra_lens.runs.distributed import Group
-from spectra_lens.runs.rundir import RunDir, atomic_write
+from spectra_lens.runs.rundir import RunDir
 from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_context
 

@@ -34,7 +34,8 @@ from scipy import stats as sps
 
 from spectra_lens.config import StudyConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.runs.rundir import RunDir, atomic_write_bytes
+from spectra_lens.io import atomic_write_bytes
+from spectra_lens.runs.rundir import RunDir
 
 from . import _common as C
 

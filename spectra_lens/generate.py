@@ -401,7 +401,7 @@ def command(cfg, *, progress: bool = True) -> int:
     for diff in out.values():
         print(_format(diff))
     if args.csv:
-        from spectra_lens.runs.rundir import atomic_write
+        from spectra_lens.io import atomic_write
 
         frame = pd.concat([d.frame() for d in out.values()], ignore_index=True)
         atomic_write(args.csv, lambda tmp: frame.to_csv(tmp, index=False))

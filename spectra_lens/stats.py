@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.runs.rundir import npz_bytes
+from spectra_lens.io import npz_bytes
 
 __all__ = [
     "CLUSTER_TESTS",

@@ -239,7 +239,7 @@ class HeadSweep:
         """One `.npz` file, written atomically: the metric tensors as stored (no rounding), and
         a JSON header (format `spectra_lens.head_sweep` v1, alphas, layers, method, reason,
         min_position, `meta`)."""
-        from spectra_lens.runs.rundir import atomic_write_bytes, npz_bytes
+        from spectra_lens.io import atomic_write_bytes, npz_bytes
 
         header = {"format": SWEEP_FORMAT, "version": 1, "alphas": list(self.alphas),
                   "layers": list(self.layers), "method": list(self.method),

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 
 from spectra_lens.errors import SpectraError, run_command
-from spectra_lens.runs.rundir import LOCK, RunDir, atomic_write, package_versions
+from spectra_lens.io import atomic_write
+from spectra_lens.runs.rundir import LOCK, RunDir, package_versions
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

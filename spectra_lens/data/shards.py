@@ -68,7 +68,7 @@ from spectra_lens.data.corpus import (
     tokenize_documents,
 )
 from spectra_lens.errors import SpectraError
-from spectra_lens.runs.rundir import atomic_write_bytes
+from spectra_lens.io import atomic_write_bytes
 from spectra_lens.validate import check_int, check_tokens
 
 __all__ = [

@@ -38,7 +38,8 @@ from plotly.offline import get_plotlyjs
 
 from spectra_lens.errors import SpectraError
 from spectra_lens.experiments._common import Table
-from spectra_lens.runs.rundir import MANIFEST, atomic_write
+from spectra_lens.io import atomic_write
+from spectra_lens.runs.rundir import MANIFEST
 
 __all__ = ["EXPERIMENTS", "Run", "build_report", "command", "find_runs", "main", "write_report"]
 

@@ -46,9 +46,9 @@ import numpy as np
 import pandas as pd
 
 from spectra_lens.errors import SpectraError
+from spectra_lens.io import _USER_ERRNOS, _is_temporary, atomic_write, atomic_write_bytes
 
-__all__ = ["LOCK", "MANIFEST", "NOT_RESULT_FIELDS", "RunDir", "atomic_write", "atomic_write_bytes",
-           "package_versions"]
+__all__ = ["LOCK", "MANIFEST", "NOT_RESULT_FIELDS", "RunDir", "package_versions"]
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,6 @@ NOT_RESULT_FIELDS: tuple[str, ...] = ("out", "device", "overwrite", "images")
 _UNFINISHED = ("running", "interrupted", "failed")
 _PACKAGES = ("spectra-lens", "torch", "transformer-lens", "transformers", "numpy", "scipy",
              "pandas", "plotly")
-# Temporary files of this project's atomic writers: runs.atomic_write (".tmp-<pid>-<hex>.ext")
-# and the shard writer (".<name>.<random>.tmp").
-_TEMP_PREFIX = ".tmp-"
 
 
 def package_versions() -> dict[str, str]:
@@ -74,87 +71,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-# Operating-system errors that say something about where the user asked us to write.
-_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
-                errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Call `write(tmp_path)`, flush the temporary file to disk, then rename it onto `path`.
-
-    Readers see the old file or the whole new one, and after a crash the new file is either
-    complete on disk or absent: the data is fsynced before the rename and the directory after.
-    An operating-system error (a read-only or full disk, a path under a file) is a SpectraError
-    naming the path.
-    """
-    path = Path(path)
-    tmp = _temporary_name(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in _USER_ERRNOS:
-            raise
-        raise SpectraError(f"cannot write {path}: {e.strerror}") from e
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, blob: bytes) -> Path:
-    """`atomic_write` of a bytes object."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
-
-
-def npz_bytes(**arrays) -> bytes:
-    """`np.savez` of `arrays`, in memory. A Ctrl-C inside the write arrives as KeyboardInterrupt:
-    otherwise zipfile's close in NumPy's clean-up replaces it with a ValueError ("open writing
-    handle"), and an interrupted run would end in a traceback instead of status "interrupted"."""
-    buffer = io.BytesIO()
-    try:
-        np.savez(buffer, **arrays)
-    except ValueError as err:
-        if isinstance(err.__context__, KeyboardInterrupt):
-            raise err.__context__ from None
-        raise
-    return buffer.getvalue()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temporary_name(path: str | os.PathLike) -> str:
-    """An unused hidden name beside `path` (same suffix), for a file to be renamed onto it.
-
-    The file is not created here: the writer creates it with the usual permissions (umask), where
-    `tempfile.mkstemp` would leave every result readable by its owner only (mode 0600).
-    """
-    path = Path(path)
-    return str(path.with_name(f"{_TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}{path.suffix}"))
-
-
-def _is_temporary(name: str) -> bool:
-    return name.startswith(_TEMP_PREFIX) or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def _now() -> str:

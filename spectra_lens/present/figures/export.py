@@ -37,7 +37,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.runs.rundir import atomic_write, atomic_write_bytes
+from spectra_lens.io import atomic_write, atomic_write_bytes
 
 __all__ = [
     "BROWSER_ENV",

@@ -1,0 +1,129 @@
+"""The one atomic writer of the project and its self-describing ``.npz`` container.
+
+Every file a run writes goes through `atomic_write`: the data goes to a hidden temporary name
+beside the target, is fsynced, and is renamed onto the target, then the directory is fsynced. A
+reader sees the old file or the whole new one; after a crash the new file is complete or absent.
+"""
+
+import errno
+import io
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spectra_lens.errors import SpectraError
+
+__all__ = ["atomic_write", "atomic_write_bytes", "npz_bytes", "read_npz", "write_npz"]
+
+# Temporary files of the atomic writer: ".tmp-<pid>-<hex>.ext" (and, from older releases of the
+# shard writer, ".<name>.<random>.tmp").
+_TEMP_PREFIX = ".tmp-"
+
+# Operating-system errors that say something about where the user asked us to write.
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call `write(tmp_path)`, flush the temporary file to disk, then rename it onto `path`.
+
+    Readers see the old file or the whole new one, and after a crash the new file is either
+    complete on disk or absent: the data is fsynced before the rename and the directory after.
+    An operating-system error (a read-only or full disk, a path under a file) is a SpectraError
+    naming the path.
+    """
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in _USER_ERRNOS:
+            raise
+        raise SpectraError(f"cannot write {path}: {e.strerror}") from e
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, blob: bytes) -> Path:
+    """`atomic_write` of a bytes object."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
+
+
+def npz_bytes(**arrays) -> bytes:
+    """`np.savez` of `arrays`, in memory. A Ctrl-C inside the write arrives as KeyboardInterrupt:
+    otherwise zipfile's close in NumPy's clean-up replaces it with a ValueError ("open writing
+    handle"), and an interrupted run would end in a traceback instead of status "interrupted"."""
+    buffer = io.BytesIO()
+    try:
+        np.savez(buffer, **arrays)
+    except ValueError as err:
+        if isinstance(err.__context__, KeyboardInterrupt):
+            raise err.__context__ from None
+        raise
+    return buffer.getvalue()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temporary_name(path: str | os.PathLike) -> str:
+    """An unused hidden name beside `path` (same suffix), for a file to be renamed onto it.
+
+    The file is not created here: the writer creates it with the usual permissions (umask), where
+    `tempfile.mkstemp` would leave every result readable by its owner only (mode 0600).
+    """
+    path = Path(path)
+    return str(path.with_name(f"{_TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}{path.suffix}"))
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(_TEMP_PREFIX) or (name.startswith(".") and name.endswith(".tmp"))
+
+
+
+
+def write_npz(path: str | os.PathLike, header: dict, **arrays: np.ndarray) -> Path:
+    """Write `arrays` and a JSON `header` (which names the container's format and version) as one
+    `.npz` file, atomically."""
+    return atomic_write_bytes(path, npz_bytes(header=np.array(json.dumps(header)), **arrays))
+
+
+def read_npz(path: str | os.PathLike, *, format: str, version: int,
+             names: tuple[str, ...]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a `write_npz` file: its header and the arrays `names`. Refuses (SpectraError) a file
+    that is unreadable, of another format, or of a newer version than `version`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            arrays = {k: z[k] for k in names}
+    except Exception as e:
+        raise SpectraError(f"{path} is unreadable ({e}); delete it and rerun to redo it") from e
+    if header.get("format") != format or header.get("version", 0) > version:
+        raise SpectraError(f"{path} is not a {format} file of version <= {version}; got "
+                           f"{header.get('format')!r} v{header.get('version')}")
+    return header, arrays
