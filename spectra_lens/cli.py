@@ -47,7 +47,7 @@ COMMANDS: dict[str, Command] = {
                      "EXP0 + agreement (+ gain) over several models and corpora: one table"),
     "prepare": Command("PrepareConfig", "spectra_lens.experiments.prepare",
                        "tokenize a corpus into shards with a manifest"),
-    "report": Command("ReportConfig", "spectra_lens.present.report", "one HTML page from a results directory"),
+    "report": Command("ReportConfig", "spectra_lens.experiments.report", "one HTML page from a results directory"),
     "generate": Command("GenerateConfig", "spectra_lens.generate",
                         "continue a prompt with and without head scalings, side by side"),
     "head-types": Command("HeadTypesConfig", "spectra_lens.experiments.head_types",

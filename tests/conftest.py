@@ -23,7 +23,7 @@ if os.environ.get("SPECTRA_LENS_NO_TYPECHECK") != "1":
         # PEP 484's numeric tower, so that an int is accepted where a float is annotated.
         jaxtyping.install_import_hook(["spectra_lens"], _TYPECHECKER)
 
-# Runs write HTML figures only (no browser start per run); tests/test_images.py turns images on.
+# Runs write HTML figures only (no browser start per run); tests/present/test_images.py turns images on.
 os.environ.setdefault("SPECTRA_NO_IMAGES", "1")
 
 import pytest  # noqa: E402

@@ -133,7 +133,7 @@ def test_every_config_field_has_help_text():
 
 
 def test_report_follows_symlinked_run_directories(tmp_path, capsys):
-    from spectra_lens.present.report import find_runs
+    from spectra_lens.experiments.report import find_runs
 
     elsewhere = tmp_path / "scratch" / "gain-run"
     elsewhere.mkdir(parents=True)

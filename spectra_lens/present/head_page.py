@@ -21,7 +21,6 @@ page's script writes `{figure_id: {"traces", "with_data", "rendered", "error"}}`
 """
 
 import html
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from plotly.offline import get_plotlyjs
 
 from spectra_lens.capture import QueryScale, capture_metrics
 from spectra_lens.errors import SpectraError
@@ -39,6 +37,8 @@ from spectra_lens.head_types import LABEL_RULE, diagnostic_inputs, head_type_sco
 from spectra_lens.io import atomic_write
 from spectra_lens.layout import attention_layout
 from spectra_lens.present.figures import head_page as F
+from spectra_lens.present.page import Figures, document
+from spectra_lens.present.page import escape as _e
 from spectra_lens.stats import t_interval
 from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_alphas, check_tokens
@@ -255,10 +255,6 @@ def head_page(
 # --------------------------------------------------------------------------- the page
 
 
-def _e(s) -> str:
-    return html.escape(str(s), quote=True)
-
-
 def _generation_html(page: HeadPage) -> str:
     parts = []
     for a, g in page.generations.items():
@@ -278,12 +274,10 @@ def _generation_html(page: HeadPage) -> str:
 
 
 def _render(page: HeadPage) -> str:
-    # The report's page machinery (style, figure embedding, the render-status script that a
-    # headless browser reads): one definition, so a head page renders and is checked like the report.
-    from spectra_lens.present.report import _CSS, _PLOT_JS, _Figures, _script_json
-
-    figs = _Figures()
-    divs = {k: figs.div(json.loads(f.to_json()), f"fig-{k}", f.layout.title.text or k) for k, f in page.figures.items()}
+    # The page machinery of the report (style, figure embedding, the render-status script that a
+    # headless browser reads), so a head page renders and is checked like the report.
+    figs = Figures()
+    divs = {k: figs.div(f, f"fig-{k}", f.layout.title.text or k) for k, f in page.figures.items()}
     s = page.scores
     score_rows = "".join(f"<tr><th>{_e(k)}</th><td>{v:.4g}</td></tr>" if isinstance(v, float) else
                          f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in s.items())
@@ -298,12 +292,7 @@ def _render(page: HeadPage) -> str:
     def group(*names):
         return '<div class="figures">' + "".join(divs[n] for n in names if n in divs) + "</div>"
 
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{_e(page.name)} · {_e(page.model_name)}</title><style>{_CSS}"
-        ".tok{border-right:1px dotted #ccc;white-space:pre}.tok.div{background:#fde2e1}"
-        "table.gen td{text-align:left;font-family:ui-monospace,monospace}</style>"
-        f"<script>{get_plotlyjs()}</script></head><body>"
+    body = (
         f"<h1>Head {_e(page.name)} <span class=\"badge complete\">{_e(page.label)}</span></h1>"
         f"<p>model <code>{_e(page.model_name)}</code> · layer {page.layer}, head {page.head}</p>{notes}"
         "<h2>What it attends to</h2>" + group("pattern-text", "pattern-repeated", "pattern-prompt") +
@@ -312,8 +301,10 @@ def _render(page: HeadPage) -> str:
         f"<div class=\"scroll\">{est}</div>{agreement}"
         "<h2>Head type</h2>" + group("type-scores") +
         f"<p class=\"caption\">Label rule: {_e(LABEL_RULE)}.</p><table class=\"kv\">{score_rows}</table>"
-        "<h2>Generation under query scaling</h2>" + group("generation-delta") + _generation_html(page) +
-        f'<div id="spectra-render-status"></div>'
-        f'<script type="application/json" id="spectra-figure-data">{_script_json(figs.specs)}</script>'
-        f"<script>{_PLOT_JS}</script></body></html>\n"
+        "<h2>Generation under query scaling</h2>" + group("generation-delta") + _generation_html(page)
     )
+    return document(f"{page.name} · {page.model_name}", body, figs, css=_CSS)
+
+
+_CSS = (".tok{border-right:1px dotted #ccc;white-space:pre}.tok.div{background:#fde2e1}"
+        "table.gen td{text-align:left;font-family:ui-monospace,monospace}")

@@ -19,12 +19,8 @@ import numpy as np
 import pytest
 import torch
 from plotly.offline import get_plotlyjs
-
-from spectra_lens.data.shards import write_shards
-from spectra_lens.errors import SpectraError
-from spectra_lens.present.report import (
+from spectra_lens.experiments.report import (
     EXPERIMENTS,
-    _slug,
     build_report,
     find_runs,
     main,
@@ -32,7 +28,11 @@ from spectra_lens.present.report import (
     write_report,
 )
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+from spectra_lens.data.shards import write_shards
+from spectra_lens.errors import SpectraError
+from spectra_lens.present.report import _slug
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 FAMILY = "llama_gqa"  # grouped keys: the default model's architecture, in miniature
 
 

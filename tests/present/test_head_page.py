@@ -84,7 +84,7 @@ def test_head_page_reads_estimates_from_an_agreement_table(planted, text):
 
 
 def test_report_links_heads_to_their_pages(tmp_path):
-    from spectra_lens.present.report import build_report
+    from spectra_lens.experiments.report import build_report
 
     run = tmp_path / "gain"
     run.mkdir()

@@ -127,7 +127,7 @@ def test_png_size_is_the_figure_size_at_twice_the_pixels(runs):
 
 
 def test_report_pdf(runs, tmp_path, capsys):
-    from spectra_lens.present.report import main
+    from spectra_lens.experiments.report import main
 
     root, _ = runs
     assert main([str(root), "--out", str(tmp_path / "report.html"), "--pdf"]) == 0
