@@ -39,7 +39,7 @@ from spectra_lens.head_types import LABEL_RULE, diagnostic_inputs, head_type_sco
 from spectra_lens.io import atomic_write
 from spectra_lens.layout import attention_layout
 from spectra_lens.present.figures import head_page as F
-from spectra_lens.stats import t_interval
+from spectra_lens.stats.inference import t_interval
 from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_alphas, check_tokens
 
