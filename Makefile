@@ -33,10 +33,11 @@ clean:
 
 # Mutation testing of the functions that decide results, with the fast test subset named in
 # pyproject.toml [tool.mutmut]; docs/MUTANTS.md lists the survivors and why each is
-# equivalent. `make mutants MUTANT_FUNCTIONS='spectra_lens.stats.*'` widens or narrows it.
+# equivalent. `make mutants MUTANT_FUNCTIONS='spectra_lens.stats.decisions.*'` widens or narrows it.
 MUTANT_FUNCTIONS ?= \
-	'spectra_lens.stats.x_verdict__*' 'spectra_lens.stats.x_agreement__*' \
-	'spectra_lens.stats.x_fold_consistency__*' 'spectra_lens.stats.x_document_replication__*' \
+	'spectra_lens.stats.decisions.x_verdict__*' 'spectra_lens.stats.decisions.x_agreement__*' \
+	'spectra_lens.stats.decisions.x_fold_consistency__*' \
+	'spectra_lens.stats.decisions.x_document_replication__*' \
 	'spectra_lens.sweep.x__output_effects__*' 'spectra_lens.sweep.x__next_token_nll__*' \
 	'spectra_lens.sweep.x__masked_mean__*' 'spectra_lens.capture.*QueryScale*hooks__*' \
 	'spectra_lens.metrics.x__top_count_sorted__*' 'spectra_lens.metrics.x__top_counts_sorted__*'

@@ -293,12 +293,12 @@ class Bench:
 
     def tokens(self, batch: int, seq_len: int) -> torch.Tensor:
         """`batch` sequences of `seq_len` tokens of the default corpus (pydoc topics)."""
-        from spectra_lens.data.corpus import tokenize_corpus
+        from spectra_lens.data.corpus import tokenize_documents
 
         have = self._tokens.get(seq_len)
         if have is None or have.shape[0] < batch:
-            have = tokenize_corpus(self._corpus, self._tokenizer, seq_len=seq_len,
-                                        max_sequences=max(batch, 16))
+            have = tokenize_documents(self._corpus, self._tokenizer, seq_len=seq_len,
+                                      max_sequences=max(batch, 16), packing="stream").tokens
             self._tokens[seq_len] = have
         return have[:batch].to(self.device)
 

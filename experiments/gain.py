@@ -68,7 +68,8 @@ from spectra_lens.present import figures as figs
 from spectra_lens.present.display import progress_bar
 from spectra_lens.runs.distributed import SHARD_RANK, SHARD_WORLD, Group, Steps
 from spectra_lens.runs.rundir import NOT_RESULT_FIELDS, RunDir
-from spectra_lens.stats import fit_log_slopes, t_interval
+from spectra_lens.stats.fits import fit_log_slopes
+from spectra_lens.stats.inference import t_interval
 from spectra_lens.sweep import HeadSweep, head_curves
 
 from . import _common as C

@@ -30,7 +30,6 @@ import plotly.graph_objects as go
 import torch
 from scipy import stats as sps
 
-from spectra_lens import stats
 from spectra_lens.capture import MetricCapture
 from spectra_lens.config import ObservationalConfig
 from spectra_lens.data.shards import (
@@ -50,6 +49,8 @@ from spectra_lens.present import display
 from spectra_lens.present import figures as figs
 from spectra_lens.runs.distributed import Group
 from spectra_lens.runs.rundir import RunDir
+from spectra_lens.stats import decisions, inference
+from spectra_lens.stats.moments import MOMENT_VARIABLES, DocumentMoments
 from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_context
 
@@ -140,8 +141,8 @@ def _documents(manifest: ShardManifest) -> np.ndarray:
 
 def _variables(top_mass: float | None) -> tuple[str, ...]:
     if top_mass is None:  # the top-mass metrics are NaN: leave them out of the moments
-        return tuple(v for v in stats.MOMENT_VARIABLES if not v.startswith("k_eff_top90"))
-    return stats.MOMENT_VARIABLES
+        return tuple(v for v in MOMENT_VARIABLES if not v.startswith("k_eff_top90"))
+    return MOMENT_VARIABLES
 
 
 def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
@@ -181,7 +182,7 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
             tm = cap.run(model, batch, layout=layout)  # ends at the last layer's pattern: no logits
             first = info.offset + start
             docs = documents[first : first + len(batch)]
-            parts.append(stats.DocumentMoments.from_metrics(
+            parts.append(DocumentMoments.from_metrics(
                 tm, docs, min_position=min_position, variables=variables))
             if records:
                 frame = tm.to_frame(sequence_ids=list(range(first, first + len(batch))), shard=i)
@@ -192,16 +193,16 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
         if records:
             run.write_parquet(record_path.relative_to(run.path).as_posix(),
                               pd.concat(frames, ignore_index=True))
-        moments = stats.DocumentMoments.concat(parts)
+        moments = DocumentMoments.concat(parts)
         moments.save(path)
         run.timed("capture_s", time.time() - t0)
     bar.close()
     return paths
 
 
-def read_moments(paths: list[Path]) -> stats.DocumentMoments:
+def read_moments(paths: list[Path]) -> DocumentMoments:
     """Merge per-shard moment files (concatenation; rows of one document merge exactly)."""
-    return stats.DocumentMoments.concat([stats.DocumentMoments.load(p) for p in paths])
+    return DocumentMoments.concat([DocumentMoments.load(p) for p in paths])
 
 
 def finite_difference_gain(model, manifest: ShardManifest, *, n_sequences: int, step: float,
@@ -243,22 +244,22 @@ def finite_difference_gain(model, manifest: ShardManifest, *, n_sequences: int, 
     })
 
 
-def analyze(moments: stats.DocumentMoments, cfg: ObservationalConfig, *,
+def analyze(moments: DocumentMoments, cfg: ObservationalConfig, *,
             finite_difference: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Per-head, per-layer and agreement tables from the per-document moments (no model)."""
     alpha = cfg.fdr_alpha
-    summary = stats.head_statistics(moments, n_boot=cfg.n_boot, alpha=alpha, seed=cfg.seed)
+    summary = decisions.head_statistics(moments, n_boot=cfg.n_boot, alpha=alpha, seed=cfg.seed)
     keys = ["layer", "head"]
     test = "doc_cr2"
     for c in ("", "_given_pos", "_given_pos_sink"):
         summary["significant" + c] = summary[f"q_{test}_logq_entropy{c}"] < alpha
     # The original project's columns, with its meaning: r of ‖q‖ (not its log), token-level p.
     original = {"sample_id": 0}
-    original["r_q_entropy"], original["p_q_entropy"] = stats.pearson_from_moments(
+    original["r_q_entropy"], original["p_q_entropy"] = inference.pearson_from_moments(
         moments, "q_norm", "entropy")
-    original["r_q_max_attn"], _ = stats.pearson_from_moments(moments, "q_norm", "max_attn")
+    original["r_q_max_attn"], _ = inference.pearson_from_moments(moments, "q_norm", "max_attn")
     if "k_eff_top90" in moments.variables:
-        original["r_q_k_eff"], _ = stats.pearson_from_moments(moments, "q_norm", "k_eff_top90")
+        original["r_q_k_eff"], _ = inference.pearson_from_moments(moments, "q_norm", "k_eff_top90")
         original["mean_k_eff"] = summary["mean_k_eff_top90"].to_numpy()
     else:  # --top-mass none: the original's k_eff was not captured
         original["r_q_k_eff"] = np.nan
@@ -266,12 +267,12 @@ def analyze(moments: stats.DocumentMoments, cfg: ObservationalConfig, *,
     original["num_tokens"] = summary["n_tokens"].to_numpy()
     for name, values in original.items():
         summary[name] = values
-    consistency = stats.fold_consistency(moments, n_folds=cfg.n_folds, alpha=alpha,
+    consistency = decisions.fold_consistency(moments, n_folds=cfg.n_folds, alpha=alpha,
                                          threshold=cfg.consistency_threshold, seed=cfg.seed)
     cons_cols = keys + ["n_folds", "frac_same_sign", "frac_significant_same_sign", "consistent"]
     summary = summary.merge(consistency[cons_cols], on=keys, how="left")
     if moments.n_documents >= 4:
-        rep = stats.document_replication(moments, alpha=alpha, seed=cfg.seed)
+        rep = decisions.document_replication(moments, alpha=alpha, seed=cfg.seed)
         summary = summary.merge(rep, on=keys, how="left")
     lead = list(ORIGINAL_SIGNIFICANT) + [
         "significant", "r_logq_entropy", "slope_logq_entropy", "slope_ci_low_logq_entropy",
@@ -279,14 +280,14 @@ def analyze(moments: stats.DocumentMoments, cfg: ObservationalConfig, *,
         "significant_given_pos", "r_logq_entropy_given_pos", "significant_given_pos_sink",
         "r_logq_entropy_given_pos_sink", "n_documents"]
     summary = summary[lead + [c for c in summary.columns if c not in lead]]
-    agreement = stats.agreement(moments, finite_difference=finite_difference)
+    agreement = decisions.agreement(moments, finite_difference=finite_difference)
     return {
         "head_summary": summary,
         "significant_heads": summary[summary["significant"]].reset_index(drop=True),
         "consistent_heads": consistency[consistency["consistent"]].reset_index(drop=True),
         "layer_statistics": _layer_statistics(summary),
         "agreement": agreement,
-        "agreement_summary": stats.agreement_summary(agreement),
+        "agreement_summary": decisions.agreement_summary(agreement),
     }
 
 
@@ -312,7 +313,7 @@ OUTPUTS = C.Outputs(
     "EXP0", "observational: query norm vs attention entropy", "spectra-lens observe",
     (
         C.Table("agreement.csv", "observational slope vs causal gain, per head (verdict rule: "
-                "stats.VERDICT_RULE)", ("obs_slope",),
+                "stats.decisions.VERDICT_RULE)", ("obs_slope",),
                 ("layer", "head", "verdict", "obs_slope", "obs_slope_ci_low", "obs_slope_ci_high",
                  "gain_analytic", "gain_fd", "ratio", "temperature_share", "obs_slope_raw")),
         C.Table("agreement_summary.csv", "agreement across heads and by layer", (),
@@ -540,8 +541,8 @@ def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[P
         max_document_share=float(np.bincount(_documents(manifest)).max()
                                  / manifest.n_sequences),
         n_tokens_per_head=int(moments.n.sum() / max(1, len(moments.layers))),
-        test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.cluster_wald)",
-        verdict_rule=stats.VERDICT_RULE,
+        test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.inference.cluster_wald)",
+        verdict_rule=decisions.VERDICT_RULE,
         verdicts=tables["agreement"]["verdict"].value_counts().to_dict(),
         seed=cfg.seed, **info,
     )

@@ -56,7 +56,7 @@ from spectra_lens.errors import SpectraError
 from spectra_lens.layout import attention_layout
 from spectra_lens.metrics import rescale_pattern
 from spectra_lens.present import figures as figs
-from spectra_lens.stats import fit_log_slopes
+from spectra_lens.stats.fits import fit_log_slopes
 from spectra_lens.sweep import ExactSweep, paired_intervention_effects
 
 from . import _common as C

@@ -34,8 +34,8 @@ from scipy import stats as sps
 
 from spectra_lens.config import StudyConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.io import atomic_write_bytes
 from spectra_lens.runs.rundir import RunDir
+from spectra_lens.validate import HeadRef
 
 from . import _common as C
 
@@ -186,7 +186,7 @@ def comparison_figure(cells: dict[tuple[str, str], Path], table: pd.DataFrame) -
         x, y = _first(agreement, "obs_slope"), _first(agreement, "gain_analytic", "analytic_gain")
         if x is not None and y is not None:
             fig.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=dict(size=5, opacity=0.6),
-                                     text=[f"L{a} H{b}" for a, b in zip(agreement["layer"], agreement["head"])],
+                                     text=[str(HeadRef(int(a), int(b))) for a, b in zip(agreement["layer"], agreement["head"])],
                                      name=f"{key[0]} · {key[1]}", showlegend=False), row=r, col=c)
             lim = float(np.nanmax(np.abs(np.concatenate([x.to_numpy(), y.to_numpy()])))) or 1.0
             fig.add_trace(go.Scatter(x=[-lim, lim], y=[-lim, lim], mode="lines", showlegend=i == 0,
@@ -204,29 +204,6 @@ def comparison_figure(cells: dict[tuple[str, str], Path], table: pd.DataFrame) -
     fig.update_layout(title="Observational slope vs causal gain per head, by model and corpus",
                       template="plotly_white", height=420 * rows)
     return fig
-
-
-def _agreement(obs_dir: Path) -> None:
-    """agreement.csv of an observational run, from its per-token records (`stats.agreement`),
-    when the run did not write one. Documents are the records' `document` column where present,
-    else each sequence is its own unit."""
-    if (obs_dir / "agreement.csv").exists():
-        return
-    from spectra_lens import stats
-
-    from .observational import read_records
-
-    paths = sorted((obs_dir / "records").glob("*.parquet"))
-    if not paths:
-        return
-    records = read_records(paths)
-    unit = "document" if "document" in records.columns else "sequence"
-    if unit == "sequence" and "shard" in records.columns:
-        records = records.assign(sequence=records["shard"].astype("int64") * 1_000_000 + records["sequence"])
-    moments = stats.moments_from_records(records, stats.MOMENT_VARIABLES, document=unit)
-    table = stats.agreement(moments)
-    table.insert(2, "unit", unit)
-    atomic_write_bytes(obs_dir / "agreement.csv", table.to_csv(index=False).encode())
 
 
 def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
@@ -272,7 +249,6 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
                                    device=cfg.device, overwrite=cfg.overwrite)
                 gain_dir = gain_exp.run(g_cfg, model=model, progress=progress).out
                 rd.timed(f"gain_{_slug(spec)}_{_slug(corpus)}_s", time.time() - t0)
-            _agreement(Path(obs.out))
             cells[(spec, corpus)] = Path(obs.out)
             rows.append({"model": spec, "corpus": corpus, "genre": GENRES.get(corpus, "user corpus"),
                          **summarize_cell(Path(obs.out), Path(gain_dir) if gain_dir else None)})

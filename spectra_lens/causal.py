@@ -34,6 +34,7 @@ from torch import Tensor
 from spectra_lens.capture import MetricCapture, QueryScale, _check_shape, _row_factor, attached
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout, attention_layout
+from spectra_lens.stats.inference import pearson
 from spectra_lens.validate import check_tokens
 
 __all__ = [
@@ -297,10 +298,8 @@ def sham_check(model, tokens: Int[Tensor, "batch pos"], layer: int, head: int, *
 
 
 def _pearson_from_sums(n, sx, sy, sxx, syy, sxy):
-    cov = sxy - sx * sy / n
-    vx, vy = sxx - sx * sx / n, syy - sy * sy / n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return cov / np.sqrt(vx * vy)
+    """`stats.inference.pearson` of the centred cross-products of sums of 1, x, y, x², y², xy."""
+    return pearson(sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n)
 
 
 def head_r_table(

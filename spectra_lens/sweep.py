@@ -54,7 +54,7 @@ from spectra_lens.capture import (
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.present.display import html_card, progress_bar
-from spectra_lens.stats import t_interval
+from spectra_lens.stats.inference import t_interval
 from spectra_lens.validate import (
     check_alphas,
     check_int,

@@ -13,7 +13,7 @@ import pytest
 
 from experiments import observational
 from spectra_lens.config import ObservationalConfig
-from spectra_lens.data.corpus import tokenize_corpus
+from spectra_lens.data.corpus import tokenize_documents
 from spectra_lens.data.shards import corpus_from_spec, load_tokens, prepare, read_manifest
 from spectra_lens.errors import SpectraError
 from spectra_lens.models import bridge_from_hf
@@ -84,7 +84,7 @@ def read_all(spec, tok):
     source = corpus_from_spec(spec)
     if hasattr(source, "shards"):
         return load_tokens(source)
-    return tokenize_corpus(source, tok, seq_len=24)
+    return tokenize_documents(source, tok, seq_len=24, packing="stream").tokens
 
 
 MAKERS = {"bytes": lambda rng, tmp, tok: random_bytes(rng, tmp / "doc.txt"),

@@ -19,7 +19,6 @@ from spectra_lens.data.corpus import (
     hf_dataset,
     jsonl,
     text_files,
-    tokenize_corpus,
     tokenize_documents,
 )
 from spectra_lens.data.shards import (
@@ -74,31 +73,35 @@ def tokens_of(n_sequences: int, seq_len: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# tokenize_corpus
+# tokenize_documents(packing="stream"): documents concatenated with EOS between them
+
+
+def stream(docs, tokenizer, **kwargs) -> torch.Tensor:
+    return tokenize_documents(docs, tokenizer, packing="stream", **kwargs).tokens
 
 
 def test_bos_starts_every_sequence_and_eos_separates_documents(tok):
     docs = [doc(3, 4, 5), doc(6, 7), doc(8, 9, 10, 11)]
     # content stream: 3 4 5 EOS 6 7 EOS 8 9 10 11 -> chunks of 3 after BOS; 2 left over
-    got = tokenize_corpus(docs, tok, seq_len=4)
+    got = stream(docs, tok, seq_len=4)
     assert got.dtype == torch.long
     assert got.tolist() == [[BOS, 3, 4, 5], [BOS, EOS, 6, 7], [BOS, EOS, 8, 9]]
 
 
 def test_without_bos_sequences_hold_seq_len_content_tokens(tok):
     docs = [doc(3, 4, 5), doc(6, 7), doc(8, 9, 10, 11)]
-    got = tokenize_corpus(docs, tok, seq_len=4, prepend_bos=False)
+    got = stream(docs, tok, seq_len=4, prepend_bos=False)
     assert got.tolist() == [[3, 4, 5, EOS], [6, 7, EOS, 8]]
 
 
 def test_tokenizer_without_bos_or_eos():
     docs = [doc(3, 4, 5), doc(6, 7, 8)]
     no_bos = tiny_tokenizer(bos=False)
-    assert tokenize_corpus(docs, no_bos, seq_len=3).tolist() == [[3, 4, 5], [EOS, 6, 7]]
+    assert stream(docs, no_bos, seq_len=3).tolist() == [[3, 4, 5], [EOS, 6, 7]]
     with pytest.raises(SpectraError, match="no BOS token"):
-        tokenize_corpus(docs, no_bos, seq_len=3, prepend_bos=True)
+        stream(docs, no_bos, seq_len=3, prepend_bos=True)
     no_eos = tiny_tokenizer(eos=False)
-    assert tokenize_corpus(docs, no_eos, seq_len=3).tolist() == [
+    assert stream(docs, no_eos, seq_len=3).tolist() == [
         [BOS, 3, 4], [BOS, 5, 6], [BOS, 7, 8],
     ]
 
@@ -110,11 +113,11 @@ def test_chunk_counts_drop_the_trailing_partial_chunk(tok, seq_len, prepend_bos)
     docs = [doc(*[3 + (i + j) % 40 for j in range(n)]) for i, n in enumerate(lengths)]
     n_content = sum(lengths) + len(lengths) - 1  # documents plus EOS separators
     per_sequence = seq_len - prepend_bos
-    got = tokenize_corpus(docs, tok, seq_len=seq_len, prepend_bos=prepend_bos)
+    got = stream(docs, tok, seq_len=seq_len, prepend_bos=prepend_bos)
     assert got.shape == (n_content // per_sequence, seq_len)
     if prepend_bos:
         assert (got[:, 0] == BOS).all()
-    assert got.shape[0] == tokenize_corpus(
+    assert got.shape[0] == stream(
         docs, tok, seq_len=seq_len, prepend_bos=prepend_bos, max_sequences=100
     ).shape[0]
 
@@ -124,33 +127,33 @@ def test_max_sequences_stops_reading_an_endless_corpus(tok):
         while True:
             yield doc(3, 4, 5, 6, 7)
 
-    got = tokenize_corpus(endless(), tok, seq_len=4, max_sequences=3)
+    got = stream(endless(), tok, seq_len=4, max_sequences=3)
     assert got.tolist() == [[BOS, 3, 4, 5], [BOS, 6, 7, EOS], [BOS, 3, 4, 5]]
 
 
 def test_min_tokens_skips_short_documents(tok):
     docs = [doc(3, 4), doc(5, 6, 7), doc(8)]
-    got = tokenize_corpus(docs, tok, seq_len=4, min_tokens=3)
+    got = stream(docs, tok, seq_len=4, min_tokens=3)
     assert got.tolist() == [[BOS, 5, 6, 7]]
-    with pytest.raises(SpectraError, match="2 shorter than min_tokens=5"):
-        tokenize_corpus(docs[:2], tok, seq_len=4, min_tokens=5)
+    with pytest.raises(SpectraError, match="found 0 tokens in 0 documents"):
+        stream(docs[:2], tok, seq_len=4, min_tokens=5)
 
 
 def test_deterministic(tok):
     docs = [doc(*[3 + (7 * i + j) % 40 for j in range(11)]) for i in range(30)]
-    first = tokenize_corpus(docs, tok, seq_len=8)
-    assert torch.equal(first, tokenize_corpus(iter(docs), tok, seq_len=8))
+    first = stream(docs, tok, seq_len=8)
+    assert torch.equal(first, stream(iter(docs), tok, seq_len=8))
 
 
 @pytest.mark.parametrize("docs", [[], ["", ""]])
 def test_empty_corpus(tok, docs):
-    with pytest.raises(SpectraError, match="empty corpus"):
-        tokenize_corpus(docs, tok, seq_len=4)
+    with pytest.raises(SpectraError, match="found 0 tokens in 0 documents"):
+        stream(docs, tok, seq_len=4)
 
 
 def test_too_short_corpus_says_found_and_needed(tok):
-    with pytest.raises(SpectraError, match=r"found 3 tokens in 1 documents.*needs 7 content"):
-        tokenize_corpus([doc(3, 4, 5)], tok, seq_len=8)
+    with pytest.raises(SpectraError, match=r"found 3 tokens in 1 documents; one sequence of 7 content"):
+        stream([doc(3, 4, 5)], tok, seq_len=8)
 
 
 @pytest.mark.parametrize("bad", [
@@ -158,21 +161,21 @@ def test_too_short_corpus_says_found_and_needed(tok):
 ])
 def test_bad_arguments(tok, bad):
     with pytest.raises(SpectraError, match="must be an integer >="):
-        tokenize_corpus([doc(3, 4, 5, 6)], tok, **bad)
+        stream([doc(3, 4, 5, 6)], tok, **bad)
 
 
 def test_non_string_documents(tok):
     with pytest.raises(SpectraError, match="one str"):
-        tokenize_corpus("w0 w1 w2", tok, seq_len=2)
+        stream("w0 w1 w2", tok, seq_len=2)
     with pytest.raises(SpectraError, match="document 1 is int"):
-        tokenize_corpus(iter([doc(3), 7]), tok, seq_len=2)
+        stream(iter([doc(3), 7]), tok, seq_len=2)
 
 
 def test_default_corpus_with_the_default_models_tokenizer(smollm2_tokenizer):
     tokenizer = smollm2_tokenizer
     corpus = default_corpus()
-    first = tokenize_corpus(corpus, tokenizer, seq_len=64, max_sequences=40)
-    second = tokenize_corpus(corpus, tokenizer, seq_len=64, max_sequences=40)
+    first = stream(corpus, tokenizer, seq_len=64, max_sequences=40)
+    second = stream(corpus, tokenizer, seq_len=64, max_sequences=40)
     assert torch.equal(first, second)
     assert first.shape == (40, 64)
     assert (first[:, 0] == tokenizer.bos_token_id).all()
@@ -519,8 +522,7 @@ def test_stream_packing_records_the_majority_document(tok):
     out = tokenize_documents(docs, tok, seq_len=11, packing="stream")
     # stream: 7 × w1, eos, 12 × w2 = 20 tokens -> 2 chunks of 10
     assert out.documents.tolist() == [0, 1]
-    legacy = tokenize_corpus(docs, tok, seq_len=11)
-    assert torch.equal(out.tokens, legacy)
+    assert out.tokens.tolist() == [[BOS, *[4] * 7, EOS, 5, 5], [BOS, *[5] * 10]]
 
 
 def test_too_short_documents_say_so(tok):

@@ -18,7 +18,7 @@ from spectra_lens.capture import (
 )
 from spectra_lens.errors import SpectraError
 from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics, pattern_metrics
-from spectra_lens.stats import t_interval
+from spectra_lens.stats.inference import t_interval
 from spectra_lens.sweep import (
     analytic_gain,
     head_curves,

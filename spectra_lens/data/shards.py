@@ -5,8 +5,8 @@ The last of three stages (the first two, sources and tokenizing, are `spectra_le
 1. A `Corpus` is a described, re-iterable source of documents (str), read lazily:
    `default_corpus()` (CPython's reference documentation, `pydoc_data.topics`), `text_files`,
    `jsonl`, `hf_dataset`, or `corpus_from_spec` for a command-line string.
-2. `tokenize_corpus` concatenates documents with the EOS token between them and cuts the stream
-   into fixed-length sequences, each starting with BOS where the model uses one. Fixed-length,
+2. `tokenize_documents` cuts documents into fixed-length sequences and records each one's
+   document, each sequence starting with BOS where the model uses one. Fixed-length,
    unpadded sequences keep position ids trivial (left padding makes the bridge derive them from
    the attention mask).
 3. `write_shards` stores `[n_sequences, seq_len]` tokens as `shard_00000.safetensors`, ... and a

@@ -39,7 +39,7 @@ from spectra_lens.layout import attention_layout
 from spectra_lens.present.figures import head_page as F
 from spectra_lens.present.page import Figures, document
 from spectra_lens.present.page import escape as _e
-from spectra_lens.stats import t_interval
+from spectra_lens.stats.inference import t_interval
 from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_alphas, check_tokens
 

@@ -1,12 +1,14 @@
-"""Each clause of each decision rule, tested at its boundary.
+"""The per-head tables and decision rules of `spectra_lens.stats.decisions`.
 
-Planted-vs-null data pass and fail every clause at once, so they cannot tell whether a clause
-is there. Here each test builds records where exactly one clause decides: the head passes
-every other clause by a wide margin and sits on the boundary (or the wrong side) of the one
-under test. Removing or loosening that clause flips the test's decision. Ties at a threshold
-are made exactly by passing the threshold equal to a value the function itself reported.
+Each clause of each decision rule is tested at its boundary. Planted-vs-null data pass and fail
+every clause at once, so they cannot tell whether a clause is there. Here each test builds
+documents where exactly one clause decides: the head passes every other clause by a wide margin
+and sits on the boundary (or the wrong side) of the one under test. Removing or loosening that
+clause flips the test's decision. Ties at a threshold are made exactly by passing the threshold
+equal to a value the function itself reported.
 
-Records are built with exact sample correlations (`_pair`), so p-values are known in advance.
+Token values are built with known correlations (`_pair`). The agreement table is checked
+column by column against per-token formulas, and planted softmax heads get their verdicts.
 """
 
 import warnings
@@ -14,29 +16,27 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from document_records import VARS, clustered_null, records, reference_fit
+from scipy import stats as sps
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.stats import (
+from spectra_lens.stats.decisions import (
     VERDICT_RULE,
     VERDICTS,
-    DocumentMoments,
-    cluster_wald,
+    agreement,
     document_folds,
     document_replication,
     fold_consistency,
-    head_correlations,
-    moments_from_records,
-    replication,
-    shard_consistency,
+    head_statistics,
     verdict,
 )
-
-N_BOOT = 200
+from spectra_lens.stats.inference import cluster_wald
+from spectra_lens.stats.moments import DocumentMoments, moments_from_records
 
 
 def _pair(n: int, r: float, seed: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) of n points with correlation r: exactly r in the sample when `exact`, else r in
-    the population (bootstrap tests need sampling noise between sequences)."""
+    the population (clustered tests need sampling noise between documents)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(n)
     e = rng.standard_normal(n)
@@ -48,292 +48,14 @@ def _pair(n: int, r: float, seed: int, exact: bool) -> tuple[np.ndarray, np.ndar
     return x, r * x + np.sqrt(1 - r * r) * e
 
 
-def _records(spec: dict, *, seed: int = 0, exact: bool = True) -> pd.DataFrame:
-    """spec: {(layer, head): [(shard, sequence, n_tokens, r), ...]} -> token records.
-
-    ln q_norm = x and entropy = 2 + y, so r(ln q_norm, entropy) is r within each chunk
-    (exactly, with `exact`). Positions 1..n (all kept at min_position = 1).
-    """
-    frames = []
-    for k, ((layer, head), chunks) in enumerate(spec.items()):
-        for j, (shard, sequence, n, r) in enumerate(chunks):
-            x, y = _pair(n, r, seed + 1000 * k + j, exact)
-            frames.append(pd.DataFrame({
-                "shard": shard, "sequence": sequence, "position": np.arange(1, n + 1),
-                "layer": layer, "head": head, "q_norm": np.exp(x), "entropy": 2.0 + y,
-                "entropy_norm": (2.0 + y) / 10,
-            }))
-    return pd.concat(frames, ignore_index=True)
-
-
 def _row(frame: pd.DataFrame, layer: int, head: int) -> pd.Series:
     rows = frame[(frame["layer"] == layer) & (frame["head"] == head)]
     assert len(rows) == 1
     return rows.iloc[0]
 
 
-# --------------------------------------------------------------------------- consistent
-# consistent = (share of counted shards with the pooled sign and p < alpha) >= threshold
-#              and at least 2 counted shards; a shard counts with >= 3 tokens and a defined r.
-
-STRONG, WEAK = 0.8, 0.05  # with 40 tokens: p ≈ 6e-10 and p ≈ 0.76
-
-
-def _consistency(spec, **kwargs):
-    return shard_consistency(_records(spec), y="entropy", **kwargs)
-
-
-def test_consistent_needs_two_counted_shards():
-    """A head present in one shard only is not consistent, however strong it is there."""
-    out = _consistency({(0, 0): [(0, 0, 40, STRONG)],
-                        (0, 1): [(0, 1, 40, STRONG), (1, 2, 40, STRONG)]})
-    one, two = _row(out, 0, 0), _row(out, 0, 1)
-    assert one["n_shards"] == 1 and one["frac_significant_same_sign"] == 1.0
-    assert not one["consistent"]
-    assert two["n_shards"] == 2 and two["consistent"]
-
-
-def test_shard_with_fewer_than_three_tokens_is_not_counted():
-    """Two tokens always give r = ±1: such a shard neither counts for nor against a head."""
-    records = _records({(0, 0): [(0, 0, 40, STRONG), (1, 1, 40, STRONG)]})
-    two = records.iloc[:2].assign(shard=2, sequence=2, q_norm=[1.0, 2.0], entropy=[2.0, 1.0])
-    out = shard_consistency(pd.concat([records, two], ignore_index=True), y="entropy")
-    row = _row(out, 0, 0)
-    assert row["n_shards"] == 2 and np.isnan(row["r_shard_2"])
-    assert row["consistent"]
-
-
-def test_shard_with_undefined_r_is_not_counted():
-    records = _records({(0, 0): [(0, 0, 40, STRONG), (1, 1, 40, STRONG), (2, 2, 40, STRONG)]})
-    records.loc[records["shard"] == 2, "entropy"] = 1.5  # constant: r undefined in shard 2
-    row = _row(shard_consistency(records, y="entropy"), 0, 0)
-    assert row["n_shards"] == 2 and np.isnan(row["r_shard_2"])
-    assert row["consistent"]
-
-
-def test_significant_shards_of_the_opposite_sign_do_not_count():
-    """3 of 5 shards significant with the pooled (positive) sign, 2 significant against it."""
-    out = _consistency({(0, 0): [(s, s, 40, STRONG if s < 3 else -STRONG) for s in range(5)]})
-    row = _row(out, 0, 0)
-    assert row["r_pooled"] > 0 and row["n_shards"] == 5
-    assert row["frac_significant_same_sign"] == pytest.approx(0.6)
-    assert not row["consistent"]
-
-
-def test_same_sign_shards_that_are_not_significant_do_not_count():
-    out = _consistency({(0, 0): [(s, s, 40, STRONG if s < 3 else WEAK) for s in range(5)]})
-    row = _row(out, 0, 0)
-    assert row["frac_same_sign"] == 1.0
-    assert row["frac_significant_same_sign"] == pytest.approx(0.6)
-    assert not row["consistent"]
-
-
-def test_share_equal_to_the_threshold_is_consistent():
-    """4 of 5 shards: exactly the default threshold 0.8 (>=), and a negative head likewise."""
-    out = _consistency({(0, 0): [(s, s, 40, STRONG if s < 4 else WEAK) for s in range(5)],
-                        (0, 1): [(s, s, 40, -STRONG if s < 4 else -WEAK) for s in range(5)],
-                        (0, 2): [(s, s, 40, STRONG if s < 3 else WEAK) for s in range(5)]})
-    for head in (0, 1):
-        row = _row(out, 0, head)
-        assert row["frac_significant_same_sign"] == 0.8 and row["consistent"], head
-    assert not _row(out, 0, 2)["consistent"]  # 0.6 < 0.8
-    tie = _consistency({(0, 2): [(s, s, 40, STRONG if s < 3 else WEAK) for s in range(5)]}, threshold=0.6)
-    assert _row(tie, 0, 2)["consistent"]
-
-
-def test_shard_p_equal_to_alpha_is_not_significant():
-    """p < alpha is strict: with alpha set to one shard's own p, that shard stops counting."""
-    spec = {(0, 0): [(0, 0, 40, STRONG), (1, 1, 40, STRONG), (2, 2, 40, 0.45)]}
-    first = _row(_consistency(spec), 0, 0)
-    p = first["p_shard_2"]
-    assert p < first["p_shard_0"] * 1e9 and first["consistent"]  # all three count at alpha 0.05
-    row = _row(_consistency(spec, alpha=p), 0, 0)
-    assert row["frac_significant_same_sign"] == pytest.approx(2 / 3)
-    assert not row["consistent"]
-
-
-# --------------------------------------------------------------------------- significant
-# significant = BH q of the sequence-clustered p (bootstrap Wald test) < alpha; a head seen in
-# fewer than 2 sequences has no clustered p.
-
-
-def _clustered(head, sequences=6, n=40, seed=0):
-    """Sequence offsets carry the whole correlation: the tokens agree, the sequences barely."""
-    rng = np.random.default_rng(seed)
-    u = np.array([-1.0, -0.6, 0.0, 0.4, 1.0, 2.5])[:sequences]
-    v = np.array([0.3, -0.9, 0.4, -0.2, 0.1, 2.2])[:sequences]
-    frames = []
-    for s in range(sequences):
-        x = u[s] + 0.05 * rng.standard_normal(n)
-        y = v[s] + 0.05 * rng.standard_normal(n)
-        frames.append(pd.DataFrame({
-            "shard": 0, "sequence": s, "position": np.arange(1, n + 1), "layer": head[0],
-            "head": head[1], "q_norm": np.exp(x), "entropy": 2 + y, "entropy_norm": (2 + y) / 10,
-        }))
-    return pd.concat(frames, ignore_index=True)
-
-
-def _correlations(records, **kwargs):
-    return head_correlations(records, ys=("entropy",), n_boot=N_BOOT, **kwargs)
-
-
-def _planted(head, r, sequences=8, n=30, seed=0):
-    return _records({head: [(0, s, n, r) for s in range(sequences)]}, seed=seed, exact=False)
-
-
-def test_small_token_p_with_a_clustered_interval_across_zero_is_not_significant():
-    records = pd.concat([_clustered((0, 0)), _planted((0, 1), 0.6)], ignore_index=True)
-    out = _correlations(records)
-    row = _row(out, 0, 0)
-    assert row["p_entropy"] < 1e-10, "token-level p is tiny"
-    assert row["r_entropy_ci_low"] < 0 < row["r_entropy_ci_high"]
-    assert row["q_entropy_cluster"] >= 0.05
-    assert not row["significant"]
-    assert _row(out, 0, 1)["significant"]
-
-
-def test_a_head_seen_in_one_sequence_has_no_clustered_test():
-    records = pd.concat([_planted((0, 0), 0.9, sequences=1, n=60), _planted((0, 1), 0.6)],
-                        ignore_index=True)
-    out = _correlations(records)
-    row = _row(out, 0, 0)
-    assert row["p_entropy"] < 1e-10 and row["n_sequences"] == 1
-    assert np.isnan(row["p_entropy_cluster"]) and not row["significant"]
-
-
-def test_significance_uses_the_bh_q_not_the_raw_p():
-    """alpha between a head's clustered p and its BH q: raw p would call it, BH does not."""
-    records = pd.concat([_planted((0, h), r, seed=h) for h, r in enumerate((0.3, 0.0, 0.02, -0.03))],
-                        ignore_index=True)
-    first = _correlations(records)
-    row = _row(first, 0, 0)
-    p, q = row["p_entropy_cluster"], row["q_entropy_cluster"]
-    assert p < q
-    out = _correlations(records, alpha=(p + q) / 2)
-    assert not _row(out, 0, 0)["significant"]
-
-
-def test_q_equal_to_alpha_is_not_significant():
-    records = pd.concat([_planted((0, h), r, seed=h) for h, r in enumerate((0.3, 0.25, 0.0))],
-                        ignore_index=True)
-    first = _correlations(records)
-    q0, q1 = _row(first, 0, 0)["q_entropy_cluster"], _row(first, 0, 1)["q_entropy_cluster"]
-    assert q0 != q1
-    lo, hi = sorted((q0, q1))
-    out = _correlations(records, alpha=hi)
-    flags = {q: _row(out, 0, h)["significant"] for h, q in ((0, q0), (1, q1))}
-    assert flags[lo] and not flags[hi]
-
-
-def test_significant_partial_is_the_decision_on_the_partial_r():
-    """Entropy that follows position only: the raw r is significant, the partial r is not."""
-    rng = np.random.default_rng(3)
-    frames = []
-    for s in range(10):
-        pos = np.arange(1, 41)
-        z = np.log1p(pos)
-        frames.append(pd.DataFrame({
-            "shard": 0, "sequence": s, "position": pos, "layer": 0, "head": 0,
-            "q_norm": np.exp(z + 0.3 * rng.standard_normal(40)),
-            "entropy": z + 0.3 * rng.standard_normal(40), "entropy_norm": 0.5,
-        }))
-    records = pd.concat(frames + [_planted((0, 1), 0.6)], ignore_index=True)
-    out = _correlations(records)
-    row = _row(out, 0, 0)
-    assert row["significant"] and not row["significant_partial"]
-    assert _row(out, 0, 1)["significant_partial"]
-
-
-# --------------------------------------------------------------------------- replicated
-# replicated = selected (significant in the discovery half) and the replication half has the
-# same sign, one-sided p_replication < alpha, and a bootstrap interval that excludes 0.
-
-
-def _split_seed(records, discovery_shard: int) -> int:
-    """A split_seed whose discovery half is `discovery_shard` (read from the token counts)."""
-    n = records.groupby("shard").size()
-    for seed in range(50):
-        out = replication(records, n_boot=20, split_seed=seed)
-        if (out["n_tokens_discovery"].fillna(0).sum() == n[discovery_shard]):
-            return seed
-    raise AssertionError("no split seed puts that shard in the discovery half")
-
-
-def _replication(spec_or_records, **kwargs):
-    records = spec_or_records if isinstance(spec_or_records, pd.DataFrame) else _records(spec_or_records)
-    # shard 0 discovers, shard 1 replicates; shard 0 has a distinct token count to tell them apart
-    seed = _split_seed(records, 0)
-    return replication(records, n_boot=N_BOOT, split_seed=seed, **kwargs)
-
-
-def _two_halves(discovery, replication_, *, layer=0, head=0, seed=0):
-    """Head sequences 0..7 in shard 0 (r = discovery), 8..15 in shard 1 (r = replication_)."""
-    chunks = [(0, s, 31, discovery) for s in range(8)]
-    chunks += [(1, 8 + s, 30, replication_) for s in range(8)]
-    return _records({(layer, head): chunks}, seed=seed, exact=False)
-
-
-def test_replicated_needs_the_head_selected_in_the_discovery_half():
-    records = pd.concat([_two_halves(0.0, 0.7), _two_halves(0.6, 0.6, head=1, seed=5)], ignore_index=True)
-    out = _replication(records)
-    row = _row(out, 0, 0)
-    assert not row["selected"] and row["p_replication"] < 1e-10
-    assert row["r_replication_ci_low"] > 0
-    assert not row["replicated"]
-    assert _row(out, 0, 1)["replicated"]
-
-
-def test_replication_with_the_opposite_sign_is_not_replicated():
-    """The same-sign clause is implied by the others for alpha <= 0.5 (a one-sided p toward the
-    discovery sign is > 0.5 for the opposite sign, and the interval then holds 0): deleting it
-    alone changes no decision; this test pins the rule as a whole."""
-    records = pd.concat([_two_halves(0.6, -0.6), _two_halves(0.6, 0.6, head=1, seed=5)], ignore_index=True)
-    out = _replication(records)
-    row = _row(out, 0, 0)
-    assert row["selected"] and row["r_replication"] < 0
-    assert not row["replicated"]
-    assert _row(out, 0, 1)["replicated"]
-
-
-def test_small_replication_p_with_an_interval_across_zero_is_not_replicated():
-    """The replication half is clustered: its token-level p is tiny, its interval crosses 0."""
-    disc = _records({(0, 0): [(0, s, 31, 0.6) for s in range(8)]}, exact=False)
-    rep = _clustered((0, 0))
-    rep["shard"], rep["sequence"] = 1, rep["sequence"] + 100
-    out = _replication(pd.concat([disc, rep], ignore_index=True))
-    row = _row(out, 0, 0)
-    assert row["selected"] and row["r_replication"] > 0 and row["p_replication"] < 1e-10
-    assert row["r_replication_ci_low"] < 0
-    assert not row["replicated"]
-
-
-def test_replication_p_equal_to_alpha_is_not_replicated():
-    records = _two_halves(0.7, 0.25)
-    first = _row(_replication(records), 0, 0)
-    p = first["p_replication"]
-    assert first["replicated"] and first["q_discovery"] < p < 0.05
-    row = _row(_replication(records, alpha=p), 0, 0)
-    assert row["selected"] and row["r_replication_ci_low"] > 0
-    assert not row["replicated"]
-
-
-def test_a_head_present_in_one_half_only_is_not_replicated():
-    records = pd.concat([
-        _records({(0, 0): [(0, s, 31, 0.7) for s in range(8)]}, exact=False),  # discovery only
-        _records({(0, 1): [(1, 8 + s, 30, 0.7) for s in range(8)]}, seed=3, exact=False),
-        _two_halves(0.6, 0.6, head=2, seed=5),
-    ], ignore_index=True)
-    out = _replication(records)
-    for head in (0, 1):
-        row = _row(out, 0, head)
-        assert not row["replicated"], head
-    assert _row(out, 0, 0)["selected"] and np.isnan(_row(out, 0, 0)["r_replication"])
-    assert not _row(out, 0, 1)["selected"]
-    assert _row(out, 0, 2)["replicated"]
-
-
 # --------------------------------------------------------------------------- verdict
-# stats.VERDICT_RULE on the slope interval [lo, hi] and the causal gain g, at each boundary.
+# VERDICT_RULE on the slope interval [lo, hi] and the causal gain g, at each boundary.
 
 
 @pytest.mark.parametrize("lo,hi,g,want", [
@@ -739,3 +461,140 @@ def test_each_control_set_has_its_own_significance():
         q = row[f"q_doc_cr2_logq_entropy{c}"]
         assert bool(row["significant" + c]) == (q < 0.05)
         assert not _row(_analyze(moments, fdr_alpha=q), 0, 0)["significant" + c]
+
+
+# --------------------------------------------------------------------------- agreement table
+
+
+def _mean_reference(values, groups, ci):
+    """Mean with the CR1 cluster interval: se = √(G/(G−1) Σ_g (Σ_{t∈g} (v_t − v̄))²) / N, t(G − 1)."""
+    ids = np.unique(groups)
+    G, N, mean = ids.size, len(values), values.mean()
+    sums = np.array([(values[groups == g] - mean).sum() for g in ids])
+    half = sps.t.ppf(0.5 + ci / 2, G - 1) * np.sqrt(G / (G - 1) * (sums**2).sum()) / N
+    return mean, mean - half, mean + half
+
+
+@pytest.mark.parametrize("test,ci,control", [("cr2", 0.95, "pos"), ("cr1", 0.9, ""),
+                                             ("cr2", 0.8, "pos_sink")])
+def test_agreement_columns_equal_per_token_formulas(test, ci, control):
+    """Every column of `agreement` per head from the tokens: the slope given the control with its
+    clustered t interval and p, the raw slope, the mean local gain with its CR1 interval, the ratio,
+    the temperature share, the verdict's inputs, and the finite-difference join."""
+    tokens = records(np.random.default_rng(0))
+    m = moments_from_records(tokens, VARS, min_position=1)
+    fd = pd.DataFrame({"layer": [0, 1, 0], "head": [1, 0, 5], "gain_fd": [-0.25, -0.5, -9.0],
+                       "gain_fd_ci_low": [-0.3, -0.6, -9.5], "obs_slope": [7.0, 7.0, 7.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        table = agreement(m, control=control, test=test, ci=ci, finite_difference=fd)
+    kept = tokens[tokens["position"] >= 1]
+    controls = {"": (), "pos": ("log_position",), "pos_sink": ("log_position", "sink_mass")}[control]
+    groups = list(kept.groupby(["layer", "head"], sort=True))
+    assert len(table) == len(groups) == 4
+    for i, ((layer, head), frame) in enumerate(groups):
+        row = table.iloc[i]
+        docs = frame["document"].to_numpy()
+        assert (row["layer"], row["head"]) == (layer, head)
+        assert row["n_tokens"] == len(frame) and row["n_documents"] == np.unique(docs).size
+        f = reference_fit(frame, "entropy", controls, docs)
+        se, df = (f["se3"], f["df3"]) if test == "cr2" else (f["se1"], f["G"] - 1)
+        half = sps.t.ppf(0.5 + ci / 2, df) * se
+        assert row["obs_slope"] == pytest.approx(f["beta"], abs=1e-9)
+        assert row["obs_slope_ci_low"] == pytest.approx(f["beta"] - half, abs=1e-9)
+        assert row["obs_slope_ci_high"] == pytest.approx(f["beta"] + half, abs=1e-9)
+        assert row[f"p_obs_slope_doc_{test}"] == pytest.approx(f["p3" if test == "cr2" else "p1"],
+                                                               abs=1e-9)
+        raw = reference_fit(frame, "entropy", (), docs)
+        assert row["obs_slope_raw"] == pytest.approx(raw["beta"], abs=1e-9)
+        gain = frame["local_gain"].to_numpy()
+        mean, low, high = _mean_reference(gain, docs, ci)
+        assert [row["gain_analytic"], row["gain_ci_low"], row["gain_ci_high"]] == pytest.approx(
+            [mean, low, high], abs=1e-9)
+        assert row["ratio"] == pytest.approx(f["beta"] / mean, rel=1e-9)
+        log_q, ent = np.log(frame["q_norm"].to_numpy()), frame["entropy"].to_numpy()
+        assert row["temperature_share"] == pytest.approx(mean**2 * log_q.var() / ent.var(), rel=1e-9)
+        assert row["verdict"] == verdict([row["obs_slope_ci_low"]], [row["obs_slope_ci_high"]],
+                                         [mean])[0]
+        joined = fd[(fd["layer"] == layer) & (fd["head"] == head)]
+        if len(joined):
+            assert row["gain_fd"] == joined["gain_fd"].iloc[0]
+            assert row["gain_fd_ci_low"] == joined["gain_fd_ci_low"].iloc[0]
+            assert row["ratio_fd"] == pytest.approx(f["beta"] / joined["gain_fd"].iloc[0], rel=1e-12)
+        else:
+            assert np.isnan(row["gain_fd"]) and np.isnan(row["ratio_fd"])
+    assert list(table.columns[-1:]) == ["verdict"] and "head" in table.columns
+    assert table["n_tokens"].dtype == np.int64 and table["n_documents"].dtype == np.int64
+    with pytest.raises(SpectraError, match="finite_difference lacks column"):
+        agreement(m, finite_difference=fd.drop(columns="gain_fd"))
+
+
+# --------------------------------------------------------------------------- head_statistics
+
+
+def test_few_documents_warn():
+    m = clustered_null(np.random.default_rng(5), 8, 3)
+    with pytest.warns(RuntimeWarning, match="only 8 documents"):
+        head_statistics(m, ys=["entropy"], n_boot=5, controls={"": ()})
+
+
+def test_a_constant_metric_gives_nan_and_warns():
+    m = clustered_null(np.random.default_rng(6), 40, 2)
+    s = m.m2.copy()
+    s[:, 1, 1, :] = s[:, 1, :, 1] = 0.0  # head 1: entropy constant within every document
+    mean = m.mean.copy()
+    mean[:, 1, 1] = 2.0  # and across documents
+    flat = DocumentMoments(m.documents, m.layers, m.heads, m.variables, m.n, mean, s)
+    with pytest.warns(RuntimeWarning, match="r_logq_entropy is NaN for 1 head"):
+        out = head_statistics(flat, ys=["entropy"], n_boot=5, controls={"": ()})
+    assert np.isnan(out["r_logq_entropy"][1]) and np.isfinite(out["r_logq_entropy"][0])
+
+
+def _softmax_head(rng, n_docs, per_doc, n_keys, kind):
+    """Tokens of one synthetic head with real softmax attention over `n_keys` keys.
+
+    "temperature": s = ‖q‖ · u with a random direction part u; the norm varies by document
+    and token, so entropy follows a temperature. "sink": the first key's logit follows a
+    latent z, ‖q‖ falls with z, and the scores do not scale with ‖q‖ at all.
+    """
+    n = n_docs * per_doc
+    doc = np.repeat(np.arange(n_docs), per_doc)
+    u = rng.normal(size=(n, n_keys))
+    if kind == "temperature":
+        log_q = 0.4 + 0.25 * rng.normal(size=n_docs)[doc] + 0.15 * rng.normal(size=n)
+        s = np.exp(log_q)[:, None] * u
+    else:
+        z = rng.normal(size=n_docs)[doc] + rng.normal(size=n)
+        log_q = 0.4 - 0.3 * z + 0.1 * rng.normal(size=n)
+        s = 0.5 * u
+        s[:, 0] = 3.0 + 0.3 * z
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(axis=1)
+    mean_s = (p * s).sum(axis=1, keepdims=True)
+    gain = -(p * (s - mean_s) ** 2).sum(axis=1)
+    pos = rng.integers(1, 128, n)
+    return pd.DataFrame({"document": doc, "sequence": doc, "position": pos, "layer": 0,
+                         "head": 0 if kind == "temperature" else 1, "q_norm": np.exp(log_q),
+                         "entropy": entropy, "sink_mass": p[:, 0], "local_gain": gain})
+
+
+def test_planted_temperature_head_agrees_and_sink_head_does_not():
+    rng = np.random.default_rng(11)
+    tokens = pd.concat([_softmax_head(rng, 64, 60, 24, "temperature"),
+                        _softmax_head(rng, 64, 60, 24, "sink")], ignore_index=True)
+    m = moments_from_records(tokens, ("log_q_norm", "log_position", "sink_mass", "entropy",
+                                      "local_gain"))
+    summary = head_statistics(m, ys=["entropy"], n_boot=200)
+    table = agreement(m)
+    temp, sink = table.iloc[0], table.iloc[1]
+    assert temp["verdict"] == "agrees"
+    assert temp["ratio"] == pytest.approx(1.0, abs=0.1)
+    assert temp["obs_slope_ci_low"] <= temp["gain_analytic"] <= temp["obs_slope_ci_high"]
+    # The sink head: strong raw association that vanishes once sink mass is controlled.
+    assert abs(summary["r_logq_entropy"][1]) > 0.5
+    assert abs(summary["r_logq_entropy_given_pos_sink"][1]) < 0.12
+    assert abs(summary["r_logq_entropy_given_pos_sink"][1]) < abs(summary["r_logq_entropy"][1]) / 5
+    assert summary["q_doc_cr2_logq_entropy"][1] < 0.01
+    assert sink["verdict"] != "agrees"
+    assert sink["verdict"] == "opposite sign"

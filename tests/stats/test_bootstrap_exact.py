@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from spectra_lens import stats
-from spectra_lens.stats import DocumentMoments
+from spectra_lens.stats import decisions, inference
+from spectra_lens.stats.moments import DocumentMoments
 
 VARS = ("log_q_norm", "entropy", "max_attn", "k_eff_exp", "log_position", "sink_mass", "local_gain")
 
@@ -34,9 +34,9 @@ def _both(m, controls, n_boot=120, chunk=50):
     keep = [0, *(j + 1 for j in order)]
     local_z = {c: [order.index(j) for j in z] for c, z in zs.items()}
     s_docs, _ = m.augmented()
-    counts = stats._bootstrap_counts(m.n_documents, n_boot, 3)
-    fast = stats._bootstrap_partial_r(s_docs, keep, counts, len(iy), local_z, chunk=chunk)
-    full = stats._bootstrap_partial_r_full(s_docs, keep, counts, len(iy), local_z, chunk=chunk)
+    counts = inference._bootstrap_counts(m.n_documents, n_boot, 3)
+    fast = inference._bootstrap_partial_r(s_docs, keep, counts, len(iy), local_z, chunk=chunk)
+    full = inference._bootstrap_partial_r_full(s_docs, keep, counts, len(iy), local_z, chunk=chunk)
     return fast, full
 
 
@@ -61,8 +61,8 @@ def test_fast_bootstrap_equals_the_full_matrix_path(chunk):
 def test_constant_control_takes_the_general_path_and_matches_it(monkeypatch):
     m = _moments(np.random.default_rng(1), constant_control_head=2)
     calls = []
-    general = stats._residual_corr
-    monkeypatch.setattr(stats, "_residual_corr", lambda *a, **k: calls.append(1) or general(*a, **k))
+    general = inference._residual_corr
+    monkeypatch.setattr(inference, "_residual_corr", lambda *a, **k: calls.append(1) or general(*a, **k))
     fast, full = _both(m, CONTROL_SETS)
     n_fast_general = len(calls) - 3 * len(CONTROL_SETS)  # the full path: 3 blocks × 4 sets
     assert n_fast_general == 3 * 2  # pos_sink and three, in every block
@@ -77,18 +77,18 @@ def test_head_statistics_intervals_are_quantiles_of_the_full_path():
     m = _moments(np.random.default_rng(2), n_docs=40)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out = stats.head_statistics(m, ys=["entropy", "max_attn", "k_eff_exp"], n_boot=200, seed=5)
+        out = decisions.head_statistics(m, ys=["entropy", "max_attn", "k_eff_exp"], n_boot=200, seed=5)
     ix = m.index("log_q_norm")
     iy = [m.index(v) for v in ("entropy", "max_attn", "k_eff_exp")]
-    zs = {c: [m.index(v) for v in names] for c, names in stats.CONTROLS.items()}
+    zs = {c: [m.index(v) for v in names] for c, names in decisions.CONTROLS.items()}
     ctrl = list(dict.fromkeys(j for z in zs.values() for j in z))
     order = [ix, *iy, *ctrl]
     s_docs, _ = m.augmented()
-    full = stats._bootstrap_partial_r_full(
-        s_docs, [0, *(j + 1 for j in order)], stats._bootstrap_counts(m.n_documents, 200, 5),
+    full = inference._bootstrap_partial_r_full(
+        s_docs, [0, *(j + 1 for j in order)], inference._bootstrap_counts(m.n_documents, 200, 5),
         len(iy), {c: [order.index(j) for j in z] for c, z in zs.items()})
-    for c in stats.CONTROLS:
-        low, high = stats._quantiles(full[c], (0.025, 0.975))
+    for c in decisions.CONTROLS:
+        low, high = inference._quantiles(full[c], (0.025, 0.975))
         for k, y in enumerate(("entropy", "max_attn", "k_eff_exp")):
             suffix = f"_given_{c}" if c else ""
             np.testing.assert_allclose(out[f"r_ci_low_logq_{y}{suffix}"], low[:, k], atol=1e-12)
@@ -118,6 +118,6 @@ def test_augmented_is_computed_once_and_results_stay_writable():
         s1[0, 0, 0, 0] = 1.0  # the cache is read-only, so no caller can change it for the next
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out = stats.head_statistics(m, ys=["entropy"], n_boot=5)
+        out = decisions.head_statistics(m, ys=["entropy"], n_boot=5)
     out.loc[0, "mean_entropy"] = 0.0  # tables are the caller's to edit
     assert mu1[0, m.index("entropy")] != 0.0
