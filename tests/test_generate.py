@@ -224,3 +224,14 @@ def test_query_positions_decode_without_the_cache(tiny):
     got = generate(model, prompt, [item], max_new_tokens=5, stop_at_eos=False)
     ref = generate(model, prompt, [item], max_new_tokens=5, stop_at_eos=False, use_cache=False)
     assert got.scaled.tokens == ref.scaled.tokens and got.base.tokens == ref.base.tokens
+
+
+def test_cached_decoding_past_the_sliding_window(tiny):
+    """Gemma's sliding-window layers (window 64 in the tiny config) keep equal continuations when
+    the sequence grows past the window."""
+    model, _ = tiny("gemma3")
+    prompt = torch.randint(1, 97, (60,), generator=torch.Generator().manual_seed(0))
+    got = generate(model, prompt, [QueryScale(0, 1, 3.0)], max_new_tokens=12, stop_at_eos=False)
+    ref = generate(model, prompt, [QueryScale(0, 1, 3.0)], max_new_tokens=12, stop_at_eos=False,
+                   use_cache=False)
+    assert (got.base.tokens, got.scaled.tokens) == (ref.base.tokens, ref.scaled.tokens)
