@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= results/observational
 
-.PHONY: setup observe test notebooks bench report clean mutants
+.PHONY: setup observe test notebooks bench report clean clean-results mutants
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) ./scripts/setup.sh
@@ -28,8 +28,12 @@ report: setup
 bench: setup
 	$(PY) -m bench.run
 
+# The environment and caches only: results are kept (`make clean-results` removes them).
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) .pytest_cache
+
+clean-results:
+	rm -rf results
 
 # Mutation testing of the functions that decide results, with the fast test subset named in
 # pyproject.toml [tool.mutmut]; docs/MUTANTS.md lists the survivors and why each is

@@ -248,7 +248,7 @@ def test_hf_dataset_reads_local_files(tmp_path):
 
 def test_hf_dataset_without_datasets_names_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(SpectraError, match="pip install datasets"):
+    with pytest.raises(SpectraError, match=r"pip install .spectra-lens\[hf\]."):
         hf_dataset("wikitext")
 
 

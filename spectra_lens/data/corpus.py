@@ -176,7 +176,7 @@ def hf_dataset(name: str, split: str = "train", field: str = "text", **kw: Any) 
     except ImportError:
         raise SpectraError(
             f"reading the Hugging Face dataset {name!r} needs the `datasets` package, which is "
-            "not installed; fix: pip install datasets"
+            "not installed: pip install 'spectra-lens[hf]'"
         ) from None
     kw.setdefault("streaming", True)
 

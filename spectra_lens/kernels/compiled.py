@@ -71,7 +71,8 @@ def _kernel(fn):
     k = _COMPILED.get(fn.__name__)
     if k is None:
         if not AVAILABLE:
-            raise RuntimeError("the compiled kernels need numba (and SPECTRA_LENS_NUMBA not 0)")
+            raise RuntimeError("the compiled kernels need numba (pip install 'spectra-lens[fast]') "
+                               "and SPECTRA_LENS_NUMBA not 0")
         import numba
 
         options = dict(nogil=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
