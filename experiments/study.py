@@ -21,7 +21,6 @@ resume rule); `--overwrite` redoes every cell.
 import logging
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,10 @@ from scipy import stats as sps
 from spectra_lens.config import StudyConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.io import atomic_write_bytes
+from spectra_lens.runs import outputs as O
 from spectra_lens.runs.rundir import RunDir
 
-from . import _common as C
-
-__all__ = ["DEFINITIONS", "STUDY_COLUMNS", "StudyConfig", "StudyResult", "command", "main", "run",
+__all__ = ["DEFINITIONS", "STUDY_COLUMNS", "StudyConfig", "StudyResult", "command", "run",
            "summarize_cell"]
 
 log = logging.getLogger(__name__)
@@ -249,7 +247,8 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
     for spec in model_specs:
         t0 = time.time()
         model = (models or {}).get(spec) or load_model(
-            None if spec == "default" else spec, dtype=cfg.dtype, device=resolve_device(cfg.device))
+            None if spec == "default" else spec, dtype=cfg.dtype, device=resolve_device(cfg.device),
+            device_map=cfg.device_map)
         rd.timed(f"load_{_slug(spec)}_s", time.time() - t0)
         for corpus in corpus_specs:
             base = rd.path / _slug(spec) / _slug(corpus)
@@ -259,7 +258,8 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
                                           out=str(base / "observational"), n_sequences=cfg.n_sequences,
                                           seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                           seed=cfg.seed, dtype=cfg.dtype, device=cfg.device,
-                                          overwrite=cfg.overwrite)
+                                          device_map=cfg.device_map, overwrite=cfg.overwrite,
+                                          images=cfg.images)
             obs = observational.run(obs_cfg, model=model, progress=progress)
             rd.timed(f"observational_{_slug(spec)}_{_slug(corpus)}_s", time.time() - t0)
             gain_dir = None
@@ -269,7 +269,8 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
                                    corpus=None if corpus == "default" else corpus,
                                    out=str(base / "gain"), n_sequences=cfg.gain_sequences,
                                    seq_len=cfg.seq_len, seed=cfg.seed, dtype=cfg.dtype,
-                                   device=cfg.device, overwrite=cfg.overwrite)
+                                   device=cfg.device, device_map=cfg.device_map,
+                                   overwrite=cfg.overwrite, images=cfg.images)
                 gain_dir = gain_exp.run(g_cfg, model=model, progress=progress).out
                 rd.timed(f"gain_{_slug(spec)}_{_slug(corpus)}_s", time.time() - t0)
             _agreement(Path(obs.out))
@@ -279,7 +280,7 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
         del model
     table = pd.DataFrame(rows)[list(STUDY_COLUMNS)]
     rd.write_csv("study_table.csv", table)
-    C.write_figure(rd, comparison_figure(cells, table), "study_comparison")
+    O.write_figure(rd, comparison_figure(cells, table), "study_comparison")
     rd.finish(models=list(model_specs), corpora=list(corpus_specs), files=["study_table.csv"],
               cells={f"{m} | {c}": str(p) for (m, c), p in cells.items()}, definitions=DEFINITIONS)
     return StudyResult(table=table, cells={k: {"observational": v} for k, v in cells.items()}, out=rd.path)
@@ -295,13 +296,3 @@ def command(cfg: StudyConfig, *, progress: bool = True) -> int:
     print(f"wrote {result.out} in {time.perf_counter() - t0:.0f} s")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.study ...`: the same as `spectra-lens study ...`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["study", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,13 +8,14 @@ import torch
 
 from spectra_lens.capture import KeyScale, LogitScale, QueryScale, count_hooks
 from spectra_lens.errors import SpectraError
-from spectra_lens.generate import compare_generations, generate, parse_head, parse_scale, scalings
+from spectra_lens.generate import compare_generations, generate, parse_scale, scalings
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.testing import (
     PLANTED_INDUCTION_HEAD,
     planted_circuit_model,
     tiny_hf_model,
 )
+from spectra_lens.validate import HeadRef
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_eos_ends_a_continuation(tiny):
 
 def test_parsing_and_errors(tiny):
     model, layout = tiny("llama_gqa")
-    assert parse_head("L15H8") == (15, 8) and parse_head("l0h3") == (0, 3)
+    assert HeadRef.parse("L15H8") == (15, 8) and HeadRef.parse("l0h3") == (0, 3)
     assert parse_scale("L1H2=0.5") == (1, 2, 0.5)
     for bad in ("15:8=2", "L1H2", "L1H2=x", "L1H2=-1", "L1H2=0"):
         with pytest.raises(SpectraError):

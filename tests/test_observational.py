@@ -458,7 +458,7 @@ def test_cli_bad_input_returns_2_with_a_message(tmp_path, finished, capsys, monk
     ]
     for i, (argv, message) in enumerate(cases):
         out = tmp_path / f"run{i}"
-        assert observational.main([*argv, "--out", str(out), "--no-progress"]) == 2
+        assert cli.main(["observe", *argv, "--out", str(out), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (argv, err)
         assert looks_incomplete(out)
@@ -476,7 +476,7 @@ def test_cli_runs_a_local_model_directory(tmp_path, corpus, tok, capsys):
     argv = ["--model", str(model_dir), "--corpus", corpus, "--out", str(out), "--seq-len", "16",
             "--n-sequences", "8", "--shard-size", "4", "--n-boot", "50", "--top-heads", "2",
             "--device", "cpu", "--no-progress"]
-    assert observational.main(argv) == 0
+    assert cli.main(["observe", *argv]) == 0
     printed = capsys.readouterr().out
     assert "8 heads" in printed and f"wrote {out}" in printed
     m = read_manifest(out)

@@ -37,9 +37,9 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.experiments._common import Table
 from spectra_lens.io import atomic_write
-from spectra_lens.runs.rundir import MANIFEST
+from spectra_lens.runs.outputs import Table
+from spectra_lens.runs.rundir import MANIFEST, read_manifest
 
 __all__ = ["EXPERIMENTS", "Run", "build_report", "command", "find_runs", "main", "write_report"]
 
@@ -125,11 +125,10 @@ def find_runs(results_dir: str | os.PathLike) -> list[Run]:
 
 def _read_manifest(path: Path) -> dict | None:
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return read_manifest(path)
+    except SpectraError as e:
         log.warning("skipping unreadable manifest %s: %s", path, e)
         return None
-    return obj if isinstance(obj, dict) else None
 
 
 # --------------------------------------------------------------------------- tables
