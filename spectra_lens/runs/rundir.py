@@ -320,7 +320,9 @@ class RunDir:
         if f.is_symlink() or not f.is_file():
             raise SpectraError(f"{f} is not a regular file; expected a run manifest")
         manifest = read_manifest(f, hint=": choose another --out")
-        if manifest.get("format") == "spectra_lens.data.shards":
+        from spectra_lens.data.shards import SHARDS_FORMAT  # torch: only when a manifest is read
+
+        if manifest.get("format") == SHARDS_FORMAT:
             raise SpectraError(f"{self.path} is a prepared shard directory, not a run directory; "
                                f"choose another --out (its shards are read with --corpus {self.path})")
         if "experiment" not in manifest or "status" not in manifest:

@@ -291,7 +291,7 @@ def test_shards_round_trip_with_global_ids(tmp_path):
     assert read_manifest(tmp_path / "manifest.json") == manifest
 
     raw = json.loads((tmp_path / "manifest.json").read_text())
-    assert raw["format"] == "spectra_lens.data.shards" and raw["version"] == 2
+    assert raw["format"] == "spectra_lens.shards" and raw["version"] == 2
     assert (raw["tokenizer"], raw["seq_len"], raw["n_sequences"]) == ("tiny", 6, 10)
     assert (raw["dtype"], raw["corpus"], raw["meta"]) == ("int32", "numbers",
                                                           {"prepend_bos": False})
