@@ -1,8 +1,7 @@
 """EXP2, gain: how strongly every head's attention sharpness responds to its query scale.
 
-    python -m experiments.gain [--alphas ...] [--n-sequences 16] [--seq-len 128] [--model M]
+    spectra-lens gain [--alphas ...] [--n-sequences 16] [--seq-len 128] [--model M]
         [--corpus C] [--out DIR] [--target-layer L --target-head H ...] [--overwrite]
-    spectra-lens gain ...
 
 For every head, the metrics at each α of the grid (default 21 log-spaced values 1/4..4) come
 from `sweep.head_curves`: the fast path softmax(α·s) from one unscaled pass where the layer's
@@ -261,9 +260,7 @@ def _result(cfg: GainConfig, sweep: HeadSweep, choice: C.HeadChoice, layout) -> 
 def compute(cfg: GainConfig, model, tokens: P.RunTokens, *, progress: bool = False, rd=None) -> GainResult:
     """The EXP2 measurements on a loaded model and tokens (no files written), part by part in
     this process: the same numbers as `run` with any number of processes."""
-    alphas = check_alphas(cfg.alphas)
-    if len(alphas) < 3:
-        raise SpectraError(f"a slope fit needs at least 3 alphas, got {list(alphas)}")
+    check_alphas(cfg.alphas, at_least=3)  # a slope fit with a residual
     layout = attention_layout(model)
     with P.timed(rd, "choose_heads_s"):
         choice, _ = C.choose_heads(cfg, model, layout, tokens, control=True)

@@ -1,9 +1,8 @@
 """EXP1, intervention: scale one head's effective query by α on the real forward pass.
 
-    python -m experiments.intervention [--target-layer L --target-head H]
+    spectra-lens intervene [--target-layer L --target-head H]
         [--control-layer L --control-head H] [--alphas 0.25 0.5 1 2 4] [--n-sequences 8]
         [--seq-len 128] [--model M] [--corpus C] [--out DIR] [--overwrite]
-    spectra-lens intervene ...
 
 For a target head and a control head (defaults: see experiments/_common.py — the middle layer's
 head with the most negative analytic gain −Var_p(s), and the head whose observational

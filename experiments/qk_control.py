@@ -1,8 +1,7 @@
 """EXP3, Q vs K control: scale the key of the target's kv head instead of its query.
 
-    python -m experiments.qk_control [--target-layer L --target-head H] [--alphas ...]
+    spectra-lens qk-control [--target-layer L --target-head H] [--alphas ...]
         [--n-sequences 8] [--seq-len 128] [--model M] [--corpus C] [--out DIR] [--overwrite]
-    spectra-lens qk-control ...
 
 Where the logits are bilinear in q and k, scaling the target head's query by α and scaling the
 key it reads by α give the same logits α·s for that head, so the same pattern. Two things break

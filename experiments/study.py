@@ -1,9 +1,8 @@
 """Study: EXP0 + observational-vs-causal agreement (+ EXP2 gain) over several models and corpora.
 
-    python -m experiments.study [--models default Qwen2.5-Coder-0.5B-Instruct]
+    spectra-lens study [--models default Qwen2.5-Coder-0.5B-Instruct]
         [--corpora default kjv chatterbot] [--n-sequences 64] [--seq-len 128]
-        [--gain-sequences 16] [--no-gain] [--out results/study] [--overwrite]
-    spectra-lens study ...
+        [--gain-sequences 16] [--no-run-gain] [--out results/study] [--overwrite]
 
 For every model (loaded once) and every corpus, the observational experiment runs into
 `OUT/<model>/<corpus>/observational` (its own run directory: shards, records, head tables,
