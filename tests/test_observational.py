@@ -22,6 +22,7 @@ from spectra_lens.data.shards import load_shard, prepare
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import bridge_from_hf
+from spectra_lens.runs import pipeline
 from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
 TABLES = ("head_summary", "significant_heads", "consistent_heads", "layer_statistics",
@@ -448,7 +449,7 @@ def test_cli_bad_input_returns_2_with_a_message(tmp_path, finished, capsys, monk
     def no_model(*args, **kw):
         raise AssertionError("bad input must be reported before a model is loaded")
 
-    monkeypatch.setattr(observational, "load_model", no_model)
+    monkeypatch.setattr(pipeline, "load_model", no_model)
     (tmp_path / "empty.txt").write_text("")
     cases = [
         (["--corpus", str(tmp_path / "empty.txt")], "empty"),
