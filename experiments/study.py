@@ -1,9 +1,8 @@
 """Study: EXP0 + observational-vs-causal agreement (+ EXP2 gain) over several models and corpora.
 
-    python -m experiments.study [--models default Qwen2.5-Coder-0.5B-Instruct]
+    spectra-lens study [--models default Qwen2.5-Coder-0.5B-Instruct]
         [--corpora default kjv chatterbot] [--n-sequences 64] [--seq-len 128]
-        [--gain-sequences 16] [--no-gain] [--out results/study] [--overwrite]
-    spectra-lens study ...
+        [--gain-sequences 16] [--no-run-gain] [--out results/study] [--overwrite]
 
 For every model (loaded once) and every corpus, the observational experiment runs into
 `OUT/<model>/<corpus>/observational` (its own run directory: shards, records, head tables,
@@ -21,7 +20,6 @@ resume rule); `--overwrite` redoes every cell.
 import logging
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +32,11 @@ from scipy import stats as sps
 
 from spectra_lens.config import StudyConfig
 from spectra_lens.errors import SpectraError
+from spectra_lens.runs import outputs as O
 from spectra_lens.runs.rundir import RunDir
 from spectra_lens.validate import HeadRef
 
-from . import _common as C
-
-__all__ = ["DEFINITIONS", "STUDY_COLUMNS", "StudyConfig", "StudyResult", "command", "main", "run",
+__all__ = ["DEFINITIONS", "STUDY_COLUMNS", "StudyConfig", "StudyResult", "command", "run",
            "summarize_cell"]
 
 log = logging.getLogger(__name__)
@@ -226,7 +223,8 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
     for spec in model_specs:
         t0 = time.time()
         model = (models or {}).get(spec) or load_model(
-            None if spec == "default" else spec, dtype=cfg.dtype, device=resolve_device(cfg.device))
+            None if spec == "default" else spec, dtype=cfg.dtype, device=resolve_device(cfg.device),
+            device_map=cfg.device_map)
         rd.timed(f"load_{_slug(spec)}_s", time.time() - t0)
         for corpus in corpus_specs:
             base = rd.path / _slug(spec) / _slug(corpus)
@@ -236,7 +234,8 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
                                           out=str(base / "observational"), n_sequences=cfg.n_sequences,
                                           seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                           seed=cfg.seed, dtype=cfg.dtype, device=cfg.device,
-                                          overwrite=cfg.overwrite)
+                                          device_map=cfg.device_map, overwrite=cfg.overwrite,
+                                          images=cfg.images)
             obs = observational.run(obs_cfg, model=model, progress=progress)
             rd.timed(f"observational_{_slug(spec)}_{_slug(corpus)}_s", time.time() - t0)
             gain_dir = None
@@ -246,7 +245,8 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
                                    corpus=None if corpus == "default" else corpus,
                                    out=str(base / "gain"), n_sequences=cfg.gain_sequences,
                                    seq_len=cfg.seq_len, seed=cfg.seed, dtype=cfg.dtype,
-                                   device=cfg.device, overwrite=cfg.overwrite)
+                                   device=cfg.device, device_map=cfg.device_map,
+                                   overwrite=cfg.overwrite, images=cfg.images)
                 gain_dir = gain_exp.run(g_cfg, model=model, progress=progress).out
                 rd.timed(f"gain_{_slug(spec)}_{_slug(corpus)}_s", time.time() - t0)
             cells[(spec, corpus)] = Path(obs.out)
@@ -255,7 +255,7 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
         del model
     table = pd.DataFrame(rows)[list(STUDY_COLUMNS)]
     rd.write_csv("study_table.csv", table)
-    C.write_figure(rd, comparison_figure(cells, table), "study_comparison")
+    O.write_figure(rd, comparison_figure(cells, table), "study_comparison")
     rd.finish(models=list(model_specs), corpora=list(corpus_specs), files=["study_table.csv"],
               cells={f"{m} | {c}": str(p) for (m, c), p in cells.items()}, definitions=DEFINITIONS)
     return StudyResult(table=table, cells={k: {"observational": v} for k, v in cells.items()}, out=rd.path)
@@ -271,13 +271,3 @@ def command(cfg: StudyConfig, *, progress: bool = True) -> int:
     print(f"wrote {result.out} in {time.perf_counter() - t0:.0f} s")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.study ...`: the same as `spectra-lens study ...`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["study", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

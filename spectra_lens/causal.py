@@ -35,7 +35,7 @@ from spectra_lens.capture import MetricCapture, QueryScale, _check_shape, _row_f
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.stats.inference import pearson
-from spectra_lens.validate import check_tokens
+from spectra_lens.validate import check_min_position, check_tokens
 
 __all__ = [
     "CONTROL_RULE",
@@ -223,8 +223,7 @@ def query_direction_spread(
     tokens = check_tokens(tokens)
     layout = attention_layout(model)
     layout.check_head(layer, head)
-    if not 0 <= min_position < tokens.shape[1]:
-        raise SpectraError(f"min_position must be in [0, {tokens.shape[1]}), got {min_position}")
+    check_min_position(min_position, tokens.shape[1])
     name = layout.q_hook(layer)
     got: list[Tensor] = []
 
@@ -260,8 +259,7 @@ def sham_check(model, tokens: Int[Tensor, "batch pos"], layer: int, head: int, *
     tokens = check_tokens(tokens)
     layout = attention_layout(model)
     layout.check_head(layer, head)
-    if not 0 <= min_position < tokens.shape[1]:
-        raise SpectraError(f"min_position must be in [0, {tokens.shape[1]}), got {min_position}")
+    check_min_position(min_position, tokens.shape[1])
     layers = range(layer, layout.n_layers)
     device = next(model.parameters()).device
     equal, d_logit, d_metric = True, 0.0, 0.0

@@ -36,7 +36,6 @@ import dataclasses
 import inspect
 import logging
 import math
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from torch import Tensor
 from spectra_lens.capture import KeyScale, LogitScale, QueryScale, attached
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import attention_layout
-from spectra_lens.validate import check_alpha, check_int
+from spectra_lens.validate import HeadRef, check_alpha, check_int, check_vocab
 
 __all__ = [
     "Continuation",
@@ -58,7 +57,6 @@ __all__ = [
     "compare_generations",
     "generate",
     "main",
-    "parse_head",
     "parse_scale",
     "command",
     "scalings",
@@ -69,23 +67,12 @@ log = logging.getLogger(__name__)
 MODES = ("greedy", "sample")
 KINDS = ("q", "k", "logit")
 
-_HEAD = re.compile(r"^\s*L(\d+)H(\d+)\s*$", re.IGNORECASE)
-
-
-def parse_head(text: str) -> tuple[int, int]:
-    """'L15H8' -> (15, 8): layer and query head."""
-    m = _HEAD.match(str(text))
-    if not m:
-        raise SpectraError(f"expected a head like 'L15H8' (layer 15, head 8), got {text!r}")
-    return int(m[1]), int(m[2])
-
-
 def parse_scale(text: str) -> tuple[int, int, float]:
     """'L15H8=2.0' -> (15, 8, 2.0)."""
     head, sep, value = str(text).partition("=")
     if not sep:
         raise SpectraError(f"expected a scaling like 'L15H8=2.0' (head=α), got {text!r}")
-    layer, h = parse_head(head)
+    layer, h = HeadRef.parse(head)
     try:
         alpha = float(value)
     except ValueError:
@@ -364,9 +351,7 @@ def compare_generations(
     for item in items:
         item.hooks(layout)  # validates the head against this model now, not mid-generation
     prompt_ids = _prompt_tokens(model, prompt)
-    vocab = int(model.cfg.d_vocab)
-    if int(prompt_ids.max()) >= vocab or int(prompt_ids.min()) < 0:
-        raise SpectraError(f"prompt token ids must lie in [0, {vocab}), got {prompt_ids.tolist()}")
+    check_vocab(prompt_ids, int(model.cfg.d_vocab), "the prompt's tokens")
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if isinstance(n_ctx, int) and prompt_ids.numel() + max_new_tokens > n_ctx:
         raise SpectraError(
@@ -491,7 +476,8 @@ def command(cfg, *, progress: bool = True) -> int:
     args = cfg
     specs = [parse_scale(s) for s in args.scale]  # bad --scale fails before the model loads
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                       progress=progress)
     layout = attention_layout(model)
     items = scalings(specs, layout, kind=args.kind)
     modes = MODES if args.mode == "both" else (args.mode,)

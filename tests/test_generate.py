@@ -12,7 +12,6 @@ from spectra_lens.generate import (
     KVDecoder,
     compare_generations,
     generate,
-    parse_head,
     parse_scale,
     scalings,
 )
@@ -24,6 +23,7 @@ from spectra_lens.testing import (
     planted_circuit_model,
     tiny_hf_model,
 )
+from spectra_lens.validate import HeadRef
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_eos_ends_a_continuation(tiny):
 
 def test_parsing_and_errors(tiny):
     model, layout = tiny("llama_gqa")
-    assert parse_head("L15H8") == (15, 8) and parse_head("l0h3") == (0, 3)
+    assert HeadRef.parse("L15H8") == (15, 8) and HeadRef.parse("l0h3") == (0, 3)
     assert parse_scale("L1H2=0.5") == (1, 2, 0.5)
     for bad in ("15:8=2", "L1H2", "L1H2=x", "L1H2=-1", "L1H2=0"):
         with pytest.raises(SpectraError):

@@ -1,19 +1,20 @@
-"""EXP1 (experiments/intervention.py) and the shared experiment plumbing (experiments/_common.py)."""
+"""EXP1 (experiments/intervention.py) and the run pipeline it starts from (spectra_lens.runs.pipeline)."""
 
 import json
 
 import pandas as pd
 import pytest
 import torch
-from spectra_lens.experiments import _common as C
 from spectra_lens.experiments import intervention
 
+from spectra_lens import cli
 from spectra_lens.capture import QueryScale, count_hooks
 from spectra_lens.causal import choose_control_head
 from spectra_lens.config import InterventionConfig
 from spectra_lens.data.shards import write_shards
 from spectra_lens.errors import SpectraError
 from spectra_lens.metrics import alpha_metrics
+from spectra_lens.runs import pipeline
 from spectra_lens.sweep import intervention_effects
 
 ALPHAS = (0.5, 1.0, 2.0, 4.0)
@@ -136,39 +137,39 @@ def test_tokens_from_shards_hold_out_the_selection_sequences(tmp_path, tiny):
     tokens = torch.randint(1, 97, (7, 10), generator=torch.Generator().manual_seed(5))
     write_shards(tokens, tmp_path / "shards", shard_size=3, tokenizer_name="tiny")
     cfg = InterventionConfig(corpus=str(tmp_path / "shards"), n_sequences=4, n_select=2, seq_len=10)
-    got = C.load_run_tokens(cfg, model)
+    got = pipeline.load_run_tokens(cfg, model)
     assert got.held_out and torch.equal(got.select, tokens[:2]) and torch.equal(got.measure, tokens[2:6])
     short = InterventionConfig(corpus=str(tmp_path / "shards"), n_sequences=6, n_select=4, seq_len=10)
-    got = C.load_run_tokens(short, model)  # only one sequence left to hold out
+    got = pipeline.load_run_tokens(short, model)  # only one sequence left to hold out
     assert got.held_out and got.select.shape[0] == 1 and torch.equal(got.measure, tokens[1:7])
     with pytest.raises(SpectraError, match="seq_len"):
-        C.load_run_tokens(InterventionConfig(corpus=str(tmp_path / "shards"), seq_len=12), model)
+        pipeline.load_run_tokens(InterventionConfig(corpus=str(tmp_path / "shards"), seq_len=12), model)
     with pytest.raises(SpectraError, match="at least n_sequences"):
-        C.load_run_tokens(InterventionConfig(corpus=str(tmp_path / "shards"), n_sequences=9, seq_len=10), model)
+        pipeline.load_run_tokens(InterventionConfig(corpus=str(tmp_path / "shards"), n_sequences=9, seq_len=10), model)
     with pytest.raises(SpectraError, match="vocabulary"):
-        C.load_run_tokens(cfg, model, tokens=torch.full((2, 5), 500))
+        pipeline.load_run_tokens(cfg, model, tokens=torch.full((2, 5), 500))
 
 
 def test_cli_main(tmp_path, tiny, monkeypatch, capsys):
     model, _ = tiny("llama_gqa")
     tokens = torch.randint(1, 97, (6, 10), generator=torch.Generator().manual_seed(6))
     write_shards(tokens, tmp_path / "shards", shard_size=6, tokenizer_name="tiny")
-    monkeypatch.setattr(C, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: model)
     out = tmp_path / "cli"
     argv = ["--model", "tiny", "--corpus", str(tmp_path / "shards"), "--out", str(out), "--seq-len", "10",
             "--n-sequences", "4", "--n-select", "2", "--alphas", "0.5,1", "2", "--target-layer", "1",
             "--target-head", "3", "--no-progress"]
-    assert intervention.main(argv) == 0
+    assert cli.main(["intervene", *argv]) == 0
     printed = capsys.readouterr().out
     assert "target  L1 H3" in printed and str(out) in printed
     assert (out / "q_scale_intervention_L1_H3_target.csv").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["spec"] == "tiny" and manifest["selection"]["held_out"] is True
     assert manifest["config"]["alphas"] == [0.5, 1.0, 2.0]
-    assert intervention.main(argv) == 2  # refuses the finished run
+    assert cli.main(["intervene", *argv]) == 2  # refuses the finished run
     assert "overwrite" in capsys.readouterr().err
-    assert intervention.main(argv + ["--overwrite"]) == 0
-    assert intervention.main(argv[:-1] + ["--overwrite", "--alphas", "0", "1"]) == 2
+    assert cli.main(["intervene", *argv, "--overwrite"]) == 0
+    assert cli.main(["intervene", *argv[:-1], "--overwrite", "--alphas", "0", "1"]) == 2
     assert "> 0" in capsys.readouterr().err
 
 
@@ -209,7 +210,7 @@ def test_intervals_resample_the_documents_the_shards_record(tmp_path, tiny):
     cfg = InterventionConfig(out=str(tmp_path / "d"), corpus=str(tmp_path / "shards"), seq_len=12,
                              n_sequences=6, n_select=4, alphas=(0.5, 1.0, 2.0), target_layer=0,
                              target_head=1, n_boot=200)
-    run_tokens = C.load_run_tokens(cfg, model)
+    run_tokens = pipeline.load_run_tokens(cfg, model)
     assert list(run_tokens.select_documents) == [0, 0, 1, 1]
     assert list(run_tokens.measure_documents) == [2, 2, 3, 3, 4, 4]
     result = intervention.run(cfg, model=model, progress=False)
@@ -246,7 +247,7 @@ def test_streamed_fast_prediction_equals_the_held_patterns(tiny, max_rows):
     toks = torch.randint(1, 97, (5, 12), generator=torch.Generator().manual_seed(21))
     cfg = InterventionConfig(alphas=ALPHAS, target_layer=0, target_head=1, control_layer=1,
                              control_head=2, max_rows=max_rows, n_boot=50)
-    result = intervention.compute(cfg, model, C.RunTokens(select=toks, measure=toks, held_out=False,
+    result = intervention.compute(cfg, model, pipeline.RunTokens(select=toks, measure=toks, held_out=False,
                                                           corpus="random ids"))
     assert all(not sw.patterns and not sw.base_patterns for sw in result.sweeps.values())
     expected = _held_pattern_head_tables(model, layout, toks, cfg, result.heads)

@@ -22,6 +22,7 @@ from spectra_lens.data.shards import load_shard, prepare
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import bridge_from_hf
+from spectra_lens.runs import pipeline
 from spectra_lens.stats.decisions import VERDICTS, head_statistics
 from spectra_lens.stats.moments import MOMENT_VARIABLES, DocumentMoments, moments_from_records
 from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
@@ -450,7 +451,7 @@ def test_cli_bad_input_returns_2_with_a_message(tmp_path, finished, capsys, monk
     def no_model(*args, **kw):
         raise AssertionError("bad input must be reported before a model is loaded")
 
-    monkeypatch.setattr(observational, "load_model", no_model)
+    monkeypatch.setattr(pipeline, "load_model", no_model)
     (tmp_path / "empty.txt").write_text("")
     cases = [
         (["--corpus", str(tmp_path / "empty.txt")], "empty"),
@@ -460,7 +461,7 @@ def test_cli_bad_input_returns_2_with_a_message(tmp_path, finished, capsys, monk
     ]
     for i, (argv, message) in enumerate(cases):
         out = tmp_path / f"run{i}"
-        assert observational.main([*argv, "--out", str(out), "--no-progress"]) == 2
+        assert cli.main(["observe", *argv, "--out", str(out), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (argv, err)
         assert looks_incomplete(out)
@@ -478,7 +479,7 @@ def test_cli_runs_a_local_model_directory(tmp_path, corpus, tok, capsys):
     argv = ["--model", str(model_dir), "--corpus", corpus, "--out", str(out), "--seq-len", "16",
             "--n-sequences", "8", "--shard-size", "4", "--n-boot", "50", "--top-heads", "2",
             "--device", "cpu", "--no-progress"]
-    assert observational.main(argv) == 0
+    assert cli.main(["observe", *argv]) == 0
     printed = capsys.readouterr().out
     assert "8 heads" in printed and f"wrote {out}" in printed
     m = read_manifest(out)

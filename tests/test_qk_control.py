@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 from spectra_lens.experiments import qk_control
-from spectra_lens.experiments._common import RunTokens
+from spectra_lens.runs.pipeline import RunTokens
 
 from spectra_lens.capture import KeyScale, QueryScale, count_hooks
 from spectra_lens.config import QKConfig

@@ -3,7 +3,7 @@
 detached shares joined by `spectra-lens merge` give the same tables. In one process: a sweep
 measured part by part, saved and loaded, is the sweep of all sequences.
 
-The launches and the table comparison are in tests/cli_processes.py.
+The launches and the table comparison are in tests/runs/cli_processes.py.
 """
 
 import subprocess

@@ -250,7 +250,7 @@ def test_refuses_files_broken_manifests_and_shard_directories(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     for text, match in (("{not json", "not valid JSON"), ("[1, 2]", "expected a run manifest"),
-                        ('{"format": "spectra_lens.data.shards"}', "prepared shard directory"),
+                        ('{"format": "spectra_lens.shards"}', "prepared shard directory"),
                         ('{"a": 1}', "not a spectra_lens run manifest")):
         (run / "manifest.json").write_text(text)
         for overwrite in (False, True):

@@ -294,7 +294,7 @@ def test_shards_round_trip_with_global_ids(tmp_path):
     assert read_manifest(tmp_path / "manifest.json") == manifest
 
     raw = json.loads((tmp_path / "manifest.json").read_text())
-    assert raw["format"] == "spectra_lens.data.shards" and raw["version"] == 2
+    assert raw["format"] == "spectra_lens.shards" and raw["version"] == 2
     assert (raw["tokenizer"], raw["seq_len"], raw["n_sequences"]) == ("tiny", 6, 10)
     assert (raw["dtype"], raw["corpus"], raw["meta"]) == ("int32", "numbers",
                                                           {"prepend_bos": False})
@@ -475,19 +475,17 @@ def test_prepare_says_how_many_sequences_the_corpus_holds(tmp_path, tok):
 
 
 def test_prepare_command_line(tmp_path, monkeypatch, capsys, tok):
-    from spectra_lens.experiments.prepare import main
-
-    from spectra_lens import models
+    from spectra_lens import cli, models
 
     monkeypatch.setattr(models, "load_tokenizer", lambda spec: tok)
     (tmp_path / "docs.jsonl").write_text(json.dumps({"body": doc(*range(3, 43))}) + "\n")
     argv = ["--corpus", f"{tmp_path / 'docs.jsonl'}:body", "--out", str(tmp_path / "shards"),
             "--seq-len", "5", "--n-sequences", "9", "--shard-size", "4", "--model", "tiny"]
-    assert main(argv) == 0
+    assert cli.main(["prepare", *argv]) == 0
     assert "9 sequences of 5 tokens in 3 shards" in capsys.readouterr().out
     manifest = read_manifest(tmp_path / "shards")
     assert (manifest.tokenizer, manifest.n_sequences) == ("tiny", 9)
-    assert main([*argv[:-1], "other"]) == 2  # a different set is not overwritten
+    assert cli.main(["prepare", *argv[:-1], "other"]) == 2  # a different set is not overwritten
     assert "already holds a different shard set" in capsys.readouterr().err
 
 

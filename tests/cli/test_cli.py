@@ -146,3 +146,54 @@ def test_report_follows_symlinked_run_directories(tmp_path, capsys):
     assert [(r.experiment, r.path) for r in runs] == [("gain", results / "gain")]
     assert cli.main(["report", str(results), "--out", str(tmp_path / "page.html")]) == 0
     assert "gain (running)" in capsys.readouterr().out and (tmp_path / "page.html").exists()
+
+
+def test_run_options_are_declared_once_and_exist_wherever_they_apply():
+    """Every experiment config composes `config.RunOptions`; a command that loads a model has
+    the device options, one that draws figures has --images and --no-images."""
+    flags = {name: set(_flags(p)) for name, p in _subparsers().items()}
+    for name in ("observe", "intervene", "gain", "qk-control", "head-types"):
+        assert issubclass(cli.config_class(name), config.RunOptions), name
+        assert {"--model", "--dtype", "--device", "--device-map", "--out", "--overwrite", "--seed",
+                "--images", "--no-images"} <= flags[name], name
+    for name in ("study", "generate", "head"):  # load a model
+        assert {"--dtype", "--device", "--device-map"} <= flags[name], name
+    for name in ("study", "merge"):  # write runs with figures
+        assert {"--out", "--overwrite", "--images", "--no-images"} <= flags[name], name
+    for cls in (config.ObservationalConfig, config.GainConfig, config.StudyConfig):
+        declared = {k for k in vars(cls).get("__annotations__", {})}
+        assert not declared & {"dtype", "device", "device_map", "overwrite", "images"}, cls
+
+
+def test_list_flags_take_spaces_and_repeats_alike():
+    """`--models a b --models c` gives (a, b, c); numbers may also be separated by commas; a list
+    flag not given keeps the field's default (argparse would extend a non-empty default)."""
+    _, cfg, _ = cli.parse(["study", "--models", "a", "b", "--models", "c", "--corpora", "kjv"])
+    assert cfg.models == ("a", "b", "c") and cfg.corpora == ("kjv",)
+    _, cfg, _ = cli.parse(["gain", "--alphas", "0.5", "1", "--alphas", "2,4"])
+    assert cfg.alphas == (0.5, 1.0, 2.0, 4.0)
+    assert cli.parse(["gain"])[1].alphas == config.ALPHAS_21
+    assert cli.parse(["intervene"])[1].alphas == config.ALPHAS_9
+    _, cfg, _ = cli.parse(["generate", "the cat", "--scale", "L1H2=2", "L0H0=3", "--scale", "L2H1=.5"])
+    assert cfg.scale == ("L1H2=2", "L0H0=3", "L2H1=.5") and cfg.prompt == "the cat"
+    assert cli.parse(["merge", "a", "b"])[1].run_dir == ("a", "b")
+
+
+def test_the_library_never_imports_the_experiments():
+    """Only the command line names experiment modules (to run them); no module of the library
+    imports one."""
+    import ast
+    from pathlib import Path
+
+    root = Path(spectra_lens.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.is_relative_to(root / "experiments"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "spectra_lens.experiments" or n.startswith("spectra_lens.experiments.")
+                   for n in names):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []

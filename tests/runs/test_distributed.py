@@ -2,7 +2,7 @@
 observational run under torchrun (gloo, CPU): 2 processes give the tables of 1 process, a
 killed rank's shards are redone by the rerun, and the same command runs with 1 process.
 
-The launches and the table comparison are in tests/cli_processes.py.
+The launches and the table comparison are in tests/runs/cli_processes.py.
 """
 
 import subprocess

@@ -1,5 +1,5 @@
 """Helpers of the tests that run the CLI in fresh processes (`python -m spectra_lens.cli`,
-torchrun with gloo on the CPU): tests/test_distributed.py and tests/test_distributed_gain.py.
+torchrun with gloo on the CPU): tests/runs/test_distributed.py and tests/runs/test_distributed_gain.py.
 
 Each launch starts Python processes that import torch and transformers and load a tiny model
 saved to disk (~5-10 s each on a loaded 2-core machine).
