@@ -16,12 +16,12 @@ uses those tokens (recorded).
 from dataclasses import dataclass
 
 import pandas as pd
-from spectra_lens.runs.pipeline import RunTokens, check_layer_head
 
 from spectra_lens.causal import CONTROL_RULE, choose_control_head, head_r_table
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout
 from spectra_lens.metrics import K_EFF_DEFINITIONS
+from spectra_lens.runs.pipeline import RunTokens, check_layer_head
 from spectra_lens.sweep import analytic_gain
 
 __all__ = ["SELECTION_RULE", "HeadChoice", "choose_heads", "k_eff_definitions"]

@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 import torch
 from spectra_lens.experiments import qk_control
-from spectra_lens.runs.pipeline import RunTokens
 
 from spectra_lens.capture import KeyScale, QueryScale, count_hooks
 from spectra_lens.config import QKConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.metrics import rescale_pattern
+from spectra_lens.runs.pipeline import RunTokens
 from spectra_lens.sweep import intervention_effects
 
 ALPHAS = (0.5, 1.0, 2.0, 4.0)
