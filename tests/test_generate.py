@@ -6,9 +6,10 @@ import copy
 import pytest
 import torch
 
-from spectra_lens.capture import KeyScale, LogitScale, QueryScale, count_hooks
+from spectra_lens.capture import count_hooks
 from spectra_lens.errors import SpectraError
 from spectra_lens.generate import compare_generations, generate, parse_head, parse_scale, scalings
+from spectra_lens.interventions import KeyScale, LogitScale, QueryScale
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.testing import (
     PLANTED_INDUCTION_HEAD,
