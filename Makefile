@@ -43,8 +43,9 @@ MUTANT_FUNCTIONS ?= \
 	'spectra_lens.stats.decisions.x_fold_consistency__*' \
 	'spectra_lens.stats.decisions.x_document_replication__*' \
 	'spectra_lens.sweep.x__output_effects__*' 'spectra_lens.sweep.x__next_token_nll__*' \
-	'spectra_lens.sweep.x__masked_mean__*' 'spectra_lens.capture.*QueryScale*hooks__*' \
-	'spectra_lens.metrics.x__top_count_sorted__*' 'spectra_lens.metrics.x__top_counts_sorted__*'
+	'spectra_lens.sweep.x__masked_mean__*' 'spectra_lens.interventions.*QueryScale*hooks__*' \
+	'spectra_lens.kernels.blocked.x__top_count_sorted__*' \
+	'spectra_lens.kernels.blocked.x__top_counts_sorted__*'
 
 mutants: setup
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[mutation]"

@@ -56,8 +56,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from spectra_lens.capture import QueryScale, capture_metrics
+    from spectra_lens.capture import capture_metrics
     from spectra_lens.generate import compare_generations
+    from spectra_lens.interventions import QueryScale
     from spectra_lens.models import load_model
 
     load0 = os.getloadavg()

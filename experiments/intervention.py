@@ -7,7 +7,7 @@
 For a target head and a control head (defaults: see experiments/_common.py — the middle layer's
 head with the most negative analytic gain −Var_p(s), and the head whose observational
 r(log ‖q‖, entropy) is nearest 0 with a tight interval, both chosen on held-out sequences), each
-α of the grid is applied with `hooks.QueryScale` in real forward passes (α batched). Measured per
+α of the grid is applied with `interventions.QueryScale` in real forward passes (α batched). Measured per
 α, with document-bootstrap intervals: the head's mean entropy, max attention, k_eff (exp(H); also
 participation ratio and top-90% count) as the identity check they are, and the outcomes: the
 next-token loss change, KL(p_1 ‖ p_α) of the output distribution and the entropy change of every
@@ -39,12 +39,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from spectra_lens.capture import QueryScale
 from spectra_lens.causal import (
     CONTROL_RULE,
     EFFECT_DEFINITIONS,
     ROTATION_RULE,
-    QueryRotate,
     effect_row,
     query_direction_spread,
     sham_check,
@@ -52,12 +50,14 @@ from spectra_lens.causal import (
 )
 from spectra_lens.config import InterventionConfig
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import QueryRotate, QueryScale
+from spectra_lens.kernels.alpha import alpha_metrics
 from spectra_lens.layout import attention_layout
-from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics
+from spectra_lens.metrics import SWEEP_METRICS
 from spectra_lens.present import figures as figs
 from spectra_lens.runs import outputs as O
 from spectra_lens.runs import pipeline as P
-from spectra_lens.sweep import ExactSweep, intervention_effects, paired_intervention_effects
+from spectra_lens.sweep import ExactSweep, intervention_effects
 from spectra_lens.validate import HeadRef, check_alphas
 
 from . import _common as C
@@ -108,10 +108,10 @@ OWN_CURVE = "identity check: softmax(alpha*s) of the unscaled scores, not a find
 class FastPrediction:
     """The fast path's prediction for one head, softmax(α·s) of its unscaled pattern, computed
     block by block while the sweep runs: `update` is the `on_patterns` of
-    `sweep.paired_intervention_effects`, and reads the unscaled pattern of the head from the
+    `sweep.intervention_effects`, and reads the unscaled pattern of the head from the
     first pass of each block of sequences, so the sweep keeps no patterns.
 
-    Per block: `metrics.alpha_metrics(log p, p > 0, alphas)` over the query rows ≥
+    Per block: `kernels.alpha.alpha_metrics(log p, p > 0, alphas)` over the query rows ≥
     `min_position`, one value per α and sequence. Each sequence's rows are reduced on their own,
     so `metrics` (the blocks joined in sequence order) equals the same call on every unscaled
     pattern at once.
@@ -192,8 +192,8 @@ def compute(cfg: InterventionConfig, model, tokens: P.RunTokens, *, progress: bo
         prediction = FastPrediction(role, alphas, l, h, min_position=cfg.min_position)
         with P.timed(rd, f"{role}_sweep_s"):
             # the head's patterns reach `prediction` one forward pass at a time and are not kept
-            sweep = paired_intervention_effects(
-                model, tokens.measure, alphas, {role: QueryScale(l, h, 1.0)}, prediction.update,
+            sweep = intervention_effects(
+                model, tokens.measure, alphas, {role: QueryScale.scan(l, h)}, on_patterns=prediction.update,
                 layers=range(l, layout.n_layers), patterns_for=[(l, h)],
                 min_position=cfg.min_position, max_rows=cfg.max_rows, progress=progress,
             )[role]
@@ -221,7 +221,7 @@ def compute(cfg: InterventionConfig, model, tokens: P.RunTokens, *, progress: bo
                                   batch_size=cfg.max_rows)
         multiples = {min(m * spread.median_angle, math.pi): m for m in sorted(cfg.rotation_multiples)}
         angles = tuple(sorted(multiples))
-        rotation = intervention_effects(model, tokens.measure, angles, QueryRotate(l, h, 0.0, seed=cfg.seed),
+        rotation = intervention_effects(model, tokens.measure, angles, QueryRotate.scan(l, h, seed=cfg.seed),
                                layers=range(l, layout.n_layers), min_position=cfg.min_position,
                                max_rows=cfg.max_rows, progress=progress)
     sweeps["rotation"] = rotation

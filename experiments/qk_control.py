@@ -13,8 +13,8 @@ the symmetry, and this experiment measures both:
 * non-bilinear logits (soft-capping, ALiBi): query and key scaling still agree with each other
   for the target (both scale q·k), but neither gives softmax(α·s).
 
-Both scalings run as real forward passes (`sweep.paired_intervention_effects` with
-`hooks.QueryScale` / `hooks.KeyScale`, α batched). For every query head of the group and every
+Both scalings run as real forward passes (`sweep.intervention_effects` of
+`QueryScale.scan` / `KeyScale.scan` with `on_patterns`, α batched). For every query head of the group and every
 α: mean entropy, max attention, k_eff with t-intervals over sequences, the paired entropy
 change, the largest absolute difference between the query-scaled and key-scaled patterns, each
 pattern's largest deviation from its prediction (softmax(α·s) where the head is scaled, the
@@ -48,16 +48,16 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from spectra_lens.capture import KeyScale, QueryScale
 from spectra_lens.config import QKConfig
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import KeyScale, QueryScale
 from spectra_lens.layout import attention_layout
 from spectra_lens.metrics import rescale_pattern
 from spectra_lens.present import figures as figs
 from spectra_lens.runs import outputs as O
 from spectra_lens.runs import pipeline as P
 from spectra_lens.stats.fits import fit_log_slopes
-from spectra_lens.sweep import ExactSweep, paired_intervention_effects
+from spectra_lens.sweep import ExactSweep, intervention_effects
 from spectra_lens.validate import HeadRef, check_alphas
 
 from . import _common as C
@@ -100,7 +100,7 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 class PatternMaxima:
     """The pattern comparisons of `compare` as running maxima over sequences, fed one forward
     pass of the query-scaled and of the key-scaled sweep at a time (`update` is the
-    `on_patterns` of `sweep.paired_intervention_effects`), so no sweep's patterns are kept:
+    `on_patterns` of `sweep.intervention_effects`), so no sweep's patterns are kept:
     the largest of per-block maxima is the maximum over all sequences, exactly.
 
     Per group head and α index: `diff_qk[h]` max |p_Q − p_K| (one value for both scalings);
@@ -218,9 +218,9 @@ def compute(cfg: QKConfig, model, tokens: P.RunTokens, *, progress: bool = False
     maxima = PatternMaxima(alphas, layer, head, group)
     with P.timed(rd, "query_and_key_sweeps_s"):
         # the two sweeps run pass by pass in step: one pass's patterns of each are held at a time
-        sweeps = paired_intervention_effects(
+        sweeps = intervention_effects(
             model, tokens.measure, alphas,
-            {"query": QueryScale(layer, head, 1.0), "key": KeyScale(layer, kv, 1.0)}, maxima.update,
+            {"query": QueryScale.scan(layer, head), "key": KeyScale.scan(layer, kv)}, on_patterns=maxima.update,
             layers=[layer], patterns_for=[(layer, h) for h in group], min_position=cfg.min_position,
             max_rows=cfg.max_rows, progress=progress)
     comparison = compare(sweeps, maxima, kv, layout, ci=cfg.ci)

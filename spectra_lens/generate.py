@@ -45,8 +45,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from spectra_lens.capture import KeyScale, LogitScale, QueryScale, attached
+from spectra_lens.capture import attached
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import KeyScale, LogitScale, QueryScale
 from spectra_lens.layout import attention_layout
 from spectra_lens.validate import HeadRef, check_alpha, check_int, check_vocab
 

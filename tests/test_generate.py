@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from spectra_lens.capture import KeyScale, LogitScale, QueryScale, attached, count_hooks
+from spectra_lens.capture import attached, count_hooks
 from spectra_lens.errors import SpectraError
 from spectra_lens.generate import (
     KVDecoder,
@@ -15,6 +15,7 @@ from spectra_lens.generate import (
     parse_scale,
     scalings,
 )
+from spectra_lens.interventions import KeyScale, LogitScale, QueryScale
 from spectra_lens.layout import hook_name
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.testing import (

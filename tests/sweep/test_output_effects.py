@@ -18,8 +18,9 @@ import pytest
 import reference as R
 import torch
 
-from spectra_lens.capture import KeyScale, QueryScale, attached
+from spectra_lens.capture import attached
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import KeyScale, QueryScale
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.sweep import intervention_effects
 from spectra_lens.testing import tiny_hf_model
@@ -57,7 +58,7 @@ def effects(toks):
         if family not in cache:
             layer, head = next((l, h) for f, l, h in CASES if f == family)
             model = bridge_from_hf(_sensitive_hf(family))
-            got = intervention_effects(model, toks, ALPHAS, QueryScale(layer, head, 1.0))
+            got = intervention_effects(model, toks, ALPHAS, QueryScale.scan(layer, head))
             base = R.forward(_sensitive_hf(family), toks)
             scaled = {}
             for a in ALPHAS:
@@ -162,7 +163,7 @@ def test_key_scaling_effects_equal_plain_forward_passes(toks):
     """KeyScale on a grouped kv head: its whole query group, the loss and the KL."""
     family, layer, kv = "llama_gqa", 0, 1
     model = bridge_from_hf(_sensitive_hf(family))
-    got = intervention_effects(model, toks, (0.5, 4.0), KeyScale(layer, kv, 1.0))
+    got = intervention_effects(model, toks, (0.5, 4.0), KeyScale.scan(layer, kv))
     base_logits, base_att = R.forward(_sensitive_hf(family), toks)
     for i, a in enumerate(got.alphas):
         hf = _sensitive_hf(family)
@@ -215,7 +216,7 @@ def test_loss_of_a_two_token_sequence_in_a_padded_batch_equals_a_plain_pass(toks
     batch = torch.cat([toks[:1], torch.cat([short, torch.full((1, n - 2), 3)], 1)])
     mask = torch.zeros_like(batch)
     mask[0], mask[1, :2] = 1, 1
-    got = intervention_effects(model, batch, (alpha,), QueryScale(layer, head, 1.0), attention_mask=mask)
+    got = intervention_effects(model, batch, (alpha,), QueryScale.scan(layer, head), attention_mask=mask)
     base_logits, _ = R.forward(_sensitive_hf(family), short)
     want = R.next_token_loss(base_logits, short)[0]
     assert want > 1.0

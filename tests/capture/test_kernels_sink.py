@@ -6,6 +6,7 @@ import torch
 from torch.testing import assert_close
 
 from spectra_lens import metrics as M
+from spectra_lens.kernels import blocked as KB
 
 
 def _inputs(seed, *, batch=2, heads=3, n=37, left_pad=0, dtype=torch.float32):
@@ -29,8 +30,8 @@ def _inputs(seed, *, batch=2, heads=3, n=37, left_pad=0, dtype=torch.float32):
 def test_blocked_equals_whole_tensor(block_elements, with_scores, top_mass):
     p, s, q = _inputs(0)
     s = s if with_scores else None
-    got = M.sink_excluded_metrics(p, s, q, top_mass=top_mass, block_elements=block_elements)
-    want = M._sink_excluded_metrics_whole(p, s, q, top_mass=top_mass)
+    got = KB.sink_excluded_metrics(p, s, q, top_mass=top_mass, block_elements=block_elements)
+    want = M.sink_excluded(p, s, q, top_mass=top_mass)
     assert set(got) == set(want)
     for name in want:
         assert got[name].shape == want[name].shape
@@ -44,8 +45,8 @@ def test_blocked_equals_whole_tensor(block_elements, with_scores, top_mass):
 
 def test_blocked_equals_whole_tensor_under_left_padding():
     p, s, q = _inputs(1, left_pad=5)
-    got = M.sink_excluded_metrics(p, s, q, block_elements=200)
-    want = M._sink_excluded_metrics_whole(p, s, q)
+    got = KB.sink_excluded_metrics(p, s, q, block_elements=200)
+    want = M.sink_excluded(p, s, q)
     for name in want:
         assert_close(got[name][..., 5:], want[name][..., 5:], atol=2e-5, rtol=2e-5,
                      equal_nan=True, msg=name)
@@ -53,8 +54,8 @@ def test_blocked_equals_whole_tensor_under_left_padding():
 
 def test_half_precision_inputs_are_read_into_float32_blocks():
     p, s, q = _inputs(2, dtype=torch.bfloat16)
-    got = M.sink_excluded_metrics(p, s, q, block_elements=500)
-    want = M._sink_excluded_metrics_whole(p, s, q)
+    got = KB.sink_excluded_metrics(p, s, q, block_elements=500)
+    want = M.sink_excluded(p, s, q)
     for name in ("entropy_nosink", "max_attn_nosink", "k_eff_pr_nosink", "dir_spread"):
         assert got[name].dtype == torch.float32
         assert_close(got[name], want[name], atol=2e-5, rtol=2e-5, equal_nan=True, msg=name)

@@ -1,4 +1,4 @@
-"""`metrics.capture_row_metrics` (the capture's one-pass kernel) equals `row_metrics` and
+"""`kernels.fused.capture_row_metrics` (the capture's one-pass kernel) equals `row_metrics` and
 `sink_excluded_metrics` (each tested against the single-metric definitions elsewhere) on the
 inputs that take its fused path and on those that fall back to the two functions."""
 
@@ -7,6 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from spectra_lens import metrics as M
+from spectra_lens.kernels import blocked as KB
+from spectra_lens.kernels import fused as KF
 
 MIN = torch.finfo(torch.float32).min
 
@@ -27,8 +29,8 @@ def _inputs(seed, *, batch=2, heads=3, n=37, sink=4.0, scale=3.0, mask_value=MIN
 
 
 def _two_pass(p, s, q, top_mass, block_elements=None):
-    return (M.row_metrics(p, s, top_mass=top_mass, block_elements=block_elements)
-            | M.sink_excluded_metrics(p, s, q, top_mass=top_mass, block_elements=block_elements))
+    return (KB.row_metrics(p, s, top_mass=top_mass, block_elements=block_elements)
+            | KB.sink_excluded_metrics(p, s, q, top_mass=top_mass, block_elements=block_elements))
 
 
 def _check(got, want, *, exact_counts=True, atol=2e-5, rtol=2e-5):
@@ -58,7 +60,7 @@ def test_fused_equals_the_two_functions(n, with_scores, backend, top_mass):
     for sink in (0.0, 4.0, 12.0):
         p, s, q = _inputs(n + int(sink), n=n, sink=sink)
         s = s if with_scores else None
-        got = M.capture_row_metrics(p, s, q, top_mass=top_mass, backend=backend)
+        got = KF.capture_row_metrics(p, s, q, top_mass=top_mass, backend=backend)
         _check(got, _two_pass(p, s, q, top_mass))
 
 
@@ -66,8 +68,8 @@ def test_fused_equals_the_two_functions(n, with_scores, backend, top_mass):
 @pytest.mark.parametrize("backend", ["numpy", "compiled"])
 def test_any_block_size_gives_the_same_values(block_elements, backend):
     p, s, q = _inputs(5, n=45)
-    want = M.capture_row_metrics(p, s, q, backend=backend)
-    got = M.capture_row_metrics(p, s, q, block_elements=block_elements, backend=backend)
+    want = KF.capture_row_metrics(p, s, q, backend=backend)
+    got = KF.capture_row_metrics(p, s, q, block_elements=block_elements, backend=backend)
     for name in want:
         assert_close(got[name], want[name], atol=1e-6, rtol=1e-6, equal_nan=True, msg=name)
 
@@ -75,11 +77,11 @@ def test_any_block_size_gives_the_same_values(block_elements, backend):
 @pytest.mark.parametrize("backend", ["numpy", "compiled"])
 def test_minus_infinity_masks_and_float64_inputs(backend):
     p, s, q = _inputs(6, n=33, mask_value=float("-inf"))
-    _check(M.capture_row_metrics(p, s, q, backend=backend), _two_pass(p, s, q, 0.9))
+    _check(KF.capture_row_metrics(p, s, q, backend=backend), _two_pass(p, s, q, 0.9))
     p, s, q = _inputs(6, n=33)
     s64 = s.double().masked_fill(s == MIN, torch.finfo(torch.float64).min)  # a float64 model's mask
     p64 = torch.softmax(s64, dim=-1)
-    _check(M.capture_row_metrics(p64, s64, q, backend=backend), _two_pass(p64, s64, q, 0.9))
+    _check(KF.capture_row_metrics(p64, s64, q, backend=backend), _two_pass(p64, s64, q, 0.9))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "compiled"])
@@ -89,13 +91,13 @@ def test_a_sink_that_takes_almost_everything_keeps_the_rest_exact(backend):
     renormalized from the scores, as `without_first_key` does."""
     for sink, seed in ((14.0, 7), (40.0, 8), (120.0, 9)):
         p, s, q = _inputs(seed, n=40, sink=sink, scale=1.0)
-        got = M.capture_row_metrics(p, s, q, backend=backend)
+        got = KF.capture_row_metrics(p, s, q, backend=backend)
         want = _two_pass(p, s, q, 0.9)
         _check(got, want, exact_counts=False)
         assert torch.isfinite(got["entropy_nosink"][..., 1:]).all()
     # Without scores the logits are log p: rows whose rest underflowed have no rest to measure.
     p, s, q = _inputs(10, n=40, sink=120.0, scale=1.0)
-    _check(M.capture_row_metrics(p, None, q), _two_pass(p, None, q, 0.9), exact_counts=False)
+    _check(KF.capture_row_metrics(p, None, q), _two_pass(p, None, q, 0.9), exact_counts=False)
 
 
 def test_exact_ties_with_the_first_key():
@@ -109,7 +111,7 @@ def test_exact_ties_with_the_first_key():
     rows.append([0.5, 0.25, 0.25] + [0.0] * (n - 3))
     p = torch.tensor(rows, dtype=torch.float32)[None, :, None, :].expand(1, -1, n, -1).contiguous()
     q = torch.ones(p.shape[:-1])
-    got = M.capture_row_metrics(p, None, q)
+    got = KF.capture_row_metrics(p, None, q)
     want = _two_pass(p, None, q, 0.9)
     _check(got, want)
     # and against the definition directly: the rest of [1/4]*4 is [1/3]*3, 3 keys to reach 0.9
@@ -120,9 +122,9 @@ def test_exact_ties_with_the_first_key():
 
 
 def test_left_padding_takes_the_two_function_path():
-    # (half precision takes the one-pass kernels: tests/test_capture_compiled.py)
+    # (half precision takes the one-pass kernels: tests/capture/test_kernels_compiled.py)
     p, s, q = _inputs(11, n=30, left_pad=4)
-    got = M.capture_row_metrics(p, s, q, block_elements=2000)
+    got = KF.capture_row_metrics(p, s, q, block_elements=2000)
     want = _two_pass(p, s, q, 0.9, block_elements=2000)
     for name in want:
         assert torch.equal(got[name][..., 4:].nan_to_num(-7.0), want[name][..., 4:].nan_to_num(-7.0)), name
@@ -130,11 +132,11 @@ def test_left_padding_takes_the_two_function_path():
 
 def test_torch_backend_and_bad_top_mass():
     p, s, q = _inputs(13, n=24)
-    _check(M.capture_row_metrics(p, s, q, backend="torch"), _two_pass(p, s, q, 0.9))
+    _check(KF.capture_row_metrics(p, s, q, backend="torch"), _two_pass(p, s, q, 0.9))
     from spectra_lens.errors import SpectraError
 
     with pytest.raises(SpectraError, match="top_mass"):
-        M.capture_row_metrics(p, s, q, top_mass=1.5)
+        KF.capture_row_metrics(p, s, q, top_mass=1.5)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "compiled", "torch"])
@@ -142,7 +144,7 @@ def test_no_result_is_a_view_of_the_pattern(backend):
     """The capture keeps every layer's results until the pass ends: a result that is a view of
     the pattern (sink_mass is p[..., 0]) would keep each layer's whole pattern alive with it."""
     p, s, q = _inputs(14, n=20)
-    got = M.capture_row_metrics(p, s, q, backend=backend)
+    got = KF.capture_row_metrics(p, s, q, backend=backend)
     for name, v in got.items():
         assert v.untyped_storage().data_ptr() != p.untyped_storage().data_ptr(), name
     assert torch.equal(got["sink_mass"], p[..., 0])

@@ -15,7 +15,8 @@ import reference as R
 import torch
 
 from spectra_lens.capture import capture_metrics
-from spectra_lens.metrics import alpha_metrics, pattern_metrics
+from spectra_lens.kernels.alpha import alpha_metrics
+from spectra_lens.kernels.blocked import pattern_metrics
 from spectra_lens.sweep import analytic_gain, head_curves
 from spectra_lens.testing import FAMILIES, tiny_hf_model
 
@@ -170,7 +171,7 @@ def test_top_mass_count_kernel_at_exact_ties_in_every_branch():
     callers read as every key (so the test clamps at W). Keys of 2⁻¹⁰
     make every partial sum exact, so `lim` can equal a partial sum: inside the first keys summed
     one by one, at a chunk's last key and inside a chunk after them, and never reached."""
-    from spectra_lens.metrics import _TOP_CHUNK, _TOP_PREFIX, _top_count_sorted
+    from spectra_lens.kernels.blocked import _TOP_CHUNK, _TOP_PREFIX, _top_count_sorted
 
     W = _TOP_PREFIX + 4 * _TOP_CHUNK
     unit = 2.0**-10

@@ -7,9 +7,10 @@ import pytest
 import torch
 from spectra_lens.experiments import qk_control
 
-from spectra_lens.capture import KeyScale, QueryScale, count_hooks
+from spectra_lens.capture import count_hooks
 from spectra_lens.config import QKConfig
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import KeyScale, QueryScale
 from spectra_lens.metrics import rescale_pattern
 from spectra_lens.runs.pipeline import RunTokens
 from spectra_lens.sweep import intervention_effects
@@ -145,9 +146,9 @@ def test_streamed_comparison_equals_the_held_patterns(tiny, max_rows):
                                 model, RunTokens(select=toks, measure=toks, held_out=False, corpus="random ids"))
     assert all(not sw.patterns and not sw.base_patterns for sw in result.sweeps.values())
     layer, group = 1, result.group
-    held = {"query": intervention_effects(model, toks, ALPHAS, QueryScale(layer, 3, 1.0), layers=[layer],
+    held = {"query": intervention_effects(model, toks, ALPHAS, QueryScale.scan(layer, 3), layers=[layer],
                                           patterns_for=[(layer, h) for h in group], max_rows=max_rows),
-            "key": intervention_effects(model, toks, ALPHAS, KeyScale(layer, result.kv_head, 1.0), layers=[layer],
+            "key": intervention_effects(model, toks, ALPHAS, KeyScale.scan(layer, result.kv_head), layers=[layer],
                                         patterns_for=[(layer, h) for h in group], max_rows=max_rows)}
     expected = _held_pattern_comparison(held, layer, 3, group, result.kv_head)
     pd.testing.assert_frame_equal(result.comparison[list(expected.columns)], expected, check_exact=True)

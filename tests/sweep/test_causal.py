@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from spectra_lens.capture import QueryScale, attached, capture_metrics, count_hooks
+from spectra_lens.capture import attached, capture_metrics, count_hooks
 from spectra_lens.causal import (
-    QueryRotate,
     SmallClusterWarning,
     choose_control_head,
     document_bootstrap,
@@ -21,6 +20,7 @@ from spectra_lens.causal import (
     sweep_effects,
 )
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import QueryRotate, QueryScale
 from spectra_lens.sweep import intervention_effects
 
 
@@ -56,41 +56,10 @@ def test_sham_changes_nothing_bit_for_bit(tiny, toks, family):
     assert count_hooks(model) == 0
 
 
-@pytest.mark.parametrize("family", ["llama_gqa", "neox", "qwen3", "gpt2"])
-def test_rotation_keeps_the_query_norm_and_turns_by_the_angle(tiny, toks, family):
-    model, layout = tiny(family)
-    layer, head, angle = 1, 2, 0.6
-    q0 = _effective_q(model, layout, toks, layer)
-    q1 = _effective_q(model, layout, toks, layer, QueryRotate(layer, head, angle, seed=3))
-    n0, n1 = q0[:, :, head].double().norm(dim=-1), q1[:, :, head].double().norm(dim=-1)
-    assert (n1 - n0).abs().max() < 1e-6 * max(1.0, float(n0.max()))
-    cos = (q0[:, :, head].double() * q1[:, :, head].double()).sum(-1) / (n0 * n1)
-    torch.testing.assert_close(torch.arccos(cos.clamp(-1, 1)), torch.full_like(cos, angle), atol=1e-3, rtol=0)
-    others = [h for h in range(layout.n_heads) if h != head]
-    assert torch.equal(q0[:, :, others], q1[:, :, others])
-    # angle 0 is the identity; a per-row angle tensor equals separate passes
-    assert torch.equal(_effective_q(model, layout, toks, layer, QueryRotate(layer, head, 0.0)), q0)
-    two = toks[:2]
-    batched = _effective_q(model, layout, two, layer, QueryRotate(layer, head, torch.tensor([0.3, 0.9]), seed=3))
-    for i, a in enumerate((0.3, 0.9)):
-        single = _effective_q(model, layout, two, layer, QueryRotate(layer, head, a, seed=3))
-        torch.testing.assert_close(batched[i], single[i], atol=1e-6, rtol=1e-6)
-    assert count_hooks(model) == 0
-
-
-def test_rotation_rejects_bad_angles(tiny, toks):
-    model, layout = tiny("gpt2")
-    for bad in (-0.1, 4.0, float("nan")):
-        with pytest.raises(SpectraError, match="angle"):
-            QueryRotate(0, 0, bad).hooks(layout)
-    with pytest.raises(SpectraError, match="head"):
-        QueryRotate(0, layout.n_heads, 0.1).hooks(layout)
-
-
 def test_rotation_sweep_changes_the_head_both_ways_and_reaches_the_output(tiny, toks):
     """Unlike scaling, a rotation's effect on the head's own entropy is not fixed in sign."""
     model, layout = tiny("llama_gqa")
-    sw = intervention_effects(model, toks, (0.4, 0.8, 1.6), QueryRotate(0, 1, 0.0, seed=1), layers=range(0, 2))
+    sw = intervention_effects(model, toks, (0.4, 0.8, 1.6), QueryRotate.scan(0, 1, seed=1), layers=range(0, 2))
     assert sw.intervention.startswith("QueryRotate(") and "angle=grid" in sw.intervention
     d = sw.scaled.entropy[:, :, 0, 1] - sw.unscaled.entropy[None, :, 0, 1]
     assert (d > 0).any() and (d < 0).any()
@@ -129,7 +98,7 @@ def test_document_bootstrap_resamples_documents_not_sequences():
 
 def test_effect_intervals_of_a_real_sweep_stay_in_bounds(tiny, toks):
     model, layout = tiny("llama_gqa")
-    sw = intervention_effects(model, toks, (0.25, 1.0, 4.0), QueryScale(0, 1, 1.0), layers=range(0, 2))
+    sw = intervention_effects(model, toks, (0.25, 1.0, 4.0), QueryScale.scan(0, 1), layers=range(0, 2))
     for e in sweep_effects(sw, 0, 1):
         row = effect_row(e, DOCS, n_boot=300)
         assert 0 <= row["kl_unscaled_scaled_ci_low"] <= row["kl_unscaled_scaled"] <= row["kl_unscaled_scaled_ci_high"]
@@ -147,7 +116,7 @@ def test_delta_loss_and_kl_equal_two_plain_forward_passes(tiny, toks, family):
     """Independent computation: two ordinary forward passes, float64 log-softmax by hand."""
     model, layout = tiny(family)
     layer, head, alpha = 1, 3, 2.5
-    sw = intervention_effects(model, toks, (1.0, alpha), QueryScale(layer, head, 1.0), max_rows=5)
+    sw = intervention_effects(model, toks, (1.0, alpha), QueryScale.scan(layer, head), max_rows=5)
     with torch.no_grad():
         base = model(toks, return_type="logits").double()
         with attached(model, QueryScale(layer, head, alpha)):

@@ -6,13 +6,15 @@ runs on the CPU."""
 import numpy as np
 import pytest
 import torch
-from test_capture_fused import _check, _inputs, _two_pass
+from test_kernels_fused import _check, _inputs, _two_pass
 from torch.testing import assert_close
 
 from spectra_lens import metrics as M
 from spectra_lens.capture import MetricCapture, attached, capture_metrics
 from spectra_lens.errors import SpectraError
+from spectra_lens.kernels import blocked as KB
 from spectra_lens.kernels import compiled
+from spectra_lens.kernels import fused as KF
 from spectra_lens.layout import attention_layout, hook_name
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.testing import tiny_hf_model, tiny_model
@@ -51,8 +53,8 @@ def test_masks_other_than_causal(kind):
         hidden = (j > i + 3) | ((j > n - 4) & (i % 2 == 0))
     p, s, q = _masked(11, hidden)
     want = _two_pass(p, s, q, 0.9)
-    _check(M.capture_row_metrics(p, s, q, backend="compiled"), want)
-    _check(M.capture_row_metrics(p, s, q, backend="numpy"), want)
+    _check(KF.capture_row_metrics(p, s, q, backend="compiled"), want)
+    _check(KF.capture_row_metrics(p, s, q, backend="numpy"), want)
 
 
 def test_a_first_key_below_1e30_and_long_flat_rows():
@@ -60,12 +62,12 @@ def test_a_first_key_below_1e30_and_long_flat_rows():
     the local gain of long, nearly uniform rows is a small variance that float64 keeps."""
     p, s, q = _inputs(31, n=24, sink=-100.0, scale=1.0)  # p_0 ≈ e^-100, subnormal: the largest key
     assert (p[..., 5:, 0] < 1e-30).all()
-    _check(M.capture_row_metrics(p, s, q, backend="compiled"), _two_pass(p, s, q, 0.9))
+    _check(KF.capture_row_metrics(p, s, q, backend="compiled"), _two_pass(p, s, q, 0.9))
     n = 1024
     s = (torch.randn(1, 1, n, n, generator=torch.Generator().manual_seed(5)) * 0.05)
     s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), MIN)
     p = torch.softmax(s, dim=-1)
-    got = M.capture_row_metrics(p, s, torch.ones(1, 1, n), backend="compiled")["local_gain"]
+    got = KF.capture_row_metrics(p, s, torch.ones(1, 1, n), backend="compiled")["local_gain"]
     s64 = s.double().masked_fill(s == MIN, float("-inf"))
     p64 = torch.softmax(s64, dim=-1)
     mean = (p64 * s64.nan_to_num(0.0, neginf=0.0)).sum(-1, keepdim=True)
@@ -84,14 +86,14 @@ def test_flags_and_their_rows():
     p[0, 1, 3] = torch.softmax(s[0, 1, 3], dim=-1)
     P, S, Q = (x.reshape(-1, n, x.shape[-1]).contiguous().numpy() if x.ndim == 4
                else x.reshape(-1, n).contiguous().numpy() for x in (p, s, q))
-    out, flag = compiled.capture_rows(P, S, Q, thr=MIN / 2, floor=M._SCORE_FLOOR, top_mass=0.9,
-                                      tol=M._TOP_TOL, min_rest=M._NOSINK_MIN_MASS, block_rows=4)
+    out, flag = compiled.capture_rows(P, S, Q, thr=MIN / 2, floor=KB._SCORE_FLOOR, top_mass=0.9,
+                                      tol=KB._TOP_TOL, min_rest=KF._NOSINK_MIN_MASS, block_rows=4)
     expect = np.zeros((2, n), np.int8)
     expect[0, 5:] = compiled.FLAG_ROW
     expect[1, 3] = compiled.FLAG_REST
     assert np.array_equal(flag, expect)
     # flagged rows come from the reference; the capture equals it everywhere
-    _check(M.capture_row_metrics(p, s, q, backend="compiled"), _two_pass(p, s, q, 0.9),
+    _check(KF.capture_row_metrics(p, s, q, backend="compiled"), _two_pass(p, s, q, 0.9),
            exact_counts=False)
 
 
@@ -116,8 +118,8 @@ def test_reused_buffers_carry_nothing_from_the_previous_call():
     def rows(p, s, q, **kw):
         P, S, Q = (x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous().numpy() if x.ndim == 4
                    else x.reshape(-1, x.shape[-1]).contiguous().numpy() for x in (p, s, q))
-        return compiled.capture_rows(P, S, Q, thr=MIN / 2, floor=M._SCORE_FLOOR, top_mass=0.9,
-                                     tol=M._TOP_TOL, min_rest=M._NOSINK_MIN_MASS, block_rows=5, **kw)
+        return compiled.capture_rows(P, S, Q, thr=MIN / 2, floor=KB._SCORE_FLOOR, top_mass=0.9,
+                                     tol=KB._TOP_TOL, min_rest=KF._NOSINK_MIN_MASS, block_rows=5, **kw)
 
     big = _inputs(41, batch=2, heads=3, n=40, left_pad=6)  # FLAG_ROW rows, long extents
     small = _inputs(42, batch=1, heads=2, n=13)
@@ -136,9 +138,9 @@ def test_reused_buffers_carry_nothing_from_the_previous_call():
 def test_bad_backend_requests_are_refused():
     p, s, q = _inputs(4, n=8)
     with pytest.raises(SpectraError, match="without scores"):
-        M.capture_row_metrics(p, None, q, backend="compiled")
+        KF.capture_row_metrics(p, None, q, backend="compiled")
     with pytest.raises(SpectraError, match="CPU pattern with its scores; got a torch.float32 pattern on meta"):
-        M.capture_row_metrics(p.to("meta"), s.to("meta"), q, backend="compiled")
+        KF.capture_row_metrics(p.to("meta"), s.to("meta"), q, backend="compiled")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "bloom"])
@@ -150,8 +152,8 @@ def test_the_capture_runs_the_compiled_kernel_and_matches_numpy(family, monkeypa
     layout = attention_layout(model)
     tokens = torch.randint(0, model.cfg.d_vocab, (2, 24), generator=torch.Generator().manual_seed(0))
     seen = []
-    real = M._capture_compiled
-    monkeypatch.setattr(M, "_capture_compiled", lambda *a: seen.append(1) or real(*a))
+    real = KF._capture_compiled
+    monkeypatch.setattr(KF, "_capture_compiled", lambda *a: seen.append(1) or real(*a))
     cap = MetricCapture(layout)
     with attached(model, cap, layout=layout):
         model(tokens, return_type=None)
@@ -225,17 +227,17 @@ def test_half_precision_takes_the_one_pass_kernels(dtype, backend, inf, monkeypa
     real_rows = compiled.capture_rows
     monkeypatch.setattr(compiled, "capture_rows", lambda *a, **k: calls.append(a[0].shape) or real_rows(*a, **k))
 
-    row_metrics = M.row_metrics
+    row_metrics = KB.row_metrics
 
     def refuse(*a, **k):  # the two functions on the whole pattern (the flagged rows' blocks pass)
         if a[0].shape == p.shape:
             raise AssertionError("the half-precision capture took the two-function path")
         return row_metrics(*a, **k)
 
-    monkeypatch.setattr(M, "row_metrics", refuse)
-    monkeypatch.setattr(M, "sink_excluded_metrics", refuse)
+    monkeypatch.setattr(KF, "row_metrics", refuse)
+    monkeypatch.setattr(KF, "sink_excluded_metrics", refuse)
     # small blocks: several query blocks, each read into float32 over its own causal key extent
-    got = M.capture_row_metrics(p, s, q, backend=backend, block_elements=2 * 3 * 37 * 8)
+    got = KF.capture_row_metrics(p, s, q, backend=backend, block_elements=2 * 3 * 37 * 8)
     monkeypatch.undo()
     if backend == "compiled":
         assert calls == [(6, 8, 8), (6, 8, 16), (6, 8, 24), (6, 8, 32), (6, 5, 37)]
@@ -251,8 +253,8 @@ def test_bfloat16_gives_the_float32_values_of_its_upcast(backend):
     values of the float32 path on the upcast inputs (float16 differs only where its subnormals
     are kept out of log p and of the rest; see below)."""
     p, s, q, real = _half(41, torch.bfloat16)
-    got = M.capture_row_metrics(p, s, q, backend=backend, block_elements=2000)
-    up = M.capture_row_metrics(p.float(), s.float().masked_fill(~M.visible_from_scores(s), MIN), q,
+    got = KF.capture_row_metrics(p, s, q, backend=backend, block_elements=2000)
+    up = KF.capture_row_metrics(p.float(), s.float().masked_fill(~M.visible_from_scores(s), MIN), q,
                                backend=backend, block_elements=2000)
     _check(_at(got, real), _at(up, real), atol=1e-6, rtol=1e-6)
 
@@ -266,7 +268,7 @@ def test_float16_subnormal_first_keys_and_rests(backend):
         p, s, q, real = (x[:1] for x in _half(42, torch.float16, n=300, sink=sink))  # unpadded
         s64 = s.double().masked_fill(~M.visible_from_scores(s), float("-inf"))
         truth = _two_pass(torch.softmax(s64, dim=-1), s64, q, 0.9)
-        got = M.capture_row_metrics(p, s, q, backend=backend)
+        got = KF.capture_row_metrics(p, s, q, backend=backend)
         for name in ("entropy", "entropy_nosink", "max_attn_nosink", "local_gain"):
             t = truth[name][real]
             d = (got[name][real].double() - t).abs()
@@ -284,8 +286,8 @@ def test_a_bfloat16_model_capture_equals_its_hook_pattern(monkeypatch):
     n = 40
     tokens = torch.randint(0, model.cfg.d_vocab, (2, n), generator=torch.Generator().manual_seed(1))
     fused, calls = [], []
-    real_fused, real_rows = M._fused_block, compiled.capture_rows
-    monkeypatch.setattr(M, "_fused_block", lambda *a: fused.append(real_fused(*a)) or fused[-1])
+    real_fused, real_rows = KF._fused_block, compiled.capture_rows
+    monkeypatch.setattr(KF, "_fused_block", lambda *a: fused.append(real_fused(*a)) or fused[-1])
     monkeypatch.setattr(compiled, "capture_rows", lambda *a, **k: calls.append(a[0].dtype) or real_rows(*a, **k))
     tm = capture_metrics(model, tokens)
     assert (calls and all(d == np.float32 for d in calls)) if faithful else (fused and all(fused))
@@ -310,7 +312,7 @@ def test_a_bfloat16_model_capture_equals_its_hook_pattern(monkeypatch):
     calls.clear()
     for i, l in enumerate(tm.layers):
         p, s = cache[hook_name(l, "pattern")], cache[hook_name(l, "attn_scores")]
-        got = M.capture_row_metrics(p, s, tm.q_norm[:, i], backend="compiled")
+        got = KF.capture_row_metrics(p, s, tm.q_norm[:, i], backend="compiled")
         want = _two_pass(p, s, tm.q_norm[:, i], 0.9)
         _check_half(_at(got, real), _at(want, real), torch.bfloat16)
     assert calls
@@ -322,5 +324,5 @@ def test_half_precision_without_scores_is_the_two_functions_in_float32(dtype):
     agreement (the fused NumPy kernel reads each half block into float32 once)."""
     p, _, q, _ = _half(43, dtype)
     p, q = p[:1], q[:1]  # unpadded
-    _check(M.capture_row_metrics(p, None, q, block_elements=2000), _two_pass(p, None, q, 0.9),
+    _check(KF.capture_row_metrics(p, None, q, block_elements=2000), _two_pass(p, None, q, 0.9),
            exact_counts=False)

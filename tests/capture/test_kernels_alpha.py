@@ -1,5 +1,5 @@
-"""The CPU α-sweep kernel (`metrics.alpha_row_metrics`) and its top-mass count
-(`metrics._top_count_from_chunks`) against plain float64 definitions: the count found in float32
+"""The CPU α-sweep kernel (`kernels.alpha.alpha_row_metrics`) and its top-mass count
+(`kernels.alpha._top_count_from_chunks`) against plain float64 definitions: the count found in float32
 chunk sums must be exactly the float64 count, also where a partial sum equals the limit."""
 
 import math
@@ -10,13 +10,15 @@ import reference as R
 import torch
 
 from spectra_lens import metrics as M
-from spectra_lens.metrics import (
+from spectra_lens.kernels import alpha as KA
+from spectra_lens.kernels import blocked as KB
+from spectra_lens.kernels.alpha import (
     _ALPHA_KEY_CHUNK,
     _ALPHA_PAD,
-    SWEEP_METRICS,
     _top_count_from_chunks,
     alpha_row_metrics,
 )
+from spectra_lens.metrics import SWEEP_METRICS
 
 
 def _plain_count(E: np.ndarray, lim: np.ndarray) -> list[int]:
@@ -125,7 +127,7 @@ def test_alpha_row_metrics_pieces_smaller_than_a_row_block(monkeypatch):
     z = _rows(11, 40, 33, 2.0)
     alphas = (0.5, 1.0, 3.0)
     whole = alpha_row_metrics(z, alphas, backend="numpy")
-    monkeypatch.setattr(M, "_ALPHA_PIECE", 7 * 48)  # 7 rows of 48 padded keys, ragged at the end
+    monkeypatch.setattr(KA, "_ALPHA_PIECE", 7 * 48)  # 7 rows of 48 padded keys, ragged at the end
     got = alpha_row_metrics(z, alphas, backend="numpy")
     for m in SWEEP_METRICS:
         torch.testing.assert_close(got[m], whole[m], atol=0, rtol=0)
@@ -165,7 +167,7 @@ def test_alpha_metrics_weighted_mean_of_the_row_kernel():
     w = torch.ones(2, 1, 40)
     w[1, :, :5] = 0
     alphas = (0.5, 1.0, 2.0)
-    got = M.alpha_metrics(s, visible, alphas, row_weight=w)
+    got = KA.alpha_metrics(s, visible, alphas, row_weight=w)
     rows = alpha_row_metrics(s.masked_fill(~visible, float("-inf")).reshape(-1, 40), alphas)
     for m in SWEEP_METRICS:
         v = rows[m].double().view(len(alphas), 2, 3, 40)
@@ -185,5 +187,5 @@ def test_local_gain_under_in_query_blocks_equals_the_whole_tensor():
     s0 = s.masked_fill(~visible, 0.0)
     mean = (p * s0).sum(-1, keepdim=True)
     want = -(p * (s0 - mean).square()).sum(-1)
-    torch.testing.assert_close(M.local_gain_under(p, s, visible), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(M.local_gain_under(p[0, 0, 5], s[0, 0, 5], visible[0, 0, 5]), want[0, 0, 5])
+    torch.testing.assert_close(KB.local_gain_under(p, s, visible), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(KB.local_gain_under(p[0, 0, 5], s[0, 0, 5], visible[0, 0, 5]), want[0, 0, 5])

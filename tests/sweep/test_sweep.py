@@ -8,22 +8,17 @@ import torch
 from torch.testing import assert_close
 
 from spectra_lens import metrics as M
-from spectra_lens.capture import (
-    KeyScale,
-    MetricCapture,
-    QueryScale,
-    SweepCapture,
-    attached,
-    count_hooks,
-)
+from spectra_lens.capture import MetricCapture, SweepCapture, attached, count_hooks
 from spectra_lens.errors import SpectraError
-from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics, pattern_metrics
+from spectra_lens.interventions import KeyScale, QueryScale, Scan
+from spectra_lens.kernels.alpha import alpha_metrics
+from spectra_lens.kernels.blocked import pattern_metrics
+from spectra_lens.metrics import SWEEP_METRICS
 from spectra_lens.stats.inference import t_interval
 from spectra_lens.sweep import (
     analytic_gain,
     head_curves,
     intervention_effects,
-    paired_intervention_effects,
 )
 from spectra_lens.validate import check_alphas
 
@@ -137,7 +132,7 @@ def test_fast_path_refused_where_not_bilinear(tiny, toks, family):
     exact = exact_head_sweep(model, toks, ALPHAS)
     torch.testing.assert_close(sweep.metrics.entropy, exact.metrics.entropy)
     # the softmax(α·s) prediction is really wrong here, so refusing it matters
-    sw = intervention_effects(model, toks, (4.0,), QueryScale(1, 0, 1.0), layers=[1], patterns_for=[(1, 0)])
+    sw = intervention_effects(model, toks, (4.0,), QueryScale.scan(1, 0), layers=[1], patterns_for=[(1, 0)])
     predicted = M.rescale_pattern(sw.base_patterns[(1, 0)], 4.0)
     assert (sw.patterns[(1, 0)][0] - predicted).abs().max() > 1e-4
     assert count_hooks(model) == 0
@@ -186,7 +181,7 @@ def test_analytic_gain_matches_central_difference(tiny, toks, family):
 
 def test_measured_metrics_equal_metric_capture(tiny, toks):
     model, layout = tiny("qwen3")
-    sweep = intervention_effects(model, toks, (1.0,), QueryScale(0, 0, 1.0))
+    sweep = intervention_effects(model, toks, (1.0,), QueryScale.scan(0, 0))
     cap = MetricCapture(layout)
     with torch.no_grad(), attached(model, cap):
         model(toks)
@@ -199,7 +194,7 @@ def test_measured_metrics_equal_metric_capture(tiny, toks):
 def test_exact_sweep_downstream_effects(tiny, toks):
     model, layout = tiny("llama_gqa")
     layer, head = 0, 1
-    sw = intervention_effects(model, toks, ALPHAS, QueryScale(layer, head, 1.0), patterns_for=[(layer, head)], max_rows=6)
+    sw = intervention_effects(model, toks, ALPHAS, QueryScale.scan(layer, head), patterns_for=[(layer, head)], max_rows=6)
     i1 = sw.alphas.index(1.0)
     assert sw.kl[i1].abs().max() == 0 and sw.delta_loss[i1].abs().max() == 0
     assert (sw.kl >= -1e-7).all() and (sw.kl[0] > 0).all()
@@ -216,7 +211,7 @@ def test_exact_sweep_downstream_effects(tiny, toks):
     torch.testing.assert_close(sw.patterns[(layer, head)][-1], M.rescale_pattern(sw.base_patterns[(layer, head)], 4.0),
                                atol=1e-5, rtol=1e-5)
     # chunking does not change anything
-    one = intervention_effects(model, toks, ALPHAS, QueryScale(layer, head, 1.0), max_rows=1)
+    one = intervention_effects(model, toks, ALPHAS, QueryScale.scan(layer, head), max_rows=1)
     torch.testing.assert_close(one.scaled.entropy, sw.scaled.entropy, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(one.kl, sw.kl, atol=1e-6, rtol=1e-4)
     frame = sw.head_frame(layer, head)
@@ -231,7 +226,7 @@ def test_exact_sweep_downstream_effects(tiny, toks):
 
 def test_paired_sweeps_hand_over_each_pass_in_step(tiny, toks):
     model, layout = tiny("llama_gqa")
-    ivs = {"q": QueryScale(1, 3, 1.0), "k": KeyScale(1, 1, 1.0)}
+    ivs = {"q": QueryScale.scan(1, 3), "k": KeyScale.scan(1, 1)}
     heads = [(1, 2), (1, 3)]
     seen = []
 
@@ -246,7 +241,8 @@ def test_paired_sweeps_hand_over_each_pass_in_step(tiny, toks):
         seen.extend((starts.pop(), i) for i in alphas.pop())
 
     grid = (0.5, 1.0, 2.0)
-    paired = paired_intervention_effects(model, toks, grid, ivs, take, layers=[1], patterns_for=heads, max_rows=2)
+    paired = intervention_effects(model, toks, grid, ivs, on_patterns=take, layers=[1], patterns_for=heads,
+                                  max_rows=2)
     # 3 sequences in blocks of 2 and 1, one α per pass; α = 1 comes with the unscaled pass
     assert sorted(seen) == [(s, i) for s in (0, 2) for i in range(len(grid))]
     for name, iv in ivs.items():
@@ -256,13 +252,27 @@ def test_paired_sweeps_hand_over_each_pass_in_step(tiny, toks):
             torch.testing.assert_close(paired[name].scaled.metric(n), alone.scaled.metric(n), atol=0, rtol=0)
         torch.testing.assert_close(paired[name].kl, alone.kl, atol=0, rtol=0)
         torch.testing.assert_close(paired[name].loss, alone.loss, atol=0, rtol=0)
-    with pytest.raises(SpectraError, match="at least one"):
-        paired_intervention_effects(model, toks, grid, {}, take)
+    with pytest.raises(SpectraError, match="non-empty"):
+        intervention_effects(model, toks, grid, {}, on_patterns=take)
+
+
+def test_a_scan_gets_its_value_as_an_argument_and_may_edit_several_heads(tiny, toks):
+    model, layout = tiny("llama_gqa")
+    both = Scan("heads 0 and 3", lambda a: [QueryScale(1, 0, a), QueryScale(1, 3, a)])
+    sw = intervention_effects(model, toks, (0.5, 2.0), both, layers=[1])
+    assert sw.intervention == "heads 0 and 3"
+    d = (sw.scaled.entropy - sw.unscaled.entropy[None])[:, :, 0].abs().amax((0, 1))  # [head]
+    assert d[0] > 1e-3 and d[3] > 1e-3
+    assert torch.all(d[[1, 2] + list(range(4, layout.n_heads))] == 0)
+    for h in (0, 3):
+        alone = intervention_effects(model, toks, (0.5, 2.0), QueryScale.scan(1, h), layers=[1])
+        assert alone.intervention == f"QueryScale(layer=1, head={h}, positions=None, alpha=grid)"
+        assert_close(sw.scaled.entropy[..., 0, h], alone.scaled.entropy[..., 0, h], atol=0, rtol=0)
 
 
 def test_exact_sweep_key_scaling_reaches_the_whole_group(tiny, toks):
     model, layout = tiny("llama_gqa")
-    sw = intervention_effects(model, toks, (0.5, 1.0, 2.0), KeyScale(1, 1, 1.0), layers=[1])
+    sw = intervention_effects(model, toks, (0.5, 1.0, 2.0), KeyScale.scan(1, 1), layers=[1])
     d = (sw.scaled.entropy - sw.unscaled.entropy[None])[:, :, 0]  # [alpha, batch, head]
     group = layout.heads_of_kv(1)
     assert group == (2, 3)
@@ -273,15 +283,15 @@ def test_exact_sweep_key_scaling_reaches_the_whole_group(tiny, toks):
 def test_exact_sweep_rejects_bad_input(tiny, toks):
     model, layout = tiny("gpt2")
     with pytest.raises(SpectraError, match="alpha"):
-        intervention_effects(model, toks, [], QueryScale(0, 0, 1.0))
+        intervention_effects(model, toks, [], QueryScale.scan(0, 0))
     with pytest.raises(SpectraError, match="> 0"):
-        intervention_effects(model, toks, [0.0, 1.0], QueryScale(0, 0, 1.0))
+        intervention_effects(model, toks, [0.0, 1.0], QueryScale.scan(0, 0))
     with pytest.raises(SpectraError, match="head"):
-        intervention_effects(model, toks, [1.0, 2.0], QueryScale(0, layout.n_heads, 1.0))
-    with pytest.raises(SpectraError, match="scaling dataclass"):
+        intervention_effects(model, toks, [1.0, 2.0], QueryScale.scan(0, layout.n_heads))
+    with pytest.raises(SpectraError, match="must be a Scan"):
         intervention_effects(model, toks, [1.0, 2.0], "q")
     with pytest.raises(SpectraError, match="min_position"):
-        intervention_effects(model, toks, [1.0, 2.0], QueryScale(0, 0, 1.0), min_position=toks.shape[1])
+        intervention_effects(model, toks, [1.0, 2.0], QueryScale.scan(0, 0), min_position=toks.shape[1])
     with pytest.raises(SpectraError, match="layer"):
         fast_sweep(model, toks, [1.0, 2.0], layers=[layout.n_layers])
     with pytest.raises(SpectraError, match="max_rows"):
@@ -291,7 +301,7 @@ def test_exact_sweep_rejects_bad_input(tiny, toks):
 
 def test_intervention_effects_of_one_head_match_its_own_curve(tiny, toks):
     model, _ = tiny("neox")
-    got = intervention_effects(model, toks, (0.5, 1.0, 2.0), QueryScale(1, 3, 1.0), layers=[1])
+    got = intervention_effects(model, toks, (0.5, 1.0, 2.0), QueryScale.scan(1, 3), layers=[1])
     assert got.scaled.layers == (1,)
     fast = fast_sweep(model, toks, (0.5, 1.0, 2.0))
     torch.testing.assert_close(got.scaled.entropy[:, :, 0, 3], fast.metrics.entropy[:, :, 1, 3], atol=1e-5, rtol=1e-6)
@@ -315,13 +325,13 @@ def test_padded_batches_give_the_per_sequence_results_of_unpadded_ones(tiny, fam
     toks, mask = torch.cat([a, bb]), torch.cat([torch.ones(1, 10, dtype=torch.long), mb])
     curves = head_curves(model, toks, alphas, attention_mask=mask)
     gain = analytic_gain(model, toks, attention_mask=mask)
-    effects = intervention_effects(model, toks, alphas, QueryScale(1, 0, 1.0), attention_mask=mask)
+    effects = intervention_effects(model, toks, alphas, QueryScale.scan(1, 0), attention_mask=mask)
     for i, alone in enumerate((a, b)):
         ref = head_curves(model, alone, alphas)
         for n in ("entropy", "max_attn", "k_eff_exp", "k_eff_top90"):
             assert_close(curves.metrics.metric(n)[:, i], ref.metrics.metric(n)[:, 0], atol=1e-5, rtol=1e-5)
         assert_close(gain[i], analytic_gain(model, alone)[0], atol=1e-5, rtol=1e-5)
-        ref_e = intervention_effects(model, alone, alphas, QueryScale(1, 0, 1.0))
+        ref_e = intervention_effects(model, alone, alphas, QueryScale.scan(1, 0))
         assert_close(effects.loss[:, i], ref_e.loss[:, 0], atol=1e-5, rtol=1e-5)
         assert_close(effects.kl[:, i], ref_e.kl[:, 0], atol=1e-5, rtol=1e-5)
         assert_close(effects.scaled.metric("entropy")[:, i], ref_e.scaled.metric("entropy")[:, 0],
@@ -333,7 +343,7 @@ def test_sweeps_refuse_tokens_beyond_the_context(tiny):
     too_long = torch.ones(1, model.cfg.n_ctx + 1, dtype=torch.long)
     for call in (lambda: head_curves(model, too_long, (1.0, 2.0)),
                  lambda: analytic_gain(model, too_long),
-                 lambda: intervention_effects(model, too_long, (1.0, 2.0), QueryScale(0, 0, 1.0))):
+                 lambda: intervention_effects(model, too_long, (1.0, 2.0), QueryScale.scan(0, 0))):
         with pytest.raises(SpectraError, match="exceed the model's context"):
             call()
 

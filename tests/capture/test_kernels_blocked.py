@@ -1,4 +1,4 @@
-"""The blocked capture kernel (`metrics.row_metrics`) against the single-metric definitions and
+"""The blocked capture kernel (`kernels.blocked.row_metrics`) against the single-metric definitions and
 against `hook_pattern`, at lengths where its query blocks, key extents and top-mass chunks all
 come into play, in float32 and half precision, and with both of its backends."""
 
@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 from spectra_lens import metrics as M
 from spectra_lens.capture import capture_metrics
+from spectra_lens.kernels import blocked as KB
 from spectra_lens.layout import hook_name
 from spectra_lens.models import bridge_from_hf
 
@@ -55,9 +56,9 @@ def _check(got, want, *, tol=1e-5):
 def test_row_metrics_equal_the_definitions(backend, n):
     s, p = _scores(2, 3, n)
     # small blocks: many query blocks, each over its own causal key extent
-    got = M.row_metrics(p, s, block_elements=4096, backend=backend)
+    got = KB.row_metrics(p, s, block_elements=4096, backend=backend)
     _check(got, _reference(p, s))
-    got = M.row_metrics(p, None, block_elements=4096, backend=backend)
+    got = KB.row_metrics(p, None, block_elements=4096, backend=backend)
     _check(got, _reference(p, None))
 
 
@@ -70,16 +71,16 @@ def test_row_metrics_with_a_non_causal_mask_and_top_mass_edges(backend):
     s[..., 40:, 3:9] = torch.finfo(torch.float32).min  # hidden keys inside the causal part
     p = torch.softmax(s, dim=-1)
     for mass in (0.5, 0.9, 0.99, 1.0):
-        got = M.row_metrics(p, s, top_mass=mass, block_elements=1000, backend=backend)
+        got = KB.row_metrics(p, s, top_mass=mass, block_elements=1000, backend=backend)
         _check(got, _reference(p, s, top_mass=mass))
-    lean = M.row_metrics(p, s, top_mass=None, backend=backend)
+    lean = KB.row_metrics(p, s, top_mass=None, backend=backend)
     assert torch.isnan(lean["k_eff_top90"]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_row_metrics_of_half_precision_inputs_are_float32_of_the_same_values(dtype):
     s, p = _scores(2, 3, 200, dtype=dtype)
-    got = M.row_metrics(p, s, block_elements=8192)
+    got = KB.row_metrics(p, s, block_elements=8192)
     assert all(v.dtype == torch.float32 for v in got.values())
     _check(got, _reference(p, s))  # the definitions upcast the same half-precision values
 

@@ -8,12 +8,13 @@ import torch
 from spectra_lens.experiments import intervention
 
 from spectra_lens import cli
-from spectra_lens.capture import QueryScale, count_hooks
+from spectra_lens.capture import count_hooks
 from spectra_lens.causal import choose_control_head
 from spectra_lens.config import InterventionConfig
 from spectra_lens.data.shards import write_shards
 from spectra_lens.errors import SpectraError
-from spectra_lens.metrics import alpha_metrics
+from spectra_lens.interventions import QueryScale
+from spectra_lens.kernels.alpha import alpha_metrics
 from spectra_lens.runs import pipeline
 from spectra_lens.sweep import intervention_effects
 
@@ -222,7 +223,7 @@ def _held_pattern_head_tables(model, layout, toks, cfg, heads) -> dict:
     `[α, batch, T, T]`, the fast path's prediction from all unscaled patterns at once."""
     out = {}
     for role, (l, h) in heads.items():
-        sw = intervention_effects(model, toks, cfg.alphas, QueryScale(l, h, 1.0),
+        sw = intervention_effects(model, toks, cfg.alphas, QueryScale.scan(l, h),
                                   layers=range(l, layout.n_layers), patterns_for=[(l, h)],
                                   min_position=cfg.min_position, max_rows=cfg.max_rows)
         assert sw.patterns[(l, h)].shape == (len(cfg.alphas), *toks.shape, toks.shape[1])
