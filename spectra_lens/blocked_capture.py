@@ -246,7 +246,7 @@ def _sdpa_masks(model) -> Iterator[None]:
         try:
             hf.set_attn_implementation("sdpa")
             switched = True
-        except (ValueError, ImportError, AttributeError):
+        except (ValueError, ImportError, AttributeError, TypeError, NotImplementedError):
             pass
     try:
         yield
