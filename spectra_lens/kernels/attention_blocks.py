@@ -30,6 +30,7 @@ from torch import Tensor
 
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
+from spectra_lens.kernels.fused import capture_row_metrics
 
 __all__ = ["BLOCK_ELEMENTS", "attention_blocks", "block_rows"]
 
@@ -178,7 +179,7 @@ def attention_blocks(
                 zb = zb.masked_fill(empty.expand(b, h, q1 - q0)[..., None], 0.0)
             z[:, q0:q1] = zb.transpose(1, 2)
             if metrics:
-                got = M.capture_row_metrics(p, s, q_norm[:, :, q0:q1], top_mass=top_mass)
+                got = capture_row_metrics(p, s, q_norm[:, :, q0:q1], top_mass=top_mass)
                 if sink_index is not None:
                     idx = sink_index.to(device).view(b, 1, 1, 1).expand(b, h, q1 - q0, 1)
                     got["sink_mass"] = p.gather(-1, idx.clamp_max(q1 - 1)).squeeze(-1).masked_fill(

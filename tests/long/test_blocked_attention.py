@@ -11,17 +11,11 @@ import torch
 
 from spectra_lens import metrics as M
 from spectra_lens.blocked_capture import BlockedCapture, blocked_attention, capture_metrics_blocked
-from spectra_lens.capture import (
-    METRIC_NAMES,
-    KeyScale,
-    LogitScale,
-    QueryScale,
-    attached,
-    capture_metrics,
-    count_hooks,
-)
+from spectra_lens.capture import METRIC_NAMES, attached, capture_metrics, count_hooks
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import KeyScale, LogitScale, QueryScale
 from spectra_lens.kernels.attention_blocks import attention_blocks
+from spectra_lens.kernels.fused import capture_row_metrics
 from spectra_lens.layout import hook_name
 from spectra_lens.testing import FAMILIES
 
@@ -74,7 +68,7 @@ def _reference(q, k, v, scale, visible, softcap=None, slopes=None, sink=None):
     s = s.masked_fill(~visible, torch.finfo(torch.float32).min)
     p = torch.softmax(s, -1)
     z = torch.einsum("bhqk,bkhd->bqhd", p, vv)
-    got = M.capture_row_metrics(p, s, M.vector_norm(q).transpose(1, 2))
+    got = capture_row_metrics(p, s, M.vector_norm(q).transpose(1, 2))
     if sink is not None:
         got["sink_mass"] = p.gather(-1, sink.view(b, 1, 1, 1).expand(b, h, n, 1)).squeeze(-1)
     return z, got
