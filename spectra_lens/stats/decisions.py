@@ -215,9 +215,9 @@ def equivalence_p(estimate_lower, se_lower, df_lower, estimate_upper, se_upper, 
         t_upper = sign * eu / su
         p_lower = stats.t.sf(t_lower, dl)
         p_upper = stats.t.cdf(t_upper, du)
-    p = np.maximum(p_lower, p_upper)
-    return {"t_lower": t_lower, "t_upper": t_upper, "p_lower": p_lower, "p_upper": p_upper,
-            "p": np.where(np.isnan(p_lower) | np.isnan(p_upper), np.nan, p)}
+    p = np.where(np.isnan(p_lower) | np.isnan(p_upper), np.nan, np.maximum(p_lower, p_upper))
+    out = {"t_lower": t_lower, "t_upper": t_upper, "p_lower": p_lower, "p_upper": p_upper, "p": p}
+    return {k: np.asarray(v, dtype=float) for k, v in out.items()}
 
 
 def verdict(p_equivalence, q_difference, slope, gain, slope_low, slope_high, *,
