@@ -91,7 +91,7 @@ class ObservationalResult:
             self.head_summary["r_logq_entropy"].abs().sort_values(ascending=False).index
         ).head(10)
         cols = ["layer", "head", "r_logq_entropy", "r_logq_entropy_given_pos",
-                "r_logq_entropy_given_pos_sink", "q_doc_cr2_logq_entropy", "significant"]
+                "r_logq_entropy_mediator_adjusted", "q_doc_cr2_logq_entropy", "significant"]
         return (f"<b>{self!r}</b><br>strongest heads:"
                 + top[cols].to_html(index=False, float_format="%.3g"))
 
@@ -249,7 +249,7 @@ def analyze(moments: DocumentMoments, cfg: ObservationalConfig, *,
     summary = decisions.head_statistics(moments, n_boot=cfg.n_boot, alpha=alpha, seed=cfg.seed)
     keys = ["layer", "head"]
     test = "doc_cr2"
-    for c in ("", "_given_pos", "_given_pos_sink"):
+    for c in ("", "_given_pos", "_mediator_adjusted"):  # BH family: every head, per column
         summary["significant" + c] = summary[f"q_{test}_logq_entropy{c}"] < alpha
     # The original project's columns, with its meaning: r of ‖q‖ (not its log), token-level p.
     original = {"sample_id": 0}
@@ -275,10 +275,11 @@ def analyze(moments: DocumentMoments, cfg: ObservationalConfig, *,
     lead = list(ORIGINAL_SIGNIFICANT) + [
         "significant", "r_logq_entropy", "slope_logq_entropy", "slope_ci_low_logq_entropy",
         "slope_ci_high_logq_entropy", f"p_{test}_logq_entropy", f"q_{test}_logq_entropy",
-        "significant_given_pos", "r_logq_entropy_given_pos", "significant_given_pos_sink",
-        "r_logq_entropy_given_pos_sink", "n_documents"]
+        "significant_given_pos", "r_logq_entropy_given_pos", "significant_mediator_adjusted",
+        "r_logq_entropy_mediator_adjusted", "n_documents"]
     summary = summary[lead + [c for c in summary.columns if c not in lead]]
-    agreement = decisions.agreement(moments, finite_difference=finite_difference)
+    agreement = decisions.agreement(moments, margin=cfg.equivalence_margin, alpha=alpha,
+                                    finite_difference=finite_difference)
     return {
         "head_summary": summary,
         "significant_heads": summary[summary["significant"]].reset_index(drop=True),
@@ -300,8 +301,8 @@ def _layer_statistics(summary: pd.DataFrame) -> pd.DataFrame:
         "mean_r_logq_entropy": by["r_logq_entropy"].mean(),
         "mean_abs_r_logq_entropy": by["r_logq_entropy"].apply(lambda r: r.abs().mean()),
         "mean_r_logq_entropy_given_pos": by["r_logq_entropy_given_pos"].mean(),
-        "mean_r_logq_entropy_given_pos_sink": by["r_logq_entropy_given_pos_sink"].mean(),
-        "frac_significant_given_pos_sink": by["significant_given_pos_sink"].mean(),
+        "mean_r_logq_entropy_mediator_adjusted": by["r_logq_entropy_mediator_adjusted"].mean(),
+        "frac_significant_mediator_adjusted": by["significant_mediator_adjusted"].mean(),
         "median_slope_logq_entropy_given_pos": by["slope_logq_entropy_given_pos"].median(),
     })
     return out.rename_axis("layer").reset_index()
@@ -310,32 +311,37 @@ def _layer_statistics(summary: pd.DataFrame) -> pd.DataFrame:
 OUTPUTS = O.Outputs(
     "EXP0", "observational: query norm vs attention entropy", "spectra-lens observe",
     (
-        O.Table("agreement.csv", "observational slope vs causal gain, per head (verdict rule: "
-                "stats.decisions.VERDICT_RULE)", ("obs_slope",),
-                ("layer", "head", "verdict", "obs_slope", "obs_slope_ci_low", "obs_slope_ci_high",
-                 "gain_analytic", "gain_fd", "ratio", "temperature_share", "obs_slope_raw")),
+        O.Table("agreement.csv", "observational slope (given log position) vs causal gain, per "
+                "head: equivalence (TOST) and difference tests (verdict rule: "
+                "stats.decisions.verdict_rule, margin in the manifest)", ("obs_slope",),
+                ("layer", "head", "verdict", "direction", "obs_slope", "obs_slope_ci_low",
+                 "obs_slope_ci_high", "gain_analytic", "gain_ci_low", "gain_ci_high",
+                 "difference", "difference_se", "p_difference_doc_cr2", "q_difference_doc_cr2",
+                 "p_equivalence", "equivalence_margin", "gain_fd", "ratio", "temperature_share",
+                 "obs_slope_raw")),
         O.Table("agreement_summary.csv", "agreement across heads and by layer", (),
-                ("layer", "n_heads", "n_agrees", "n_opposite_sign", "n_weaker_than_temperature",
-                 "n_stronger_than_temperature", "n_no_norm_effect_seen", "n_inconclusive",
-                 "spearman_obs_slope_gain", "median_ratio"), rows=200),
+                ("layer", "n_heads", "n_equivalent_to_a_temperature", "n_differs",
+                 "n_undetermined", "n_differs_weaker", "n_differs_stronger",
+                 "n_differs_opposite_sign", "spearman_obs_slope_gain", "median_ratio"),
+                rows=200),
         O.Table("head_summary.csv", "strongest heads", ("r_logq_entropy",),
                 ("layer", "head", "mean_q_norm", "mean_entropy", "r_logq_entropy",
                  "r_ci_low_logq_entropy", "r_ci_high_logq_entropy", "q_doc_cr2_logq_entropy",
-                 "r_logq_entropy_given_pos", "r_logq_entropy_given_pos_sink",
-                 "q_doc_cr2_logq_entropy_given_pos_sink", "r_logq_entropy_nosink",
-                 "r_logq_log_dir_spread", "significant", "significant_given_pos_sink",
+                 "r_logq_entropy_given_pos", "r_logq_entropy_mediator_adjusted",
+                 "q_doc_cr2_logq_entropy_mediator_adjusted", "r_logq_entropy_nosink",
+                 "r_logq_log_dir_spread", "significant", "significant_mediator_adjusted",
                  "consistent", "replicated", "n_documents")),
         O.Table("significant_heads.csv", "significant heads (document-clustered CR2 test, BH)",
                 ("r_logq_entropy",), ORIGINAL_SIGNIFICANT + (
-                    "r_logq_entropy", "q_doc_cr2_logq_entropy", "r_logq_entropy_given_pos_sink")),
+                    "r_logq_entropy", "q_doc_cr2_logq_entropy", "r_logq_entropy_mediator_adjusted")),
         O.Table("consistent_heads.csv", "heads consistent across document folds",
                 ("frac_significant_same_sign",),
                 ("layer", "head", "n_folds", "frac_same_sign", "frac_significant_same_sign",
                  "consistent")),
         O.Table("layer_statistics.csv", "layer statistics", (),
                 ORIGINAL_LAYER + ("n_heads", "mean_r_logq_entropy",
-                                  "mean_r_logq_entropy_given_pos_sink",
-                                  "frac_significant_given_pos_sink"), rows=200),
+                                  "mean_r_logq_entropy_mediator_adjusted",
+                                  "frac_significant_mediator_adjusted"), rows=200),
         O.Table("strongest_heads_sample.csv", "sampled tokens of the strongest heads", (), (), rows=0),
     ),
 )
@@ -368,14 +374,15 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
         out["heatmap_r_logq_entropy"] = figs.head_heatmap(
             summary, "r_logq_entropy", mark="significant",
             title="r(ln‖q‖, entropy) per head (dots: significant, document-clustered test)")
-        out["heatmap_r_logq_entropy_given_pos_sink"] = figs.head_heatmap(
-            summary, "r_logq_entropy_given_pos_sink", mark="significant_given_pos_sink",
-            title="partial r(ln‖q‖, entropy | ln position, sink mass)")
+        out["heatmap_r_logq_entropy_mediator_adjusted"] = figs.head_heatmap(
+            summary, "r_logq_entropy_mediator_adjusted", mark="significant_mediator_adjusted",
+            title="partial r(ln‖q‖, entropy | ln position, sink mass): mediator-adjusted")
         out["heatmap_r_logq_entropy_nosink"] = figs.head_heatmap(
             summary, "r_logq_entropy_nosink", title="r(ln‖q‖, entropy without the first key)")
         out["r_distribution"] = figs.r_distribution(
             summary, {"r_logq_entropy": "raw r", "r_logq_entropy_given_pos": "| ln position",
-                      "r_logq_entropy_given_pos_sink": "| ln position, sink mass"},
+                      "r_logq_entropy_mediator_adjusted": "| ln position, sink mass "
+                                                          "(mediator-adjusted)"},
             title="per-head r(ln‖q‖, entropy), raw and controlled")
     if tables.get("layer_statistics") is not None:
         out["layer_statistics"] = figs.layer_summary(
@@ -537,7 +544,11 @@ def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[P
                                  / manifest.n_sequences),
         n_tokens_per_head=int(moments.n.sum() / max(1, len(moments.layers))),
         test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.inference.cluster_wald)",
-        verdict_rule=decisions.VERDICT_RULE,
+        verdict_rule=decisions.verdict_rule(cfg.equivalence_margin, cfg.fdr_alpha),
+        equivalence_margin=cfg.equivalence_margin,
+        headline="slope and partial r of entropy on ln ||q|| given ln(position + 1); "
+                 "*_mediator_adjusted: given ln(position + 1) and the sink mass, a mediator of "
+                 "the norm's effect (scaling q changes it), not a confounder",
         verdicts=tables["agreement"]["verdict"].value_counts().to_dict(),
         seed=cfg.seed, **info,
     )
@@ -612,11 +623,12 @@ def command(cfg: ObservationalConfig, *, progress: bool = True) -> int:
     s = result.head_summary
     print(f"{len(s)} heads over {int(s['n_documents'].max())} documents; significant (BH "
           f"q<{cfg.fdr_alpha}, document-clustered CR2 test): {len(result.significant_heads)} raw, "
-          f"{int(s['significant_given_pos_sink'].sum())} given log position and sink mass; "
+          f"{int(s['significant_mediator_adjusted'].sum())} given log position and sink mass "
+          f"(mediator-adjusted); "
           f"consistent across document folds: {len(result.consistent_heads)}")
     print(f"median r(ln|q|, H) = {s['r_logq_entropy'].median():+.3f}; | ln position: "
-          f"{s['r_logq_entropy_given_pos'].median():+.3f}; | ln position, sink: "
-          f"{s['r_logq_entropy_given_pos_sink'].median():+.3f}")
+          f"{s['r_logq_entropy_given_pos'].median():+.3f}; | ln position, sink (mediator-adjusted): "
+          f"{s['r_logq_entropy_mediator_adjusted'].median():+.3f}")
     a = result.agreement_summary.iloc[0]
     print(f"agreement (observational slope vs causal gain): "
           f"{result.agreement['verdict'].value_counts().to_dict()}; "

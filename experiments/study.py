@@ -118,7 +118,8 @@ def summarize_cell(obs_dir: Path, gain_dir: Path | None = None) -> dict:
     manifest = _json(obs_dir / "manifest.json")
     r = _first(summary, "r_logq_entropy", "r_entropy", "r_q_entropy", "correlation")
     sig = summary["significant"].astype(bool) if "significant" in summary.columns else None
-    partial = _first(summary, "r_logq_entropy_given_pos_sink", "partial_r_entropy_sink",
+    partial = _first(summary, "r_logq_entropy_mediator_adjusted", "r_logq_entropy_given_pos_sink",
+                     "partial_r_entropy_sink",
                      "r_logq_entropy_given_pos", "partial_r_entropy")
     slope = _first(agreement, "obs_slope")
     gain = _first(agreement, "gain_analytic", "analytic_gain")
@@ -138,7 +139,7 @@ def summarize_cell(obs_dir: Path, gain_dir: Path | None = None) -> dict:
         "spearman_slope_gain": (float(sps.spearmanr(slope, gain, nan_policy="omit").statistic)
                                 if slope is not None and gain is not None else math.nan),
         "median_temperature_share": _median(_first(agreement, "temperature_share")),
-        "frac_agree": (_share(verdict.str.startswith("agree")) if verdict is not None else math.nan),
+        "frac_agree": (_share(verdict.str.startswith(("agree", "equivalent"))) if verdict is not None else math.nan),
         "median_gain_entropy": math.nan,
         "frac_monotonic": math.nan,
         "observational_dir": str(obs_dir),

@@ -78,6 +78,7 @@ class ObservationalConfig(RunOptions):
     fd_sequences: int = 4  # sequences from distinct documents for the finite-difference gain; 0 skips
     fdr_alpha: float = 0.05  # Benjamini-Hochberg false discovery rate across all heads
     consistency_threshold: float = 0.8  # share of document folds that must agree for "consistent"
+    equivalence_margin: float = 0.2  # "equivalent to a temperature": slope/gain within 1 ± this (TOST)
     top_heads: int = 6  # strongest heads shown in the query-norm vs entropy scatter
 
     def validate(self) -> None:
@@ -104,6 +105,9 @@ class ObservationalConfig(RunOptions):
             raise SpectraError(f"fdr_alpha must be in (0, 1), got {self.fdr_alpha!r}")
         if not 0 < self.consistency_threshold <= 1:
             raise SpectraError(f"consistency_threshold must be in (0, 1], got {self.consistency_threshold!r}")
+        if not 0 < self.equivalence_margin < 1:
+            raise SpectraError(f"equivalence_margin must be in (0, 1) (a share of |gain|), got "
+                               f"{self.equivalence_margin!r}")
 
 
 def _check_images(images) -> None:
@@ -299,6 +303,8 @@ FLAG_HELP: dict[str, str] = {
     "fd_sequences": "sequences (from distinct documents) for the finite-difference gain; 0 skips it",
     "fdr_alpha": "Benjamini-Hochberg false discovery rate across all heads",
     "consistency_threshold": "share of document folds that must agree for a head to count as consistent",
+    "equivalence_margin": "equivalence margin of the agreement verdict: the slope/gain ratio must "
+                          "lie within 1 +- this (two one-sided tests)",
     "top_heads": "strongest heads shown in the query-norm vs entropy scatter",
     "target_layer": "layer of the studied head",
     "target_head": "the studied head in the target layer",

@@ -173,9 +173,11 @@ def test_planted_query_scale_is_found(bridge, corpus, finished, tmp_path):
     assert row["r_ci_high_logq_entropy"] < 0 and row["significant"]
     assert row["r_logq_entropy"] == summary["r_logq_entropy"].min()
     assert row["r_logq_entropy"] < head_row(base, layer, head)["r_logq_entropy"] - 0.3
-    # A pure temperature: the observed slope is the causal gain on the same tokens.
+    # A pure temperature: the observed slope is the causal gain on the same tokens (slope = gain
+    # is not rejected; 12 documents are too few to show equivalence within ±20%).
     agree = head_row(result.agreement, layer, head)
-    assert agree["verdict"] == "agrees" and 0.7 < agree["ratio"] < 1.3
+    assert agree["verdict"] in ("equivalent to a temperature", "undetermined")
+    assert agree["q_difference_doc_cr2"] >= 0.05 and 0.7 < agree["ratio"] < 1.3
     # Every other head saw exactly the same tokens and attention as without the plant.
     others = ~((summary["layer"] == layer) & (summary["head"] == head))
     np.testing.assert_allclose(summary.loc[others, "r_logq_entropy"],
@@ -236,10 +238,10 @@ def test_tables_carry_the_original_and_our_columns(finished):
     assert len(summary) == 2 * 4 and not summary.duplicated(["layer", "head"]).any()
     ours = ["r_logq_entropy", "slope_logq_entropy", "p_doc_cr2_logq_entropy",
             "q_doc_cr2_logq_entropy", "r_logq_entropy_given_pos",
-            "r_logq_entropy_given_pos_sink", "p_doc_cr2_logq_entropy_given_pos_sink",
+            "r_logq_entropy_mediator_adjusted", "p_doc_cr2_logq_entropy_mediator_adjusted",
             "r_ci_low_logq_entropy", "r_ci_high_logq_entropy", "r_logq_entropy_nosink",
             "r_logq_log_dir_spread", "p_token_logq_entropy", "significant",
-            "significant_given_pos_sink", "n_folds", "consistent", "selected", "replicated",
+            "significant_mediator_adjusted", "n_folds", "consistent", "selected", "replicated",
             "n_tokens", "n_documents", "mean_q_norm", "mean_entropy", "mean_k_eff_top90"]
     assert set(observational.ORIGINAL_SIGNIFICANT + tuple(ours)) <= set(summary.columns)
     assert (summary["r_ci_low_logq_entropy"] <= summary["r_ci_high_logq_entropy"]).all()
@@ -305,14 +307,15 @@ def test_manifest_records_versions_timings_and_provenance(finished):
     assert "SmolLM2" not in m["model"]["spec"]  # a pre-loaded model is not the default's name
     assert m["n_sequences"] == 12 and m["seq_len"] == 24 and m["resumed"] is False
     assert m["n_tokens_per_head"] == 12 * 23 and m["n_documents"] == 12
-    assert m["max_document_share"] == pytest.approx(1 / 12) and "agrees" in m["verdict_rule"]
+    assert m["max_document_share"] == pytest.approx(1 / 12) and "equivalent to a temperature" in m["verdict_rule"]
+    assert m["equivalence_margin"] == 0.2 and "±0.2·|g|" in m["verdict_rule"]
     assert "text files" in m["corpus"]
 
 
 def test_figures_exist_and_hold_data(finished):
     out = Path(finished[0].out)
     figures = out / "figures"
-    names = {"heatmap_r_logq_entropy", "heatmap_r_logq_entropy_given_pos_sink",
+    names = {"heatmap_r_logq_entropy", "heatmap_r_logq_entropy_mediator_adjusted",
              "heatmap_r_logq_entropy_nosink", "r_distribution", "layer_statistics", "agreement",
              "scatter_strongest_heads"}
     assert {p.stem for p in figures.glob("*.html")} == names

@@ -12,7 +12,8 @@ shards, runs or ranks is concatenation.
 - `spectra_lens.stats.inference`: the one Pearson correlation, partial correlations, the
   document-clustered Wald test, the document bootstrap, Benjamini–Hochberg FDR, t intervals.
 - `spectra_lens.stats.decisions`: per-head tables and their rules: `head_statistics`, the
-  agreement of the observational slope with the causal gain and its verdict, consistency across
+  agreement of the observational slope with the causal gain and its verdict (an equivalence
+  test and a test of equality on their joint clustered variance), consistency across
   document folds, replication on held-out documents.
 - `spectra_lens.stats.fits`: fits of a metric against ln α (the gain over a grid of scales).
 """

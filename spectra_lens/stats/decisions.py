@@ -21,33 +21,44 @@ from spectra_lens.stats.inference import (
     _quantiles,
     _residual_corr,
     _t_pvalue,
-    cluster_mean,
+    cluster_mean_cr2,
     cluster_wald,
     fdr,
     pearson,
+    slope_minus_mean,
 )
 from spectra_lens.stats.moments import DocumentMoments, _require_columns
 
-__all__ = ["CONTROLS", "SMALL_G", "VERDICTS", "VERDICT_RULE", "agreement", "agreement_summary",
-           "document_folds", "document_replication", "fold_consistency", "head_statistics",
-           "verdict"]
+__all__ = ["CONTROLS", "DIRECTIONS", "EQUIVALENCE_MARGIN", "HEADLINE", "SMALL_G", "VERDICTS", "VERDICT_RULE",
+           "agreement", "agreement_summary", "document_folds", "document_replication",
+           "equivalence_p", "fold_consistency", "head_statistics", "verdict", "verdict_rule"]
 
 
 # Below this many documents the clustered test (CR1, t with G − 1 df) is flagged as fragile.
 SMALL_G = 30
 # Covariates and norms, not outcomes: head_statistics tests the other variables against ln‖q‖.
 _NOT_OUTCOMES = ("q_norm", "log_k_norm", "log_position", "sink_mass", "local_gain")
-# The controls of every association: none, log position, log position and sink mass.
+# The controls of every association: none, log position (the headline: position confounds
+# ln‖q‖ and entropy), and log position with the sink mass. Scaling q changes the first key's
+# mass (∂p₀/∂ln α = p₀(s₀ − E_p[s])): the sink mass is a mediator of the norm's effect, not a
+# confounder, so the association given it is labelled mediator-adjusted, never the headline.
 CONTROLS: dict[str, tuple[str, ...]] = {
     "": (),
     "pos": ("log_position",),
-    "pos_sink": ("log_position", "sink_mass"),
+    "mediator_adjusted": ("log_position", "sink_mass"),
 }
+# The control of the headline slope (agreement, fold consistency, replication).
+HEADLINE = "pos"
 
 
 def _name(stat: str, y: str, control: str) -> str:
-    """Column name: `{stat}_logq_{y}` with `_given_{control}` for a controlled association."""
-    return f"{stat}_logq_{y}" + (f"_given_{control}" if control else "")
+    """Column name: `{stat}_logq_{y}`, with `_given_{control}` for a control set other than
+    "mediator_adjusted", which gives `_mediator_adjusted` (given log position and sink mass)."""
+    if not control:
+        return f"{stat}_logq_{y}"
+    if control == "mediator_adjusted":
+        return f"{stat}_logq_{y}_mediator_adjusted"
+    return f"{stat}_logq_{y}_given_{control}"
 
 
 def head_statistics(
@@ -65,8 +76,9 @@ def head_statistics(
 ) -> pd.DataFrame:
     """Per head, the association of each y with x = ln ‖q‖, raw and controlled, from moments.
 
-    For every y and every control set c in `controls` ("" none, "pos" = log position,
-    "pos_sink" = log position and sink mass) the columns (names from `_name`) are:
+    For every y and every control set c in `controls` ("" none, "pos" = log position, the
+    headline; "mediator_adjusted" = log position and sink mass, a mediator) the columns (names
+    from `_name`) are:
 
     - `r_logq_{y}[_given_c]`: Pearson r (partial r given c), and `r2_…` its square;
     - `slope_logq_{y}[_given_c]`: OLS coefficient of ln ‖q‖ for y on [1, ln ‖q‖, c] in units of
@@ -74,7 +86,8 @@ def head_statistics(
       document-clustered t interval from the same test;
     - `p_doc_{test}_…`: the two-sided document-clustered Wald test (`cluster_wald`, `test` =
       "cr2" or "cr1") of that coefficient = 0, which is also the test of
-      r = 0 (partial r = 0); `q_doc_{test}_…` its Benjamini–Hochberg q over heads;
+      r = 0 (partial r = 0); `q_doc_{test}_…` its Benjamini–Hochberg q, the family being every
+      head of the table (one family per column: per y and control set);
     - `r_ci_low/high_…`: percentile interval of r over `n_boot` resamples of documents (each
       resample adds the chosen documents' moments: multinomial counts × moments);
     - `p_token_…`: the t-test that treats tokens as independent (n − 2 − k df); shown only to
@@ -152,51 +165,111 @@ def _warn_undefined(summary: pd.DataFrame, columns: list[str]) -> None:
             )
 
 
-VERDICT_RULE = (
-    "g = the analytic causal gain (mean of −Var_p(s) over the head's tokens, the entropy change "
-    "per unit ln α when the head's query is scaled); [lo, hi] = the document-clustered interval "
-    "of the observational slope dH/d ln‖q‖ given log position. 'agrees': lo ≤ g ≤ hi and hi < 0 "
-    "(a negative slope, as large as a pure temperature predicts); 'stronger than temperature': "
-    "hi < g; 'weaker than temperature': g < lo and hi < 0; 'opposite sign': lo > 0 (entropy rises "
-    "with ‖q‖ although scaling q lowers it); 'no norm effect seen': lo ≤ 0 ≤ hi and g outside "
-    "[lo, hi]; 'inconclusive': lo ≤ 0 ≤ hi and g inside [lo, hi]."
-)
+# The equivalence margin of the verdict: "equivalent to a temperature" needs b/g within 1 ± this.
+EQUIVALENCE_MARGIN = 0.2
+VERDICTS = ("equivalent to a temperature", "differs", "undetermined")
+DIRECTIONS = ("weaker", "stronger", "opposite sign")
 
 
-VERDICTS = ("agrees", "stronger than temperature", "weaker than temperature", "opposite sign",
-            "no norm effect seen", "inconclusive")
+def verdict_rule(margin: float = EQUIVALENCE_MARGIN, alpha: float = 0.05) -> str:
+    """The verdict rule in words, with its margin and level (`VERDICT_RULE` at the defaults)."""
+    lo, hi = 1 - margin, 1 + margin
+    return (
+        "b = the observational slope dH/d ln‖q‖ given log position (OLS of entropy on [1, ln‖q‖, "
+        "ln(position + 1)]); g = the analytic causal gain (mean over the head's tokens of "
+        "−Var_p(s), dH/d ln α when the query is scaled). Both come from the same documents: "
+        "every contrast b − a·g has a joint document-clustered CR2 variance (per-document scores "
+        "of both, so their covariance counts) and Bell–McCaffrey degrees of freedom "
+        "(stats.inference.slope_minus_mean). 'equivalent to a temperature': two one-sided tests "
+        f"at level {alpha:g} reject both b/g ≤ {lo:g} and b/g ≥ {hi:g} (margin ±{margin:g}·|g|; "
+        f"the tests of b − {lo:g}·g and b − {hi:g}·g toward the inside, TOST p = the larger "
+        f"one-sided p < {alpha:g}). 'differs': the two-sided test of b = g (b − g with the joint "
+        f"variance) has Benjamini–Hochberg q < {alpha:g}, the family being every head of the run "
+        "with a defined test, and the head is not equivalent. 'undetermined': neither. "
+        "direction, for every head whose test of b = g has q < "
+        f"{alpha:g}: 'stronger' when b − g has the sign of g (|b| > |g|), else 'weaker' "
+        "(|b| < |g|), or 'opposite sign' when the slope's own 95% interval lies wholly on the "
+        "other side of 0 from g; empty otherwise. A wider interval (more noise) can only raise "
+        "the TOST p, so it never makes a head equivalent."
+    )
 
 
-def verdict(slope_low, slope_high, gain) -> np.ndarray:
-    """The per-head verdict in words from the slope interval and the causal gain (`VERDICT_RULE`)."""
-    lo, hi, g = (np.asarray(a, dtype=float) for a in (slope_low, slope_high, gain))
-    out = np.full(lo.shape, "undefined", dtype=object)
-    covers_zero = (lo <= 0) & (hi >= 0)
-    covers_g = (lo <= g) & (g <= hi)
-    out[(hi < 0) & covers_g] = "agrees"
-    out[hi < g] = "stronger than temperature"
-    out[(g < lo) & (hi < 0)] = "weaker than temperature"
-    out[lo > 0] = "opposite sign"
-    out[covers_zero & ~covers_g] = "no norm effect seen"
-    out[covers_zero & covers_g] = "inconclusive"
-    return out
+VERDICT_RULE = verdict_rule()
 
 
-def agreement(moments: DocumentMoments, *, control: str = "pos", test: str = "cr2",
-              ci: float = 0.95, finite_difference: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per head: the observational slope dH/d ln‖q‖ against the causal gain on the same tokens.
+def equivalence_p(estimate_lower, se_lower, df_lower, estimate_upper, se_upper, df_upper,
+                  gain) -> dict[str, np.ndarray]:
+    """Two one-sided tests that the ratio b/g lies inside (1 − m, 1 + m).
+
+    `estimate_lower` = b − (1 − m)·g and `estimate_upper` = b − (1 + m)·g with their standard
+    errors and degrees of freedom; s = sign(g). b/g > 1 − m ⇔ s·estimate_lower > 0 and
+    b/g < 1 + m ⇔ s·estimate_upper < 0, so t_lower = s·estimate_lower/se_lower with
+    p_lower = P(T > t_lower), t_upper = s·estimate_upper/se_upper with p_upper = P(T < t_upper),
+    and the TOST p = max(p_lower, p_upper). NaN where any input is NaN or g = 0.
+    """
+    el, sl, dl, eu, su, du, g = (np.asarray(v, dtype=float) for v in (
+        estimate_lower, se_lower, df_lower, estimate_upper, se_upper, df_upper, gain))
+    sign = np.where(g != 0, np.sign(g), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t_lower = sign * el / sl
+        t_upper = sign * eu / su
+        p_lower = stats.t.sf(t_lower, dl)
+        p_upper = stats.t.cdf(t_upper, du)
+    p = np.where(np.isnan(p_lower) | np.isnan(p_upper), np.nan, np.maximum(p_lower, p_upper))
+    out = {"t_lower": t_lower, "t_upper": t_upper, "p_lower": p_lower, "p_upper": p_upper, "p": p}
+    return {k: np.asarray(v, dtype=float) for k, v in out.items()}
+
+
+def verdict(p_equivalence, q_difference, slope, gain, slope_low, slope_high, *,
+            alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(verdict, direction) per head from the TOST p, the BH q of b = g, the slope b with its
+    interval and the gain g (`VERDICT_RULE`). NaN inputs give "undefined" and no direction."""
+    _check_probability("alpha", alpha)
+    pe, qd, b, g, lo, hi = (np.asarray(v, dtype=float) for v in (
+        p_equivalence, q_difference, slope, gain, slope_low, slope_high))
+    defined = ~(np.isnan(pe) | np.isnan(qd) | np.isnan(b) | np.isnan(g))
+    equivalent = defined & (pe < alpha)
+    differs = defined & (qd < alpha)
+    out = np.full(pe.shape, "undefined", dtype=object)
+    out[defined] = "undetermined"
+    out[differs] = "differs"
+    out[equivalent] = "equivalent to a temperature"
+    direction = np.full(pe.shape, "", dtype=object)
+    same = np.sign(b - g) == np.sign(g)
+    other_side = np.where(g < 0, lo > 0, hi < 0)
+    direction[differs & same] = "stronger"
+    direction[differs & ~same] = "weaker"
+    direction[differs & ~same & other_side] = "opposite sign"
+    return out, direction
+
+
+def agreement(moments: DocumentMoments, *, control: str = HEADLINE, test: str = "cr2",
+              ci: float = 0.95, margin: float = EQUIVALENCE_MARGIN, alpha: float = 0.05,
+              finite_difference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per head: the observational slope dH/d ln‖q‖ against the causal gain on the same tokens,
+    and the verdict of `verdict_rule(margin, alpha)`.
 
     Columns: `layer`, `head`, `n_tokens`, `n_documents`; `obs_slope` (nats per unit ln‖q‖,
-    given `control`; "" for none) with `obs_slope_ci_low/high` and `p_obs_slope_doc_{test}`
-    (`cluster_wald`); `obs_slope_raw` (no control); `gain_analytic` = mean of the per-token
-    local gain −Var_p(s) (dH/d ln α at α = 1 under query scaling) with a document-clustered
-    t interval `gain_ci_low/high`; `ratio` = obs_slope / gain_analytic (1 for a pure
-    temperature); `temperature_share` = gain² · Var(ln‖q‖) / Var(H), the share of the entropy
-    variance a pure temperature effect of the observed norm variation would explain;
-    `verdict` (`VERDICT_RULE`). With `finite_difference` (columns layer, head, gain_fd and
-    others, e.g. gain_fd_ci_low/high, from real forward passes) its columns join, with
-    `ratio_fd` = obs_slope / gain_fd.
+    given `control`: "pos" = log position, the headline; "" none; "mediator_adjusted" = log
+    position and sink mass) with `obs_slope_ci_low/high`, `obs_slope_se` and
+    `p_obs_slope_doc_{test}` (`cluster_wald`); `obs_slope_raw` (no control); `gain_analytic` =
+    mean of the per-token local gain −Var_p(s) (dH/d ln α at α = 1 under query scaling) with
+    its CR2 document-clustered t interval `gain_ci_low/high` (Bell–McCaffrey df) and
+    `gain_se`; `cov_slope_gain` (their joint clustered covariance); `difference` = obs_slope −
+    gain_analytic with `difference_se`, `difference_df`, `t_difference`,
+    `p_difference_doc_cr2` and `q_difference_doc_cr2` (BH over every head of the table);
+    `equivalence_margin`; `t_equivalence_lower/upper`, `p_equivalence_lower/upper` and
+    `p_equivalence` (the TOST p, `equivalence_p`); `ratio` = obs_slope / gain_analytic (1 for
+    a pure temperature); `temperature_share` = gain² · Var(ln‖q‖) / Var(H), the share of the
+    entropy variance a pure temperature effect of the observed norm variation would explain;
+    `verdict` and `direction` (`verdict`). With `finite_difference` (columns layer, head,
+    gain_fd and others, e.g. gain_fd_ci_low/high, from real forward passes) its columns join,
+    with `ratio_fd` = obs_slope / gain_fd.
     """
+    if not 0 < margin < 1:
+        raise SpectraError(f"equivalence margin must lie strictly between 0 and 1 (a share of "
+                           f"|gain|); got {margin}")
+    _check_probability("alpha", alpha)
     for v in ("log_q_norm", "entropy", "local_gain"):
         moments.index(v)
     zs = [moments.index(v) for v in CONTROLS[control]]
@@ -204,7 +277,16 @@ def agreement(moments: DocumentMoments, *, control: str = "pos", test: str = "cr
     ix, iy, ig = (moments.index(v) for v in ("log_q_norm", "entropy", "local_gain"))
     wald = cluster_wald(s_docs, ix, iy, zs, kind=test, ci=ci)
     raw = cluster_wald(s_docs, ix, iy, (), kind=test, ci=ci)
-    gain, gain_low, gain_high = cluster_mean(s_docs, mu, ig, ci=ci)
+    gain, gain_low, gain_high, gain_se, _ = cluster_mean_cr2(s_docs, mu, ig, ci=ci)
+    joint = slope_minus_mean(s_docs, ix, iy, zs, ig, scales=(1.0, 1 - margin, 1 + margin),
+                             ci=ci, mu=mu)
+    diff, diff_se, diff_df = joint["estimate"][0], joint["se"][0], joint["df"][0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t_diff = diff / diff_se
+        p_diff = 2 * stats.t.sf(np.abs(t_diff), diff_df)
+    q_diff = fdr(p_diff)
+    tost = equivalence_p(joint["estimate"][1], joint["se"][1], joint["df"][1],
+                         joint["estimate"][2], joint["se"][2], joint["df"][2], gain)
     c = _cov(s_docs.sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = wald["beta"] / gain
@@ -214,9 +296,17 @@ def agreement(moments: DocumentMoments, *, control: str = "pos", test: str = "cr
         "n_tokens": wald["n_tokens"].astype(np.int64),
         "n_documents": wald["n_documents"].astype(np.int64),
         "obs_slope": wald["beta"], "obs_slope_ci_low": wald["low"],
-        "obs_slope_ci_high": wald["high"], f"p_obs_slope_doc_{test}": wald["p"],
+        "obs_slope_ci_high": wald["high"], "obs_slope_se": wald["se"],
+        f"p_obs_slope_doc_{test}": wald["p"],
         "obs_slope_raw": raw["beta"],
         "gain_analytic": gain, "gain_ci_low": gain_low, "gain_ci_high": gain_high,
+        "gain_se": gain_se, "cov_slope_gain": joint["cov"],
+        "difference": diff, "difference_se": diff_se, "difference_df": diff_df,
+        "t_difference": t_diff, "p_difference_doc_cr2": p_diff, "q_difference_doc_cr2": q_diff,
+        "equivalence_margin": float(margin),
+        "t_equivalence_lower": tost["t_lower"], "t_equivalence_upper": tost["t_upper"],
+        "p_equivalence_lower": tost["p_lower"], "p_equivalence_upper": tost["p_upper"],
+        "p_equivalence": tost["p"],
         "ratio": ratio, "temperature_share": share,
     })
     if finite_difference is not None:
@@ -226,8 +316,9 @@ def agreement(moments: DocumentMoments, *, control: str = "pos", test: str = "cr
         out = out.merge(finite_difference[keep], on=["layer", "head"], how="left")
         with np.errstate(invalid="ignore", divide="ignore"):
             out["ratio_fd"] = out["obs_slope"] / out["gain_fd"]
-    out["verdict"] = verdict(out["obs_slope_ci_low"], out["obs_slope_ci_high"],
-                             out["gain_analytic"])
+    out["verdict"], out["direction"] = verdict(
+        out["p_equivalence"], out["q_difference_doc_cr2"], out["obs_slope"],
+        out["gain_analytic"], out["obs_slope_ci_low"], out["obs_slope_ci_high"], alpha=alpha)
     return out
 
 
@@ -237,6 +328,9 @@ def agreement_summary(table: pd.DataFrame) -> pd.DataFrame:
         row = {"n_heads": len(frame)}
         for v in VERDICTS:
             row[f"n_{v.replace(' ', '_')}"] = int((frame["verdict"] == v).sum())
+        for d in DIRECTIONS:
+            row[f"n_differs_{d.replace(' ', '_')}"] = int(
+                ((frame["verdict"] == "differs") & (frame["direction"] == d)).sum())
         row["median_obs_slope"] = frame["obs_slope"].median()
         row["median_gain_analytic"] = frame["gain_analytic"].median()
         row["median_ratio"] = frame["ratio"].median()
@@ -265,26 +359,30 @@ def document_folds(documents, n_folds: int, seed: int) -> list[np.ndarray]:
 
 def fold_consistency(moments: DocumentMoments, *, y: str = "entropy", n_folds: int = 4,
                      alpha: float = 0.05, threshold: float = 0.8, seed: int = 0,
-                     test: str = "cr2") -> pd.DataFrame:
-    """Share of disjoint document folds whose slope of y on ln‖q‖ is significant (document-
-    clustered test within the fold, p < alpha) with the sign of the pooled slope, per head.
+                     test: str = "cr2", control: str = HEADLINE) -> pd.DataFrame:
+    """Share of disjoint document folds whose slope of y on ln‖q‖ given `control` (default log
+    position, the headline slope) is significant (document-clustered test within the fold,
+    p < alpha, no multiplicity correction: each head is judged on its own folds) with the sign
+    of the pooled slope (given the same control), per head.
 
-    Columns: `layer`, `head`, `n_folds` (folds where the head's test is defined), `r_fold_{k}`,
-    `p_fold_{k}_doc_{test}`, `frac_same_sign`, `frac_significant_same_sign`, and `consistent`
-    = frac_significant_same_sign >= threshold with n_folds >= 2.
+    Columns: `layer`, `head`, `n_folds` (folds where the head's test is defined), `r_fold_{k}`
+    (partial r given the control), `p_fold_{k}_doc_{test}`, `frac_same_sign`,
+    `frac_significant_same_sign`, and `consistent` = frac_significant_same_sign >= threshold
+    with n_folds >= 2.
     """
     folds = document_folds(moments.documents, n_folds, seed)
     ix, iy = moments.index("log_q_norm"), moments.index(y)
+    zs = [moments.index(v) for v in CONTROLS[control]]
     s_all, _ = moments.augmented()
-    pooled = cluster_wald(s_all, ix, iy, (), kind=test)["beta"]
+    pooled = cluster_wald(s_all, ix, iy, zs, kind=test)["beta"]
     out = {"layer": moments.layers, "head": moments.heads}
     signs, sigs = [], []
     for k, docs in enumerate(folds):
         sub = moments.select(documents=docs)
         s, _ = sub.augmented()
         with np.errstate(invalid="ignore", divide="ignore"):
-            r = pearson(*_partial(_cov(s.sum(axis=0)), ix, iy, ()))
-        w = cluster_wald(s, ix, iy, (), kind=test) if docs.size >= 2 else None
+            r = pearson(*_partial(_cov(s.sum(axis=0)), ix, iy, zs))
+        w = cluster_wald(s, ix, iy, zs, kind=test) if docs.size >= 2 else None
         p = w["p"] if w is not None else np.full(len(moments.layers), np.nan)
         out[f"r_fold_{k}"] = r
         out[f"p_fold_{k}_doc_{test}"] = p
@@ -303,24 +401,29 @@ def fold_consistency(moments: DocumentMoments, *, y: str = "entropy", n_folds: i
 
 
 def document_replication(moments: DocumentMoments, *, y: str = "entropy", alpha: float = 0.05,
-                         seed: int = 0, test: str = "cr2") -> pd.DataFrame:
-    """Discovery on a random half of the documents, replication on the other half.
+                         seed: int = 0, test: str = "cr2",
+                         control: str = HEADLINE) -> pd.DataFrame:
+    """Discovery on a random half of the documents, replication on the other half, of the slope
+    of y on ln‖q‖ given `control` (default log position, the headline slope).
 
-    `selected`: BH q < alpha (document-clustered test) in the discovery half; `replicated`:
-    selected, and in the replication half the slope has the same sign with the one-sided
-    p (same test) < alpha. Columns `r_discovery`, `q_discovery_doc_{test}`, `r_replication`,
+    `selected`: BH q < alpha (document-clustered test) in the discovery half, the family being
+    every head with a defined test in that half; `replicated`: selected, and in the replication
+    half the slope has the same sign with the one-sided p (same test) < alpha. Columns
+    `r_discovery`, `q_discovery_doc_{test}`, `r_replication` (partial r given the control),
     `p_replication_doc_{test}_one_sided`, `selected`, `replicated`.
     """
     if moments.n_documents < 4:
         raise SpectraError(f"replication needs >= 4 documents; got {moments.n_documents}")
     halves = document_folds(moments.documents, 2, seed)
     ix, iy = moments.index("log_q_norm"), moments.index(y)
+    zs = [moments.index(v) for v in CONTROLS[control]]
     res = []
     for docs in halves:
         sub = moments.select(documents=docs)
         s, _ = sub.augmented()
-        w = cluster_wald(s, ix, iy, (), kind=test)
-        r = pearson(*_partial(_cov(s.sum(axis=0)), ix, iy, ()))
+        w = cluster_wald(s, ix, iy, zs, kind=test)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = pearson(*_partial(_cov(s.sum(axis=0)), ix, iy, zs))
         res.append((r, w))
     (r_d, w_d), (r_r, w_r) = res
     q_d = fdr(w_d["p"])

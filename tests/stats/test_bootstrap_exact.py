@@ -90,7 +90,7 @@ def test_head_statistics_intervals_are_quantiles_of_the_full_path():
     for c in decisions.CONTROLS:
         low, high = inference._quantiles(full[c], (0.025, 0.975))
         for k, y in enumerate(("entropy", "max_attn", "k_eff_exp")):
-            suffix = f"_given_{c}" if c else ""
+            suffix = {"": "", "mediator_adjusted": "_mediator_adjusted"}.get(c, f"_given_{c}")
             np.testing.assert_allclose(out[f"r_ci_low_logq_{y}{suffix}"], low[:, k], atol=1e-12)
             np.testing.assert_allclose(out[f"r_ci_high_logq_{y}{suffix}"], high[:, k], atol=1e-12)
 

@@ -21,6 +21,7 @@ from scipy import stats as sps
 
 from spectra_lens.errors import SpectraError
 from spectra_lens.stats.decisions import (
+    DIRECTIONS,
     VERDICT_RULE,
     VERDICTS,
     agreement,
@@ -29,8 +30,9 @@ from spectra_lens.stats.decisions import (
     fold_consistency,
     head_statistics,
     verdict,
+    verdict_rule,
 )
-from spectra_lens.stats.inference import cluster_wald
+from spectra_lens.stats.inference import cluster_wald, fdr
 from spectra_lens.stats.moments import DocumentMoments, moments_from_records
 
 
@@ -55,34 +57,52 @@ def _row(frame: pd.DataFrame, layer: int, head: int) -> pd.Series:
 
 
 # --------------------------------------------------------------------------- verdict
-# VERDICT_RULE on the slope interval [lo, hi] and the causal gain g, at each boundary.
+# The verdict rule on (TOST p, BH q of b = g, b, g, b's interval) at each boundary; the tests
+# themselves (equivalence_p, the joint variance) in tests/stats/test_verdict.py.
+
+A = 0.05
 
 
-@pytest.mark.parametrize("lo,hi,g,want", [
-    (-3.0, -1.0, -2.0, "agrees"),
-    (-3.0, -1.0, -3.0, "agrees"),                     # g == lo: inside (lo <= g)
-    (-3.0, -1.0, -1.0, "agrees"),                     # g == hi: inside (g <= hi)
-    (-3.0, -1.0, -0.5, "stronger than temperature"),  # hi < g
-    (-3.0, -1.0, -4.0, "weaker than temperature"),    # g < lo, hi < 0
-    (-3.0, 0.0, -4.0, "no norm effect seen"),         # hi == 0: the interval holds 0
-    (-3.0, 0.0, -2.0, "inconclusive"),                # hi == 0 and g inside
-    (1.0, 3.0, -2.0, "opposite sign"),                # lo > 0
-    (0.0, 3.0, -2.0, "no norm effect seen"),          # lo == 0: the interval holds 0
-    (0.0, 3.0, 0.0, "inconclusive"),                  # lo == 0 == g
-    (-1.0, 1.0, -0.5, "inconclusive"),
-    (-1.0, 1.0, -2.0, "no norm effect seen"),
-    (np.nan, np.nan, -1.0, "undefined"),
-    (-3.0, -1.0, np.nan, "undefined"),
+@pytest.mark.parametrize("pe,qd,b,g,lo,hi,want,direction", [
+    (0.01, 0.5, -1.0, -1.0, -1.2, -0.8, "equivalent to a temperature", ""),
+    (A, 0.5, -1.0, -1.0, -1.2, -0.8, "undetermined", ""),            # TOST p == alpha: no
+    (np.nextafter(A, 0), 0.5, -1.0, -1.0, -1.2, -0.8, "equivalent to a temperature", ""),
+    (0.5, A, -0.5, -1.0, -0.7, -0.3, "undetermined", ""),            # q == alpha: no
+    (0.5, np.nextafter(A, 0), -0.5, -1.0, -0.7, -0.3, "differs", "weaker"),
+    (0.5, 0.001, -1.5, -1.0, -1.7, -1.3, "differs", "stronger"),     # b − g has g's sign
+    (0.5, 0.001, 0.5, -1.0, 0.1, 0.9, "differs", "opposite sign"),   # interval above 0
+    (0.5, 0.001, 0.5, -1.0, 0.0, 1.0, "differs", "weaker"),          # lo == 0: sign not shown
+    (0.5, 0.001, -0.5, 1.0, -0.9, -0.1, "differs", "opposite sign"),  # mirrored for g > 0
+    (0.5, 0.001, -0.5, 1.0, -0.9, 0.0, "differs", "weaker"),          # hi == 0
+    (0.5, 0.001, 1.5, 1.0, 1.3, 1.7, "differs", "stronger"),
+    (0.01, 0.001, -1.1, -1.0, -1.15, -1.05, "equivalent to a temperature", "stronger"),
+    (0.5, 0.5, -0.5, -1.0, -2.0, 1.0, "undetermined", ""),
+    (np.nan, 0.001, -0.5, -1.0, -0.7, -0.3, "undefined", ""),
+    (0.01, np.nan, -1.0, -1.0, -1.2, -0.8, "undefined", ""),
+    (0.01, 0.5, -1.0, np.nan, -1.2, -0.8, "undefined", ""),
 ])
-def test_verdict_at_each_boundary(lo, hi, g, want):
-    assert verdict([lo], [hi], [g])[0] == want
+def test_verdict_at_each_boundary(pe, qd, b, g, lo, hi, want, direction):
+    got, d = verdict([pe], [qd], [b], [g], [lo], [hi], alpha=A)
+    assert (got[0], d[0]) == (want, direction)
 
 
-def test_every_verdict_is_reachable_and_named_in_the_rule():
-    cases = [(-3, -1, -2), (-3, -1, -0.5), (-3, -1, -4), (1, 3, -2), (-1, 1, -2), (-1, 1, -0.5)]
-    got = verdict(*(np.array(c, dtype=float) for c in zip(*cases)))
+def test_verdict_alpha_is_its_level():
+    got, _ = verdict([0.07], [0.07], [-0.5], [-1.0], [-0.7], [-0.3], alpha=0.1)
+    assert got[0] == "equivalent to a temperature"
+    got, d = verdict([0.5], [0.07], [-0.5], [-1.0], [-0.7], [-0.3], alpha=0.1)
+    assert (got[0], d[0]) == ("differs", "weaker")
+    with pytest.raises(SpectraError, match="alpha must lie strictly between 0 and 1"):
+        verdict([0.5], [0.5], [0.0], [-1.0], [-1.0], [1.0], alpha=1.0)
+
+
+def test_every_verdict_and_direction_is_reachable_and_named_in_the_rule():
+    cases = [(0.01, 0.5, -1.0, -1.0, -1.2, -0.8), (0.5, 0.01, -0.5, -1.0, -0.7, -0.3),
+             (0.5, 0.5, -0.5, -1.0, -2.0, 1.0)]
+    got, _ = verdict(*(np.array(c, dtype=float) for c in zip(*cases)))
     assert tuple(got) == VERDICTS
-    assert all(f"'{v}'" in VERDICT_RULE for v in VERDICTS)
+    assert all(f"'{v}'" in VERDICT_RULE for v in VERDICTS + DIRECTIONS)
+    assert "±0.2·|g|" in VERDICT_RULE and "every head of the run" in VERDICT_RULE
+    assert "±0.3·|g|" in verdict_rule(0.3) and "b/g ≤ 0.7" in verdict_rule(0.3)
 
 
 # --------------------------------------------------------------------------- moments rules
@@ -96,10 +116,11 @@ DOCS = 30
 
 def _doc_moments(spec: dict, *, seed: int = 0, n: int = 30) -> DocumentMoments:
     """spec: {(layer, head): {document: r}} -> moments of n tokens per (document, head), with
-    ln q_norm ~ N(0, 1) and entropy = 2 + r ln q_norm + noise (population correlation r).
+    ln q_norm ~ N(0, 1) and entropy = 2 + r ln q_norm + noise (population correlation r), and
+    log_position (positions 1..n, unrelated to both) for the headline slope's control.
     Head (9, 9) is present in every document, so that every spec has the same document ids
     (the folds are drawn from them)."""
-    return moments_from_records(_doc_records(spec, seed=seed, n=n), ("log_q_norm", "entropy"))
+    return moments_from_records(_doc_records(spec, seed=seed, n=n), ("log_q_norm", "entropy", "log_position"))
 
 
 def _doc_records(spec: dict, *, seed: int = 0, n: int = 30) -> pd.DataFrame:
@@ -182,13 +203,14 @@ def test_fold_p_equal_to_alpha_is_not_significant():
 
 
 def test_fold_consistency_defaults_and_its_columns_against_the_tokens():
-    """Defaults: 4 folds, seed 0, alpha 0.05, threshold 0.8, the CR2 test. Each fold's r is the
-    Pearson r of that fold's tokens; with test="cr1" each fold's p is the CR1 test on the fold."""
+    """Defaults: 4 folds, seed 0, alpha 0.05, threshold 0.8, the CR2 test, the headline slope
+    (given log position). Each fold's r is the partial r given log position of that fold's
+    tokens; with test="cr1" each fold's p is the CR1 test on the fold."""
     from scipy.stats import t as student_t
 
     spec = {(0, 0): _by_fold([0.3, 0.2, 0.3, 0.25, 0.3], FOLDS)}
     records = _doc_records(spec)
-    moments = moments_from_records(records, ("log_q_norm", "entropy"))
+    moments = moments_from_records(records, ("log_q_norm", "entropy", "log_position"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         default = fold_consistency(moments)
@@ -202,10 +224,10 @@ def test_fold_consistency_defaults_and_its_columns_against_the_tokens():
     head = records[(records["layer"] == 0) & (records["head"] == 0)]
     for k, docs in enumerate(document_folds(moments.documents, 4, 0)):
         fold = head[head["document"].isin(docs)]
-        want = np.corrcoef(np.log(fold["q_norm"]), fold["entropy"])[0, 1]
+        want = reference_fit(fold, "entropy", ("log_position",), fold["document"].to_numpy())["r"]
         assert _row(cr1, 0, 0)[f"r_fold_{k}"] == pytest.approx(want, abs=1e-9)
-        w1 = cluster_wald(moments.select(documents=docs, heads=[0]).augmented()[0], 0, 1, kind="cr1")
-        w2 = cluster_wald(moments.select(documents=docs, heads=[0]).augmented()[0], 0, 1)
+        w1 = cluster_wald(moments.select(documents=docs, heads=[0]).augmented()[0], 0, 1, [2], kind="cr1")
+        w2 = cluster_wald(moments.select(documents=docs, heads=[0]).augmented()[0], 0, 1, [2])
         assert _row(cr1, 0, 0)[f"p_fold_{k}_doc_cr1"] == pytest.approx(w1["p"][0], rel=1e-9)
         assert _row(default, 0, 0)[f"p_fold_{k}_doc_cr2"] == pytest.approx(w2["p"][0], rel=1e-9)
         assert w1["p"][0] != pytest.approx(w2["p"][0], rel=1e-3)
@@ -228,7 +250,7 @@ def test_a_fold_of_two_documents_is_tested_and_two_such_folds_suffice():
         p = row[f"p_fold_{k}_doc_cr2"]
         assert np.isfinite(p) == (docs.size == 2), (k, docs)
         if docs.size == 2:
-            w = cluster_wald(six.select(documents=docs, heads=[0]).augmented()[0], 0, 1)
+            w = cluster_wald(six.select(documents=docs, heads=[0]).augmented()[0], 0, 1, [2])
             assert p == pytest.approx(w["p"][0], rel=1e-9)
     assert row["n_folds"] == 2 and row["consistent"]
 
@@ -263,7 +285,7 @@ def test_document_selection_uses_the_bh_q_not_the_raw_p():
     spec = {(0, h): _halves(r, 0.7) for h, r in enumerate((0.12, 0.0, 0.0, 0.0, 0.0))}
     moments = _doc_moments(spec)
     half = moments.select(documents=HALVES[0])
-    p = cluster_wald(half.augmented()[0], 0, 1)["p"][0]
+    p = cluster_wald(half.augmented()[0], 0, 1, [2])["p"][0]
     q = _replicate(spec)["q_discovery_doc_cr2"].iloc[0]
     assert p < q
     row = _row(_replicate(spec, alpha=(p + q) / 2), 0, 0)
@@ -303,7 +325,7 @@ def test_document_replication_p_is_one_sided_toward_the_discovery_sign():
 
     spec = {(0, 0): _halves(0.7, 0.2)}
     half = _doc_moments(spec).select(documents=HALVES[1], heads=[0])
-    w = cluster_wald(half.augmented()[0], 0, 1)
+    w = cluster_wald(half.augmented()[0], 0, 1, [2])
     one_sided = student_t.sf(w["beta"][0] / w["se"][0], w["df"][0])
     row = _row(_replicate(spec), 0, 0)
     assert row["r_discovery"] > 0
@@ -333,8 +355,8 @@ def test_document_replication_defaults_to_seed_0_and_the_cr2_test():
     pd.testing.assert_frame_equal(default, _replicate(spec))
     assert not np.allclose(default["r_discovery"], other_seed["r_discovery"])
     halves = [moments.select(documents=h, heads=[0]) for h in HALVES]
-    w1 = [cluster_wald(h.augmented()[0], 0, 1, kind="cr1") for h in halves]
-    w2 = [cluster_wald(h.augmented()[0], 0, 1) for h in halves]
+    w1 = [cluster_wald(h.augmented()[0], 0, 1, [2], kind="cr1") for h in halves]
+    w2 = [cluster_wald(h.augmented()[0], 0, 1, [2]) for h in halves]
     from scipy.stats import t as student_t
 
     for frame, w, test in ((cr1, w1, "cr1"), (default, w2, "cr2")):
@@ -436,7 +458,7 @@ def test_a_head_in_one_document_has_no_test_and_is_not_significant():
     summary = _analyze(_obs_moments(spec))
     one = _row(summary, 0, 0)
     assert one["n_documents"] == 1 and np.isnan(one["q_doc_cr2_logq_entropy"])
-    assert not one["significant"] and not one["significant_given_pos_sink"]
+    assert not one["significant"] and not one["significant_mediator_adjusted"]
     assert _row(summary, 0, 1)["significant"]
 
 
@@ -456,8 +478,8 @@ def test_each_control_set_has_its_own_significance():
     summary = _analyze(moments)
     row = _row(summary, 0, 0)
     assert row["significant"] and row["significant_given_pos"]
-    assert not row["significant_given_pos_sink"]
-    for c in ("", "_given_pos", "_given_pos_sink"):
+    assert not row["significant_mediator_adjusted"]
+    for c in ("", "_given_pos", "_mediator_adjusted"):
         q = row[f"q_doc_cr2_logq_entropy{c}"]
         assert bool(row["significant" + c]) == (q < 0.05)
         assert not _row(_analyze(moments, fdr_alpha=q), 0, 0)["significant" + c]
@@ -467,20 +489,33 @@ def test_each_control_set_has_its_own_significance():
 
 
 def _mean_reference(values, groups, ci):
-    """Mean with the CR1 cluster interval: se = √(G/(G−1) Σ_g (Σ_{t∈g} (v_t − v̄))²) / N, t(G − 1)."""
+    """Mean with the CR2 cluster interval, token by token: ũ_g = (I − 11ᵀ/N)_gg^(−½) e_g summed,
+    se = √(Σ_g (1ᵀũ_g)²) / N, Bell–McCaffrey df from the explicit columns of (I − H) A_g 1_g."""
     ids = np.unique(groups)
-    G, N, mean = ids.size, len(values), values.mean()
-    sums = np.array([(values[groups == g] - mean).sum() for g in ids])
-    half = sps.t.ppf(0.5 + ci / 2, G - 1) * np.sqrt(G / (G - 1) * (sums**2).sum()) / N
+    N, mean = len(values), values.mean()
+    e = values - mean
+    hat = np.full((N, N), 1.0 / N)
+    scores, columns = [], []
+    for g in ids:
+        m = groups == g
+        w, q = np.linalg.eigh(np.eye(m.sum()) - hat[np.ix_(m, m)])
+        a_g = q @ np.diag(w**-0.5) @ q.T
+        scores.append((a_g @ e[m]).sum())
+        columns.append((np.eye(N)[:, m] - hat[:, m]) @ a_g @ np.ones(m.sum()) / N)
+    se = np.sqrt(np.sum(np.square(scores))) / N
+    gtg = np.column_stack(columns).T @ np.column_stack(columns)
+    df = np.trace(gtg) ** 2 / np.trace(gtg @ gtg)
+    half = sps.t.ppf(0.5 + ci / 2, df) * se
     return mean, mean - half, mean + half
 
 
 @pytest.mark.parametrize("test,ci,control", [("cr2", 0.95, "pos"), ("cr1", 0.9, ""),
-                                             ("cr2", 0.8, "pos_sink")])
+                                             ("cr2", 0.8, "mediator_adjusted")])
 def test_agreement_columns_equal_per_token_formulas(test, ci, control):
     """Every column of `agreement` per head from the tokens: the slope given the control with its
-    clustered t interval and p, the raw slope, the mean local gain with its CR1 interval, the ratio,
-    the temperature share, the verdict's inputs, and the finite-difference join."""
+    clustered t interval and p, the raw slope, the mean local gain with its CR2 interval, the ratio,
+    the temperature share, the verdict from the table's own test columns, and the
+    finite-difference join (the tests' values against the tokens: tests/stats/test_verdict.py)."""
     tokens = records(np.random.default_rng(0))
     m = moments_from_records(tokens, VARS, min_position=1)
     fd = pd.DataFrame({"layer": [0, 1, 0], "head": [1, 0, 5], "gain_fd": [-0.25, -0.5, -9.0],
@@ -489,7 +524,7 @@ def test_agreement_columns_equal_per_token_formulas(test, ci, control):
         warnings.simplefilter("ignore", RuntimeWarning)
         table = agreement(m, control=control, test=test, ci=ci, finite_difference=fd)
     kept = tokens[tokens["position"] >= 1]
-    controls = {"": (), "pos": ("log_position",), "pos_sink": ("log_position", "sink_mass")}[control]
+    controls = {"": (), "pos": ("log_position",), "mediator_adjusted": ("log_position", "sink_mass")}[control]
     groups = list(kept.groupby(["layer", "head"], sort=True))
     assert len(table) == len(groups) == 4
     for i, ((layer, head), frame) in enumerate(groups):
@@ -514,8 +549,11 @@ def test_agreement_columns_equal_per_token_formulas(test, ci, control):
         assert row["ratio"] == pytest.approx(f["beta"] / mean, rel=1e-9)
         log_q, ent = np.log(frame["q_norm"].to_numpy()), frame["entropy"].to_numpy()
         assert row["temperature_share"] == pytest.approx(mean**2 * log_q.var() / ent.var(), rel=1e-9)
-        assert row["verdict"] == verdict([row["obs_slope_ci_low"]], [row["obs_slope_ci_high"]],
-                                         [mean])[0]
+        assert row["difference"] == pytest.approx(f["beta"] - mean, abs=1e-9)
+        assert row["equivalence_margin"] == 0.2
+        assert (row["verdict"], row["direction"]) == tuple(x[0] for x in verdict(
+            [row["p_equivalence"]], [row["q_difference_doc_cr2"]], [row["obs_slope"]],
+            [row["gain_analytic"]], [row["obs_slope_ci_low"]], [row["obs_slope_ci_high"]]))
         joined = fd[(fd["layer"] == layer) & (fd["head"] == head)]
         if len(joined):
             assert row["gain_fd"] == joined["gain_fd"].iloc[0]
@@ -523,7 +561,8 @@ def test_agreement_columns_equal_per_token_formulas(test, ci, control):
             assert row["ratio_fd"] == pytest.approx(f["beta"] / joined["gain_fd"].iloc[0], rel=1e-12)
         else:
             assert np.isnan(row["gain_fd"]) and np.isnan(row["ratio_fd"])
-    assert list(table.columns[-1:]) == ["verdict"] and "head" in table.columns
+    assert list(table.columns[-2:]) == ["verdict", "direction"] and "head" in table.columns
+    assert np.allclose(table["q_difference_doc_cr2"], fdr(table["p_difference_doc_cr2"]))
     assert table["n_tokens"].dtype == np.int64 and table["n_documents"].dtype == np.int64
     with pytest.raises(SpectraError, match="finite_difference lacks column"):
         agreement(m, finite_difference=fd.drop(columns="gain_fd"))
@@ -579,7 +618,7 @@ def _softmax_head(rng, n_docs, per_doc, n_keys, kind):
                          "entropy": entropy, "sink_mass": p[:, 0], "local_gain": gain})
 
 
-def test_planted_temperature_head_agrees_and_sink_head_does_not():
+def test_planted_temperature_head_is_equivalent_and_sink_head_differs():
     rng = np.random.default_rng(11)
     tokens = pd.concat([_softmax_head(rng, 64, 60, 24, "temperature"),
                         _softmax_head(rng, 64, 60, 24, "sink")], ignore_index=True)
@@ -588,13 +627,12 @@ def test_planted_temperature_head_agrees_and_sink_head_does_not():
     summary = head_statistics(m, ys=["entropy"], n_boot=200)
     table = agreement(m)
     temp, sink = table.iloc[0], table.iloc[1]
-    assert temp["verdict"] == "agrees"
+    assert temp["verdict"] == "equivalent to a temperature"
     assert temp["ratio"] == pytest.approx(1.0, abs=0.1)
     assert temp["obs_slope_ci_low"] <= temp["gain_analytic"] <= temp["obs_slope_ci_high"]
     # The sink head: strong raw association that vanishes once sink mass is controlled.
     assert abs(summary["r_logq_entropy"][1]) > 0.5
-    assert abs(summary["r_logq_entropy_given_pos_sink"][1]) < 0.12
-    assert abs(summary["r_logq_entropy_given_pos_sink"][1]) < abs(summary["r_logq_entropy"][1]) / 5
+    assert abs(summary["r_logq_entropy_mediator_adjusted"][1]) < 0.12
+    assert abs(summary["r_logq_entropy_mediator_adjusted"][1]) < abs(summary["r_logq_entropy"][1]) / 5
     assert summary["q_doc_cr2_logq_entropy"][1] < 0.01
-    assert sink["verdict"] != "agrees"
-    assert sink["verdict"] == "opposite sign"
+    assert (sink["verdict"], sink["direction"]) == ("differs", "opposite sign")

@@ -79,7 +79,7 @@ def test_moments_path_equals_per_token_formulas_to_1e9():
         for y in ("entropy", "max_attn"):
             for name, controls in CONTROLS.items():
                 f = reference_fit(frame, y, controls, frame["document"].to_numpy())
-                suffix = f"_given_{name}" if name else ""
+                suffix = {"": "", "mediator_adjusted": "_mediator_adjusted"}.get(name, f"_given_{name}")
                 assert out3[f"r_logq_{y}{suffix}"][i] == pytest.approx(f["r"], abs=1e-9)
                 assert out3[f"slope_logq_{y}{suffix}"][i] == pytest.approx(f["beta"], abs=1e-9)
                 assert out1[f"p_doc_cr1_logq_{y}{suffix}"][i] == pytest.approx(f["p1"], abs=1e-9)
