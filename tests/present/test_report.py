@@ -30,6 +30,7 @@ from spectra_lens.experiments.report import (
 
 from spectra_lens.data.shards import write_shards
 from spectra_lens.errors import SpectraError
+from spectra_lens.present.page import PLOTLYJS_FILE
 from spectra_lens.present.report import _slug
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -85,12 +86,22 @@ def _run_qk_control(out: Path, model, corpus: Path) -> None:
     run(QKConfig(out=str(out), corpus=str(corpus), **_CAUSAL), model=model, progress=False)
 
 
+def _run_head_types(out: Path, model, corpus: Path) -> None:
+    from spectra_lens.experiments.head_types import run
+
+    from spectra_lens.config import HeadTypesConfig
+
+    run(HeadTypesConfig(out=str(out), corpus=str(corpus), seq_len=16, n_sequences=4, n_repeated=4,
+                        half_len=8), model=model, progress=False)
+
+
 # experiment -> (module, function running it small into `out` on `model`)
 RUNNERS = {
     "observational": ("spectra_lens.experiments.observational", _run_observational),
     "intervention": ("spectra_lens.experiments.intervention", _run_intervention),
     "gain": ("spectra_lens.experiments.gain", _run_gain),
     "qk_control": ("spectra_lens.experiments.qk_control", _run_qk_control),
+    "head_types": ("spectra_lens.experiments.head_types", _run_head_types),
 }
 
 
@@ -183,11 +194,11 @@ def test_find_runs_finds_each_run_once_and_ignores_other_manifests(with_unfinish
 
 
 @pytest.mark.parametrize("present", [("observational",), ("intervention", "gain"),
-                                     ("qk_control",)], ids="+".join)
+                                     ("qk_control",), ("head_types",)], ids="+".join)
 def test_report_names_the_missing_experiments(results, tmp_path, present):
     page = build_report(_subset(results, tmp_path, present))
     block = _missing_block(page)
-    assert block.count("<li>") == 4 - len(present)
+    assert block.count("<li>") == len(EXPERIMENTS) - len(present)
     for name, module in EXPERIMENTS.items():
         spec = importlib.import_module(module).OUTPUTS
         named = escape(spec.title) in block and f"{spec.command} --out" in block
@@ -195,20 +206,20 @@ def test_report_names_the_missing_experiments(results, tmp_path, present):
     assert page.count("<section ") == len(present)
 
 
-def test_report_of_one_run_directory_names_the_other_three(results):
-    assert _missing_block(build_report(results / "gain")).count("<li>") == 3
+def test_report_of_one_run_directory_names_the_others(results):
+    assert _missing_block(build_report(results / "gain")).count("<li>") == len(EXPERIMENTS) - 1
 
 
-def test_report_of_all_four_has_no_missing_list(results):
+def test_report_of_every_experiment_has_no_missing_list(results):
     page = build_report(results)
     assert 'id="not-in-directory"' not in page
-    assert page.count("<section ") == 4
+    assert page.count("<section ") == len(EXPERIMENTS) == len(RUNNERS)
 
 
 def test_report_shows_manifest_tables_and_figures_of_every_run(results):
     page = build_report(results)
     for key in ("config", "timings", "versions", "model"):
-        assert page.count(f"<h4>{key}</h4>") == 4, key
+        assert page.count(f"<h4>{key}</h4>") == len(RUNNERS), key
     tables = ["head_summary.csv", "significant_heads.csv", "consistent_heads.csv",
               "layer_statistics.csv", "gain_summary.csv", "qk_comparison_results.csv",
               "sensitivity_summary.csv"]
@@ -285,14 +296,48 @@ def test_page_is_self_contained(results):
 def test_write_report_is_atomic_and_cli_defaults_to_results_dir(results, tmp_path, capsys):
     assert main([str(results)]) == 0
     default = results / "report.html"
-    assert default.exists() and default.stat().st_size > 1_000_000
+    assert default.exists() and default.stat().st_size < 1_000_000
     assert "EXP3 qk_control (complete)" in capsys.readouterr().out
+    # plotly.js once, beside the page, loaded by relative path
+    assert _parse(default.read_text()).script_srcs == [PLOTLYJS_FILE]
+    assert (results / PLOTLYJS_FILE).read_text() == get_plotlyjs()
+    # the default page is the report's own: a second report replaces it without --overwrite
+    assert main([str(results)]) == 0
     # A second report does not pick up the first as a figure file.
     out = write_report(results, tmp_path / "sub" / "r.html")
     assert out == tmp_path / "sub" / "r.html" and out.exists()
+    assert (tmp_path / "sub" / PLOTLYJS_FILE).exists()
     assert not list((tmp_path / "sub").glob(".tmp-*"))
     assert _figure_ids(out.read_text()) == _figure_ids(default.read_text())
+    inline = write_report(results, tmp_path / "inline.html", plotlyjs="inline")
+    assert _parse(inline.read_text()).script_srcs == [] and not (tmp_path / PLOTLYJS_FILE).exists()
     default.unlink()
+    (results / PLOTLYJS_FILE).unlink()
+
+
+def test_report_refuses_an_existing_out_file_unless_overwrite(results, tmp_path, capsys):
+    """`report R --out R/manifest.json` must not destroy the run's record."""
+    run = tmp_path / "gain"
+    shutil.copytree(results / "gain", run)
+    manifest = run / "manifest.json"
+    before = manifest.read_bytes()
+    assert main([str(run), "--out", str(manifest)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and "manifest.json" in err, err
+    assert manifest.read_bytes() == before
+    assert not (run / PLOTLYJS_FILE).exists()  # nothing written
+    # an explicit --out that exists is refused even when it is a report page
+    page = tmp_path / "r.html"
+    assert main([str(run), "--out", str(page)]) == 0
+    first = page.read_bytes()
+    assert main([str(run), "--out", str(page)]) == 2 and page.read_bytes() == first
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([str(run), "--out", str(page), "--overwrite"]) == 0
+    # the default location is replaced only when it holds a report page
+    (run / "report.html").write_text("my notes")
+    assert main([str(run)]) == 2 and (run / "report.html").read_text() == "my notes"
+    with pytest.raises(SpectraError, match="is a directory"):
+        write_report(run, tmp_path)
 
 
 def test_errors_name_the_directory(tmp_path, capsys):
@@ -360,3 +405,55 @@ def test_report_renders_every_figure_in_a_headless_browser(with_unfinished, tmp_
     done = _browse(binary, page, tmp_path / "profile", f"--screenshot={shot}",
                    f"--window-size=1280,{min(height, 16000)}")
     assert done.returncode == 0 and shot.exists() and shot.stat().st_size > 50_000, done.stderr[-3000:]
+
+
+# Appended to a copy of the page: where the findings, the first verdict counts and the first
+# manifest are laid out at a 1280 × 900 window, written into the DOM for --dump-dom to read.
+_LAYOUT_PROBE = """<script>
+window.addEventListener("load", function () {
+  function box(sel) {
+    var el = document.querySelector(sel);
+    if (!el) return null;
+    var r = el.getBoundingClientRect();
+    return {top: r.top + window.scrollY, bottom: r.bottom + window.scrollY, height: r.height,
+            text: el.textContent.slice(0, 200), open: el.open === undefined ? null : el.open,
+            visible: el.checkVisibility ? el.checkVisibility() : null};
+  }
+  var out = document.createElement("pre");
+  out.id = "layout-probe";
+  out.textContent = JSON.stringify({
+    findings: box("#findings h2"), counts: box("#findings .counts"), heads: box("#findings .heads"),
+    manifest: box("details.manifest-details"), manifest_table: box("div.manifest"),
+    files: box("details.files"), first_section: box("section"), viewport: window.innerHeight});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def test_first_screen_shows_the_findings_not_the_manifest(results, tmp_path):
+    """In headless Chromium at 1280 × 900, the report of a small run shows the findings heading,
+    the verdict counts and the strongest heads above the fold; the manifest and file list come
+    after the figures and tables, folded."""
+    binary = _chromium()
+    root = _subset(results, tmp_path / "r", ["observational"])
+    page = write_report(root, tmp_path / "report.html")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", _LAYOUT_PROBE + "</body>"))
+    done = _browse(binary, probe, tmp_path / "profile", "--dump-dom", "--window-size=1280,900")
+    assert done.returncode == 0, done.stderr[-3000:]
+    box = json.loads(_parse(done.stdout).text["layout-probe"])
+    fold = 900
+    assert box["findings"]["text"] == "Findings" and box["findings"]["bottom"] < fold / 3
+    counts = box["counts"]
+    assert counts["bottom"] < fold, counts
+    for verdict in ("agrees", "opposite sign", "inconclusive"):
+        assert verdict in counts["text"], counts["text"]
+    assert box["heads"]["top"] < fold, box["heads"]
+    # the manifest: folded (closed, its table not laid out), after the section's content
+    assert box["manifest"]["open"] is False and box["manifest_table"]["visible"] is False
+    assert box["files"]["open"] is False
+    assert box["manifest"]["top"] > box["first_section"]["top"] + fold
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report_first_screen.png"
+    done = _browse(binary, page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,900")
+    assert done.returncode == 0 and shot.stat().st_size > 20_000, done.stderr[-3000:]
