@@ -457,3 +457,56 @@ def test_first_screen_shows_the_findings_not_the_manifest(results, tmp_path):
     shot = ARTIFACTS / "report_first_screen.png"
     done = _browse(binary, page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,900")
     assert done.returncode == 0 and shot.stat().st_size > 20_000, done.stderr[-3000:]
+
+
+def test_run_figure_pages_load_the_one_plotlyjs_beside_the_report(results, tmp_path):
+    """A run writes no plotly.js of its own; its figure pages draw once the report has written
+    the results tree's copy, and say where to get it before that."""
+    binary = _chromium()
+    root = _subset(results, tmp_path / "r", ["gain"])
+    assert not list(root.rglob("*.js"))
+    figure = next((root / "gain" / "figures").glob("*.html"))
+    done = _browse(binary, figure, tmp_path / "profile", "--dump-dom")
+    assert done.returncode == 0 and 'id="spectra-no-plotly"' in done.stdout
+    assert 'class="plot-container plotly"' not in done.stdout
+    write_report(root)
+    assert [p.name for p in root.rglob("*.js")] == [PLOTLYJS_FILE]
+    done = _browse(binary, figure, tmp_path / "profile", "--dump-dom")
+    assert done.returncode == 0 and 'class="plot-container plotly"' in done.stdout, done.stderr[-2000:]
+    assert 'id="spectra-no-plotly"' not in done.stdout
+
+
+def _pdf_outline(data: bytes) -> list[str]:
+    """The titles of a PDF's entries (the document outline Chromium writes from the headings)."""
+    import re
+
+    out = []
+    for m in re.finditer(rb"/Title\s*(\((?:\\.|[^\\)])*\)|<[0-9A-Fa-f]+>)", data):
+        t = m.group(1)
+        if t.startswith(b"<"):
+            raw = bytes.fromhex(t[1:-1].decode())
+            out.append(raw[2:].decode("utf-16-be") if raw[:2] == b"\xfe\xff" else raw.decode("latin-1"))
+        else:
+            out.append(re.sub(rb"\\(.)", rb"\1", t[1:-1]).decode("latin-1"))
+    return out
+
+
+def test_pdf_has_every_run_under_its_own_heading(results, tmp_path, capsys):
+    _chromium()
+    root = _subset(results, tmp_path / "r", RUNNERS)
+    second = root / "again" / "gain"  # a second run of one experiment: a heading of its own
+    shutil.copytree(results / "gain", second)
+    assert main([str(root), "--out", str(tmp_path / "report.html"), "--pdf"]) == 0
+    pdf = (tmp_path / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-")
+    runs = find_runs(root)
+    assert len(runs) == len(RUNNERS) + 1
+    headings = [f"{r.outputs.label} {r.outputs.title} — {r.path.relative_to(root).as_posix()}" for r in runs]
+    assert len(set(headings)) == len(headings)
+    outline = _pdf_outline(pdf)
+    for h in headings:  # each section's heading (the findings cards repeat it: at least twice)
+        assert sum(t.startswith(h) for t in outline) >= 2, (h, outline)
+    # --out exists now, and so does the PDF: both refused without --overwrite, untouched
+    assert main([str(root), "--out", str(tmp_path / "report.html"), "--pdf"]) == 2
+    assert (tmp_path / "report.pdf").read_bytes() == pdf
+    assert "--overwrite" in capsys.readouterr().err

@@ -362,7 +362,8 @@ _CHROMIUM_FLAGS = (
 
 def print_pdf(page: str | os.PathLike, out: str | os.PathLike, *, browser: str | None = None,
               budget_ms: int = 30_000, timeout: float = 300.0) -> Path:
-    """Print the local HTML file `page` to the PDF `out` (atomically) with headless Chromium.
+    """Print the local HTML file `page` to the PDF `out` (atomically) with headless Chromium;
+    the page's headings become the PDF's outline (bookmarks).
 
     The page's scripts get `budget_ms` of virtual time to draw before printing. Raises
     SpectraError when no browser is found or printing fails.
@@ -377,7 +378,8 @@ def print_pdf(page: str | os.PathLike, out: str | os.PathLike, *, browser: str |
         pdf = Path(tmp) / "page.pdf"
         cmd = [binary, *_CHROMIUM_FLAGS, f"--user-data-dir={Path(tmp) / 'profile'}",
                f"--virtual-time-budget={budget_ms}", "--window-size=1200,1600",
-               "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri()]
+               "--no-pdf-header-footer", "--generate-pdf-document-outline",  # headings as bookmarks
+               f"--print-to-pdf={pdf}", page.as_uri()]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
