@@ -9,6 +9,7 @@ import base64
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from html import escape
@@ -510,3 +511,17 @@ def test_pdf_has_every_run_under_its_own_heading(results, tmp_path, capsys):
     assert main([str(root), "--out", str(tmp_path / "report.html"), "--pdf"]) == 2
     assert (tmp_path / "report.pdf").read_bytes() == pdf
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_every_file_and_figure_of_real_runs_is_in_the_data_dictionary(results):
+    from test_data_dictionary import DICTIONARY, covered, dictionary_patterns
+
+    patterns, text = dictionary_patterns(), DICTIONARY.read_text(encoding="utf-8")
+    for run in find_runs(results):
+        listed = run.manifest["outputs"]
+        assert any(f.startswith("figures/") for f in listed), run.experiment
+        for name in listed:
+            assert covered(name, patterns), f"{run.experiment}: {name} is not in {DICTIONARY.name}"
+        for fig in (results / run.path.name / "figures").glob("*.json"):
+            stem = re.sub(r"L\d+_H\d+", "L{l}_H{h}", fig.stem)
+            assert f"`{stem}`" in text, f"{run.experiment}: figure {stem} is not in {DICTIONARY.name}"
