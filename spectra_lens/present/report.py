@@ -549,8 +549,8 @@ def write_report(results_dir: str | os.PathLike, experiments: Mapping[str, Exper
     if out.is_dir():
         raise SpectraError(f"--out {str(out)!r} is a directory; expected an HTML file to write")
     if (out.exists() or out.is_symlink()) and not overwrite and not (default and _is_report(out)):
-        raise SpectraError(f"--out {str(out)!r} exists and is not this report: pass --overwrite to "
-                           f"replace it, or name another file")
+        raise SpectraError(f"--out {str(out)!r} exists: pass --overwrite to replace it, or name "
+                           f"another file")
     if plotlyjs == "inline":
         src = None
     elif plotlyjs is None:

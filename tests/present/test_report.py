@@ -17,6 +17,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from plotly.offline import get_plotlyjs
@@ -447,8 +448,9 @@ def test_first_screen_shows_the_findings_not_the_manifest(results, tmp_path):
     assert box["findings"]["text"] == "Findings" and box["findings"]["bottom"] < fold / 3
     counts = box["counts"]
     assert counts["bottom"] < fold, counts
-    for verdict in ("agrees", "opposite sign", "inconclusive"):
-        assert verdict in counts["text"], counts["text"]
+    summary = pd.read_csv(root / "observational" / "agreement_summary.csv").set_index("layer").loc["all"]
+    for verdict in ("agrees", "opposite_sign", "inconclusive"):  # the run's own counts
+        assert f"{verdict.replace('_', ' ')}{int(summary[f'n_{verdict}'])}" in counts["text"], counts["text"]
     assert box["heads"]["top"] < fold, box["heads"]
     # the manifest: folded (closed, its table not laid out), after the section's content
     assert box["manifest"]["open"] is False and box["manifest_table"]["visible"] is False
@@ -525,3 +527,30 @@ def test_every_file_and_figure_of_real_runs_is_in_the_data_dictionary(results):
         for fig in (results / run.path.name / "figures").glob("*.json"):
             stem = re.sub(r"L\d+_H\d+", "L{l}_H{h}", fig.stem)
             assert f"`{stem}`" in text, f"{run.experiment}: figure {stem} is not in {DICTIONARY.name}"
+
+
+def test_tables_are_sorted_by_an_informative_key_with_the_measured_columns_first(results, tmp_path):
+    from spectra_lens.experiments.report import VIEWS
+
+    from spectra_lens.present.report import _one_table, _view
+
+    run = next(r for r in find_runs(results) if r.experiment == "observational")
+    # consistent heads all have frac_significant_same_sign = 1: the strongest must come first
+    rng = np.random.default_rng(0)
+    r = rng.uniform(-0.9, 0.9, (20, 4))
+    frame = {"layer": np.arange(20), "head": np.zeros(20, int), "n_folds": 4, "frac_same_sign": 1.0,
+             "frac_significant_same_sign": 1.0, "consistent": True}
+    frame.update({f"r_fold_{k}": r[:, k] for k in range(4)})
+    path = tmp_path / "consistent_heads.csv"
+    pd.DataFrame(frame).to_csv(path, index=False)
+    declared = next(t for t in run.outputs.tables if t.pattern == "consistent_heads.csv")
+    spec, derive = _view(run, declared)
+    html = _one_table(path, spec, "t", None, derive)
+    layers = [int(v) for v in re.findall(r"<tr>\s*<td>([^<]*)</td>", html)]  # first column: layer
+    assert len(layers) == spec.rows
+    assert layers == list(np.argsort(-np.abs(r).mean(1))[: len(layers)])
+    assert "mean_abs_r_folds" in html
+    # significant heads: layer, head and the measured r first, the original study's columns later
+    sig = _view(run, next(t for t in run.outputs.tables if t.pattern == "significant_heads.csv"))[0]
+    assert sig.columns[:3] == ("layer", "head", "r_logq_entropy")
+    assert set(VIEWS) <= set(EXPERIMENTS)
