@@ -3,12 +3,15 @@ render-status script a headless browser reads.
 
 `Figures` collects plotly figures as JSON by div id while a page's body is written (`div`);
 `document(title, body, figures)` wraps the body into a page that loads plotly.js once (inline by
-default, from `plotlyjs`, a path or URL, or from the first of several candidate paths that
-loads: `plotlyjs=[...]`, see `shared_plotlyjs_candidates`), holds every figure's JSON in
+default, or from `plotlyjs`, a path or URL), holds every figure's JSON in
 `<script id="spectra-figure-data">`, and plots them all. After plotting, its script writes into
 the hidden element `#spectra-render-status` a JSON object `{figure_id: {"traces", "with_data",
 "rendered", "error"}}` and sets `data-done="1"`, so a headless browser (and the tests) can check
 that every figure drew its data.
+
+A results tree holds one copy of plotly.js, `PLOTLYJS_FILE`, beside its report
+(`write_plotlyjs`); the run directories' figure pages find it with `plotlyjs_loader`, which
+tries `shared_plotlyjs_candidates()` in order.
 
 Scatter plots with WebGL (`scattergl`) of at most `SVG_POINTS` points are drawn as SVG instead,
 which works without a GPU (headless browsers, remote desktops) and prints.
@@ -30,7 +33,7 @@ from plotly.offline import get_plotlyjs
 from spectra_lens.io import atomic_write
 
 __all__ = ["CSS", "PLOTLYJS_FILE", "PLOT_JS", "SVG_POINTS", "Figures", "document", "escape", "figure_title",
-           "script_json", "shared_plotlyjs_candidates", "write_plotlyjs"]
+           "plotlyjs_loader", "script_json", "shared_plotlyjs_candidates", "write_plotlyjs"]
 
 # The one copy of plotly.js of a results tree, written beside the report (`write_plotlyjs`) and
 # loaded by every page under it; its name carries plotly's version, so pages written by another
@@ -205,33 +208,6 @@ function spectraPlot() {
 }
 """
 
-# Loads plotly.js from the first candidate path that exists, then plots; when none loads, says
-# so on the page (and in the render status, with an error per figure).
-_LOADER_JS = """
-(function (paths) {
-  function missing() {
-    document.getElementById("spectra-no-plotly").style.display = "block";
-    var specs = JSON.parse(document.getElementById("spectra-figure-data").textContent), status = {};
-    Object.keys(specs).forEach(function (id) {
-      status[id] = {traces: specs[id].data.length, with_data: 0, rendered: 0, error: "plotly.js not found"};
-    });
-    var el = document.getElementById("spectra-render-status");
-    el.textContent = JSON.stringify(status);
-    el.setAttribute("data-done", "1");
-  }
-  function next(i) {
-    if (i >= paths.length) { missing(); return; }
-    var s = document.createElement("script");
-    s.src = paths[i];
-    s.onload = spectraPlot;
-    s.onerror = function () { s.remove(); next(i + 1); };
-    document.head.appendChild(s);
-  }
-  next(0);
-})(%s);
-"""
-
-
 def shared_plotlyjs_candidates(levels: int = 5) -> list[str]:
     """Where a page written under a results tree finds plotly.js: beside itself (`plotly.min.js`,
     as `save_figure` writes it, or `PLOTLYJS_FILE`), then `PLOTLYJS_FILE` in each of the
@@ -267,12 +243,10 @@ def write_plotlyjs(directory: str | os.PathLike) -> Path:
     return atomic_write(path, write)
 
 
-def _plotlyjs_tag(src) -> str:
+def _plotlyjs_tag(src: str | None) -> str:
     if src is None:
         return f"<script>{get_plotlyjs()}</script>"
-    if isinstance(src, str):
-        return f'<script src="{escape(src)}"></script>'
-    return ""  # candidates: loaded by _LOADER_JS at the end of the body
+    return f'<script src="{escape(src)}"></script>'
 
 
 _NO_PLOTLY = ('<p id="spectra-no-plotly" class="flag" style="display:none">The figures need plotly.js, '
@@ -281,21 +255,19 @@ _NO_PLOTLY = ('<p id="spectra-no-plotly" class="flag" style="display:none">The f
               "beside the report.</p>")
 
 
-def document(title: str, body: str, figures: Figures, *, plotlyjs: str | list[str] | None = None,
+def document(title: str, body: str, figures: Figures, *, plotlyjs: str | None = None,
              css: str = "", generator: str = "spectra_lens") -> str:
     """The whole page: `body` (HTML) under the shared style (plus `css`), plotly.js inline once
-    (or loaded from `plotlyjs`: a path or URL, or a list of candidate paths tried in order),
-    every figure of `figures` plotted into its div, and the render status written into
-    `#spectra-render-status`. `generator` is written into `<meta name="generator">`."""
-    candidates = plotlyjs is not None and not isinstance(plotlyjs, str)
-    plot = (_LOADER_JS % script_json(list(plotlyjs))) if candidates else "spectraPlot();"
+    (or loaded from `plotlyjs`, a path or URL), every figure of `figures` plotted into its div,
+    and the render status written into `#spectra-render-status`. `generator` is written into
+    `<meta name="generator">`."""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f'<meta name="generator" content="{escape(generator)}">'
         f"<title>{escape(title)}</title><style>{CSS}{css}</style>"
-        f"{_plotlyjs_tag(plotlyjs)}</head><body>{_NO_PLOTLY if candidates else ''}{body}"
+        f"{_plotlyjs_tag(plotlyjs)}</head><body>{body}"
         f'<div id="spectra-render-status"></div>'
         f'<script type="application/json" id="spectra-figure-data">{script_json(figures.specs)}</script>'
-        f"<script>{PLOT_JS}{plot}</script></body></html>\n"
+        f"<script>{PLOT_JS}spectraPlot();</script></body></html>\n"
     )
