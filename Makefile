@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= results/observational
 
-.PHONY: setup observe test notebooks bench report clean mutants
+.PHONY: setup observe test notebooks bench report clean clean-results mutants
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) ./scripts/setup.sh
@@ -28,18 +28,24 @@ report: setup
 bench: setup
 	$(PY) -m bench.run
 
+# The environment and caches only: results are kept (`make clean-results` removes them).
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) .pytest_cache
+
+clean-results:
+	rm -rf results
 
 # Mutation testing of the functions that decide results, with the fast test subset named in
 # pyproject.toml [tool.mutmut]; docs/MUTANTS.md lists the survivors and why each is
-# equivalent. `make mutants MUTANT_FUNCTIONS='spectra_lens.stats.*'` widens or narrows it.
+# equivalent. `make mutants MUTANT_FUNCTIONS='spectra_lens.stats.decisions.*'` widens or narrows it.
 MUTANT_FUNCTIONS ?= \
-	'spectra_lens.stats.x_verdict__*' 'spectra_lens.stats.x_agreement__*' \
-	'spectra_lens.stats.x_fold_consistency__*' 'spectra_lens.stats.x_document_replication__*' \
+	'spectra_lens.stats.decisions.x_verdict__*' 'spectra_lens.stats.decisions.x_agreement__*' \
+	'spectra_lens.stats.decisions.x_fold_consistency__*' \
+	'spectra_lens.stats.decisions.x_document_replication__*' \
 	'spectra_lens.sweep.x__output_effects__*' 'spectra_lens.sweep.x__next_token_nll__*' \
-	'spectra_lens.sweep.x__masked_mean__*' 'spectra_lens.capture.*QueryScale*hooks__*' \
-	'spectra_lens.metrics.x__top_count_sorted__*' 'spectra_lens.metrics.x__top_counts_sorted__*'
+	'spectra_lens.sweep.x__masked_mean__*' 'spectra_lens.interventions.*QueryScale*hooks__*' \
+	'spectra_lens.kernels.blocked.x__top_count_sorted__*' \
+	'spectra_lens.kernels.blocked.x__top_counts_sorted__*'
 
 mutants: setup
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[mutation]"

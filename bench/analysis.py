@@ -45,10 +45,10 @@ def scaled_documents(documents: np.ndarray, multiple: int, grow: str) -> np.ndar
 def write_moments(directory: Path, documents: np.ndarray, *, seq_len: int, shard_size: int,
                   batch: int, min_position: int = 1, seed: int = 0) -> list[Path]:
     """One `moments/shard_XXXXX.npz` per shard of `shard_size` sequences (see module doc)."""
-    from spectra_lens import stats
+    from spectra_lens.stats.moments import MOMENT_VARIABLES, DocumentMoments
 
     rng = np.random.default_rng(seed)
-    variables = stats.MOMENT_VARIABLES
+    variables = MOMENT_VARIABLES
     n_var, n_pos = len(variables), seq_len - min_position
     heads = N_LAYERS * N_HEADS
     layers = np.repeat(np.arange(N_LAYERS), N_HEADS)
@@ -66,11 +66,11 @@ def write_moments(directory: Path, documents: np.ndarray, *, seq_len: int, shard
             v[..., iy] -= 0.3 * v[..., ix]  # a negative query-norm association, as in the model
             v[..., ip] = log_pos
             valid = np.ones(v.shape[:3], dtype=bool)
-            parts.append(stats.DocumentMoments.from_tokens(
+            parts.append(DocumentMoments.from_tokens(
                 v, valid, docs, layers=layers, heads=head_ids, variables=variables,
                 meta={"min_position": min_position}))
         path = directory / "moments" / f"shard_{shard:05d}.npz"
-        stats.DocumentMoments.concat(parts).save(path)
+        DocumentMoments.concat(parts).save(path)
         out.append(path)
     return out
 
@@ -102,11 +102,11 @@ def head_statistics_seconds(paths: list[Path], *, n_boot: int = 1000, seed: int 
     """Seconds of `stats.head_statistics` alone on the same moments (the largest step)."""
     from spectra_lens.experiments import observational as obs
 
-    from spectra_lens import stats
+    from spectra_lens.stats.decisions import head_statistics
 
     moments = obs.read_moments(paths)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         t0 = time.perf_counter()
-        stats.head_statistics(moments, n_boot=n_boot, seed=seed)
+        head_statistics(moments, n_boot=n_boot, seed=seed)
     return time.perf_counter() - t0

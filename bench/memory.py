@@ -96,7 +96,7 @@ def measure_analysis(spec: dict) -> dict:
 def measure(spec: dict) -> dict:
     if spec["kind"] == "analysis":
         return measure_analysis(spec)
-    from spectra_lens.data.corpus import default_corpus, tokenize_corpus
+    from spectra_lens.data.corpus import default_corpus, tokenize_documents
     from spectra_lens.data.shards import prepare
     from spectra_lens.models import load_hf, load_model, load_tokenizer, resolve_device
 
@@ -108,7 +108,8 @@ def measure(spec: dict) -> dict:
     reps = spec.get("reps", 2)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer()
-    tokens = tokenize_corpus(default_corpus(), tokenizer, seq_len=seq_len, max_sequences=n_seq)
+    tokens = tokenize_documents(default_corpus(), tokenizer, seq_len=seq_len, max_sequences=n_seq,
+                                packing="stream").tokens
     if kind == "hf":
         model, _ = load_hf(device=device)
     else:

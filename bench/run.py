@@ -293,12 +293,12 @@ class Bench:
 
     def tokens(self, batch: int, seq_len: int) -> torch.Tensor:
         """`batch` sequences of `seq_len` tokens of the default corpus (pydoc topics)."""
-        from spectra_lens.data.corpus import tokenize_corpus
+        from spectra_lens.data.corpus import tokenize_documents
 
         have = self._tokens.get(seq_len)
         if have is None or have.shape[0] < batch:
-            have = tokenize_corpus(self._corpus, self._tokenizer, seq_len=seq_len,
-                                        max_sequences=max(batch, 16))
+            have = tokenize_documents(self._corpus, self._tokenizer, seq_len=seq_len,
+                                      max_sequences=max(batch, 16), packing="stream").tokens
             self._tokens[seq_len] = have
         return have[:batch].to(self.device)
 
@@ -479,7 +479,8 @@ def _alpha_grid() -> tuple[float, ...]:
 
 def section_gain(b: Bench, cfg: dict) -> dict:
     from spectra_lens import metrics, sweep
-    from spectra_lens.capture import MetricCapture, QueryScale, attached
+    from spectra_lens.capture import MetricCapture, attached
+    from spectra_lens.interventions import QueryScale
 
     x = b.tokens(cfg["batch"], cfg["seq_len"])
     alphas = _alpha_grid()
@@ -560,7 +561,7 @@ def section_gain(b: Bench, cfg: dict) -> dict:
 
 def section_exact(b: Bench, cfg: dict) -> dict:
     from spectra_lens import sweep
-    from spectra_lens.capture import QueryScale
+    from spectra_lens.interventions import QueryScale
 
     x = b.tokens(cfg["batch"], cfg["seq_len"])
     layer, head = cfg["head"]
@@ -570,7 +571,7 @@ def section_exact(b: Bench, cfg: dict) -> dict:
         grid = _EXACT_GRIDS[n]
         for mode, max_rows in (("batched", batch * n), ("per_alpha", batch)):
             variants[f"{mode}_{n}"] = (lambda grid=grid, max_rows=max_rows: sweep.intervention_effects(
-                b.model, x, grid, QueryScale(layer, head, 1.0), max_rows=max_rows))
+                b.model, x, grid, QueryScale.scan(layer, head), max_rows=max_rows))
     variants["bridge_forward"] = b.bridge_forward(x)
     # No warm-up calls: each variant is several forwards, and the models are warm by now.
     times = interleave(variants, cfg["reps"], b.device, warmup=False, label="exact")
@@ -580,7 +581,7 @@ def section_exact(b: Bench, cfg: dict) -> dict:
         ratios[f"batched_{n}_vs_bridge"] = _ratio(times, f"batched_{n}", "bridge_forward")
         ratios[f"per_alpha_{n}_vs_bridge"] = _ratio(times, f"per_alpha_{n}", "bridge_forward")
     return {
-        "workload": {"batch": batch, "seq_len": cfg["seq_len"], "intervention": f"QueryScale(L{layer}H{head})",
+        "workload": {"batch": batch, "seq_len": cfg["seq_len"], "intervention": f"QueryScale.scan({layer}, {head})",
                      "grids": {str(n): _EXACT_GRIDS[n] for n in cfg["n_alphas"]},
                      "note": "intervention_effects also runs the unscaled pass and computes loss and KL over "
                              "the vocabulary; batched: max_rows = batch × n_α (one scaled forward), "

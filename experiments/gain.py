@@ -1,8 +1,7 @@
 """EXP2, gain: how strongly every head's attention sharpness responds to its query scale.
 
-    python -m experiments.gain [--alphas ...] [--n-sequences 16] [--seq-len 128] [--model M]
+    spectra-lens gain [--alphas ...] [--n-sequences 16] [--seq-len 128] [--model M]
         [--corpus C] [--out DIR] [--target-layer L --target-head H ...] [--overwrite]
-    spectra-lens gain ...
 
 For every head, the metrics at each α of the grid (default 21 log-spaced values 1/4..4) come
 from `sweep.head_curves`: the fast path softmax(α·s) from one unscaled pass where the layer's
@@ -48,7 +47,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -66,14 +64,17 @@ from spectra_lens.errors import SpectraError
 from spectra_lens.layout import attention_layout
 from spectra_lens.present import figures as figs
 from spectra_lens.present.display import progress_bar
+from spectra_lens.runs import outputs as O
+from spectra_lens.runs import pipeline as P
 from spectra_lens.runs.distributed import SHARD_RANK, SHARD_WORLD, Group, Steps
-from spectra_lens.runs.rundir import NOT_RESULT_FIELDS, RunDir
-from spectra_lens.stats import fit_log_slopes, t_interval
+from spectra_lens.stats.fits import fit_log_slopes
+from spectra_lens.stats.inference import t_interval
 from spectra_lens.sweep import HeadSweep, head_curves
+from spectra_lens.validate import check_alphas
 
 from . import _common as C
 
-__all__ = ["GainResult", "compute", "gain_table", "command", "main", "merge", "part_ranges", "read_parts",
+__all__ = ["GainResult", "compute", "gain_table", "command", "merge", "part_ranges", "read_parts",
            "run", "sweep_part", "write_parts"]
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def part_digests(cfg: GainConfig, measure: torch.Tensor) -> list[str]:
 def _part_metas(cfg: GainConfig, n_sequences: int, digests: list[str]) -> list[dict]:
     """What each part file must record to be reused: its sequences (range and sha256 of their
     ids) and every setting its numbers depend on."""
-    alphas = list(C.checked_alphas(cfg))
+    alphas = list(check_alphas(cfg.alphas))
     return [{"part": i, "start": a, "stop": b, "tokens_sha256": digests[i], "alphas": alphas,
              "min_position": cfg.min_position, "batch_size": cfg.batch_size, "max_rows": cfg.max_rows}
             for i, (a, b) in enumerate(part_ranges(n_sequences, cfg.batch_size))]
@@ -210,7 +211,7 @@ def _part_done(path: Path, meta: dict) -> bool:
 def sweep_part(cfg: GainConfig, model, measure: torch.Tensor, i: int) -> HeadSweep:
     """The α-curves of every head on part `i` of the measured sequences (`part_ranges`)."""
     a, b = part_ranges(len(measure), cfg.batch_size)[i]
-    return head_curves(model, measure[a:b], C.checked_alphas(cfg), min_position=cfg.min_position,
+    return head_curves(model, measure[a:b], check_alphas(cfg.alphas), min_position=cfg.min_position,
                        batch_size=cfg.batch_size, max_rows=cfg.max_rows)
 
 
@@ -257,16 +258,14 @@ def _result(cfg: GainConfig, sweep: HeadSweep, choice: C.HeadChoice, layout) -> 
     return GainResult(summary=summary, curves=sweep.summary(ci=cfg.ci), sweep=sweep, choice=choice)
 
 
-def compute(cfg: GainConfig, model, tokens: C.RunTokens, *, progress: bool = False, rd=None) -> GainResult:
+def compute(cfg: GainConfig, model, tokens: P.RunTokens, *, progress: bool = False, rd=None) -> GainResult:
     """The EXP2 measurements on a loaded model and tokens (no files written), part by part in
     this process: the same numbers as `run` with any number of processes."""
-    alphas = C.checked_alphas(cfg)
-    if len(alphas) < 3:
-        raise SpectraError(f"a slope fit needs at least 3 alphas, got {list(alphas)}")
+    check_alphas(cfg.alphas, at_least=3)  # a slope fit with a residual
     layout = attention_layout(model)
-    with C.timed(rd, "choose_heads_s"):
+    with P.timed(rd, "choose_heads_s"):
         choice, _ = C.choose_heads(cfg, model, layout, tokens, control=True)
-    with C.timed(rd, "sweep_s"):
+    with P.timed(rd, "sweep_s"):
         n = len(part_ranges(len(tokens.measure), cfg.batch_size))
         bar = progress_bar(total=n, desc="α-curves", unit="part", enabled=progress)
         parts = []
@@ -275,19 +274,19 @@ def compute(cfg: GainConfig, model, tokens: C.RunTokens, *, progress: bool = Fal
             bar.update(1)
         bar.close()
         sweep = HeadSweep.concat(parts)
-    with C.timed(rd, "fits_s"):
+    with P.timed(rd, "fits_s"):
         return _result(cfg, sweep, choice, layout)
 
 
-OUTPUTS = C.Outputs(
+OUTPUTS = O.Outputs(
     "EXP2", "gain: entropy sensitivity to query scale, every head", "spectra-lens gain",
     (
-        C.Table("gain_summary.csv", "heads with the largest entropy gain", ("gain_entropy",),
+        O.Table("gain_summary.csv", "heads with the largest entropy gain", ("gain_entropy",),
                 ("layer", "head", "head_type", "gain_entropy", "gain_entropy_ci_low",
                  "gain_entropy_ci_high", "analytic_gain", "fd_gain_entropy", "gain_max_attn",
                  "gain_k_eff", "r_squared", "std_error", "is_monotonic", "mean_entropy_unscaled",
                  "method")),
-        C.Table("gain_curves.csv", "per-α curves of every head", (), (), rows=0),
+        O.Table("gain_curves.csv", "per-α curves of every head", (), (), rows=0),
     ),
 )
 
@@ -354,9 +353,9 @@ def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | No
 
 
 def _finish(cfg: GainConfig, rd, result: GainResult, info: dict) -> None:
-    with C.timed(rd, "write_s"):
+    with P.timed(rd, "write_s"):
         t = tables(result)
-        files = C.write_outputs(rd, t, figures(t), images=cfg.images)
+        files = O.write_outputs(rd, t, figures(t), images=cfg.images)
     rd.finish(
         **info,
         alphas=list(result.sweep.alphas),
@@ -380,7 +379,7 @@ def _run_main(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) -
     """Rank 0 (or the only process): the run directory, its share of the parts, the tables."""
     steps = Steps(group, 2)
     try:
-        with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
+        with P.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
             rd, measure = setup.rd, setup.tokens.measure
             n = len(part_ranges(len(measure), cfg.batch_size))
             for i in range(n):  # every rank's parts are listed in the manifest before any is written
@@ -391,17 +390,17 @@ def _run_main(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) -
                             group.world, n, cfg.batch_size, n)
             if not steps.step():  # the others start once the run has started
                 raise SpectraError("another rank could not start (see its message); nothing was computed")
-            with C.timed(rd, "choose_heads_s"):
+            with P.timed(rd, "choose_heads_s"):
                 choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True)
-            with C.timed(rd, "sweep_s"):
+            with P.timed(rd, "sweep_s"):
                 write_parts(cfg, setup.model, measure, rd.path, group.shards(n), progress=progress)
             if not steps.step():  # every rank has written its parts
                 raise SpectraError("another rank failed before writing its parts (see its message); "
                                    "rerun the same command to redo only the missing parts")
-            with C.timed(rd, "fits_s"):
+            with P.timed(rd, "fits_s"):
                 sweep = read_parts(cfg, len(measure), part_digests(cfg, measure), [rd.path])
                 result = _result(cfg, sweep, choice, setup.layout)
-            _finish(cfg, rd, result, {**C.provenance(setup, choice, cfg.seed),
+            _finish(cfg, rd, result, {**P.provenance(setup, choice, cfg.seed),
                                       **_parts_info(cfg, n, group.world)})
     except Exception:
         steps.abort()
@@ -414,8 +413,8 @@ def _compute_share(cfg: GainConfig, group: Group, model, tokens) -> None:
     steps = Steps(group, 2)
     try:
         cfg.validate()
-        model, _ = C.load_run_model(cfg, model)
-        measure = C.load_run_tokens(cfg, model, tokens).measure
+        model, _ = P.load_run_model(cfg, model)
+        measure = P.load_run_tokens(cfg, model, tokens).measure
         if not steps.step():  # rank 0 could not start the run; it says why
             steps.abort()
             return
@@ -430,21 +429,21 @@ def _compute_share(cfg: GainConfig, group: Group, model, tokens) -> None:
 def _run_share(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) -> None:
     """A detached share: parts rank, rank + world, ... into its own run directory `cfg.out`
     (share 0 also chooses the target / control heads); `merge` makes the tables."""
-    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
+    with P.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
         rd, measure = setup.rd, setup.tokens.measure
         n = len(part_ranges(len(measure), cfg.batch_size))
         mine = group.shards(n)
         for i in mine:  # listed before they exist, so that --overwrite removes them
             rd.output(part_name(i))
         if group.rank == 0:
-            with C.timed(rd, "choose_heads_s"):
+            with P.timed(rd, "choose_heads_s"):
                 choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True)
-            info = C.provenance(setup, choice, cfg.seed)
+            info = P.provenance(setup, choice, cfg.seed)
         else:  # the other shares record what share 0 records, less the head selection
             t = setup.tokens
-            info = dict(model=C.model_info(setup.model_name, setup.layout, setup.model), corpus=t.corpus,
+            info = dict(model=P.model_info(setup.model_name, setup.layout, setup.model), corpus=t.corpus,
                         n_sequences=int(t.measure.shape[0]), seq_len=int(t.measure.shape[1]), seed=cfg.seed)
-        with C.timed(rd, "sweep_s"):
+        with P.timed(rd, "sweep_s"):
             write_parts(cfg, setup.model, measure, rd.path, mine, progress=progress)
         rd.finish(**info, share={"rank": group.rank, "world": group.world, "parts": mine, "n_parts": n},
                   part_digests=part_digests(cfg, measure),
@@ -456,24 +455,8 @@ def merge(cfg, *, progress: bool = True) -> GainResult:
     run directory must hold a finished share of the same configuration over the same sequences
     (their sha256 agree), share 0 (which chose the heads) among them, and together they must
     hold every part (a part in several shares is read once)."""
-    cfg.validate()
-    shares = []
-    for d in cfg.run_dir:
-        m = RunDir(d, EXPERIMENT).read_manifest()
-        if m is None or m.get("experiment") != EXPERIMENT:
-            raise SpectraError(f"{d} is not a gain run directory (no manifest.json of experiment 'gain')")
-        if m.get("status") != "complete" or "share" not in m:
-            raise SpectraError(f"{d} holds no finished share (status {m.get('status')!r}); rerun "
-                               "that share's command to finish it")
-        shares.append((Path(d), m))
-    ignore = set(NOT_RESULT_FIELDS)
-    first = {k: v for k, v in shares[0][1]["config"].items() if k not in ignore}
+    shares = P.read_shares(cfg, EXPERIMENT)
     for d, m in shares[1:]:
-        other = {k: v for k, v in m["config"].items() if k not in ignore}
-        if other != first:
-            diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
-            raise SpectraError(f"{d} was run with a different configuration than {shares[0][0]} "
-                               f"({', '.join(diff)}); shares of one run share every setting")
         if m.get("part_digests") != shares[0][1].get("part_digests"):
             raise SpectraError(f"{d} measured other sequences than {shares[0][0]} (their sha256 "
                                "differ): shares must read the same corpus")
@@ -482,10 +465,7 @@ def merge(cfg, *, progress: bool = True) -> GainResult:
         raise SpectraError("share 0 (SPECTRA_SHARD_RANK=0) is not among the run directories given; it "
                            "records the heads the figures show: pass its run directory")
     m0 = zero[0][1]
-    names = {f.name for f in dataclasses.fields(GainConfig)}
-    base = {k: tuple(v) if isinstance(v, list) else v for k, v in m0["config"].items() if k in names}
-    run_cfg = dataclasses.replace(GainConfig(**base), out=cfg.out, overwrite=cfg.overwrite,
-                                  images=cfg.images)
+    run_cfg = P.merged_config(cfg, GainConfig, m0)
     n_sequences, digests = int(m0["n_sequences"]), list(m0["part_digests"])
     sweep = read_parts(run_cfg, n_sequences, digests, [d for d, _ in shares])
     sel = m0["selection"]
@@ -494,7 +474,7 @@ def merge(cfg, *, progress: bool = True) -> GainResult:
                           {int(k): v for k, v in sel.get("selection_gains", {}).items()},
                           control_r=sel.get("control_r"))
     inputs = [d for d, _ in shares]
-    with C.run_directory(run_cfg, EXPERIMENT, inputs=inputs) as rd:
+    with P.run_directory(run_cfg, EXPERIMENT, inputs=inputs) as rd:
         rd.start(run_cfg, overwrite=run_cfg.overwrite)
         result = _result(run_cfg, sweep, choice, SimpleNamespace(q_bilinear=tuple(m0["q_bilinear"])))
         info = {k: m0[k] for k in ("model", "corpus", "n_sequences", "seq_len", "selection", "seed") if k in m0}
@@ -527,13 +507,3 @@ def command(cfg: GainConfig, *, progress: bool = True) -> int:
     print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.gain`: the same as `spectra-lens gain`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["gain", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

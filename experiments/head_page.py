@@ -12,7 +12,6 @@ are computed on the text). `spectra-lens report RESULTS` links each head of its 
 `RESULTS/heads/L{l}H{h}.html` when that page exists.
 """
 
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,13 +21,12 @@ import torch
 
 from spectra_lens.config import HeadPageConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.generate import parse_head
 from spectra_lens.models import DEFAULT_MODEL
 from spectra_lens.present.head_page import HeadPage, head_page
+from spectra_lens.runs import pipeline as P
+from spectra_lens.validate import HeadRef
 
-from . import _common as C
-
-__all__ = ["command", "main", "run"]
+__all__ = ["command", "run"]
 
 
 def _table(path: str | None, flag: str) -> pd.DataFrame | None:
@@ -43,12 +41,12 @@ def _table(path: str | None, flag: str) -> pd.DataFrame | None:
 def run(cfg: HeadPageConfig, *, model=None, tokens=None) -> tuple[HeadPage, Path]:
     """Measure the head of `cfg` and write its page into `cfg.out`: (page, path)."""
     cfg.validate()
-    layer, head = parse_head(cfg.head)
+    layer, head = HeadRef.parse(cfg.head)
     types, agreement = _table(cfg.types, "--types"), _table(cfg.agreement, "--agreement")
-    model, name = C.load_run_model(cfg, model)
+    model, name = P.load_run_model(cfg, model)
     # no heads are chosen here: every text sequence is measured (n_select = 0)
     spec = SimpleNamespace(corpus=cfg.corpus, seq_len=cfg.seq_len, n_sequences=cfg.n_sequences, n_select=0)
-    text = C.load_run_tokens(spec, model, tokens).measure
+    text = P.load_run_tokens(spec, model, tokens).measure
     torch.manual_seed(0)
     page = head_page(model, layer, head, text=text, prompt=cfg.prompt, alphas=cfg.alphas, types=types,
                      agreement=agreement, max_new_tokens=cfg.max_new_tokens,
@@ -70,13 +68,3 @@ def command(cfg: HeadPageConfig, *, progress: bool = True) -> int:
     print(f"wrote {path} in {time.time() - t0:.0f} s")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.head_page`: the same as `spectra-lens head`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["head", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

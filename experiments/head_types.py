@@ -18,7 +18,6 @@ gain_entropy, where present — and each label: n, mean, median, min and mean ra
 negative of all heads), figures under `figures/` and `manifest.json`.
 """
 
-import sys
 import time
 from dataclasses import dataclass
 from html import escape
@@ -39,10 +38,10 @@ from spectra_lens.head_types import (
 )
 from spectra_lens.layout import attention_layout
 from spectra_lens.present.figures import head_types as FT
+from spectra_lens.runs import outputs as O
+from spectra_lens.runs import pipeline as P
 
-from . import _common as C
-
-__all__ = ["BY_LABEL_COLUMNS", "OUTPUTS", "HeadTypesResult", "command", "compute", "figures", "main", "run",
+__all__ = ["BY_LABEL_COLUMNS", "OUTPUTS", "HeadTypesResult", "command", "compute", "figures", "run",
            "tables"]
 
 EXPERIMENT = "head_types"
@@ -88,14 +87,14 @@ def _join(types: pd.DataFrame, agreement: pd.DataFrame | None, gain: pd.DataFram
     return joined, summary
 
 
-OUTPUTS = C.Outputs(
+OUTPUTS = O.Outputs(
     "TYPES", "head types: sink, previous-token, induction, local, positional", "spectra-lens head-types",
     (
-        C.Table("head_types.csv", "heads by induction score", ("induction_score",),
+        O.Table("head_types.csv", "heads by induction score", ("induction_score",),
                 ("layer", "head", "label", "induction_score", "prev_token_score", "sink_score",
                  "local_score", "positional_score", "entropy_norm", "analytic_gain", "obs_slope",
                  "gain_analytic", "gain_entropy", "verdict"), rows=20),
-        C.Table("head_types_by_label.csv", "each gain by head type (mean rank 1 = most negative)", (),
+        O.Table("head_types_by_label.csv", "each gain by head type (mean rank 1 = most negative)", (),
                 ("value", "label", "n", "mean", "median", "min", "mean_rank"), rows=40),
     ),
 )
@@ -132,7 +131,7 @@ def _read_table(path: str | None, what: str) -> pd.DataFrame | None:
 def compute(cfg: HeadTypesConfig, model, text, *, agreement: pd.DataFrame | None = None,
             gain: pd.DataFrame | None = None, rd=None) -> HeadTypesResult:
     """Every head's scores and label, joined with the agreement / gain tables (no files written)."""
-    with C.timed(rd, "scores_s"):
+    with P.timed(rd, "scores_s"):
         inputs = diagnostic_inputs(model, text, n_repeated=cfg.n_repeated, half_len=cfg.half_len,
                                    seed=cfg.seed)
         types = head_type_scores(model, inputs, window=cfg.window, batch_size=cfg.batch_size)
@@ -144,21 +143,21 @@ def run(cfg: HeadTypesConfig = HeadTypesConfig(), *, model=None, tokens=None,
     """Head types into `cfg.out`: head_types.csv, head_types_by_label.csv, figures, manifest."""
     cfg.validate()
     agreement, gain = _read_table(cfg.agreement, "agreement"), _read_table(cfg.gain, "gain")
-    with C.run_directory(cfg, EXPERIMENT) as rd:
-        with C.timed(rd, "load_model_s"):
-            model, model_name = C.load_run_model(cfg, model, progress=progress)
+    with P.run_directory(cfg, EXPERIMENT) as rd:
+        with P.timed(rd, "load_model_s"):
+            model, model_name = P.load_run_model(cfg, model, progress=progress)
             layout = attention_layout(model)
-        with C.timed(rd, "tokens_s"):
+        with P.timed(rd, "tokens_s"):
             # every head is scored, none is chosen: no held-out selection sequences (n_select = 0)
             spec = SimpleNamespace(corpus=cfg.corpus, seq_len=cfg.seq_len, n_sequences=cfg.n_sequences,
                                    n_select=0)
-            text = C.load_run_tokens(spec, model, tokens)
+            text = P.load_run_tokens(spec, model, tokens)
         rd.start(cfg, overwrite=cfg.overwrite)  # the manifest, once the model and text are there
         result = compute(cfg, model, text.measure, agreement=agreement, gain=gain, rd=rd)
-        with C.timed(rd, "write_s"):
+        with P.timed(rd, "write_s"):
             t = tables(result)
-            files = C.write_outputs(rd, t, figures(t), images=cfg.images)
-        rd.finish(model=C.model_info(model_name, layout, model), corpus=text.corpus,
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
+        rd.finish(model=P.model_info(model_name, layout, model), corpus=text.corpus,
                   n_sequences=int(text.measure.shape[0]), seq_len=int(text.measure.shape[1]),
                   label_rule=LABEL_RULE, joined={"agreement": cfg.agreement, "gain": cfg.gain},
                   files=files, labels=result.types["label"].value_counts().to_dict())
@@ -182,13 +181,3 @@ def command(cfg: HeadTypesConfig, *, progress: bool = True) -> int:
     print(f"wrote {result.out} in {time.time() - t0:.0f} s")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.head_types`: the same as `spectra-lens head-types`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["head-types", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,14 +1,13 @@
 """EXP1, intervention: scale one head's effective query by α on the real forward pass.
 
-    python -m experiments.intervention [--target-layer L --target-head H]
+    spectra-lens intervene [--target-layer L --target-head H]
         [--control-layer L --control-head H] [--alphas 0.25 0.5 1 2 4] [--n-sequences 8]
         [--seq-len 128] [--model M] [--corpus C] [--out DIR] [--overwrite]
-    spectra-lens intervene ...
 
 For a target head and a control head (defaults: see experiments/_common.py — the middle layer's
 head with the most negative analytic gain −Var_p(s), and the head whose observational
 r(log ‖q‖, entropy) is nearest 0 with a tight interval, both chosen on held-out sequences), each
-α of the grid is applied with `hooks.QueryScale` in real forward passes (α batched). Measured per
+α of the grid is applied with `interventions.QueryScale` in real forward passes (α batched). Measured per
 α, with document-bootstrap intervals: the head's mean entropy, max attention, k_eff (exp(H); also
 participation ratio and top-90% count) as the identity check they are, and the outcomes: the
 next-token loss change, KL(p_1 ‖ p_α) of the output distribution and the entropy change of every
@@ -30,7 +29,6 @@ import dataclasses
 import logging
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass
 from html import escape
@@ -41,12 +39,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from spectra_lens.capture import QueryScale
 from spectra_lens.causal import (
     CONTROL_RULE,
     EFFECT_DEFINITIONS,
     ROTATION_RULE,
-    QueryRotate,
     effect_row,
     query_direction_spread,
     sham_check,
@@ -54,14 +50,19 @@ from spectra_lens.causal import (
 )
 from spectra_lens.config import InterventionConfig
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import QueryRotate, QueryScale
+from spectra_lens.kernels.alpha import alpha_metrics
 from spectra_lens.layout import attention_layout
-from spectra_lens.metrics import SWEEP_METRICS, alpha_metrics
+from spectra_lens.metrics import SWEEP_METRICS
 from spectra_lens.present import figures as figs
-from spectra_lens.sweep import ExactSweep, intervention_effects, paired_intervention_effects
+from spectra_lens.runs import outputs as O
+from spectra_lens.runs import pipeline as P
+from spectra_lens.sweep import ExactSweep, intervention_effects
+from spectra_lens.validate import HeadRef, check_alphas
 
 from . import _common as C
 
-__all__ = ["FastPrediction", "InterventionResult", "compute", "command", "main", "run"]
+__all__ = ["FastPrediction", "InterventionResult", "compute", "command", "run"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "intervention"
@@ -84,7 +85,7 @@ class InterventionResult:
 
     def csv_name(self, role: str) -> str:
         l, h = self.heads[role]
-        return f"q_scale_intervention_L{l}_H{h}_{role}.csv"
+        return f"q_scale_intervention_{HeadRef(l, h).file_tag}_{role}.csv"
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{r}=L{l}H{h}" for r, (l, h) in self.heads.items())
@@ -107,10 +108,10 @@ OWN_CURVE = "identity check: softmax(alpha*s) of the unscaled scores, not a find
 class FastPrediction:
     """The fast path's prediction for one head, softmax(α·s) of its unscaled pattern, computed
     block by block while the sweep runs: `update` is the `on_patterns` of
-    `sweep.paired_intervention_effects`, and reads the unscaled pattern of the head from the
+    `sweep.intervention_effects`, and reads the unscaled pattern of the head from the
     first pass of each block of sequences, so the sweep keeps no patterns.
 
-    Per block: `metrics.alpha_metrics(log p, p > 0, alphas)` over the query rows ≥
+    Per block: `kernels.alpha.alpha_metrics(log p, p > 0, alphas)` over the query rows ≥
     `min_position`, one value per α and sequence. Each sequence's rows are reduced on their own,
     so `metrics` (the blocks joined in sequence order) equals the same call on every unscaled
     pattern at once.
@@ -171,7 +172,7 @@ def _rows(effects_list, documents, cfg, **fixed) -> list[dict]:
             for v, x, e in zip(values, extra, effects_list)]
 
 
-def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bool = False,
+def compute(cfg: InterventionConfig, model, tokens: P.RunTokens, *, progress: bool = False,
             rd=None) -> InterventionResult:
     """The EXP1 measurements on a loaded model and tokens (no files written).
 
@@ -179,20 +180,20 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
     condition (target scaling, control scaling, sham, rotation of the target's query):
     `causal.effect_row` with document-bootstrap intervals.
     """
-    alphas = C.checked_alphas(cfg)
+    alphas = check_alphas(cfg.alphas)
     layout = attention_layout(model)
     docs = tokens.measure_documents
-    with C.timed(rd, "choose_heads_s"):
+    with P.timed(rd, "choose_heads_s"):
         choice, r_table = C.choose_heads(cfg, model, layout, tokens, control=True)
     heads = {"target": choice.target, "control": choice.control}
     tables, downstream, sweeps, rows = {}, {}, {}, []
     for role in ROLES:
         l, h = heads[role]
         prediction = FastPrediction(role, alphas, l, h, min_position=cfg.min_position)
-        with C.timed(rd, f"{role}_sweep_s"):
+        with P.timed(rd, f"{role}_sweep_s"):
             # the head's patterns reach `prediction` one forward pass at a time and are not kept
-            sweep = paired_intervention_effects(
-                model, tokens.measure, alphas, {role: QueryScale(l, h, 1.0)}, prediction.update,
+            sweep = intervention_effects(
+                model, tokens.measure, alphas, {role: QueryScale.scan(l, h)}, on_patterns=prediction.update,
                 layers=range(l, layout.n_layers), patterns_for=[(l, h)],
                 min_position=cfg.min_position, max_rows=cfg.max_rows, progress=progress,
             )[role]
@@ -209,18 +210,18 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
                       intervention="QueryScale", layer=l, head=h, grid="alpha", values=sweep.alphas,
                       own_effect="identity check" if layout.q_bilinear[l] else "outcome (not bilinear)")
     l, h = choice.target
-    with C.timed(rd, "sham_s"):
+    with P.timed(rd, "sham_s"):
         sham, sham_effects = sham_check(model, tokens.measure, l, h, min_position=cfg.min_position,
                                         batch_size=cfg.max_rows)
     rows += _rows([sham_effects], docs, cfg, condition="sham", intervention="QueryScale at alpha=1 (hook attached)",
                   layer=l, head=h, grid="alpha", values=[1.0], own_effect="outcome (must be 0)",
                   extra=[{"bitwise_equal": sham["bitwise_equal"]}])
-    with C.timed(rd, "rotation_s"):
+    with P.timed(rd, "rotation_s"):
         spread = query_direction_spread(model, tokens.select, l, h, min_position=cfg.min_position,
                                   batch_size=cfg.max_rows)
         multiples = {min(m * spread.median_angle, math.pi): m for m in sorted(cfg.rotation_multiples)}
         angles = tuple(sorted(multiples))
-        rotation = intervention_effects(model, tokens.measure, angles, QueryRotate(l, h, 0.0, seed=cfg.seed),
+        rotation = intervention_effects(model, tokens.measure, angles, QueryRotate.scan(l, h, seed=cfg.seed),
                                layers=range(l, layout.n_layers), min_position=cfg.min_position,
                                max_rows=cfg.max_rows, progress=progress)
     sweeps["rotation"] = rotation
@@ -239,25 +240,25 @@ def compute(cfg: InterventionConfig, model, tokens: C.RunTokens, *, progress: bo
                               controls=controls)
 
 
-OUTPUTS = C.Outputs(
+OUTPUTS = O.Outputs(
     "EXP1", "intervention: scaling one head's queries in the forward pass", "spectra-lens intervene",
     (
-        C.Table("q_scale_intervention_L*_H*_*.csv", "query scaling", (),
+        O.Table("q_scale_intervention_L*_H*_*.csv", "query scaling", (),
                 ("scale", "layer", "head", "head_type", "mean_entropy", "mean_entropy_ci_low",
                  "mean_entropy_ci_high", "mean_entropy_fast", "mean_max_attn", "mean_k_eff",
                  "delta_entropy", "delta_loss", "kl_from_unscaled", "analytic_gain", "method",
                  "n_sequences"), rows=40),
-        C.Table("downstream_heads_L*_H*_*.csv", "heads of later layers, largest entropy change",
+        O.Table("downstream_heads_L*_H*_*.csv", "heads of later layers, largest entropy change",
                 ("delta_entropy",),
                 ("head_type", "scaled_layer", "scaled_head", "scale", "layer", "head",
                  "is_scaled_head", "entropy", "delta_entropy", "delta_entropy_ci_low",
                  "delta_entropy_ci_high", "delta_max_attn"), rows=12),
-        C.Table("intervention_effects.csv", "outcomes that can come out either way (document intervals)",
+        O.Table("intervention_effects.csv", "outcomes that can come out either way (document intervals)",
                 (), ("condition", "layer", "head", "grid", "value", "delta_loss", "delta_loss_ci_low",
                      "delta_loss_ci_high", "kl_unscaled_scaled", "kl_unscaled_scaled_ci_low",
                      "kl_unscaled_scaled_ci_high", "later_mean_abs_delta_entropy",
                      "later_heads_changed", "own_delta_entropy", "own_effect", "n_documents"), rows=30),
-        C.Table("control_selection.csv", "control head choice: r(log ||q||, H) on held-out sequences",
+        O.Table("control_selection.csv", "control head choice: r(log ||q||, H) on held-out sequences",
                 (), ("layer", "head", "role", "r_log_q_entropy", "r_ci_low", "r_ci_high"), rows=12),
     ),
 )
@@ -271,7 +272,7 @@ def tables(result: InterventionResult) -> dict[str, pd.DataFrame]:
     for role in ROLES:
         l, h = result.heads[role]
         out[result.csv_name(role).removesuffix(".csv")] = result.tables[role]
-        out[f"downstream_heads_L{l}_H{h}_{role}"] = result.downstream[role]
+        out[f"downstream_heads_{HeadRef(l, h).file_tag}_{role}"] = result.downstream[role]
     if result.effects is not None:
         out["intervention_effects"] = result.effects
     if result.control_selection is not None:
@@ -321,14 +322,14 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
         progress: bool = True) -> InterventionResult:
     """EXP1 into `cfg.out`: CSVs, figures and manifest.json. `model` (a loaded bridge) and
     `tokens` ([batch, pos]; then default heads are chosen on them too) skip loading."""
-    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
+    with P.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
         rd = setup.rd
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
-        with C.timed(rd, "write_s"):
+        with P.timed(rd, "write_s"):
             t = tables(result)
-            files = C.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
         rd.finish(
-            **C.provenance(setup, result.choice, cfg.seed),
+            **P.provenance(setup, result.choice, cfg.seed),
             alphas=list(result.sweeps["target"].alphas), files=files, controls=result.controls,
             rotation_rule=ROTATION_RULE,
             definitions={**C.k_eff_definitions(),
@@ -377,13 +378,3 @@ def command(cfg: InterventionConfig, *, progress: bool = True) -> int:
     print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.intervention`: the same as `spectra-lens intervene`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["intervene", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,14 +9,13 @@ reads every share's files (the experiment is the one the shares' manifests name)
 tables, figures and manifest of the whole run into --out, as one process doing all of it would.
 """
 
-import sys
 import time
 
 from spectra_lens.config import MergeConfig
 from spectra_lens.errors import SpectraError
 from spectra_lens.runs.rundir import RunDir
 
-__all__ = ["command", "main"]
+__all__ = ["command"]
 
 
 def _experiment(cfg: MergeConfig) -> str:
@@ -50,12 +49,3 @@ def command(cfg: MergeConfig, *, progress: bool = True) -> int:
           f"{len(result.significant_heads)}; wrote {result.out} in {time.time() - t0:.0f} s")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["merge", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,6 @@
 """EXP0, observational: every head's query norm and attention entropy over a corpus.
 
-    python -m experiments.observational [--model M] [--corpus C] [--out DIR] ...
-    spectra-lens observe ...
+    spectra-lens observe [--model M] [--corpus C] [--out DIR] ...
 
 Stages, each stored so that a rerun resumes and analysis can be redone without the model:
 corpus -> token shards with a document id per sequence (`shards/`) -> per shard, the
@@ -18,7 +17,6 @@ docs/DATA_DICTIONARY.md.
 import dataclasses
 import logging
 import math
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,7 +28,6 @@ import plotly.graph_objects as go
 import torch
 from scipy import stats as sps
 
-from spectra_lens import stats
 from spectra_lens.capture import MetricCapture
 from spectra_lens.config import ObservationalConfig
 from spectra_lens.data.shards import (
@@ -45,18 +42,20 @@ from spectra_lens.data.shards import (
 from spectra_lens.errors import SpectraError
 from spectra_lens.io import atomic_write
 from spectra_lens.layout import attention_layout
-from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device
+from spectra_lens.models import DEFAULT_MODEL
 from spectra_lens.present import display
 from spectra_lens.present import figures as figs
+from spectra_lens.runs import outputs as O
+from spectra_lens.runs import pipeline as P
 from spectra_lens.runs.distributed import Group
-from spectra_lens.runs.rundir import RunDir
+from spectra_lens.runs.rundir import NOT_RESULT_FIELDS, RunDir
+from spectra_lens.stats import decisions, inference
+from spectra_lens.stats.moments import MOMENT_VARIABLES, DocumentMoments
 from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_context
 
-from . import _common as C
-
 __all__ = ["ObservationalResult", "analyze", "collect", "command", "finite_difference_gain",
-           "main", "merge", "read_moments", "run"]
+           "merge", "read_moments", "run"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "observational"
@@ -140,8 +139,8 @@ def _documents(manifest: ShardManifest) -> np.ndarray:
 
 def _variables(top_mass: float | None) -> tuple[str, ...]:
     if top_mass is None:  # the top-mass metrics are NaN: leave them out of the moments
-        return tuple(v for v in stats.MOMENT_VARIABLES if not v.startswith("k_eff_top90"))
-    return stats.MOMENT_VARIABLES
+        return tuple(v for v in MOMENT_VARIABLES if not v.startswith("k_eff_top90"))
+    return MOMENT_VARIABLES
 
 
 def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
@@ -181,7 +180,7 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
             tm = cap.run(model, batch, layout=layout)  # ends at the last layer's pattern: no logits
             first = info.offset + start
             docs = documents[first : first + len(batch)]
-            parts.append(stats.DocumentMoments.from_metrics(
+            parts.append(DocumentMoments.from_metrics(
                 tm, docs, min_position=min_position, variables=variables))
             if records:
                 frame = tm.to_frame(sequence_ids=list(range(first, first + len(batch))), shard=i)
@@ -192,16 +191,16 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
         if records:
             run.write_parquet(record_path.relative_to(run.path).as_posix(),
                               pd.concat(frames, ignore_index=True))
-        moments = stats.DocumentMoments.concat(parts)
+        moments = DocumentMoments.concat(parts)
         moments.save(path)
         run.timed("capture_s", time.time() - t0)
     bar.close()
     return paths
 
 
-def read_moments(paths: list[Path]) -> stats.DocumentMoments:
+def read_moments(paths: list[Path]) -> DocumentMoments:
     """Merge per-shard moment files (concatenation; rows of one document merge exactly)."""
-    return stats.DocumentMoments.concat([stats.DocumentMoments.load(p) for p in paths])
+    return DocumentMoments.concat([DocumentMoments.load(p) for p in paths])
 
 
 def finite_difference_gain(model, manifest: ShardManifest, *, n_sequences: int, step: float,
@@ -243,22 +242,22 @@ def finite_difference_gain(model, manifest: ShardManifest, *, n_sequences: int, 
     })
 
 
-def analyze(moments: stats.DocumentMoments, cfg: ObservationalConfig, *,
+def analyze(moments: DocumentMoments, cfg: ObservationalConfig, *,
             finite_difference: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Per-head, per-layer and agreement tables from the per-document moments (no model)."""
     alpha = cfg.fdr_alpha
-    summary = stats.head_statistics(moments, n_boot=cfg.n_boot, alpha=alpha, seed=cfg.seed)
+    summary = decisions.head_statistics(moments, n_boot=cfg.n_boot, alpha=alpha, seed=cfg.seed)
     keys = ["layer", "head"]
     test = "doc_cr2"
     for c in ("", "_given_pos", "_given_pos_sink"):
         summary["significant" + c] = summary[f"q_{test}_logq_entropy{c}"] < alpha
     # The original project's columns, with its meaning: r of ‖q‖ (not its log), token-level p.
     original = {"sample_id": 0}
-    original["r_q_entropy"], original["p_q_entropy"] = stats.pearson_from_moments(
+    original["r_q_entropy"], original["p_q_entropy"] = inference.pearson_from_moments(
         moments, "q_norm", "entropy")
-    original["r_q_max_attn"], _ = stats.pearson_from_moments(moments, "q_norm", "max_attn")
+    original["r_q_max_attn"], _ = inference.pearson_from_moments(moments, "q_norm", "max_attn")
     if "k_eff_top90" in moments.variables:
-        original["r_q_k_eff"], _ = stats.pearson_from_moments(moments, "q_norm", "k_eff_top90")
+        original["r_q_k_eff"], _ = inference.pearson_from_moments(moments, "q_norm", "k_eff_top90")
         original["mean_k_eff"] = summary["mean_k_eff_top90"].to_numpy()
     else:  # --top-mass none: the original's k_eff was not captured
         original["r_q_k_eff"] = np.nan
@@ -266,12 +265,12 @@ def analyze(moments: stats.DocumentMoments, cfg: ObservationalConfig, *,
     original["num_tokens"] = summary["n_tokens"].to_numpy()
     for name, values in original.items():
         summary[name] = values
-    consistency = stats.fold_consistency(moments, n_folds=cfg.n_folds, alpha=alpha,
+    consistency = decisions.fold_consistency(moments, n_folds=cfg.n_folds, alpha=alpha,
                                          threshold=cfg.consistency_threshold, seed=cfg.seed)
     cons_cols = keys + ["n_folds", "frac_same_sign", "frac_significant_same_sign", "consistent"]
     summary = summary.merge(consistency[cons_cols], on=keys, how="left")
     if moments.n_documents >= 4:
-        rep = stats.document_replication(moments, alpha=alpha, seed=cfg.seed)
+        rep = decisions.document_replication(moments, alpha=alpha, seed=cfg.seed)
         summary = summary.merge(rep, on=keys, how="left")
     lead = list(ORIGINAL_SIGNIFICANT) + [
         "significant", "r_logq_entropy", "slope_logq_entropy", "slope_ci_low_logq_entropy",
@@ -279,14 +278,14 @@ def analyze(moments: stats.DocumentMoments, cfg: ObservationalConfig, *,
         "significant_given_pos", "r_logq_entropy_given_pos", "significant_given_pos_sink",
         "r_logq_entropy_given_pos_sink", "n_documents"]
     summary = summary[lead + [c for c in summary.columns if c not in lead]]
-    agreement = stats.agreement(moments, finite_difference=finite_difference)
+    agreement = decisions.agreement(moments, finite_difference=finite_difference)
     return {
         "head_summary": summary,
         "significant_heads": summary[summary["significant"]].reset_index(drop=True),
         "consistent_heads": consistency[consistency["consistent"]].reset_index(drop=True),
         "layer_statistics": _layer_statistics(summary),
         "agreement": agreement,
-        "agreement_summary": stats.agreement_summary(agreement),
+        "agreement_summary": decisions.agreement_summary(agreement),
     }
 
 
@@ -308,36 +307,36 @@ def _layer_statistics(summary: pd.DataFrame) -> pd.DataFrame:
     return out.rename_axis("layer").reset_index()
 
 
-OUTPUTS = C.Outputs(
+OUTPUTS = O.Outputs(
     "EXP0", "observational: query norm vs attention entropy", "spectra-lens observe",
     (
-        C.Table("agreement.csv", "observational slope vs causal gain, per head (verdict rule: "
-                "stats.VERDICT_RULE)", ("obs_slope",),
+        O.Table("agreement.csv", "observational slope vs causal gain, per head (verdict rule: "
+                "stats.decisions.VERDICT_RULE)", ("obs_slope",),
                 ("layer", "head", "verdict", "obs_slope", "obs_slope_ci_low", "obs_slope_ci_high",
                  "gain_analytic", "gain_fd", "ratio", "temperature_share", "obs_slope_raw")),
-        C.Table("agreement_summary.csv", "agreement across heads and by layer", (),
+        O.Table("agreement_summary.csv", "agreement across heads and by layer", (),
                 ("layer", "n_heads", "n_agrees", "n_opposite_sign", "n_weaker_than_temperature",
                  "n_stronger_than_temperature", "n_no_norm_effect_seen", "n_inconclusive",
                  "spearman_obs_slope_gain", "median_ratio"), rows=200),
-        C.Table("head_summary.csv", "strongest heads", ("r_logq_entropy",),
+        O.Table("head_summary.csv", "strongest heads", ("r_logq_entropy",),
                 ("layer", "head", "mean_q_norm", "mean_entropy", "r_logq_entropy",
                  "r_ci_low_logq_entropy", "r_ci_high_logq_entropy", "q_doc_cr2_logq_entropy",
                  "r_logq_entropy_given_pos", "r_logq_entropy_given_pos_sink",
                  "q_doc_cr2_logq_entropy_given_pos_sink", "r_logq_entropy_nosink",
                  "r_logq_log_dir_spread", "significant", "significant_given_pos_sink",
                  "consistent", "replicated", "n_documents")),
-        C.Table("significant_heads.csv", "significant heads (document-clustered CR2 test, BH)",
+        O.Table("significant_heads.csv", "significant heads (document-clustered CR2 test, BH)",
                 ("r_logq_entropy",), ORIGINAL_SIGNIFICANT + (
                     "r_logq_entropy", "q_doc_cr2_logq_entropy", "r_logq_entropy_given_pos_sink")),
-        C.Table("consistent_heads.csv", "heads consistent across document folds",
+        O.Table("consistent_heads.csv", "heads consistent across document folds",
                 ("frac_significant_same_sign",),
                 ("layer", "head", "n_folds", "frac_same_sign", "frac_significant_same_sign",
                  "consistent")),
-        C.Table("layer_statistics.csv", "layer statistics", (),
+        O.Table("layer_statistics.csv", "layer statistics", (),
                 ORIGINAL_LAYER + ("n_heads", "mean_r_logq_entropy",
                                   "mean_r_logq_entropy_given_pos_sink",
                                   "frac_significant_given_pos_sink"), rows=200),
-        C.Table("strongest_heads_sample.csv", "sampled tokens of the strongest heads", (), (), rows=0),
+        O.Table("strongest_heads_sample.csv", "sampled tokens of the strongest heads", (), (), rows=0),
     ),
 )
 
@@ -459,10 +458,7 @@ class _ShardWriter:
 
 
 def _load(cfg: ObservationalConfig, group: Group, model, *, progress: bool = False):
-    if model is not None:
-        return model
-    return load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(group.device(cfg.device)),
-                      device_map=cfg.device_map, progress=progress)
+    return P.load_run_model(cfg, model, device=group.device(cfg.device), progress=progress)[0]
 
 
 def _collect(cfg: ObservationalConfig, group: Group, model, manifest: ShardManifest, run, *,
@@ -482,7 +478,7 @@ def _capture_share(cfg: ObservationalConfig, group: Group, model, source, *, pro
 
 
 def _run_main(cfg, group: Group, model, source, model_name: str, inputs, *, progress: bool):
-    with C.run_directory(cfg, EXPERIMENT, inputs=inputs) as rd:
+    with P.run_directory(cfg, EXPERIMENT, inputs=inputs) as rd:
         t0 = time.time()
         model = _load(cfg, group, model, progress=progress)
         rd.timed("load_model_s", time.time() - t0)
@@ -505,7 +501,7 @@ def _run_main(cfg, group: Group, model, source, model_name: str, inputs, *, prog
                                f"to redo them")
         layout = attention_layout(model)
         tables = _tables(cfg, rd, manifest, paths, record_paths, model,
-                         model_info=C.model_info(model_name, layout, model), resumed=resuming)
+                         model_info=P.model_info(model_name, layout, model), resumed=resuming)
     return ObservationalResult(out=rd.path, **tables)
 
 
@@ -531,7 +527,7 @@ def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[P
         del records
     rd.timed("statistics_s", time.time() - t0)
     t0 = time.time()
-    C.write_outputs(rd, written, figures(written), images=cfg.images)
+    O.write_outputs(rd, written, figures(written), images=cfg.images)
     rd.timed("figures_s", time.time() - t0)
     rd.finish(
         model=model_info,
@@ -540,8 +536,8 @@ def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[P
         max_document_share=float(np.bincount(_documents(manifest)).max()
                                  / manifest.n_sequences),
         n_tokens_per_head=int(moments.n.sum() / max(1, len(moments.layers))),
-        test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.cluster_wald)",
-        verdict_rule=stats.VERDICT_RULE,
+        test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.inference.cluster_wald)",
+        verdict_rule=decisions.VERDICT_RULE,
         verdicts=tables["agreement"]["verdict"].value_counts().to_dict(),
         seed=cfg.seed, **info,
     )
@@ -557,7 +553,7 @@ def _run_share(cfg: ObservationalConfig, group: Group, model, source, model_name
             "a share of the shards (SPECTRA_SHARD_RANK/SPECTRA_SHARD_WORLD) needs prepared shards, "
             "so that every share reads the same sequences and document ids: run `spectra-lens "
             "prepare` once and pass its directory as --corpus")
-    with C.run_directory(cfg, EXPERIMENT, inputs=inputs) as rd:
+    with P.run_directory(cfg, EXPERIMENT, inputs=inputs) as rd:
         t0 = time.time()
         model = _load(cfg, group, model, progress=progress)
         rd.timed("load_model_s", time.time() - t0)
@@ -570,7 +566,7 @@ def _run_share(cfg: ObservationalConfig, group: Group, model, source, model_name
                 rd.output(f"records/shard_{i:05d}.parquet")
         _collect(cfg, group, model, source, rd, progress=progress)
         layout = attention_layout(model)
-        rd.finish(model=C.model_info(model_name, layout, model), shards_dir=str(source.directory),
+        rd.finish(model=P.model_info(model_name, layout, model), shards_dir=str(source.directory),
                   share={"rank": group.rank, "world": group.world, "shards": mine,
                          "n_shards": len(source.shards)},
                   resumed=resuming)
@@ -580,29 +576,9 @@ def merge(cfg, *, progress: bool = True) -> ObservationalResult:
     """The tables of a run captured in shares (`config.MergeConfig`): every share's run directory
     must hold a finished share of the same configuration over the same prepared shards, and
     together they must cover every shard (a shard in several shares is read once)."""
-    cfg.validate()
-    parts = []
-    for d in cfg.run_dir:
-        m = RunDir(d, EXPERIMENT).read_manifest()
-        if m is None or m.get("experiment") != EXPERIMENT:
-            raise SpectraError(f"{d} is not an observational run directory (no manifest.json of "
-                               "experiment 'observational')")
-        if m.get("status") != "complete" or "share" not in m:
-            raise SpectraError(f"{d} holds no finished share (status {m.get('status')!r}); rerun "
-                               "that share's command to finish it")
-        parts.append((Path(d), m))
-    ignore = {"out", "device", "overwrite", "images", "device_map", "dtype"}
-    first_cfg = {k: v for k, v in parts[0][1]["config"].items() if k not in ignore}
-    for d, m in parts[1:]:
-        other = {k: v for k, v in m["config"].items() if k not in ignore}
-        if other != first_cfg:
-            diff = sorted(k for k in set(first_cfg) | set(other) if first_cfg.get(k) != other.get(k))
-            raise SpectraError(f"{d} was run with a different configuration than {parts[0][0]} "
-                               f"({', '.join(diff)}); shares of one run share every setting")
-    names = {f.name for f in dataclasses.fields(ObservationalConfig)}
-    base = {k: v for k, v in parts[0][1]["config"].items() if k in names}
-    run_cfg = dataclasses.replace(ObservationalConfig(**base), out=cfg.out, overwrite=cfg.overwrite,
-                                  images=cfg.images)
+    # shares may run on other hardware: where and in which precision they ran is not compared
+    parts = P.read_shares(cfg, EXPERIMENT, ignore=(*NOT_RESULT_FIELDS, "dtype"))
+    run_cfg = P.merged_config(cfg, ObservationalConfig, parts[0][1])
     manifest = read_manifest(Path(parts[0][1]["shards_dir"]))
     n = len(manifest.shards)
     paths, record_paths, missing = [], [], []
@@ -618,7 +594,7 @@ def merge(cfg, *, progress: bool = True) -> ObservationalResult:
         raise SpectraError(f"shards {missing} of {n} are in none of the shares given; run the "
                            "shares that hold them (or pass their run directories)")
     inputs = [manifest.directory, *(d for d, _ in parts)]
-    with C.run_directory(run_cfg, EXPERIMENT, inputs=inputs) as rd:
+    with P.run_directory(run_cfg, EXPERIMENT, inputs=inputs) as rd:
         resuming = rd.start(run_cfg, overwrite=run_cfg.overwrite)
         model = _load(run_cfg, Group(), None, progress=progress) if run_cfg.fd_sequences else None
         tables = _tables(run_cfg, rd, manifest, paths, record_paths if run_cfg.records else [],
@@ -648,13 +624,3 @@ def command(cfg: ObservationalConfig, *, progress: bool = True) -> int:
     print(f"wrote {result.out} in {time.time() - t0:.0f} s")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.observational`: the same as `spectra-lens observe`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["observe", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,11 +8,10 @@ directory of prepared shards (re-sharded). The tokenizer is the model's, without
 Flags and defaults: `spectra_lens.config.PrepareConfig`.
 """
 
-import sys
 
 from spectra_lens.config import PrepareConfig
 
-__all__ = ["command", "main"]
+__all__ = ["command"]
 
 
 def command(cfg: PrepareConfig, *, progress: bool = True) -> int:
@@ -33,13 +32,3 @@ def command(cfg: PrepareConfig, *, progress: bool = True) -> int:
           f"{len(manifest.shards)} shards: {manifest.path}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.prepare` (checkout): the same as `spectra-lens prepare`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["prepare", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

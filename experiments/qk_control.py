@@ -1,8 +1,7 @@
 """EXP3, Q vs K control: scale the key of the target's kv head instead of its query.
 
-    python -m experiments.qk_control [--target-layer L --target-head H] [--alphas ...]
+    spectra-lens qk-control [--target-layer L --target-head H] [--alphas ...]
         [--n-sequences 8] [--seq-len 128] [--model M] [--corpus C] [--out DIR] [--overwrite]
-    spectra-lens qk-control ...
 
 Where the logits are bilinear in q and k, scaling the target head's query by α and scaling the
 key it reads by α give the same logits α·s for that head, so the same pattern. Two things break
@@ -14,8 +13,8 @@ the symmetry, and this experiment measures both:
 * non-bilinear logits (soft-capping, ALiBi): query and key scaling still agree with each other
   for the target (both scale q·k), but neither gives softmax(α·s).
 
-Both scalings run as real forward passes (`sweep.paired_intervention_effects` with
-`hooks.QueryScale` / `hooks.KeyScale`, α batched). For every query head of the group and every
+Both scalings run as real forward passes (`sweep.intervention_effects` of
+`QueryScale.scan` / `KeyScale.scan` with `on_patterns`, α batched). For every query head of the group and every
 α: mean entropy, max attention, k_eff with t-intervals over sequences, the paired entropy
 change, the largest absolute difference between the query-scaled and key-scaled patterns, each
 pattern's largest deviation from its prediction (softmax(α·s) where the head is scaled, the
@@ -39,7 +38,6 @@ scaling and their ratio), figures under `figures/` and `manifest.json`.
 
 import dataclasses
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from html import escape
@@ -50,18 +48,21 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from spectra_lens.capture import KeyScale, QueryScale
 from spectra_lens.config import QKConfig
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import KeyScale, QueryScale
 from spectra_lens.layout import attention_layout
 from spectra_lens.metrics import rescale_pattern
 from spectra_lens.present import figures as figs
-from spectra_lens.stats import fit_log_slopes
-from spectra_lens.sweep import ExactSweep, paired_intervention_effects
+from spectra_lens.runs import outputs as O
+from spectra_lens.runs import pipeline as P
+from spectra_lens.stats.fits import fit_log_slopes
+from spectra_lens.sweep import ExactSweep, intervention_effects
+from spectra_lens.validate import HeadRef, check_alphas
 
 from . import _common as C
 
-__all__ = ["PatternMaxima", "QKResult", "compare", "compute", "command", "main", "run", "sensitivity"]
+__all__ = ["PatternMaxima", "QKResult", "compare", "compute", "command", "run", "sensitivity"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "qk_control"
@@ -99,7 +100,7 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 class PatternMaxima:
     """The pattern comparisons of `compare` as running maxima over sequences, fed one forward
     pass of the query-scaled and of the key-scaled sweep at a time (`update` is the
-    `on_patterns` of `sweep.paired_intervention_effects`), so no sweep's patterns are kept:
+    `on_patterns` of `sweep.intervention_effects`), so no sweep's patterns are kept:
     the largest of per-block maxima is the maximum over all sequences, exactly.
 
     Per group head and α index: `diff_qk[h]` max |p_Q − p_K| (one value for both scalings);
@@ -205,21 +206,21 @@ def sensitivity(comparison: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compute(cfg: QKConfig, model, tokens: C.RunTokens, *, progress: bool = False, rd=None) -> QKResult:
+def compute(cfg: QKConfig, model, tokens: P.RunTokens, *, progress: bool = False, rd=None) -> QKResult:
     """The EXP3 measurements on a loaded model and tokens (no files written)."""
-    alphas = C.checked_alphas(cfg)
+    alphas = check_alphas(cfg.alphas)
     layout = attention_layout(model)
-    with C.timed(rd, "choose_heads_s"):
+    with P.timed(rd, "choose_heads_s"):
         choice, _ = C.choose_heads(cfg, model, layout, tokens, control=False)
     layer, head = choice.target
     kv = layout.kv_head(head)
     group = layout.heads_of_kv(kv)
     maxima = PatternMaxima(alphas, layer, head, group)
-    with C.timed(rd, "query_and_key_sweeps_s"):
+    with P.timed(rd, "query_and_key_sweeps_s"):
         # the two sweeps run pass by pass in step: one pass's patterns of each are held at a time
-        sweeps = paired_intervention_effects(
+        sweeps = intervention_effects(
             model, tokens.measure, alphas,
-            {"query": QueryScale(layer, head, 1.0), "key": KeyScale(layer, kv, 1.0)}, maxima.update,
+            {"query": QueryScale.scan(layer, head), "key": KeyScale.scan(layer, kv)}, on_patterns=maxima.update,
             layers=[layer], patterns_for=[(layer, h) for h in group], min_position=cfg.min_position,
             max_rows=cfg.max_rows, progress=progress)
     comparison = compare(sweeps, maxima, kv, layout, ci=cfg.ci)
@@ -227,15 +228,15 @@ def compute(cfg: QKConfig, model, tokens: C.RunTokens, *, progress: bool = False
                     sensitivity=sensitivity(comparison), sweeps=sweeps, choice=choice)
 
 
-OUTPUTS = C.Outputs(
+OUTPUTS = O.Outputs(
     "EXP3", "Q vs K control: scaling keys instead of queries", "spectra-lens qk-control",
     (
-        C.Table("sensitivity_summary.csv", "sensitivity of each head of the kv group", (),
+        O.Table("sensitivity_summary.csv", "sensitivity of each head of the kv group", (),
                 ("layer", "head", "kv_head", "is_target", "group_size", "entropy_slope_q",
                  "entropy_slope_k", "sensitivity_ratio", "max_abs_pattern_diff_qk",
                  "pattern_changed_q", "pattern_changed_k", "max_abs_delta_loss_q",
                  "max_abs_delta_loss_k", "max_kl_q", "max_kl_k", "bilinear", "reason"), rows=64),
-        C.Table("qk_comparison_results.csv", "query vs key scaling, per α and head", (),
+        O.Table("qk_comparison_results.csv", "query vs key scaling, per α and head", (),
                 ("scaled", "scale", "layer", "head", "kv_head", "is_target", "mean_entropy",
                  "delta_entropy", "mean_max_attn", "max_abs_pattern_diff_qk",
                  "max_abs_dev_from_prediction", "pattern_changed", "delta_loss",
@@ -257,7 +258,7 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
     target = c[c["is_target"].astype(bool)]
     l, h = (int(target["layer"].iloc[0]), int(target["head"].iloc[0])) if len(target) else (0, 0)
     kv = int(target["kv_head"].iloc[0]) if len(target) else 0
-    name = f"L{l}_H{h}"
+    name = HeadRef(l, h).file_tag
     return {
         f"qk_entropy_comparison_{name}": figs.qk_metric(
             c, "mean_entropy", title=f"entropy: query vs key scaling (target L{l} H{h}, kv head {kv})"),
@@ -275,14 +276,14 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
 def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None = None,
         progress: bool = True) -> QKResult:
     """EXP3 into `cfg.out`: qk_comparison_results.csv, sensitivity_summary.csv, figures, manifest."""
-    with C.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
+    with P.begin_run(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as setup:
         rd = setup.rd
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
-        with C.timed(rd, "write_s"):
+        with P.timed(rd, "write_s"):
             t = tables(result)
-            files = C.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
         rd.finish(
-            **C.provenance(setup, result.choice, cfg.seed),
+            **P.provenance(setup, result.choice, cfg.seed),
             kv_head=result.kv_head, group=list(result.group),
             interventions={s: sw.intervention for s, sw in result.sweeps.items()},
             alphas=list(result.sweeps["query"].alphas),
@@ -324,13 +325,3 @@ def command(cfg: QKConfig, *, progress: bool = True) -> int:
     print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.qk_control`: the same as `spectra-lens qk-control`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["qk-control", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

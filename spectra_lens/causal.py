@@ -28,18 +28,19 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
-from spectra_lens.capture import MetricCapture, QueryScale, _check_shape, _row_factor, attached
+from spectra_lens.capture import MetricCapture, attached
 from spectra_lens.errors import SpectraError
-from spectra_lens.layout import AttentionLayout, attention_layout
-from spectra_lens.validate import check_tokens
+from spectra_lens.interventions import QueryScale
+from spectra_lens.layout import attention_layout
+from spectra_lens.stats.inference import pearson
+from spectra_lens.validate import check_min_position, check_tokens
 
 __all__ = [
     "CONTROL_RULE",
     "DirectionSpread",
-    "QueryRotate",
     "SmallClusterWarning",
     "choose_control_head",
     "document_bootstrap",
@@ -134,67 +135,6 @@ def document_bootstrap(
 
 
 @dataclass(frozen=True)
-class QueryRotate:
-    """Rotate the effective query of (layer, head) by `angle` radians, keeping its norm.
-
-    Each query vector q (every batch row and position, or only `positions`) turns by `angle`
-    in the plane of q and a random unit direction u orthogonal to q (drawn with `seed`, one per
-    position and row; the same for every angle of a grid):
-    q' = cos(angle)·q + sin(angle)·‖q‖·u, so ‖q'‖ = ‖q‖ and angle(q, q') = angle. Computed in
-    float64 and cast back. `angle` is a float in [0, π] or one value per batch row (batched, as
-    `alpha` of QueryScale). `grid_field` / `identity` tell `sweep.intervention_effects` which field a
-    grid replaces and which value leaves the model unchanged.
-    """
-
-    layer: int
-    head: int
-    angle: float | Tensor
-    seed: int = 0
-    positions: tuple[int, ...] | None = None
-
-    grid_field = "angle"
-    identity = 0.0
-
-    def hooks(self, layout: AttentionLayout):
-        layout.check_head(self.layer, self.head)
-        angle = self.angle
-        if isinstance(angle, Tensor):
-            if angle.ndim != 1 or not torch.isfinite(angle).all() or (angle < 0).any() or (angle > math.pi).any():
-                raise SpectraError(f"angle tensor must be 1-D with values in [0, pi], got {angle.tolist()}")
-        elif isinstance(angle, bool) or not isinstance(angle, (int, float)) or not 0 <= angle <= math.pi:
-            raise SpectraError(f"angle must be a number in [0, pi] (radians), got {angle!r}")
-        else:
-            angle = float(angle)
-        name = layout.q_hook(self.layer)
-        head, positions, seed = self.head, self.positions, self.seed
-
-        def rotate(x: Float[Tensor, "batch pos head d_head"], hook) -> Tensor:
-            _check_shape(x, name, (None, None, layout.n_heads, layout.d_head), "batch pos head d_head")
-            pos = torch.arange(x.shape[1]) if positions is None else torch.as_tensor(positions)
-            if (pos < 0).any() or (pos >= x.shape[1]).any():
-                raise SpectraError(f"positions must be in [0, {x.shape[1]}), got {list(pos.tolist())}")
-            q = x[:, pos.to(x.device), head].double()  # [batch, n_pos, d]
-            gen = torch.Generator().manual_seed(seed)
-            # one random direction per (position, row) of the *unrepeated* batch would differ
-            # between batch layouts; draw per position and reuse across rows instead.
-            r = torch.randn(x.shape[1], layout.d_head, generator=gen, dtype=torch.float64)[pos]
-            r = r.to(q.device).expand_as(q)
-            norm = q.norm(dim=-1, keepdim=True)
-            unit = q / norm.clamp_min(1e-300)
-            u = r - (r * unit).sum(-1, keepdim=True) * unit
-            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-            a = _row_factor(angle, x.shape[0], name, q)
-            a = torch.as_tensor(a, dtype=torch.float64, device=q.device)
-            a = a[:, None, None] if a.ndim == 1 else a
-            rotated = torch.cos(a) * q + torch.sin(a) * norm * u
-            out = x.clone()
-            out[:, pos.to(x.device), head] = rotated.to(x.dtype)
-            return out
-
-        return [(name, rotate)]
-
-
-@dataclass(frozen=True)
 class DirectionSpread:
     """How much a head's effective query varies, from held-out tokens.
 
@@ -222,8 +162,7 @@ def query_direction_spread(
     tokens = check_tokens(tokens)
     layout = attention_layout(model)
     layout.check_head(layer, head)
-    if not 0 <= min_position < tokens.shape[1]:
-        raise SpectraError(f"min_position must be in [0, {tokens.shape[1]}), got {min_position}")
+    check_min_position(min_position, tokens.shape[1])
     name = layout.q_hook(layer)
     got: list[Tensor] = []
 
@@ -259,8 +198,7 @@ def sham_check(model, tokens: Int[Tensor, "batch pos"], layer: int, head: int, *
     tokens = check_tokens(tokens)
     layout = attention_layout(model)
     layout.check_head(layer, head)
-    if not 0 <= min_position < tokens.shape[1]:
-        raise SpectraError(f"min_position must be in [0, {tokens.shape[1]}), got {min_position}")
+    check_min_position(min_position, tokens.shape[1])
     layers = range(layer, layout.n_layers)
     device = next(model.parameters()).device
     equal, d_logit, d_metric = True, 0.0, 0.0
@@ -297,10 +235,8 @@ def sham_check(model, tokens: Int[Tensor, "batch pos"], layer: int, head: int, *
 
 
 def _pearson_from_sums(n, sx, sy, sxx, syy, sxy):
-    cov = sxy - sx * sy / n
-    vx, vy = sxx - sx * sx / n, syy - sy * sy / n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return cov / np.sqrt(vx * vy)
+    """`stats.inference.pearson` of the centred cross-products of sums of 1, x, y, x², y², xy."""
+    return pearson(sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n)
 
 
 def head_r_table(

@@ -150,11 +150,11 @@ def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, hint, default) 
     flag = "--" + name.replace("_", "-")
     if kind is bool:
         kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
-    elif typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is str:
-        kw["action"] = "append"  # repeatable: --scale A --scale B
-    elif typing.get_origin(kind) is tuple:
+    elif typing.get_origin(kind) is tuple:  # a list flag: --x A B and --x A --x B both give (A, B)
         item = typing.get_args(kind)[0]
-        kw.update(nargs="+", type=_number_list(item), metavar=name[0].upper())
+        kw.update(action="extend", nargs="+")
+        if item is not str:  # numbers: a token may also hold several, separated by commas
+            kw.update(type=_number_list(item), metavar=name[0].upper())
     elif kind in (int, float):
         kw.update(type=_number(kind, allow_none=optional), metavar="N" if kind is int else "X")
     elif kind is not str:
@@ -163,7 +163,9 @@ def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, hint, default) 
         kw["choices"] = C.CHOICES[name]
     if "metavar" in f.metadata:
         kw["metavar"] = f.metadata["metavar"]
-    kw["default"] = list(default) if kw.get("action") == "append" else default
+    # a list flag starts empty (argparse would extend a non-empty default); `parse` puts the
+    # field's default back when the flag is not given
+    kw["default"] = None if kw.get("action") == "extend" else default
     kw["help"] = _escape(f"{text} (default: {_show(name, default)})")
     p.add_argument(flag, **kw)
     if "off" in f.metadata:  # a second flag that sets the field to its "off" value
@@ -241,7 +243,10 @@ def parse(argv: list[str]) -> tuple[str, object, argparse.Namespace]:
         values.pop(key)
     cls = config_class(name)
     for f in dataclasses.fields(cls):  # list flags: tokens may each hold several numbers
-        if isinstance(values.get(f.name), list):
+        if f.name in values and values[f.name] is None and typing.get_origin(
+                _unwrap(typing.get_type_hints(cls)[f.name])[0]) is tuple:
+            del values[f.name]  # not given: the field's default
+        elif isinstance(values.get(f.name), list):
             values[f.name] = tuple(x for token in values[f.name] for x in
                                    (token if isinstance(token, list) else [token]))
     return name, cls(**values), args

@@ -13,15 +13,57 @@ __all__ = ["ObservationalConfig"]
 
 
 def _images():
-    """The `images` field of every experiment: `--images FMT`, and `--no-images` (= "none")."""
+    """The `images` field: `--images FMT`, and `--no-images` (= "none")."""
     return field(default="png", metadata={"off": ("--no-images", "none"), "metavar": "FMT"})
 
 
+# --------------------------------------------------------------------------- run options
+# The options shared by the commands, declared once. A command's config inherits the groups
+# that apply to it, so `cfg.model`, `cfg.device`, ... and the flags `--model`, `--device`, ...
+# mean the same in every subcommand; a command overrides only a default (its `out`).
+
+__all__ += ["DeviceOptions", "ModelOptions", "OutputOptions", "RunOptions"]
+
+
 @dataclass(frozen=True, kw_only=True)
-class ObservationalConfig:
-    """EXP0: per-token query norm and attention metrics over a corpus, then per-head statistics."""
+class DeviceOptions:
+    """Where and in which precision the model runs."""
+
+    dtype: str = "float32"  # model weights (float32, bf16, fp16); metrics are always float32
+    device: str | None = None  # None = CUDA when present, else CPU
+    device_map: str | None = None  # HF device_map ("auto", JSON {module: device}): layers over devices
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions(DeviceOptions):
+    """Which model, and where it runs."""
 
     model: str | None = None  # HF id or local dir; None = the embedded default model
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputOptions:
+    """Where a run writes, whether it may replace a finished run there, and its figures' images."""
+
+    out: str = "results"  # run directory: manifest, tables, figures (each command sets its own)
+    overwrite: bool = False  # replace a finished run in `out` instead of refusing
+    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
+
+    def validate(self) -> None:
+        _check_images(self.images)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions(ModelOptions, OutputOptions):
+    """The options of every experiment run: model and device, run directory, seed."""
+
+    seed: int = 0  # bootstrap resamples, replication split, sampling; recorded in the manifest
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObservationalConfig(RunOptions):
+    """EXP0: per-token query norm and attention metrics over a corpus, then per-head statistics."""
+
     corpus: str | None = None  # corpus spec (see data.corpus_from_spec); None = pydoc topics
     out: str = "results/observational"  # run directory: shards, records, tables, figures
     seq_len: int = 128  # tokens per sequence (BOS included where the model uses one)
@@ -37,12 +79,6 @@ class ObservationalConfig:
     fdr_alpha: float = 0.05  # Benjamini-Hochberg false discovery rate across all heads
     consistency_threshold: float = 0.8  # share of document folds that must agree for "consistent"
     top_heads: int = 6  # strongest heads shown in the query-norm vs entropy scatter
-    seed: int = 0  # bootstrap and replication split
-    dtype: str = "float32"  # model weights (float32, bf16, fp16); metrics are always float32
-    device: str | None = None  # None = CUDA when present, else CPU
-    device_map: str | None = None  # HF device_map ("auto", JSON {module: device}): layers over devices
-    overwrite: bool = False  # replace a finished run in `out` instead of refusing
-    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
         if not isinstance(self.fd_sequences, int) or isinstance(self.fd_sequences, bool) \
@@ -61,7 +97,7 @@ class ObservationalConfig:
         from spectra_lens.validate import check_min_position  # imports torch: not at module load
 
         check_min_position(self.min_position, self.seq_len)
-        _check_images(self.images)
+        super().validate()
         if self.top_mass is not None and not 0 < self.top_mass <= 1:
             raise SpectraError(f"top_mass must be in (0, 1] or None, got {self.top_mass!r}")
         if not 0 < self.fdr_alpha < 1:
@@ -91,8 +127,9 @@ ALPHAS_9: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-4, 5))
 ALPHAS_21: tuple[float, ...] = tuple(2.0 ** (k / 5) for k in range(-10, 11))
 
 
-def _check_causal(cfg) -> None:
-    _check_images(cfg.images)
+def _check_causal(cfg, *, at_least: int = 1) -> None:
+    """The rules shared by the causal configs; `at_least`: the fewest α the experiment needs."""
+    OutputOptions.validate(cfg)
     for name in ("seq_len", "n_sequences", "max_rows"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -109,12 +146,9 @@ def _check_causal(cfg) -> None:
         raise SpectraError(f"n_select must be an integer >= 0, got {cfg.n_select!r}")
     if not 0 < cfg.ci < 1:
         raise SpectraError(f"ci must lie strictly between 0 and 1, got {cfg.ci!r}")
-    bad = [a for a in tuple(cfg.alphas) if isinstance(a, bool) or not isinstance(a, (int, float))]
-    if bad:
-        raise SpectraError(f"every alpha must be a number, got {bad} in {list(cfg.alphas)}")
     from spectra_lens.validate import check_alphas  # config stays importable without torch
 
-    check_alphas(cfg.alphas)
+    check_alphas(cfg.alphas, at_least=at_least)
     mult = tuple(getattr(cfg, "rotation_multiples", (1.0,)))
     if not mult or any(isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < 100 for m in mult):
         raise SpectraError(f"rotation_multiples must be numbers > 0, got {list(mult)}")
@@ -134,11 +168,10 @@ def _check_causal(cfg) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class InterventionConfig:
+class InterventionConfig(RunOptions):
     """EXP1: scale one head's effective query by each α on the real forward pass; measure the
     head, every later head and the output (loss, KL), for a target and a control head."""
 
-    model: str | None = None  # HF id or local dir; None = the embedded default model
     corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
     out: str = "results/intervention"  # run directory
     target_layer: int | None = None  # None: the middle layer, n_layers // 2
@@ -154,22 +187,16 @@ class InterventionConfig:
     min_position: int = 1  # query positions before this (the sink/BOS token) are not averaged
     max_rows: int = 32  # sequence copies per forward pass: bounds the logits held in memory
     ci: float = 0.95  # t-interval level over sequences
-    seed: int = 0  # torch seed (the run itself is deterministic); recorded in the manifest
-    dtype: str = "float32"  # model weights; metrics are always float32
-    device: str | None = None  # None = CUDA when present, else CPU
-    overwrite: bool = False  # replace a finished run in `out` instead of refusing
-    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
         _check_causal(self)
 
 
 @dataclass(frozen=True, kw_only=True)
-class GainConfig:
+class GainConfig(RunOptions):
     """EXP2: every head's entropy / max attention / k_eff against ln α (fast path, exact where
     the logits are not bilinear) and the analytic local gain −Var_p(s) at α = 1."""
 
-    model: str | None = None  # HF id or local dir; None = the embedded default model
     corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
     out: str = "results/gain"  # run directory
     target_layer: int | None = None  # head shown in the fit plots; None: as InterventionConfig
@@ -185,26 +212,18 @@ class GainConfig:
     batch_size: int = 8  # sequences per forward pass of the fast path
     max_rows: int = 32  # sequence copies per forward pass in the exact fallback
     ci: float = 0.95  # t-interval level over sequences
-    seed: int = 0  # recorded in the manifest
-    dtype: str = "float32"  # model weights; metrics are always float32
-    device: str | None = None  # None = CUDA when present, else CPU
-    overwrite: bool = False  # replace a finished run in `out` instead of refusing
-    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
-        _check_causal(self)
+        _check_causal(self, at_least=3)  # a slope fit with a residual
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise SpectraError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if len(self.alphas) < 3:
-            raise SpectraError(f"a slope fit needs at least 3 alphas, got {list(self.alphas)}")
 
 
 @dataclass(frozen=True, kw_only=True)
-class QKConfig:
+class QKConfig(RunOptions):
     """EXP3: scale the target head's query, or the key of its kv head, by each α; compare the
     patterns of every query head of the kv group and the output effects."""
 
-    model: str | None = None  # HF id or local dir; None = the embedded default model
     corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
     out: str = "results/qk_control"  # run directory
     target_layer: int | None = None  # None: the middle layer, n_layers // 2
@@ -216,11 +235,6 @@ class QKConfig:
     min_position: int = 1  # query positions before this are not averaged
     max_rows: int = 32  # sequence copies per forward pass: bounds the logits held in memory
     ci: float = 0.95  # t-interval level over sequences
-    seed: int = 0  # recorded in the manifest
-    dtype: str = "float32"  # model weights; metrics are always float32
-    device: str | None = None  # None = CUDA when present, else CPU
-    overwrite: bool = False  # replace a finished run in `out` instead of refusing
-    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
         _check_causal(self)
@@ -232,11 +246,10 @@ __all__ += ["HeadTypesConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class HeadTypesConfig:
+class HeadTypesConfig(RunOptions):
     """Every head's sink / previous-token / induction / local / positional scores and label
     (`spectra_lens.head_types`), joined with the agreement and gain tables when given."""
 
-    model: str | None = None  # HF id or local dir; None = the embedded default model
     corpus: str | None = None  # text of the sink / previous-token / local scores; None = pydoc topics
     out: str = "results/head_types"  # run directory
     n_sequences: int = 8  # text sequences: each score's sd is over them
@@ -247,14 +260,9 @@ class HeadTypesConfig:
     agreement: str | None = None  # agreement.csv to join on (layer, head)
     gain: str | None = None  # gain_summary.csv to join on (layer, head)
     batch_size: int = 8  # sequences per forward pass
-    seed: int = 0  # draws the random tokens
-    dtype: str = "float32"  # model weights; metrics are always float32
-    device: str | None = None  # None = CUDA when present, else CPU
-    overwrite: bool = False  # replace a finished run in `out` instead of refusing
-    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
-        _check_images(self.images)
+        super().validate()
         from spectra_lens.validate import check_int  # imports torch: not at module load
 
         for name in ("n_sequences", "batch_size"):
@@ -296,14 +304,15 @@ FLAG_HELP: dict[str, str] = {
     "target_head": "the studied head in the target layer",
     "control_layer": "layer of the control head",
     "control_head": "the control head in the control layer",
-    "alphas": "query scales alpha, separated by spaces or commas; 1 is the unscaled model",
+    "alphas": "query scales alpha, separated by spaces or commas or in repeated flags; 1 is the "
+              "unscaled model",
     "n_select": "held-out sequences, before the measured ones, that choose the default heads",
     "ci": "confidence level of the intervals",
     "rotation_multiples": "rotation angles of the target's query, in units of its natural direction "
                           "spread (median angle to its mean direction on held-out sequences)",
-    "models": "model to include (a spec as for --model; 'default' = the embedded model); repeat the "
-              "flag for several",
-    "corpora": "corpus to include (as for --corpus); repeat the flag for several",
+    "models": "models to include (specs as for --model; 'default' = the embedded model), separated "
+              "by spaces or in repeated flags",
+    "corpora": "corpora to include (as for --corpus), separated by spaces or in repeated flags",
     "gain_sequences": "sequences of the gain experiment in every cell",
     "run_gain": "also run the gain experiment (EXP2) in every cell",
     "seed": "random seed (bootstrap resamples, replication split, sampling); recorded in manifests",
@@ -326,7 +335,8 @@ FLAG_HELP: dict[str, str] = {
     "agreement": "agreement.csv to join on (layer, head)",
     "gain": "gain_summary.csv to join on (layer, head)",
     "prompt": "the text to continue",
-    "scale": "scale head y of layer x by ALPHA, e.g. L15H8=2.0; repeat the flag for several heads",
+    "scale": "scale head y of layer x by ALPHA, e.g. L15H8=2.0; several heads separated by spaces "
+             "or in repeated flags",
     "kind": "what --scale scales: q the head's effective query, k the key of the kv head it reads "
             "(its whole group), logit a temperature on its attention logits",
     "mode": "greedy continuation, seeded sampling, or both",
@@ -429,7 +439,7 @@ class ReportConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GenerateConfig:
+class GenerateConfig(ModelOptions):
     """Continue a prompt with and without head scalings, side by side: greedy and seeded sampled
     continuations of the plain and the scaled model, each token's log p_scaled - log p_plain
     under teacher forcing, and where the two first differ."""
@@ -443,9 +453,6 @@ class GenerateConfig:
     temperature: float = 1.0
     top_k: int | None = None
     eos_stop: bool = True  # stop at the end-of-text token
-    model: str | None = None
-    dtype: str = "float32"
-    device: str | None = None
     csv: str | None = None  # also write the per-token table here
 
 
@@ -455,7 +462,7 @@ __all__ += ["HeadPageConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class HeadPageConfig:
+class HeadPageConfig(ModelOptions):
     """One HTML page for one head (`spectra_lens.present.head_page`): token-labelled patterns, ‖q‖ and
     entropy along the text, its α-curve, observational slope vs causal gain with intervals, its
     type scores and a greedy generation diff at two α."""
@@ -463,7 +470,6 @@ class HeadPageConfig:
     head: str = field(metadata={"positional": True})  # e.g. "L15H8"
     out: str = field(default="results/heads", metadata={
         "help": "directory of head pages; the page is OUT/L{layer}H{head}.html"})
-    model: str | None = None  # None = the embedded default model
     corpus: str | None = None  # the text sequences; None = pydoc topics
     n_sequences: int = 8  # text sequences: the units of every interval on the page
     seq_len: int = 64  # tokens per text sequence
@@ -472,8 +478,6 @@ class HeadPageConfig:
     alphas: tuple[float, ...] = (0.5, 2.0)  # the two query scales of the generation diff
     prompt: str | None = None  # continued in the generation diff; None = the text's first 16 tokens
     max_new_tokens: int = 16  # tokens generated at each α
-    dtype: str = "float32"  # model weights; metrics are always float32
-    device: str | None = None  # None = CUDA when present, else CPU
 
     def validate(self) -> None:
         from spectra_lens.validate import check_int  # imports torch: not at module load
@@ -491,7 +495,7 @@ __all__ += ["StudyConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class StudyConfig:
+class StudyConfig(DeviceOptions, OutputOptions):
     """The study: EXP0 (with the observational-causal agreement) and EXP2 in every model × corpus
     cell, summarized in one table and one figure."""
 
@@ -507,11 +511,9 @@ class StudyConfig:
     run_gain: bool = True  # also run EXP2 (gain) per cell
     gain_sequences: int = 16  # EXP2 sequences per cell
     seed: int = 0
-    dtype: str = "float32"
-    device: str | None = None
-    overwrite: bool = False  # redo every cell
 
     def validate(self) -> None:
+        super().validate()
         for name in ("models", "corpora"):
             v = getattr(self, name)
             if not all(isinstance(x, str) and x for x in v):
@@ -529,7 +531,7 @@ class StudyConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MergeConfig:
+class MergeConfig(OutputOptions):
     """Merge the shares of one observational or gain run (jobs started with SPECTRA_SHARD_RANK=i
     SPECTRA_SHARD_WORLD=N, e.g. a SLURM array, each into its own run directory; observational
     shares over the same prepared shards): read every share's per-document moments (or per-part
@@ -541,13 +543,11 @@ class MergeConfig:
     out: str = field(default="results/merged",
                      metadata={"help": "run directory of the merged run (observational or gain): "
                                        "manifest, tables, figures"})
-    overwrite: bool = False  # replace a finished run in `out` instead of refusing
-    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
         if not self.run_dir or any(not r for r in self.run_dir):
             raise SpectraError(f"merge needs the run directories of the shares; got {list(self.run_dir)}")
-        _check_images(self.images)
+        super().validate()
 
 
 __all__ += ["MergeConfig"]

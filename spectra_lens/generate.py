@@ -3,11 +3,23 @@
     spectra-lens generate --scale L15H8=2.0 [--scale ...] [--kind q|k|logit] "prompt"
 
 `generate(model, prompt, interventions)` decodes two continuations of one prompt in lockstep:
-the plain model (row "base") and the model with the scalings attached (row "scaled"). Every step
-is one forward pass of the whole sequence *without* a key/value cache: TransformerLens 4.3's
-bridge generation with its cache is unreliable (DESIGN.md), and without a cache every step sees
-exactly the hooks a full forward pass sees. Both rows share one batch; a scaling's α becomes a
-per-row factor (1 for the base row), so the base row is the unhooked model.
+the plain model (row "base") and the model with the scalings attached (row "scaled"). Both rows
+share one batch; a scaling's α becomes a per-row factor (1 for the base row), so the base row is
+the unhooked model.
+
+Decoding keeps a key/value cache (`KVDecoder`): the prompt runs once, then each step runs the
+bridge on the one new token with Hugging Face's cache of the earlier keys and values. Every hook
+fires on every new token, at the same points as in a full forward pass: the query of the new
+position, its key and value (appended to the cache after the key hooks, so a KeyScale'd key is
+cached scaled, as an uncached pass would recompute it), and its row of scores and pattern over
+all earlier keys. Greedy decoding is token-for-token the uncached path (tests: every tiny model
+family, with QueryScale / KeyScale / LogitScale attached). TransformerLens 4.3's bridge
+attention looks for the cache under its older keyword names (`past_key_values`, `layer_past`)
+while transformers 5 passes it as `cache`, so without help its attention ignores the cache and
+a decode step sees only its own token; `KVDecoder` hands the cache to each attention module
+under the name it reads, and checks after every step that the cache holds every position.
+With `use_cache=False` (or a QueryScale restricted to `positions`, which index the whole
+sequence) every step is a forward pass of the whole sequence.
 
 * greedy: each row takes argmax of its next-token logits;
 * sampled: Gumbel-max with one noise draw per step shared by both rows (common random numbers,
@@ -21,8 +33,10 @@ generated position where the two continuations differ (`diverge_at`).
 """
 
 import dataclasses
+import inspect
+import logging
 import math
-import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,43 +45,35 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from spectra_lens.capture import KeyScale, LogitScale, QueryScale, attached
+from spectra_lens.capture import attached
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import KeyScale, LogitScale, QueryScale
 from spectra_lens.layout import attention_layout
-from spectra_lens.validate import check_alpha, check_int
+from spectra_lens.validate import HeadRef, check_alpha, check_int, check_vocab
 
 __all__ = [
     "Continuation",
+    "KVDecoder",
     "GenerationDiff",
     "compare_generations",
     "generate",
     "main",
-    "parse_head",
     "parse_scale",
     "command",
     "scalings",
 ]
 
+log = logging.getLogger(__name__)
+
 MODES = ("greedy", "sample")
 KINDS = ("q", "k", "logit")
-
-_HEAD = re.compile(r"^\s*L(\d+)H(\d+)\s*$", re.IGNORECASE)
-
-
-def parse_head(text: str) -> tuple[int, int]:
-    """'L15H8' -> (15, 8): layer and query head."""
-    m = _HEAD.match(str(text))
-    if not m:
-        raise SpectraError(f"expected a head like 'L15H8' (layer 15, head 8), got {text!r}")
-    return int(m[1]), int(m[2])
-
 
 def parse_scale(text: str) -> tuple[int, int, float]:
     """'L15H8=2.0' -> (15, 8, 2.0)."""
     head, sep, value = str(text).partition("=")
     if not sep:
         raise SpectraError(f"expected a scaling like 'L15H8=2.0' (head=α), got {text!r}")
-    layer, h = parse_head(head)
+    layer, h = HeadRef.parse(head)
     try:
         alpha = float(value)
     except ValueError:
@@ -212,6 +218,84 @@ def _eos_id(model) -> int | None:
     return int(eos) if isinstance(eos, int) else None
 
 
+class KVDecoder:
+    """Incremental forward passes of a bridge with Hugging Face's key/value cache, hooks kept.
+
+    `logits = dec.step(tokens)`: the first call takes the prompt `[batch, pos]`, each later
+    call the `[batch, 1]` tokens chosen last; it returns the next-token logits `[batch, vocab]`
+    (float32). Hooks attached around the calls fire on each call's new positions (see module).
+    With `use_cache=False`, or where the cache does not fill as it should (checked after every
+    call: it must hold every position so far), each call runs the whole sequence instead.
+    Use as a context manager: the cache hand-over hooks are removed on exit.
+    """
+
+    def __init__(self, model, *, use_cache: bool = True):
+        self.model = model
+        self.seqs: Tensor | None = None
+        self.cached = use_cache and self._supported(model)
+        self._cache = None
+        self._handles: list = []
+
+    @staticmethod
+    def _supported(model) -> bool:
+        hf = getattr(model, "original_model", None)
+        blocks = getattr(model, "blocks", None)
+        return (hf is not None and blocks is not None and len(blocks) > 0
+                and all(hasattr(b, "attn") for b in blocks)
+                and not getattr(getattr(hf, "config", None), "is_encoder_decoder", False))
+
+    def __enter__(self) -> "KVDecoder":
+        if self.cached:
+            from transformers import DynamicCache
+
+            hf = self.model.original_model
+            self._cache = DynamicCache(config=hf.config)
+            params = inspect.signature(hf.forward).parameters
+            self._kwarg = "cache" if "cache" in params else "past_key_values"
+
+            def hand_over(module, args, kwargs):
+                # The bridge's attention reads the cache as `past_key_values` (or `layer_past`).
+                if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+                    return args, {**kwargs, "past_key_values": kwargs["cache"]}
+                return None
+
+            self._handles = [b.attn.register_forward_pre_hook(hand_over, with_kwargs=True)
+                             for b in self.model.blocks]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._cache = None
+
+    def step(self, tokens: Tensor) -> Tensor:
+        first = self.seqs is None
+        self.seqs = tokens if first else torch.cat([self.seqs, tokens], dim=1)
+        if not self.cached:
+            return self.model(self.seqs, return_type="logits")[:, -1].float()
+        with warnings.catch_warnings():
+            # Bridges whose attention hands the call on to Hugging Face's module (OPT) get the
+            # cache under both names; transformers says it uses `cache`, which is the same object.
+            warnings.filterwarnings("ignore", message=".*Both `past_key_values` and `cache` are set")
+            logits = self.model(tokens, return_type="logits", use_cache=True,
+                                **{self._kwarg: self._cache})[:, -1].float()
+        held = int(self._cache.get_seq_length())
+        if held != self.seqs.shape[1]:
+            if not first:  # a cache that filled on the prompt and then stopped: never silent
+                raise SpectraError(
+                    f"the key/value cache holds {held} positions after {self.seqs.shape[1]}; "
+                    f"generate with use_cache=False"
+                )
+            # This bridge's attention does not fill the cache: the prompt's logits are those of
+            # a full pass (nothing was cached yet), and every later step runs the full sequence.
+            log.warning("this bridge's attention does not fill the key/value cache; generating "
+                        "without it (every token a full forward pass)")
+            self.__exit__()
+            self.cached = False
+        return logits
+
+
 def _per_row(items, n_rows: int) -> list:
     """Each scaling with its α as a per-row factor: 1 in even rows (plain), α in odd rows."""
     odd = torch.arange(n_rows) % 2 == 1
@@ -243,13 +327,17 @@ def compare_generations(
     temperature: float = 1.0,
     top_k: int | None = None,
     stop_at_eos: bool = True,
+    use_cache: bool = True,
+    progress: bool = False,
 ) -> dict[str, GenerationDiff]:
     """{mode: GenerationDiff} for "greedy" and/or "sample", decoded together in one batch.
 
     `interventions` are scaling objects (QueryScale, KeyScale, LogitScale) with one α each; with
     none, both rows are the plain model. Sampling uses softmax(logits / temperature), restricted
     to the `top_k` most likely tokens when given, with Gumbel noise from `seed` shared by the
-    plain and the scaled row of each step.
+    plain and the scaled row of each step. `use_cache`: decode with the key/value cache (see
+    module; False: a full forward pass per token, the reference it equals). `progress`: a bar
+    over the generated tokens.
     """
     items = _check_items(interventions)
     modes = tuple(modes)
@@ -264,9 +352,7 @@ def compare_generations(
     for item in items:
         item.hooks(layout)  # validates the head against this model now, not mid-generation
     prompt_ids = _prompt_tokens(model, prompt)
-    vocab = int(model.cfg.d_vocab)
-    if int(prompt_ids.max()) >= vocab or int(prompt_ids.min()) < 0:
-        raise SpectraError(f"prompt token ids must lie in [0, {vocab}), got {prompt_ids.tolist()}")
+    check_vocab(prompt_ids, int(model.cfg.d_vocab), "the prompt's tokens")
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if isinstance(n_ctx, int) and prompt_ids.numel() + max_new_tokens > n_ctx:
         raise SpectraError(
@@ -281,9 +367,16 @@ def compare_generations(
     eos = _eos_id(model) if stop_at_eos else None
     done = torch.zeros(n_rows, dtype=torch.bool)
     n_prompt = prompt_ids.numel()
-    with torch.no_grad(), attached(model, *hooks, layout=layout):
+    # QueryScale positions index the whole sequence: a cached step holds only the new one.
+    use_cache = use_cache and not any(getattr(it, "positions", None) is not None for it in items)
+    from spectra_lens.present.display import progress_bar
+
+    bar = progress_bar(total=max_new_tokens, desc="generate", unit="token", enabled=progress)
+    with torch.no_grad(), attached(model, *hooks, layout=layout), \
+            KVDecoder(model, use_cache=use_cache) as decoder, bar:
+        new = seqs
         for _ in range(max_new_tokens):
-            logits = model(seqs, return_type="logits")[:, -1].float().cpu()
+            logits = decoder.step(new).cpu()
             nxt = torch.empty(n_rows, dtype=torch.long)
             for m_i, mode in enumerate(modes):
                 r = slice(2 * m_i, 2 * m_i + 2)
@@ -298,7 +391,9 @@ def compare_generations(
                     nxt[r] = (z - torch.log(-torch.log(u))).argmax(-1)
             if eos is not None:
                 done |= nxt == eos
-            seqs = torch.cat([seqs, nxt[:, None].to(device)], dim=1)
+            new = nxt[:, None].to(device)
+            seqs = torch.cat([seqs, new], dim=1)
+            bar.update(1)
             if eos is not None and bool(done.all()):
                 break
     cont = seqs[:, n_prompt:].cpu()
@@ -382,7 +477,8 @@ def command(cfg, *, progress: bool = True) -> int:
     args = cfg
     specs = [parse_scale(s) for s in args.scale]  # bad --scale fails before the model loads
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                       progress=progress)
     layout = attention_layout(model)
     items = scalings(specs, layout, kind=args.kind)
     modes = MODES if args.mode == "both" else (args.mode,)
@@ -390,7 +486,7 @@ def command(cfg, *, progress: bool = True) -> int:
     out = compare_generations(model, args.prompt, items, modes=modes,
                               max_new_tokens=args.max_new_tokens, seed=args.seed,
                               temperature=args.temperature, top_k=args.top_k,
-                              stop_at_eos=args.eos_stop)
+                              stop_at_eos=args.eos_stop, progress=progress)
     t2 = time.perf_counter()
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (embedded default)'}")
     print(f"scalings ({args.kind}): {', '.join(out[modes[0]].interventions) or 'none (plain model in both rows)'}")

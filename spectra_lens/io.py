@@ -18,7 +18,7 @@ import numpy as np
 
 from spectra_lens.errors import SpectraError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "npz_bytes", "read_npz", "write_npz"]
+__all__ = ["atomic_write", "atomic_write_bytes", "is_temporary", "npz_bytes", "read_npz", "write_npz"]
 
 # Temporary files of the atomic writer: ".tmp-<pid>-<hex>.ext" (and, from older releases of the
 # shard writer, ".<name>.<random>.tmp").
@@ -101,10 +101,9 @@ def _temporary_name(path: str | os.PathLike) -> str:
     return str(path.with_name(f"{_TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}{path.suffix}"))
 
 
-def _is_temporary(name: str) -> bool:
+def is_temporary(name: str) -> bool:
+    """Whether `name` is a temporary file of the atomic writer (left behind only by a crash)."""
     return name.startswith(_TEMP_PREFIX) or (name.startswith(".") and name.endswith(".tmp"))
-
-
 
 
 def write_npz(path: str | os.PathLike, header: dict, **arrays: np.ndarray) -> Path:

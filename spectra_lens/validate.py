@@ -14,7 +14,7 @@ from spectra_lens.errors import SpectraError
 
 __all__ = [
     "HeadRef", "check_alpha", "check_alphas", "check_context", "check_int", "check_min_position",
-    "check_tokens",
+    "check_tokens", "check_vocab",
 ]
 
 
@@ -79,9 +79,13 @@ def check_alphas(alphas: object, *, at_least: int = 1) -> tuple[float, ...]:
     if isinstance(alphas, (int, float)):
         raise SpectraError(f"alphas must be a sequence of numbers, got the single number {alphas!r}")
     try:
-        values = [float(a) for a in (alphas.tolist() if isinstance(alphas, Tensor) else alphas)]
-    except (TypeError, ValueError) as e:
+        items = list(alphas.tolist() if isinstance(alphas, Tensor) else alphas)
+    except TypeError as e:
         raise SpectraError(f"alphas must be a sequence of numbers, got {alphas!r}") from e
+    bad = [a for a in items if isinstance(a, bool) or not isinstance(a, (int, float))]
+    if bad:
+        raise SpectraError(f"every alpha must be a number, got {bad} in {items}")
+    values = [float(a) for a in items]
     if len(values) < at_least:
         raise SpectraError(f"alphas must hold at least {at_least} value{'s' * (at_least > 1)}, "
                            f"got {values or 'an empty grid'}")
@@ -106,6 +110,15 @@ def check_min_position(min_position: Any, seq_len: int) -> int:
             f"query positions must be left to average"
         )
     return min_position
+
+
+def check_vocab(tokens: Tensor, vocab: int, what: str = "tokens") -> None:
+    """Every token id must lie in [0, vocab), the model's vocabulary (`cfg.d_vocab`)."""
+    if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+        raise SpectraError(
+            f"{what} hold token ids in [{int(tokens.min())}, {int(tokens.max())}]; expected ids in "
+            f"[0, {vocab}) for this model's vocabulary: tokenizer mismatch?"
+        )
 
 
 def check_context(model, n_positions: int) -> None:

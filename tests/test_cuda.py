@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 from spectra_lens import metrics as M
 from spectra_lens.capture import METRIC_NAMES, MetricCapture, attached, capture_metrics
+from spectra_lens.kernels import blocked as KB
 from spectra_lens.layout import attention_layout, hook_name
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.sweep import head_curves
@@ -45,8 +46,8 @@ def test_gpu_capture_equals_hook_pattern_and_the_cpu_capture(family):
         assert_close(tm.k_eff_top90[:, l], M.k_eff_top_mass(p), atol=0, rtol=0)
     # the device kernel (torch: topk, then sorts) equals the CPU kernel (NumPy) on the same pattern
     p, s = cache[hook_name(0, "pattern")], cache[hook_name(0, "attn_scores")]
-    gpu = M.row_metrics(p, s)
-    cpu = M.row_metrics(p.cpu(), s.cpu())
+    gpu = KB.row_metrics(p, s)
+    cpu = KB.row_metrics(p.cpu(), s.cpu())
     for name in gpu:
         assert_close(gpu[name].cpu(), cpu[name], atol=1e-5, rtol=1e-5, equal_nan=True, msg=name)
 

@@ -11,7 +11,7 @@ from spectra_lens.experiments import gain
 from spectra_lens.capture import count_hooks
 from spectra_lens.config import ALPHAS_21, GainConfig
 from spectra_lens.errors import SpectraError
-from spectra_lens.stats import fit_log_slope
+from spectra_lens.stats.fits import fit_log_slope
 from spectra_lens.sweep import head_curves
 
 SUMMARY_COLUMNS = (

@@ -6,15 +6,25 @@ import copy
 import pytest
 import torch
 
-from spectra_lens.capture import KeyScale, LogitScale, QueryScale, count_hooks
+from spectra_lens.capture import attached, count_hooks
 from spectra_lens.errors import SpectraError
-from spectra_lens.generate import compare_generations, generate, parse_head, parse_scale, scalings
+from spectra_lens.generate import (
+    KVDecoder,
+    compare_generations,
+    generate,
+    parse_scale,
+    scalings,
+)
+from spectra_lens.interventions import KeyScale, LogitScale, QueryScale
+from spectra_lens.layout import hook_name
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.testing import (
+    FAMILIES,
     PLANTED_INDUCTION_HEAD,
     planted_circuit_model,
     tiny_hf_model,
 )
+from spectra_lens.validate import HeadRef
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +116,7 @@ def test_eos_ends_a_continuation(tiny):
 
 def test_parsing_and_errors(tiny):
     model, layout = tiny("llama_gqa")
-    assert parse_head("L15H8") == (15, 8) and parse_head("l0h3") == (0, 3)
+    assert HeadRef.parse("L15H8") == (15, 8) and HeadRef.parse("l0h3") == (0, 3)
     assert parse_scale("L1H2=0.5") == (1, 2, 0.5)
     for bad in ("15:8=2", "L1H2", "L1H2=x", "L1H2=-1", "L1H2=0"):
         with pytest.raises(SpectraError):
@@ -125,3 +135,104 @@ def test_parsing_and_errors(tiny):
     with pytest.raises(SpectraError, match="one α"):
         generate(model, [1, 2], [QueryScale(0, 1, torch.tensor([1.0, 2.0]))])
     assert count_hooks(model) == 0
+
+
+# --------------------------------------------------------------------------- key/value cache
+
+
+def _no_cache_hooks(model) -> bool:
+    return all(not b.attn._forward_pre_hooks for b in model.blocks)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_equals_the_uncached_path_under_every_scaling(tiny, family):
+    """Greedy and sampled continuations with the key/value cache are token for token those of a
+    full forward pass per token, with a query, a key and a logit scaling active; the teacher-forced
+    log-probabilities agree too."""
+    model, layout = tiny(family)
+    prompt = torch.randint(1, 97, (7,), generator=torch.Generator().manual_seed(2))
+    kinds = ["q", "k"] + (["logit"] if layout.pattern_editable else [])
+    for kind in kinds:
+        items = scalings([(1, 1, 3.0), (0, 2, 0.5)], layout, kind=kind)
+        cached = compare_generations(model, prompt, items, max_new_tokens=10, seed=4, stop_at_eos=False)
+        full = compare_generations(model, prompt, items, max_new_tokens=10, seed=4, stop_at_eos=False,
+                                   use_cache=False)
+        for mode in ("greedy", "sample"):
+            a, b = cached[mode], full[mode]
+            assert (a.base.tokens, a.scaled.tokens) == (b.base.tokens, b.scaled.tokens), (kind, mode)
+            assert abs(a.scaled.delta_logprob - b.scaled.delta_logprob).max() < 1e-5
+    assert count_hooks(model) == 0 and _no_cache_hooks(model)
+
+
+def test_every_hook_fires_on_every_new_token(tiny):
+    """Each cached step runs the hooks on the new position: its query, and its pattern row over
+    every earlier key (the prompt's positions included)."""
+    model, layout = tiny("llama_gqa")
+    seen = {"pattern": [], "q": []}
+
+    def rec(kind):
+        def fn(x, hook):
+            seen[kind].append(tuple(x.shape))
+
+        return fn
+
+    prompt = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), attached(model, (hook_name(1, "pattern"), rec("pattern")),
+                                   (layout.q_hook(1), rec("q")), layout=layout), KVDecoder(model) as dec:
+        logits = dec.step(prompt)
+        for _ in range(3):
+            logits = dec.step(logits.argmax(-1)[:, None])
+    assert dec.cached
+    assert seen["pattern"] == [(2, 4, 5, 5), (2, 4, 1, 6), (2, 4, 1, 7), (2, 4, 1, 8)]
+    assert seen["q"] == [(2, 5, 4, 16)] + [(2, 1, 4, 16)] * 3
+    with torch.no_grad():
+        full = model(dec.seqs, return_type="logits")[:, -1]  # the same 8 positions, one pass
+    assert torch.allclose(logits, full, atol=1e-5)
+    assert _no_cache_hooks(model)
+
+
+class _NoHandOver(KVDecoder):
+    """A decoder whose cache never reaches the bridge's attention (as TransformerLens 4.3 alone)."""
+
+    def __enter__(self):
+        super().__enter__()
+        for h in self._handles:
+            h.remove()
+        return self
+
+
+def test_a_cache_that_does_not_fill_falls_back_to_full_passes(tiny, caplog):
+    model, _ = tiny("llama_gqa")
+    prompt = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(5))
+    got = []
+    with torch.no_grad(), _NoHandOver(model) as dec:
+        logits = dec.step(prompt)
+        for _ in range(4):
+            nxt = logits.argmax(-1)[:, None]
+            got.append(int(nxt))
+            logits = dec.step(nxt)
+    assert not dec.cached and "does not fill the key/value cache" in caplog.text
+    ref = generate(model, prompt[0], [], max_new_tokens=4, stop_at_eos=False, use_cache=False)
+    assert tuple(got) == ref.base.tokens
+
+
+def test_query_positions_decode_without_the_cache(tiny):
+    """QueryScale `positions` index the whole sequence; generation then runs full passes and still
+    scales exactly the positions asked for."""
+    model, _ = tiny("llama_gqa")
+    prompt = torch.randint(1, 97, (6,), generator=torch.Generator().manual_seed(6))
+    item = QueryScale(1, 1, 4.0, positions=(2, 3))
+    got = generate(model, prompt, [item], max_new_tokens=5, stop_at_eos=False)
+    ref = generate(model, prompt, [item], max_new_tokens=5, stop_at_eos=False, use_cache=False)
+    assert got.scaled.tokens == ref.scaled.tokens and got.base.tokens == ref.base.tokens
+
+
+def test_cached_decoding_past_the_sliding_window(tiny):
+    """Gemma's sliding-window layers (window 64 in the tiny config) keep equal continuations when
+    the sequence grows past the window."""
+    model, _ = tiny("gemma3")
+    prompt = torch.randint(1, 97, (60,), generator=torch.Generator().manual_seed(0))
+    got = generate(model, prompt, [QueryScale(0, 1, 3.0)], max_new_tokens=12, stop_at_eos=False)
+    ref = generate(model, prompt, [QueryScale(0, 1, 3.0)], max_new_tokens=12, stop_at_eos=False,
+                   use_cache=False)
+    assert (got.base.tokens, got.scaled.tokens) == (ref.base.tokens, ref.scaled.tokens)

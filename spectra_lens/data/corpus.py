@@ -6,10 +6,10 @@
 2. `tokenize_documents` cuts every document into its own fixed-length sequences (a sequence
    never spans two documents), draws them round-robin across documents so that no document
    dominates, and records each sequence's document id: the independent unit of the statistics.
-   `tokenize_corpus` concatenates documents with the EOS token between them and cuts the stream
-   into fixed-length sequences, each starting with BOS where the model uses one. Fixed-length,
-   unpadded sequences keep position ids trivial (left padding makes the bridge derive them from
-   the attention mask).
+   With `packing="stream"` it concatenates documents with the EOS token between them and cuts
+   the stream instead (sequences may span documents). Every sequence starts with BOS where the
+   model uses one. Fixed-length, unpadded sequences keep position ids trivial (left padding
+   makes the bridge derive them from the attention mask).
 
 The next stage, shards on disk with a manifest, is `spectra_lens.data.shards`.
 """
@@ -40,7 +40,6 @@ __all__ = [
     "jsonl",
     "text_files",
     "TokenizedCorpus",
-    "tokenize_corpus",
     "tokenize_documents",
 ]
 
@@ -177,7 +176,7 @@ def hf_dataset(name: str, split: str = "train", field: str = "text", **kw: Any) 
     except ImportError:
         raise SpectraError(
             f"reading the Hugging Face dataset {name!r} needs the `datasets` package, which is "
-            "not installed; fix: pip install datasets"
+            "not installed: pip install 'spectra-lens[hf]'"
         ) from None
     kw.setdefault("streaming", True)
 
@@ -234,79 +233,6 @@ def _jsonl_text(line: str, field: str, where: str) -> str:
 # Tokenization
 
 
-def tokenize_corpus(
-    docs: Iterable[str],
-    tokenizer: Any,
-    *,
-    seq_len: int,
-    max_sequences: int | None = None,
-    prepend_bos: bool | None = None,
-    min_tokens: int | None = None,
-) -> Tokens:
-    """Documents -> `[n_sequences, seq_len]` token ids, deterministically.
-
-    Documents are encoded without special tokens and concatenated with the tokenizer's EOS token
-    between consecutive documents (no separator if it has none). The stream is cut into
-    consecutive chunks; with BOS each sequence is `[BOS] + seq_len - 1` content tokens, else
-    `seq_len` content tokens. The trailing partial chunk is dropped.
-
-    Args:
-        docs: documents, read lazily; reading stops once `max_sequences` are filled.
-        tokenizer: a Hugging Face tokenizer (callable, with `bos_token_id`, `eos_token_id`).
-        seq_len: tokens per sequence, BOS included; at least 2.
-        max_sequences: keep at most this many sequences (None: all).
-        prepend_bos: start every sequence with BOS. None: when the tokenizer defines one. Pass the
-            model's own setting (TransformerLens `cfg.default_prepend_bos`) to follow the model.
-        min_tokens: skip documents shorter than this many tokens (None: keep all).
-    """
-    if isinstance(docs, str):
-        raise SpectraError("tokenize_corpus expected an iterable of documents; got one str")
-    check_int("seq_len", seq_len, minimum=2)
-    if max_sequences is not None:
-        check_int("max_sequences", max_sequences, minimum=1)
-    if min_tokens is not None:
-        check_int("min_tokens", min_tokens, minimum=1)
-    bos = _bos_token(tokenizer, prepend_bos)
-    eos = tokenizer.eos_token_id
-    content_len = seq_len - (bos is not None)
-    wanted = None if max_sequences is None else max_sequences * content_len
-
-    pieces: list[np.ndarray] = []
-    n_tokens = n_docs = n_skipped = 0
-    for ids in _encode_documents(docs, tokenizer):
-        if not ids:
-            continue
-        if min_tokens is not None and len(ids) < min_tokens:
-            n_skipped += 1
-            continue
-        if n_docs and eos is not None:
-            pieces.append(np.array([eos], dtype=np.int64))
-            n_tokens += 1
-        pieces.append(np.asarray(ids, dtype=np.int64))
-        n_tokens += len(ids)
-        n_docs += 1
-        if wanted is not None and n_tokens >= wanted:
-            break
-
-    skipped = f" ({n_skipped} shorter than min_tokens={min_tokens} skipped)" if n_skipped else ""
-    if n_docs == 0:
-        raise SpectraError(f"empty corpus: expected documents with text, found none{skipped}")
-    n_sequences = n_tokens // content_len
-    if max_sequences is not None:
-        n_sequences = min(n_sequences, max_sequences)
-    if n_sequences == 0:
-        bos_note = " after BOS" if bos is not None else ""
-        raise SpectraError(
-            f"corpus too short: found {n_tokens} tokens in {n_docs} documents{skipped}; one "
-            f"sequence of seq_len={seq_len} needs {content_len} content tokens{bos_note}"
-        )
-    stream = np.concatenate(pieces)[: n_sequences * content_len]
-    body = torch.from_numpy(stream).view(n_sequences, content_len)
-    if bos is None:
-        return body.clone()
-    return torch.cat([torch.full((n_sequences, 1), bos, dtype=torch.long), body], dim=1)
-
-
 @dataclass(frozen=True, repr=False)
 class TokenizedCorpus:
     """Fixed-length sequences and, per sequence, the id of the document they come from.
@@ -351,9 +277,11 @@ def tokenize_documents(
     documents have a chunk. Without `balance` the chunks are taken in reading order. Either
     way the result is ordered by document, then by position in the document.
 
-    `packing="stream"`: `tokenize_corpus`'s concatenation with EOS between documents (no
-    tokens lost, sequences may span documents); `documents[i]` is the document holding most
-    of sequence i (the earlier one on a tie). `balance` does not apply.
+    `packing="stream"`: the documents concatenated with the tokenizer's EOS token between
+    consecutive ones (no separator if it has none) and the stream cut into consecutive chunks;
+    the trailing partial chunk is dropped (no other tokens lost, sequences may span documents).
+    `documents[i]` is the document holding most of sequence i (the earlier one on a tie).
+    `balance` does not apply.
 
     Document ids are indices in the reading order of `docs`, counting every document read
     (also empty or skipped ones), so they are stable across runs of the same corpus.

@@ -5,8 +5,8 @@ The last of three stages (the first two, sources and tokenizing, are `spectra_le
 1. A `Corpus` is a described, re-iterable source of documents (str), read lazily:
    `default_corpus()` (CPython's reference documentation, `pydoc_data.topics`), `text_files`,
    `jsonl`, `hf_dataset`, or `corpus_from_spec` for a command-line string.
-2. `tokenize_corpus` concatenates documents with the EOS token between them and cuts the stream
-   into fixed-length sequences, each starting with BOS where the model uses one. Fixed-length,
+2. `tokenize_documents` cuts documents into fixed-length sequences and records each one's
+   document, each sequence starting with BOS where the model uses one. Fixed-length,
    unpadded sequences keep position ids trivial (left padding makes the bridge derive them from
    the attention mask).
 3. `write_shards` stores `[n_sequences, seq_len]` tokens as `shard_00000.safetensors`, ... and a
@@ -19,7 +19,7 @@ so per-shard results of a distributed run merge back onto the same ids.
 Manifest schema (`manifest.json`, format version 1)::
 
     {
-      "format": "spectra_lens.data.shards",
+      "format": "spectra_lens.shards",
       "version": 1,
       "tokenizer": "HuggingFaceTB/SmolLM2-135M-Instruct",
       "seq_len": 128,
@@ -89,7 +89,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2  # 2: per-shard document ids (version 1 still reads)
-_FORMAT = "spectra_lens.data.shards"
+# the format id of a shard manifest (a file format, not a module path: kept across releases)
+SHARDS_FORMAT = "spectra_lens.shards"
 _SHARD_KEY = "tokens"
 _SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy"}
 
@@ -173,7 +174,7 @@ class ShardManifest:
     def to_json(self) -> dict[str, Any]:
         """The manifest as written to `manifest.json`."""
         return {
-            "format": _FORMAT,
+            "format": SHARDS_FORMAT,
             "version": self.version,
             "tokenizer": self.tokenizer,
             "seq_len": self.seq_len,
@@ -462,10 +463,10 @@ def _file_sha256(path: Path) -> str:
 
 def _manifest_from_json(raw: Any, directory: Path) -> ShardManifest:
     where = directory / MANIFEST_NAME
-    if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") != SHARDS_FORMAT:
         raise SpectraError(
             f"{where} is not a shard manifest; expected a JSON object with "
-            f"\"format\": {_FORMAT!r}"
+            f"\"format\": {SHARDS_FORMAT!r}"
         )
     version = _field(raw, "version", int, where)
     if version > MANIFEST_VERSION:

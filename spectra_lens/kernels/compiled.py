@@ -1,7 +1,7 @@
-"""The capture's row kernel compiled with Numba: every metric of `metrics.capture_row_metrics`
+"""The capture's row kernel compiled with Numba: every metric of `kernels.fused.capture_row_metrics`
 for CPU patterns with their scores (float32/float64; half precision one float32 block at a time).
 
-The NumPy kernel (`metrics._fused_block`) makes about twenty passes over each block; this one
+The NumPy kernel (`kernels.fused._fused_block`) makes about twenty passes over each block; this one
 reads each row's visible keys once and takes no logarithm per key. With x = s − s_0 (the logits
 about the first key's) and p = softmax(s) over the visible keys, log p_j = x_j − L where
 L = lse − s_0 = −log p_0 (or, where p_0 is below `anchor`, 1e-30 by default, from the row's
@@ -37,7 +37,7 @@ FLAG_ROW = 1
 #: Rows flagged for the sink-excluded metrics from the scores: the rest underflowed (R < min_rest).
 FLAG_REST = 2
 
-#: The order of the kernel's outputs (the names of `metrics.capture_row_metrics`'s sums).
+#: The order of the kernel's outputs (the names of `kernels.fused.capture_row_metrics`'s sums).
 OUT_NAMES = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "local_gain",
              "entropy_ns", "max_attn_ns", "k_eff_pr_ns", "k_eff_top90_ns", "dir_spread")
 
@@ -71,7 +71,8 @@ def _kernel(fn):
     k = _COMPILED.get(fn.__name__)
     if k is None:
         if not AVAILABLE:
-            raise RuntimeError("the compiled kernels need numba (and SPECTRA_LENS_NUMBA not 0)")
+            raise RuntimeError("the compiled kernels need numba (pip install 'spectra-lens[fast]') "
+                               "and SPECTRA_LENS_NUMBA not 0")
         import numba
 
         options = dict(nogil=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})

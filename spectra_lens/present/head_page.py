@@ -30,16 +30,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spectra_lens.capture import QueryScale, capture_metrics
+from spectra_lens.capture import capture_metrics
 from spectra_lens.errors import SpectraError
 from spectra_lens.generate import compare_generations
 from spectra_lens.head_types import LABEL_RULE, diagnostic_inputs, head_type_scores
+from spectra_lens.interventions import QueryScale
 from spectra_lens.io import atomic_write
 from spectra_lens.layout import attention_layout
 from spectra_lens.present.figures import head_page as F
 from spectra_lens.present.page import Figures, document
 from spectra_lens.present.page import escape as _e
-from spectra_lens.stats import t_interval
+from spectra_lens.stats.inference import t_interval
 from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_alphas, check_tokens
 

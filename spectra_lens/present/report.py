@@ -42,7 +42,7 @@ from spectra_lens.errors import SpectraError
 from spectra_lens.io import atomic_write
 from spectra_lens.present.page import PLOTLYJS_FILE, Figures, document, figure_title, write_plotlyjs
 from spectra_lens.present.page import escape as _e
-from spectra_lens.runs.rundir import MANIFEST
+from spectra_lens.runs.rundir import MANIFEST, read_manifest
 
 __all__ = ["REPORT_NAME", "Experiment", "Findings", "Run", "View", "build_report", "find_runs", "run_figures",
            "write_report"]
@@ -152,11 +152,10 @@ def find_runs(results_dir: str | os.PathLike, experiments: Mapping[str, Experime
 
 def _read_manifest(path: Path) -> dict | None:
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return read_manifest(path)
+    except SpectraError as e:
         log.warning("skipping unreadable manifest %s: %s", path, e)
         return None
-    return obj if isinstance(obj, dict) else None
 
 
 # --------------------------------------------------------------------------- tables

@@ -28,7 +28,6 @@ import dataclasses
 import datetime
 import errno
 import fcntl
-import io
 import json
 import logging
 import os
@@ -36,19 +35,16 @@ import platform
 import socket
 import sys
 import time
-import uuid
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.io import _USER_ERRNOS, _is_temporary, atomic_write, atomic_write_bytes
+from spectra_lens.io import atomic_write, is_temporary
 
-__all__ = ["LOCK", "MANIFEST", "NOT_RESULT_FIELDS", "RunDir", "package_versions"]
+__all__ = ["LOCK", "MANIFEST", "NOT_RESULT_FIELDS", "RunDir", "package_versions", "read_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +52,7 @@ MANIFEST = "manifest.json"
 LOCK = ".spectra-lens.lock"
 FORMAT = "spectra_lens.run"
 # Config fields that do not change a run's results: a run may resume with other values.
-NOT_RESULT_FIELDS: tuple[str, ...] = ("out", "device", "overwrite", "images")
+NOT_RESULT_FIELDS: tuple[str, ...] = ("out", "device", "device_map", "overwrite", "images")
 _UNFINISHED = ("running", "interrupted", "failed")
 _PACKAGES = ("spectra-lens", "torch", "transformer-lens", "transformers", "numpy", "scipy",
              "pandas", "plotly")
@@ -153,6 +149,23 @@ def _describe_holder(holder: dict) -> str:
 
 
 # --------------------------------------------------------------------------- the run directory
+
+
+def read_manifest(path: str | os.PathLike, *, hint: str = "") -> dict:
+    """The JSON object of a manifest file (a run's, or a shard set's); SpectraError when the file
+    cannot be read, is not JSON or holds no JSON object (`hint` ends the message)."""
+    f = Path(path)
+    try:
+        manifest = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpectraError(f"{f} is not valid JSON ({e}); it is not a run manifest that "
+                           f"spectra_lens can resume or replace{hint}") from e
+    except OSError as e:
+        raise SpectraError(f"cannot read {f}: {e.strerror or e}") from e
+    if not isinstance(manifest, dict):
+        raise SpectraError(f"{f} holds {type(manifest).__name__}; expected a run manifest "
+                           f"(a JSON object){hint}")
+    return manifest
 
 
 class RunDir:
@@ -267,7 +280,10 @@ class RunDir:
             raise SpectraError(f"{self.path} is a file; expected a run directory (new or existing)")
         old = self.read_manifest()
         if old is None:
-            others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+            # another run's first manifest being written (its lock then refuses this one)
+            # or a crash's leftover temporary file is not content of the directory
+            others = sorted(p.name for p in self.path.iterdir()
+                            if p.name != LOCK and not is_temporary(p.name))
             if others:
                 shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
                 raise SpectraError(
@@ -303,17 +319,10 @@ class RunDir:
             return None
         if f.is_symlink() or not f.is_file():
             raise SpectraError(f"{f} is not a regular file; expected a run manifest")
-        try:
-            manifest = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SpectraError(f"{f} is not valid JSON ({e}); it is not a run manifest that "
-                               f"spectra_lens can resume or replace: choose another --out") from e
-        except OSError as e:
-            raise SpectraError(f"cannot read {f}: {e.strerror or e}") from e
-        if not isinstance(manifest, dict):
-            raise SpectraError(f"{f} holds {type(manifest).__name__}; expected a run manifest "
-                               f"(a JSON object): choose another --out")
-        if manifest.get("format") == "spectra_lens.data.shards":
+        manifest = read_manifest(f, hint=": choose another --out")
+        from spectra_lens.data.shards import SHARDS_FORMAT  # torch: only when a manifest is read
+
+        if manifest.get("format") == SHARDS_FORMAT:
             raise SpectraError(f"{self.path} is a prepared shard directory, not a run directory; "
                                f"choose another --out (its shards are read with --corpus {self.path})")
         if "experiment" not in manifest or "status" not in manifest:
@@ -444,7 +453,7 @@ def _remove_outputs(root: Path, manifest: dict) -> None:
         if not d.is_dir() or d.is_symlink():
             continue
         for entry in os.scandir(d):
-            if _is_temporary(entry.name) and entry.is_file(follow_symlinks=False):
+            if is_temporary(entry.name) and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
     for d in sorted(dirs - {root}, key=lambda p: len(p.parts), reverse=True):

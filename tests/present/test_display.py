@@ -47,7 +47,7 @@ def test_strings_are_accepted_wherever_tokens_are(model):
     curves = head_curves(model, two, [0.5, 1.0, 2.0])
     torch.testing.assert_close(curves.metrics.entropy,
                                head_curves(model, model.to_tokens(two), [0.5, 1.0, 2.0]).metrics.entropy)
-    effects = intervention_effects(model, TEXT, [0.5, 2.0], QueryScale(1, 0, 1.0), layers=[1])
+    effects = intervention_effects(model, TEXT, [0.5, 2.0], QueryScale.scan(1, 0), layers=[1])
     assert effects.loss.shape == (2, 1)
 
 
@@ -93,7 +93,7 @@ def test_every_result_type_has_an_html_representation(model, tmp_path):
 
     two = ["the cat sat on a mat", "the dog ran to a park"]
     curves = head_curves(model, two, [0.5, 1.0, 2.0])
-    effects = intervention_effects(model, two, [0.5, 2.0], KeyScale(1, 0, 1.0), patterns_for=[(1, 0)])
+    effects = intervention_effects(model, two, [0.5, 2.0], KeyScale.scan(1, 0), patterns_for=[(1, 0)])
     shards = write_shards(model.to_tokens(two), tmp_path / "shards", shard_size=1, tokenizer_name="tiny")
     cases = {
         "AttentionLayout": (attention_layout(model), "2 × 4"),
@@ -111,8 +111,8 @@ def test_every_result_type_has_an_html_representation(model, tmp_path):
 
 
 def test_progress_bars_are_labelled_and_stay_on_screen(model, capsys):
-    intervention_effects(model, TEXT, [0.5, 2.0], QueryScale(1, 3, 1.0), layers=[1], progress=True)
-    intervention_effects(model, TEXT, [0.5, 2.0], KeyScale(0, 1, 1.0), layers=[1], progress=True)
+    intervention_effects(model, TEXT, [0.5, 2.0], QueryScale.scan(1, 3), layers=[1], progress=True)
+    intervention_effects(model, TEXT, [0.5, 2.0], KeyScale.scan(0, 1), layers=[1], progress=True)
     head_curves(model, TEXT, [0.5, 1.0, 2.0], method="exact", layers=[0], progress=True)
     err = capsys.readouterr().err
     final = [line.rsplit("\r", 1)[-1] for line in err.splitlines() if line.strip()]

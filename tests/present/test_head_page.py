@@ -105,13 +105,13 @@ def test_report_links_heads_to_their_pages(tmp_path):
 def default_run(tmp_path_factory):
     """Head types of all 270 heads of the embedded default model and the page of its strongest
     induction head, on 4 sequences × 48 tokens of the default corpus (one model load)."""
-    from spectra_lens.data.corpus import default_corpus, tokenize_corpus
+    from spectra_lens.data.corpus import default_corpus, tokenize_documents
     from spectra_lens.head_types import diagnostic_inputs, head_type_scores
     from spectra_lens.models import load_model
 
     model = load_model()
-    text = tokenize_corpus(default_corpus(), model.tokenizer, seq_len=48, max_sequences=4,
-                           prepend_bos=model.cfg.default_prepend_bos)
+    text = tokenize_documents(default_corpus(), model.tokenizer, seq_len=48, max_sequences=4,
+                              prepend_bos=model.cfg.default_prepend_bos, packing="stream").tokens
     types = head_type_scores(model, diagnostic_inputs(model, text, n_repeated=4, half_len=24))
     layer, head = (int(v) for v in types.loc[types["induction_score"].idxmax(), ["layer", "head"]])
     page = head_page(model, layer, head, text=text, types=types, max_new_tokens=8,

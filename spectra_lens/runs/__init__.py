@@ -1,0 +1,1 @@
+"""Run directories (lock, manifest, provenance, declared outputs) and the shared experiment pipeline."""

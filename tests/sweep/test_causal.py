@@ -1,0 +1,164 @@
+"""Causal outcomes and controls (spectra_lens.causal): sham, rotation, document bootstrap,
+control-head rule, and the downstream effects against an independent computation."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from spectra_lens.capture import attached, capture_metrics, count_hooks
+from spectra_lens.causal import (
+    SmallClusterWarning,
+    choose_control_head,
+    document_bootstrap,
+    effect_row,
+    head_r_table,
+    query_direction_spread,
+    sham_check,
+    sweep_effects,
+)
+from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import QueryRotate, QueryScale
+from spectra_lens.sweep import intervention_effects
+
+
+@pytest.fixture(scope="module")
+def toks() -> torch.Tensor:
+    return torch.randint(1, 97, (8, 12), generator=torch.Generator().manual_seed(5))
+
+
+DOCS = [0, 0, 1, 1, 2, 3, 4, 5]
+
+
+def _effective_q(model, layout, tokens, layer, *items):
+    got = {}
+
+    def grab(x, hook):
+        got["q"] = x.detach().clone()
+
+    with torch.no_grad(), attached(model, *items, (layout.q_hook(layer), grab), layout=layout):
+        model(tokens, return_type=None, stop_at_layer=layer + 1)
+    return got["q"]
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen3", "gemma2", "gpt2"])
+def test_sham_changes_nothing_bit_for_bit(tiny, toks, family):
+    model, layout = tiny(family)
+    summary, effects = sham_check(model, toks, 0, 1, batch_size=3)
+    assert summary["bitwise_equal"] is True
+    assert summary["max_abs_logit_diff"] == 0.0 and summary["max_abs_metric_diff"] == 0.0
+    row = effect_row(effects, DOCS)
+    for name in ("delta_loss", "kl_unscaled_scaled", "own_delta_entropy", "later_mean_abs_delta_entropy"):
+        assert row[name] == 0.0 and row[f"{name}_ci_low"] == 0.0 and row[f"{name}_ci_high"] == 0.0
+    assert row["later_heads_changed"] == 0 and row["n_later_heads"] == layout.n_heads
+    assert count_hooks(model) == 0
+
+
+def test_rotation_sweep_changes_the_head_both_ways_and_reaches_the_output(tiny, toks):
+    """Unlike scaling, a rotation's effect on the head's own entropy is not fixed in sign."""
+    model, layout = tiny("llama_gqa")
+    sw = intervention_effects(model, toks, (0.4, 0.8, 1.6), QueryRotate.scan(0, 1, seed=1), layers=range(0, 2))
+    assert sw.intervention.startswith("QueryRotate(") and "angle=grid" in sw.intervention
+    d = sw.scaled.entropy[:, :, 0, 1] - sw.unscaled.entropy[None, :, 0, 1]
+    assert (d > 0).any() and (d < 0).any()
+    assert (sw.kl > 0).all()
+    others = [h for h in range(layout.n_heads) if h != 1]
+    assert (sw.scaled.entropy[:, :, 0, others] - sw.unscaled.entropy[None, :, 0, others]).abs().max() < 1e-6
+
+
+def test_document_bootstrap_stays_inside_the_bounds():
+    rng = np.random.default_rng(0)
+    # skewed values near the lower bound 0, as KL or max attention of a flat head
+    values = np.concatenate([np.zeros(20), rng.exponential(0.01, 4) * 50])
+    docs = np.repeat(np.arange(12), 2)
+    mean, low, high = document_bootstrap(values, docs, n_boot=500)
+    assert 0 <= low <= mean <= high
+    t_low = values.mean() - 2.07 * values.std(ddof=1) / math.sqrt(len(values))
+    assert t_low < 0, "the t-interval leaves the bounds here; the bootstrap must not"
+    probs = np.concatenate([np.ones(10), rng.uniform(0.9, 1.0, 10)])  # in [0, 1], piled at 1
+    _, lo, hi = document_bootstrap(probs, np.arange(20), n_boot=500)
+    assert 0 <= lo <= hi <= 1
+
+
+def test_document_bootstrap_resamples_documents_not_sequences():
+    # two documents, all sequences of a document equal: the interval is the two document means
+    values = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    docs = np.array([7, 7, 7, 9, 9, 9])
+    with pytest.warns(SmallClusterWarning):
+        mean, low, high = document_bootstrap(values, docs, n_boot=400, ci=0.9)
+    assert mean == 0.5 and low == 0.0 and high == 1.0
+    same = document_bootstrap(values, None, n_boot=400, ci=0.9)  # sequences as units: narrower
+    assert same[2] - same[1] < 1.0
+    assert np.isnan(document_bootstrap(values, np.zeros(6), n_boot=10)[1])  # one document
+    with pytest.raises(SpectraError, match="one id per sequence"):
+        document_bootstrap(values, [0, 1])
+
+
+def test_effect_intervals_of_a_real_sweep_stay_in_bounds(tiny, toks):
+    model, layout = tiny("llama_gqa")
+    sw = intervention_effects(model, toks, (0.25, 1.0, 4.0), QueryScale.scan(0, 1), layers=range(0, 2))
+    for e in sweep_effects(sw, 0, 1):
+        row = effect_row(e, DOCS, n_boot=300)
+        assert 0 <= row["kl_unscaled_scaled_ci_low"] <= row["kl_unscaled_scaled"] <= row["kl_unscaled_scaled_ci_high"]
+        assert 0 <= row["later_mean_abs_delta_entropy_ci_low"]
+        assert row["n_documents"] == 6 and row["n_sequences"] == 8
+    frame = sw.head_frame(0, 1, documents=DOCS)
+    log_n = math.log(toks.shape[1])
+    assert (frame["mean_entropy_ci_low"] >= 0).all() and (frame["mean_entropy_ci_high"] <= log_n).all()
+    assert (frame["mean_max_attn_ci_low"] >= 0).all() and (frame["mean_max_attn_ci_high"] <= 1).all()
+    assert (frame["kl_from_unscaled_ci_low"] >= 0).all()
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2"])
+def test_delta_loss_and_kl_equal_two_plain_forward_passes(tiny, toks, family):
+    """Independent computation: two ordinary forward passes, float64 log-softmax by hand."""
+    model, layout = tiny(family)
+    layer, head, alpha = 1, 3, 2.5
+    sw = intervention_effects(model, toks, (1.0, alpha), QueryScale.scan(layer, head), max_rows=5)
+    with torch.no_grad():
+        base = model(toks, return_type="logits").double()
+        with attached(model, QueryScale(layer, head, alpha)):
+            scaled = model(toks, return_type="logits").double()
+    p1, pa = torch.softmax(base, -1), torch.softmax(scaled, -1)
+    kl = (p1 * (p1.log() - pa.log())).sum(-1).mean(-1)  # KL(unscaled || scaled) per sequence
+    nll = lambda p: -p[:, :-1].gather(-1, toks[:, 1:, None]).squeeze(-1).log().mean(-1)  # noqa: E731
+    i = sw.alphas.index(alpha)
+    torch.testing.assert_close(sw.kl[i].double(), kl, atol=2e-6, rtol=1e-4)
+    torch.testing.assert_close(sw.delta_loss[i].double(), nll(pa) - nll(p1), atol=2e-6, rtol=1e-4)
+    assert (kl > 0).all()
+
+
+def test_head_r_table_equals_a_direct_pearson_and_the_control_rule(tiny, toks):
+    model, layout = tiny("llama_gqa")
+    table = head_r_table(model, toks, DOCS, n_boot=200, batch_size=3)
+    assert len(table) == layout.n_layers * layout.n_heads
+    tm = capture_metrics(model, toks)
+    for _, row in table.sample(3, random_state=0).iterrows():
+        l, h = int(row["layer"]), int(row["head"])
+        x = tm.q_norm[:, l, h, 1:].double().log().reshape(-1).numpy()
+        y = tm.entropy[:, l, h, 1:].double().reshape(-1).numpy()
+        assert row["r_log_q_entropy"] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-6)
+        assert row["r_ci_low"] <= row["r_log_q_entropy"] <= row["r_ci_high"]
+    assert set(table["n_documents"]) == {6}
+    fake = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
+                         "r_log_q_entropy": [0.0, 0.01, 0.02, 0.5],
+                         "r_ci_low": [-0.4, -0.05, -0.03, 0.4], "r_ci_high": [0.4, 0.06, 0.05, 0.6]})
+    assert choose_control_head(fake, (0, 1)) == (1, 0)  # smallest max(|low|, |high|), not target
+    assert choose_control_head(fake, (1, 0)) == (0, 1)
+    assert choose_control_head(fake, (1, 0), layer=1) == (1, 1)
+    with pytest.raises(SpectraError, match="no head"):
+        choose_control_head(fake.iloc[:1], (0, 0))
+
+
+def test_direction_spread_is_the_median_angle_to_the_mean_direction(tiny, toks):
+    model, layout = tiny("neox")
+    spread = query_direction_spread(model, toks, 1, 2, min_position=1)
+    q = _effective_q(model, layout, toks, 1)[:, 1:, 2].double().reshape(-1, layout.d_head)
+    unit = q / q.norm(dim=-1, keepdim=True)
+    mean = unit.mean(0) / unit.mean(0).norm()
+    assert spread.median_angle == pytest.approx(float(torch.arccos(unit @ mean).median()), abs=1e-9)
+    assert spread.sd_log_norm == pytest.approx(float(q.norm(dim=-1).log().std()), abs=1e-9)
+    assert spread.n_tokens == q.shape[0] and 0 < spread.median_angle < math.pi
+    assert "median" in spread.as_dict()["rule"]
