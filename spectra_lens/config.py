@@ -334,7 +334,7 @@ FLAG_HELP: dict[str, str] = {
     "min_tokens": "skip documents shorter than this many tokens",
     "file_format": "shard file format",
     "results_dir": "directory holding run directories (or one run directory); symlinks are followed",
-    "plotlyjs": "load plotly.js from this path or URL instead of inlining it",
+    "plotlyjs": "load plotly.js from this path or URL ('inline': embed it in the page)",
     "n_repeated": "random-token sequences shown twice (induction and positional scores)",
     "half_len": "random tokens per copy of a repeated sequence",
     "window": "keys i - window + 1 ... i count as local to query i",
@@ -380,7 +380,7 @@ NONE_MEANS: dict[str, str] = {
     "out": "RESULTS_DIR/report.html",
     "models": "the embedded default model",
     "corpora": "default kjv (reference documentation and narrative prose)",
-    "plotlyjs": "inline, a page that works offline on its own",
+    "plotlyjs": "one copy written beside the page, which the runs' figure pages load too",
 }
 
 TUPLE_NOTE: dict[str, str] = {"alphas": ", log-spaced, including 1"}
@@ -437,6 +437,7 @@ class ReportConfig:
     out: str | None = field(default=None, metadata={"help": "HTML file to write"})
     plotlyjs: str | None = None  # load plotly.js from here instead of inlining it
     pdf: bool = False  # also print the page to RESULTS_DIR/report.pdf (beside --out)
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file (and its PDF)"})
 
     def validate(self) -> None:
         if not self.results_dir:

@@ -10,18 +10,32 @@ Scores (each a mean attention mass in [0, 1], `p` = the head's real `hook_patter
 * `induction_score`: on repeated random tokens `[first, r_1 … r_T, r_1 … r_T]`, the mass a query
   in the second copy puts on the token after the earlier occurrence of its own token (key
   i − T + 1), mean over the T queries of the second copy.
-* `positional_score`: content independence, 1 − mean total-variation distance between a head's
-  pattern row on one random-token sequence and the mean row at the same position over all of them
-  (first copy, before anything repeats): 1 when the pattern depends on position only.
-* `entropy_norm`: mean H / log(n_visible) on text (1 = uniform over the visible keys), beside
-  `mean_entropy` (nats) and `analytic_gain` = −Var_p(s), dH/d ln α at α = 1, on the same text.
+* `duplicate_token_score`: on the same sequences, the mass a query in the second copy puts on the
+  earlier occurrence of its own token (key i − T), mean over the T queries of the second copy.
+
+Relation to TransformerLens's `head_detector.detect_head` (error_measure "mul", no exclusions):
+its "induction_head" and "duplicate_token_head" scores use the same targets (every earlier
+position holding the current token, shifted by one for induction) but divide the mass on them by
+the sum of the whole pattern, i.e. by all n = first + 2T rows, while ours divides by the T rows
+of the second copy, the only ones that have a target. When the T random tokens are all distinct
+(so only the second copy has targets), per sequence and hence averaged over sequences:
+
+    TransformerLens score = T / (first + 2T) · our score     (= our score / 2 when first = 0;
+                                                               ≈ / 2.03 for T = 32, first = 1)
+
+A random block with a repeated token adds targets in the first copy that TransformerLens counts
+and we do not. `prev_token_score` is TransformerLens's "previous_token_head" target (key i − 1)
+averaged over rows i ≥ 2, while theirs sums rows i ≥ 1 and divides by all n rows: on the same
+sequence, theirs = ((n − 2) · ours + p[1, 0]) / n. Their "mul" scores of a list of strings are
+the mean of the per-string scores, as ours are the mean of per-sequence scores.
 
 The label (`LABEL_RULE`, first match wins): induction if `induction_score` ≥ 0.3; else
 previous-token if `prev_token_score` ≥ 0.5; else sink if `sink_score` ≥ 0.5; else local if
 `local_score` ≥ 0.5; else diffuse if `entropy_norm` ≥ 0.9; else positional if
 `positional_score` ≥ 0.8; else mixed. Specific content-driven behaviour goes first (an induction
 head still parks its spare mass on the sink); a uniform head is content-independent too, so
-"diffuse" is decided before "positional".
+"diffuse" is decided before "positional". `duplicate_token_score` is measured, not used by the
+rule.
 """
 
 from dataclasses import dataclass
@@ -51,7 +65,7 @@ __all__ = [
 ]
 
 SCORE_COLUMNS = ("sink_score", "prev_token_score", "induction_score", "local_score",
-                 "positional_score", "entropy_norm")
+                 "positional_score", "entropy_norm", "duplicate_token_score")
 # (label, score column, threshold), checked in this order; the first that passes names the head.
 THRESHOLDS: tuple[tuple[str, str, float], ...] = (
     ("induction", "induction_score", 0.3),
@@ -154,9 +168,11 @@ def _repeated_scores(p: Float[Tensor, "batch head query_pos key_pos"], half_len:
     T = half_len
     q = torch.arange(first + T, first + 2 * T, device=p.device)
     induction = p[..., q, q - T + 1].mean(-1)
+    duplicate = p[..., q, q - T].mean(-1)
     rows = p[..., 1 : first + T, : first + T]  # first copy: nothing has repeated yet
     tv = 0.5 * (rows - rows.mean(0, keepdim=True)).abs().sum(-1)  # [batch, head, query]
-    return {"induction_score": induction, "positional_score": 1.0 - tv.mean(-1)}
+    return {"induction_score": induction, "positional_score": 1.0 - tv.mean(-1),
+            "duplicate_token_score": duplicate}
 
 
 def _run(model, tokens: Tensor, cap: _ScoreCapture, batch_size: int) -> dict[str, Tensor]:
@@ -178,8 +194,9 @@ def head_type_scores(
 ) -> pd.DataFrame:
     """One row per head: the scores of the module docstring, their label and `analytic_gain`.
 
-    Columns: `layer`, `head`, `label`, `sink_score`, `prev_token_score`, `induction_score`,
-    `local_score`, `positional_score`, `entropy_norm`, `mean_entropy`, `analytic_gain`, and
+    Columns: `layer`, `head`, `label`, `sink_score`, `prev_token_score`, `local_score`,
+    `entropy_norm`, `mean_entropy`, `induction_score`, `positional_score`,
+    `duplicate_token_score`, `analytic_gain`, and
     `{score}_sd`: the standard deviation of the per-sequence score over the sequences.
     """
     layout = attention_layout(model)

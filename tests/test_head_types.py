@@ -15,6 +15,7 @@ from spectra_lens.errors import SpectraError
 from spectra_lens.head_types import (
     LABELS,
     THRESHOLDS,
+    DiagnosticInputs,
     _repeated_scores,
     _text_scores,
     by_label,
@@ -156,3 +157,58 @@ def test_head_types_run_writes_the_joined_tables_and_figures(planted, tmp_path):
     assert "induction" in repr(result) and count_hooks(planted) == 0
     with pytest.raises(SpectraError, match="readable CSV"):
         run(HeadTypesConfig(out=str(tmp_path / "bad"), gain=str(tmp_path / "nope.csv")), model=planted, tokens=text)
+
+
+def _tl_scores(model, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+    """TransformerLens's own head_detector scores ("mul", no exclusions) of every head on each
+    sequence of `tokens`, from the bridge's cached patterns: [layer, head], mean over sequences."""
+    from transformer_lens.head_detector import (
+        compute_head_attention_similarity_score,
+        get_duplicate_token_head_detection_pattern,
+        get_induction_head_detection_pattern,
+    )
+
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    out = {k: np.zeros((len(tokens), n_layers, n_heads)) for k in ("induction", "duplicate")}
+    for b, seq in enumerate(tokens):
+        with torch.no_grad():
+            _, cache = model.run_with_cache(seq[None], return_type=None)
+        detect = {"induction": get_induction_head_detection_pattern(seq[None]),
+                  "duplicate": get_duplicate_token_head_detection_pattern(seq[None])}
+        for layer in range(n_layers):
+            pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].float()
+            for head in range(n_heads):
+                for k, d in detect.items():
+                    out[k][b, layer, head] = compute_head_attention_similarity_score(
+                        pattern[head], d, exclude_bos=False, exclude_current_token=False,
+                        error_measure="mul")
+    return {k: v.mean(0) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_induction_and_duplicate_scores_are_head_detectors_times_rows_over_targets(planted, first):
+    """Ours divide the mass on the targets by the T rows of the second copy, TransformerLens's
+    by all first + 2T rows: with distinct random tokens, theirs = T / (first + 2T) · ours."""
+    T, n_rep = 12, 3
+    g = torch.Generator().manual_seed(7)
+    blocks = torch.stack([torch.randperm(90, generator=g)[:T] + 2 for _ in range(n_rep)])
+    lead = torch.ones(n_rep, first, dtype=torch.long)  # token 1: never in a block
+    repeated = torch.cat([lead, blocks, blocks], dim=1)
+    text = torch.randint(1, 97, (2, 16), generator=g)
+    types = head_type_scores(planted, DiagnosticInputs(text, repeated, T, first), gain=False)
+    tl = _tl_scores(planted, repeated)
+    n_layers, n_heads = planted.cfg.n_layers, planted.cfg.n_heads
+    for ours, theirs in (("induction_score", "induction"), ("duplicate_token_score", "duplicate")):
+        got = types[ours].to_numpy().reshape(n_layers, n_heads)
+        np.testing.assert_allclose(tl[theirs], T / (first + 2 * T) * got, rtol=1e-5, atol=1e-7)
+    ind = types.set_index(["layer", "head"]).loc[PLANTED_INDUCTION_HEAD, "induction_score"]
+    assert ind > 0.8  # the comparison is made where the score is large, not only near 0
+    assert tl["induction"][PLANTED_INDUCTION_HEAD] == pytest.approx(ind * T / (first + 2 * T), rel=1e-5)
+
+
+def test_duplicate_token_score_of_a_hand_made_pattern():
+    T, first = 5, 1
+    n = first + 2 * T
+    target = [0] * (first + T) + [i - T for i in range(first + T, n)]
+    s = _repeated_scores(_one_hot(target, n), T, first)
+    assert s["duplicate_token_score"].item() == 1.0 and s["induction_score"].item() == 0.0

@@ -319,7 +319,7 @@ def test_figures_exist_and_hold_data(finished):
              "heatmap_r_logq_entropy_nosink", "r_distribution", "layer_statistics", "agreement",
              "scatter_strongest_heads"}
     assert {p.stem for p in figures.glob("*.html")} == names
-    assert (figures / "plotly.min.js").stat().st_size > 1_000_000
+    assert not (figures / "plotly.min.js").exists()  # one copy per results tree, beside the report
     for name in names:
         traces = figure_traces(figures / f"{name}.html")
         # The heatmaps' marker trace of significant heads may rightly be empty.

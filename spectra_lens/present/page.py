@@ -9,6 +9,10 @@ the hidden element `#spectra-render-status` a JSON object `{figure_id: {"traces"
 "rendered", "error"}}` and sets `data-done="1"`, so a headless browser (and the tests) can check
 that every figure drew its data.
 
+A results tree holds one copy of plotly.js, `PLOTLYJS_FILE`, beside its report
+(`write_plotlyjs`); the run directories' figure pages find it with `plotlyjs_loader`, which
+tries `shared_plotlyjs_candidates()` in order.
+
 Scatter plots with WebGL (`scattergl`) of at most `SVG_POINTS` points are drawn as SVG instead,
 which works without a GPU (headless browsers, remote desktops) and prints.
 """
@@ -16,14 +20,25 @@ which works without a GPU (headless browsers, remote desktops) and prints.
 import base64
 import html
 import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plotly
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-__all__ = ["CSS", "PLOT_JS", "SVG_POINTS", "Figures", "document", "escape", "figure_title", "script_json"]
+from spectra_lens.io import atomic_write
+
+__all__ = ["CSS", "PLOTLYJS_FILE", "PLOT_JS", "SVG_POINTS", "Figures", "document", "escape", "figure_title",
+           "plotlyjs_loader", "script_json", "shared_plotlyjs_candidates", "write_plotlyjs"]
+
+# The one copy of plotly.js of a results tree, written beside the report (`write_plotlyjs`) and
+# loaded by every page under it; its name carries plotly's version, so pages written by another
+# version never load a bundle they were not written for.
+PLOTLYJS_FILE = f"plotly-{plotly.__version__}.min.js"
 
 # Above this many points a WebGL scatter stays WebGL; below it becomes SVG, which draws without
 # a GPU (headless browsers, remote desktops) and prints.
@@ -67,6 +82,41 @@ def _n_points(trace: dict) -> int:
     return len(x) if isinstance(x, list) else 0
 
 
+# Characters of a title that fit on one line of a figure in the page's grid (≥ 540 px wide) and
+# of a figure spanning the page; longer titles are wrapped at spaces and the top margin grows.
+_TITLE_CHARS, _WIDE_TITLE_CHARS = 52, 110
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def _fit_title(fig: dict) -> dict:
+    """`fig` with a long title wrapped onto lines that fit its width (no clipping), the top
+    margin grown to hold them."""
+    layout = fig.get("layout", {})
+    title = layout.get("title")
+    text = title.get("text") if isinstance(title, dict) else title
+    if not isinstance(text, str) or "<br" in text:
+        return fig
+    wide = any(re.fullmatch(r"xaxis\d+", k) for k in layout)
+    width = layout.get("width")
+    chars = int(width / 11) if isinstance(width, (int, float)) else (_WIDE_TITLE_CHARS if wide else _TITLE_CHARS)
+    lines = _wrap(text, max(20, chars))
+    if len(lines) == 1:
+        return fig
+    title = {**(title if isinstance(title, dict) else {}), "text": "<br>".join(lines)}
+    margin = dict(layout.get("margin") or {})
+    margin["t"] = max(int(margin.get("t") or 0), 50 + 22 * len(lines))
+    return {**fig, "layout": {**layout, "title": title, "margin": margin}}
+
+
 class Figures:
     """Collects figure JSON by div id while a page's body is written."""
 
@@ -78,7 +128,7 @@ class Figures:
         made unique (`fig_id-2`, ...); figures with several panels span the full width."""
         if isinstance(fig, go.Figure):
             fig = json.loads(fig.to_json())
-        fig = _svg_if_small(fig)
+        fig = _fit_title(_svg_if_small(fig))
         base, k = fig_id, 1
         while fig_id in self.specs:
             k += 1
@@ -119,7 +169,7 @@ nav ul{columns:2}#spectra-render-status{display:none}
 
 # Plots every figure, then records per figure: traces, traces with data, trace groups drawn.
 PLOT_JS = """
-(function () {
+function spectraPlot() {
   var specs = JSON.parse(document.getElementById("spectra-figure-data").textContent);
   var status = {};
   function len(v) { return v && typeof v.length === "number" ? v.length : 0; }
@@ -155,8 +205,42 @@ PLOT_JS = """
     el.textContent = JSON.stringify(status);
     el.setAttribute("data-done", "1");
   });
-})();
+}
 """
+
+def shared_plotlyjs_candidates(levels: int = 5) -> list[str]:
+    """Where a page written under a results tree finds plotly.js: beside itself (`plotly.min.js`,
+    as `save_figure` writes it, or `PLOTLYJS_FILE`), then `PLOTLYJS_FILE` in each of the
+    `levels` directories above it (the report writes it beside itself, `write_plotlyjs`)."""
+    return ["plotly.min.js", PLOTLYJS_FILE] + ["../" * k + PLOTLYJS_FILE for k in range(1, levels + 1)]
+
+
+def plotlyjs_loader(paths: list[str]) -> str:
+    """Scripts for a page's <head> that load plotly.js synchronously from the first of `paths`
+    that exists (each is tried only when the ones before it did not define `Plotly`), so the
+    page's own scripts below run as with a plain <script src>; when none loads, a line on the
+    page says where to get it."""
+    tags = []
+    for i, src in enumerate(paths):
+        tag = script_json(f'<script src="{escape(src)}"></script>').replace("/", "\\/")
+        tags.append(f"<script>{'' if i == 0 else 'if (!window.Plotly) '}document.write({tag});</script>")
+    note = script_json(_NO_PLOTLY.replace('style="display:none"', ""))
+    tags.append(f"<script>if (!window.Plotly) document.write({note});</script>")
+    return "".join(tags)
+
+
+def write_plotlyjs(directory: str | os.PathLike) -> Path:
+    """`directory`/`PLOTLYJS_FILE` (atomically), unless a copy of the same size is there."""
+    path = Path(directory) / PLOTLYJS_FILE
+    code = get_plotlyjs()
+    if path.is_file() and path.stat().st_size == len(code.encode("utf-8")):
+        return path
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(code, encoding="utf-8")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; pages load it
+
+    return atomic_write(path, write)
 
 
 def _plotlyjs_tag(src: str | None) -> str:
@@ -165,17 +249,25 @@ def _plotlyjs_tag(src: str | None) -> str:
     return f'<script src="{escape(src)}"></script>'
 
 
+_NO_PLOTLY = ('<p id="spectra-no-plotly" class="flag" style="display:none">The figures need plotly.js, '
+              f"which was not found beside this page or in the directories above it: "
+              f"<code>spectra-lens report RESULTS_DIR</code> writes it (<code>{PLOTLYJS_FILE}</code>) "
+              "beside the report.</p>")
+
+
 def document(title: str, body: str, figures: Figures, *, plotlyjs: str | None = None,
-             css: str = "") -> str:
+             css: str = "", generator: str = "spectra_lens") -> str:
     """The whole page: `body` (HTML) under the shared style (plus `css`), plotly.js inline once
     (or loaded from `plotlyjs`, a path or URL), every figure of `figures` plotted into its div,
-    and the render status written into `#spectra-render-status`."""
+    and the render status written into `#spectra-render-status`. `generator` is written into
+    `<meta name="generator">`."""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f'<meta name="generator" content="{escape(generator)}">'
         f"<title>{escape(title)}</title><style>{CSS}{css}</style>"
         f"{_plotlyjs_tag(plotlyjs)}</head><body>{body}"
         f'<div id="spectra-render-status"></div>'
         f'<script type="application/json" id="spectra-figure-data">{script_json(figures.specs)}</script>'
-        f"<script>{PLOT_JS}</script></body></html>\n"
+        f"<script>{PLOT_JS}spectraPlot();</script></body></html>\n"
     )

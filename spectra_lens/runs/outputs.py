@@ -71,8 +71,6 @@ def write_outputs(rd: RunDir, tables: dict, figures: dict, *, images: str = "png
     for name in figures:
         for suffix in ("html", "json", *formats):
             rd.output(f"figures/{name}.{suffix}")
-    if figures:
-        rd.output("figures/plotly.min.js")
     exported = figs.write_figures(figures, rd.file("figures"), images=formats)
     rd.timed("images_s", exported.seconds)
     return names
@@ -81,6 +79,6 @@ def write_outputs(rd: RunDir, tables: dict, figures: dict, *, images: str = "png
 def write_figure(rd: RunDir, fig, name: str) -> list[Path]:
     """figures/`name`.html and .json (atomic), no image: `write_outputs` exports a run's images
     together at the end. Both files are listed in the run's manifest first (`RunDir.output`)."""
-    for file in (f"{name}.html", f"{name}.json", "plotly.min.js"):
+    for file in (f"{name}.html", f"{name}.json"):
         rd.output(f"figures/{file}")
-    return figs.save_figure(fig, rd.file("figures") / name)
+    return figs.save_figure(fig, rd.file("figures") / name, bundle=False)

@@ -12,6 +12,7 @@ import pytest
 
 from spectra_lens.errors import SpectraError
 from spectra_lens.present import figures as figs
+from spectra_lens.present.page import plotlyjs_loader, shared_plotlyjs_candidates
 
 
 def figure_json(html: Path) -> tuple[list[dict], dict]:
@@ -139,7 +140,9 @@ def test_save_figure_writes_html_and_plotlyjs_atomically(tmp_path, summary):
     assert json.loads(html.with_suffix(".json").read_text())["data"][0]["type"] == "heatmap"
     bundle = tmp_path / "figs" / "plotly.min.js"
     assert bundle.stat().st_size > 1_000_000  # the whole plotly.js bundle, for offline viewing
-    assert 'src="plotly.min.js"' in html.read_text()
+    # the page loads the bundle beside it, else the results tree's one copy above it
+    assert plotlyjs_loader(shared_plotlyjs_candidates()) in html.read_text()
+    assert shared_plotlyjs_candidates()[0] == "plotly.min.js"
     assert sorted(p.name for p in html.parent.iterdir()) == ["heat.html", "heat.json", "plotly.min.js"]
     traces, layout = figure_json(html)
     assert traces_have_data(traces) and [t["type"] for t in traces] == ["heatmap", "scatter"]
@@ -166,11 +169,13 @@ def test_failed_write_keeps_the_old_figure_and_leaves_no_temp_file(tmp_path, sum
     figs.save_figure(fig, tmp_path / "h")
     old = (tmp_path / "h.html").read_text()
 
-    def broken(self, file, **kw):
-        Path(file).write_text("<html>half")
+    real = Path.write_text
+
+    def broken(self, data, *args, **kw):  # dies half way through writing the page
+        real(self, data[: len(data) // 2], *args, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(go.Figure, "write_html", broken)
+    monkeypatch.setattr(Path, "write_text", broken)
     with pytest.raises(KeyboardInterrupt):
         figs.save_figure(figs.head_heatmap(summary, "partial_r_entropy"), tmp_path / "h")
     assert (tmp_path / "h.html").read_text() == old

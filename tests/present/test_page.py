@@ -53,3 +53,16 @@ def test_document_holds_every_figure_plotlyjs_once_and_the_render_status():
     assert list(_data(page)) == ["fig-bar"]
     linked = document("t", body, figs, plotlyjs="plotly.min.js")
     assert '<script src="plotly.min.js"></script>' in linked and get_plotlyjs()[:200] not in linked
+
+
+def test_long_titles_are_wrapped_to_the_figure_width_and_get_room():
+    title = "r(ln‖q‖, entropy) per head (dots: significant, document-clustered test)"
+    figs = Figures()
+    figs.div(go.Figure(go.Heatmap(z=[[1, 2]]), layout=dict(title=title)), "long", "c")
+    layout = figs.specs["long"]["layout"]
+    lines = layout["title"]["text"].split("<br>")
+    assert len(lines) == 2 and " ".join(lines) == title
+    assert all(len(line) <= 52 for line in lines) and layout["margin"]["t"] >= 50 + 22 * 2
+    figs.div(go.Figure(go.Heatmap(z=[[1, 2]]), layout=dict(title="short")), "short", "c")
+    assert figs.specs["short"]["layout"]["title"]["text"] == "short"
+    assert "margin" not in figs.specs["short"]["layout"] or "t" not in figs.specs["short"]["layout"]["margin"]

@@ -9,6 +9,7 @@ import base64
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from html import escape
@@ -16,6 +17,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from plotly.offline import get_plotlyjs
@@ -30,6 +32,7 @@ from spectra_lens.experiments.report import (
 
 from spectra_lens.data.shards import write_shards
 from spectra_lens.errors import SpectraError
+from spectra_lens.present.page import PLOTLYJS_FILE
 from spectra_lens.present.report import _slug
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -85,12 +88,22 @@ def _run_qk_control(out: Path, model, corpus: Path) -> None:
     run(QKConfig(out=str(out), corpus=str(corpus), **_CAUSAL), model=model, progress=False)
 
 
+def _run_head_types(out: Path, model, corpus: Path) -> None:
+    from spectra_lens.experiments.head_types import run
+
+    from spectra_lens.config import HeadTypesConfig
+
+    run(HeadTypesConfig(out=str(out), corpus=str(corpus), seq_len=16, n_sequences=4, n_repeated=4,
+                        half_len=8), model=model, progress=False)
+
+
 # experiment -> (module, function running it small into `out` on `model`)
 RUNNERS = {
     "observational": ("spectra_lens.experiments.observational", _run_observational),
     "intervention": ("spectra_lens.experiments.intervention", _run_intervention),
     "gain": ("spectra_lens.experiments.gain", _run_gain),
     "qk_control": ("spectra_lens.experiments.qk_control", _run_qk_control),
+    "head_types": ("spectra_lens.experiments.head_types", _run_head_types),
 }
 
 
@@ -183,11 +196,11 @@ def test_find_runs_finds_each_run_once_and_ignores_other_manifests(with_unfinish
 
 
 @pytest.mark.parametrize("present", [("observational",), ("intervention", "gain"),
-                                     ("qk_control",)], ids="+".join)
+                                     ("qk_control",), ("head_types",)], ids="+".join)
 def test_report_names_the_missing_experiments(results, tmp_path, present):
     page = build_report(_subset(results, tmp_path, present))
     block = _missing_block(page)
-    assert block.count("<li>") == 4 - len(present)
+    assert block.count("<li>") == len(EXPERIMENTS) - len(present)
     for name, module in EXPERIMENTS.items():
         spec = importlib.import_module(module).OUTPUTS
         named = escape(spec.title) in block and f"{spec.command} --out" in block
@@ -195,20 +208,20 @@ def test_report_names_the_missing_experiments(results, tmp_path, present):
     assert page.count("<section ") == len(present)
 
 
-def test_report_of_one_run_directory_names_the_other_three(results):
-    assert _missing_block(build_report(results / "gain")).count("<li>") == 3
+def test_report_of_one_run_directory_names_the_others(results):
+    assert _missing_block(build_report(results / "gain")).count("<li>") == len(EXPERIMENTS) - 1
 
 
-def test_report_of_all_four_has_no_missing_list(results):
+def test_report_of_every_experiment_has_no_missing_list(results):
     page = build_report(results)
     assert 'id="not-in-directory"' not in page
-    assert page.count("<section ") == 4
+    assert page.count("<section ") == len(EXPERIMENTS) == len(RUNNERS)
 
 
 def test_report_shows_manifest_tables_and_figures_of_every_run(results):
     page = build_report(results)
     for key in ("config", "timings", "versions", "model"):
-        assert page.count(f"<h4>{key}</h4>") == 4, key
+        assert page.count(f"<h4>{key}</h4>") == len(RUNNERS), key
     tables = ["head_summary.csv", "significant_heads.csv", "consistent_heads.csv",
               "layer_statistics.csv", "gain_summary.csv", "qk_comparison_results.csv",
               "sensitivity_summary.csv"]
@@ -285,14 +298,48 @@ def test_page_is_self_contained(results):
 def test_write_report_is_atomic_and_cli_defaults_to_results_dir(results, tmp_path, capsys):
     assert main([str(results)]) == 0
     default = results / "report.html"
-    assert default.exists() and default.stat().st_size > 1_000_000
+    assert default.exists() and default.stat().st_size < 1_000_000
     assert "EXP3 qk_control (complete)" in capsys.readouterr().out
+    # plotly.js once, beside the page, loaded by relative path
+    assert _parse(default.read_text()).script_srcs == [PLOTLYJS_FILE]
+    assert (results / PLOTLYJS_FILE).read_text() == get_plotlyjs()
+    # the default page is the report's own: a second report replaces it without --overwrite
+    assert main([str(results)]) == 0
     # A second report does not pick up the first as a figure file.
     out = write_report(results, tmp_path / "sub" / "r.html")
     assert out == tmp_path / "sub" / "r.html" and out.exists()
+    assert (tmp_path / "sub" / PLOTLYJS_FILE).exists()
     assert not list((tmp_path / "sub").glob(".tmp-*"))
     assert _figure_ids(out.read_text()) == _figure_ids(default.read_text())
+    inline = write_report(results, tmp_path / "inline.html", plotlyjs="inline")
+    assert _parse(inline.read_text()).script_srcs == [] and not (tmp_path / PLOTLYJS_FILE).exists()
     default.unlink()
+    (results / PLOTLYJS_FILE).unlink()
+
+
+def test_report_refuses_an_existing_out_file_unless_overwrite(results, tmp_path, capsys):
+    """`report R --out R/manifest.json` must not destroy the run's record."""
+    run = tmp_path / "gain"
+    shutil.copytree(results / "gain", run)
+    manifest = run / "manifest.json"
+    before = manifest.read_bytes()
+    assert main([str(run), "--out", str(manifest)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and "manifest.json" in err, err
+    assert manifest.read_bytes() == before
+    assert not (run / PLOTLYJS_FILE).exists()  # nothing written
+    # an explicit --out that exists is refused even when it is a report page
+    page = tmp_path / "r.html"
+    assert main([str(run), "--out", str(page)]) == 0
+    first = page.read_bytes()
+    assert main([str(run), "--out", str(page)]) == 2 and page.read_bytes() == first
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([str(run), "--out", str(page), "--overwrite"]) == 0
+    # the default location is replaced only when it holds a report page
+    (run / "report.html").write_text("my notes")
+    assert main([str(run)]) == 2 and (run / "report.html").read_text() == "my notes"
+    with pytest.raises(SpectraError, match="is a directory"):
+        write_report(run, tmp_path)
 
 
 def test_errors_name_the_directory(tmp_path, capsys):
@@ -360,3 +407,150 @@ def test_report_renders_every_figure_in_a_headless_browser(with_unfinished, tmp_
     done = _browse(binary, page, tmp_path / "profile", f"--screenshot={shot}",
                    f"--window-size=1280,{min(height, 16000)}")
     assert done.returncode == 0 and shot.exists() and shot.stat().st_size > 50_000, done.stderr[-3000:]
+
+
+# Appended to a copy of the page: where the findings, the first verdict counts and the first
+# manifest are laid out at a 1280 × 900 window, written into the DOM for --dump-dom to read.
+_LAYOUT_PROBE = """<script>
+window.addEventListener("load", function () {
+  function box(sel) {
+    var el = document.querySelector(sel);
+    if (!el) return null;
+    var r = el.getBoundingClientRect();
+    return {top: r.top + window.scrollY, bottom: r.bottom + window.scrollY, height: r.height,
+            text: el.textContent.slice(0, 200), open: el.open === undefined ? null : el.open,
+            visible: el.checkVisibility ? el.checkVisibility() : null};
+  }
+  var out = document.createElement("pre");
+  out.id = "layout-probe";
+  out.textContent = JSON.stringify({
+    findings: box("#findings h2"), counts: box("#findings .counts"), heads: box("#findings .heads"),
+    manifest: box("details.manifest-details"), manifest_table: box("div.manifest"),
+    files: box("details.files"), first_section: box("section"), viewport: window.innerHeight});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def test_first_screen_shows_the_findings_not_the_manifest(results, tmp_path):
+    """In headless Chromium at 1280 × 900, the report of a small run shows the findings heading,
+    the verdict counts and the strongest heads above the fold; the manifest and file list come
+    after the figures and tables, folded."""
+    binary = _chromium()
+    root = _subset(results, tmp_path / "r", ["observational"])
+    page = write_report(root, tmp_path / "report.html")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", _LAYOUT_PROBE + "</body>"))
+    done = _browse(binary, probe, tmp_path / "profile", "--dump-dom", "--window-size=1280,900")
+    assert done.returncode == 0, done.stderr[-3000:]
+    box = json.loads(_parse(done.stdout).text["layout-probe"])
+    fold = 900
+    assert box["findings"]["text"] == "Findings" and box["findings"]["bottom"] < fold / 3
+    counts = box["counts"]
+    assert counts["bottom"] < fold, counts
+    summary = pd.read_csv(root / "observational" / "agreement_summary.csv").set_index("layer").loc["all"]
+    for verdict in ("agrees", "opposite_sign", "inconclusive"):  # the run's own counts
+        assert f"{verdict.replace('_', ' ')}{int(summary[f'n_{verdict}'])}" in counts["text"], counts["text"]
+    assert box["heads"]["top"] < fold, box["heads"]
+    # the manifest: folded (closed, its table not laid out), after the section's content
+    assert box["manifest"]["open"] is False and box["manifest_table"]["visible"] is False
+    assert box["files"]["open"] is False
+    assert box["manifest"]["top"] > box["first_section"]["top"] + fold
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report_first_screen.png"
+    done = _browse(binary, page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,900")
+    assert done.returncode == 0 and shot.stat().st_size > 20_000, done.stderr[-3000:]
+
+
+def test_run_figure_pages_load_the_one_plotlyjs_beside_the_report(results, tmp_path):
+    """A run writes no plotly.js of its own; its figure pages draw once the report has written
+    the results tree's copy, and say where to get it before that."""
+    binary = _chromium()
+    root = _subset(results, tmp_path / "r", ["gain"])
+    assert not list(root.rglob("*.js"))
+    figure = next((root / "gain" / "figures").glob("*.html"))
+    done = _browse(binary, figure, tmp_path / "profile", "--dump-dom")
+    assert done.returncode == 0 and 'id="spectra-no-plotly"' in done.stdout
+    assert 'class="plot-container plotly"' not in done.stdout
+    write_report(root)
+    assert [p.name for p in root.rglob("*.js")] == [PLOTLYJS_FILE]
+    done = _browse(binary, figure, tmp_path / "profile", "--dump-dom")
+    assert done.returncode == 0 and 'class="plot-container plotly"' in done.stdout, done.stderr[-2000:]
+    assert 'id="spectra-no-plotly"' not in done.stdout
+
+
+def _pdf_outline(data: bytes) -> list[str]:
+    """The titles of a PDF's entries (the document outline Chromium writes from the headings)."""
+    import re
+
+    out = []
+    for m in re.finditer(rb"/Title\s*(\((?:\\.|[^\\)])*\)|<[0-9A-Fa-f]+>)", data):
+        t = m.group(1)
+        if t.startswith(b"<"):
+            raw = bytes.fromhex(t[1:-1].decode())
+            out.append(raw[2:].decode("utf-16-be") if raw[:2] == b"\xfe\xff" else raw.decode("latin-1"))
+        else:
+            out.append(re.sub(rb"\\(.)", rb"\1", t[1:-1]).decode("latin-1"))
+    return out
+
+
+def test_pdf_has_every_run_under_its_own_heading(results, tmp_path, capsys):
+    _chromium()
+    root = _subset(results, tmp_path / "r", RUNNERS)
+    second = root / "again" / "gain"  # a second run of one experiment: a heading of its own
+    shutil.copytree(results / "gain", second)
+    assert main([str(root), "--out", str(tmp_path / "report.html"), "--pdf"]) == 0
+    pdf = (tmp_path / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-")
+    runs = find_runs(root)
+    assert len(runs) == len(RUNNERS) + 1
+    headings = [f"{r.outputs.label} {r.outputs.title} — {r.path.relative_to(root).as_posix()}" for r in runs]
+    assert len(set(headings)) == len(headings)
+    outline = _pdf_outline(pdf)
+    for h in headings:  # each section's heading (the findings cards repeat it: at least twice)
+        assert sum(t.startswith(h) for t in outline) >= 2, (h, outline)
+    # --out exists now, and so does the PDF: both refused without --overwrite, untouched
+    assert main([str(root), "--out", str(tmp_path / "report.html"), "--pdf"]) == 2
+    assert (tmp_path / "report.pdf").read_bytes() == pdf
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_every_file_and_figure_of_real_runs_is_in_the_data_dictionary(results):
+    from test_data_dictionary import DICTIONARY, covered, dictionary_patterns
+
+    patterns, text = dictionary_patterns(), DICTIONARY.read_text(encoding="utf-8")
+    for run in find_runs(results):
+        listed = run.manifest["outputs"]
+        assert any(f.startswith("figures/") for f in listed), run.experiment
+        for name in listed:
+            assert covered(name, patterns), f"{run.experiment}: {name} is not in {DICTIONARY.name}"
+        for fig in (results / run.path.name / "figures").glob("*.json"):
+            stem = re.sub(r"L\d+_H\d+", "L{l}_H{h}", fig.stem)
+            assert f"`{stem}`" in text, f"{run.experiment}: figure {stem} is not in {DICTIONARY.name}"
+
+
+def test_tables_are_sorted_by_an_informative_key_with_the_measured_columns_first(results, tmp_path):
+    from spectra_lens.experiments.report import VIEWS
+
+    from spectra_lens.present.report import _one_table, _view
+
+    run = next(r for r in find_runs(results) if r.experiment == "observational")
+    # consistent heads all have frac_significant_same_sign = 1: the strongest must come first
+    rng = np.random.default_rng(0)
+    r = rng.uniform(-0.9, 0.9, (20, 4))
+    frame = {"layer": np.arange(20), "head": np.zeros(20, int), "n_folds": 4, "frac_same_sign": 1.0,
+             "frac_significant_same_sign": 1.0, "consistent": True}
+    frame.update({f"r_fold_{k}": r[:, k] for k in range(4)})
+    path = tmp_path / "consistent_heads.csv"
+    pd.DataFrame(frame).to_csv(path, index=False)
+    declared = next(t for t in run.outputs.tables if t.pattern == "consistent_heads.csv")
+    spec, derive = _view(run, declared)
+    html = _one_table(path, spec, "t", None, derive)
+    layers = [int(v) for v in re.findall(r"<tr>\s*<td>([^<]*)</td>", html)]  # first column: layer
+    assert len(layers) == spec.rows
+    assert layers == list(np.argsort(-np.abs(r).mean(1))[: len(layers)])
+    assert "mean_abs_r_folds" in html
+    # significant heads: layer, head and the measured r first, the original study's columns later
+    sig = _view(run, next(t for t in run.outputs.tables if t.pattern == "significant_heads.csv"))[0]
+    assert sig.columns[:3] == ("layer", "head", "r_logq_entropy")
+    assert set(VIEWS) <= set(EXPERIMENTS)

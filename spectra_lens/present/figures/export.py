@@ -1,7 +1,9 @@
 """Writing figures: HTML always, and static images (PNG, SVG) and PDFs drawn by a system Chromium.
 
-HTML: `save_figure` / `write_figures` write `name.html` atomically, with plotly.js once beside
-the pages, so they work offline, and `name.json`, the plotly figure (the report reads it back).
+HTML: `save_figure` / `write_figures` write `name.html` atomically and `name.json`, the plotly
+figure (the report reads it back). A page loads plotly.js from beside itself (`save_figure`
+writes `plotly.min.js` there) or from the one copy of its results tree that `spectra-lens
+report` writes beside the report (`write_figures`, which runs use), so it works offline.
 
 Images are exported in one batch: `export_images` starts one headless browser (kaleido >= 1,
 which drives Chrome/Chromium over the DevTools protocol through choreographer), renders every
@@ -248,30 +250,39 @@ def image_formats(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return out
 
 
-def _write_html(fig: go.Figure, path: Path) -> list[Path]:
-    """`path`.html and `path`.json (the plotly figure, which the report reads back), atomically."""
+def _write_html(fig: go.Figure, path: Path, *, bundle: bool = False) -> list[Path]:
+    """`path`.html and `path`.json (the plotly figure, which the report reads back), atomically.
+
+    The page loads plotly.js from the first of `present.page.shared_plotlyjs_candidates()` that
+    exists: beside itself, or the one copy of the results tree that `spectra-lens report` writes
+    beside the report. With `bundle`, that copy (`plotly.min.js`) is written beside the page
+    too, so the page works on its own."""
+    from spectra_lens.present.page import plotlyjs_loader, shared_plotlyjs_candidates
+
     path.parent.mkdir(parents=True, exist_ok=True)
     html = path.with_suffix(".html")
-    # "directory": one plotly.min.js beside the pages, loaded by relative path (offline).
-    # plotly writes that bundle non-atomically, and only when it is missing, so a crash mid-write
-    # would leave a truncated bundle for good: write it here, atomically, first.
-    bundle = path.parent / "plotly.min.js"
-    if not bundle.exists():
-        atomic_write(bundle, lambda tmp: Path(tmp).write_text(get_plotlyjs(), encoding="utf-8"))
-    atomic_write(html, lambda tmp: fig.write_html(tmp, include_plotlyjs="directory",
-                                                  full_html=True))
+    if bundle:
+        bundle_path = path.parent / "plotly.min.js"
+        if not bundle_path.exists():
+            atomic_write(bundle_path, lambda tmp: Path(tmp).write_text(get_plotlyjs(), encoding="utf-8"))
+    page = fig.to_html(include_plotlyjs=False, full_html=True)
+    head = page.index("<head>") + len("<head>")
+    page = page[:head] + plotlyjs_loader(shared_plotlyjs_candidates()) + page[head:]
+    atomic_write(html, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     json_path = path.with_suffix(".json")
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(fig.to_json(), encoding="utf-8"))
     return [html, json_path]
 
 
 def save_figure(fig: go.Figure, path: str | os.PathLike, *,
-                images: str | Sequence[str] | None = ()) -> list[Path]:
+                images: str | Sequence[str] | None = (), bundle: bool = True) -> list[Path]:
     """Write `path`.html and `path`.json (atomically) and `path`.{fmt} for each format in
-    `images` (none by default); the paths written. For many figures use `write_figures`: one
+    `images` (none by default); the paths written. With `bundle` (default), plotly.js is
+    written beside the page (`plotly.min.js`, once) so it works on its own; without, the page
+    loads the results tree's copy (`_write_html`). For many figures use `write_figures`: one
     browser for all."""
     path = Path(path)
-    written = _write_html(fig, path)
+    written = _write_html(fig, path, bundle=bundle)
     formats = image_formats(images)
     if formats:
         written += export_images([(fig, path)], formats).written
@@ -285,8 +296,8 @@ _pending: contextvars.ContextVar[tuple[list, tuple[str, ...]] | None] = contextv
 
 def write_figures(figures: Mapping[str, go.Figure], directory: str | os.PathLike, *,
                   images: str | Sequence[str] | None = None) -> ImageExport:
-    """Write `directory`/`name`.html and .json for every figure, then export all their images in one
-    browser. `images`: formats ("png", "png,svg"; "none" or () for none); None means the
+    """Write `directory`/`name`.html and .json for every figure (the pages load the results
+    tree's one plotly.js, see `_write_html`), then export all their images in one browser. `images`: formats ("png", "png,svg"; "none" or () for none); None means the
     enclosing `deferred_images` block's formats, else DEFAULT_IMAGES. Inside such a block the
     images wait for its end. The result lists the files written (HTML first)."""
     directory = Path(directory)
@@ -351,7 +362,8 @@ _CHROMIUM_FLAGS = (
 
 def print_pdf(page: str | os.PathLike, out: str | os.PathLike, *, browser: str | None = None,
               budget_ms: int = 30_000, timeout: float = 300.0) -> Path:
-    """Print the local HTML file `page` to the PDF `out` (atomically) with headless Chromium.
+    """Print the local HTML file `page` to the PDF `out` (atomically) with headless Chromium;
+    the page's headings become the PDF's outline (bookmarks).
 
     The page's scripts get `budget_ms` of virtual time to draw before printing. Raises
     SpectraError when no browser is found or printing fails.
@@ -366,7 +378,8 @@ def print_pdf(page: str | os.PathLike, out: str | os.PathLike, *, browser: str |
         pdf = Path(tmp) / "page.pdf"
         cmd = [binary, *_CHROMIUM_FLAGS, f"--user-data-dir={Path(tmp) / 'profile'}",
                f"--virtual-time-budget={budget_ms}", "--window-size=1200,1600",
-               "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri()]
+               "--no-pdf-header-footer", "--generate-pdf-document-outline",  # headings as bookmarks
+               f"--print-to-pdf={pdf}", page.as_uri()]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:

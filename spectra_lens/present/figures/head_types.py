@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from spectra_lens.errors import SpectraError
-from spectra_lens.head_types import LABELS, SCORE_COLUMNS
+from spectra_lens.head_types import LABELS, SCORE_COLUMNS, THRESHOLDS
 
 __all__ = ["LABEL_COLORS", "gain_by_type", "head_type_map", "head_type_scores"]
 
@@ -17,6 +17,15 @@ LABEL_COLORS = {
 }
 
 
+# The label rule's columns are required; a score added later (duplicate_token_score) is drawn
+# when the table has it, so tables of older runs still draw.
+_RULE_COLUMNS = tuple(dict.fromkeys(c for _, c, _ in THRESHOLDS))
+
+
+def _scores(types: pd.DataFrame) -> list[str]:
+    return [c for c in SCORE_COLUMNS if c in types.columns]
+
+
 def _require(frame: pd.DataFrame, columns, what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -25,7 +34,8 @@ def _require(frame: pd.DataFrame, columns, what: str) -> None:
 
 def head_type_map(types: pd.DataFrame, *, title: str = "head types") -> go.Figure:
     """A layer × head grid, each cell coloured by the head's label, scores in the hover."""
-    _require(types, ("layer", "head", "label", *SCORE_COLUMNS), "head_type_map")
+    _require(types, ("layer", "head", "label", *_RULE_COLUMNS), "head_type_map")
+    scores = _scores(types)
     labels = [l for l in LABELS if l in set(types["label"])]
     code = {l: i for i, l in enumerate(labels)}
     grid = types.pivot(index="layer", columns="head", values="label").sort_index()
@@ -36,7 +46,7 @@ def head_type_map(types: pd.DataFrame, *, title: str = "head types") -> go.Figur
         scale += [[i / n, LABEL_COLORS.get(l, "#444")], [(i + 1) / n, LABEL_COLORS.get(l, "#444")]]
     by = types.set_index(["layer", "head"])
     hover = [[f"L{l}H{h} {by.loc[(l, h), 'label']}<br>" +
-              "<br>".join(f"{c} = {by.loc[(l, h), c]:.3f}" for c in SCORE_COLUMNS)
+              "<br>".join(f"{c} = {by.loc[(l, h), c]:.3f}" for c in scores)
               for h in grid.columns] for l in grid.index]
     fig = go.Figure(go.Heatmap(
         z=z, x=list(grid.columns), y=list(grid.index), zmin=-0.5, zmax=n - 0.5, colorscale=scale,
@@ -50,14 +60,15 @@ def head_type_map(types: pd.DataFrame, *, title: str = "head types") -> go.Figur
 
 def head_type_scores(types: pd.DataFrame, *, title: str = "head-type scores") -> go.Figure:
     """One layer × head heatmap per score (0 … 1)."""
-    _require(types, ("layer", "head", *SCORE_COLUMNS), "head_type_scores")
-    fig = make_subplots(rows=1, cols=len(SCORE_COLUMNS), shared_yaxes=True,
-                        subplot_titles=[c.replace("_score", "") for c in SCORE_COLUMNS],
+    _require(types, ("layer", "head", *_RULE_COLUMNS), "head_type_scores")
+    scores = _scores(types)
+    fig = make_subplots(rows=1, cols=len(scores), shared_yaxes=True,
+                        subplot_titles=[c.replace("_score", "") for c in scores],
                         horizontal_spacing=0.02)
-    for i, c in enumerate(SCORE_COLUMNS, start=1):
+    for i, c in enumerate(scores, start=1):
         g = types.pivot(index="layer", columns="head", values=c).sort_index()
         fig.add_trace(go.Heatmap(z=g.to_numpy(float), x=list(g.columns), y=list(g.index), zmin=0, zmax=1,
-                                 colorscale="Viridis", showscale=i == len(SCORE_COLUMNS),
+                                 colorscale="Viridis", showscale=i == len(scores),
                                  hovertemplate=f"L%{{y}}H%{{x}} {c} = %{{z:.3f}}<extra></extra>"),
                       row=1, col=i)
     fig.update_layout(title=title, template="plotly_white", yaxis_title="layer",
