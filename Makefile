@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= results/observational
 
-.PHONY: setup observe test notebooks bench report clean clean-results mutants
+.PHONY: setup observe test notebooks bench report findings clean clean-results mutants
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) ./scripts/setup.sh
@@ -24,6 +24,10 @@ notebooks: setup
 
 report: setup
 	$(PY) -m spectra_lens.cli report $(or $(RESULTS),results)
+
+# docs/FINDINGS.md from the runs under results/findings/ (runs what is missing; see the script)
+findings: setup
+	$(PY) scripts/findings.py
 
 bench: setup
 	$(PY) -m bench.run

@@ -1,0 +1,191 @@
+"""Regenerate docs/FINDINGS.md: every number the README quotes, each beside the command that
+produced it, read from the runs themselves.
+
+    python scripts/findings.py            # run what is missing, then write docs/FINDINGS.md
+    python scripts/findings.py --no-run   # only read the runs that exist (missing ones listed)
+
+Each step is one `spectra-lens` command with a fixed `--out` under `results/findings/`
+(`FINDINGS_RESULTS` overrides the root). A step whose run directory is complete (its
+manifest says "complete") is read, not rerun, so the file can be regenerated in seconds; delete
+a run directory (or pass `--rerun NAME`) to recompute it. Numbers are written with the
+formatting the README uses, so `tests/test_findings.py` can check that every number in the
+README's findings section appears here.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spectra_lens.io import atomic_write_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(os.environ.get("FINDINGS_RESULTS", ROOT / "results" / "findings"))
+OUT = ROOT / "docs" / "FINDINGS.md"
+
+
+def num(x: float, digits: int = 2, sign: bool = False) -> str:
+    """A number as the README writes it: fixed digits, a real minus sign (U+2212)."""
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    s = f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+    return s.replace("-", "−")
+
+
+def interval(lo: float, hi: float, digits: int = 2, sign: bool = False) -> str:
+    return f"[{num(lo, digits, sign)}, {num(hi, digits, sign)}]"
+
+
+def pct(x: float, digits: int = 1) -> str:
+    return f"{num(100 * x, digits)}%"
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+# --------------------------------------------------------------------------- per-step summaries
+
+
+def observe_lines(run: Path) -> list[str]:
+    m = _manifest(run)
+    a = pd.read_csv(run / "agreement.csv")
+    s = pd.read_csv(run / "head_summary.csv")
+    summ = pd.read_csv(run / "agreement_summary.csv")
+    allrow = summ[summ["layer"].astype(str) == "all"].iloc[0]
+    counts = a["verdict"].value_counts()
+    direction = a.loc[a["verdict"] == "differs", "direction"].value_counts()
+    out = [
+        f"- model {m['model']['spec']} ({m['model']['n_layers']} layers × {m['model']['n_heads']} "
+        f"query heads, {m['model']['n_kv_heads']} kv heads); corpus: {m['corpus']}",
+        f"- {m['n_sequences']} sequences × {m['seq_len']} tokens from {m['n_documents']} documents "
+        f"(largest document share {pct(m['max_document_share'])}); "
+        f"{m['n_tokens_per_head']} tokens per head; run time {m['timings']['total_s']:.0f} s",
+        f"- heads: {len(a)}; equivalence margin ±{pct(m['equivalence_margin'], 0)} of the gain",
+    ]
+    for v in ("equivalent to a temperature", "differs", "undetermined"):
+        out.append(f"- verdict '{v}': {int(counts.get(v, 0))} heads")
+    for d in ("weaker", "stronger", "opposite sign"):
+        out.append(f"- 'differs', direction '{d}': {int(direction.get(d, 0))} heads")
+    gain = a["gain_analytic"]
+    out += [
+        f"- analytic gain −Var_p(s) negative in {int((gain < 0).sum())}/{len(a)} heads; "
+        f"median {num(gain.median())} nats per unit ln α",
+        f"- observational slope given log position: median {num(a['obs_slope'].median())}; "
+        f"interval below 0 in {int((a['obs_slope_ci_high'] < 0).sum())} heads, above 0 in "
+        f"{int((a['obs_slope_ci_low'] > 0).sum())}",
+        f"- median ratio slope / gain {num(allrow['median_ratio'])}; Spearman(slope, gain) across "
+        f"heads {num(allrow['spearman_obs_slope_gain'], sign=True)} "
+        f"(p = {num(allrow['p_spearman_heads_independent'])})",
+        f"- temperature_share (linear approximation): median "
+        f"{pct(allrow['median_temperature_share'])}",
+    ]
+    if "norm_share" in a:
+        ns = a["norm_share"]
+        out.append(f"- norm_share (exact counterfactual): median {pct(ns.median())}, 10–90% "
+                   f"{pct(ns.quantile(0.1))}–{pct(ns.quantile(0.9))}; interval above 0 in "
+                   f"{int((a['norm_share_ci_low'] > 0).sum())} heads")
+    out += [
+        f"- median r(ln ‖q‖, H): raw {num(s['r_logq_entropy'].median(), sign=True)}, given log "
+        f"position {num(s['r_logq_entropy_given_pos'].median(), sign=True)}, mediator-adjusted "
+        f"(position and sink) {num(s['r_logq_entropy_mediator_adjusted'].median(), sign=True)}",
+        f"- heads with r ≠ 0 at BH q < 0.05 (document-clustered CR2): raw "
+        f"{int(s['significant'].sum())}, given log position "
+        f"{int(s['significant_given_pos'].sum())}",
+        f"- consistent across document folds (slope given position): "
+        f"{int(s['consistent'].sum())}; replicated on held-out documents: "
+        f"{int(s['replicated'].sum())}",
+    ]
+    return out
+
+
+def table_lines(name: str) -> Callable[[Path], list[str]]:
+    """For steps without a dedicated summary: the run's printed outputs, listed."""
+    def lines(run: Path) -> list[str]:
+        m = _manifest(run)
+        return [f"- outputs: {', '.join(sorted(m.get('outputs', {})))}"]
+    return lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    args: tuple[str, ...]
+    summarize: Callable[[Path], list[str]]
+    title: str
+
+    @property
+    def out(self) -> Path:
+        return RESULTS / self.name
+
+    @property
+    def argv(self) -> list[str]:
+        return ["spectra-lens", *self.args, "--out", str(self.out), "--no-images"]
+
+    def shown(self) -> str:
+        out = os.path.relpath(self.out, ROOT)
+        return shlex.join(["spectra-lens", *self.args, "--out", out, "--no-images"])
+
+    def complete(self) -> bool:
+        try:
+            return _manifest(self.out).get("status") == "complete"
+        except (OSError, ValueError):
+            return False
+
+
+STEPS = (
+    Step("observe", ("observe",), observe_lines,
+         "EXP0 on the embedded default (observational slope, the tested verdict)"),
+)
+
+
+def render(steps=STEPS) -> str:
+    parts = [
+        "# Findings",
+        "",
+        "Generated by `make findings` (`python scripts/findings.py`) from the runs under "
+        "`results/findings/`; do not edit by hand. Every number the README quotes is here, "
+        "under the command that produced it.",
+        "",
+    ]
+    for step in steps:
+        parts += [f"## {step.title}", "", f"`{step.shown()}`", ""]
+        if step.complete():
+            m = _manifest(step.out)
+            v = m.get("versions", {})
+            parts.append(f"- run finished {m.get('updated', '?')}; transformer-lens "
+                         f"{v.get('transformer-lens', '?')}, torch {v.get('torch', '?')}")
+            parts += step.summarize(step.out)
+        else:
+            parts.append("- not run yet: run the command above (or `make findings`).")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-run", action="store_true", help="read existing runs only")
+    ap.add_argument("--rerun", nargs="*", default=[], help="steps to recompute")
+    args = ap.parse_args(argv)
+    for step in STEPS:
+        if args.no_run or (step.complete() and step.name not in args.rerun):
+            continue
+        print(f"findings: {step.shown()}", flush=True)
+        extra = ["--overwrite"] if step.out.exists() else []
+        subprocess.run([*step.argv, *extra], check=True)
+    text = render()
+    atomic_write_bytes(OUT, text.encode())
+    print(f"wrote {os.path.relpath(OUT, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
