@@ -355,7 +355,7 @@ class RowBlocks:
 
 # --------------------------------------------------------------------------- skipping early layers
 
-_SKIP: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SKIP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _hidden(args, kwargs):
@@ -565,9 +565,9 @@ def copy_effects(model, tokens: Tensor, copies: Sequence[Copy], *, min_position:
             ent0: dict[int, Tensor] = {}
             resid: dict[int, Tensor] = {}
 
-            def grab(l):
+            def grab(l, store=resid):
                 def fn(x, hook):
-                    resid[l] = x.detach().clone()
+                    store[l] = x.detach().clone()
                 return fn
 
             hooks = _entropy_hooks(layout, range(n_l), ent0, min_position)
@@ -608,7 +608,8 @@ def copy_effects(model, tokens: Tensor, copies: Sequence[Copy], *, min_position:
                         later[i, s0 : s0 + b] = dh.abs().mean((1, 2))
                 del logits
                 bar.update(1)
-            del base_logp, resid
+            del base_logp
+            resid.clear()
     bar.close()
     return CopyEffects(tuple(c.key for c in copies), d_loss, kl, own, later, base_loss, skip,
                        reason if not skip else "", n_passes)
