@@ -56,6 +56,10 @@ COMMANDS: dict[str, Command] = {
                     "one HTML page for one head (e.g. L15H8)"),
     "merge": Command("MergeConfig", "spectra_lens.experiments.merge",
                      "EXP0 or EXP2 tables from the shares of a run (SLURM array, several machines)"),
+    "ablate-norm": Command("AblateNormConfig", "spectra_lens.experiments.ablate_norm",
+                           "replace every head's query norm by its reference norm; downstream effects"),
+    "causal-map": Command("CausalMapConfig", "spectra_lens.experiments.causal_map",
+                          "scale every head's query; downstream KL and loss against its gain"),
 }
 
 PROG = "spectra-lens"

@@ -557,3 +557,98 @@ class MergeConfig(OutputOptions):
 
 
 __all__ += ["MergeConfig"]
+
+
+# --------------------------------------------------------------------------- norm ablation, causal map
+
+__all__ += ["AblateNormConfig", "CausalMapConfig"]
+
+
+def _check_heads_run(cfg) -> None:
+    """Fields shared by ablate-norm and causal-map (SpectraError naming a bad one)."""
+    _check_images(cfg.images)
+    from spectra_lens.validate import HeadRef, check_int, check_min_position  # imports torch
+
+    for name in ("seq_len", "max_rows"):
+        check_int(name, getattr(cfg, name))
+    check_int("n_sequences", cfg.n_sequences, minimum=2)
+    check_int("n_select", cfg.n_select, minimum=1)
+    check_int("n_boot", cfg.n_boot, minimum=100)
+    if cfg.seq_len < 2:
+        raise SpectraError(f"seq_len must be >= 2, got {cfg.seq_len}")
+    check_min_position(cfg.min_position, cfg.seq_len)
+    if not 0 < cfg.ci < 1:
+        raise SpectraError(f"ci must lie strictly between 0 and 1, got {cfg.ci!r}")
+    heads = [HeadRef.parse(h) for h in cfg.heads]
+    if len(set(heads)) != len(heads):
+        raise SpectraError(f"heads must be distinct, got {list(cfg.heads)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AblateNormConfig:
+    """Norm ablation: replace each head's query norm by its reference norm (direction kept) in
+    the real forward pass; next-token loss, KL and later heads, beside mean ablation of the
+    head's output and a rotation of its query by its natural angular spread."""
+
+    model: str | None = None  # HF id or local dir; None = the embedded default model
+    corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
+    out: str = "results/ablate_norm"  # run directory
+    heads: tuple[str, ...] = field(default=(), metadata={"metavar": "LxHy"})  # () = every head
+    baselines: bool = True  # also mean ablation and rotation of every head
+    n_sequences: int = 16  # measured sequences
+    seq_len: int = 128  # tokens per sequence
+    n_select: int = 16  # selection sequences (other documents): reference norms, means, spreads
+    min_position: int = 1  # query positions before this are not averaged
+    max_rows: int = 32  # rows (sequence copies, one head's intervention each) per forward pass
+    n_boot: int = 2000  # document-bootstrap resamples of every interval
+    ci: float = 0.95  # interval level
+    seed: int = 0  # bootstrap resamples and the rotation's random directions
+    dtype: str = "float32"  # model weights
+    device: str | None = None  # None = CUDA when present, else CPU
+    overwrite: bool = False  # replace a finished run in `out` instead of refusing
+    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
+
+    def validate(self) -> None:
+        _check_heads_run(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CausalMapConfig:
+    """The causal map: scale each head's query by each α in the real forward pass; downstream
+    KL and loss with document intervals beside the head's analytic gain (and its norm-ablation
+    effect from a norm_ablation.csv); Spearman(gain, KL) across heads."""
+
+    model: str | None = None  # HF id or local dir; None = the embedded default model
+    corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
+    out: str = "results/causal_map"  # run directory
+    heads: tuple[str, ...] = field(default=(), metadata={"metavar": "LxHy"})  # () = every head
+    alphas: tuple[float, ...] = (0.5, 2.0)  # query scales of the map
+    norm_ablation: str | None = None  # norm_ablation.csv of `ablate-norm` to join on (layer, head)
+    n_sequences: int = 16  # measured sequences (the same as ablate-norm's at the same sizes)
+    seq_len: int = 128  # tokens per sequence
+    n_select: int = 16  # sequences set aside first, so the measured ones match ablate-norm's
+    min_position: int = 1  # query positions before this are not averaged
+    max_rows: int = 32  # rows (sequence copies, one head's intervention each) per forward pass
+    n_boot: int = 2000  # bootstrap resamples (documents for effects, heads for Spearman)
+    ci: float = 0.95  # interval level
+    seed: int = 0  # bootstrap resamples
+    dtype: str = "float32"  # model weights
+    device: str | None = None  # None = CUDA when present, else CPU
+    overwrite: bool = False  # replace a finished run in `out` instead of refusing
+    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
+
+    def validate(self) -> None:
+        _check_heads_run(self)
+        from spectra_lens.validate import check_alphas  # imports torch
+
+        check_alphas(self.alphas)
+        if 1.0 in tuple(self.alphas):
+            raise SpectraError(f"alphas of the map must not include 1 (no intervention), got {list(self.alphas)}")
+
+
+FLAG_HELP.update({
+    "heads": "a head to include, e.g. L15H8; repeat the flag for several",
+    "baselines": "also run mean ablation of each head's output and a rotation of its query",
+    "norm_ablation": "norm_ablation.csv of `spectra-lens ablate-norm` to join on (layer, head)",
+})
+NONE_MEANS.update({"heads": "every head of the model", "norm_ablation": "no join"})
