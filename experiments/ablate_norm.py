@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from spectra_lens.causal import QueryRotate, document_bootstrap
+from spectra_lens.causal import document_bootstrap
 from spectra_lens.config import AblateNormConfig
 from spectra_lens.data.corpus import tokenize_documents
 from spectra_lens.data.shards import ShardManifest, corpus_from_spec, load_tokens
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import QueryRotate
 from spectra_lens.layout import attention_layout
 from spectra_lens.norm_ablation import (
     OUTCOMES,
@@ -49,11 +49,11 @@ from spectra_lens.norm_ablation import (
     estimate_reference_norms,
 )
 from spectra_lens.present.figures import causal_map as F
+from spectra_lens.runs import outputs as O
+from spectra_lens.runs import pipeline as P
 from spectra_lens.validate import HeadRef, check_context
 
-from . import _common as C
-
-__all__ = ["CONDITIONS", "NormAblationResult", "command", "compute", "disjoint_tokens", "main", "run",
+__all__ = ["CONDITIONS", "NormAblationResult", "command", "compute", "disjoint_tokens", "run",
            "selected_heads"]
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ CONDITIONS = {
 # --------------------------------------------------------------------------- tokens and heads
 
 
-def disjoint_tokens(cfg, model) -> C.RunTokens:
+def disjoint_tokens(cfg, model) -> P.RunTokens:
     """`cfg.n_select` selection sequences, then `cfg.n_sequences` measured sequences from
     documents none of which gave a selection sequence (SpectraError when the corpus has too few).
 
@@ -120,7 +120,7 @@ def disjoint_tokens(cfg, model) -> C.RunTokens:
     if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
         raise SpectraError(f"{description} holds token ids outside [0, {vocab}) for this model's vocabulary: "
                            f"tokenizer mismatch?")
-    return C.RunTokens(tokens[measure], tokens[:n_sel], True, description, docs[measure], docs[:n_sel])
+    return P.RunTokens(tokens[measure], tokens[:n_sel], True, description, docs[measure], docs[:n_sel])
 
 
 def selected_heads(cfg, layout) -> list[HeadRef]:
@@ -140,20 +140,20 @@ def selected_heads(cfg, layout) -> list[HeadRef]:
 
 
 @contextlib.contextmanager
-def begin(cfg, experiment: str, *, model=None, tokens: C.RunTokens | None = None, progress: bool = False):
+def begin(cfg, experiment: str, *, model=None, tokens: P.RunTokens | None = None, progress: bool = False):
     """(run directory, model, model name, layout, tokens): the frame of a per-head run. Checks
     what needs no model first, then locks `--out`, loads the model and the tokens, and writes
     the "running" manifest; a failure after that marks the run failed."""
     cfg.validate()
     source = corpus_from_spec(cfg.corpus) if tokens is None else None
     inputs = [source.directory] if isinstance(source, ShardManifest) else []
-    with C.run_directory(cfg, experiment, inputs=inputs) as rd:
-        with C.timed(rd, "load_model_s"):
-            model, name = C.load_run_model(cfg, model, progress=progress)
+    with P.run_directory(cfg, experiment, inputs=inputs) as rd:
+        with P.timed(rd, "load_model_s"):
+            model, name = P.load_run_model(cfg, model, progress=progress)
             layout = attention_layout(model)
         check_context(model, cfg.seq_len)
         heads = selected_heads(cfg, layout)
-        with C.timed(rd, "tokens_s"):
+        with P.timed(rd, "tokens_s"):
             tokens = disjoint_tokens(cfg, model) if tokens is None else tokens
         if tokens.measure.shape[1] != cfg.seq_len or tokens.select.shape[1] != cfg.seq_len:
             raise SpectraError(f"tokens have {tokens.measure.shape[1]} positions; expected seq_len={cfg.seq_len}")
@@ -162,7 +162,7 @@ def begin(cfg, experiment: str, *, model=None, tokens: C.RunTokens | None = None
         yield rd, model, name, layout, heads, tokens
 
 
-def token_record(tokens: C.RunTokens) -> dict:
+def token_record(tokens: P.RunTokens) -> dict:
     """The manifest's record of the measured and selection sequences and their documents."""
     md, sd = tokens.measure_documents, tokens.select_documents
     disjoint = None if md is None or sd is None else not (set(np.asarray(md).tolist()) & set(np.asarray(sd).tolist()))
@@ -228,13 +228,13 @@ def paired(effects: CopyEffects, a: str, b: str, outcome: str, documents, cfg) -
                          f"{name}_ci_low": low, f"{name}_ci_high": high})
 
 
-def compute(cfg: AblateNormConfig, model, tokens: C.RunTokens, heads=None, *, progress: bool = False,
+def compute(cfg: AblateNormConfig, model, tokens: P.RunTokens, heads=None, *, progress: bool = False,
             rd=None) -> NormAblationResult:
     """The norm ablation of `heads` (default: `selected_heads`) on a loaded model (no files)."""
     layout = attention_layout(model)
     heads = selected_heads(cfg, layout) if heads is None else heads
     T = tokens.measure.shape[1]
-    with C.timed(rd, "reference_s"):
+    with P.timed(rd, "reference_s"):
         ref = estimate_reference_norms(model, tokens.select, tokens.select_documents,
                                        min_position=cfg.min_position, batch_size=cfg.max_rows,
                                        spreads=cfg.baselines)
@@ -245,7 +245,7 @@ def compute(cfg: AblateNormConfig, model, tokens: C.RunTokens, heads=None, *, pr
             copies.append(Copy(("mean_ablation", l, h), l, h, ZReplace(l, h, ref.z(l, h, T))))
             angle = min(ref.spreads[(l, h)].median_angle, math.pi)
             copies.append(Copy(("rotation", l, h), l, h, QueryRotate(l, h, angle, seed=cfg.seed)))
-    with C.timed(rd, "interventions_s"):
+    with P.timed(rd, "interventions_s"):
         effects = copy_effects(model, tokens.measure, copies, min_position=cfg.min_position,
                                max_rows=cfg.max_rows, progress=progress)
     docs = tokens.measure_documents
@@ -266,14 +266,14 @@ def compute(cfg: AblateNormConfig, model, tokens: C.RunTokens, heads=None, *, pr
 
 # --------------------------------------------------------------------------- outputs
 
-OUTPUTS = C.Outputs(
+OUTPUTS = O.Outputs(
     "ABLATE", "norm ablation: each head's query norm replaced by its reference norm", "spectra-lens ablate-norm",
     (
-        C.Table("norm_ablation.csv", "norm ablation per head, beside mean ablation and rotation", ("norm_kl",),
+        O.Table("norm_ablation.csv", "norm ablation per head, beside mean ablation and rotation", ("norm_kl",),
                 ("head_label", "norm_kl", "norm_kl_ci_low", "norm_kl_ci_high", "norm_delta_loss",
                  "norm_delta_loss_ci_low", "norm_delta_loss_ci_high", "mean_ablation_kl", "rotation_kl",
                  "norm_later_abs_delta_entropy", "norm_minus_rotation_kl"), rows=20),
-        C.Table("reference_norms.csv", "reference norm per head and position bin", (),
+        O.Table("reference_norms.csv", "reference norm per head and position bin", (),
                 ("layer", "head", "bin", "position_low", "position_high", "reference_norm", "n_tokens"), rows=10),
     ),
 )
@@ -300,17 +300,17 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
     return out
 
 
-def run(cfg: AblateNormConfig = AblateNormConfig(), *, model=None, tokens: C.RunTokens | None = None,
+def run(cfg: AblateNormConfig = AblateNormConfig(), *, model=None, tokens: P.RunTokens | None = None,
         progress: bool = True) -> NormAblationResult:
     """The norm ablation into `cfg.out`: CSVs, figures and manifest.json. `model` (a loaded
-    bridge) and `tokens` (`_common.RunTokens` with disjoint selection documents) skip loading."""
+    bridge) and `tokens` (`runs.pipeline.RunTokens` with disjoint selection documents) skip loading."""
     with begin(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as (rd, model, name, layout, heads, toks):
         result = compute(cfg, model, toks, heads, progress=progress, rd=rd)
-        with C.timed(rd, "write_s"):
+        with P.timed(rd, "write_s"):
             t = tables(result)
-            files = C.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
         e = result.effects
-        rd.finish(model=C.model_info(name, layout, model), tokens=token_record(toks), seed=cfg.seed,
+        rd.finish(model=P.model_info(name, layout, model), tokens=token_record(toks), seed=cfg.seed,
                   heads=[str(h) for h in heads], conditions={c: CONDITIONS[c] for c in CONDITIONS
                                                               if cfg.baselines or c == "norm"},
                   reference=result.reference.as_dict(), files=files,
@@ -339,14 +339,3 @@ def command(cfg: AblateNormConfig, *, progress: bool = True) -> int:
               f"{int((t['norm_minus_rotation_kl_ci_low'] > 0).sum())}")
     print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.ablate_norm`: the same as `spectra-lens ablate-norm`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["ablate-norm", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,6 @@ under `figures/` (layer × head maps of the KL per α, gain against KL), `manife
 
 import dataclasses
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,20 +30,21 @@ import pandas as pd
 import plotly.graph_objects as go
 from scipy import stats
 
-from spectra_lens.capture import QueryScale
 from spectra_lens.causal import document_bootstrap
 from spectra_lens.config import CausalMapConfig
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import QueryScale
 from spectra_lens.layout import attention_layout
 from spectra_lens.norm_ablation import OUTCOMES, Copy, CopyEffects, copy_effects, effect_frame
 from spectra_lens.present.figures import causal_map as F
+from spectra_lens.runs import outputs as O
+from spectra_lens.runs import pipeline as P
 from spectra_lens.sweep import analytic_gain
 from spectra_lens.validate import HeadRef, check_alphas
 
-from . import _common as C
 from .ablate_norm import begin, n_documents, selected_heads, token_record
 
-__all__ = ["CausalMapResult", "command", "compute", "main", "run", "spearman_over_heads"]
+__all__ = ["CausalMapResult", "command", "compute", "run", "spearman_over_heads"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "causal_map"
@@ -104,7 +104,7 @@ def read_norm_ablation(path) -> pd.DataFrame:
     return frame[["layer", "head", *NORM_COLUMNS]]
 
 
-def compute(cfg: CausalMapConfig, model, tokens: C.RunTokens, heads=None, *, progress: bool = False,
+def compute(cfg: CausalMapConfig, model, tokens: P.RunTokens, heads=None, *, progress: bool = False,
             rd=None) -> CausalMapResult:
     """The map of `heads` (default: `selected_heads`) on a loaded model (no files written)."""
     layout = attention_layout(model)
@@ -113,11 +113,11 @@ def compute(cfg: CausalMapConfig, model, tokens: C.RunTokens, heads=None, *, pro
     norm = read_norm_ablation(cfg.norm_ablation) if cfg.norm_ablation else None
     docs = tokens.measure_documents
     n_seq = int(tokens.measure.shape[0])
-    with C.timed(rd, "gain_s"):
+    with P.timed(rd, "gain_s"):
         g = analytic_gain(model, tokens.measure, min_position=cfg.min_position, batch_size=cfg.max_rows)
         g_mean, g_low, g_high = document_bootstrap(g, docs, ci=cfg.ci, n_boot=cfg.n_boot, seed=cfg.seed)
     copies = [Copy((a, l, h), l, h, QueryScale(l, h, a)) for a in alphas for l, h in heads]
-    with C.timed(rd, "interventions_s"):
+    with P.timed(rd, "interventions_s"):
         effects = copy_effects(model, tokens.measure, copies, min_position=cfg.min_position,
                                max_rows=cfg.max_rows, progress=progress)
     frame = effect_frame(effects, docs, ci=cfg.ci, n_boot=cfg.n_boot, seed=cfg.seed)
@@ -158,12 +158,12 @@ def summarize(table: pd.DataFrame, cfg) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-OUTPUTS = C.Outputs(
+OUTPUTS = O.Outputs(
     "MAP", "causal map: each head's query scaled, downstream effects against its gain", "spectra-lens causal-map",
     (
-        C.Table("causal_map_summary.csv", "Spearman across heads (head-bootstrap intervals)", (),
+        O.Table("causal_map_summary.csv", "Spearman across heads (head-bootstrap intervals)", (),
                 ("alpha", "x", "y", "spearman", "spearman_ci_low", "spearman_ci_high", "n_heads"), rows=20),
-        C.Table("causal_map.csv", "per head and alpha: downstream effects and gain", ("kl",),
+        O.Table("causal_map.csv", "per head and alpha: downstream effects and gain", ("kl",),
                 ("alpha", "head_label", "kl", "kl_ci_low", "kl_ci_high", "delta_loss", "delta_loss_ci_low",
                  "delta_loss_ci_high", "gain_analytic", "norm_kl"), rows=20),
     ),
@@ -186,18 +186,18 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
     return out
 
 
-def run(cfg: CausalMapConfig = CausalMapConfig(), *, model=None, tokens: C.RunTokens | None = None,
+def run(cfg: CausalMapConfig = CausalMapConfig(), *, model=None, tokens: P.RunTokens | None = None,
         progress: bool = True) -> CausalMapResult:
     """The map into `cfg.out`: CSVs, figures and manifest.json."""
     if cfg.norm_ablation:  # a missing or malformed table: before anything is written
         read_norm_ablation(cfg.norm_ablation)
     with begin(cfg, EXPERIMENT, model=model, tokens=tokens, progress=progress) as (rd, model, name, layout, heads, toks):
         result = compute(cfg, model, toks, heads, progress=progress, rd=rd)
-        with C.timed(rd, "write_s"):
+        with P.timed(rd, "write_s"):
             t = tables(result)
-            files = C.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
         e = result.effects
-        rd.finish(model=C.model_info(name, layout, model), tokens=token_record(toks), seed=cfg.seed,
+        rd.finish(model=P.model_info(name, layout, model), tokens=token_record(toks), seed=cfg.seed,
                   heads=[str(h) for h in heads], alphas=list(check_alphas(cfg.alphas)), files=files,
                   norm_ablation=cfg.norm_ablation,
                   passes={"n_passes": e.n_passes, "early_layers_skipped": e.skipped, "reason": e.reason,
@@ -223,14 +223,3 @@ def command(cfg: CausalMapConfig, *, progress: bool = True) -> int:
               f"median KL {row['median_y']:.3g}")
     print(f"wrote {result.out} in {seconds:.0f} s")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.causal_map`: the same as `spectra-lens causal-map`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["causal-map", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

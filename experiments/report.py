@@ -39,6 +39,8 @@ EXPERIMENTS: dict[str, str] = {
     "gain": "spectra_lens.experiments.gain",
     "qk_control": "spectra_lens.experiments.qk_control",
     "head_types": "spectra_lens.experiments.head_types",
+    "ablate_norm": "spectra_lens.experiments.ablate_norm",
+    "causal_map": "spectra_lens.experiments.causal_map",
 }
 
 _TOP = 5  # strongest heads on the first screen

@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from spectra_lens.experiments import _common as C
-from spectra_lens.experiments import ablate_norm, causal_map
+from spectra_lens.experiments import ablate_norm
 
+from spectra_lens import cli
 from spectra_lens.capture import count_hooks
 from spectra_lens.config import AblateNormConfig, CausalMapConfig
 from spectra_lens.data.shards import write_shards
 from spectra_lens.errors import SpectraError
+from spectra_lens.runs import pipeline
 from spectra_lens.runs.rundir import LOCK
 
 SEQ = 12
@@ -58,9 +59,9 @@ def _argv(path, out, *extra):
 def test_cli_end_to_end(tmp_path, tiny, shards, monkeypatch, capsys):
     model, layout = tiny("llama_gqa")
     path, _, _ = shards
-    monkeypatch.setattr(C, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: model)
     out = tmp_path / "abl"
-    assert ablate_norm.main(_argv(path, out)) == 0
+    assert cli.main(["ablate-norm", *_argv(path, out)]) == 0
     assert "norm ablation of 8 heads" in capsys.readouterr().out
     t = pd.read_csv(out / "norm_ablation.csv")
     assert len(t) == layout.n_layers * layout.n_heads
@@ -87,12 +88,12 @@ def test_cli_end_to_end(tmp_path, tiny, shards, monkeypatch, capsys):
     assert (out / "figures" / "norm_ablation_kl_map.html").exists()
     assert not (out / LOCK).exists()
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
-    assert ablate_norm.main(_argv(path, out)) == 2  # a finished run is not replaced silently
+    assert cli.main(["ablate-norm", *_argv(path, out)]) == 2  # a finished run is not replaced silently
     assert "overwrite" in capsys.readouterr().err
 
     m_out = tmp_path / "map"
     argv = _argv(path, m_out, "--norm-ablation", str(out / "norm_ablation.csv"), "--alphas", "0.5", "2")
-    assert causal_map.main(argv) == 0
+    assert cli.main(["causal-map", *argv]) == 0
     assert "Spearman(gain_analytic, KL)" in capsys.readouterr().out
     m = pd.read_csv(m_out / "causal_map.csv")
     assert len(m) == 2 * layout.n_layers * layout.n_heads
@@ -114,16 +115,16 @@ def test_cli_end_to_end(tmp_path, tiny, shards, monkeypatch, capsys):
 def test_heads_flag_and_bad_input(tmp_path, tiny, shards, monkeypatch, capsys):
     model, _ = tiny("llama_gqa")
     path, _, _ = shards
-    monkeypatch.setattr(C, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: model)
     out = tmp_path / "two"
-    assert ablate_norm.main(_argv(path, out, "--heads", "L1H2", "--heads", "L0H3", "--no-baselines")) == 0
+    assert cli.main(["ablate-norm", *_argv(path, out, "--heads", "L1H2", "--heads", "L0H3", "--no-baselines")]) == 0
     t = pd.read_csv(out / "norm_ablation.csv")
     assert list(t["head_label"]) == ["L0H3", "L1H2"] and "rotation_kl" not in t.columns
-    assert ablate_norm.main(_argv(path, tmp_path / "bad", "--heads", "L5H0")) == 2
+    assert cli.main(["ablate-norm", *_argv(path, tmp_path / "bad", "--heads", "L5H0")]) == 2
     assert "layer" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert causal_map.main(_argv(path, tmp_path / "m", "--alphas", "1", "2")) == 2
+    assert cli.main(["causal-map", *_argv(path, tmp_path / "m", "--alphas", "1", "2")]) == 2
     assert "must not include 1" in capsys.readouterr().err
-    assert causal_map.main(_argv(path, tmp_path / "m", "--norm-ablation", str(tmp_path / "none.csv"))) == 2
+    assert cli.main(["causal-map", *_argv(path, tmp_path / "m", "--norm-ablation", str(tmp_path / "none.csv"))]) == 2
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SpectraError, match="n_select"):
         CausalMapConfig(n_select=0).validate()

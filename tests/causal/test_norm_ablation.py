@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from spectra_lens.capture import MetricCapture, QueryScale, attached, count_hooks
-from spectra_lens.causal import QueryRotate, SmallClusterWarning, query_direction_spread
+from spectra_lens.capture import MetricCapture, attached, count_hooks
+from spectra_lens.causal import SmallClusterWarning, query_direction_spread
 from spectra_lens.errors import SpectraError
+from spectra_lens.interventions import QueryRotate, QueryScale
 from spectra_lens.norm_ablation import (
     Copy,
     NormReplace,
