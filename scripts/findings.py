@@ -107,12 +107,36 @@ def observe_lines(run: Path) -> list[str]:
     return out
 
 
-def table_lines(name: str) -> Callable[[Path], list[str]]:
-    """For steps without a dedicated summary: the run's printed outputs, listed."""
-    def lines(run: Path) -> list[str]:
-        m = _manifest(run)
-        return [f"- outputs: {', '.join(sorted(m.get('outputs', {})))}"]
-    return lines
+def ablate_lines(run: Path) -> list[str]:
+    t = pd.read_csv(run / "norm_ablation.csv")
+    out = [f"- heads: {len(t)}; documents measured: {int(t['n_documents'].iloc[0])}"]
+    for cond in ("norm", "rotation", "mean_ablation"):
+        if f"{cond}_kl" in t:
+            out.append(f"- {cond.replace('_', ' ')}: median KL(p ‖ p_ablated) "
+                       f"{t[f'{cond}_kl'].median():.2e} nats; Δloss interval excluding 0 in "
+                       f"{int(((t[f'{cond}_delta_loss_ci_low'] > 0) | (t[f'{cond}_delta_loss_ci_high'] < 0)).sum())} heads")
+    for other in ("rotation", "mean_ablation"):
+        col = f"norm_minus_{other}_kl"
+        if f"{col}_ci_high" in t:
+            out.append(f"- norm ablation's KL below {other.replace('_', ' ')}'s (paired document "
+                       f"interval below 0) in {int((t[f'{col}_ci_high'] < 0).sum())} heads, above in "
+                       f"{int((t[f'{col}_ci_low'] > 0).sum())}")
+    return out
+
+
+def map_lines(run: Path) -> list[str]:
+    t = pd.read_csv(run / "causal_map.csv")
+    s = pd.read_csv(run / "causal_map_summary.csv")
+    out = [f"- heads: {t[['layer', 'head']].drop_duplicates().shape[0]}; α: "
+           f"{', '.join(f'{a:g}' for a in sorted(t['alpha'].unique()))}"]
+    for _, r in s.iterrows():
+        out.append(f"- α = {r['alpha']:g}: Spearman({r['x']}, {r['y']}) across heads "
+                   f"{num(r['spearman'], sign=True)} {interval(r['spearman_ci_low'], r['spearman_ci_high'], sign=True)} "
+                   f"(head bootstrap, {int(r['n_heads'])} heads)")
+    for a, sub in t.groupby("alpha"):
+        out.append(f"- α = {a:g}: median downstream KL {sub['kl'].median():.2e} nats; Δloss "
+                   f"interval excluding 0 in {int(((sub['delta_loss_ci_low'] > 0) | (sub['delta_loss_ci_high'] < 0)).sum())} heads")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +165,16 @@ class Step:
             return False
 
 
+# The causal steps run every head of the default model; at the budget size (16 × 128 tokens)
+# that is hours on a 2-core CPU (BENCHMARKS.md), so the findings use a smaller token budget.
+_SMALL = ("--n-sequences", "8", "--seq-len", "32")
 STEPS = (
     Step("observe", ("observe",), observe_lines,
          "EXP0 on the embedded default (observational slope, the tested verdict)"),
+    Step("ablate_norm", ("ablate-norm", *_SMALL), ablate_lines,
+         "Norm ablation of every head (direction kept, norm set to the reference)"),
+    Step("causal_map", ("causal-map", *_SMALL), map_lines,
+         "Causal map of every head (query scaled by α, downstream effect)"),
 )
 
 
