@@ -156,3 +156,14 @@ def test_cluster_wald_defaults_are_cr2_at_95_percent_and_a_bad_kind_is_named():
     assert not np.allclose(cluster_wald(s, 0, 1, kind="cr1")["p"], default["p"])
     with pytest.raises(SpectraError, match=r"kind must be one of \('cr2', 'cr1'\); got 'hc1'"):
         cluster_wald(s, 0, 1, kind="hc1")
+
+
+def test_a_document_with_one_token_counts_as_a_cluster():
+    m = clustered_null(np.random.default_rng(6), 12, 3)
+    s, _ = m.augmented()
+    a = np.concatenate([[1.0], np.random.default_rng(7).standard_normal(s.shape[-1] - 1)])
+    one = np.broadcast_to(np.outer(a, a), s.shape[1:])[None]  # its moments: one token per head
+    got = cluster_wald(np.concatenate([s, one]), 0, 1, kind="cr1")
+    np.testing.assert_array_equal(got["n_documents"], 13.0)
+    np.testing.assert_array_equal(got["n_tokens"], s[:, :, 0, 0].sum(0) + 1)
+    assert np.isfinite(got["p"]).all()
