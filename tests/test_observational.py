@@ -294,6 +294,34 @@ def test_statistics_from_records_equal_the_moments_path(finished):
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-9)
 
 
+def test_k_eff_top90_of_a_default_run_is_the_count_at_mass_0_9(finished, bridge):
+    """A run with the default settings reports, as k_eff_top90, the number of top keys holding
+    90% of the attention (recomputed from `hook_pattern`), not another mass (0.8 differs here)."""
+    from spectra_lens.data.shards import read_manifest as read_shards
+    from spectra_lens.metrics import k_eff_top_mass
+
+    cfg, _ = finished
+    assert cfg.top_mass == ObservationalConfig.top_mass
+    out = Path(cfg.out)
+    records = observational.read_records([out / "records" / "shard_00000.parquet"])
+    tokens = load_shard(read_shards(out / "shards"), 0)
+    layout = attention_layout(bridge)
+    patterns = {}
+
+    def grab(x, hook):
+        patterns[hook.name] = x.detach().clone()
+
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", grab) for layer in range(layout.n_layers)]
+    with torch.no_grad(), attached(bridge, *hooks, layout=layout):
+        bridge(tokens, return_type=None)
+    got = records.sort_values(["sequence", "layer", "head", "position"])
+    for mass, same in ((0.9, True), (0.8, False)):
+        want = torch.stack([k_eff_top_mass(patterns[f"blocks.{layer}.attn.hook_pattern"], mass=mass)
+                            for layer in range(layout.n_layers)], dim=1)  # [seq, layer, head, pos]
+        want = want.numpy().ravel()
+        assert np.array_equal(got["k_eff_top90"].to_numpy(), want) is same
+
+
 def test_manifest_records_versions_timings_and_provenance(finished):
     cfg, _ = finished
     m = read_manifest(cfg.out)

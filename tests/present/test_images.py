@@ -208,3 +208,73 @@ def test_image_formats():
 def test_figure_names_must_be_plain(tmp_path):
     with pytest.raises(SpectraError, match="plain file name"):
         write_figures({"../escape": _fig()}, tmp_path, images=())
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Processes (not zombies) of process group `pgid`."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry))
+    return alive
+
+
+def test_ctrl_c_during_the_image_export_interrupts_the_run_and_leaves_no_browser(tmp_path):
+    """A SIGINT sent while the browser draws (the export holds on a file until the signal is
+    sent, so the phase is certain): exit 130 with one line, the run marked "interrupted", no
+    hang, and neither the export process nor any Chromium process left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
+
+    browser = _browser()
+    model = tmp_path / "model"
+    tiny_hf_model("llama_gqa").save_pretrained(model)
+    word_tokenizer(pad=True).save_pretrained(model)
+    (tmp_path / "corpus").mkdir()
+    corpus = word_corpus(tmp_path / "corpus", 4, 300)
+    out, hold = tmp_path / "run", tmp_path / "hold"
+    hold.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != NO_IMAGES_ENV}
+    env |= {"PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1", BROWSER_ENV: browser,
+            "SPECTRA_IMAGES_HOLD": str(hold), "SPECTRA_LENS_NO_TYPECHECK": "1",
+            "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spectra_lens.cli", "observe", "--model", str(model), "--corpus", corpus,
+         "--out", str(out), "--seq-len", "24", "--n-sequences", "8", "--shard-size", "4",
+         "--batch-size", "4", "--n-boot", "50", "--top-heads", "2", "--no-progress", "--images", "png"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell that starts pytest in the background ignores SIGINT, which the child inherits
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    started = hold / "started"
+    deadline = time.time() + 400
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if not started.exists():
+        proc.kill()
+        pytest.fail("the export never started: " + proc.communicate()[1][-2000:])
+    time.sleep(0.2)  # the file is written in one call; let it be read whole
+    worker, browser_pid = (int(v) for v in started.read_text().split())
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    assert _group_alive(browser_pid)  # the browser runs now
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # no hang
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    deadline = time.time() + 15
+    while (_group_alive(browser_pid) or _group_alive(worker)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(browser_pid) and not _group_alive(worker)
+    assert not list((out / "figures").glob("*.png"))

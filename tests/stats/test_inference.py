@@ -139,3 +139,31 @@ def test_pearson_from_moments_equals_scipy_per_head():
         want = sps.pearsonr(frame["q_norm"], frame["entropy"])
         assert r[i] == pytest.approx(want.statistic, rel=1e-9)
         assert p[i] == pytest.approx(want.pvalue, rel=1e-6)
+
+
+def test_cluster_wald_defaults_are_cr2_at_95_percent_and_a_bad_kind_is_named():
+    m = clustered_null(np.random.default_rng(5), 12, 4)
+    s, _ = m.augmented()
+    default = cluster_wald(s, 0, 1)
+    cr2_95 = cluster_wald(s, 0, 1, kind="cr2", ci=0.95)
+    assert default.keys() == cr2_95.keys()
+    for key in default:
+        np.testing.assert_array_equal(default[key], cr2_95[key])
+    half = sps.t.ppf(0.975, default["df"]) * default["se"]
+    assert np.isfinite(half).all()
+    np.testing.assert_allclose(default["high"] - default["beta"], half, rtol=1e-10)
+    np.testing.assert_allclose(default["beta"] - default["low"], half, rtol=1e-10)
+    assert not np.allclose(cluster_wald(s, 0, 1, kind="cr1")["p"], default["p"])
+    with pytest.raises(SpectraError, match=r"kind must be one of \('cr2', 'cr1'\); got 'hc1'"):
+        cluster_wald(s, 0, 1, kind="hc1")
+
+
+def test_a_document_with_one_token_counts_as_a_cluster():
+    m = clustered_null(np.random.default_rng(6), 12, 3)
+    s, _ = m.augmented()
+    a = np.concatenate([[1.0], np.random.default_rng(7).standard_normal(s.shape[-1] - 1)])
+    one = np.broadcast_to(np.outer(a, a), s.shape[1:])[None]  # its moments: one token per head
+    got = cluster_wald(np.concatenate([s, one]), 0, 1, kind="cr1")
+    np.testing.assert_array_equal(got["n_documents"], 13.0)
+    np.testing.assert_array_equal(got["n_tokens"], s[:, :, 0, 0].sum(0) + 1)
+    assert np.isfinite(got["p"]).all()

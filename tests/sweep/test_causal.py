@@ -162,3 +162,43 @@ def test_direction_spread_is_the_median_angle_to_the_mean_direction(tiny, toks):
     assert spread.sd_log_norm == pytest.approx(float(q.norm(dim=-1).log().std()), abs=1e-9)
     assert spread.n_tokens == q.shape[0] and 0 < spread.median_angle < math.pi
     assert "median" in spread.as_dict()["rule"]
+
+
+def test_later_heads_are_exactly_the_layers_after_the_intervened_one(toks):
+    """The "later heads" of an intervention at layer 1 of a 4-layer model are every head of
+    layers 2 and 3: not layer 1 itself, not short of the last layer. Each entry equals the
+    entropy change of two plain forward passes (with and without the scaling)."""
+    import transformers
+
+    from spectra_lens.layout import attention_layout
+    from spectra_lens.models import bridge_from_hf
+
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, max_position_embeddings=128)
+    torch.manual_seed(3)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.ndim == 2 and ("q_proj" in name or "k_proj" in name):
+                p.mul_(4.0)
+    model = bridge_from_hf(hf.eval())
+    layout = attention_layout(model)
+    layer, head, alphas = 1, 2, (0.5, 1.0, 3.0)
+    sw = intervention_effects(model, toks, alphas, QueryScale(layer, head, 1.0),
+                              layers=range(layer, layout.n_layers))
+    base = capture_metrics(model, toks, top_mass=None).entropy[..., 1:].double().mean(-1)
+    effects = sweep_effects(sw, layer, head)
+    for alpha, e in zip(alphas, effects, strict=True):
+        scaled = capture_metrics(model, toks, interventions=[QueryScale(layer, head, alpha)],
+                                 top_mass=None).entropy[..., 1:].double().mean(-1)
+        delta = scaled - base  # [batch, layer, head]
+        assert tuple(e.later_delta_entropy.shape) == (toks.shape[0], 2, layout.n_heads)
+        torch.testing.assert_close(e.later_delta_entropy, delta[:, layer + 1 :], rtol=0, atol=2e-5)
+        torch.testing.assert_close(e.own_delta_entropy, delta[:, layer, head], rtol=0, atol=2e-5)
+        if alpha != 1.0:  # the scaling reaches the last layer, so dropping it would show
+            assert delta[:, -1].abs().max() > 1e-3
+        row = effect_row(e, DOCS, n_boot=50)
+        assert row["n_later_heads"] == 2 * layout.n_heads
+    summary, sham = sham_check(model, toks, layer, head, batch_size=4)
+    assert tuple(sham.later_delta_entropy.shape) == (toks.shape[0], 2, layout.n_heads)

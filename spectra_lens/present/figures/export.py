@@ -5,9 +5,12 @@ figure (the report reads it back). A page loads plotly.js from beside itself (`s
 writes `plotly.min.js` there) or from the one copy of its results tree that `spectra-lens
 report` writes beside the report (`write_figures`, which runs use), so it works offline.
 
-Images are exported in one batch: `export_images` starts one headless browser (kaleido >= 1,
-which drives Chrome/Chromium over the DevTools protocol through choreographer), renders every
-figure in a few tabs, writes each file atomically and closes the browser. An experiment writes
+Images are exported in one batch: `export_images` starts one process (`_export_worker`) that
+starts one headless browser (kaleido >= 1, which drives Chrome/Chromium over the DevTools
+protocol through choreographer), renders every figure in a few tabs, writes each file
+atomically and closes the browser. The process runs in its own session: a Ctrl-C during the
+export stops it and its browser (nothing is left running) and reaches the caller as
+KeyboardInterrupt, as in every other phase of a run. An experiment writes
 its HTML figures, then exports all their images once at the end of the run (`write_figures`);
 inside `deferred_images()` the exports of several runs wait and share one browser.
 
@@ -21,15 +24,16 @@ $SPECTRA_NO_IMAGES=1 turns every export off (the test suite sets it; its image t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +69,7 @@ DEFAULT_IMAGES = ("png",)  # what a run writes beside each HTML figure unless to
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 900, 600  # CSS pixels, unless the figure's layout sets its own
 DEFAULT_SCALE = 2  # device pixels per CSS pixel in PNGs: sharp in papers and slides
 _NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # the directory holding spectra_lens/
 _INSTALL_HINT = (f"run scripts/install_chromium.sh (Debian/Ubuntu) or set {BROWSER_ENV} to a "
                  "Chrome/Chromium binary")
 
@@ -155,9 +160,10 @@ def _export(jobs: list[tuple[go.Figure, Path, str]], *, width: int | None = None
         result.skipped = f"no Chrome/Chromium found ({_INSTALL_HINT})"
     if result.skipped is None:
         try:
-            _run(_render_all(jobs, result, width, height, scale, tabs, timeout))
+            _draw_in_process(jobs, result, width, height, scale, tabs, timeout)
         except Exception as e:  # the browser did not start or died: keep the HTML, say why
-            result.skipped = f"{result.browser} did not start or stopped: {_reason(e)}"
+            why = str(e) if isinstance(e, _ExportError) else _reason(e)
+            result.skipped = f"{result.browser} did not start or stopped: {why}"
     result.seconds = time.perf_counter() - t0
     kinds = "/".join(dict.fromkeys(fmt.upper() for _, _, fmt in jobs))
     if result.skipped:
@@ -169,35 +175,88 @@ def _export(jobs: list[tuple[go.Figure, Path, str]], *, width: int | None = None
     return result
 
 
-async def _render_all(jobs, result: ImageExport, width, height, scale, tabs, timeout) -> None:
+def _browser_session(browser: str, tabs: int, timeout: float):
+    """kaleido's browser (`tabs` tabs), quiet: the driver logs its own retries and watchdog at
+    WARNING; our one-line summary says what matters. A level the user set is kept."""
     import kaleido  # the browser driver; imported here because it is only needed to export
     import plotly
 
-    # The browser driver logs its own retries and watchdog at WARNING; our one-line summary
-    # says what matters. A level the user set is kept.
     for name in ("choreographer", "kaleido", "logistro"):
         if logging.getLogger(name).level == logging.NOTSET:
             logging.getLogger(name).setLevel(logging.ERROR)
-
     plotlyjs = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    n = max(1, min(tabs, len(jobs)))
-    async with kaleido.Kaleido(n=n, timeout=timeout, plotlyjs=str(plotlyjs), mathjax=False,
-                               path=result.browser) as k:
-        async def one(fig: go.Figure, path: Path, fmt: str) -> None:
-            w, h = _size(fig, width, height)
-            try:
-                data = await k.calc_fig(fig, opts=dict(format=fmt, width=w, height=h,
-                                                        scale=scale if fmt == "png" else 1))
-            except Exception as e:
-                result.failed[path] = _reason(e)
-                return
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, data)
-            result.written.append(path)
+    return kaleido.Kaleido(n=tabs, timeout=timeout, plotlyjs=str(plotlyjs), mathjax=False, path=browser)
 
-        await asyncio.gather(*(one(*job) for job in jobs))
+
+def _draw_in_process(jobs, result: ImageExport, width, height, scale, tabs, timeout) -> None:
+    """Draw `jobs` in a child process (`_export_worker`) that runs the browser, and wait for it.
+
+    The child runs in its own session, so a Ctrl-C reaches only this process: on any
+    exception here (KeyboardInterrupt included) the child is stopped (SIGTERM, then SIGKILL),
+    the browser's process group is killed if it is still there, and the exception propagates.
+    Raises _ExportError when the browser did not start or the child failed.
+    """
+    with tempfile.TemporaryDirectory(prefix="spectra-images-") as tmp:
+        work = Path(tmp)
+        spec = {"browser": result.browser, "tabs": tabs, "timeout": timeout, "scale": scale,
+                "jobs": [dict(zip(("width", "height"), _size(fig, width, height), strict=True),
+                              figure=fig.to_json(), path=str(path), format=fmt)
+                         for fig, path, fmt in jobs]}
+        (work / "jobs.json").write_text(json.dumps(spec), encoding="utf-8")
+        env = {**os.environ, "SPECTRA_IMAGES_PARENT": str(os.getpid())}
+        # the child imports spectra_lens from wherever this process did
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        limit = 60.0 + timeout * (1 + len(jobs) / max(1, tabs))
+        with open(work / "stderr", "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "spectra_lens.present.figures._export_worker",
+                                     str(work)], stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                    env=env, start_new_session=True)
+            try:
+                code = proc.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                _stop(proc, work)
+                raise _ExportError(f"the export did not finish within {limit:.0f} s") from None
+            except BaseException:  # Ctrl-C (KeyboardInterrupt), SystemExit, ...
+                _stop(proc, work)
+                raise
+        done = work / "result.json"
+        if code != 0 or not done.is_file():
+            _kill_browser(work)
+            tail = " ".join((work / "stderr").read_text(errors="replace").strip().splitlines()[-2:])
+            raise _ExportError(f"the export process exited with status {code}: {tail[-300:]}")
+        got = json.loads(done.read_text(encoding="utf-8"))
+    if got["error"]:
+        raise _ExportError(got["error"])
+    result.written += [Path(p) for p in got["written"]]
+    result.failed.update({Path(p): why for p, why in got["failed"].items()})
     order = {p: i for i, (_, p, _) in enumerate(jobs)}
     result.written.sort(key=order.__getitem__)
+
+
+class _ExportError(RuntimeError):
+    """Why the export process drew nothing (its message is the one line the warning shows)."""
+
+
+def _stop(proc: subprocess.Popen, work: Path) -> None:
+    """Stop the export process (it closes its browser on SIGTERM), then its browser's group."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _kill_browser(work)
+
+
+def _kill_browser(work: Path) -> None:
+    """SIGKILL the browser's process group (it leads its own session) if any of it is left."""
+    try:
+        pgid = int((work / "browser.pid").read_text())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _reason(e: BaseException) -> str:
@@ -205,28 +264,6 @@ def _reason(e: BaseException) -> str:
     first = e.args[0] if e.args else ""
     text = " ".join(str(first).split())
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
-
-
-def _run(coro) -> None:
-    """Run `coro` to completion, also from inside a running event loop (Jupyter)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(coro)
-        return
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(coro)
-        except BaseException as e:  # re-raised in the caller's thread
-            error.append(e)
-
-    t = threading.Thread(target=target, name="spectra-image-export")
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
 
 
 # --------------------------------------------------------------------------- saving figures
