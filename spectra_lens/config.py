@@ -453,6 +453,7 @@ class GenerateConfig(ModelOptions):
     top_k: int | None = None
     eos_stop: bool = True  # stop at the end-of-text token
     csv: str | None = None  # also write the per-token table here
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --csv file"})
 
 
 # --------------------------------------------------------------------------- one head's page

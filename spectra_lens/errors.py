@@ -30,7 +30,8 @@ def run_command(main: Callable[[list[str] | None], int | None], argv: list[str] 
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
-        from spectra_lens.io import USER_ERRNOS  # a full disk, a quota, permissions: the user's to fix
+        # a full disk, a quota, permissions: the user's to fix
+        from spectra_lens.io import USER_ERRNOS
 
         if e.errno not in USER_ERRNOS:
             raise

@@ -19,7 +19,7 @@ import numpy as np
 
 from spectra_lens.errors import SpectraError
 
-__all__ = ["USER_ERRNOS", "atomic_write", "atomic_write_bytes", "is_temporary", "npz_bytes", "read_npz", "write_npz"]
+__all__ = ["USER_ERRNOS", "atomic_write", "check_new_file", "atomic_write_bytes", "is_temporary", "npz_bytes", "read_npz", "write_npz"]
 
 # Temporary files of the atomic writer: ".spectra-lens-tmp-<pid>-<32 hex digits><suffix>". Only
 # names of exactly this form are ever removed as temporaries (`is_temporary`).
@@ -65,6 +65,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         if os.path.lexists(tmp):
             os.unlink(tmp)
     _fsync_dir(path.parent)
+    return path
+
+
+def check_new_file(path: str | os.PathLike, *, overwrite: bool, option: str) -> Path:
+    """The path of a single-file output (`option`, e.g. "--csv"), checked before any work: an
+    existing file is refused unless `overwrite`, and a directory, a symbolic link or a run's
+    manifest always."""
+    path = Path(path)
+    if path.is_symlink():
+        raise SpectraError(f"{option} {path} is a symbolic link; expected a new file (nothing written)")
+    if path.is_dir():
+        raise SpectraError(f"{option} {path} is a directory; expected a file name")
+    if path.exists():
+        if path.name == "manifest.json":
+            raise SpectraError(f"{option} {path} is a run's or a shard set's manifest; it is never "
+                               f"replaced: choose another file name")
+        if not overwrite:
+            raise SpectraError(f"{option} {path} already exists; pass --overwrite to replace it or "
+                               f"choose another file name")
     return path
 
 

@@ -15,6 +15,7 @@ The next stage, shards on disk with a manifest, is `spectra_lens.data.shards`.
 """
 
 import glob
+import itertools
 import json
 import logging
 import os
@@ -181,24 +182,50 @@ def hf_dataset(name: str, split: str = "train", field: str = "text", **kw: Any) 
     kw.setdefault("streaming", True)
 
     def read() -> Iterator[str]:
-        rows = datasets.load_dataset(name, split=split, **kw)
-        for i, row in enumerate(rows):
-            if field not in row:
-                raise SpectraError(
-                    f"Hugging Face dataset {name!r} (split {split!r}): row {i} has no field "
-                    f"{field!r}; its fields are {sorted(row)}"
-                )
-            text = row[field]
-            if not isinstance(text, str):
-                raise SpectraError(
-                    f"Hugging Face dataset {name!r} (split {split!r}): row {i} field {field!r} "
-                    f"is {type(text).__name__}; expected a string"
-                )
-            yield text
+        yield from _hf_rows(datasets, name, split, field, kw)
 
     options = "".join(f", {k}={v!r}" for k, v in sorted(kw.items()) if k != "streaming")
     description = f"Hugging Face dataset {name!r} (split={split!r}, field={field!r}{options})"
     return Corpus(description, read)
+
+
+def _hf_rows(datasets, name: str, split: str, field: str, kw: dict) -> Iterator[str]:
+    """The rows of a Hugging Face dataset; a failure to fetch it (offline, no such dataset, a
+    network error part-way) is one SpectraError line, not the library's traceback."""
+    try:
+        rows = iter(datasets.load_dataset(name, split=split, **kw))
+    except SpectraError:
+        raise
+    except Exception as err:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+        raise SpectraError(_hf_failure(name, err)) from None
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise SpectraError(_hf_failure(name, err)) from None
+        if field not in row:
+            raise SpectraError(
+                f"Hugging Face dataset {name!r} (split {split!r}): row {i} has no field "
+                f"{field!r}; its fields are {sorted(row)}"
+            )
+        text = row[field]
+        if not isinstance(text, str):
+            raise SpectraError(
+                f"Hugging Face dataset {name!r} (split {split!r}): row {i} field {field!r} "
+                f"is {type(text).__name__}; expected a string"
+            )
+        yield text
+
+
+def _hf_failure(name: str, err: Exception) -> str:
+    first = next((line for line in str(err).splitlines() if line.strip()), "")
+    offline = " (offline: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)" if any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) else ""
+    return (f"cannot read the Hugging Face dataset {name!r}{offline}: {type(err).__name__}: "
+            f"{first[:300]}; check the name and the network, or pass a local file as --corpus")
 
 
 def _read_text(path: Path) -> str:
