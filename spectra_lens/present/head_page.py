@@ -21,7 +21,6 @@ page's script writes `{figure_id: {"traces", "with_data", "rendered", "error"}}`
 """
 
 import html
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
