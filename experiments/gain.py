@@ -193,7 +193,8 @@ def _part_metas(cfg: GainConfig, n_sequences: int, digests: list[str]) -> list[d
     """What each part file must record to be reused: its sequences (range and sha256 of their
     ids) and every setting its numbers depend on."""
     alphas = list(check_alphas(cfg.alphas))
-    return [{"part": i, "start": a, "stop": b, "tokens_sha256": digests[i], "alphas": alphas,
+    return [{"part": i, "start": a, "stop": b, "tokens_sha256": digests[i], "corpus": cfg.corpus,
+             "alphas": alphas,
              "min_position": cfg.min_position, "batch_size": cfg.batch_size, "max_rows": cfg.max_rows}
             for i, (a, b) in enumerate(part_ranges(n_sequences, cfg.batch_size))]
 

@@ -48,7 +48,7 @@ from spectra_lens.present import figures as figs
 from spectra_lens.runs import outputs as O
 from spectra_lens.runs import pipeline as P
 from spectra_lens.runs.distributed import Group
-from spectra_lens.runs.rundir import NOT_RESULT_FIELDS, RunDir
+from spectra_lens.runs.rundir import RunDir
 from spectra_lens.stats import decisions, inference
 from spectra_lens.stats.moments import MOMENT_VARIABLES, DocumentMoments
 from spectra_lens.sweep import head_curves
@@ -164,7 +164,8 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
         path = run.output(f"moments/shard_{i:05d}.npz")
         record_path = run.output(f"records/shard_{i:05d}.parquet") if records else None
         paths.append(path)
-        if path.exists() and (record_path is None or record_path.exists()):
+        if (path.exists() and (record_path is None or record_path.exists())
+                and check_provenance(path, manifest, i)):
             bar.update(info.n_sequences)
             continue
         t0 = time.time()
@@ -192,10 +193,39 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
             run.write_parquet(record_path.relative_to(run.path).as_posix(),
                               pd.concat(frames, ignore_index=True))
         moments = DocumentMoments.concat(parts)
+        moments = dataclasses.replace(moments, meta={**moments.meta, **provenance(manifest, i)})
         moments.save(path)
         run.timed("capture_s", time.time() - t0)
     bar.close()
     return paths
+
+
+def provenance(manifest: ShardManifest, i: int) -> dict:
+    """What a moment file records of the tokens it was computed from: the shard's index and
+    sha256, the shard set's corpus and tokenizer."""
+    return {"shard": i, "shard_sha256": manifest.shards[i].sha256, "corpus": manifest.corpus,
+            "tokenizer": manifest.tokenizer}
+
+
+def check_provenance(path: Path, manifest: ShardManifest, i: int) -> bool:
+    """True when the moment file `path` was computed from shard `i` of `manifest` as it is now;
+    False for a file that records no provenance (written by an older release: it is redone);
+    SpectraError naming the first difference when it was computed from other tokens (the
+    shards were re-prepared since), so that a resumed or merged run never mixes two corpora."""
+    recorded = DocumentMoments.load(path).meta
+    if "shard_sha256" not in recorded:
+        log.info("%s records no shard sha256 (an older release); it is computed again", path)
+        return False
+    for key, now in provenance(manifest, i).items():
+        if recorded.get(key) != now:
+            was, now = (repr(v)[:16] + "..." if key == "shard_sha256" else repr(v)
+                        for v in (recorded.get(key), now))
+            raise SpectraError(
+                f"{path} was computed from {key} {was}, but shard {i} of "
+                f"{manifest.directory} now has {now}: the shards changed since (re-prepared?) "
+                f"and the two cannot be mixed; pass --overwrite to compute every shard again, or "
+                f"restore the shards it was computed from")
+    return True
 
 
 def read_moments(paths: list[Path]) -> DocumentMoments:
@@ -579,7 +609,9 @@ def _run_share(cfg: ObservationalConfig, group: Group, model, source, model_name
         layout = attention_layout(model)
         rd.finish(model=P.model_info(model_name, layout, model), shards_dir=str(source.directory),
                   share={"rank": group.rank, "world": group.world, "shards": mine,
-                         "n_shards": len(source.shards)},
+                         "n_shards": len(source.shards),
+                         "shard_sha256": [source.shards[i].sha256 for i in mine]},
+                  corpus=source.corpus,
                   resumed=resuming)
 
 
@@ -587,11 +619,22 @@ def merge(cfg, *, progress: bool = True) -> ObservationalResult:
     """The tables of a run captured in shares (`config.MergeConfig`): every share's run directory
     must hold a finished share of the same configuration over the same prepared shards, and
     together they must cover every shard (a shard in several shares is read once)."""
-    # shares may run on other hardware: where and in which precision they ran is not compared
-    parts = P.read_shares(cfg, EXPERIMENT, ignore=(*NOT_RESULT_FIELDS, "dtype"))
+    # shares may run on other hardware (device), but not in another precision: resume refuses
+    # a dtype difference, and so does merge
+    parts = P.read_shares(cfg, EXPERIMENT)
     run_cfg = P.merged_config(cfg, ObservationalConfig, parts[0][1])
     manifest = read_manifest(Path(parts[0][1]["shards_dir"]))
     n = len(manifest.shards)
+    for d, m in parts:  # every share read these shards as they are now
+        if Path(m.get("shards_dir", "")).resolve() != manifest.directory.resolve():
+            raise SpectraError(f"{d} captured the shards in {m.get('shards_dir')}, {parts[0][0]} "
+                               f"those in {manifest.directory}; shares of one run read one shard set")
+        for i, sha in zip(m["share"]["shards"], m["share"].get("shard_sha256", []), strict=False):
+            if not 0 <= i < n or manifest.shards[i].sha256 != sha:
+                raise SpectraError(
+                    f"{d} captured shard {i} with sha256 {sha[:12]}..., but {manifest.directory} "
+                    f"now holds other tokens there (re-prepared since?); shares of different "
+                    f"shards cannot be merged: capture that share again")
     paths, record_paths, missing = [], [], []
     for i in range(n):
         got = [d for d, m in parts if i in m["share"]["shards"]
@@ -599,6 +642,9 @@ def merge(cfg, *, progress: bool = True) -> ObservationalResult:
         if not got:
             missing.append(i)
             continue
+        if not check_provenance(got[0] / f"moments/shard_{i:05d}.npz", manifest, i):
+            raise SpectraError(f"{got[0]} holds shard {i}'s moments without the sha256 of the shard "
+                               "they came from (an older release); capture that share again")
         paths.append(got[0] / f"moments/shard_{i:05d}.npz")
         record_paths.append(got[0] / f"records/shard_{i:05d}.parquet")
     if missing:

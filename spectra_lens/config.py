@@ -326,7 +326,8 @@ FLAG_HELP: dict[str, str] = {
     "device": "torch device, e.g. cpu or cuda:0",
     "device_map": "spread the model over devices (Hugging Face device_map): auto, balanced, sequential, "
                   "or JSON {\"model.layers.0\": 0, ...}; hooks and metrics run on each layer's device",
-    "overwrite": "replace a finished run (or a different shard set) in --out instead of refusing",
+    "overwrite": ("replace what the output already holds (a finished run or a different shard set "
+                  "in --out, an existing --csv file) instead of refusing"),
     "images": "image copies of every figure (png, svg, png,svg or none), drawn by Chrome/Chromium "
               "in one batch at the end of the run; without a browser the figures stay HTML only",
     "pdf": "also print the page to a PDF beside it (same name, .pdf), with Chrome/Chromium",
@@ -460,6 +461,7 @@ class GenerateConfig(ModelOptions):
     top_k: int | None = None
     eos_stop: bool = True  # stop at the end-of-text token
     csv: str | None = None  # also write the per-token table here
+    overwrite: bool = False  # replace an existing --csv file
 
 
 # --------------------------------------------------------------------------- one head's page

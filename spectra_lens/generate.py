@@ -476,6 +476,10 @@ def command(cfg, *, progress: bool = True) -> int:
 
     args = cfg
     specs = [parse_scale(s) for s in args.scale]  # bad --scale fails before the model loads
+    if args.csv:  # an existing file is refused before the model loads
+        from spectra_lens.io import check_new_file
+
+        check_new_file(args.csv, overwrite=args.overwrite, option="--csv")
     t0 = time.perf_counter()
     model = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
                        progress=progress)

@@ -9,6 +9,7 @@ import errno
 import io
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,15 +19,18 @@ import numpy as np
 
 from spectra_lens.errors import SpectraError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "is_temporary", "npz_bytes", "read_npz", "write_npz"]
+__all__ = ["USER_ERRNOS", "atomic_write", "check_new_file", "atomic_write_bytes", "is_temporary", "npz_bytes", "read_npz", "write_npz"]
 
-# Temporary files of the atomic writer: ".tmp-<pid>-<hex>.ext" (and, from older releases of the
-# shard writer, ".<name>.<random>.tmp").
-_TEMP_PREFIX = ".tmp-"
+# Temporary files of the atomic writer: ".spectra-lens-tmp-<pid>-<32 hex digits><suffix>". Only
+# names of exactly this form are ever removed as temporaries (`is_temporary`).
+_TEMP_PREFIX = ".spectra-lens-tmp-"
+_TEMP_NAME = re.compile(r"\.spectra-lens-tmp-[0-9]+-[0-9a-f]{32}(\.[A-Za-z0-9]+)?")
 
-# Operating-system errors that say something about where the user asked us to write.
-_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
-                errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
+# Operating-system errors that say something about where the user asked us to write (a full
+# disk, a quota, a file-size limit, permissions, a read-only file system, a path under a file).
+USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                         errno.EFBIG, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+                         errno.ENAMETOOLONG, errno.ELOOP, errno.EMLINK, errno.ENOENT})
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
@@ -41,7 +45,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     tmp = _temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as e:  # a library's own I/O error has no errno (pyarrow: "No space left")
+            if e.errno is None:
+                raise SpectraError(f"cannot write {path}: {e}") from e
+            raise
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -49,13 +58,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno not in _USER_ERRNOS:
+        if e.errno not in USER_ERRNOS:
             raise
-        raise SpectraError(f"cannot write {path}: {e.strerror}") from e
+        raise SpectraError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
     _fsync_dir(path.parent)
+    return path
+
+
+def check_new_file(path: str | os.PathLike, *, overwrite: bool, option: str) -> Path:
+    """The path of a single-file output (`option`, e.g. "--csv"), checked before any work: an
+    existing file is refused unless `overwrite`, and a directory, a symbolic link or a run's
+    manifest always."""
+    path = Path(path)
+    if path.is_symlink():
+        raise SpectraError(f"{option} {path} is a symbolic link; expected a new file (nothing written)")
+    if path.is_dir():
+        raise SpectraError(f"{option} {path} is a directory; expected a file name")
+    if path.exists():
+        if path.name == "manifest.json":
+            raise SpectraError(f"{option} {path} is a run's or a shard set's manifest; it is never "
+                               f"replaced: choose another file name")
+        if not overwrite:
+            raise SpectraError(f"{option} {path} already exists; pass --overwrite to replace it or "
+                               f"choose another file name")
     return path
 
 
@@ -102,8 +130,9 @@ def _temporary_name(path: str | os.PathLike) -> str:
 
 
 def is_temporary(name: str) -> bool:
-    """Whether `name` is a temporary file of the atomic writer (left behind only by a crash)."""
-    return name.startswith(_TEMP_PREFIX) or (name.startswith(".") and name.endswith(".tmp"))
+    """Whether `name` is a temporary file of the atomic writer (left behind only by a crash):
+    exactly ".spectra-lens-tmp-<pid>-<32 hex digits>[.suffix]", a name no user file has by chance."""
+    return _TEMP_NAME.fullmatch(name) is not None
 
 
 def write_npz(path: str | os.PathLike, header: dict, **arrays: np.ndarray) -> Path:

@@ -15,6 +15,7 @@ The next stage, shards on disk with a manifest, is `spectra_lens.data.shards`.
 """
 
 import glob
+import itertools
 import json
 import logging
 import os
@@ -47,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 _GLOB_MAGIC = re.compile(r"[*?\[]")
 _ENCODE_BATCH = 64  # documents per tokenizer call: fast tokenizers parallelize within a batch
+# A document longer than this (characters) is tokenized in growing prefixes, cut at whitespace,
+# until it yields the tokens a run needs: tokenizing 20 MB at once takes gigabytes.
+_LONG_DOCUMENT = 1 << 20
+_PREFIX_MARGIN = 8  # tokens beyond the ones needed, so that none comes from the cut itself
 
 Tokens = Int[Tensor, "sequence pos"]
 PathLike = str | os.PathLike[str]
@@ -181,24 +186,50 @@ def hf_dataset(name: str, split: str = "train", field: str = "text", **kw: Any) 
     kw.setdefault("streaming", True)
 
     def read() -> Iterator[str]:
-        rows = datasets.load_dataset(name, split=split, **kw)
-        for i, row in enumerate(rows):
-            if field not in row:
-                raise SpectraError(
-                    f"Hugging Face dataset {name!r} (split {split!r}): row {i} has no field "
-                    f"{field!r}; its fields are {sorted(row)}"
-                )
-            text = row[field]
-            if not isinstance(text, str):
-                raise SpectraError(
-                    f"Hugging Face dataset {name!r} (split {split!r}): row {i} field {field!r} "
-                    f"is {type(text).__name__}; expected a string"
-                )
-            yield text
+        yield from _hf_rows(datasets, name, split, field, kw)
 
     options = "".join(f", {k}={v!r}" for k, v in sorted(kw.items()) if k != "streaming")
     description = f"Hugging Face dataset {name!r} (split={split!r}, field={field!r}{options})"
     return Corpus(description, read)
+
+
+def _hf_rows(datasets, name: str, split: str, field: str, kw: dict) -> Iterator[str]:
+    """The rows of a Hugging Face dataset; a failure to fetch it (offline, no such dataset, a
+    network error part-way) is one SpectraError line, not the library's traceback."""
+    try:
+        rows = iter(datasets.load_dataset(name, split=split, **kw))
+    except SpectraError:
+        raise
+    except Exception as err:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+        raise SpectraError(_hf_failure(name, err)) from None
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise SpectraError(_hf_failure(name, err)) from None
+        if field not in row:
+            raise SpectraError(
+                f"Hugging Face dataset {name!r} (split {split!r}): row {i} has no field "
+                f"{field!r}; its fields are {sorted(row)}"
+            )
+        text = row[field]
+        if not isinstance(text, str):
+            raise SpectraError(
+                f"Hugging Face dataset {name!r} (split {split!r}): row {i} field {field!r} "
+                f"is {type(text).__name__}; expected a string"
+            )
+        yield text
+
+
+def _hf_failure(name: str, err: Exception) -> str:
+    first = next((line for line in str(err).splitlines() if line.strip()), "")
+    offline = " (offline: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)" if any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) else ""
+    return (f"cannot read the Hugging Face dataset {name!r}{offline}: {type(err).__name__}: "
+            f"{first[:300]}; check the name and the network, or pass a local file as --corpus")
 
 
 def _read_text(path: Path) -> str:
@@ -303,7 +334,8 @@ def tokenize_documents(
 
     chunks: dict[int, np.ndarray] = {}  # document id -> [n_chunks, content_len]
     n_read = n_tokens = 0
-    for doc_id, ids in enumerate(_encode_documents(docs, tokenizer)):
+    needed = None if max_sequences is None else max(max_sequences * content_len, min_tokens or 0)
+    for doc_id, ids in enumerate(_encode_documents(docs, tokenizer, needed=needed)):
         n_read = doc_id + 1
         if min_tokens is not None and len(ids) < min_tokens:
             continue
@@ -350,7 +382,8 @@ def _stream_with_documents(docs, tokenizer, *, bos, content_len, max_sequences, 
     wanted = None if max_sequences is None else max_sequences * content_len
     pieces, owners = [], []
     n_tokens = n_docs = n_read = 0
-    for doc_id, ids in enumerate(_encode_documents(docs, tokenizer)):
+    needed = None if wanted is None else max(wanted, min_tokens or 0)
+    for doc_id, ids in enumerate(_encode_documents(docs, tokenizer, needed=needed)):
         n_read = doc_id + 1
         if not ids or (min_tokens is not None and len(ids) < min_tokens):
             continue
@@ -413,20 +446,55 @@ def _check_text(doc: str, where: str) -> None:
         )
 
 
-def _encode_documents(docs: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
-    """Token ids of each document, without special tokens, encoded in batches."""
+def _encode_documents(docs: Iterable[str], tokenizer: Any, *,
+                      needed: int | None = None) -> Iterator[list[int]]:
+    """Token ids of each document, without special tokens, encoded in batches.
+
+    `needed`: at most this many tokens of a document are used; a document longer than
+    `_LONG_DOCUMENT` characters then yields only its first tokens (`_encode_prefix`), so its
+    memory is bounded by what the run uses, not by the document's length."""
     batch: list[str] = []
     label = f" of {docs.description}" if isinstance(docs, Corpus) else ""
     for i, doc in enumerate(docs):
         if not isinstance(doc, str):
             raise SpectraError(f"document {i} is {type(doc).__name__}; expected str")
-        _check_text(doc, f"document {i}{label}")
+        _check_text(doc[:_LONG_DOCUMENT], f"document {i}{label}")
+        if needed is not None and len(doc) > _LONG_DOCUMENT:
+            if batch:
+                yield from _encode(tokenizer, batch)
+                batch = []
+            yield _encode_prefix(tokenizer, doc, needed)
+            continue
+        if len(doc) > _LONG_DOCUMENT:
+            _check_text(doc, f"document {i}{label}")
         batch.append(doc)
         if len(batch) == _ENCODE_BATCH:
             yield from _encode(tokenizer, batch)
             batch = []
     if batch:
         yield from _encode(tokenizer, batch)
+
+
+def _encode_prefix(tokenizer: Any, doc: str, needed: int) -> list[int]:
+    """The first `needed` token ids of `doc` (all of them when it has fewer), from prefixes of
+    growing length cut just before a whitespace that follows a word: tokenizers split words at
+    whitespace, so the tokens before the cut are those of the whole document, and
+    `_PREFIX_MARGIN` more are tokenized than kept. A document with no such whitespace is
+    tokenized whole."""
+    size = max(16 * needed, 1 << 16)
+    while size < len(doc):
+        cut = _WORD_END.search(doc, size)
+        if cut is None:
+            break
+        ids = _encode(tokenizer, [doc[: cut.start() + 1]])[0]
+        if len(ids) >= needed + _PREFIX_MARGIN:
+            return ids[:needed]
+        size = 4 * size
+    return _encode(tokenizer, [doc])[0]
+
+
+# the last character of a word followed by whitespace (the prefix ends after it)
+_WORD_END = re.compile(r"\S(?=\s)")
 
 
 def _encode(tokenizer: Any, batch: list[str]) -> list[list[int]]:

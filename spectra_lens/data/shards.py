@@ -41,6 +41,7 @@ Shard files are safetensors (one tensor under the key "tokens") or `.npy` arrays
 """
 
 import bisect
+import contextlib
 import hashlib
 import io
 import json
@@ -288,6 +289,52 @@ def write_shards(
         spectra_lens_version=_package_version(),
     )
 
+    _refuse_a_run_directory(out_dir)
+    try:
+        created = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpectraError(f"cannot create the shard directory {out_dir}: {err.strerror or err}") from err
+    from spectra_lens.runs.rundir import _Lock  # the run directory's lock, on the shard directory
+
+    lock = _Lock(out_dir)
+    try:
+        lock.acquire()
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+    try:
+        return _write_locked(out_dir, manifest, blobs, overwrite)
+    finally:
+        lock.release(remove=True)
+
+
+def _refuse_a_run_directory(out_dir: Path) -> None:
+    """SpectraError when `out_dir` holds a run's manifest: shards never replace a run's record."""
+    path = out_dir / MANIFEST_NAME
+    if not path.is_file():
+        return
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # unreadable: `_existing_manifest` decides
+    if isinstance(raw, dict) and raw.get("format") != SHARDS_FORMAT and (
+            raw.get("format") == "spectra_lens.run" or {"experiment", "status"} <= set(raw)):
+        raise SpectraError(
+            f"{out_dir} is a run directory (its {MANIFEST_NAME} records a "
+            f"{raw.get('experiment', '?')} run), not a shard directory; prepare writes shards only "
+            f"into a new directory or a shard directory, not even with --overwrite: choose "
+            f"another --out")
+
+
+def _write_locked(out_dir: Path, manifest: ShardManifest, blobs: list[bytes],
+                  overwrite: bool) -> ShardManifest:
+    """The writing part of `write_shards`, under the shard directory's lock."""
+    shards, n_sequences = manifest.shards, manifest.n_sequences
+    seq_len, tokenizer_name = manifest.seq_len, manifest.tokenizer
+    _refuse_a_run_directory(out_dir)  # again, under the lock
     stale: set[str] = set()
     if (out_dir / MANIFEST_NAME).exists():
         existing = _existing_manifest(out_dir, overwrite)
@@ -310,7 +357,6 @@ def write_shards(
         # Remove the old manifest first: while shards are being replaced the set is incomplete.
         (out_dir / MANIFEST_NAME).unlink()
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     for info, blob in zip(shards, blobs, strict=True):
         atomic_write_bytes(out_dir / info.file, blob)
     atomic_write_bytes(out_dir / MANIFEST_NAME, _manifest_bytes(manifest))

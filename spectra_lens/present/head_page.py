@@ -21,7 +21,6 @@ page's script writes `{figure_id: {"traces", "with_data", "rendered", "error"}}`
 """
 
 import html
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +82,8 @@ class HeadPage:
         path.parent.mkdir(parents=True, exist_ok=True)
         page = self.html()
 
-        def write(tmp: str) -> None:
-            Path(tmp).write_text(page, encoding="utf-8")
-            os.chmod(tmp, 0o644)
-
-        return atomic_write(path, write)
+        # created with the umask's permissions, like every other output
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
 
     def __repr__(self) -> str:
         return (f"HeadPage({self.name} of {self.model_name}: {self.label}, "

@@ -561,8 +561,5 @@ def write_report(results_dir: str | os.PathLike, experiments: Mapping[str, Exper
         out.parent.mkdir(parents=True, exist_ok=True)
         write_plotlyjs(out.parent)
 
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(page, encoding="utf-8")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is for reading
-
-    return atomic_write(out, write)
+    # the writer creates the file with the umask's permissions, like every other output
+    return atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))

@@ -6,10 +6,11 @@ of a run (`RunDir`):
 
 1. `check(config, overwrite=...)`: read-only checks of the path and of what the directory holds,
    made before the model loads, so that a run that cannot start writes nothing;
-2. `with rd:` takes an exclusive lock (`fcntl.flock` on `.spectra-lens.lock`, which records the
-   holder's pid, host and start time) for the whole run; a second writer is refused with a
-   message naming the holder. The kernel releases the lock when its process dies, so the lock of
-   a killed run is taken over by the next start;
+2. `with rd:` takes an exclusive lock (`fcntl.flock` on the directory itself; the file
+   `.spectra-lens.lock` records the holder's pid, host and start time) for the whole run; a
+   second writer is refused with a message naming the holder. Removing or editing the file does
+   not release the lock. The kernel releases the lock when its process dies, so the lock of a
+   killed run is taken over by the next start (the file a killed run leaves is harmless);
 3. `start(config, overwrite=...)`, once the model has loaded: removes the outputs of the run it
    replaces, then writes the manifest with `"status": "running"`; True when resuming;
 4. `output(name)` registers a file in the manifest *before* it is written, so that a killed run
@@ -77,65 +78,97 @@ def _now() -> str:
 
 
 class _Lock:
-    """An exclusive `flock` on `directory/LOCK`, with the holder's pid, host and start time."""
+    """An exclusive `flock` on the run directory itself; `directory/LOCK` names the holder.
+
+    The lock is held on the directory's inode, which no edit of a file inside it can replace:
+    removing or rewriting `LOCK` (`rm`, `sed -i`) does not let a second command in. After the
+    flock the directory's path is checked to still be the locked inode (a directory moved or
+    replaced meanwhile is locked again). `LOCK` only describes the holder (pid, host, start
+    time, command) for the message that refuses a second writer; it is removed when the run
+    ends, and one left by a killed run is harmless (the kernel released the flock with the
+    process) and replaced by the next run.
+    """
 
     def __init__(self, directory: Path):
+        self.directory = directory
         self.path = directory / LOCK
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        for _ in range(10):  # the file can be replaced between open and flock: then retry
+        for _ in range(10):  # the directory can be replaced between open and flock: then retry
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+                fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as e:
-                raise SpectraError(f"cannot create the run lock {self.path}: {e.strerror or e}") from e
+                raise SpectraError(f"cannot open the run directory {self.directory}: "
+                                   f"{e.strerror or e}") from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = _read_holder(fd)
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise SpectraError(f"cannot lock {self.directory}: {e.strerror or e}") from e
+                holder = _read_holder(self.path)
                 for _ in range(40):  # the holder writes who it is right after its flock
                     if holder:
                         break
                     time.sleep(0.05)
-                    holder = _read_holder(fd)
-                os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise SpectraError(f"cannot lock {self.path}: {e.strerror or e}") from e
+                    holder = _read_holder(self.path)
                 raise SpectraError(
-                    f"{self.path.parent} is in use by another run ({_describe_holder(holder)}); "
+                    f"{self.directory} is in use by another run ({_describe_holder(holder)}); "
                     f"wait for it to finish or choose another --out"
                 ) from None
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+                st, now = os.fstat(fd), os.stat(self.directory)
+                same = (st.st_ino, st.st_dev) == (now.st_ino, now.st_dev)
             except FileNotFoundError:
                 same = False
             if not same:
                 os.close(fd)
                 continue
-            previous = _read_holder(fd)
+            previous = _read_holder(self.path)
             if previous.get("pid") not in (None, os.getpid()):
                 log.info("taking over the lock of %s, which no longer runs", _describe_holder(previous))
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
                       "command": " ".join(sys.argv)}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
             self.fd = fd
+            self._write_holder(holder)
             return
-        raise SpectraError(f"cannot lock {self.path}: the lock file keeps being replaced")
+        raise SpectraError(f"cannot lock {self.directory}: the directory keeps being replaced")
+
+    def _write_holder(self, holder: dict) -> None:
+        """Write `LOCK` (a description only: a failure to write it does not stop the run)."""
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            if os.path.islink(self.path) or os.path.isfile(self.path):
+                os.unlink(self.path)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise SpectraError(f"cannot write {self.path}: {e.strerror or e}") from e
+            log.warning("cannot write %s (%s); the run is locked all the same", self.path, e)
+            return
+        try:
+            os.write(fd, (json.dumps(holder) + "\n").encode())
+        finally:
+            os.close(fd)
 
     def release(self, *, remove: bool = False) -> None:
         if self.fd is None:
             return
-        if remove:
+        if remove and _read_holder(self.path).get("pid") == os.getpid():
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
         os.close(self.fd)  # closing the descriptor releases the flock
         self.fd = None
 
 
-def _read_holder(fd: int) -> dict:
+def _read_holder(path: Path) -> dict:
     try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        if os.path.islink(path) or not os.path.isfile(path):
+            return {}
+        with open(path, "rb") as f:
+            holder = json.loads(f.read(4096).decode() or "{}")
     except (OSError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}
@@ -216,10 +249,13 @@ class RunDir:
     def __exit__(self, kind, exc, tb) -> None:
         try:
             if exc is not None and self.status == "running":
-                if isinstance(exc, KeyboardInterrupt):
-                    self._write_manifest("interrupted", error="interrupted by the user (Ctrl-C)")
-                else:
-                    self._write_manifest("failed", error=_one_line(exc))
+                try:
+                    if isinstance(exc, KeyboardInterrupt):
+                        self._write_manifest("interrupted", error="interrupted by the user (Ctrl-C)")
+                    else:
+                        self._write_manifest("failed", error=_one_line(exc))
+                except (SpectraError, OSError) as e:  # a full disk: the first error is the one to tell
+                    log.warning("could not mark %s as failed: %s", self.path, _one_line(e))
         finally:
             self.close()
 

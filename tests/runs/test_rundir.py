@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from spectra_lens.errors import SpectraError, run_command
-from spectra_lens.io import atomic_write
+from spectra_lens.io import atomic_write, is_temporary
 from spectra_lens.runs.rundir import LOCK, RunDir, package_versions
 
 
@@ -35,7 +35,7 @@ def manifest(path: Path) -> dict:
 
 
 def no_temp_files(path: Path) -> bool:
-    return not [p for p in path.rglob("*") if p.name.startswith(".tmp-")]
+    return not [p for p in path.rglob("*") if is_temporary(p.name) or p.name.startswith(".tmp-")]
 
 
 def started(path, cfg=Cfg(), experiment="exp", **kw) -> RunDir:
@@ -200,10 +200,16 @@ def test_overwrite_removes_only_the_listed_outputs(tmp_path):
     """Case 3: the previous run's CSVs and figures are gone before the new run writes."""
     finished(tmp_path, files=("q_L15_target.csv", "figures/L15.html", "records/shard_00000.csv"))
     (tmp_path / "figures" / "mine.txt").write_text("user file")
-    (tmp_path / "figures" / ".tmp-1-abc.html").write_text("half-written by a killed run")
+    own = f".spectra-lens-tmp-1-{'ab' * 16}.html"
+    (tmp_path / "figures" / own).write_text("half-written by a killed run")
+    # files of the user's that merely look temporary are not the run's: they stay
+    users = (".tmp-1-abc.html", ".notes.tmp", ".spectra-lens-tmp-notes.html")
+    for name in users:
+        (tmp_path / "figures" / name).write_text("user file")
     rd = started(tmp_path, Cfg(seq_len=3), overwrite=True)
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
-    assert left == [LOCK, "figures", "figures/mine.txt", "manifest.json"]
+    assert left == sorted([LOCK, "figures", "figures/mine.txt", "manifest.json",
+                           *(f"figures/{n}" for n in users)])
     rd.close()
 
 
@@ -377,3 +383,30 @@ def test_package_versions_names_python_and_the_stack():
     versions = package_versions()
     assert versions["python"].count(".") == 2
     assert versions["torch"] != "not installed" and versions["pandas"] != "not installed"
+
+
+@pytest.mark.parametrize("edit", ["rm", "sed -i", "truncate"])
+def test_the_lock_cannot_be_taken_by_removing_or_replacing_its_file(tmp_path, edit):
+    """The lock is the directory's: removing or rewriting the holder file lets no one in."""
+    rd = started(tmp_path)
+    lock = tmp_path / LOCK
+    if edit == "rm":
+        lock.unlink()
+    elif edit == "sed -i":  # a new file renamed onto the old name: a new inode
+        replacement = tmp_path / "edited"
+        replacement.write_text(lock.read_text().replace(str(os.getpid()), "1"))
+        os.replace(replacement, lock)
+    else:
+        lock.write_text("")
+    for _ in range(2):  # as a user would: try, then try again
+        with pytest.raises(SpectraError, match="in use by another run"):
+            with RunDir(tmp_path, "exp"):
+                pass
+    assert manifest(tmp_path)["status"] == "running"
+    rd.finish()
+    rd.close()
+    assert not lock.exists() or edit != "rm"  # the holder removes only its own description
+    with RunDir(tmp_path, "exp") as again:  # released: the next run gets in
+        with pytest.raises(SpectraError, match="already holds a finished"):
+            again.start(Cfg())
+    assert not (tmp_path / LOCK).exists()  # a finished run leaves nothing to delete
