@@ -5,7 +5,7 @@
 Stages, each stored so that a rerun resumes and analysis can be redone without the model:
 corpus -> token shards with a document id per sequence (`shards/`) -> per shard, the
 per-(document, head) moments of every per-token variable (`moments/*.npz`; per-token records
-`records/*.parquet` too when asked, or by default for small runs) -> per-head statistics,
+`records/*.parquet` too with --records) -> per-head statistics,
 clustered by document (`head_summary.csv`, `significant_heads.csv`, `consistent_heads.csv`,
 `layer_statistics.csv`) -> the observational slope against the causal gain (`agreement.csv`,
 `agreement_summary.csv`; a finite difference from real forward passes on a few sequences) ->
@@ -630,9 +630,13 @@ def command(cfg: ObservationalConfig, *, progress: bool = True) -> int:
           f"{s['r_logq_entropy_given_pos'].median():+.3f}; | ln position, sink (mediator-adjusted): "
           f"{s['r_logq_entropy_mediator_adjusted'].median():+.3f}")
     a = result.agreement_summary.iloc[0]
+    counts = result.agreement["verdict"].value_counts()
     print(f"agreement (observational slope vs causal gain): "
-          f"{result.agreement['verdict'].value_counts().to_dict()}; "
+          f"{', '.join(f'{k} {v}' for k, v in counts.items())}; "
           f"Spearman(slope, gain) = {a['spearman_obs_slope_gain']:+.2f}")
+    if cfg.records:
+        size = sum(p.stat().st_size for p in (result.out / "records").glob("*.parquet"))
+        print(f"per-token records: {result.out / 'records'} ({size / 1e6:.1f} MB)")
     print(f"wrote {result.out} in {time.time() - t0:.0f} s")
     return 0
 
