@@ -460,8 +460,8 @@ def test_cli_bad_input_returns_2_with_a_message(tmp_path, finished, capsys, monk
     cases = [
         (["--corpus", str(tmp_path / "empty.txt")], "empty"),
         (["--corpus", str(tmp_path / "missing.txt")], "not found"),
-        (["--seq-len", "1"], "seq_len"),
-        (["--fdr-alpha", "1.5"], "fdr_alpha"),
+        (["--seq-len", "1"], "--seq-len"),
+        (["--fdr-alpha", "1.5"], "--fdr-alpha"),
     ]
     for i, (argv, message) in enumerate(cases):
         out = tmp_path / f"run{i}"
