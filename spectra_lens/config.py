@@ -298,7 +298,7 @@ FLAG_HELP: dict[str, str] = {
     "min_position": "query positions before this one (the sink/BOS token) are left out",
     "top_mass": "attention mass of the k_eff_top90 metric; 'none' skips it (a faster capture)",
     "n_boot": "bootstrap resamples of whole documents (percentile intervals of r)",
-    "records": "also write per-token Parquet records, ~2 kB per token of a 30-layer model "
+    "records": "also write per-token Parquet records, ~16 kB per token on the default model "
                "(the statistics use per-document moments)",
     "n_folds": "disjoint random document folds for the consistency check",
     "fd_sequences": "sequences (from distinct documents) for the finite-difference gain; 0 skips it",
