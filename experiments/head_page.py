@@ -38,26 +38,26 @@ def _table(path: str | None, flag: str) -> pd.DataFrame | None:
         raise SpectraError(f"{flag} {path!r} is not a readable CSV ({type(e).__name__}: {e})") from e
 
 
-def run(cfg: HeadPageConfig, *, model=None, tokens=None) -> tuple[HeadPage, Path]:
+def run(cfg: HeadPageConfig, *, model=None, tokens=None, progress: bool = False) -> tuple[HeadPage, Path]:
     """Measure the head of `cfg` and write its page into `cfg.out`: (page, path)."""
     cfg.validate()
     layer, head = HeadRef.parse(cfg.head)
     types, agreement = _table(cfg.types, "--types"), _table(cfg.agreement, "--agreement")
-    model, name = P.load_run_model(cfg, model)
+    model, name = P.load_run_model(cfg, model, progress=progress)
     # no heads are chosen here: every text sequence is measured (n_select = 0)
     spec = SimpleNamespace(corpus=cfg.corpus, seq_len=cfg.seq_len, n_sequences=cfg.n_sequences, n_select=0)
     text = P.load_run_tokens(spec, model, tokens).measure
     torch.manual_seed(0)
     page = head_page(model, layer, head, text=text, prompt=cfg.prompt, alphas=cfg.alphas, types=types,
                      agreement=agreement, max_new_tokens=cfg.max_new_tokens,
-                     model_name=name if cfg.model else DEFAULT_MODEL)
+                     model_name=name if cfg.model else DEFAULT_MODEL, progress=progress)
     return page, page.write(cfg.out)
 
 
 def command(cfg: HeadPageConfig, *, progress: bool = True) -> int:
     """`spectra-lens head`: write the page, print its label, estimates and generation diffs."""
     t0 = time.time()
-    page, path = run(cfg)
+    page, path = run(cfg, progress=progress)
     print(f"L{page.layer}H{page.head}: {page.label}; " + "; ".join(
         f"{r.estimate} {r.value:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] ({r.source})"
         for r in page.estimates.itertuples()))

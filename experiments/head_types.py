@@ -129,11 +129,15 @@ def _read_table(path: str | None, what: str) -> pd.DataFrame | None:
 
 
 def compute(cfg: HeadTypesConfig, model, text, *, agreement: pd.DataFrame | None = None,
-            gain: pd.DataFrame | None = None, rd=None) -> HeadTypesResult:
+            gain: pd.DataFrame | None = None, rd=None, progress: bool = False) -> HeadTypesResult:
     """Every head's scores and label, joined with the agreement / gain tables (no files written)."""
-    with P.timed(rd, "scores_s"):
+    from spectra_lens.present.display import stages
+
+    with P.timed(rd, "scores_s"), stages("head types", ["inputs", "scores"], enabled=progress) as stage:
+        stage("inputs")
         inputs = diagnostic_inputs(model, text, n_repeated=cfg.n_repeated, half_len=cfg.half_len,
                                    seed=cfg.seed)
+        stage("scores")
         types = head_type_scores(model, inputs, window=cfg.window, batch_size=cfg.batch_size)
     return HeadTypesResult(*_join(types, agreement, gain))
 
@@ -153,10 +157,11 @@ def run(cfg: HeadTypesConfig = HeadTypesConfig(), *, model=None, tokens=None,
                                    n_select=0)
             text = P.load_run_tokens(spec, model, tokens)
         rd.start(cfg, overwrite=cfg.overwrite)  # the manifest, once the model and text are there
-        result = compute(cfg, model, text.measure, agreement=agreement, gain=gain, rd=rd)
+        result = compute(cfg, model, text.measure, agreement=agreement, gain=gain, rd=rd,
+                         progress=progress)
         with P.timed(rd, "write_s"):
             t = tables(result)
-            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images, progress=progress)
         rd.finish(model=P.model_info(model_name, layout, model), corpus=text.corpus,
                   n_sequences=int(text.measure.shape[0]), seq_len=int(text.measure.shape[1]),
                   label_rule=LABEL_RULE, joined={"agreement": cfg.agreement, "gain": cfg.gain},

@@ -5,7 +5,7 @@
 Stages, each stored so that a rerun resumes and analysis can be redone without the model:
 corpus -> token shards with a document id per sequence (`shards/`) -> per shard, the
 per-(document, head) moments of every per-token variable (`moments/*.npz`; per-token records
-`records/*.parquet` too when asked, or by default for small runs) -> per-head statistics,
+`records/*.parquet` too with --records) -> per-head statistics,
 clustered by document (`head_summary.csv`, `significant_heads.csv`, `consistent_heads.csv`,
 `layer_statistics.csv`) -> the observational slope against the causal gain (`agreement.csv`,
 `agreement_summary.csv`; a finite difference from real forward passes on a few sequences) ->
@@ -234,7 +234,8 @@ def read_moments(paths: list[Path]) -> DocumentMoments:
 
 
 def finite_difference_gain(model, manifest: ShardManifest, *, n_sequences: int, step: float,
-                           min_position: int = 1, ci: float = 0.95) -> pd.DataFrame:
+                           min_position: int = 1, ci: float = 0.95,
+                           progress: bool = False) -> pd.DataFrame:
     """dH/d ln α of every head from real forward passes: (H(e^δ) − H(e^−δ)) / 2δ.
 
     The head's own query is scaled by α = e^±δ in the real forward pass
@@ -253,7 +254,7 @@ def finite_difference_gain(model, manifest: ShardManifest, *, n_sequences: int, 
     tokens = torch.cat([load_tokens(manifest, start=int(s), stop=int(s) + 1)
                         for s in np.unique(pick)])
     sweep = head_curves(model, tokens, (math.exp(-step), math.exp(step)), method="exact",
-                        min_position=min_position, max_rows=2 * len(tokens))
+                        min_position=min_position, max_rows=2 * len(tokens), progress=progress)
     h = sweep.metrics.entropy.double()  # [alpha, batch, layer, head]
     fd = ((h[1] - h[0]) / (2 * step)).numpy()  # [batch, layer, head]
     n = fd.shape[0]
@@ -537,34 +538,44 @@ def _run_main(cfg, group: Group, model, source, model_name: str, inputs, *, prog
             raise SpectraError(f"shards not captured: {', '.join(missing)}; rerun the same command "
                                f"to redo them")
         layout = attention_layout(model)
-        tables = _tables(cfg, rd, manifest, paths, record_paths, model,
+        tables = _tables(cfg, rd, manifest, paths, record_paths, model, progress=progress,
                          model_info=P.model_info(model_name, layout, model), resumed=resuming)
     return ObservationalResult(out=rd.path, **tables)
 
 
 def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[Path],
-            record_paths: list[Path], model, *, model_info: dict, **info) -> dict[str, pd.DataFrame]:
+            record_paths: list[Path], model, *, model_info: dict, progress: bool = False,
+            **info) -> dict[str, pd.DataFrame]:
     """After capture: the finite-difference gain (needs `model`), the tables from the moment
     files `paths`, the records' sample, the figures, and the finished manifest."""
     fd = None
     if cfg.fd_sequences:
         t0 = time.time()
         fd = finite_difference_gain(model, manifest, n_sequences=cfg.fd_sequences,
-                                    step=_FD_STEP, min_position=cfg.min_position)
+                                    step=_FD_STEP, min_position=cfg.min_position,
+                                    progress=progress)
         rd.timed("finite_difference_s", time.time() - t0)
     t0 = time.time()
-    moments = read_moments(paths)
-    tables = analyze(moments, cfg, finite_difference=fd)
-    written = dict(tables)
-    if cfg.records:
-        records = read_records(record_paths)
-        written["strongest_heads_sample"] = strongest_heads_sample(
-            records, tables["head_summary"], top_heads=cfg.top_heads,
-            min_position=cfg.min_position, seed=cfg.seed)
-        del records
-    rd.timed("statistics_s", time.time() - t0)
-    t0 = time.time()
-    O.write_outputs(rd, written, figures(written), images=cfg.images)
+    with display.stages("statistics", ["moments", "per-head statistics"]
+                        + (["records sample"] if cfg.records else []) + ["figures"],
+                        enabled=progress) as stage:
+        stage("moments")
+        moments = read_moments(paths)
+        stage("per-head statistics")
+        tables = analyze(moments, cfg, finite_difference=fd)
+        written = dict(tables)
+        if cfg.records:
+            stage("records sample")
+            records = read_records(record_paths)
+            written["strongest_heads_sample"] = strongest_heads_sample(
+                records, tables["head_summary"], top_heads=cfg.top_heads,
+                min_position=cfg.min_position, seed=cfg.seed)
+            del records
+        rd.timed("statistics_s", time.time() - t0)
+        t0 = time.time()
+        stage("figures")
+        drawn = figures(written)
+    O.write_outputs(rd, written, drawn, images=cfg.images, progress=progress)
     rd.timed("figures_s", time.time() - t0)
     rd.finish(
         model=model_info,
@@ -656,6 +667,7 @@ def merge(cfg, *, progress: bool = True) -> ObservationalResult:
         model = _load(run_cfg, Group(), None, progress=progress) if run_cfg.fd_sequences else None
         tables = _tables(run_cfg, rd, manifest, paths, record_paths if run_cfg.records else [],
                          model, model_info=parts[0][1].get("model", {}), resumed=resuming,
+                         progress=progress,
                          merged_from=[str(d) for d, _ in parts])
     return ObservationalResult(out=rd.path, **tables)
 
@@ -676,9 +688,13 @@ def command(cfg: ObservationalConfig, *, progress: bool = True) -> int:
           f"{s['r_logq_entropy_given_pos'].median():+.3f}; | ln position, sink (mediator-adjusted): "
           f"{s['r_logq_entropy_mediator_adjusted'].median():+.3f}")
     a = result.agreement_summary.iloc[0]
+    counts = result.agreement["verdict"].value_counts()
     print(f"agreement (observational slope vs causal gain): "
-          f"{result.agreement['verdict'].value_counts().to_dict()}; "
+          f"{', '.join(f'{k} {v}' for k, v in counts.items())}; "
           f"Spearman(slope, gain) = {a['spearman_obs_slope_gain']:+.2f}")
+    if cfg.records:
+        size = sum(p.stat().st_size for p in (result.out / "records").glob("*.parquet"))
+        print(f"per-token records: {result.out / 'records'} ({size / 1e6:.1f} MB)")
     print(f"wrote {result.out} in {time.time() - t0:.0f} s")
     return 0
 

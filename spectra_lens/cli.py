@@ -12,12 +12,18 @@ short summary and returns the exit status; `SpectraError` becomes `error: ...` a
 
 import argparse
 import dataclasses
+import difflib
 import importlib
+import inspect
 import logging
+import os
+import re
 import sys
 import time
 import types
 import typing
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from spectra_lens import config as C
@@ -70,6 +76,40 @@ def _version() -> str:
     from spectra_lens import __version__
 
     return __version__
+
+
+# --------------------------------------------------------------------------- usage errors
+
+
+def _suggest(word: str, candidates) -> str:
+    """' (did you mean X?)' for the closest of `candidates`, or ''."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: the message, a "did you mean" for a mistyped flag or
+    subcommand, and where the help is; no usage block (it is 10+ lines)."""
+
+    def flags(self) -> list[str]:
+        return [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+
+    def error(self, message: str):
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:
+            words = m.group(1).split()
+            unknown = [w for w in words if w.startswith("-")] or words
+            hint = _suggest(unknown[0].split("=")[0], self.flags()) if unknown[0].startswith("-") else ""
+            message = f"unrecognized argument{'s' if len(words) > 1 else ''} {' '.join(words)}{hint}"
+        m = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if m:
+            choices = [c.strip(" '\"") for c in m.group(3).split(",")]
+            what = "command" if m.group(1) == "COMMAND" else m.group(1)
+            message = (f"unknown {what} {m.group(2)!r}{_suggest(m.group(2), choices)} "
+                       f"(choose from {', '.join(choices)})")
+        what = "commands" if self.prog == PROG else "flags"
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} "
+                     f"('{self.prog} --help' lists the {what})\n")
 
 
 # --------------------------------------------------------------------------- flag generation
@@ -196,7 +236,7 @@ def config_class(name: str) -> type:
 
 def add_command(sub, name: str) -> argparse.ArgumentParser:
     cmd, cls = COMMANDS[name], config_class(name)
-    doc = (cls.__doc__ or cmd.help).strip()
+    doc = inspect.cleandoc(cls.__doc__ or cmd.help)
     p = sub.add_parser(name, help=cmd.help, description=doc,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
@@ -211,19 +251,100 @@ def add_command(sub, name: str) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: one subparser per entry of COMMANDS."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG, description="Measure and causally test how query norm controls attention "
                                "entropy in every head of a transformer.",
         epilog=f"'{PROG} COMMAND --help' lists the flags of a command.")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}",
                    help="print the version and exit")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     for name in COMMANDS:
         add_command(sub, name)
     return p
 
 
 # --------------------------------------------------------------------------- running
+
+
+def flag_names(message: str, cls: type) -> str:
+    """A library message as the command line's user reads it: the fields of `cls` it names
+    become flags ("n_sequences must be ..." -> "--n-sequences must be ...", "pass
+    overwrite=True" -> "pass --overwrite", "images='svg'" -> "--images svg")."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init and not f.metadata.get("positional")}
+    flag = {n: "--" + n.replace("_", "-") for n in fields}
+    names = "|".join(sorted(map(re.escape, fields), key=len, reverse=True))
+    if not names:
+        return message
+
+    def assigned(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2).strip("'\"")
+        if value == "True":
+            return flag[name]
+        if value == "False":
+            return "--no-" + flag[name][2:]
+        return f"{flag[name]} {value}"
+
+    # name=value (a keyword argument spelled in a message)
+    message = re.sub(rf"(?<![\w.\-/])({names})=('[^']*'|\"[^\"]*\"|[\w.+\-]+)", assigned, message)
+    # a field named as the subject of a rule, or any field spelled with an underscore
+    message = re.sub(rf"(?<![\w.\-/'\"])({names})(?= must\b| must be\b)",
+                     lambda m: flag[m.group(1)], message)
+    under = "|".join(sorted((re.escape(n) for n in fields if "_" in n), key=len, reverse=True))
+    if under:
+        message = re.sub(rf"(?<![\w.\-/'\"])({under})(?![\w/])", lambda m: flag[m.group(1)], message)
+    return message
+
+
+# Other libraries' progress bars (huggingface_hub downloads, transformers' "Loading weights" and
+# GGUF conversion, datasets): off under ours, which cover the same steps. Read when those
+# libraries are imported, which the command line does after setting them.
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+@contextmanager
+def quiet_third_party(progress: bool = True):
+    """Third-party progress bars off while a command runs; with `progress=False` every tqdm bar
+    (`TQDM_DISABLE`), ours included. Variables the user has set are kept."""
+    env = dict(_QUIET_ENV, **({} if progress else {"TQDM_DISABLE": "1"}))
+    old = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    if "transformers" in sys.modules:  # imported already (a second command in one process)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+def check_heads_early(cfg) -> None:
+    """Layer/head indices of `cfg` against the model's config, before its weights load."""
+    heads = []
+    for role in ("target", "control"):
+        layer, head = getattr(cfg, f"{role}_layer", None), getattr(cfg, f"{role}_head", None)
+        if layer is not None or head is not None:
+            heads.append((f"--{role}-layer/--{role}-head", layer, head))
+    if isinstance(getattr(cfg, "head", None), str):
+        from spectra_lens.validate import HeadRef
+
+        heads.append((cfg.head, *HeadRef.parse(cfg.head)))
+    for text in getattr(cfg, "scale", ()) or ():
+        from spectra_lens.generate import parse_scale
+
+        heads.append((f"--scale {text}", *parse_scale(text)[:2]))
+    if heads:
+        from spectra_lens.models import check_heads
+
+        check_heads(getattr(cfg, "model", None), heads)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, without the source line underneath (it reads like a traceback)."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def configure_logging(verbose: int = 0, level: str | None = None) -> int:
@@ -240,7 +361,11 @@ def configure_logging(verbose: int = 0, level: str | None = None) -> int:
 
 def parse(argv: list[str]) -> tuple[str, object, argparse.Namespace]:
     """(command, config, the common options) from `argv`; argparse exits on a usage error."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, which knows its flags
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     values = vars(args).copy()
     name = values.pop("command")
     for key in ("verbose", "log_level", "no_progress"):
@@ -264,17 +389,27 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, or a usage error argparse has printed
         return e.code if isinstance(e.code, int) else 2
     configure_logging(args.verbose, args.log_level)
-    from spectra_lens.errors import run_command
+    from spectra_lens.errors import SpectraError, run_command
 
     def command(_argv) -> int:
         t0 = time.perf_counter()
-        module = importlib.import_module(COMMANDS[name].module)
-        status = module.command(cfg, progress=not args.no_progress)
+        try:
+            check_heads_early(cfg)
+            module = importlib.import_module(COMMANDS[name].module)
+            status = module.command(cfg, progress=not args.no_progress)
+        except SpectraError as e:  # the library's message, with flags for the fields it names
+            raise SpectraError(flag_names(str(e), type(cfg))) from e
         logging.getLogger("spectra_lens.cli").info("%s finished in %.1f s", name, time.perf_counter() - t0)
         return int(status or 0)
 
-    # a user error: one line, exit 2; Ctrl-C: one line, exit 130
-    return run_command(command, argv)
+    # a user error: one line, exit 2; Ctrl-C: one line, exit 130; warnings: one line each
+    was = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        with quiet_third_party(not args.no_progress):
+            return run_command(command, argv)
+    finally:
+        warnings.formatwarning = was
 
 
 if __name__ == "__main__":

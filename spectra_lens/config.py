@@ -73,7 +73,7 @@ class ObservationalConfig(RunOptions):
     min_position: int = 1  # tokens before this position (the sink/BOS token) are excluded
     top_mass: float | None = 0.9  # mass of k_eff_top90; None skips it (its sort is ~2/3 of capture cost)
     n_boot: int = 1000  # bootstrap resamples of whole documents (intervals of r)
-    records: bool = True  # also write per-token Parquet records (statistics use the moments)
+    records: bool = False  # also write per-token Parquet records (statistics use the moments)
     n_folds: int = 4  # disjoint random document folds for the consistency check
     fd_sequences: int = 4  # sequences from distinct documents for the finite-difference gain; 0 skips
     fdr_alpha: float = 0.05  # Benjamini-Hochberg false discovery rate across all heads
@@ -298,7 +298,8 @@ FLAG_HELP: dict[str, str] = {
     "min_position": "query positions before this one (the sink/BOS token) are left out",
     "top_mass": "attention mass of the k_eff_top90 metric; 'none' skips it (a faster capture)",
     "n_boot": "bootstrap resamples of whole documents (percentile intervals of r)",
-    "records": "also write per-token Parquet records (the statistics use per-document moments)",
+    "records": "also write per-token Parquet records, ~16 kB per token on the default model "
+               "(the statistics use per-document moments)",
     "n_folds": "disjoint random document folds for the consistency check",
     "fd_sequences": "sequences (from distinct documents) for the finite-difference gain; 0 skips it",
     "fdr_alpha": "Benjamini-Hochberg false discovery rate across all heads",
@@ -321,7 +322,7 @@ FLAG_HELP: dict[str, str] = {
     "corpora": "corpora to include (as for --corpus), separated by spaces or in repeated flags",
     "gain_sequences": "sequences of the gain experiment in every cell",
     "run_gain": "also run the gain experiment (EXP2) in every cell",
-    "seed": "random seed (bootstrap resamples, replication split, sampling); recorded in manifests",
+    "seed": "random seed: bootstrap resamples, replication split, sampling",
     "dtype": "dtype of the model weights; metrics are always computed in float32",
     "device": "torch device, e.g. cpu or cuda:0",
     "device_map": "spread the model over devices (Hugging Face device_map): auto, balanced, sequential, "

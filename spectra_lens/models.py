@@ -23,6 +23,8 @@ __all__ = [
     "DEFAULT_GGUF",
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
+    "check_heads",
+    "model_shape",
     "QWEN_MODEL",
     "bridge_from_hf",
     "default_gguf",
@@ -367,6 +369,67 @@ def bridge_from_hf(hf_model, tokenizer=None, *, architecture: str | None = None)
     except Exception as e:  # the adapter factory raises several types for unsupported models
         raise SpectraError(f"TransformerLens has no bridge for architecture {arch!r}: {e}") from e
     return bridge.eval()
+
+
+# (layers, query heads) of the embedded models, for answering range checks before the first
+# conversion has written their config.json
+_EMBEDDED_SHAPES = {DEFAULT_MODEL: (30, 9), QWEN_MODEL: (24, 14)}
+
+
+def model_shape(spec=None) -> tuple[int, int] | None:
+    """(n_layers, n_heads) of a model spec read from its config alone, without loading weights
+    (and without the network): the embedded models' known shapes or cached config, a local
+    directory's config.json, a hub id's config.json in the local Hugging Face cache. None where
+    no config is at hand."""
+    import json
+
+    path = None
+    if not isinstance(spec, str | os.PathLike | None):
+        return None
+    name = DEFAULT_MODEL if spec is None or spec == "default" else str(spec)
+    embedded = next((n for n in EMBEDDED_MODELS if n.lower() == name.lower()), None)
+    if embedded is not None:
+        path = _cache_root() / "models" / embedded / "config.json"
+        if not path.exists():
+            return _EMBEDDED_SHAPES.get(embedded)
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser() / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, "config.json")
+            path = Path(found) if isinstance(found, str) else None
+        except Exception:  # not a valid repo id, no cache: the load will say what is wrong
+            return None
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    layers = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+                   if isinstance(config.get(k), int)), None)
+    heads = next((config[k] for k in ("num_attention_heads", "n_head", "num_heads", "n_heads")
+                  if isinstance(config.get(k), int)), None)
+    return (layers, heads) if layers and heads else None
+
+
+def check_heads(spec, heads) -> None:
+    """SpectraError for a head outside the model of `spec`, before its weights load (as far as
+    `model_shape` can tell; the loaded model's layout checks again). `heads`: (what, layer,
+    head) with either index None when not given."""
+    shape = model_shape(spec)
+    if shape is None:
+        return
+    n_layers, n_heads = shape
+    name = DEFAULT_MODEL if spec is None or spec == "default" else spec
+    for what, layer, head in heads:
+        if layer is not None and not 0 <= layer < n_layers:
+            raise SpectraError(f"{what}: no layer {layer} in {name}, which has {n_layers} layers "
+                               f"(0 to {n_layers - 1})")
+        if head is not None and not 0 <= head < n_heads:
+            raise SpectraError(f"{what}: no head {head} in {name}, which has {n_heads} heads per "
+                               f"layer (0 to {n_heads - 1})")
 
 
 def _is_default(spec) -> bool:

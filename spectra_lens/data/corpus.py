@@ -355,7 +355,7 @@ def tokenize_documents(
         raise SpectraError(
             f"corpus too short: {n_read} documents ({n_tokens} tokens) hold no document of at "
             f"least {content_len} tokens, the content of one sequence of seq_len={seq_len}; "
-            "use a shorter seq_len or packing='stream'")
+            "use a shorter seq_len (in Python, packing='stream' also joins documents)")
     if max_sequences is None:
         picked = [(d, k) for d in chunks for k in range(len(chunks[d]))]
     elif balance:

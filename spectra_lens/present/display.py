@@ -3,6 +3,7 @@
 """
 
 import html
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -45,11 +46,19 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
 
 
 @contextmanager
-def stages(desc: str, names: list[str], *, enabled: bool = True) -> Iterator:
+def stages(desc: str, names: list[str], *, enabled: bool = True, tick: float = 2.0) -> Iterator:
     """A bar over named stages of one long step: `with stages("load model", [...]) as step:`
-    then `step("weights")` before each stage; the current stage shows beside the bar."""
+    then `step("weights")` before each stage; the current stage shows beside the bar, and the
+    bar redraws every `tick` seconds, so a long stage shows its elapsed time instead of silence."""
     bar = progress_bar(total=len(names), desc=desc, unit="step", enabled=enabled)
     started = []
+    done = threading.Event()
+    if enabled and not bar.disable:
+        def redraw() -> None:
+            while not done.wait(tick):
+                bar.refresh()
+
+        threading.Thread(target=redraw, daemon=True).start()
 
     def step(name: str) -> None:
         if started:
@@ -63,4 +72,5 @@ def stages(desc: str, names: list[str], *, enabled: bool = True) -> Iterator:
             bar.update(1)
         bar.set_postfix_str("done", refresh=True)
     finally:
+        done.set()
         bar.close()

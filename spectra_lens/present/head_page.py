@@ -159,6 +159,7 @@ def head_page(
     n_shown: int = 32,
     ci: float = 0.95,
     model_name: str | None = None,
+    progress: bool = False,
 ) -> HeadPage:
     """Measure one head for its page.
 
@@ -168,7 +169,20 @@ def head_page(
     `alpha_grid`: the α-curve (1 is added); `types`: a head_types table (else this head's scores
     are measured on `text`); `agreement`: agreement.csv (its `obs_slope` and `gain_analytic`
     with intervals are shown when it has a row for the head; else both are computed on `text`).
+    `progress`: a bar over the page's stages.
     """
+    from spectra_lens.present.display import stages
+
+    names = ["metrics", "head types", "alpha curve", "generation", "patterns"]
+    with stages(f"head L{layer}H{head}", names, enabled=progress) as stage:
+        return _head_page(model, layer, head, text=text, prompt=prompt, alphas=alphas,
+                          alpha_grid=alpha_grid, types=types, agreement=agreement,
+                          max_new_tokens=max_new_tokens, n_shown=n_shown, ci=ci,
+                          model_name=model_name, stage=stage)
+
+
+def _head_page(model, layer, head, *, text, prompt, alphas, alpha_grid, types, agreement,
+               max_new_tokens, n_shown, ci, model_name, stage) -> HeadPage:
     layout = attention_layout(model)
     layout.check_head(layer, head)
     text = check_tokens(text)
@@ -182,10 +196,12 @@ def head_page(
     notes: list[str] = []
 
     # Per-token ‖q‖ and entropy on every text sequence.
+    stage("metrics")
     m = capture_metrics(model, text, layers=[layer])
     q_norm = m.q_norm[:, 0, head].double().numpy()  # [batch, pos]
     entropy = m.entropy[:, 0, head].double().numpy()
 
+    stage("head types")
     if types is None:
         types = head_type_scores(model, diagnostic_inputs(model, text, n_repeated=8, half_len=32))
     row = types[(types["layer"] == layer) & (types["head"] == head)]
@@ -193,6 +209,7 @@ def head_page(
         raise SpectraError(f"the head-types table has no row for L{layer}H{head}")
     scores = row.iloc[0].to_dict()
 
+    stage("alpha curve")
     sweep = head_curves(model, text, grid, layers=[layer])
     curve = sweep.summary(ci=ci)
     curve = curve[curve["head"] == head].reset_index(drop=True)
@@ -218,12 +235,14 @@ def head_page(
                  *_interval(fitted, ci), "computed"))
     estimates = pd.DataFrame(rows, columns=["estimate", "value", "ci_low", "ci_high", "source"])
 
+    stage("generation")
     if prompt is None:
         prompt = text[0, : min(16, text.shape[1])]
     gens = {a: compare_generations(model, prompt, [QueryScale(layer, head, a)], modes=("greedy",),
                                    max_new_tokens=max_new_tokens)["greedy"] for a in alphas}
 
     # Patterns of a text sequence, a repeated random sequence and the prompt, token-labelled.
+    stage("patterns")
     n = min(n_shown, text.shape[1])
     rep = diagnostic_inputs(model, text, n_repeated=2, half_len=min(12, max(4, n // 2))).repeated[:1]
     shown = {"text": text[:1, :n], "repeated random tokens": rep,

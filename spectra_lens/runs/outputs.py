@@ -58,16 +58,28 @@ def _natural_key(p: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
 
-def write_outputs(rd: RunDir, tables: dict, figures: dict, *, images: str = "png") -> list[str]:
+def write_outputs(rd: RunDir, tables: dict, figures: dict, *, images: str = "png",
+                  progress: bool = False) -> list[str]:
     """Write every table as `{name}.csv` and every figure under figures/ (HTML and JSON), then
     the figures' images (formats `images`: "png", "png,svg", "none") in one browser session,
-    timed as timings["images_s"]; the CSV file names written."""
+    timed as timings["images_s"]; the CSV file names written. `progress`: a bar over the two."""
+    from spectra_lens.present.display import stages
+
+    formats = figs.image_formats(images)
+    what = f"figures and {', '.join(formats)} images" if formats and figures else "figures"
+    with stages("write outputs", ["tables", what], enabled=progress) as step:
+        step("tables")
+        names = _write_outputs(rd, tables, figures, formats, step=lambda: step(what))
+    return names
+
+
+def _write_outputs(rd: RunDir, tables: dict, figures: dict, formats, *, step) -> list[str]:
     names = []
     for name, frame in tables.items():
         rd.write_csv(f"{name}.csv", frame)
         names.append(f"{name}.csv")
+    step()
     # every file the figures may write is listed in the run's manifest first (`RunDir.output`)
-    formats = figs.image_formats(images)
     for name in figures:
         for suffix in ("html", "json", *formats):
             rd.output(f"figures/{name}.{suffix}")

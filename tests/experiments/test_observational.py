@@ -54,7 +54,8 @@ def corpus(tmp_path_factory) -> str:
 def config(out, corpus, **kw) -> ObservationalConfig:
     """12 sequences of 24 tokens (12 documents) in 3 shards: ~1 s of capture on a tiny model."""
     base = dict(corpus=corpus, out=str(out), seq_len=24, n_sequences=12, shard_size=4,
-                batch_size=4, n_boot=100, top_heads=3, fd_sequences=2)
+                batch_size=4, n_boot=100, top_heads=3, fd_sequences=2,
+                records=True)
     return ObservationalConfig(**(base | kw))
 
 
@@ -487,8 +488,8 @@ def test_cli_bad_input_returns_2_with_a_message(tmp_path, finished, capsys, monk
     cases = [
         (["--corpus", str(tmp_path / "empty.txt")], "empty"),
         (["--corpus", str(tmp_path / "missing.txt")], "not found"),
-        (["--seq-len", "1"], "seq_len"),
-        (["--fdr-alpha", "1.5"], "fdr_alpha"),
+        (["--seq-len", "1"], "--seq-len"),
+        (["--fdr-alpha", "1.5"], "--fdr-alpha"),
     ]
     for i, (argv, message) in enumerate(cases):
         out = tmp_path / f"run{i}"
