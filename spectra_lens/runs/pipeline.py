@@ -181,7 +181,7 @@ class RunTokens:
 
     measure: torch.Tensor  # [n_sequences, seq_len]
     select: torch.Tensor  # [n_select, seq_len]; the measured tokens when none were held out
-    held_out: bool  # True when `select` is disjoint from `measure`
+    held_out: bool  # True when `select` comes from documents disjoint from `measure`'s
     corpus: str  # description recorded in the manifest
     measure_documents: object = None  # one document id per measured sequence; None: each its own
     select_documents: object = None  # the same for `select`
@@ -193,8 +193,12 @@ class RunTokens:
 
 
 def load_run_tokens(cfg, model, tokens: torch.Tensor | None = None) -> RunTokens:
-    """Tokens of a run: `tokens` as given, else `cfg.n_select` + `cfg.n_sequences` sequences of
-    `cfg.corpus` (the first `n_select` choose default heads, the rest are measured).
+    """Tokens of a run: `tokens` as given (then the selection uses the same tokens, `held_out`
+    False), else `cfg.n_select` sequences of `cfg.corpus` that choose default heads and
+    `cfg.n_sequences` measured ones, from disjoint documents (`split_by_document`: the corpus's
+    first documents choose, the later ones are measured); `split` records each side's document
+    ids and sequence indices for the manifest. With `n_select` > 0, fewer than
+    `causal.MIN_MEASURE_DOCUMENTS` measured documents is refused (SpectraError).
 
     A corpus is tokenized with `corpus.tokenize_documents` (sequences never span documents,
     drawn round-robin across documents), so the measured sample comes from many documents and
