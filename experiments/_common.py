@@ -6,10 +6,11 @@ Default heads. With no --target-layer the target layer is the middle one (n_laye
 no --target-head the target is the head of that layer with the most negative analytic local gain
 dH/d ln α at α = 1 = −Var_p(s) (the head whose entropy responds most to query scale). The
 control (no --control-head) is the head whose observational r(log ‖q‖, entropy) is nearest 0
-with a tight document-bootstrap interval (`causal.CONTROL_RULE`), among all heads but the
-target, or among the heads of --control-layer when given. Both are chosen on `n_select`
-held-out sequences, the ones just before the measured sequences in the corpus, so the heads are
-not chosen on the data that then measures them. When the caller passes tokens, the selection
+with a tight document-level jackknife interval that covers 0 (`causal.CONTROL_RULE`), among all
+heads but the target, or among the heads of --control-layer when given. Both are chosen on
+`n_select` held-out sequences from documents disjoint from the measured ones
+(`runs.pipeline.split_by_document`), so the heads are not chosen on the data that then measures
+them. When the caller passes tokens, the selection
 uses those tokens (recorded).
 """
 
@@ -17,7 +18,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from spectra_lens.causal import CONTROL_RULE, choose_control_head, head_r_table
+from spectra_lens.causal import (
+    CONTROL_RULE,
+    CONTROL_TOP,
+    choose_control_head,
+    control_ranking,
+    head_r_table,
+)
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout
 from spectra_lens.metrics import K_EFF_DEFINITIONS
@@ -57,8 +64,10 @@ def choose_heads(cfg, model, layout: AttentionLayout, tokens: RunTokens, *,
                  control: bool = True) -> tuple[HeadChoice, pd.DataFrame | None]:
     """Target (and control) heads: the config's, with None fields chosen by SELECTION_RULE.
 
-    Returns the choice and, with `control`, the r table of every head on the selection
-    sequences that the control rule reads (`causal.head_r_table`, with a "role" column).
+    Returns the choice and, with `control`, the control rule's top `causal.CONTROL_TOP`
+    candidates on the selection documents (`causal.control_ranking`: r, its document jackknife
+    interval and p, the rule's score, rank), the control marked (`role`, `chosen`; a given
+    control is added when it is not among them).
     Raises SpectraError for a head out of range or a control equal to the target.
     """
     t_layer = cfg.target_layer if cfg.target_layer is not None else layout.n_layers // 2
@@ -79,20 +88,28 @@ def choose_heads(cfg, model, layout: AttentionLayout, tokens: RunTokens, *,
     if not control:
         return HeadChoice(target, None, tuple(chosen), gains), None
     table = head_r_table(model, tokens.select, tokens.select_documents, min_position=cfg.min_position,
-                         ci=cfg.ci, n_boot=cfg.n_boot, seed=cfg.seed, batch_size=cfg.max_rows)
+                         ci=cfg.ci, batch_size=cfg.max_rows)
     if c_head is None:
         chosen += [name for name, v in (("control_layer", c_layer), ("control_head", c_head)) if v is None]
-        ctrl = choose_control_head(table, target, layer=c_layer)
+        ctrl = choose_control_head(table, target, layer=c_layer, ci=cfg.ci)
     else:
         ctrl = (t_layer if c_layer is None else c_layer, c_head)
     if ctrl == target:
         raise SpectraError(
             f"the control head must differ from the target head; both are layer {t_layer} head {t_head}"
         )
-    table.insert(2, "role", ["target" if (l, h) == target else "control" if (l, h) == ctrl else ""
-                             for l, h in zip(table["layer"], table["head"])])
-    row = table[table["role"] == "control"].iloc[0].drop("role").to_dict()
-    return HeadChoice(target, ctrl, tuple(chosen), gains, control_r=row), table
+    ranked = control_ranking(table, target, layer=c_layer if c_head is None else None, ci=cfg.ci)
+    is_ctrl = (ranked["layer"] == ctrl[0]) & (ranked["head"] == ctrl[1])
+    shown = ranked[(ranked["rank"] <= CONTROL_TOP) | is_ctrl].copy()
+    shown.insert(2, "role", ["control" if (l, h) == ctrl else "" for l, h in zip(shown["layer"], shown["head"])])
+    shown.insert(3, "chosen", shown["role"] == "control")
+    shown.insert(4, "chosen_by", "rule" if c_head is None else "")
+    shown.loc[shown["chosen"], "chosen_by"] = "rule" if c_head is None else "given"
+    first = ["rank", "layer", "head", "role", "chosen", "chosen_by", "r_log_q_entropy", "r_ci_low", "r_ci_high",
+             "p_doc", "control_score", "eligible"]
+    shown = shown[first + [c for c in shown.columns if c not in first]].reset_index(drop=True)
+    row = table[(table["layer"] == ctrl[0]) & (table["head"] == ctrl[1])].iloc[0].to_dict()
+    return HeadChoice(target, ctrl, tuple(chosen), gains, control_r=row), shown
 
 
 # --------------------------------------------------------------------------- helpers

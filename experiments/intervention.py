@@ -6,7 +6,8 @@
 
 For a target head and a control head (defaults: see experiments/_common.py — the middle layer's
 head with the most negative analytic gain −Var_p(s), and the head whose observational
-r(log ‖q‖, entropy) is nearest 0 with a tight interval, both chosen on held-out sequences), each
+r(log ‖q‖, entropy) is nearest 0 with a tight document-jackknife interval, both chosen on held-out
+documents disjoint from the measured ones), each
 α of the grid is applied with `interventions.QueryScale` in real forward passes (α batched). Measured per
 α, with document-bootstrap intervals: the head's mean entropy, max attention, k_eff (exp(H); also
 participation ratio and top-90% count) as the identity check they are, and the outcomes: the
@@ -26,6 +27,7 @@ effects, later-head heatmaps; HTML, and PNG where kaleido works) and `manifest.j
 """
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -79,7 +81,7 @@ class InterventionResult:
     sweeps: dict  # role -> ExactSweep (tensors per sequence, no patterns); also "rotation"
     choice: C.HeadChoice
     effects: pd.DataFrame | None = None  # intervention_effects.csv: one row per condition × grid value
-    control_selection: pd.DataFrame | None = None  # control_selection.csv: r(log ||q||, H) per head
+    control_selection: pd.DataFrame | None = None  # control_selection.csv: the rule's top candidates
     controls: dict | None = None  # sham summary, direction spread, rotation angles (manifest)
     out: Path | None = None
 
@@ -234,7 +236,10 @@ def compute(cfg: InterventionConfig, model, tokens: P.RunTokens, *, progress: bo
                 "rotation_multiples": [multiples[a] for a in angles], "rotation_seed": cfg.seed,
                 "control_rule": CONTROL_RULE,
                 "control_chosen_by": "rule" if "control_head" in choice.chosen else "given",
-                "control_r": choice.control_r}
+                "control_r": choice.control_r,
+                "control_candidates": json.loads(r_table[[
+                    "rank", "layer", "head", "r_log_q_entropy", "r_ci_low", "r_ci_high", "p_doc",
+                    "control_score", "eligible", "chosen"]].to_json(orient="records"))}
     return InterventionResult(heads=heads, tables=tables, downstream=downstream, sweeps=sweeps,
                               choice=choice, effects=effects, control_selection=r_table,
                               controls=controls)
@@ -258,8 +263,9 @@ OUTPUTS = O.Outputs(
                      "delta_loss_ci_high", "kl_unscaled_scaled", "kl_unscaled_scaled_ci_low",
                      "kl_unscaled_scaled_ci_high", "later_mean_abs_delta_entropy",
                      "later_heads_changed", "own_delta_entropy", "own_effect", "n_documents"), rows=30),
-        O.Table("control_selection.csv", "control head choice: r(log ||q||, H) on held-out sequences",
-                (), ("layer", "head", "role", "r_log_q_entropy", "r_ci_low", "r_ci_high"), rows=12),
+        O.Table("control_selection.csv", "control head choice: the rule's top candidates on held-out documents",
+                (), ("rank", "layer", "head", "role", "chosen", "r_log_q_entropy", "r_ci_low", "r_ci_high",
+                     "p_doc", "control_score", "eligible"), rows=12),
     ),
 )
 

@@ -10,8 +10,9 @@ is no evidence. What the model does with the change is not fixed by the mathemat
 * **controls**: a *sham* (`sham_check`: the scaling hook attached at α = 1, which must change
   nothing, bit for bit), a *norm-preserving rotation* of the same head's query (`QueryRotate`)
   by an angle matched to the head's natural variation in direction (`query_direction_spread`), and a
-  *control head* chosen because its observational r(log ‖q‖, H) is near 0 with a tight interval
-  on held-out sequences (`choose_control_head`, rule `CONTROL_RULE`).
+  *control head* chosen because its observational r(log ‖q‖, H) is near 0 with a tight
+  document-level jackknife interval on held-out documents (`choose_control_head`, rule
+  `CONTROL_RULE`; `control_ranking` gives the runners-up).
 
 Intervals resample **documents** (`document_bootstrap`): a percentile bootstrap of the mean over
 sequences, in which every resampled document brings all its sequences. The bootstrap mean of
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Int
+from scipy import stats
 from torch import Tensor
 
 from spectra_lens.capture import MetricCapture, attached
@@ -40,22 +43,36 @@ from spectra_lens.validate import check_min_position, check_tokens
 
 __all__ = [
     "CONTROL_RULE",
+    "CONTROL_TOP",
+    "MIN_MEASURE_DOCUMENTS",
+    "MIN_SELECT_DOCUMENTS",
     "DirectionSpread",
     "SmallClusterWarning",
     "choose_control_head",
+    "control_ranking",
     "document_bootstrap",
     "query_direction_spread",
     "head_r_table",
+    "r_scores_from_sums",
     "sham_check",
 ]
 
 log = logging.getLogger(__name__)
 
+MIN_MEASURE_DOCUMENTS = 4
+MIN_SELECT_DOCUMENTS = 2
+CONTROL_TOP = 5
+
 CONTROL_RULE = (
     "control head: among all heads other than the target (or those of --control-layer when "
-    "given), the one whose document-bootstrap interval of the token-level Pearson r(log ||q||, "
-    "entropy) on the held-out selection sequences has the smallest max(|low|, |high|): r near 0 "
-    "with a tight interval; ties broken by |r|"
+    "given), scored on the selection documents, which are disjoint from the measured ones: the "
+    "token-level Pearson r(log ||q||, entropy) with a document-level jackknife interval (the "
+    "slope of entropy on log ||q|| refitted leaving out one document at a time, t with G - 1 df; "
+    "the slope's interval times sd(log ||q||)/sd(entropy)) and its p for r = 0. Eligible: p >= 1 - ci (the calibrated test finds no dependence). Score: "
+    "max(|low|, |high|) of the interval, the smallest margin within which r is shown to be near "
+    "0; the eligible head with the smallest score is the control, ties broken by |r|. Refused "
+    f"with fewer than {MIN_SELECT_DOCUMENTS} selection documents, or fewer than "
+    f"{MIN_MEASURE_DOCUMENTS} measured documents left after holding them out"
 )
 
 ROTATION_RULE = (
@@ -239,14 +256,69 @@ def _pearson_from_sums(n, sx, sy, sxx, syy, sxy):
     return pearson(sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n)
 
 
+def r_scores_from_sums(sums: np.ndarray, *, ci: float = 0.95) -> dict[str, np.ndarray]:
+    """r(x, y) with a document-level jackknife t interval and p, from per-document sums.
+
+    `sums` is `[document, 6, ...]`: per document the sums of 1, x, y, x², y² and xy (any trailing
+    shape, e.g. layer × head). The slope β of y on x is refitted leaving out one document at a
+    time (β₍g₎); se = √((G − 1)/G · Σ_g (β₍g₎ − mean β₍·₎)²) (the CR3 / leave-one-cluster-out
+    variance) and the reference is t with G − 1 degrees of freedom. r = β · sd(x)/sd(y), so the
+    slope's interval times sd(x)/sd(y) is the interval of r with the sample SDs held fixed; it
+    excludes 0 exactly when p < 1 − ci. Under a null with document-clustered tokens the test
+    rejects at its nominal rate at 16 documents (tests/sweep/test_causal.py), where the
+    percentile bootstrap of r and CR2 with Bell–McCaffrey df reject too often.
+
+    Returns {"r", "low", "high", "p", "df", "score", "n_tokens", "n_documents"} with the
+    trailing shape; score = max(|low|, |high|); NaN where r or the interval is undefined (fewer
+    than 2 documents, a constant variable).
+    """
+    sums = np.asarray(sums, dtype=float)
+    g, six, *shape = sums.shape
+    if six != 6:
+        raise SpectraError(f"sums must be [document, 6, ...] (1, x, y, x², y², xy); got {sums.shape}")
+    flat = sums.reshape(g, 6, -1)
+    held = flat[:, 0] > 0  # [doc, head]: documents holding the head's tokens
+    total = flat.sum(0)
+    r = _pearson_from_sums(*total)
+
+    def centred(m):
+        return m[3] - m[1] ** 2 / m[0], m[4] - m[2] ** 2 / m[0], m[5] - m[1] * m[2] / m[0]
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cxx, cyy, cxy = centred(total)
+        beta = cxy / cxx
+        loo = total[None] - flat  # [doc, 6, head]
+        lxx, _, lxy = centred(np.moveaxis(loo, 1, 0))
+        b_loo = np.where(held, lxy / lxx, np.nan)
+        n_docs = held.sum(0).astype(float)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # heads with no documents
+            mean_loo = np.nanmean(b_loo, axis=0)
+        se = np.sqrt((n_docs - 1) / n_docs * np.nansum((b_loo - mean_loo) ** 2, axis=0))
+        df = np.where(n_docs >= 2, n_docs - 1, np.nan)
+        t = beta / se
+        p = 2 * stats.t.sf(np.abs(t), df)
+        half = stats.t.ppf(0.5 + ci / 2, df) * se
+        ratio = np.sqrt(cxx / cyy)
+        low, high = (beta - half) * ratio, (beta + half) * ratio
+    bad = ~np.isfinite(r) | ~np.isfinite(low) | ~np.isfinite(high) | ~np.isfinite(p) | ~(n_docs >= 2)
+    nan = lambda v: np.where(bad, np.nan, v)  # noqa: E731
+    low, high = nan(low), nan(high)
+    out = {"r": r, "low": low, "high": high, "p": nan(p), "df": nan(df),
+           "score": np.maximum(np.abs(low), np.abs(high)), "n_tokens": total[0], "n_documents": n_docs}
+    return {k: v.reshape(shape) for k, v in out.items()}
+
+
 def head_r_table(
     model, tokens: Int[Tensor, "batch pos"], documents=None, *, min_position: int = 1,
-    ci: float = 0.95, n_boot: int = 1000, seed: int = 0, batch_size: int = 16,
+    ci: float = 0.95, batch_size: int = 16,
 ) -> pd.DataFrame:
-    """Per head: token-level Pearson r(ln ‖q‖, entropy) on `tokens` (positions ≥ min_position),
-    with a percentile interval that resamples documents (per-document sums of x, y, x², y², xy).
+    """Per head: token-level Pearson r(ln ‖q‖, entropy) on `tokens` (positions ≥ min_position)
+    with its document-level jackknife t interval and p (`r_scores_from_sums`; `documents`: one id
+    per sequence, None: each sequence its own document).
 
-    Columns: layer, head, r_log_q_entropy, r_ci_low, r_ci_high, n_tokens, n_documents.
+    Columns: layer, head, r_log_q_entropy, r_ci_low, r_ci_high, p_doc, df_doc,
+    control_score (max(|low|, |high|)), n_tokens, n_documents.
     """
     tokens = check_tokens(tokens)
     layout = attention_layout(model)
@@ -267,38 +339,54 @@ def head_r_table(
             if sums is None:
                 sums = np.zeros((g, *per_seq.shape[1:]))
             np.add.at(sums, index[start : start + block.shape[0]], per_seq)
-    total = sums.sum(0)
-    r = _pearson_from_sums(*total)
-    rng = np.random.default_rng(seed)
-    if g >= 2:
-        w = rng.multinomial(g, np.full(g, 1.0 / g), size=n_boot).astype(float)
-        boot = np.einsum("bg,gklh->bklh", w, sums)
-        rb = _pearson_from_sums(*(boot[:, k] for k in range(6)))
-        tail = (1 - ci) / 2 * 100
-        low, high = np.nanpercentile(rb, [tail, 100 - tail], axis=0)
-    else:
-        low = high = np.full_like(r, np.nan)
-    L, H = r.shape
+    sc = r_scores_from_sums(sums, ci=ci)
+    L, H = sc["r"].shape
     return pd.DataFrame({
         "layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
-        "r_log_q_entropy": r.reshape(-1), "r_ci_low": low.reshape(-1), "r_ci_high": high.reshape(-1),
-        "n_tokens": int(total[0, 0, 0]), "n_documents": g,
+        "r_log_q_entropy": sc["r"].reshape(-1), "r_ci_low": sc["low"].reshape(-1),
+        "r_ci_high": sc["high"].reshape(-1), "p_doc": sc["p"].reshape(-1),
+        "df_doc": sc["df"].reshape(-1), "control_score": sc["score"].reshape(-1),
+        "n_tokens": int(sc["n_tokens"][0, 0]), "n_documents": g,
     })
 
 
-def choose_control_head(r_table: pd.DataFrame, target: tuple[int, int], *,
-                        layer: int | None = None) -> tuple[int, int]:
-    """The head `CONTROL_RULE` picks from `head_r_table` output."""
-    t = r_table[~((r_table["layer"] == target[0]) & (r_table["head"] == target[1]))]
+def control_ranking(r_table: pd.DataFrame, target: tuple[int, int], *, layer: int | None = None,
+                    ci: float = 0.95) -> pd.DataFrame:
+    """Every candidate of `CONTROL_RULE` (all heads but the target; those of `layer` when
+    given) ranked by the rule: eligible heads (p ≥ 1 − ci) first by score then |r|, then the
+    ineligible ones the same way. Adds `eligible`, `control_score` (when absent) and `rank`
+    (1 = the rule's choice when it is eligible)."""
+    t = r_table[~((r_table["layer"] == target[0]) & (r_table["head"] == target[1]))].copy()
     if layer is not None:
         t = t[t["layer"] == layer]
-    t = t[np.isfinite(t["r_ci_low"]) & np.isfinite(t["r_ci_high"])]
-    if t.empty:
-        raise SpectraError("no head other than the target has a finite r interval to choose a control from "
-                           "(too few selection documents?)")
-    score = np.maximum(t["r_ci_low"].abs(), t["r_ci_high"].abs())
-    order = np.lexsort((t["r_log_q_entropy"].abs().to_numpy(), score.to_numpy()))
-    row = t.iloc[order[0]]
+    if "control_score" not in t.columns:
+        t["control_score"] = np.maximum(t["r_ci_low"].abs(), t["r_ci_high"].abs())
+    finite = np.isfinite(t["control_score"]) & np.isfinite(t["p_doc"])
+    t["eligible"] = finite & (t["p_doc"] >= 1 - ci)
+    order = np.lexsort((t["r_log_q_entropy"].abs().fillna(np.inf).to_numpy(),
+                        t["control_score"].fillna(np.inf).to_numpy(), ~t["eligible"].to_numpy()))
+    t = t.iloc[order].reset_index(drop=True)
+    t["rank"] = np.arange(1, len(t) + 1)
+    return t
+
+
+def choose_control_head(r_table: pd.DataFrame, target: tuple[int, int], *,
+                        layer: int | None = None, ci: float = 0.95) -> tuple[int, int]:
+    """The head `CONTROL_RULE` picks from `head_r_table` output; SpectraError (one line) when
+    no head is eligible or the intervals are undefined (fewer than MIN_SELECT_DOCUMENTS)."""
+    ranked = control_ranking(r_table, target, layer=layer, ci=ci)
+    where = "" if layer is None else f" of layer {layer}"
+    if ranked.empty or not np.isfinite(ranked["control_score"]).any():
+        n_docs = int(r_table["n_documents"].iloc[0]) if "n_documents" in r_table and len(r_table) else 0
+        raise SpectraError(
+            f"no head{where} other than the target has a finite r interval to choose a control from: "
+            f"the rule needs at least {MIN_SELECT_DOCUMENTS} selection documents, got {n_docs} "
+            "(raise --n-select or pass --control-head)")
+    if not ranked["eligible"].iloc[0]:
+        raise SpectraError(
+            f"no head{where} other than the target has r(log ||q||, entropy) indistinguishable from 0 "
+            f"(document jackknife p >= {1 - ci:g}) on the selection documents; pass --control-head")
+    row = ranked.iloc[0]
     return int(row["layer"]), int(row["head"])
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spectra_lens.causal import MIN_MEASURE_DOCUMENTS
 from spectra_lens.data.corpus import tokenize_documents
 from spectra_lens.data.shards import ShardManifest, corpus_from_spec, load_tokens
 from spectra_lens.errors import SpectraError
@@ -43,6 +44,7 @@ __all__ = [
     "provenance",
     "read_shares",
     "run_directory",
+    "split_by_document",
     "timed",
 ]
 
@@ -138,7 +140,8 @@ def provenance(setup: RunSetup, choice, seed: int) -> dict:
     return dict(
         model=model_info(setup.model_name, setup.layout, setup.model), corpus=t.corpus,
         n_sequences=int(t.measure.shape[0]), seq_len=int(t.measure.shape[1]),
-        selection={**choice.as_dict(), "held_out": t.held_out, "n_select": int(t.select.shape[0])},
+        selection={**choice.as_dict(), "held_out": t.held_out, "n_select": int(t.select.shape[0]),
+                   **({"split": t.split} if t.split is not None else {})},
         seed=seed,
     )
 
@@ -178,10 +181,11 @@ class RunTokens:
 
     measure: torch.Tensor  # [n_sequences, seq_len]
     select: torch.Tensor  # [n_select, seq_len]; the measured tokens when none were held out
-    held_out: bool  # True when `select` is disjoint from `measure`
+    held_out: bool  # True when `select` comes from documents disjoint from `measure`'s
     corpus: str  # description recorded in the manifest
     measure_documents: object = None  # one document id per measured sequence; None: each its own
     select_documents: object = None  # the same for `select`
+    split: dict | None = None  # the document ids and corpus sequence indices of each side (manifest)
 
     def __repr__(self) -> str:
         return (f"RunTokens(measure={tuple(self.measure.shape)}, select={tuple(self.select.shape)}, "
@@ -189,8 +193,12 @@ class RunTokens:
 
 
 def load_run_tokens(cfg, model, tokens: torch.Tensor | None = None) -> RunTokens:
-    """Tokens of a run: `tokens` as given, else `cfg.n_select` + `cfg.n_sequences` sequences of
-    `cfg.corpus` (the first `n_select` choose default heads, the rest are measured).
+    """Tokens of a run: `tokens` as given (then the selection uses the same tokens, `held_out`
+    False), else `cfg.n_select` sequences of `cfg.corpus` that choose default heads and
+    `cfg.n_sequences` measured ones, from disjoint documents (`split_by_document`: the corpus's
+    first documents choose, the later ones are measured); `split` records each side's document
+    ids and sequence indices for the manifest. With `n_select` > 0, fewer than
+    `causal.MIN_MEASURE_DOCUMENTS` measured documents is refused (SpectraError).
 
     A corpus is tokenized with `corpus.tokenize_documents` (sequences never span documents,
     drawn round-robin across documents), so the measured sample comes from many documents and
@@ -204,40 +212,92 @@ def load_run_tokens(cfg, model, tokens: torch.Tensor | None = None) -> RunTokens
         return RunTokens(tokens.long(), tokens.long(), False, "tokens passed by the caller")
     n, n_sel = cfg.n_sequences, cfg.n_select
     source = corpus_from_spec(cfg.corpus)
+    sel = meas = np.zeros(0, dtype=int)
     if isinstance(source, ShardManifest):
         if source.seq_len != cfg.seq_len:
             raise SpectraError(
                 f"shards in {source.directory} have seq_len {source.seq_len}; expected "
                 f"--seq-len {cfg.seq_len} (pass --seq-len {source.seq_len})"
             )
-        stop = min(source.n_sequences, n_sel + n)
-        all_tokens = load_tokens(source, stop=stop)
-        docs = source.documents_of(0, stop)
+        all_tokens = load_tokens(source)
+        docs = source.documents_of(0, source.n_sequences)
         all_docs = None if docs is None else np.asarray(docs)
         description = source.corpus or str(source.directory)
+        sel, meas = split_by_document(all_docs, len(all_tokens), n_sel, n)
     else:
         if model.tokenizer is None:
             raise SpectraError("the model has no tokenizer; pass --corpus as a prepared shard directory")
         prepend = getattr(model.cfg, "default_prepend_bos", None)
-        got = tokenize_documents(source, model.tokenizer, seq_len=cfg.seq_len,
-                                 max_sequences=n_sel + n, prepend_bos=prepend)
-        all_tokens, all_docs = got.tokens, got.documents.numpy()
+        want = n_sel + n
+        for _ in range(6):  # documents with several chunks: draw more until the split measures n
+            got = tokenize_documents(source, model.tokenizer, seq_len=cfg.seq_len,
+                                     max_sequences=want, prepend_bos=prepend)
+            all_tokens, all_docs = got.tokens, got.documents.numpy()
+            sel, meas = split_by_document(all_docs, len(all_tokens), n_sel, n)
+            if len(meas) >= n or len(all_tokens) < want:
+                break
+            want *= 2
         description = source.description
-    if len(all_tokens) < n:
+    if len(meas) < n:
         raise SpectraError(
-            f"corpus {description!r} gives {len(all_tokens)} sequences of {cfg.seq_len} tokens; "
-            f"expected at least n_sequences={n} (ask for fewer or use a larger corpus)"
+            f"corpus {description!r} gives {len(meas)} sequences of {cfg.seq_len} tokens from documents "
+            f"not held out for choosing heads; expected at least n_sequences={n} (ask for fewer or use a "
+            "larger corpus)"
         )
     check_vocab(all_tokens, vocab, description)
-    n_held = min(n_sel, len(all_tokens) - n)
-    measure = all_tokens[n_held : n_held + n].long()
-    docs_of = (lambda a, b: None) if all_docs is None else (lambda a, b: all_docs[a:b])  # noqa: E731
-    if n_held == 0:
+    ids = np.arange(len(all_tokens)) if all_docs is None else all_docs
+    if n_sel and len(sel):
+        n_meas_docs = len(np.unique(ids[meas]))
+        if n_meas_docs < MIN_MEASURE_DOCUMENTS:
+            raise SpectraError(
+                f"corpus {description!r}: after holding out {len(np.unique(ids[sel]))} document(s) to choose "
+                f"heads, {n_meas_docs} remain to measure; at least {MIN_MEASURE_DOCUMENTS} are needed "
+                "(a corpus with more documents, or --n-select 0 with every head given)")
+    measure = all_tokens[meas].long()
+    docs_of = (lambda i: None) if all_docs is None else (lambda i: all_docs[i])  # noqa: E731
+    split = {"document_ids": "corpus" if all_docs is not None else "sequence index (the corpus records none)",
+             "select_documents": [int(d) for d in np.unique(ids[sel])],
+             "measure_documents": [int(d) for d in np.unique(ids[meas])],
+             "select_sequences": [int(i) for i in sel], "measure_sequences": [int(i) for i in meas]}
+    if not len(sel):
         if n_sel:
             log.warning("no sequences left to hold out for choosing heads; choosing on the measured ones")
-        return RunTokens(measure, measure, False, description, docs_of(0, n), docs_of(0, n))
-    return RunTokens(measure, all_tokens[:n_held].long(), True, description,
-                     docs_of(n_held, n_held + n), docs_of(0, n_held))
+        split["select_documents"], split["select_sequences"] = split["measure_documents"], split["measure_sequences"]
+        return RunTokens(measure, measure, False, description, docs_of(meas), docs_of(meas), split)
+    return RunTokens(measure, all_tokens[sel].long(), True, description, docs_of(meas), docs_of(sel), split)
+
+
+def split_by_document(documents, n_total: int, n_select: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(selection indices, measured indices) of `n_total` sequences with document ids
+    `documents` (None: each sequence its own document), so that no document has sequences in both.
+
+    The documents, in the order they first appear, are cut into a prefix that chooses heads and
+    the rest, which is measured: the prefix is the shortest one holding `n_select` sequences (and
+    at least 2 documents where there are more than 2), shortened while the rest holds fewer than `n`
+    sequences. Each side takes its sequences round-robin over its documents (every document's
+    first sequence, then the second, ...), `n_select` and `n` of them, returned in corpus order.
+    """
+    ids = np.arange(n_total) if documents is None else np.asarray(documents)
+    order, first = np.unique(ids, return_index=True)
+    order = order[np.argsort(first)]
+    members = [np.flatnonzero(ids == d) for d in order]
+    counts = np.array([len(m) for m in members])
+    cum = np.concatenate([[0], np.cumsum(counts)])
+    k = 0
+    if n_select:
+        need = min(2, len(order) - 1) if len(order) > 2 else 1
+        k = next((j for j in range(1, len(order) + 1) if cum[j] >= n_select and j >= need), len(order))
+        while k > 0 and n_total - cum[k] < n:
+            k -= 1
+
+    def round_robin(groups, m):
+        picked, depth = [], 0
+        while len(picked) < m and any(depth < len(g) for g in groups):
+            picked += [int(g[depth]) for g in groups if depth < len(g)][: m - len(picked)]
+            depth += 1
+        return np.array(sorted(picked), dtype=int)
+
+    return round_robin(members[:k], n_select), round_robin(members[k:], n)
 
 
 # --------------------------------------------------------------------------- heads

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -9,7 +10,6 @@ from spectra_lens.experiments import intervention
 
 from spectra_lens import cli
 from spectra_lens.capture import count_hooks
-from spectra_lens.causal import choose_control_head
 from spectra_lens.config import InterventionConfig
 from spectra_lens.data.shards import write_shards
 from spectra_lens.errors import SpectraError
@@ -83,17 +83,22 @@ def test_default_heads_follow_the_rule(tmp_path, tiny, toks):
     gains = result.choice.gains[layout.n_layers // 2]
     target, control = result.heads["target"], result.heads["control"]
     assert target == (layout.n_layers // 2, min(range(layout.n_heads), key=gains.__getitem__))
-    # the control: r(log ||q||, H) nearest 0 with the tightest interval, any layer but the target
+    # the control: the rule's first candidate (r near 0, its document interval covering 0)
     sel = result.control_selection
-    assert control == choose_control_head(sel, target)
-    rest = sel[(sel["layer"] != target[0]) | (sel["head"] != target[1])]
-    bound = lambda row: max(abs(row["r_ci_low"]), abs(row["r_ci_high"]))  # noqa: E731
-    chosen = sel[(sel["layer"] == control[0]) & (sel["head"] == control[1])].iloc[0]
-    assert bound(chosen) == min(bound(r) for _, r in rest.iterrows())
-    assert set(sel["role"]) == {"target", "control", ""}
+    assert list(sel["rank"]) == list(range(1, len(sel) + 1)) and len(sel) == 5
+    assert sel["chosen"].sum() == 1 and sel.loc[sel["chosen"], "rank"].iloc[0] == 1
+    chosen = sel[sel["chosen"]].iloc[0]
+    assert (int(chosen["layer"]), int(chosen["head"])) == control != target
+    assert chosen["eligible"] and chosen["p_doc"] >= 0.05 and chosen["r_ci_low"] <= 0 <= chosen["r_ci_high"]
+    eligible = sel[sel["eligible"]]
+    assert chosen["control_score"] == eligible["control_score"].min()
+    assert set(sel["role"].fillna("")) == {"control", ""}
+    written = pd.read_csv(tmp_path / "r" / "control_selection.csv")
+    assert len(written) == 5 and written["chosen"].sum() == 1
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
-    assert "r(log ||q||, entropy)" in manifest["selection"]["rule"]
+    assert "jackknife" in manifest["selection"]["rule"] and "r(log ||q||, entropy)" in manifest["selection"]["rule"]
     assert manifest["controls"]["control_chosen_by"] == "rule"
+    assert [c["rank"] for c in manifest["controls"]["control_candidates"]] == [1, 2, 3, 4, 5]
 
 
 def test_rerun_refuses_without_overwrite(tmp_path, tiny, toks):
@@ -205,17 +210,60 @@ def test_effects_table_has_every_condition_with_bounded_intervals(tmp_path, tiny
 
 def test_intervals_resample_the_documents_the_shards_record(tmp_path, tiny):
     model, _ = tiny("llama_gqa")
-    tokens = torch.randint(1, 97, (10, 12), generator=torch.Generator().manual_seed(8))
-    docs = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    tokens = torch.randint(1, 97, (12, 12), generator=torch.Generator().manual_seed(8))
+    docs = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     write_shards(tokens, tmp_path / "shards", shard_size=5, tokenizer_name="tiny", documents=docs)
     cfg = InterventionConfig(out=str(tmp_path / "d"), corpus=str(tmp_path / "shards"), seq_len=12,
-                             n_sequences=6, n_select=4, alphas=(0.5, 1.0, 2.0), target_layer=0,
+                             n_sequences=8, n_select=4, alphas=(0.5, 1.0, 2.0), target_layer=0,
                              target_head=1, n_boot=200)
     run_tokens = pipeline.load_run_tokens(cfg, model)
     assert list(run_tokens.select_documents) == [0, 0, 1, 1]
-    assert list(run_tokens.measure_documents) == [2, 2, 3, 3, 4, 4]
+    assert list(run_tokens.measure_documents) == [2, 2, 3, 3, 4, 4, 5, 5]
     result = intervention.run(cfg, model=model, progress=False)
-    assert set(result.effects["n_documents"]) == {3} and set(result.effects["n_sequences"]) == {6}
+    assert set(result.effects["n_documents"]) == {4} and set(result.effects["n_sequences"]) == {8}
+
+
+@pytest.mark.parametrize("source", ["shards", "text"])
+def test_selection_and_measured_documents_are_disjoint_and_recorded(tmp_path, tiny, source, monkeypatch):
+    """Documents of several sequences each, on both input paths: no document is both chosen on
+    and measured, the manifest lists each side's documents, and too few measured documents is
+    refused."""
+    from spectra_lens.testing import word_corpus, word_tokenizer
+
+    model, _ = tiny("llama_gqa")
+    if source == "shards":
+        tokens = torch.randint(1, 97, (18, 12), generator=torch.Generator().manual_seed(9))
+        docs = [d for d in range(6) for _ in range(3)]  # 6 documents of 3 sequences
+        write_shards(tokens, tmp_path / "c", shard_size=7, tokenizer_name="tiny", documents=docs)
+        corpus, seq_len = str(tmp_path / "c"), 12
+    else:
+        monkeypatch.setattr(model, "tokenizer", word_tokenizer(), raising=False)
+        (tmp_path / "c").mkdir()
+        corpus, seq_len = word_corpus(tmp_path / "c", 8, 60, name="doc{i:02d}.txt"), 12
+    cfg = InterventionConfig(out=str(tmp_path / "r"), corpus=corpus, seq_len=seq_len, n_sequences=8,
+                             n_select=4, alphas=(0.5, 1.0), target_layer=0, target_head=1, n_boot=100)
+    got = pipeline.load_run_tokens(cfg, model)
+    sel, meas = set(got.split["select_documents"]), set(got.split["measure_documents"])
+    assert got.held_out and sel and len(meas) >= 4 and not sel & meas
+    assert set(got.select_documents.tolist()) == sel and set(got.measure_documents.tolist()) == meas
+    assert len(got.measure) == 8 and len(got.select) == 4
+    intervention.run(cfg, model=model, progress=False)
+    split = json.loads((tmp_path / "r" / "manifest.json").read_text())["selection"]["split"]
+    assert split["select_documents"] == sorted(sel) and split["measure_documents"] == sorted(meas)
+    with pytest.raises(SpectraError, match="remain to measure; at least 4"):
+        pipeline.load_run_tokens(InterventionConfig(corpus=corpus, seq_len=seq_len, n_sequences=4,
+                                                    n_select=12 if source == "shards" else 20), model)
+
+
+def test_split_by_document_cuts_between_documents():
+    docs = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 4, 5, 5])
+    sel, meas = pipeline.split_by_document(docs, 12, 4, 5)
+    assert set(docs[sel]).isdisjoint(docs[meas])
+    assert list(sel) == [0, 1, 3, 4] and list(meas) == [5, 6, 8, 9, 10]  # round robin over 2..5
+    sel, meas = pipeline.split_by_document(None, 7, 4, 6)  # each sequence its own document
+    assert list(sel) == [0] and list(meas) == [1, 2, 3, 4, 5, 6]
+    sel, meas = pipeline.split_by_document(docs, 12, 4, 12)  # nothing left to hold out
+    assert len(sel) == 0 and len(meas) == 12
 
 
 def _held_pattern_head_tables(model, layout, toks, cfg, heads) -> dict:
