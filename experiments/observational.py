@@ -45,12 +45,14 @@ from spectra_lens.layout import attention_layout
 from spectra_lens.models import DEFAULT_MODEL
 from spectra_lens.present import display
 from spectra_lens.present import figures as figs
+from spectra_lens.reference import ReferenceNorm, estimate_reference_norm, selection_documents
 from spectra_lens.runs import outputs as O
 from spectra_lens.runs import pipeline as P
 from spectra_lens.runs.distributed import Group
 from spectra_lens.runs.rundir import RunDir
 from spectra_lens.stats import decisions, inference
-from spectra_lens.stats.moments import MOMENT_VARIABLES, DocumentMoments
+from spectra_lens.stats.counterfactual import NORM_SHARE_COLUMNS, norm_share
+from spectra_lens.stats.moments import MOMENT_VARIABLES, DocumentMoments, counterfactual_variables
 from spectra_lens.sweep import head_curves
 from spectra_lens.validate import check_context
 
@@ -143,16 +145,51 @@ def _variables(top_mass: float | None) -> tuple[str, ...]:
     return MOMENT_VARIABLES
 
 
+REFERENCE_FILE = "reference_norm.npz"
+
+
+def _counterfactual_path(path: Path) -> Path:
+    """The counterfactual moments beside the moment file `path` (moments/shard_XXXXX.npz)."""
+    return path.with_name(path.name.replace("shard_", "counterfactual_", 1))
+
+
+def reference_norm(model, manifest: ShardManifest, run, *, seed: int, batch_size: int,
+                   min_position: int = 1) -> ReferenceNorm | None:
+    """The heads' reference query norms (`spectra_lens.reference`) from the selection documents
+    (`selection_documents(documents, seed=seed)`: a seeded quarter of the run's documents, which
+    the norm share leaves out), stored as `reference_norm.npz` and read back on a rerun; None
+    where the run has fewer than 2 documents (no counterfactual)."""
+    path = run.output(REFERENCE_FILE)
+    if path.exists():
+        return ReferenceNorm.load(path)
+    documents = _documents(manifest)
+    chosen = selection_documents(documents, seed=seed)
+    if chosen.size == 0:
+        return None
+    t0 = time.time()
+    rows = np.flatnonzero(np.isin(documents, chosen))
+    tokens = torch.cat([load_tokens(manifest, start=int(i), stop=int(i) + 1) for i in rows])
+    batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
+    n_bins = manifest.seq_len.bit_length()  # bins 0 … ⌊log2 seq_len⌋, the last position's
+    ref = estimate_reference_norm(model, batches, chosen, n_bins=n_bins, min_position=min_position)
+    ref.save(path)
+    run.timed("reference_norm_s", time.time() - t0)
+    return ref
+
+
 def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
             top_mass: float | None = 0.9, min_position: int = 1, records: bool = True,
-            progress: bool = True, shards: Sequence[int] | None = None) -> list[Path]:
+            progress: bool = True, shards: Sequence[int] | None = None,
+            reference: ReferenceNorm | None = None) -> list[Path]:
     """Per-document moments of every shard (or of `shards`, this process's share under
     torchrun) into `moments/shard_XXXXX.npz`, and per-token records into
-    `records/shard_XXXXX.parquet` when `records`; finished shards are skipped. Returns the
-    moment files of the shards it was given."""
+    `records/shard_XXXXX.parquet` when `records`; finished shards are skipped. With `reference`
+    the capture also gives the exact norm counterfactual H_cf, whose moments
+    (`counterfactual_variables`) go to `moments/counterfactual_XXXXX.npz`. Returns the moment
+    files of the shards it was given."""
     layout = attention_layout(model)
     device = next(model.parameters()).device
-    cap = MetricCapture(layout, top_mass=top_mass)
+    cap = MetricCapture(layout, top_mass=top_mass, reference=reference)
     documents = _documents(manifest)
     variables = _variables(top_mass)
     paths = []
@@ -163,8 +200,10 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
     for i, info in todo:
         path = run.output(f"moments/shard_{i:05d}.npz")
         record_path = run.output(f"records/shard_{i:05d}.parquet") if records else None
+        cf_path = run.output(_counterfactual_path(path).relative_to(run.path).as_posix()) \
+            if reference is not None else None
         paths.append(path)
-        if (path.exists() and (record_path is None or record_path.exists())
+        if (path.exists() and all(p is None or p.exists() for p in (record_path, cf_path))
                 and check_provenance(path, manifest, i)):
             bar.update(info.n_sequences)
             continue
@@ -175,7 +214,7 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
                 f"shard {manifest.shard_path(i)} holds token id {int(tokens.max())}, expected ids "
                 f"below the model's vocabulary size {model.cfg.d_vocab}: tokenizer mismatch?"
             )
-        parts, frames = [], []
+        parts, frames, cf_parts = [], [], []
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start : start + batch_size].to(device)
             tm = cap.run(model, batch, layout=layout)  # ends at the last layer's pattern: no logits
@@ -183,6 +222,10 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
             docs = documents[first : first + len(batch)]
             parts.append(DocumentMoments.from_metrics(
                 tm, docs, min_position=min_position, variables=variables))
+            if reference is not None:
+                cf_parts.append(DocumentMoments.from_metrics(
+                    tm, docs, min_position=min_position,
+                    variables=counterfactual_variables(batch.shape[1], min_position)))
             if records:
                 frame = tm.to_frame(sequence_ids=list(range(first, first + len(batch))), shard=i)
                 per_sequence = len(frame) // len(batch)  # rows ordered by sequence first
@@ -192,6 +235,11 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
         if records:
             run.write_parquet(record_path.relative_to(run.path).as_posix(),
                               pd.concat(frames, ignore_index=True))
+        if reference is not None:
+            cf = DocumentMoments.concat(cf_parts)
+            cf.meta.update(selection_documents=[int(d) for d in reference.documents],
+                           reference=reference.manifest())
+            cf.save(cf_path)
         moments = DocumentMoments.concat(parts)
         moments = dataclasses.replace(moments, meta={**moments.meta, **provenance(manifest, i)})
         moments.save(path)
@@ -274,8 +322,10 @@ def finite_difference_gain(model, manifest: ShardManifest, *, n_sequences: int, 
 
 
 def analyze(moments: DocumentMoments, cfg: ObservationalConfig, *,
-            finite_difference: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
-    """Per-head, per-layer and agreement tables from the per-document moments (no model)."""
+            finite_difference: pd.DataFrame | None = None,
+            counterfactual: DocumentMoments | None = None) -> dict[str, pd.DataFrame]:
+    """Per-head, per-layer and agreement tables from the per-document moments (no model);
+    `counterfactual` (the norm counterfactual's moments) gives agreement's norm-share columns."""
     alpha = cfg.fdr_alpha
     summary = decisions.head_statistics(moments, n_boot=cfg.n_boot, alpha=alpha, seed=cfg.seed)
     keys = ["layer", "head"]
@@ -311,6 +361,7 @@ def analyze(moments: DocumentMoments, cfg: ObservationalConfig, *,
     summary = summary[lead + [c for c in summary.columns if c not in lead]]
     agreement = decisions.agreement(moments, margin=cfg.equivalence_margin, alpha=alpha,
                                     finite_difference=finite_difference)
+    agreement = _with_norm_share(agreement, counterfactual, cfg)
     return {
         "head_summary": summary,
         "significant_heads": summary[summary["significant"]].reset_index(drop=True),
@@ -319,6 +370,23 @@ def analyze(moments: DocumentMoments, cfg: ObservationalConfig, *,
         "agreement": agreement,
         "agreement_summary": decisions.agreement_summary(agreement),
     }
+
+
+def _with_norm_share(agreement: pd.DataFrame, counterfactual: DocumentMoments | None,
+                     cfg: ObservationalConfig) -> pd.DataFrame:
+    """agreement with the norm-share columns (`stats.counterfactual.norm_share`, over the
+    documents outside the selection) right after temperature_share; NaN without counterfactual
+    moments."""
+    if counterfactual is None:
+        block = pd.DataFrame({c: np.nan for c in NORM_SHARE_COLUMNS}, index=agreement.index)
+    else:
+        ns = norm_share(counterfactual, n_boot=cfg.n_boot, seed=cfg.seed,
+                        exclude_documents=counterfactual.meta.get("selection_documents", ()))
+        block = agreement[["layer", "head"]].merge(ns, on=["layer", "head"], how="left")
+        block = block[list(NORM_SHARE_COLUMNS)].set_axis(agreement.index)
+    cols = list(agreement.columns)
+    at = cols.index("temperature_share") + 1 if "temperature_share" in cols else len(cols)
+    return pd.concat([agreement[cols[:at]], block, agreement[cols[at:]]], axis=1)
 
 
 def _layer_statistics(summary: pd.DataFrame) -> pd.DataFrame:
@@ -500,10 +568,10 @@ def _load(cfg: ObservationalConfig, group: Group, model, *, progress: bool = Fal
 
 
 def _collect(cfg: ObservationalConfig, group: Group, model, manifest: ShardManifest, run, *,
-             progress: bool) -> list[Path]:
+             progress: bool, reference: ReferenceNorm | None = None) -> list[Path]:
     return collect(model, manifest, run, batch_size=cfg.batch_size, top_mass=cfg.top_mass,
                    min_position=cfg.min_position, records=cfg.records, progress=progress,
-                   shards=group.shards(len(manifest.shards)))
+                   shards=group.shards(len(manifest.shards)), reference=reference)
 
 
 def _capture_share(cfg: ObservationalConfig, group: Group, model, source, *, progress: bool) -> None:
@@ -511,7 +579,10 @@ def _capture_share(cfg: ObservationalConfig, group: Group, model, source, *, pro
     model = _load(cfg, group, model)
     group.barrier()  # rank 0 has started the run and written the shards
     manifest = source if isinstance(source, ShardManifest) else read_manifest(Path(cfg.out) / "shards")
-    _collect(cfg, group, model, manifest, _ShardWriter(Path(cfg.out)), progress=False)
+    ref_path = Path(cfg.out) / REFERENCE_FILE  # rank 0 wrote it before the barrier
+    reference = ReferenceNorm.load(ref_path) if ref_path.exists() else None
+    _collect(cfg, group, model, manifest, _ShardWriter(Path(cfg.out)), progress=False,
+             reference=reference)
     group.barrier()  # every rank's shards are written
 
 
@@ -525,15 +596,19 @@ def _run_main(cfg, group: Group, model, source, model_name: str, inputs, *, prog
         t0 = time.time()
         manifest = _shards(cfg, rd, model, source, model_name)
         rd.timed("shards_s", time.time() - t0)
+        reference = reference_norm(model, manifest, rd, seed=cfg.seed, batch_size=cfg.batch_size,
+                                   min_position=cfg.min_position)
         # Every rank's shard outputs are listed in the run's manifest before any is written.
         n = len(manifest.shards)
         paths = [rd.output(f"moments/shard_{i:05d}.npz") for i in range(n)]
         record_paths = [rd.output(f"records/shard_{i:05d}.parquet") for i in range(n)] \
             if cfg.records else []
+        paths_cf = [rd.output(f"moments/counterfactual_{i:05d}.npz") for i in range(n)] \
+            if reference is not None else []
         group.barrier()  # the shards exist: every rank may start
-        _collect(cfg, group, model, manifest, rd, progress=progress)
+        _collect(cfg, group, model, manifest, rd, progress=progress, reference=reference)
         group.barrier()  # every rank's shards are written
-        missing = [p.name for p in paths + record_paths if not p.exists()]
+        missing = [p.name for p in paths + record_paths + paths_cf if not p.exists()]
         if missing:
             raise SpectraError(f"shards not captured: {', '.join(missing)}; rerun the same command "
                                f"to redo them")
@@ -561,8 +636,10 @@ def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[P
                         enabled=progress) as stage:
         stage("moments")
         moments = read_moments(paths)
+        cf_paths = [_counterfactual_path(p) for p in paths]
+        counterfactual = read_moments(cf_paths) if all(p.exists() for p in cf_paths) else None
         stage("per-head statistics")
-        tables = analyze(moments, cfg, finite_difference=fd)
+        tables = analyze(moments, cfg, finite_difference=fd, counterfactual=counterfactual)
         written = dict(tables)
         if cfg.records:
             stage("records sample")
@@ -591,9 +668,21 @@ def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[P
                  "*_mediator_adjusted: given ln(position + 1) and the sink mass, a mediator of "
                  "the norm's effect (scaling q changes it), not a confounder",
         verdicts=tables["agreement"]["verdict"].value_counts().to_dict(),
+        counterfactual=_counterfactual_manifest(counterfactual),
         seed=cfg.seed, **info,
     )
     return tables
+
+
+def _counterfactual_manifest(counterfactual: DocumentMoments | None) -> dict:
+    """The manifest's record of the norm counterfactual: the reference norm and the documents."""
+    if counterfactual is None:
+        return {"computed": False}
+    selection = counterfactual.meta.get("selection_documents", [])
+    return {"computed": True, "norm_share": "(Var H - Var H_cf) / Var H over the tokens of the "
+            "documents outside the selection; intervals: percentile, documents resampled",
+            "reference_norm": counterfactual.meta.get("reference", {}),
+            "measured_documents": int(np.setdiff1d(counterfactual.documents, selection).size)}
 
 
 def _run_share(cfg: ObservationalConfig, group: Group, model, source, model_name: str, inputs, *,
@@ -611,12 +700,16 @@ def _run_share(cfg: ObservationalConfig, group: Group, model, source, model_name
         rd.timed("load_model_s", time.time() - t0)
         check_context(model, source.seq_len)
         resuming = rd.start(cfg, overwrite=cfg.overwrite)
+        reference = reference_norm(model, source, rd, seed=cfg.seed, batch_size=cfg.batch_size,
+                                   min_position=cfg.min_position)
         mine = group.shards(len(source.shards))
         for i in mine:  # listed before they exist, so that --overwrite removes them
             rd.output(f"moments/shard_{i:05d}.npz")
             if cfg.records:
                 rd.output(f"records/shard_{i:05d}.parquet")
-        _collect(cfg, group, model, source, rd, progress=progress)
+            if reference is not None:
+                rd.output(f"moments/counterfactual_{i:05d}.npz")
+        _collect(cfg, group, model, source, rd, progress=progress, reference=reference)
         layout = attention_layout(model)
         rd.finish(model=P.model_info(model_name, layout, model), shards_dir=str(source.directory),
                   share={"rank": group.rank, "world": group.world, "shards": mine,

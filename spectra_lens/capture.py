@@ -21,7 +21,7 @@ from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
 from spectra_lens.interventions import HookFn, check_hook_shape
 from spectra_lens.kernels import blocked
-from spectra_lens.kernels.alpha import alpha_metrics
+from spectra_lens.kernels.alpha import alpha_metrics, row_alpha_entropy
 from spectra_lens.kernels.fused import capture_row_metrics
 from spectra_lens.layout import AttentionLayout, attention_layout, hook_name
 from spectra_lens.validate import check_context, check_min_position, check_tokens
@@ -162,6 +162,9 @@ class TokenMetrics:
     patterns: dict = field(default_factory=dict)
     # Real tokens [batch, pos] (None: all real). Metrics of padding positions are NaN.
     attention_mask: Tensor | None = None
+    # The exact norm counterfactual H(softmax(s · r/‖q‖)) where the capture had a reference norm
+    # (`spectra_lens.reference.ReferenceNorm`); NaN in layers not bilinear in q. None without one.
+    entropy_cf: Tensor | None = None
 
     def metric(self, name: str) -> Tensor:
         if name not in METRIC_NAMES:
@@ -203,7 +206,7 @@ class TokenMetrics:
         for name, g in zip(("sequence", "layer", "head", "position"), grid):
             v = g.reshape(-1).numpy().astype("int32")
             cols[name] = v if keep is None else v[keep]
-        for name in METRIC_NAMES:
+        for name in METRIC_NAMES + (("entropy_cf",) if self.entropy_cf is not None else ()):
             v = getattr(self, name).detach().cpu().reshape(-1).numpy()
             cols[name] = v if keep is None else v[keep]
         return pd.DataFrame(cols)
@@ -260,6 +263,10 @@ class MetricCapture:
     the first real key, and a pass that attended to padding is refused.
     `top_mass` is the mass of `k_eff_top90` (0.9); None skips that metric (NaN), which saves
     the sort of every attention row.
+    With `reference` (`spectra_lens.reference.ReferenceNorm`) the capture also gives
+    `entropy_cf`, the exact norm counterfactual H(softmax(α·s)) with α = r / ‖q‖ per row
+    (`kernels.alpha.row_alpha_entropy`: one more pass over each row); NaN in a layer whose
+    logits are not bilinear in q (`layout.q_bilinear`), where scaling q does not scale s.
     """
 
     def __init__(
@@ -269,8 +276,10 @@ class MetricCapture:
         layers: Iterable[int] | None = None,
         patterns_for: Iterable[tuple[int, int]] = (),
         top_mass: float | None = 0.9,
+        reference=None,
     ):
         self.layout = layout
+        self.reference = reference
         self.layers = tuple(range(layout.n_layers)) if layers is None else tuple(layers)
         if not self.layers:
             raise SpectraError("layers must name at least one layer, got none")
@@ -387,6 +396,8 @@ class MetricCapture:
                 first = mask.int().argmax(1)  # the first real key of each row: the sink
                 idx = first[:, None, None, None].expand(p.shape[0], p.shape[1], p.shape[2], 1)
                 got["sink_mass"] = pf.gather(-1, idx).squeeze(-1)
+            if self.reference is not None:
+                got["entropy_cf"] = self._counterfactual(l, p, s, q_norm, mask)
             for n, v in got.items():
                 self._put(n, l, v)
             for ll, h in self.patterns_for:
@@ -396,6 +407,24 @@ class MetricCapture:
                 raise _PassDone
 
         return fn
+
+    def _counterfactual(self, l: int, p: Tensor, s: Tensor | None, q_norm: Tensor,
+                        mask: Tensor | None) -> Tensor:
+        """H(softmax(α·s)) [batch, head, pos] with α = r / ‖q‖ (`self.reference`), from the
+        scores where faithful, else from log p (the same up to a per-row constant)."""
+        if not self.layout.q_bilinear[l]:
+            return torch.full(q_norm.shape, torch.nan, dtype=torch.float32, device=p.device)
+        if mask is None:
+            positions = torch.arange(p.shape[-2], device=p.device)
+        else:
+            positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+        alpha = self.reference.alpha(l, q_norm, positions)
+        if s is None:
+            visible = p > 0
+            s = M.logits_from_pattern(p)
+        else:
+            visible = M.visible_from_scores(s)
+        return row_alpha_entropy(s, visible, alpha)
 
     def _put(self, name: str, l: int, value: Tensor) -> None:
         """Layer `l`'s `value` [batch, head, pos] into the pass's tensor of `name`, which lives
@@ -420,7 +449,8 @@ class MetricCapture:
         return self.result()
 
     def result(self) -> TokenMetrics:
-        missing = sorted({l for n in METRIC_NAMES for l in self.layers if l not in self._filled[n]})
+        names = METRIC_NAMES + (("entropy_cf",) if self.reference is not None else ())
+        missing = sorted({l for n in names for l in self.layers if l not in self._filled.get(n, ())})
         if missing:
             raise SpectraError(f"no forward pass reached layers {missing}; run the model inside attached()")
         # Under a device map the layers live on several devices: `_put` gathered them on the
@@ -487,17 +517,20 @@ def capture_metrics(
     top_mass: float | None = 0.9,
     attention_mask: Tensor | None = None,
     pad_id: int | None = None,
+    reference=None,
 ) -> TokenMetrics:
     """One forward pass (no grad) with `interventions` applied; per-token metrics of every head.
 
     Padded batches: pass `attention_mask` (1 = real token) or `pad_id` (padding at either end of
     a row); padding positions get NaN metrics and no attention (see `attention_mask_for`).
     `tokens` may also be a string or a list of strings, tokenized by the model as TransformerLens
-    does (`tokens_and_mask`).
+    does (`tokens_and_mask`). With `reference` (`spectra_lens.reference.ReferenceNorm`) the
+    result also holds `entropy_cf`, the exact norm counterfactual (see `MetricCapture`).
     """
     tokens, mask = tokens_and_mask(model, tokens, attention_mask=attention_mask, pad_id=pad_id)
     layout = attention_layout(model)
-    cap = MetricCapture(layout, layers=layers, patterns_for=patterns_for, top_mass=top_mass)
+    cap = MetricCapture(layout, layers=layers, patterns_for=patterns_for, top_mass=top_mass,
+                        reference=reference)
     cap.set_attention_mask(mask)
     return cap.run(model, tokens.to(next(model.parameters()).device), interventions=interventions,
                    layout=layout)

@@ -42,6 +42,8 @@ __all__ = [
     "without_first_key",
     "direction_spread",
     "sink_excluded",
+    "log_position_bin",
+    "counterfactual_entropy",
     "K_EFF_DEFINITIONS",
     "SWEEP_METRICS",
     "ROW_METRICS",
@@ -294,3 +296,44 @@ def sink_excluded(
         "k_eff_top90_nosink": top,
         "dir_spread": direction_spread(scores, visible, q_norm),
     }
+
+
+# --------------------------------------------------------------------------- the norm counterfactual
+
+
+def log_position_bin(position: Tensor) -> Tensor:
+    """b = ⌊log2(t + 1)⌋ for position t ≥ 0 (int64): octaves of t + 1, the bins of log position.
+
+    t = 0 is bin 0, t ∈ {1, 2} bin 1, t ∈ [3, 6] bin 2, [7, 14] bin 3, … : the entropy bound
+    log(t + 1) changes by at most ln 2 inside a bin. Computed exactly on integers (the bit
+    length of t + 1, minus one), never through a floating-point logarithm.
+    """
+    t = torch.as_tensor(position)
+    if t.dtype.is_floating_point or (t < 0).any():
+        raise SpectraError(f"positions must be integers >= 0, got {t.dtype} values "
+                           f"{t.flatten()[:5].tolist()}")
+    v = t.to(torch.int64) + 1
+    b = torch.zeros_like(v)
+    while bool((v > 1).any()):
+        b += (v > 1).to(torch.int64)
+        v = v // 2
+    return b
+
+
+def counterfactual_entropy(
+    scores: Float[Tensor, "*batch key_pos"],
+    visible: Bool[Tensor, "*batch key_pos"],
+    alpha: Float[Tensor, "*batch"],
+) -> Float[Tensor, "*batch"]:
+    """H(softmax(α_i · s_i)) per row i, one α per row: the entropy the row would have if its query
+    were scaled by α_i in the forward pass (a bilinear layer: the logits scale with the query).
+
+    The exact norm counterfactual takes α_i = r / ‖q_i‖ (r the head's reference norm,
+    `spectra_lens.reference.ReferenceNorm`): the query keeps its direction and has norm r.
+    `scores` may be shifted by any per-row constant (log p works). In float64; returned in float32.
+    (`kernels.alpha.row_alpha_entropy` computes it in query blocks.)
+    """
+    s = scores.double()
+    a = torch.as_tensor(alpha, device=s.device).double()[..., None]
+    logp = torch.log_softmax((a * s).masked_fill(~visible, float("-inf")), dim=-1)
+    return (-(logp.exp() * logp.masked_fill(~visible, 0.0)).sum(-1)).float()

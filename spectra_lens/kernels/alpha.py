@@ -2,6 +2,8 @@
 
 `alpha_metrics` gives per-sequence means over query rows (query blocks of `kernels.blocked`);
 on the CPU each block goes through `alpha_row_metrics`, the metrics per row.
+`row_alpha_entropy` gives the entropy of softmax(α_i·s_i) with one α per row (the norm
+counterfactual of a capture, `metrics.counterfactual_entropy`).
 
 Equal to the definitions of `spectra_lens.metrics` (`entropy`, `max_attention`, `k_eff_exp`,
 `k_eff_participation`, `k_eff_top_mass`) of `softmax(α·z)` row by row (tested in
@@ -28,7 +30,7 @@ from spectra_lens.kernels.blocked import (
 from spectra_lens.metrics import SWEEP_METRICS
 from spectra_lens.validate import check_alphas
 
-__all__ = ["alpha_metrics", "alpha_row_metrics"]
+__all__ = ["alpha_metrics", "alpha_row_metrics", "row_alpha_entropy"]
 
 _EXP_FLOOR = -87.0
 # `alpha_row_metrics`: rows padded to a multiple of _ALPHA_PAD keys (whole vectors for exp);
@@ -237,3 +239,32 @@ def alpha_metrics(
                 sums[n][i : i + step] += _row_sum(v, row_weight, rows)
             del logp
     return {n: v / n_q for n, v in sums.items()}
+
+
+def row_alpha_entropy(
+    scores: Float[Tensor, "*batch query_pos key_pos"],
+    visible: Bool[Tensor, "*batch query_pos key_pos"],
+    alpha: Float[Tensor, "*batch query_pos"],
+) -> Float[Tensor, "*batch query_pos"]:
+    """H(softmax(α_i·s_i)) for every query row i with its own α_i (`metrics.counterfactual_entropy`).
+
+    In query blocks over the keys some row of the block sees (`query_blocks`), in float64: with
+    x = α (s − max s) over the visible keys, e = exp(x), Z = Σ e, H = log Z − Σ e x / Z. One read
+    of each row; a row with no visible key, or a NaN α, gives NaN. `scores` may be shifted by
+    any per-row constant (log p works).
+    """
+    out = torch.empty(scores.shape[:-1], dtype=torch.float32, device=scores.device)
+    a_all = torch.as_tensor(alpha, device=scores.device)
+    if a_all.shape != out.shape:
+        raise SpectraError(f"alpha must have one value per query row {tuple(out.shape)}, got "
+                           f"{tuple(a_all.shape)}")
+    with torch.no_grad():
+        for rows, n_keys in query_blocks(visible):
+            v = visible[..., rows, :n_keys]
+            s = scores[..., rows, :n_keys].double().masked_fill(~v, float("-inf"))
+            x = s - s.amax(-1, keepdim=True)
+            x = (a_all[..., rows].double()[..., None] * x).masked_fill(~v, float("-inf"))
+            e = x.exp()
+            z = e.sum(-1)
+            out[..., rows] = (z.log() - (e * x.masked_fill(~v, 0.0)).sum(-1) / z).float()
+    return out

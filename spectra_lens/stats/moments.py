@@ -18,7 +18,7 @@ from spectra_lens.errors import SpectraError
 from spectra_lens.io import read_npz, write_npz
 
 __all__ = ["MOMENT_VARIABLES", "MOMENTS_FORMAT", "MOMENTS_VERSION", "DocumentMoments",
-           "moments_from_records"]
+           "counterfactual_variables", "moments_from_records"]
 
 
 # Per-token variables whose per-document moments a capture stores (derived: log_q_norm = ln‖q‖,
@@ -30,6 +30,19 @@ MOMENT_VARIABLES: tuple[str, ...] = (
     "entropy_nosink", "max_attn_nosink", "k_eff_exp_nosink", "k_eff_pr_nosink",
     "k_eff_top90_nosink", "log_dir_spread", "local_gain",
 )
+
+
+def counterfactual_variables(n_positions: int, min_position: int = 1) -> tuple[str, ...]:
+    """The variables of the norm counterfactual's moments (a capture with a reference norm):
+    `entropy`, `entropy_cf` (H(softmax(s · r/‖q‖)), `capture.MetricCapture`), `abs_delta_h_cf`
+    = |H − H_cf|, and `position_bin_{b}`, the indicator of log-position bin b = ⌊log2(t + 1)⌋
+    for every bin of positions min_position … n_positions − 1 but the first (the within-bin
+    variances are the residual sums of squares given these indicators)."""
+    first, last = (min_position + 1).bit_length() - 1, n_positions.bit_length() - 1
+    return ("entropy", "entropy_cf", "abs_delta_h_cf") + tuple(
+        f"position_bin_{b}" for b in range(first + 1, last + 1))
+
+
 # The container of `DocumentMoments.save` (`spectra_lens.io.write_npz`): its header names these.
 MOMENTS_FORMAT = "spectra_lens.document_moments"
 MOMENTS_VERSION = 1
@@ -115,6 +128,15 @@ class DocumentMoments:
             if name == "log_position":
                 pos = np.log1p(np.arange(n_p, dtype=np.float64))
                 cols.append(np.broadcast_to(pos, (b, n_l, n_h, n_p)))
+                continue
+            if name.startswith("position_bin_"):
+                bins = np.array([(t + 1).bit_length() - 1 for t in range(n_p)])
+                ind = (bins == int(name.removeprefix("position_bin_"))).astype(np.float64)
+                cols.append(np.broadcast_to(ind, (b, n_l, n_h, n_p)))
+                continue
+            if name == "abs_delta_h_cf":
+                cols.append(np.abs(np.asarray(metrics.entropy.detach().cpu(), dtype=np.float64)
+                                   - np.asarray(metrics.entropy_cf.detach().cpu(), dtype=np.float64)))
                 continue
             t = getattr(metrics, logs.get(name, name))
             v = np.asarray(t.detach().cpu(), dtype=np.float64)
