@@ -28,8 +28,9 @@ import plotly.graph_objects as go
 import torch
 from scipy import stats as sps
 
+from spectra_lens.blocked_capture import BlockedCapture
 from spectra_lens.capture import MetricCapture
-from spectra_lens.config import ObservationalConfig
+from spectra_lens.config import ObservationalConfig, attention_path
 from spectra_lens.data.shards import (
     MANIFEST_NAME,
     ShardManifest,
@@ -145,14 +146,20 @@ def _variables(top_mass: float | None) -> tuple[str, ...]:
 
 def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
             top_mass: float | None = 0.9, min_position: int = 1, records: bool = True,
-            progress: bool = True, shards: Sequence[int] | None = None) -> list[Path]:
+            progress: bool = True, shards: Sequence[int] | None = None,
+            attention: str = "eager") -> list[Path]:
     """Per-document moments of every shard (or of `shards`, this process's share under
     torchrun) into `moments/shard_XXXXX.npz`, and per-token records into
     `records/shard_XXXXX.parquet` when `records`; finished shards are skipped. Returns the
-    moment files of the shards it was given."""
+    moment files of the shards it was given. `attention`: "eager" reads the model's
+    `hook_pattern`, "blocked" recomputes attention in query blocks (`blocked_capture`), "auto"
+    chooses by the shards' sequence length (`config.attention_path`)."""
     layout = attention_layout(model)
     device = next(model.parameters()).device
-    cap = MetricCapture(layout, top_mass=top_mass)
+    if attention_path(attention, manifest.seq_len) == "blocked":
+        cap = BlockedCapture(layout, top_mass=top_mass)
+    else:
+        cap = MetricCapture(layout, top_mass=top_mass)
     documents = _documents(manifest)
     variables = _variables(top_mass)
     paths = []
@@ -177,7 +184,7 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
         parts, frames = [], []
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start : start + batch_size].to(device)
-            tm = cap.run(model, batch, layout=layout)  # ends at the last layer's pattern: no logits
+            tm = cap.run(model, batch)  # ends at the last layer's attention: no logits
             first = info.offset + start
             docs = documents[first : first + len(batch)]
             parts.append(DocumentMoments.from_metrics(
@@ -465,7 +472,7 @@ def _collect(cfg: ObservationalConfig, group: Group, model, manifest: ShardManif
              progress: bool) -> list[Path]:
     return collect(model, manifest, run, batch_size=cfg.batch_size, top_mass=cfg.top_mass,
                    min_position=cfg.min_position, records=cfg.records, progress=progress,
-                   shards=group.shards(len(manifest.shards)))
+                   shards=group.shards(len(manifest.shards)), attention=cfg.attention)
 
 
 def _capture_share(cfg: ObservationalConfig, group: Group, model, source, *, progress: bool) -> None:
@@ -536,6 +543,7 @@ def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[P
         max_document_share=float(np.bincount(_documents(manifest)).max()
                                  / manifest.n_sequences),
         n_tokens_per_head=int(moments.n.sum() / max(1, len(moments.layers))),
+        attention=attention_path(cfg.attention, manifest.seq_len),
         test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.inference.cluster_wald)",
         verdict_rule=decisions.VERDICT_RULE,
         verdicts=tables["agreement"]["verdict"].value_counts().to_dict(),

@@ -56,6 +56,8 @@ COMMANDS: dict[str, Command] = {
                     "one HTML page for one head (e.g. L15H8)"),
     "merge": Command("MergeConfig", "spectra_lens.experiments.merge",
                      "EXP0 or EXP2 tables from the shares of a run (SLURM array, several machines)"),
+    "length": Command("LengthConfig", "spectra_lens.experiments.length",
+                      "query norm and entropy against position over long documents"),
 }
 
 PROG = "spectra-lens"
