@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from spectra_lens.experiments import length, observational
 
 from spectra_lens.config import BLOCKED_ABOVE, LengthConfig, ObservationalConfig, attention_path
 from spectra_lens.errors import SpectraError
-from spectra_lens.experiments import length, observational
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
