@@ -59,6 +59,10 @@ def test_one_row_per_head_with_intervals(bridge, finished):
     assert (s["n_documents"] == N_DOCS).all()
     assert (s["n_tokens"] == N_DOCS * (SEQ - 1)).all()  # positions 1 .. SEQ-1 of each document
     assert set(s["logq_direction"]) <= {"rises", "falls", "flat"}
+    # every document has the same positions (the same design), so CR2 with Bell-McCaffrey df
+    # reduces to the t interval over the per-document slopes: two computations, one answer
+    for a, b in (("", "_doc_mean"), ("_ci_low", "_doc_ci_low"), ("_ci_high", "_doc_ci_high")):
+        np.testing.assert_allclose(s[f"slope_logq_logt{a}"], s[f"slope_logq_logt{b}"], rtol=1e-6, atol=1e-9)
     # H − log(t+1) = H − bound: its slope differs from H's by the slope of log(t+1) on ln t
     t = np.arange(1, SEQ, dtype=float)
     bound_slope = np.polyfit(np.log(t), np.log(t + 1), 1)[0]
