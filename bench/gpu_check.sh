@@ -13,9 +13,15 @@
 #    BENCH_FULL=1 for the full run) -> OUT/bench.json, OUT/BENCHMARKS_gpu.md, OUT/bench.log;
 #    BENCH_LONG=1 adds the full-size sequence-length section (`python -m bench.run --only
 #    scaling`: capture ÷ forward at 128..4096 tokens) -> OUT/lengths.json, OUT/lengths.md.
+# 5. long contexts: the blocked attention capture against the eager hook_pattern capture
+#    (`pytest tests/long`: on the CPU the tiny families and the default model, and with -m cuda
+#    the same on the GPU, plain, query-scaled and padded) -> OUT/pytest_long.txt, and the long
+#    benchmark on the GPU (`python bench/long.py --device cuda`: time and peak GPU memory of the
+#    blocked capture against the hook-free SDPA forward at 2k/4k/8k tokens) -> OUT/long.md,
+#    OUT/long.log (LONG_LENGTHS overrides the lengths).
 # Every step's exit code goes to OUT/status.txt; a failing step does not stop the later ones.
 # Time budget (H100/H200 class, default model): setup 2-5 min (pip cache cold), tests ~1 min,
-# quick benchmark ~2 min.
+# quick benchmark ~2 min, tests/long ~2 min, long benchmark ~3 min (13 fresh processes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_results}
@@ -68,6 +74,14 @@ if [ "${BENCH_LONG:-0}" = "1" ]; then  # capture ÷ forward at 128..4096 tokens
   step bench_lengths "$PY" -m bench.run --device cuda --only scaling --out "$OUT/lengths.json" \
     --markdown "$OUT/lengths.md" > "$OUT/lengths.log" 2>&1
 fi
+
+step tests_long "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/junit_long.xml" \
+  tests/long > "$OUT/pytest_long.txt" 2>&1
+tail -5 "$OUT/pytest_long.txt"
+# shellcheck disable=SC2086
+step bench_long "$PY" bench/long.py --device cuda --lengths ${LONG_LENGTHS:-2048 4096 8192} \
+  > "$OUT/long.md" 2> "$OUT/long.log"
+cat "$OUT/long.md"
 
 echo "results in $OUT/:"; ls -l "$OUT"
 cat "$STATUS"

@@ -1,6 +1,6 @@
 """Long contexts: time and peak memory of the blocked capture against the hook-free SDPA forward.
 
-    python bench/long.py [--lengths 2048 4096 8192] [--threads 1]
+    python bench/long.py [--lengths 2048 4096 8192] [--threads 1] [--device cuda]
 
 Each (kind, length) runs in a fresh process under `/usr/bin/time -v` (peak RSS: "Maximum
 resident set size", the whole process: Python, torch, the weights and the pass), batch 1, on
@@ -15,7 +15,9 @@ the default model and the first `length` tokens of CPython's documentation text
   k_eff_top90 included), the pass ending after the last layer's attention;
 * "blocked_notop": the same with `top_mass=None` (no row is sorted; k_eff_top90 NaN).
 
-Each timed call follows a 64-token warm-up in the same process. The table's ratios come from
+Each timed call follows a 64-token warm-up in the same process. With `--device cuda` the model
+and tokens live on the GPU, the timed call is synchronized, and the table adds the peak GPU
+memory of the process (`torch.cuda.max_memory_allocated`: weights, warm-up and the pass). The table's ratios come from
 one run of this script. Timings on a shared machine vary: say how many cores were free.
 """
 
@@ -42,7 +44,7 @@ def _tokens(tokenizer, n: int):
     return ids.to(torch.long)
 
 
-def one(kind: str, length: int, threads: int) -> dict:
+def one(kind: str, length: int, threads: int, device: str = "cpu") -> dict:
     import warnings
 
     import torch
@@ -52,7 +54,7 @@ def one(kind: str, length: int, threads: int) -> dict:
     from spectra_lens.models import load_hf, load_model
 
     if kind in ("sdpa", "load_hf"):
-        model, tok = load_hf(None)
+        model, tok = load_hf(None, device=device)
         model.set_attn_implementation("sdpa")
 
         def run(ids):
@@ -62,24 +64,36 @@ def one(kind: str, length: int, threads: int) -> dict:
         from spectra_lens.blocked_capture import BlockedCapture
         from spectra_lens.layout import attention_layout
 
-        model = load_model()
+        model = load_model(device=device)
         tok = model.tokenizer
         layout = attention_layout(model)
         cap = BlockedCapture(layout, top_mass=None if kind == "blocked_notop" else 0.9)
 
         def run(ids):
             cap.run(model, ids)
-    ids = _tokens(tok, length)
+    ids = _tokens(tok, length).to(device)
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     run(ids[:, :64])
-    if kind.startswith("load"):
-        return {"kind": kind, "length": length, "seconds": 0.0}
-    t0 = time.perf_counter()
-    run(ids)
-    return {"kind": kind, "length": length, "seconds": time.perf_counter() - t0}
+    sync()
+    out = {"kind": kind, "length": length, "seconds": 0.0}
+    if not kind.startswith("load"):
+        t0 = time.perf_counter()
+        run(ids)
+        sync()
+        out["seconds"] = time.perf_counter() - t0
+    if cuda:
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
-def measure(kind: str, length: int, threads: int) -> dict:
-    cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--one", kind, str(length), "--threads", str(threads)]
+def measure(kind: str, length: int, threads: int, device: str = "cpu") -> dict:
+    cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--one", kind, str(length), "--threads", str(threads),
+           "--device", device]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
@@ -95,25 +109,27 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--device", default="cpu", help="torch device of the model and tokens, e.g. cuda")
     ap.add_argument("--one", nargs=2, metavar=("KIND", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), args.threads)))
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.threads, args.device)))
         return
     rows = {}
     for length in args.lengths:
         for kind in args.kinds:
             if kind.startswith("load") and length != args.lengths[0]:
                 continue
-            r = measure(kind, length, args.threads)
+            r = measure(kind, length, args.threads, args.device)
             rows[(kind, length)] = r
             print(json.dumps(r), file=sys.stderr, flush=True)
     floors = ", ".join(f"{k}: {rows[(k, args.lengths[0])]['peak_rss_mib']:.0f} MiB"
                        for k in ("load_hf", "load_bridge") if (k, args.lengths[0]) in rows)
-    print(f"default model, batch 1, {args.threads} thread(s); peak RSS of the whole process "
+    print(f"default model on {args.device}, batch 1, {args.threads} thread(s); peak RSS of the whole process "
           f"(load + 64-token warm-up alone: {floors or 'not measured'})")
+    gpu = args.device.startswith("cuda")
     head = f"{'tokens':>7} {'kind':>14} {'time s':>9} {'peak MiB':>9} {'time/sdpa':>10} {'RSS/sdpa':>9}"
-    print(head)
+    print(head + (f" {'GPU MiB':>9} {'GPU/sdpa':>9}" if gpu else ""))
     for length in args.lengths:
         base = rows.get(("sdpa", length))
         for kind in args.kinds:
@@ -122,7 +138,11 @@ def main(argv=None) -> None:
                 continue
             tr = r["seconds"] / base["seconds"] if base else float("nan")
             mr = r["peak_rss_mib"] / base["peak_rss_mib"] if base else float("nan")
-            print(f"{length:>7} {kind:>14} {r['seconds']:>9.1f} {r['peak_rss_mib']:>9.0f} {tr:>10.2f} {mr:>9.2f}")
+            line = f"{length:>7} {kind:>14} {r['seconds']:>9.2f} {r['peak_rss_mib']:>9.0f} {tr:>10.2f} {mr:>9.2f}"
+            if gpu:
+                g = r["peak_gpu_mib"] / base["peak_gpu_mib"] if base else float("nan")
+                line += f" {r['peak_gpu_mib']:>9.0f} {g:>9.2f}"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ import plotly.graph_objects as go
 import torch
 from scipy import stats as sps
 
+from spectra_lens.blocked_capture import BlockedCapture
 from spectra_lens.capture import MetricCapture
-from spectra_lens.config import ObservationalConfig
+from spectra_lens.config import ObservationalConfig, attention_path
 from spectra_lens.data.shards import (
     MANIFEST_NAME,
     ShardManifest,
@@ -180,16 +181,22 @@ def reference_norm(model, manifest: ShardManifest, run, *, seed: int, batch_size
 def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
             top_mass: float | None = 0.9, min_position: int = 1, records: bool = True,
             progress: bool = True, shards: Sequence[int] | None = None,
-            reference: ReferenceNorm | None = None) -> list[Path]:
+            reference: ReferenceNorm | None = None, attention: str = "eager") -> list[Path]:
     """Per-document moments of every shard (or of `shards`, this process's share under
     torchrun) into `moments/shard_XXXXX.npz`, and per-token records into
     `records/shard_XXXXX.parquet` when `records`; finished shards are skipped. With `reference`
     the capture also gives the exact norm counterfactual H_cf, whose moments
-    (`counterfactual_variables`) go to `moments/counterfactual_XXXXX.npz`. Returns the moment
-    files of the shards it was given."""
+    (`counterfactual_variables`) go to `moments/counterfactual_XXXXX.npz`. `attention`: "eager"
+    reads the model's `hook_pattern`, "blocked" recomputes attention in query blocks
+    (`blocked_capture`; it gives no counterfactual), "auto" chooses by the shards' sequence
+    length (`config.attention_path`). Returns the moment files of the shards it was given."""
     layout = attention_layout(model)
     device = next(model.parameters()).device
-    cap = MetricCapture(layout, top_mass=top_mass, reference=reference)
+    if attention_path(attention, manifest.seq_len) == "blocked":
+        cap = BlockedCapture(layout, top_mass=top_mass)
+        reference = None
+    else:
+        cap = MetricCapture(layout, top_mass=top_mass, reference=reference)
     documents = _documents(manifest)
     variables = _variables(top_mass)
     paths = []
@@ -217,7 +224,7 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
         parts, frames, cf_parts = [], [], []
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start : start + batch_size].to(device)
-            tm = cap.run(model, batch, layout=layout)  # ends at the last layer's pattern: no logits
+            tm = cap.run(model, batch)  # ends at the last layer's attention: no logits
             first = info.offset + start
             docs = documents[first : first + len(batch)]
             parts.append(DocumentMoments.from_metrics(
@@ -571,7 +578,8 @@ def _collect(cfg: ObservationalConfig, group: Group, model, manifest: ShardManif
              progress: bool, reference: ReferenceNorm | None = None) -> list[Path]:
     return collect(model, manifest, run, batch_size=cfg.batch_size, top_mass=cfg.top_mass,
                    min_position=cfg.min_position, records=cfg.records, progress=progress,
-                   shards=group.shards(len(manifest.shards)), reference=reference)
+                   shards=group.shards(len(manifest.shards)), reference=reference,
+                   attention=cfg.attention)
 
 
 def _capture_share(cfg: ObservationalConfig, group: Group, model, source, *, progress: bool) -> None:
@@ -661,6 +669,7 @@ def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[P
         max_document_share=float(np.bincount(_documents(manifest)).max()
                                  / manifest.n_sequences),
         n_tokens_per_head=int(moments.n.sum() / max(1, len(moments.layers))),
+        attention=attention_path(cfg.attention, manifest.seq_len),
         test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.inference.cluster_wald)",
         verdict_rule=decisions.verdict_rule(cfg.equivalence_margin, cfg.fdr_alpha),
         equivalence_margin=cfg.equivalence_margin,

@@ -66,6 +66,8 @@ COMMANDS: dict[str, Command] = {
                            "replace every head's query norm by its reference norm; downstream effects"),
     "causal-map": Command("CausalMapConfig", "spectra_lens.experiments.causal_map",
                           "scale every head's query; downstream KL and loss against its gain"),
+    "length": Command("LengthConfig", "spectra_lens.experiments.length",
+                      "query norm and entropy against position over long documents"),
 }
 
 PROG = "spectra-lens"

@@ -60,6 +60,19 @@ class RunOptions(ModelOptions, OutputOptions):
     seed: int = 0  # bootstrap resamples, replication split, sampling; recorded in the manifest
 
 
+# --attention auto: sequences longer than this many tokens are captured in query blocks (no
+# [head, T, T] pattern); at and below it, from the eager hook_pattern.
+BLOCKED_ABOVE = 1024
+__all__ += ["BLOCKED_ABOVE", "attention_path"]
+
+
+def attention_path(attention: str, seq_len: int) -> str:
+    """The capture path of `--attention` for sequences of `seq_len` tokens: "eager" or "blocked"."""
+    if attention == "auto":
+        return "blocked" if seq_len > BLOCKED_ABOVE else "eager"
+    return attention
+
+
 @dataclass(frozen=True, kw_only=True)
 class ObservationalConfig(RunOptions):
     """EXP0: per-token query norm and attention metrics over a corpus, then per-head statistics."""
@@ -80,8 +93,11 @@ class ObservationalConfig(RunOptions):
     consistency_threshold: float = 0.8  # share of document folds that must agree for "consistent"
     equivalence_margin: float = 0.2  # "equivalent to a temperature": slope/gain within 1 ± this (TOST)
     top_heads: int = 6  # strongest heads shown in the query-norm vs entropy scatter
+    attention: str = "auto"  # eager (hook_pattern), blocked (query blocks), auto: blocked above BLOCKED_ABOVE
 
     def validate(self) -> None:
+        if self.attention not in CHOICES["attention"]:
+            raise SpectraError(f"attention must be one of {CHOICES['attention']}, got {self.attention!r}")
         if not isinstance(self.fd_sequences, int) or isinstance(self.fd_sequences, bool) \
                 or self.fd_sequences < 0:
             raise SpectraError(f"fd_sequences must be an integer >= 0, got {self.fd_sequences!r}")
@@ -286,8 +302,8 @@ class HeadTypesConfig(RunOptions):
 
 FLAG_HELP: dict[str, str] = {
     "model": "Hugging Face model id (local cache, or the hub when online) or local model directory",
-    "corpus": "corpus: 'default', 'kjv' (narrative), 'chatterbot' (dialog), a text file or glob, "
-              "FILE.jsonl[:FIELD], hf:NAME[:SPLIT[:FIELD]], or a prepared shard directory",
+    "corpus": "corpus: 'default', 'kjv' (narrative, a document per chapter), 'kjv-books' (the same, "
+              "a document per book), 'chatterbot' (dialog), a text file or glob, FILE.jsonl[:FIELD], hf:NAME[:SPLIT[:FIELD]], or a prepared shard directory",
     "out": "output directory of the run: manifest, tables, figures",
     "seq_len": "tokens per sequence, BOS included where the model uses one",
     "n_sequences": "sequences of seq_len tokens taken from the corpus",
@@ -307,6 +323,9 @@ FLAG_HELP: dict[str, str] = {
     "equivalence_margin": "equivalence margin of the agreement verdict: the slope/gain ratio must "
                           "lie within 1 +- this (two one-sided tests)",
     "top_heads": "strongest heads shown in the query-norm vs entropy scatter",
+    "attention": "how attention is captured: eager (the model's full [head, T, T] pattern), blocked "
+                 "(recomputed in query blocks from q, k, v: memory O(block x T), no pattern), or "
+                 f"auto (blocked for sequences longer than {BLOCKED_ABOVE} tokens, else eager)",
     "target_layer": "layer of the studied head",
     "target_head": "the studied head in the target layer",
     "control_layer": "layer of the control head",
@@ -354,6 +373,9 @@ FLAG_HELP: dict[str, str] = {
     "eos_stop": "stop a continuation at the end-of-text token",
     "csv": "also write the per-token table to this CSV file",
     "head": "the head: L{layer}H{head}, e.g. L15H8",
+    "n_documents": "documents of at least seq_len tokens, spread evenly over the corpus; each "
+                   "contributes its first seq_len tokens and is one unit of the intervals",
+    "bins_per_octave": "log-position bins per doubling of the position t (bin edges 2^(k/B))",
     "types": "head_types.csv of `spectra-lens head-types` to read this head's scores from",
 }
 
@@ -392,6 +414,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("greedy", "sample", "both"),
     "dtype": ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
     "file_format": ("safetensors", "npy"),
+    "attention": ("eager", "blocked", "auto"),
 }
 
 
@@ -655,3 +678,39 @@ FLAG_HELP.update({
     "norm_ablation": "norm_ablation.csv of `spectra-lens ablate-norm` to join on (layer, head)",
 })
 NONE_MEANS.update({"heads": "every head of the model", "norm_ablation": "no join"})
+
+# --------------------------------------------------------------------------- length
+
+__all__ += ["LengthConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LengthConfig(RunOptions):
+    """How each head's query norm and attention entropy change with position over long
+    documents: per head and log-position bin, mean ln‖q‖, entropy and its bound log(t+1), max
+    attention, sink mass and the local gain −Var_p(s); per head the slope of ln‖q‖ (and of
+    H − log(t+1)) on ln t with a document-clustered interval."""
+
+    corpus: str = "kjv-books"  # corpus spec; a document is one unit of the clustered intervals
+    out: str = "results/length"  # run directory: manifest, tables, figures
+    seq_len: int = 2048  # the first seq_len tokens of each document (BOS included where used)
+    n_documents: int = 4  # documents of at least seq_len tokens, spread evenly over the corpus
+    bins_per_octave: int = 2  # log-position bins: edges 2^(k / bins_per_octave)
+    min_position: int = 1  # positions before this (the sink/BOS token) are left out
+    attention: str = "blocked"  # eager (hook_pattern), blocked (query blocks), auto: blocked above BLOCKED_ABOVE
+    ci: float = 0.95  # level of the document-clustered intervals
+
+    def validate(self) -> None:
+        super().validate()
+        from spectra_lens.validate import check_int, check_min_position  # imports torch
+
+        check_int("seq_len", self.seq_len, minimum=8)
+        check_int("n_documents", self.n_documents, minimum=2)
+        check_int("bins_per_octave", self.bins_per_octave)
+        check_min_position(self.min_position, self.seq_len)
+        if self.min_position < 1:
+            raise SpectraError(f"min_position must be >= 1 (ln t is undefined at t = 0), got {self.min_position}")
+        if self.attention not in CHOICES["attention"]:
+            raise SpectraError(f"attention must be one of {CHOICES['attention']}, got {self.attention!r}")
+        if not 0 < self.ci < 1:
+            raise SpectraError(f"ci must lie strictly between 0 and 1, got {self.ci!r}")

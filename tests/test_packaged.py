@@ -98,6 +98,29 @@ def test_kjv_corpus_reads_chapters_without_verse_numbers(tmp_path, monkeypatch):
     assert "narrative" in genres.GENRES["kjv"] and "kjv" in corpus.description
 
 
+def test_kjv_books_corpus_joins_the_chapters_of_each_book(tmp_path, monkeypatch):
+    db = tmp_path / "Bible.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE Bible(TestamentID INT, BookID INT, ChapterID INT, VerseID INT, Index_ TEXT, "
+                "IndexTypeID INT, NumParagraphs INT, Passage1 TEXT, Passage2 TEXT)")
+    con.execute("CREATE TABLE Books(TestamentID INT, BookID INT, ShortName TEXT, LongName TEXT)")
+    rows = [(1, 1, 2, 1, "2:1", 0, 1, "2:1 Thus the heavens were finished.", ""),
+            (1, 1, 1, 1, "1:1", 0, 1, "1:1 In the beginning.", ""),
+            (2, 1, 1, 1, "1:1", 0, 1, "1:1 The book of the generation.", ""),
+            (1, 2, 1, 1, "1:1", 0, 1, "1:1 Now these are the names.", "")]
+    con.executemany("INSERT INTO Bible VALUES (?,?,?,?,?,?,?,?,?)", rows)
+    con.executemany("INSERT INTO Books VALUES (?,?,?,?)", [(2, 1, "Matthew", "M"), (1, 1, "Genesis", "G"),
+                                                         (1, 2, "Exodus", "E")])
+    con.commit()
+    con.close()
+    monkeypatch.setattr(genres, "fetch_members", lambda spec: db)
+    assert list(genres.named_corpus("kjv-books")) == [
+        "In the beginning. Thus the heavens were finished.", "Now these are the names.",
+        "The book of the generation."]
+    assert genres.kjv_book_names() == ["Genesis", "Exodus", "Matthew"]
+    assert len(list(genres.named_corpus("kjv"))) == 4  # chapters: still one document each
+
+
 def test_chatterbot_corpus_writes_turns_per_topic(tmp_path, monkeypatch):
     wheel = _wheel(tmp_path, "chatterbot_corpus", {
         "chatterbot_corpus/data/english/b.yml": "conversations:\n- - Hi\n  - Hello there\n- - Bye\n",

