@@ -152,7 +152,8 @@ class Step:
 
     @property
     def argv(self) -> list[str]:
-        return ["spectra-lens", *self.args, "--out", str(self.out), "--no-images"]
+        return [sys.executable, "-m", "spectra_lens.cli", *self.args, "--out", str(self.out),
+                "--no-images"]
 
     def shown(self) -> str:
         out = os.path.relpath(self.out, ROOT)
@@ -165,11 +166,11 @@ class Step:
             return False
 
 
-# The causal steps run every head of the default model; at the budget size (16 × 128 tokens)
-# that is hours on a 2-core CPU (BENCHMARKS.md), so the findings use a smaller token budget.
+# Token budgets this 2-core CPU runs in minutes: the default observe (256 × 128) and the causal
+# steps at their budget size (16 × 128 tokens, every head: hours, BENCHMARKS.md) take longer.
 _SMALL = ("--n-sequences", "8", "--seq-len", "32")
 STEPS = (
-    Step("observe", ("observe",), observe_lines,
+    Step("observe", ("observe", "--n-sequences", "32", "--seq-len", "64"), observe_lines,
          "EXP0 on the embedded default (observational slope, the tested verdict)"),
     Step("ablate_norm", ("ablate-norm", *_SMALL), ablate_lines,
          "Norm ablation of every head (direction kept, norm set to the reference)"),
