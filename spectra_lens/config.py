@@ -347,7 +347,7 @@ FLAG_HELP: dict[str, str] = {
     "device_map": "spread the model over devices (Hugging Face device_map): auto, balanced, sequential, "
                   "or JSON {\"model.layers.0\": 0, ...}; hooks and metrics run on each layer's device",
     "overwrite": ("replace what the output already holds (a finished run or a different shard set "
-                  "in --out, an existing --csv file) instead of refusing"),
+                  "in --out, an existing --csv or report --out file and its PDF) instead of refusing"),
     "images": "image copies of every figure (png, svg, png,svg or none), drawn by Chrome/Chromium "
               "in one batch at the end of the run; without a browser the figures stay HTML only",
     "pdf": "also print the page to a PDF beside it (same name, .pdf), with Chrome/Chromium",
@@ -462,7 +462,7 @@ class ReportConfig:
     out: str | None = field(default=None, metadata={"help": "HTML file to write"})
     plotlyjs: str | None = None  # load plotly.js from here instead of inlining it
     pdf: bool = False  # also print the page to RESULTS_DIR/report.pdf (beside --out)
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file (and its PDF)"})
+    overwrite: bool = False  # replace an existing --out file (and its PDF) instead of refusing
 
     def validate(self) -> None:
         if not self.results_dir:
