@@ -38,7 +38,7 @@ def corpus(tmp_path_factory) -> str:
 def observe(model_dir, corpus, out, *extra) -> list[str]:
     return ["observe", "--model", str(model_dir), "--corpus", corpus, "--out", str(out),
             "--seq-len", "24", "--n-sequences", "8", "--shard-size", "4", "--batch-size", "4",
-            "--n-boot", "50", "--top-heads", "2", "--no-progress", *extra]
+            "--n-boot", "50", "--top-heads", "2", "--records", "--no-progress", *extra]
 
 
 def intervene(model_dir, corpus, out, *extra) -> list[str]:
