@@ -23,7 +23,7 @@ notebooks: setup
 	SPECTRA_NB_SMALL=0 $(PY) -m pytest tests/test_notebooks.py
 
 report: setup
-	$(PY) -m spectra_lens.cli report $(or $(RESULTS),results)
+	$(PY) -m spectra_lens.experiments.cli report $(or $(RESULTS),results)
 
 # docs/FINDINGS.md from the runs under results/findings/ (runs what is missing; see the script)
 findings: setup

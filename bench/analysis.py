@@ -4,7 +4,7 @@ The analysis (statistics from `moments/shard_XXXXX.npz`, no model) costs what th
 shapes say: documents × heads × variables² and the number of bootstrap resamples; the token
 values do not change its work. `write_moments` therefore writes shard files of the default
 run's shape without a model: the document id of every sequence from the default corpus as
-`shards.prepare` cuts it, 270 heads (30 layers × 9, the default model), every variable the
+`data.prepare.prepare` cuts it, 270 heads (30 layers × 9, the default model), every variable the
 capture stores (`stats.MOMENT_VARIABLES`), moments formed by `DocumentMoments.from_tokens`
 from synthetic token values batch by batch, one file per shard, as `collect` writes them.
 

@@ -97,7 +97,7 @@ def measure(spec: dict) -> dict:
     if spec["kind"] == "analysis":
         return measure_analysis(spec)
     from spectra_lens.data.corpus import default_corpus, tokenize_documents
-    from spectra_lens.data.shards import prepare
+    from spectra_lens.data.prepare import prepare
     from spectra_lens.models import load_hf, load_model, load_tokenizer, resolve_device
 
     device = resolve_device(spec.get("device"))

@@ -33,7 +33,8 @@ import torch
 from spectra_lens.causal import document_bootstrap
 from spectra_lens.config import AblateNormConfig
 from spectra_lens.data.corpus import tokenize_documents
-from spectra_lens.data.shards import ShardManifest, corpus_from_spec, load_tokens
+from spectra_lens.data.prepare import corpus_from_spec
+from spectra_lens.data.shards import ShardManifest, load_tokens
 from spectra_lens.errors import SpectraError
 from spectra_lens.interventions import QueryRotate
 from spectra_lens.layout import attention_layout

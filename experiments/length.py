@@ -52,7 +52,8 @@ from plotly.subplots import make_subplots
 from spectra_lens.blocked_capture import BlockedCapture
 from spectra_lens.capture import MetricCapture
 from spectra_lens.config import LengthConfig, attention_path
-from spectra_lens.data.shards import ShardManifest, corpus_from_spec
+from spectra_lens.data.prepare import corpus_from_spec
+from spectra_lens.data.shards import ShardManifest
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import attention_layout
 from spectra_lens.present import display

@@ -31,13 +31,12 @@ from scipy import stats as sps
 from spectra_lens.blocked_capture import BlockedCapture
 from spectra_lens.capture import MetricCapture
 from spectra_lens.config import ObservationalConfig, attention_path
+from spectra_lens.data.prepare import corpus_from_spec, prepare
 from spectra_lens.data.shards import (
     MANIFEST_NAME,
     ShardManifest,
-    corpus_from_spec,
     load_shard,
     load_tokens,
-    prepare,
     read_manifest,
 )
 from spectra_lens.errors import SpectraError

@@ -2,7 +2,7 @@
 
     spectra-lens prepare --corpus default --out shards/ --seq-len 128 --n-sequences 512
 
-`--corpus` takes what `spectra_lens.data.shards.corpus_from_spec` does: "default" (CPython's reference
+`--corpus` takes what `spectra_lens.data.prepare.corpus_from_spec` does: "default" (CPython's reference
 documentation), "hf:NAME[:SPLIT[:FIELD]]", "PATH.jsonl[:FIELD]", a text file or glob, or a
 directory of prepared shards (re-sharded). The tokenizer is the model's, without its weights.
 Flags and defaults: `spectra_lens.config.PrepareConfig`.
@@ -16,7 +16,7 @@ __all__ = ["command"]
 
 def command(cfg: PrepareConfig, *, progress: bool = True) -> int:
     """Write the shards of `cfg`; print where. SpectraError for bad input."""
-    from spectra_lens.data.shards import prepare
+    from spectra_lens.data.prepare import prepare
     from spectra_lens.models import DEFAULT_MODEL, load_tokenizer
 
     cfg.validate()

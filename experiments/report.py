@@ -16,7 +16,6 @@ RESULTS_DIR/report.html is replaced when it is a report page.
 
 import importlib
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from spectra_lens.present import report as R
 from spectra_lens.present.report import Findings, Run, View, run_figures
 
 __all__ = ["EXPERIMENTS", "SUMMARIES", "VIEWS", "Run", "build_report", "command", "experiments", "find_runs",
-           "main", "run_figures", "write_report"]
+           "run_figures", "write_report"]
 
 # experiment name (manifest "experiment") -> module with OUTPUTS and figures(tables)
 EXPERIMENTS: dict[str, str] = {
@@ -274,14 +273,3 @@ def command(cfg, *, progress: bool = True) -> int:
 
         print(f"wrote {print_pdf(path, path.with_suffix('.pdf'))}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m experiments.report`: the same as `spectra-lens report`."""
-    from spectra_lens.cli import main as cli_main
-
-    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -155,7 +155,7 @@ class Step:
 
     @property
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "spectra_lens.cli", *self.args, "--out", str(self.out),
+        return [sys.executable, "-m", "spectra_lens.experiments.cli", *self.args, "--out", str(self.out),
                 "--no-images"]
 
     def shown(self) -> str:

@@ -1,5 +1,6 @@
-"""Frozen, keyword-only settings of each command; the command line (`spectra_lens.cli`) is
-generated from them: one flag per field, its help text from `FLAG_HELP`, its default the field's.
+"""Frozen, keyword-only settings of each command; the command line (`spectra_lens.experiments.cli`) is
+generated from them: one flag per field, its help text from the command line's `FLAG_HELP`
+(or the field's own `metadata['help']`), its default the field's.
 
 Validation happens when a run starts (`validate()`), not in `__init__`. This module imports
 neither torch nor the experiments, so building the command line is instant.
@@ -77,7 +78,7 @@ def attention_path(attention: str, seq_len: int) -> str:
 class ObservationalConfig(RunOptions):
     """EXP0: per-token query norm and attention metrics over a corpus, then per-head statistics."""
 
-    corpus: str | None = None  # corpus spec (see data.corpus_from_spec); None = pydoc topics
+    corpus: str | None = None  # corpus spec (see data.prepare.corpus_from_spec); None = pydoc topics
     out: str = "results/observational"  # run directory: shards, records, tables, figures
     seq_len: int = 128  # tokens per sequence (BOS included where the model uses one)
     n_sequences: int = 256  # 32k tokens: ~2.5 min of capture on one CPU core (default model)
@@ -192,7 +193,7 @@ class InterventionConfig(RunOptions):
     """EXP1: scale one head's effective query by each α on the real forward pass; measure the
     head, every later head and the output (loss, KL), for a target and a control head."""
 
-    corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
+    corpus: str | None = None  # corpus spec (data.prepare.corpus_from_spec); None = pydoc topics
     out: str = "results/intervention"  # run directory
     target_layer: int | None = None  # None: the middle layer, n_layers // 2
     target_head: int | None = None  # None: most negative analytic gain −Var_p(s) in target_layer
@@ -217,7 +218,7 @@ class GainConfig(RunOptions):
     """EXP2: every head's entropy / max attention / k_eff against ln α (fast path, exact where
     the logits are not bilinear) and the analytic local gain −Var_p(s) at α = 1."""
 
-    corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
+    corpus: str | None = None  # corpus spec (data.prepare.corpus_from_spec); None = pydoc topics
     out: str = "results/gain"  # run directory
     target_layer: int | None = None  # head shown in the fit plots; None: as InterventionConfig
     target_head: int | None = None  # None: most negative analytic gain in target_layer
@@ -244,7 +245,7 @@ class QKConfig(RunOptions):
     """EXP3: scale the target head's query, or the key of its kv head, by each α; compare the
     patterns of every query head of the kv group and the output effects."""
 
-    corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
+    corpus: str | None = None  # corpus spec (data.prepare.corpus_from_spec); None = pydoc topics
     out: str = "results/qk_control"  # run directory
     target_layer: int | None = None  # None: the middle layer, n_layers // 2
     target_head: int | None = None  # None: most negative analytic gain in target_layer
@@ -295,119 +296,7 @@ class HeadTypesConfig(RunOptions):
             raise SpectraError(f"window must be < seq_len ({self.seq_len}), got {self.window}")
 
 
-# --------------------------------------------------------------------------- command-line text
-# The command line (spectra_lens.cli) has one flag per config field. Its help text is looked up
-# here by field name, so a flag means the same thing in every subcommand; a field may override
-# it with `field(metadata={"help": ...})` where its meaning is specific to one command.
-
-FLAG_HELP: dict[str, str] = {
-    "model": "Hugging Face model id (local cache, or the hub when online) or local model directory",
-    "corpus": "corpus: 'default', 'kjv' (narrative, a document per chapter), 'kjv-books' (the same, "
-              "a document per book), 'chatterbot' (dialog), a text file or glob, FILE.jsonl[:FIELD], hf:NAME[:SPLIT[:FIELD]], or a prepared shard directory",
-    "out": "output directory of the run: manifest, tables, figures",
-    "seq_len": "tokens per sequence, BOS included where the model uses one",
-    "n_sequences": "sequences of seq_len tokens taken from the corpus",
-    "shard_size": "sequences per shard file: the unit of resuming, consistency and replication",
-    "batch_size": "sequences per forward pass",
-    "max_rows": "rows (sequence copies, one per alpha) per forward pass of the exact path; "
-                "bounds memory",
-    "min_position": "query positions before this one (the sink/BOS token) are left out",
-    "top_mass": "attention mass of the k_eff_top90 metric; 'none' skips it (a faster capture)",
-    "n_boot": "bootstrap resamples of whole documents (percentile intervals of r)",
-    "records": "also write per-token Parquet records, ~16 kB per token on the default model "
-               "(the statistics use per-document moments)",
-    "n_folds": "disjoint random document folds for the consistency check",
-    "fd_sequences": "sequences (from distinct documents) for the finite-difference gain; 0 skips it",
-    "fdr_alpha": "Benjamini-Hochberg false discovery rate across all heads",
-    "consistency_threshold": "share of document folds that must agree for a head to count as consistent",
-    "equivalence_margin": "equivalence margin of the agreement verdict: the slope/gain ratio must "
-                          "lie within 1 +- this (two one-sided tests)",
-    "top_heads": "strongest heads shown in the query-norm vs entropy scatter",
-    "attention": "how attention is captured: eager (the model's full [head, T, T] pattern), blocked "
-                 "(recomputed in query blocks from q, k, v: memory O(block x T), no pattern), or "
-                 f"auto (blocked for sequences longer than {BLOCKED_ABOVE} tokens, else eager)",
-    "target_layer": "layer of the studied head",
-    "target_head": "the studied head in the target layer",
-    "control_layer": "layer of the control head",
-    "control_head": "the control head in the control layer",
-    "alphas": "query scales alpha, separated by spaces or commas or in repeated flags; 1 is the "
-              "unscaled model",
-    "n_select": "held-out sequences, before the measured ones, that choose the default heads",
-    "ci": "confidence level of the intervals",
-    "rotation_multiples": "rotation angles of the target's query, in units of its natural direction "
-                          "spread (median angle to its mean direction on held-out sequences)",
-    "models": "models to include (specs as for --model; 'default' = the embedded model), separated "
-              "by spaces or in repeated flags",
-    "corpora": "corpora to include (as for --corpus), separated by spaces or in repeated flags",
-    "gain_sequences": "sequences of the gain experiment in every cell",
-    "run_gain": "also run the gain experiment (EXP2) in every cell",
-    "seed": "random seed: bootstrap resamples, replication split, sampling",
-    "dtype": "dtype of the model weights; metrics are always computed in float32",
-    "device": "torch device, e.g. cpu or cuda:0",
-    "device_map": "spread the model over devices (Hugging Face device_map): auto, balanced, sequential, "
-                  "or JSON {\"model.layers.0\": 0, ...}; hooks and metrics run on each layer's device",
-    "overwrite": ("replace what the output already holds (a finished run or a different shard set "
-                  "in --out, an existing --csv or report --out file and its PDF) instead of refusing"),
-    "images": "image copies of every figure (png, svg, png,svg or none), drawn by Chrome/Chromium "
-              "in one batch at the end of the run; without a browser the figures stay HTML only",
-    "pdf": "also print the page to a PDF beside it (same name, .pdf), with Chrome/Chromium",
-    "prepend_bos": "start each sequence with the tokenizer's BOS token",
-    "min_tokens": "skip documents shorter than this many tokens",
-    "file_format": "shard file format",
-    "results_dir": "directory holding run directories (or one run directory); symlinks are followed",
-    "plotlyjs": "load plotly.js from this path or URL ('inline': embed it in the page)",
-    "n_repeated": "random-token sequences shown twice (induction and positional scores)",
-    "half_len": "random tokens per copy of a repeated sequence",
-    "window": "keys i - window + 1 ... i count as local to query i",
-    "agreement": "agreement.csv to join on (layer, head)",
-    "gain": "gain_summary.csv to join on (layer, head)",
-    "prompt": "the text to continue",
-    "scale": "scale head y of layer x by ALPHA, e.g. L15H8=2.0; several heads separated by spaces "
-             "or in repeated flags",
-    "kind": "what --scale scales: q the head's effective query, k the key of the kv head it reads "
-            "(its whole group), logit a temperature on its attention logits",
-    "mode": "greedy continuation, seeded sampling, or both",
-    "max_new_tokens": "tokens to generate",
-    "temperature": "sampling temperature",
-    "top_k": "sample from the k most likely tokens only",
-    "eos_stop": "stop a continuation at the end-of-text token",
-    "csv": "also write the per-token table to this CSV file",
-    "head": "the head: L{layer}H{head}, e.g. L15H8",
-    "n_documents": "documents of at least seq_len tokens, spread evenly over the corpus; each "
-                   "contributes its first seq_len tokens and is one unit of the intervals",
-    "bins_per_octave": "log-position bins per doubling of the position t (bin edges 2^(k/B))",
-    "types": "head_types.csv of `spectra-lens head-types` to read this head's scores from",
-}
-
-# What a default of None means, by field name.
-NONE_MEANS: dict[str, str] = {
-    "model": "the embedded SmolLM2-135M-Instruct, a Q4_1 GGUF dequantized to float32",
-    "corpus": "CPython's reference documentation",
-    "device": "CUDA when present, else CPU",
-    "target_layer": "the middle layer, n_layers // 2",
-    "target_head": "the head of the target layer with the most negative analytic gain -Var_p(s) "
-                   "on the held-out selection sequences",
-    "control_layer": "any layer",
-    "control_head": "the head whose r(log ||q||, entropy) on the held-out sequences is nearest 0 with "
-                    "the tightest document interval (any layer, or the control layer when given)",
-    "top_mass": "none",
-    "n_sequences": "every full sequence of the corpus",
-    "prepend_bos": "when the tokenizer has a BOS token",
-    "min_tokens": "keep every document",
-    "agreement": "no join",
-    "gain": "no join",
-    "scale": "no scaling: the plain model in both rows",
-    "top_k": "the whole vocabulary",
-    "csv": "not written",
-    "types": "measured on the page's text",
-    "prompt": "the first 16 tokens of the text",
-    "out": "RESULTS_DIR/report.html",
-    "models": "the embedded default model",
-    "corpora": "default kjv (reference documentation and narrative prose)",
-    "plotlyjs": "one copy written beside the page, which the runs' figure pages load too",
-}
-
-TUPLE_NOTE: dict[str, str] = {"alphas": ", log-spaced, including 1"}
+# --------------------------------------------------------------------------- choices
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "kind": ("q", "k", "logit"),
@@ -420,7 +309,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # --------------------------------------------------------------------------- prepare and report
 
-__all__ += ["CHOICES", "FLAG_HELP", "NONE_MEANS", "GenerateConfig", "PrepareConfig", "ReportConfig"]
+__all__ += ["CHOICES", "GenerateConfig", "PrepareConfig", "ReportConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -430,7 +319,7 @@ class PrepareConfig:
     without its weights."""
 
     model: str | None = None  # whose tokenizer; None = the embedded default model's
-    corpus: str | None = None  # corpus spec (corpus_from_spec); None = pydoc topics
+    corpus: str | None = None  # corpus spec (data.prepare.corpus_from_spec); None = pydoc topics
     out: str = field(default="results/shards", metadata={"help": "shard directory to write"})
     seq_len: int = 128  # tokens per sequence, as the experiments' default
     n_sequences: int | None = None  # None = every full sequence of the corpus
@@ -617,7 +506,7 @@ class AblateNormConfig:
     head's output and a rotation of its query by its natural angular spread."""
 
     model: str | None = None  # HF id or local dir; None = the embedded default model
-    corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
+    corpus: str | None = None  # corpus spec (data.prepare.corpus_from_spec); None = pydoc topics
     out: str = "results/ablate_norm"  # run directory
     heads: tuple[str, ...] = field(default=(), metadata={"metavar": "LxHy"})  # () = every head
     baselines: bool = True  # also mean ablation and rotation of every head
@@ -645,7 +534,7 @@ class CausalMapConfig:
     effect from a norm_ablation.csv); Spearman(gain, KL) across heads."""
 
     model: str | None = None  # HF id or local dir; None = the embedded default model
-    corpus: str | None = None  # corpus spec (data.corpus_from_spec); None = pydoc topics
+    corpus: str | None = None  # corpus spec (data.prepare.corpus_from_spec); None = pydoc topics
     out: str = "results/causal_map"  # run directory
     heads: tuple[str, ...] = field(default=(), metadata={"metavar": "LxHy"})  # () = every head
     alphas: tuple[float, ...] = (0.5, 2.0)  # query scales of the map
@@ -672,12 +561,6 @@ class CausalMapConfig:
             raise SpectraError(f"alphas of the map must not include 1 (no intervention), got {list(self.alphas)}")
 
 
-FLAG_HELP.update({
-    "heads": "a head to include, e.g. L15H8; repeat the flag for several",
-    "baselines": "also run mean ablation of each head's output and a rotation of its query",
-    "norm_ablation": "norm_ablation.csv of `spectra-lens ablate-norm` to join on (layer, head)",
-})
-NONE_MEANS.update({"heads": "every head of the model", "norm_ablation": "no join"})
 
 # --------------------------------------------------------------------------- length
 

@@ -135,7 +135,7 @@ def test_chatterbot_corpus_writes_turns_per_topic(tmp_path, monkeypatch):
 
 def test_named_corpora_resolve_from_the_command_line_spec(monkeypatch):
     from spectra_lens.data.corpus import Corpus
-    from spectra_lens.data.shards import corpus_from_spec
+    from spectra_lens.data.prepare import corpus_from_spec
 
     fake = Corpus("fake kjv", lambda: iter(["text"]))
     monkeypatch.setitem(genres.NAMED_CORPORA, "kjv", genres.NamedCorpus("kjv", "narrative prose", lambda: fake))

@@ -2,7 +2,7 @@
 
 1. A `Corpus` is a described, re-iterable source of documents (str), read lazily:
    `default_corpus()` (CPython's reference documentation, `pydoc_data.topics`), `text_files`,
-   `jsonl`, `hf_dataset`; `spectra_lens.data.shards.corpus_from_spec` resolves a command-line string.
+   `jsonl`, `hf_dataset`; `spectra_lens.data.prepare.corpus_from_spec` resolves a command-line string.
 2. `tokenize_documents` cuts every document into its own fixed-length sequences (a sequence
    never spans two documents), draws them round-robin across documents so that no document
    dominates, and records each sequence's document id: the independent unit of the statistics.

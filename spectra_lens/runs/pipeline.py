@@ -25,7 +25,8 @@ import torch
 
 from spectra_lens.causal import MIN_MEASURE_DOCUMENTS
 from spectra_lens.data.corpus import tokenize_documents
-from spectra_lens.data.shards import ShardManifest, corpus_from_spec, load_tokens
+from spectra_lens.data.prepare import corpus_from_spec
+from spectra_lens.data.shards import ShardManifest, load_tokens
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout, attention_layout
 from spectra_lens.models import DEFAULT_MODEL, load_model, resolve_device, weights_info

@@ -6,9 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from spectra_lens.experiments import ablate_norm
+from spectra_lens.experiments import ablate_norm, cli
 
-from spectra_lens import cli
 from spectra_lens.capture import count_hooks
 from spectra_lens.config import AblateNormConfig, CausalMapConfig
 from spectra_lens.data.shards import write_shards

@@ -7,8 +7,9 @@ import sys
 import warnings
 
 import pytest
+from spectra_lens.experiments import cli
 
-from spectra_lens import cli, config
+from spectra_lens import config
 from spectra_lens import models as M
 from spectra_lens.errors import SpectraError
 

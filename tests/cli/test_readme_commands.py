@@ -13,8 +13,8 @@ import shlex
 from pathlib import Path
 
 import pytest
+from spectra_lens.experiments import cli
 
-from spectra_lens import cli
 from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
 README = Path(__file__).resolve().parents[2] / "README.md"

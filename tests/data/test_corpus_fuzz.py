@@ -14,7 +14,8 @@ import pytest
 from experiments import observational
 from spectra_lens.config import ObservationalConfig
 from spectra_lens.data.corpus import tokenize_documents
-from spectra_lens.data.shards import corpus_from_spec, load_tokens, prepare, read_manifest
+from spectra_lens.data.prepare import corpus_from_spec, prepare
+from spectra_lens.data.shards import load_tokens, read_manifest
 from spectra_lens.errors import SpectraError
 from spectra_lens.models import bridge_from_hf
 from spectra_lens.testing import TEST_WORDS, tiny_hf_model, word_tokenizer

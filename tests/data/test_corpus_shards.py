@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from spectra_lens.data import shards as shards_module
+from spectra_lens.data import prepare as prepare_module
 from spectra_lens.data.corpus import (
     Corpus,
     default_corpus,
@@ -21,13 +21,12 @@ from spectra_lens.data.corpus import (
     text_files,
     tokenize_documents,
 )
+from spectra_lens.data.prepare import corpus_from_spec, prepare
 from spectra_lens.data.shards import (
     ShardManifest,
-    corpus_from_spec,
     iter_shards,
     load_shard,
     load_tokens,
-    prepare,
     read_manifest,
     write_shards,
 )
@@ -262,7 +261,7 @@ def test_corpus_from_spec(tmp_path, monkeypatch, tok):
     assert list(corpus_from_spec(str(tmp_path / "*.txt"))) == ["text"]
 
     calls = []
-    monkeypatch.setattr(shards_module, "hf_dataset",
+    monkeypatch.setattr(prepare_module, "hf_dataset",
                         lambda *args: calls.append(args) or Corpus("stub", lambda: iter(())))
     corpus_from_spec("hf:user/set")
     corpus_from_spec("hf:user/set:validation:body")
@@ -475,7 +474,9 @@ def test_prepare_says_how_many_sequences_the_corpus_holds(tmp_path, tok):
 
 
 def test_prepare_command_line(tmp_path, monkeypatch, capsys, tok):
-    from spectra_lens import cli, models
+    from spectra_lens.experiments import cli
+
+    from spectra_lens import models
 
     monkeypatch.setattr(models, "load_tokenizer", lambda spec: tok)
     (tmp_path / "docs.jsonl").write_text(json.dumps({"body": doc(*range(3, 43))}) + "\n")

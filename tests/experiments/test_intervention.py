@@ -6,9 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from spectra_lens.experiments import intervention
+from spectra_lens.experiments import cli, intervention
 
-from spectra_lens import cli
 from spectra_lens.capture import count_hooks
 from spectra_lens.config import InterventionConfig
 from spectra_lens.data.shards import write_shards

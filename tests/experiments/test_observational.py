@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from spectra_lens.experiments import observational
+from spectra_lens.experiments import cli, observational
 from transformers import PreTrainedTokenizerFast
 
-from spectra_lens import cli
 from spectra_lens.capture import attached, count_hooks
 from spectra_lens.config import ObservationalConfig
-from spectra_lens.data.shards import load_shard, prepare
+from spectra_lens.data.prepare import prepare
+from spectra_lens.data.shards import load_shard
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import attention_layout
 from spectra_lens.models import bridge_from_hf

@@ -50,7 +50,7 @@ def test_study_config_is_checked():
 
 
 def test_study_command_line_is_generated_from_its_config():
-    from spectra_lens.cli import parse
+    from spectra_lens.experiments.cli import parse
 
     name, cfg, _ = parse(["study", "--models", "default", "--models", "Qwen2.5-Coder-0.5B-Instruct",
                           "--corpora", "kjv", "--no-run-gain", "--n-sequences", "32"])

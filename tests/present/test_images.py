@@ -127,10 +127,10 @@ def test_png_size_is_the_figure_size_at_twice_the_pixels(runs):
 
 
 def test_report_pdf(runs, tmp_path, capsys):
-    from spectra_lens.experiments.report import main
+    from spectra_lens.experiments.cli import main
 
     root, _ = runs
-    assert main([str(root), "--out", str(tmp_path / "report.html"), "--pdf"]) == 0
+    assert main(["report", str(root), "--out", str(tmp_path / "report.html"), "--pdf"]) == 0
     pdf = tmp_path / "report.pdf"
     data = pdf.read_bytes()
     assert data.startswith(b"%PDF-") and len(data) > 20_000
@@ -250,7 +250,7 @@ def test_ctrl_c_during_the_image_export_interrupts_the_run_and_leaves_no_browser
             "SPECTRA_IMAGES_HOLD": str(hold), "SPECTRA_LENS_NO_TYPECHECK": "1",
             "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "spectra_lens.cli", "observe", "--model", str(model), "--corpus", corpus,
+        [sys.executable, "-m", "spectra_lens.experiments.cli", "observe", "--model", str(model), "--corpus", corpus,
          "--out", str(out), "--seq-len", "24", "--n-sequences", "8", "--shard-size", "4",
          "--batch-size", "4", "--n-boot", "50", "--top-heads", "2", "--no-progress", "--images", "png"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

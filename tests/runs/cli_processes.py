@@ -1,4 +1,4 @@
-"""Helpers of the tests that run the CLI in fresh processes (`python -m spectra_lens.cli`,
+"""Helpers of the tests that run the CLI in fresh processes (`python -m spectra_lens.experiments.cli`,
 torchrun with gloo on the CPU): tests/runs/test_distributed.py and tests/runs/test_distributed_gain.py.
 
 Each launch starts Python processes that import torch and transformers and load a tiny model
@@ -43,13 +43,13 @@ def env() -> dict:
 
 def cli(args: list[str]) -> list[str]:
     """`spectra-lens ARGS` in one process."""
-    return [sys.executable, "-m", "spectra_lens.cli", *args]
+    return [sys.executable, "-m", "spectra_lens.experiments.cli", *args]
 
 
 def torchrun(n: int, args: list[str]) -> list[str]:
     """`spectra-lens ARGS` under torchrun with `n` processes on this machine."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-            "--standalone", "-m", "spectra_lens.cli", *args]
+            "--standalone", "-m", "spectra_lens.experiments.cli", *args]
 
 
 def run(cmd: list[str]) -> None:

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from spectra_lens.experiments import cli
 
-from spectra_lens import cli
 from spectra_lens.data.shards import read_manifest as read_shards
 from spectra_lens.runs.rundir import LOCK, _Lock
 from spectra_lens.stats.moments import DocumentMoments
@@ -236,7 +236,7 @@ def test_a_full_disk_while_saving_moments_is_one_line_and_the_run_is_failed(mode
 
 _LIMITED = """
 import resource, sys
-from spectra_lens import cli
+from spectra_lens.experiments import cli
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
 sys.exit(cli.main(sys.argv[2:]))
 """

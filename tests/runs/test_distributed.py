@@ -112,7 +112,7 @@ def test_detached_shares_merged_give_the_tables_of_one_process(model_dir, corpus
         assert not (part / "head_summary.csv").exists()  # a share makes no tables
         assert sorted(p.name for p in (part / "moments").iterdir()) == \
             [f"shard_{j:05d}.npz" for j in range(i, 8, 3)]
-    from spectra_lens import cli
+    from spectra_lens.experiments import cli
 
     monkeypatch.setenv("SPECTRA_NO_IMAGES", "1")
     # two of the three shares leave shards 2 and 5 out: refused, naming them

@@ -105,7 +105,7 @@ def test_a_killed_rank_has_only_its_missing_parts_redone(model_dir, corpus, sing
 
 def test_detached_gain_shares_merged_give_the_tables_of_one_process(model_dir, corpus, single, tmp_path,
                                                                     monkeypatch):
-    from spectra_lens import cli
+    from spectra_lens.experiments import cli
 
     monkeypatch.setenv("SPECTRA_NO_IMAGES", "1")
     shares = [tmp_path / f"share_{i}" for i in range(2)]

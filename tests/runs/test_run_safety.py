@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from spectra_lens.experiments import cli
 
-from spectra_lens import cli
 from spectra_lens.runs.rundir import LOCK, RunDir
 from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
@@ -217,7 +217,7 @@ def test_case6_ctrl_c_prints_one_line_and_exits_130(model_dir, corpus, tmp_path)
     argv[argv.index("--n-sequences") + 1] = "48"
     argv[argv.index("--shard-size") + 1] = "1"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "spectra_lens.cli", *argv], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "spectra_lens.experiments.cli", *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "records").is_dir() and proc.poll() is None and time.time() < deadline:

@@ -1,7 +1,7 @@
 """The `spectra-lens` command, generated from the config dataclasses of `spectra_lens.config`.
 
 Each subcommand has one flag per field of its config class (`--seq-len` for `seq_len`), with
-the help text of `config.FLAG_HELP` (one text per field name, so a flag means the same thing in
+the help text of `FLAG_HELP` below (one text per field name, so a flag means the same thing in
 every subcommand) and the field's default. `-v`/`--log-level`, `--no-progress` and `--version`
 are the same everywhere. Building the parser imports neither torch nor the experiments: a
 subcommand's module is imported only to run it, so `--help` answers at once.
@@ -31,6 +31,126 @@ from spectra_lens import config as C
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 
+# --------------------------------------------------------------------------- flag help
+# One flag per config field; its help text is looked up
+# here by field name, so a flag means the same thing in every subcommand; a field may override
+# it with `field(metadata={"help": ...})` where its meaning is specific to one command.
+
+FLAG_HELP: dict[str, str] = {
+    "model": "Hugging Face model id (local cache, or the hub when online) or local model directory",
+    "corpus": "corpus: 'default', 'kjv' (narrative, a document per chapter), 'kjv-books' (the same, "
+              "a document per book), 'chatterbot' (dialog), a text file or glob, FILE.jsonl[:FIELD], hf:NAME[:SPLIT[:FIELD]], or a prepared shard directory",
+    "out": "output directory of the run: manifest, tables, figures",
+    "seq_len": "tokens per sequence, BOS included where the model uses one",
+    "n_sequences": "sequences of seq_len tokens taken from the corpus",
+    "shard_size": "sequences per shard file: the unit of resuming, consistency and replication",
+    "batch_size": "sequences per forward pass",
+    "max_rows": "rows (sequence copies, one per alpha) per forward pass of the exact path; "
+                "bounds memory",
+    "min_position": "query positions before this one (the sink/BOS token) are left out",
+    "top_mass": "attention mass of the k_eff_top90 metric; 'none' skips it (a faster capture)",
+    "n_boot": "bootstrap resamples of whole documents (percentile intervals of r)",
+    "records": "also write per-token Parquet records, ~16 kB per token on the default model "
+               "(the statistics use per-document moments)",
+    "n_folds": "disjoint random document folds for the consistency check",
+    "fd_sequences": "sequences (from distinct documents) for the finite-difference gain; 0 skips it",
+    "fdr_alpha": "Benjamini-Hochberg false discovery rate across all heads",
+    "consistency_threshold": "share of document folds that must agree for a head to count as consistent",
+    "equivalence_margin": "equivalence margin of the agreement verdict: the slope/gain ratio must "
+                          "lie within 1 +- this (two one-sided tests)",
+    "top_heads": "strongest heads shown in the query-norm vs entropy scatter",
+    "attention": "how attention is captured: eager (the model's full [head, T, T] pattern), blocked "
+                 "(recomputed in query blocks from q, k, v: memory O(block x T), no pattern), or "
+                 f"auto (blocked for sequences longer than {C.BLOCKED_ABOVE} tokens, else eager)",
+    "target_layer": "layer of the studied head",
+    "target_head": "the studied head in the target layer",
+    "control_layer": "layer of the control head",
+    "control_head": "the control head in the control layer",
+    "alphas": "query scales alpha, separated by spaces or commas or in repeated flags; 1 is the "
+              "unscaled model",
+    "n_select": "held-out sequences, before the measured ones, that choose the default heads",
+    "ci": "confidence level of the intervals",
+    "rotation_multiples": "rotation angles of the target's query, in units of its natural direction "
+                          "spread (median angle to its mean direction on held-out sequences)",
+    "models": "models to include (specs as for --model; 'default' = the embedded model), separated "
+              "by spaces or in repeated flags",
+    "corpora": "corpora to include (as for --corpus), separated by spaces or in repeated flags",
+    "gain_sequences": "sequences of the gain experiment in every cell",
+    "run_gain": "also run the gain experiment (EXP2) in every cell",
+    "seed": "random seed: bootstrap resamples, replication split, sampling",
+    "dtype": "dtype of the model weights; metrics are always computed in float32",
+    "device": "torch device, e.g. cpu or cuda:0",
+    "device_map": "spread the model over devices (Hugging Face device_map): auto, balanced, sequential, "
+                  "or JSON {\"model.layers.0\": 0, ...}; hooks and metrics run on each layer's device",
+    "overwrite": ("replace what the output already holds (a finished run or a different shard set "
+                  "in --out, an existing --csv or report --out file and its PDF) instead of refusing"),
+    "images": "image copies of every figure (png, svg, png,svg or none), drawn by Chrome/Chromium "
+              "in one batch at the end of the run; without a browser the figures stay HTML only",
+    "pdf": "also print the page to a PDF beside it (same name, .pdf), with Chrome/Chromium",
+    "prepend_bos": "start each sequence with the tokenizer's BOS token",
+    "min_tokens": "skip documents shorter than this many tokens",
+    "file_format": "shard file format",
+    "results_dir": "directory holding run directories (or one run directory); symlinks are followed",
+    "plotlyjs": "load plotly.js from this path or URL ('inline': embed it in the page)",
+    "n_repeated": "random-token sequences shown twice (induction and positional scores)",
+    "half_len": "random tokens per copy of a repeated sequence",
+    "window": "keys i - window + 1 ... i count as local to query i",
+    "agreement": "agreement.csv to join on (layer, head)",
+    "gain": "gain_summary.csv to join on (layer, head)",
+    "prompt": "the text to continue",
+    "scale": "scale head y of layer x by ALPHA, e.g. L15H8=2.0; several heads separated by spaces "
+             "or in repeated flags",
+    "kind": "what --scale scales: q the head's effective query, k the key of the kv head it reads "
+            "(its whole group), logit a temperature on its attention logits",
+    "mode": "greedy continuation, seeded sampling, or both",
+    "max_new_tokens": "tokens to generate",
+    "temperature": "sampling temperature",
+    "top_k": "sample from the k most likely tokens only",
+    "eos_stop": "stop a continuation at the end-of-text token",
+    "csv": "also write the per-token table to this CSV file",
+    "head": "the head: L{layer}H{head}, e.g. L15H8",
+    "n_documents": "documents of at least seq_len tokens, spread evenly over the corpus; each "
+                   "contributes its first seq_len tokens and is one unit of the intervals",
+    "bins_per_octave": "log-position bins per doubling of the position t (bin edges 2^(k/B))",
+    "types": "head_types.csv of `spectra-lens head-types` to read this head's scores from",
+    "heads": "a head to include, e.g. L15H8; repeat the flag for several",
+    "baselines": "also run mean ablation of each head's output and a rotation of its query",
+    "norm_ablation": "norm_ablation.csv of `spectra-lens ablate-norm` to join on (layer, head)",
+}
+
+# What a default of None means, by field name.
+NONE_MEANS: dict[str, str] = {
+    "model": "the embedded SmolLM2-135M-Instruct, a Q4_1 GGUF dequantized to float32",
+    "corpus": "CPython's reference documentation",
+    "device": "CUDA when present, else CPU",
+    "target_layer": "the middle layer, n_layers // 2",
+    "target_head": "the head of the target layer with the most negative analytic gain -Var_p(s) "
+                   "on the held-out selection sequences",
+    "control_layer": "any layer",
+    "control_head": "the head whose r(log ||q||, entropy) on the held-out sequences is nearest 0 with "
+                    "the tightest document interval (any layer, or the control layer when given)",
+    "top_mass": "none",
+    "n_sequences": "every full sequence of the corpus",
+    "prepend_bos": "when the tokenizer has a BOS token",
+    "min_tokens": "keep every document",
+    "agreement": "no join",
+    "gain": "no join",
+    "scale": "no scaling: the plain model in both rows",
+    "top_k": "the whole vocabulary",
+    "csv": "not written",
+    "types": "measured on the page's text",
+    "prompt": "the first 16 tokens of the text",
+    "out": "RESULTS_DIR/report.html",
+    "models": "the embedded default model",
+    "corpora": "default kjv (reference documentation and narrative prose)",
+    "plotlyjs": "one copy written beside the page, which the runs' figure pages load too",
+    "heads": "every head of the model",
+    "norm_ablation": "no join",
+}
+
+TUPLE_NOTE: dict[str, str] = {"alphas": ", log-spaced, including 1"}
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its config class (in `spectra_lens.config`) and the module that runs it."""
@@ -54,7 +174,7 @@ COMMANDS: dict[str, Command] = {
     "prepare": Command("PrepareConfig", "spectra_lens.experiments.prepare",
                        "tokenize a corpus into shards with a manifest"),
     "report": Command("ReportConfig", "spectra_lens.experiments.report", "one HTML page from a results directory"),
-    "generate": Command("GenerateConfig", "spectra_lens.generate",
+    "generate": Command("GenerateConfig", "spectra_lens.experiments.generate",
                         "continue a prompt with and without head scalings, side by side"),
     "head-types": Command("HeadTypesConfig", "spectra_lens.experiments.head_types",
                           "label every head: sink, previous-token, induction, ..."),
@@ -167,14 +287,14 @@ def _number_list(kind: type):
 def _show(name: str, value) -> str:
     """A default as the help text shows it."""
     if value is None:
-        return C.NONE_MEANS.get(name, "none")
+        return NONE_MEANS.get(name, "none")
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, tuple):
         if not value:
-            return C.NONE_MEANS.get(name, "none")
+            return NONE_MEANS.get(name, "none")
         if len(value) > 4:
-            return f"{len(value)} values from {min(value):g} to {max(value):g}" + C.TUPLE_NOTE.get(name, "")
+            return f"{len(value)} values from {min(value):g} to {max(value):g}" + TUPLE_NOTE.get(name, "")
         return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     if isinstance(value, float):
         return f"{value:g}"
@@ -183,9 +303,9 @@ def _show(name: str, value) -> str:
 
 def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, hint, default) -> None:
     name = f.name
-    text = f.metadata.get("help") or C.FLAG_HELP.get(name)
+    text = f.metadata.get("help") or FLAG_HELP.get(name)
     if not text:
-        raise TypeError(f"config field {name!r} has no help text: add it to config.FLAG_HELP")
+        raise TypeError(f"config field {name!r} has no help text: add it to FLAG_HELP in spectra_lens.experiments.cli")
     kind, optional = _unwrap(hint)
     kw: dict = {"dest": name}
     if f.metadata.get("positional"):
@@ -401,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             status = module.command(cfg, progress=not args.no_progress)
         except SpectraError as e:  # the library's message, with flags for the fields it names
             raise SpectraError(flag_names(str(e), type(cfg))) from e
-        logging.getLogger("spectra_lens.cli").info("%s finished in %.1f s", name, time.perf_counter() - t0)
+        logging.getLogger("spectra_lens.experiments.cli").info("%s finished in %.1f s", name, time.perf_counter() - t0)
         return int(status or 0)
 
     # a user error: one line, exit 2; Ctrl-C: one line, exit 130; warnings: one line each
