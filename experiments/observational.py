@@ -187,13 +187,12 @@ def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,
     the capture also gives the exact norm counterfactual H_cf, whose moments
     (`counterfactual_variables`) go to `moments/counterfactual_XXXXX.npz`. `attention`: "eager"
     reads the model's `hook_pattern`, "blocked" recomputes attention in query blocks
-    (`blocked_capture`; it gives no counterfactual), "auto" chooses by the shards' sequence
+    (`blocked_capture`, the same metrics and counterfactual), "auto" chooses by the shards' sequence
     length (`config.attention_path`). Returns the moment files of the shards it was given."""
     layout = attention_layout(model)
     device = next(model.parameters()).device
     if attention_path(attention, manifest.seq_len) == "blocked":
-        cap = BlockedCapture(layout, top_mass=top_mass)
-        reference = None
+        cap = BlockedCapture(layout, top_mass=top_mass, reference=reference)
     else:
         cap = MetricCapture(layout, top_mass=top_mass, reference=reference)
     documents = _documents(manifest)

@@ -199,8 +199,11 @@ class _Runner:
         q_norm = None
         cap = self.capture
         want = cap is not None and l in cap._index
+        cf_alpha = None
         if want:
             q_norm = M.vector_norm(q).transpose(1, 2)  # of the hooked effective query, as eager
+            if cap.reference is not None:  # the norm counterfactual, as MetricCapture gives it
+                cf_alpha = cap._cf_alpha(l, q_norm)
         if plan.rotary_after_hooks:  # GPT-NeoX's bridge rotates after hook_q / hook_k
             pe = kwargs.get("position_embeddings")
             if pe is not None:
@@ -214,7 +217,7 @@ class _Runner:
         z, got = attention_blocks(
             q, k, v, scale=plan.scale, mask=mask, sliding_window=plan.sliding_window,
             softcap=plan.softcap, metrics=want, top_mass=cap.top_mass if want else None,
-            sink_index=cap._sink_index if want else None, q_norm=q_norm,
+            sink_index=cap._sink_index if want else None, q_norm=q_norm, cf_alpha=cf_alpha,
             block_elements=cap.block_elements if cap is not None else BLOCK_ELEMENTS, layer=l)
         if want:
             kn = M.vector_norm(held["k"])  # [batch, pos, kv_head]
@@ -283,10 +286,14 @@ class BlockedCapture:
 
     `top_mass`: the mass of k_eff_top90 (None skips it: NaN, and no row is sorted).
     `block_elements`: score entries per query block (memory ≈ a few times 4 bytes × this).
+    `reference` (`spectra_lens.reference.ReferenceNorm`): also "entropy_cf", the exact norm
+    counterfactual H(softmax(s · r/‖q‖)) of every row, as `capture.MetricCapture` gives it (NaN
+    in layers whose scores are not bilinear in q).
     """
 
     def __init__(self, layout: AttentionLayout, *, layers: Iterable[int] | None = None,
-                 top_mass: float | None = 0.9, block_elements: int = BLOCK_ELEMENTS):
+                 top_mass: float | None = 0.9, block_elements: int = BLOCK_ELEMENTS,
+                 reference=None):
         self.layout = layout
         self.layers = tuple(range(layout.n_layers)) if layers is None else tuple(layers)
         if not self.layers or len(set(self.layers)) != len(self.layers):
@@ -299,14 +306,25 @@ class BlockedCapture:
             raise SpectraError(f"block_elements must be a positive int, got {block_elements!r}")
         self.top_mass = top_mass
         self.block_elements = block_elements
+        self.reference = reference
+        self._positions: Tensor | None = None
         self._index = {l: i for i, l in enumerate(self.layers)}
         self._out: dict[str, Tensor] = {}
         self._filled: set[int] = set()
         self._sink_index: Tensor | None = None
         self._stop_after: int | None = None
 
+    def _cf_alpha(self, l: int, q_norm: Tensor) -> Tensor:
+        """α = r / ‖q‖ [batch, head, pos] of layer `l` (NaN rows where the layer is not bilinear
+        in q, so the counterfactual is NaN there, as in the eager capture)."""
+        if not self.layout.q_bilinear[l]:
+            return torch.full(q_norm.shape, torch.nan, dtype=torch.float64, device=q_norm.device)
+        positions = self._positions if self._positions is not None else \
+            torch.arange(q_norm.shape[-1], device=q_norm.device)
+        return self.reference.alpha(l, q_norm, positions.to(q_norm.device))
+
     def _put(self, l: int, got: dict[str, Tensor]) -> None:
-        for name in METRIC_NAMES:
+        for name in METRIC_NAMES + (("entropy_cf",) if self.reference is not None else ()):
             v = got[name]
             out = self._out.get(name)
             if out is None:
@@ -329,6 +347,7 @@ class BlockedCapture:
         tokens = tokens.to(device)
         self._out, self._filled = {}, set()
         self._sink_index = None if mask is None else mask.int().argmax(1)
+        self._positions = None if mask is None else (mask.long().cumsum(1) - 1).clamp_min(0)
         self._stop_after = None if logits else max(self.layers)
         extra = {} if mask is None else {"attention_mask": mask.long().to(device)}
         out = None
@@ -348,7 +367,7 @@ class BlockedCapture:
             pad = ~mask.to(vals["entropy"].device)[:, None, None, :]
             vals = {n: v.masked_fill(pad, torch.nan) for n, v in vals.items()}
             mask = mask.cpu()
-        self._out, self._filled, self._sink_index = {}, set(), None
+        self._out, self._filled, self._sink_index, self._positions = {}, set(), None, None
         tm = TokenMetrics(layers=self.layers, attention_mask=mask, **vals)
         return (tm, out) if logits else tm
 
@@ -363,10 +382,13 @@ def capture_metrics_blocked(
     attention_mask: Tensor | None = None,
     block_elements: int = BLOCK_ELEMENTS,
     logits: bool = False,
+    reference=None,
 ) -> TokenMetrics | tuple[TokenMetrics, Tensor]:
     """`capture.capture_metrics` with attention in query blocks: the same `TokenMetrics` (every
     metric of `capture.METRIC_NAMES`, [batch, layer, head, pos]; no full patterns), peak memory
-    O(block × T) per layer instead of O(T²). With `logits`, also the model's logits."""
+    O(block × T) per layer instead of O(T²). With `logits`, also the model's logits; with
+    `reference`, also `entropy_cf` (the exact norm counterfactual, see `BlockedCapture`)."""
     layout = attention_layout(model)
-    cap = BlockedCapture(layout, layers=layers, top_mass=top_mass, block_elements=block_elements)
+    cap = BlockedCapture(layout, layers=layers, top_mass=top_mass, block_elements=block_elements,
+                         reference=reference)
     return cap.run(model, tokens, interventions=interventions, attention_mask=attention_mask, logits=logits)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
+from spectra_lens.kernels.alpha import row_alpha_entropy
 from spectra_lens.kernels.fused import capture_row_metrics
 
 __all__ = ["BLOCK_ELEMENTS", "attention_blocks", "block_rows"]
@@ -113,6 +114,7 @@ def attention_blocks(
     top_mass: float | None = 0.9,
     sink_index: Tensor | None = None,
     q_norm: Tensor | None = None,
+    cf_alpha: Tensor | None = None,
     block_elements: int = BLOCK_ELEMENTS,
     layer: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -132,7 +134,10 @@ def attention_blocks(
     `metrics.capture_row_metrics` on each block (top_mass None: k_eff_top90 NaN). `sink_index`
     [batch]: the key whose mass is `sink_mass` in each row of the batch (the first real token
     under left padding; key 0 when None). `q_norm` [batch, n_heads, pos]: ‖q‖ for the direction
-    spread (computed from q when None). Peak memory: a few blocks of `block_elements` scores.
+    spread (computed from q when None). `cf_alpha` [batch, n_heads, pos]: with `metrics`, also
+    "entropy_cf" = H(softmax(α_i·s_i)) of every row (`kernels.alpha.row_alpha_entropy` on each
+    block's scores; the norm counterfactual where α = r/‖q‖ and the scores are bilinear in q).
+    Peak memory: a few blocks of `block_elements` scores.
     """
     where = "attention" if layer is None else f"layer {layer}"
     b, n, h, n_kv, d = _check(q, k, v, where)
@@ -157,6 +162,11 @@ def attention_blocks(
         if q_norm is None:
             q_norm = M.vector_norm(q).transpose(1, 2)
         out = {name: torch.empty(b, h, n, dtype=torch.float32, device=device) for name in M.CAPTURE_ROW_METRICS}
+        if cf_alpha is not None:
+            if tuple(cf_alpha.shape) != (b, h, n):
+                raise SpectraError(f"{where}: cf_alpha must be [batch, n_heads, pos] = {(b, h, n)}, "
+                                   f"got {tuple(cf_alpha.shape)}")
+            out["entropy_cf"] = torch.empty(b, h, n, dtype=torch.float32, device=device)
     f32 = torch.float32
     rows = block_rows(n, b, h, n, block_elements)
     with torch.no_grad():
@@ -186,5 +196,8 @@ def attention_blocks(
                         idx.squeeze(-1) >= q1, 0.0)
                 for name in M.CAPTURE_ROW_METRICS:
                     out[name][:, :, q0:q1] = got[name]
+                if cf_alpha is not None:
+                    out["entropy_cf"][:, :, q0:q1] = row_alpha_entropy(
+                        s, M.visible_from_scores(s), cf_alpha[:, :, q0:q1].to(device))
             del s, p, zb
     return z, out

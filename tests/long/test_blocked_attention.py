@@ -171,6 +171,31 @@ def test_blocked_padded_batch(tiny, family, long_tokens):
     assert (logits - eager_logits(model, long_tokens, mask=mask))[mask].abs().max() <= TOL
 
 
+@pytest.mark.parametrize("family", BLOCKED_FAMILIES)
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_blocked_norm_counterfactual_equals_eager(tiny, family, long_tokens, padded):
+    """entropy_cf (H(softmax(s · r/‖q‖)) per row) of the blocked path is the eager capture's, NaN
+    in the same rows (layers not bilinear in q, t < min_position, padding)."""
+    from spectra_lens.reference import estimate_reference_norm
+
+    model, layout = tiny(family)
+    n_bins = int(M.log_position_bin(torch.tensor(long_tokens.shape[1] - 1))) + 1
+    ref = estimate_reference_norm(model, [long_tokens], (0,), n_bins=n_bins, layout=layout)
+    mask = None
+    if padded:
+        mask = torch.ones_like(long_tokens, dtype=torch.bool)
+        mask[1, :9] = False
+    got = capture_metrics_blocked(model, long_tokens, attention_mask=mask, block_elements=700,
+                                  reference=ref)
+    want = capture_metrics(model, long_tokens, attention_mask=mask, reference=ref)
+    a, b = got.entropy_cf, want.entropy_cf
+    assert a is not None and b is not None
+    assert torch.equal(a.isnan(), b.isnan())
+    assert (~a.isnan()).any() or not any(layout.q_bilinear)
+    assert (a - b).abs().nan_to_num(0.0).max().item() <= TOL
+    assert clean(model)
+
+
 def test_blocked_key_scale(tiny, long_tokens):
     model, layout = tiny("llama_gqa")
     scale = (KeyScale(1, 1, 0.6),)
