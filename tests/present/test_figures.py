@@ -180,3 +180,15 @@ def test_failed_write_keeps_the_old_figure_and_leaves_no_temp_file(tmp_path, sum
         figs.save_figure(figs.head_heatmap(summary, "partial_r_entropy"), tmp_path / "h")
     assert (tmp_path / "h.html").read_text() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.html", "h.json", "plotly.min.js"]
+
+
+def test_a_dot_in_a_figure_name_is_part_of_the_name(tmp_path):
+    """figures named by a scale (kl_alpha_0.5, kl_alpha_0.25) keep their whole name: neither
+    loses its tail to a suffix nor overwrites the other; a path's own .html suffix is replaced."""
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    written = figs.write_figures({"kl_alpha_0.5": fig, "kl_alpha_0.25": fig}, tmp_path, images="none")
+    names = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".html", ".json"))
+    assert names == ["kl_alpha_0.25.html", "kl_alpha_0.25.json", "kl_alpha_0.5.html", "kl_alpha_0.5.json"]
+    assert {p.name for p in written.written} >= set(names)
+    assert sorted(p.name for p in figs.save_figure(fig, tmp_path / "one.html", bundle=False)) == [
+        "one.html", "one.json"]

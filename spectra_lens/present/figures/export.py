@@ -130,12 +130,13 @@ def export_images(
 ) -> ImageExport:
     """Write `path`.{fmt} for every (figure, path) and every format in `formats`, in one browser.
 
-    `path`'s own suffix is replaced. Size: the figure's layout width/height, else `width` ×
+    `path`'s own suffix (.html, .json or an image format) is replaced; any other dot is part of
+    the name. Size: the figure's layout width/height, else `width` ×
     `height` (default 900 × 600), times `scale` for PNGs. Never raises for a missing or broken
     browser: the reason is in the result (`skipped`, `failed`) and logged once as a warning.
     """
     formats = image_formats(formats)
-    jobs = [(fig, Path(p).with_suffix(f".{fmt}"), fmt) for fig, p in items for fmt in formats]
+    jobs = [(fig, _named(Path(p), fmt), fmt) for fig, p in items for fmt in formats]
     return _export(jobs, width=width, height=height, scale=scale, browser=browser, tabs=tabs,
                    timeout=timeout)
 
@@ -287,6 +288,14 @@ def image_formats(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return out
 
 
+def _named(path: Path, fmt: str) -> Path:
+    """`path` with the suffix `.fmt`: a figure file's own suffix (.html, .json, .png, .svg) is
+    replaced, anything else is part of the name (figures/kl_alpha_0.5 -> kl_alpha_0.5.json)."""
+    if path.suffix.lower() in (".html", ".json", *(f".{f}" for f in IMAGE_FORMATS)):
+        return path.with_suffix(f".{fmt}")
+    return path.with_name(f"{path.name}.{fmt}")
+
+
 def _write_html(fig: go.Figure, path: Path, *, bundle: bool = False) -> list[Path]:
     """`path`.html and `path`.json (the plotly figure, which the report reads back), atomically.
 
@@ -297,7 +306,7 @@ def _write_html(fig: go.Figure, path: Path, *, bundle: bool = False) -> list[Pat
     from spectra_lens.present.page import plotlyjs_loader, shared_plotlyjs_candidates
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    html = path.with_suffix(".html")
+    html = _named(path, "html")
     if bundle:
         bundle_path = path.parent / "plotly.min.js"
         if not bundle_path.exists():
@@ -306,7 +315,7 @@ def _write_html(fig: go.Figure, path: Path, *, bundle: bool = False) -> list[Pat
     head = page.index("<head>") + len("<head>")
     page = page[:head] + plotlyjs_loader(shared_plotlyjs_candidates()) + page[head:]
     atomic_write(html, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
-    json_path = path.with_suffix(".json")
+    json_path = _named(path, "json")
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(fig.to_json(), encoding="utf-8"))
     return [html, json_path]
 
