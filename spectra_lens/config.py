@@ -481,7 +481,7 @@ __all__ += ["AblateNormConfig", "CausalMapConfig"]
 
 def _check_heads_run(cfg) -> None:
     """Fields shared by ablate-norm and causal-map (SpectraError naming a bad one)."""
-    _check_images(cfg.images)
+    OutputOptions.validate(cfg)
     from spectra_lens.validate import HeadRef, check_int, check_min_position  # imports torch
 
     for name in ("seq_len", "max_rows"):
@@ -500,12 +500,11 @@ def _check_heads_run(cfg) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AblateNormConfig:
+class AblateNormConfig(RunOptions):
     """Norm ablation: replace each head's query norm by its reference norm (direction kept) in
     the real forward pass; next-token loss, KL and later heads, beside mean ablation of the
     head's output and a rotation of its query by its natural angular spread."""
 
-    model: str | None = None  # HF id or local dir; None = the embedded default model
     corpus: str | None = None  # corpus spec (data.prepare.corpus_from_spec); None = pydoc topics
     out: str = "results/ablate_norm"  # run directory
     heads: tuple[str, ...] = field(default=(), metadata={"metavar": "LxHy"})  # () = every head
@@ -517,23 +516,17 @@ class AblateNormConfig:
     max_rows: int = 32  # rows (sequence copies, one head's intervention each) per forward pass
     n_boot: int = 2000  # document-bootstrap resamples of every interval
     ci: float = 0.95  # interval level
-    seed: int = 0  # bootstrap resamples and the rotation's random directions
-    dtype: str = "float32"  # model weights
-    device: str | None = None  # None = CUDA when present, else CPU
-    overwrite: bool = False  # replace a finished run in `out` instead of refusing
-    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
         _check_heads_run(self)
 
 
 @dataclass(frozen=True, kw_only=True)
-class CausalMapConfig:
+class CausalMapConfig(RunOptions):
     """The causal map: scale each head's query by each α in the real forward pass; downstream
     KL and loss with document intervals beside the head's analytic gain (and its norm-ablation
     effect from a norm_ablation.csv); Spearman(gain, KL) across heads."""
 
-    model: str | None = None  # HF id or local dir; None = the embedded default model
     corpus: str | None = None  # corpus spec (data.prepare.corpus_from_spec); None = pydoc topics
     out: str = "results/causal_map"  # run directory
     heads: tuple[str, ...] = field(default=(), metadata={"metavar": "LxHy"})  # () = every head
@@ -546,11 +539,6 @@ class CausalMapConfig:
     max_rows: int = 32  # rows (sequence copies, one head's intervention each) per forward pass
     n_boot: int = 2000  # bootstrap resamples (documents for effects, heads for Spearman)
     ci: float = 0.95  # interval level
-    seed: int = 0  # bootstrap resamples
-    dtype: str = "float32"  # model weights
-    device: str | None = None  # None = CUDA when present, else CPU
-    overwrite: bool = False  # replace a finished run in `out` instead of refusing
-    images: str = _images()  # image copies of every figure: "png", "svg", "png,svg" or "none"
 
     def validate(self) -> None:
         _check_heads_run(self)
