@@ -40,6 +40,7 @@ EXPERIMENTS: dict[str, str] = {
     "head_types": "spectra_lens.experiments.head_types",
     "ablate_norm": "spectra_lens.experiments.ablate_norm",
     "causal_map": "spectra_lens.experiments.causal_map",
+    "length": "spectra_lens.experiments.length",
 }
 
 _TOP = 5  # strongest heads on the first screen
@@ -86,6 +87,12 @@ def _observational(t: dict[str, pd.DataFrame]) -> Findings:
                 headline.append(("median ratio observational slope / causal gain", f"{row['median_ratio']:.3g}"))
             counts = {c[2:].replace("_", " "): int(row[c]) for c in summary.columns
                       if c.startswith("n_") and c != "n_heads" and pd.notna(row[c])}
+    if agreement is not None and "norm_share" in agreement.columns and agreement["norm_share"].notna().any():
+        ns = agreement["norm_share"]
+        above = int((agreement["norm_share_ci_low"] > 0).sum())
+        below = int((agreement["norm_share_ci_high"] < 0).sum())
+        headline.append(("median norm share (Var H − Var H_cf) / Var H, exact counterfactual",
+                         f"{ns.median():+.1%} (interval above 0: {above}, below 0: {below} heads)"))
     if not counts and agreement is not None and "verdict" in agreement.columns:
         counts = {str(k): int(v) for k, v in agreement["verdict"].value_counts().items()}
     strongest = None
@@ -179,10 +186,63 @@ def _head_types(t: dict[str, pd.DataFrame]) -> Findings:
         "sink_score", "analytic_gain")), "largest induction scores")
 
 
+def _ablate_norm(t: dict[str, pd.DataFrame]) -> Findings:
+    a = t.get("norm_ablation")
+    if a is None or not len(a):
+        return Findings()
+    headline: list[tuple[str, Any]] = [("heads", len(a)),
+                                       ("median KL(p ‖ p_ablated), norm ablation", f"{a['norm_kl'].median():.3g}")]
+    for base, what in (("rotation", "rotation by the natural angular spread"), ("mean_ablation", "mean ablation")):
+        col = f"{base}_kl"
+        if col in a.columns and a[col].notna().any():
+            headline.append((f"median KL, {what}", f"{a[col].median():.3g}"))
+            headline.append((f"heads whose norm ablation moves the output less than {what}",
+                             f"{int((a['norm_kl'] < a[col]).sum())} of {int(a[col].notna().sum())}"))
+    counts = _ci_counts(a, "norm_delta_loss_ci_low", "norm_delta_loss_ci_high", "Δloss") \
+        if {"norm_delta_loss_ci_low", "norm_delta_loss_ci_high"} <= set(a.columns) else {}
+    return Findings(headline, counts, "next-token loss change under norm ablation (document interval)",
+                    _heads(a, "norm_kl", ("layer", "head", "norm_kl", "norm_kl_ci_low", "norm_kl_ci_high",
+                                          "rotation_kl", "mean_ablation_kl")),
+                    "largest KL under norm ablation")
+
+
+def _causal_map(t: dict[str, pd.DataFrame]) -> Findings:
+    m, s = t.get("causal_map"), t.get("causal_map_summary")
+    if m is None or not len(m):
+        return Findings()
+    headline: list[tuple[str, Any]] = [("heads × scales", len(m))]
+    if s is not None:
+        for r in s.itertuples():
+            headline.append((f"α = {r.alpha:g}: Spearman({r.x}, {r.y}) across {int(r.n_heads)} heads",
+                             f"{r.spearman:+.3f} [{r.spearman_ci_low:+.3f}, {r.spearman_ci_high:+.3f}]"))
+    counts = _ci_counts(m, "delta_loss_ci_low", "delta_loss_ci_high", "Δloss") \
+        if {"delta_loss_ci_low", "delta_loss_ci_high"} <= set(m.columns) else {}
+    return Findings(headline, counts, "next-token loss change per head and scale (document interval)",
+                    _heads(m, "kl", ("alpha", "layer", "head", "kl", "kl_ci_low", "kl_ci_high", "delta_loss",
+                                     "gain_analytic")),
+                    "largest downstream KL")
+
+
+def _length(t: dict[str, pd.DataFrame]) -> Findings:
+    s = t.get("length_summary")
+    if s is None or not len(s):
+        return Findings()
+    headline: list[tuple[str, Any]] = [
+        ("heads", len(s)),
+        ("median slope of ln ‖q‖ on ln t", f"{s['slope_logq_logt'].median():+.3f}")]
+    counts = {str(k): int(v) for k, v in s["logq_direction"].value_counts().items()} \
+        if "logq_direction" in s.columns else {}
+    return Findings(headline, counts, "direction of ln ‖q‖ with position (document interval)",
+                    _heads(s, "slope_logq_logt", ("layer", "head", "slope_logq_logt", "slope_logq_logt_ci_low",
+                                                  "slope_logq_logt_ci_high", "logq_direction")),
+                    "largest |slope of ln ‖q‖ on ln t|")
+
+
 # experiment -> its first-screen summary of a run's tables
 SUMMARIES: dict[str, Callable[[dict[str, pd.DataFrame]], Findings]] = {
     "observational": _observational, "intervention": _intervention, "gain": _gain,
-    "qk_control": _qk_control, "head_types": _head_types,
+    "qk_control": _qk_control, "head_types": _head_types, "ablate_norm": _ablate_norm,
+    "causal_map": _causal_map, "length": _length,
 }
 
 
@@ -234,7 +294,7 @@ def experiments() -> dict[str, object]:
 
 
 def find_runs(results_dir: str | os.PathLike) -> list[Run]:
-    """The runs of the four experiments at or below `results_dir` (`present.report.find_runs`)."""
+    """The runs of the experiments at or below `results_dir` (`present.report.find_runs`)."""
     return R.find_runs(results_dir, experiments())
 
 
