@@ -75,14 +75,6 @@ def tokens() -> torch.Tensor:
 # known failure to mend, not a passing test: marked xfail (not strict) so that the list is visible
 # in every run's summary; docs/KNOWN_FAILURES.md says what each one meets.
 KNOWN_FAILURES = {
-    "tests/cli/test_readme_commands.py::test_cheap_readme_commands_run_on_a_tiny_model[observe]",
-    "tests/experiments/test_observational.py::test_statistics_from_records_equal_the_moments_path",
-    "tests/experiments/test_observational.py::test_finished_run_is_refused_and_overwrite_reruns",
-    "tests/long/test_length.py::test_observe_blocked_tables_equal_eager",
-    "tests/present/test_report.py::test_find_runs_finds_each_run_once_and_ignores_other_manifests",
-    "tests/present/test_report.py::test_report_of_every_experiment_has_no_missing_list",
-    "tests/present/test_report.py::test_first_screen_shows_the_findings_not_the_manifest",
-    "tests/present/test_report.py::test_every_file_and_figure_of_real_runs_is_in_the_data_dictionary",
     "tests/runs/test_data_safety.py::test_a_resumed_observe_refuses_moments_of_re_prepared_shards",
     "tests/runs/test_data_safety.py::test_a_full_disk_while_saving_moments_is_one_line_and_the_run_is_failed",
     "tests/runs/test_distributed.py::test_detached_shares_merged_give_the_tables_of_one_process",
@@ -90,10 +82,6 @@ KNOWN_FAILURES = {
     "tests/runs/test_run_safety.py::test_case6_report_on_a_read_only_run_directory",
     "tests/runs/test_run_safety.py::test_case6_ctrl_c_prints_one_line_and_exits_130",
     "tests/runs/test_run_safety.py::test_case7_meaningless_inputs_are_refused_before_anything_is_written",
-    "tests/sweep/test_sweep.py::test_check_alphas_sorts_and_rejects_bad_grids",
-    "tests/test_notebooks.py::test_notebook_runs[02_observational]",
-    "tests/test_notebooks.py::test_notebook_runs[03_intervention_and_gain]",
-    "tests/test_notebooks.py::test_notebook_runs[04_qk_control]",
 }
 KNOWN_FAILURE_PREFIXES = (
     "tests/runs/test_run_safety.py::test_case4_a_failed_start_writes_nothing_and_the_corrected_command_runs",

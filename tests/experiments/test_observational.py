@@ -292,7 +292,7 @@ def test_statistics_from_records_equal_the_moments_path(finished):
     records = observational.read_records(sorted((out / "records").glob("*.parquet")))
     from_records = moments_from_records(records, MOMENT_VARIABLES,
                                         min_position=cfg.min_position)
-    from_capture = observational.read_moments(sorted((out / "moments").glob("*.npz")))
+    from_capture = observational.read_moments(sorted((out / "moments").glob("shard_*.npz")))
     assert from_records.variables == from_capture.variables
     np.testing.assert_array_equal(from_records.documents, from_capture.documents)
     a = head_statistics(from_records, n_boot=50)
@@ -432,7 +432,8 @@ def test_finished_run_is_refused_and_overwrite_reruns(bridge, corpus, finished, 
     assert sorted(p.name for p in (out / "records").iterdir()) == [
         "shard_00000.parquet", "shard_00001.parquet"]  # the third, stale shard is gone
     assert sorted(p.name for p in (out / "moments").iterdir()) == [
-        "shard_00000.npz", "shard_00001.npz"]
+        "counterfactual_00000.npz", "counterfactual_00001.npz",
+        "shard_00000.npz", "shard_00001.npz"]  # and each shard's counterfactual moments
     m = read_manifest(out)
     assert m["status"] == "complete" and m["seq_len"] == 16 and m["resumed"] is False
     assert (result.head_summary["n_tokens"] == 8 * 15).all()

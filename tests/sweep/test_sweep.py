@@ -50,7 +50,7 @@ def test_check_alphas_sorts_and_rejects_bad_grids():
     assert check_alphas(torch.tensor([1.0, 3.0])) == (1.0, 3.0)
     for bad, words in (([], "empty"), ([1.0, 0.0], "> 0"), ([-1.0], "> 0"), ([float("nan")], "finite"),
                        ([float("inf")], "finite"), ([1.0, 1.0], "distinct"), (2.0, "sequence"),
-                       (["a"], "numbers")):
+                       (["a"], "must be a number")):
         with pytest.raises(SpectraError, match=words):
             check_alphas(bad)
 
