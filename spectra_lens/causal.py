@@ -165,6 +165,16 @@ class DirectionSpread:
     sd_log_norm: float
     n_tokens: int
 
+    @classmethod
+    def of(cls, layer: int, head: int, q: Tensor) -> DirectionSpread:
+        """The spread of the queries `q` [tokens, d] (float64 for the angles near 0)."""
+        norm = q.norm(dim=-1)
+        unit = q / norm[:, None].clamp_min(1e-300)
+        mean_dir = unit.mean(0)
+        mean_dir = mean_dir / mean_dir.norm().clamp_min(1e-300)
+        angles = torch.arccos((unit @ mean_dir).clamp(-1, 1))
+        return cls(layer, head, float(angles.median()), float(norm.log().std()), int(q.shape[0]))
+
     def as_dict(self) -> dict:
         return {"layer": self.layer, "head": self.head, "median_angle_rad": self.median_angle,
                 "median_angle_deg": math.degrees(self.median_angle), "sd_log_q_norm": self.sd_log_norm,
@@ -192,13 +202,7 @@ def query_direction_spread(
         for block in tokens.split(batch_size):
             with attached(model, (name, grab), layout=layout):
                 model(block.to(device), return_type=None, stop_at_layer=stop)
-    q = torch.cat(got)
-    norm = q.norm(dim=-1)
-    unit = q / norm[:, None].clamp_min(1e-300)
-    mean_dir = unit.mean(0)
-    mean_dir = mean_dir / mean_dir.norm().clamp_min(1e-300)
-    angles = torch.arccos((unit @ mean_dir).clamp(-1, 1))
-    return DirectionSpread(layer, head, float(angles.median()), float(norm.log().std()), int(q.shape[0]))
+    return DirectionSpread.of(layer, head, torch.cat(got))
 
 
 # --------------------------------------------------------------------------- sham control

@@ -247,19 +247,9 @@ def estimate_reference_norms(model, tokens: Tensor, documents=None, *, min_posit
             q = torch.cat(kept[l]).double()  # [tokens, head, d]
             kept[l] = []
             for h in range(n_h):
-                out[(l, h)] = _spread(l, h, q[:, h])
+                out[(l, h)] = DirectionSpread.of(l, h, q[:, h])
     docs = None if documents is None else tuple(int(x) for x in np.unique(np.asarray(documents)))
     return ReferenceNorms(log_norm, z_mean, counts.long(), out, T, min_position, int(tokens.shape[0]), docs)
-
-
-def _spread(layer: int, head: int, q: Tensor) -> DirectionSpread:
-    """`causal.query_direction_spread`'s statistics of the queries `q` [tokens, d] (float64)."""
-    norm = q.norm(dim=-1)
-    unit = q / norm[:, None].clamp_min(1e-300)
-    mean_dir = unit.mean(0)
-    mean_dir = mean_dir / mean_dir.norm().clamp_min(1e-300)
-    angles = torch.arccos((unit @ mean_dir).clamp(-1, 1))
-    return DirectionSpread(layer, head, float(angles.median()), float(norm.log().std()), int(q.shape[0]))
 
 
 # --------------------------------------------------------------------------- interventions

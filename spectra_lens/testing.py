@@ -17,6 +17,7 @@ import transformers
 from spectra_lens.errors import SpectraError
 
 __all__ = [
+    "effective_q",
     "FAMILIES",
     "PLANTED_INDUCTION_HEAD",
     "PLANTED_PREV_TOKEN_HEAD",
@@ -179,3 +180,18 @@ def word_corpus(directory, n_documents: int, n_words: int, *, name: str = "doc{i
     for i in range(n_documents):
         (directory / name.format(i=i)).write_text(" ".join(rng.choice(TEST_WORDS, n_words)))
     return str(directory / "*.txt")
+
+
+def effective_q(model, layout, tokens, layer: int, *items) -> torch.Tensor:
+    """Layer `layer`'s effective query [batch, pos, head, d_head] (the tensor its `q_hook`
+    sees, after whatever of `items` acts before it), from a pass that stops after the layer."""
+    from spectra_lens.capture import attached
+
+    got = {}
+
+    def grab(x, hook):
+        got["q"] = x.detach().clone()
+
+    with torch.no_grad(), attached(model, *items, (layout.q_hook(layer), grab), layout=layout):
+        model(tokens, return_type=None, stop_at_layer=layer + 1)
+    return got["q"]

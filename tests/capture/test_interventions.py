@@ -21,7 +21,7 @@ from spectra_lens.interventions import (
 )
 from spectra_lens.layout import hook_name
 from spectra_lens.metrics import causal_mask, rescale_pattern
-from spectra_lens.testing import FAMILIES
+from spectra_lens.testing import FAMILIES, effective_q
 from spectra_lens.validate import check_alpha
 
 ALPHA = 2.5
@@ -329,23 +329,12 @@ def toks() -> torch.Tensor:
     return torch.randint(1, 97, (8, 12), generator=torch.Generator().manual_seed(5))
 
 
-def _effective_q(model, layout, tokens, layer, *items):
-    got = {}
-
-    def grab(x, hook):
-        got["q"] = x.detach().clone()
-
-    with torch.no_grad(), attached(model, *items, (layout.q_hook(layer), grab), layout=layout):
-        model(tokens, return_type=None, stop_at_layer=layer + 1)
-    return got["q"]
-
-
 @pytest.mark.parametrize("family", ["llama_gqa", "neox", "qwen3", "gpt2"])
 def test_rotation_keeps_the_query_norm_and_turns_by_the_angle(tiny, toks, family):
     model, layout = tiny(family)
     layer, head, angle = 1, 2, 0.6
-    q0 = _effective_q(model, layout, toks, layer)
-    q1 = _effective_q(model, layout, toks, layer, QueryRotate(layer, head, angle, seed=3))
+    q0 = effective_q(model, layout, toks, layer)
+    q1 = effective_q(model, layout, toks, layer, QueryRotate(layer, head, angle, seed=3))
     n0, n1 = q0[:, :, head].double().norm(dim=-1), q1[:, :, head].double().norm(dim=-1)
     assert (n1 - n0).abs().max() < 1e-6 * max(1.0, float(n0.max()))
     cos = (q0[:, :, head].double() * q1[:, :, head].double()).sum(-1) / (n0 * n1)
@@ -353,11 +342,11 @@ def test_rotation_keeps_the_query_norm_and_turns_by_the_angle(tiny, toks, family
     others = [h for h in range(layout.n_heads) if h != head]
     assert torch.equal(q0[:, :, others], q1[:, :, others])
     # angle 0 is the identity; a per-row angle tensor equals separate passes
-    assert torch.equal(_effective_q(model, layout, toks, layer, QueryRotate(layer, head, 0.0)), q0)
+    assert torch.equal(effective_q(model, layout, toks, layer, QueryRotate(layer, head, 0.0)), q0)
     two = toks[:2]
-    batched = _effective_q(model, layout, two, layer, QueryRotate(layer, head, torch.tensor([0.3, 0.9]), seed=3))
+    batched = effective_q(model, layout, two, layer, QueryRotate(layer, head, torch.tensor([0.3, 0.9]), seed=3))
     for i, a in enumerate((0.3, 0.9)):
-        single = _effective_q(model, layout, two, layer, QueryRotate(layer, head, a, seed=3))
+        single = effective_q(model, layout, two, layer, QueryRotate(layer, head, a, seed=3))
         torch.testing.assert_close(batched[i], single[i], atol=1e-6, rtol=1e-6)
     assert count_hooks(model) == 0
 

@@ -23,6 +23,7 @@ from spectra_lens.causal import (
 from spectra_lens.errors import SpectraError
 from spectra_lens.interventions import QueryRotate, QueryScale
 from spectra_lens.sweep import intervention_effects
+from spectra_lens.testing import effective_q
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +32,6 @@ def toks() -> torch.Tensor:
 
 
 DOCS = [0, 0, 1, 1, 2, 3, 4, 5]
-
-
-def _effective_q(model, layout, tokens, layer, *items):
-    got = {}
-
-    def grab(x, hook):
-        got["q"] = x.detach().clone()
-
-    with torch.no_grad(), attached(model, *items, (layout.q_hook(layer), grab), layout=layout):
-        model(tokens, return_type=None, stop_at_layer=layer + 1)
-    return got["q"]
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "qwen3", "gemma2", "gpt2"])
@@ -166,7 +156,7 @@ def test_head_r_table_equals_a_direct_pearson_and_the_control_rule(tiny, toks):
 def test_direction_spread_is_the_median_angle_to_the_mean_direction(tiny, toks):
     model, layout = tiny("neox")
     spread = query_direction_spread(model, toks, 1, 2, min_position=1)
-    q = _effective_q(model, layout, toks, 1)[:, 1:, 2].double().reshape(-1, layout.d_head)
+    q = effective_q(model, layout, toks, 1)[:, 1:, 2].double().reshape(-1, layout.d_head)
     unit = q / q.norm(dim=-1, keepdim=True)
     mean = unit.mean(0) / unit.mean(0).norm()
     assert spread.median_angle == pytest.approx(float(torch.arccos(unit @ mean).median()), abs=1e-9)
