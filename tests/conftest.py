@@ -86,7 +86,6 @@ KNOWN_FAILURES = {
     "tests/runs/test_data_safety.py::test_a_resumed_observe_refuses_moments_of_re_prepared_shards",
     "tests/runs/test_data_safety.py::test_a_full_disk_while_saving_moments_is_one_line_and_the_run_is_failed",
     "tests/runs/test_distributed.py::test_detached_shares_merged_give_the_tables_of_one_process",
-    "tests/runs/test_run_safety.py::test_case3_overwrite_of_a_causal_run_leaves_only_the_new_outputs",
     "tests/runs/test_run_safety.py::test_case6_report_on_a_read_only_run_directory",
     "tests/runs/test_run_safety.py::test_case6_ctrl_c_prints_one_line_and_exits_130",
     "tests/runs/test_run_safety.py::test_case7_meaningless_inputs_are_refused_before_anything_is_written",
@@ -96,7 +95,6 @@ KNOWN_FAILURES = {
     "tests/test_notebooks.py::test_notebook_runs[04_qk_control]",
 }
 KNOWN_FAILURE_PREFIXES = (
-    "tests/runs/test_run_safety.py::test_case4_a_failed_start_writes_nothing_and_the_corrected_command_runs",
     "tests/runs/test_distributed_gain.py::",
 )
 
