@@ -88,7 +88,6 @@ KNOWN_FAILURES = {
     "tests/runs/test_distributed.py::test_detached_shares_merged_give_the_tables_of_one_process",
     "tests/runs/test_run_safety.py::test_case6_report_on_a_read_only_run_directory",
     "tests/runs/test_run_safety.py::test_case6_ctrl_c_prints_one_line_and_exits_130",
-    "tests/runs/test_run_safety.py::test_case7_meaningless_inputs_are_refused_before_anything_is_written",
     "tests/sweep/test_sweep.py::test_check_alphas_sorts_and_rejects_bad_grids",
     "tests/test_notebooks.py::test_notebook_runs[02_observational]",
     "tests/test_notebooks.py::test_notebook_runs[03_intervention_and_gain]",

@@ -242,7 +242,7 @@ def test_case7_meaningless_inputs_are_refused_before_anything_is_written(model_d
     code, err = run(observe(model_dir, str(nul), tmp_path / "a"), capsys)
     assert code == 2 and "control characters" in one_error_line(err)
     code, err = run(observe(model_dir, corpus, tmp_path / "b", "--n-sequences", "1"), capsys)
-    assert code == 2 and "n_sequences" in one_error_line(err) and not (tmp_path / "b").exists()
+    assert code == 2 and "--n-sequences" in one_error_line(err) and not (tmp_path / "b").exists()
     code, err = run(intervene(model_dir, corpus, tmp_path / "c", "--alphas", "1e-46,1,2"), capsys)
     assert code == 2 and "float32" in one_error_line(err) and not (tmp_path / "c").exists()
 
