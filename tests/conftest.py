@@ -86,7 +86,6 @@ KNOWN_FAILURES = {
     "tests/runs/test_data_safety.py::test_a_resumed_observe_refuses_moments_of_re_prepared_shards",
     "tests/runs/test_data_safety.py::test_a_full_disk_while_saving_moments_is_one_line_and_the_run_is_failed",
     "tests/runs/test_distributed.py::test_detached_shares_merged_give_the_tables_of_one_process",
-    "tests/runs/test_run_safety.py::test_case6_report_on_a_read_only_run_directory",
     "tests/runs/test_run_safety.py::test_case6_ctrl_c_prints_one_line_and_exits_130",
     "tests/sweep/test_sweep.py::test_check_alphas_sorts_and_rejects_bad_grids",
     "tests/test_notebooks.py::test_notebook_runs[02_observational]",
