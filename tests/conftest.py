@@ -83,8 +83,6 @@ KNOWN_FAILURES = {
     "tests/present/test_report.py::test_report_of_every_experiment_has_no_missing_list",
     "tests/present/test_report.py::test_first_screen_shows_the_findings_not_the_manifest",
     "tests/present/test_report.py::test_every_file_and_figure_of_real_runs_is_in_the_data_dictionary",
-    "tests/runs/test_data_safety.py::test_a_resumed_observe_refuses_moments_of_re_prepared_shards",
-    "tests/runs/test_data_safety.py::test_a_full_disk_while_saving_moments_is_one_line_and_the_run_is_failed",
     "tests/runs/test_distributed.py::test_detached_shares_merged_give_the_tables_of_one_process",
     "tests/runs/test_run_safety.py::test_case6_ctrl_c_prints_one_line_and_exits_130",
     "tests/sweep/test_sweep.py::test_check_alphas_sorts_and_rejects_bad_grids",
