@@ -89,9 +89,7 @@ KNOWN_FAILURES = {
     "tests/test_notebooks.py::test_notebook_runs[03_intervention_and_gain]",
     "tests/test_notebooks.py::test_notebook_runs[04_qk_control]",
 }
-KNOWN_FAILURE_PREFIXES = (
-    "tests/runs/test_distributed_gain.py::",
-)
+KNOWN_FAILURE_PREFIXES: tuple[str, ...] = ()
 
 
 def pytest_collection_modifyitems(config, items):
