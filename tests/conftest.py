@@ -83,7 +83,6 @@ KNOWN_FAILURES = {
     "tests/present/test_report.py::test_report_of_every_experiment_has_no_missing_list",
     "tests/present/test_report.py::test_first_screen_shows_the_findings_not_the_manifest",
     "tests/present/test_report.py::test_every_file_and_figure_of_real_runs_is_in_the_data_dictionary",
-    "tests/runs/test_run_safety.py::test_case6_ctrl_c_prints_one_line_and_exits_130",
     "tests/sweep/test_sweep.py::test_check_alphas_sorts_and_rejects_bad_grids",
     "tests/test_notebooks.py::test_notebook_runs[02_observational]",
     "tests/test_notebooks.py::test_notebook_runs[03_intervention_and_gain]",
