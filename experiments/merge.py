@@ -7,6 +7,8 @@ shards i, i + N, ... gain: share i computes the α-curves of parts i, i + N, ...
 --batch-size measured sequences; share 0 also chooses the target / control heads). This command
 reads every share's files (the experiment is the one the shares' manifests name) and writes the
 tables, figures and manifest of the whole run into --out, as one process doing all of it would.
+Each observe share estimates the counterfactual's reference norm itself: the shares' counterfactual
+moments are merged only when all used the same one (`observational.merge`), else refused.
 """
 
 import time

@@ -726,10 +726,56 @@ def _run_share(cfg: ObservationalConfig, group: Group, model, source, model_name
                   resumed=resuming)
 
 
+# How far two shares' reference norms may differ, in ln r: rounding only. Every share estimates
+# r itself, from the same selection documents of the same prepared shards with the same model and
+# settings, so shares on one kind of device compute the same numbers.
+_SHARE_REFERENCE_ATOL = 1e-6
+
+
+def _share_reference(parts: list[tuple[Path, dict]]) -> ReferenceNorm | None:
+    """The reference norm of the shares `parts` [(run directory, manifest)]: each share's
+    `reference_norm.npz`, the same in all of them, or None where no share has one (fewer than 2
+    documents: no counterfactual). A share's counterfactual moments are computed with its own r,
+    so the merged counterfactual is one counterfactual only when every share used the same r:
+    the same layers, selection documents, min_position, bins and token counts, and ln r equal to
+    within `_SHARE_REFERENCE_ATOL`; otherwise SpectraError naming the share and the difference."""
+    (d0, _), refs = parts[0], []
+    for d, _ in parts:
+        path = d / REFERENCE_FILE
+        refs.append(ReferenceNorm.load(path) if path.exists() else None)
+    first = refs[0]
+    for (d, _), ref in zip(parts[1:], refs[1:], strict=True):
+        if ref is None and first is None:
+            continue
+        if ref is None or first is None:
+            has, lacks = (d0, d) if ref is None else (d, d0)
+            raise SpectraError(f"{has} holds a reference norm ({REFERENCE_FILE}) and {lacks} none; "
+                               "shares of one run have the same counterfactual: capture that share again")
+        if (ref.layers, ref.documents, ref.min_position) != (first.layers, first.documents, first.min_position) \
+                or ref.log_norm.shape != first.log_norm.shape or not np.array_equal(ref.n_tokens, first.n_tokens):
+            what = "other selection documents, layers, bins or tokens"
+        else:
+            # NaN (a bin without selection tokens) in the same places: the token counts agree
+            diff = np.nan_to_num(np.abs(ref.log_norm - first.log_norm))
+            if not (diff > _SHARE_REFERENCE_ATOL).any():
+                continue
+            what = f"ln r differs by up to {diff.max():.3g}"
+        raise SpectraError(
+            f"{d} estimated another reference norm than {d0} ({what}); counterfactual moments "
+            f"computed with different reference norms cannot be merged: capture every share on "
+            f"one kind of device from the same prepared shards (rerun the others with --overwrite)")
+    return first
+
+
 def merge(cfg, *, progress: bool = True) -> ObservationalResult:
     """The tables of a run captured in shares (`config.MergeConfig`): every share's run directory
     must hold a finished share of the same configuration over the same prepared shards, and
-    together they must cover every shard (a shard in several shares is read once)."""
+    together they must cover every shard (a shard in several shares is read once).
+
+    Each share estimated the reference norm itself; the counterfactual moments of the shares
+    are merged only when all used the same one (`_share_reference`), which the merged run keeps
+    as its `reference_norm.npz`, and every shard's counterfactual moments must be where its
+    moments are read."""
     # shares may run on other hardware (device), but not in another precision: resume refuses
     # a dtype difference, and so does merge
     parts = P.read_shares(cfg, EXPERIMENT)
@@ -746,6 +792,7 @@ def merge(cfg, *, progress: bool = True) -> ObservationalResult:
                     f"{d} captured shard {i} with sha256 {sha[:12]}..., but {manifest.directory} "
                     f"now holds other tokens there (re-prepared since?); shares of different "
                     f"shards cannot be merged: capture that share again")
+    reference = _share_reference(parts)
     paths, record_paths, missing = [], [], []
     for i in range(n):
         got = [d for d, m in parts if i in m["share"]["shards"]
@@ -756,6 +803,10 @@ def merge(cfg, *, progress: bool = True) -> ObservationalResult:
         if not check_provenance(got[0] / f"moments/shard_{i:05d}.npz", manifest, i):
             raise SpectraError(f"{got[0]} holds shard {i}'s moments without the sha256 of the shard "
                                "they came from (an older release); capture that share again")
+        cf = _counterfactual_path(got[0] / f"moments/shard_{i:05d}.npz")
+        if reference is not None and not cf.exists():
+            raise SpectraError(f"{got[0]} holds shard {i}'s moments but not its counterfactual moments "
+                               f"({cf.name}); capture that share again")
         paths.append(got[0] / f"moments/shard_{i:05d}.npz")
         record_paths.append(got[0] / f"records/shard_{i:05d}.parquet")
     if missing:
@@ -764,6 +815,8 @@ def merge(cfg, *, progress: bool = True) -> ObservationalResult:
     inputs = [manifest.directory, *(d for d, _ in parts)]
     with P.run_directory(run_cfg, EXPERIMENT, inputs=inputs) as rd:
         resuming = rd.start(run_cfg, overwrite=run_cfg.overwrite)
+        if reference is not None:  # the r of every share's counterfactual, as one process keeps it
+            reference.save(rd.output(REFERENCE_FILE))
         model = _load(run_cfg, Group(), None, progress=progress) if run_cfg.fd_sequences else None
         tables = _tables(run_cfg, rd, manifest, paths, record_paths if run_cfg.records else [],
                          model, model_info=parts[0][1].get("model", {}), resumed=resuming,

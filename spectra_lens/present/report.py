@@ -558,7 +558,10 @@ def write_report(results_dir: str | os.PathLike, experiments: Mapping[str, Exper
         src = plotlyjs
     page = build_report(results_dir, experiments, plotlyjs=src, link_from=out.parent)
     if plotlyjs is None:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        try:  # a folder that cannot be made (a file on the path, no permission) is the user's error
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpectraError(f"cannot write {out}: {e.strerror or e} ({e.filename})") from e
         write_plotlyjs(out.parent)
 
     # the writer creates the file with the umask's permissions, like every other output

@@ -5,6 +5,8 @@ killed rank's shards are redone by the rerun, and the same command runs with 1 p
 The launches and the table comparison are in tests/runs/cli_processes.py.
 """
 
+import dataclasses
+import json
 import subprocess
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 from spectra_lens.capture import METRIC_NAMES, capture_metrics
 from spectra_lens.errors import SpectraError
 from spectra_lens.models import load_model, parse_device_map
+from spectra_lens.reference import ReferenceNorm
 from spectra_lens.runs.distributed import Group, shard_indices
 
 TABLES = ("head_summary", "layer_statistics", "significant_heads", "consistent_heads")
@@ -97,7 +100,7 @@ def test_a_killed_rank_is_redone_on_resume_with_one_process(model_dir, corpus, s
 
 
 def test_detached_shares_merged_give_the_tables_of_one_process(model_dir, corpus, single, tmp_path,
-                                                               monkeypatch):
+                                                               monkeypatch, capsys):
     """A SLURM array without a rendezvous: each task captures its share of prepared shards into
     its own run directory (SPECTRA_SHARD_RANK/WORLD), `spectra-lens merge` makes the tables."""
     shards = tmp_path / "shards"
@@ -110,8 +113,8 @@ def test_detached_shares_merged_give_the_tables_of_one_process(model_dir, corpus
                               env=procs.env() | {"SPECTRA_SHARD_RANK": str(i), "SPECTRA_SHARD_WORLD": "3"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert not (part / "head_summary.csv").exists()  # a share makes no tables
-        assert sorted(p.name for p in (part / "moments").iterdir()) == \
-            [f"shard_{j:05d}.npz" for j in range(i, 8, 3)]
+        assert sorted(p.name for p in (part / "moments").iterdir()) == sorted(
+            f"{kind}_{j:05d}.npz" for j in range(i, 8, 3) for kind in ("shard", "counterfactual"))
     from spectra_lens.experiments import cli
 
     monkeypatch.setenv("SPECTRA_NO_IMAGES", "1")
@@ -119,7 +122,18 @@ def test_detached_shares_merged_give_the_tables_of_one_process(model_dir, corpus
     assert cli.main(["merge", *map(str, parts[:2]), "--out", str(tmp_path / "bad")]) == 2
     out = tmp_path / "merged"
     assert cli.main(["merge", *map(str, parts), "--out", str(out), "--no-progress"]) == 0
-    procs.assert_same_tables(single, out, TABLES)
+    # agreement holds the norm share: the counterfactual moments of every share, merged
+    procs.assert_same_tables(single, out, (*TABLES, "agreement"))
+    assert (out / "reference_norm.npz").read_bytes() == (parts[0] / "reference_norm.npz").read_bytes()
+    assert json.loads((out / "manifest.json").read_text())["counterfactual"]["computed"] is True
+
+    # a share whose reference norm differs (another device, other tokens): its counterfactual
+    # moments cannot be merged with the others'; refused in one line, nothing written
+    ref = ReferenceNorm.load(parts[2] / "reference_norm.npz")
+    dataclasses.replace(ref, log_norm=ref.log_norm + 1e-3).save(parts[2] / "reference_norm.npz")
+    assert cli.main(["merge", *map(str, parts), "--out", str(tmp_path / "mixed"), "--no-progress"]) == 2
+    assert "another reference norm" in capsys.readouterr().err
+    assert not (tmp_path / "mixed").exists()
 
 
 def test_shard_share_environment(monkeypatch):

@@ -36,8 +36,10 @@ def corpus(tmp_path_factory) -> str:
 
 
 def _args(model_dir, corpus, out) -> list[str]:
+    # --n-select 8: the selection holds 2 of the 6 documents (the control rule needs >= 2,
+    # causal.MIN_SELECT_DOCUMENTS), the 12 measured sequences come from the other 4
     return ["gain", "--model", str(model_dir), "--corpus", corpus, "--out", str(out),
-            "--seq-len", "24", "--n-sequences", str(N_SEQUENCES), "--n-select", "4",
+            "--seq-len", "24", "--n-sequences", str(N_SEQUENCES), "--n-select", "8",
             "--batch-size", str(BATCH), "--n-boot", "100", "--device", "cpu", "--no-images",
             "--no-progress"]
 

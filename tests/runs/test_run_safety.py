@@ -32,7 +32,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    return word_corpus(tmp_path_factory.mktemp("corpus"), 4, 300)
+    # 8 documents: intervene holds out 2 to choose heads and measures 4 others
+    # (causal.MIN_SELECT_DOCUMENTS, causal.MIN_MEASURE_DOCUMENTS)
+    return word_corpus(tmp_path_factory.mktemp("corpus"), 8, 300)
 
 
 def observe(model_dir, corpus, out, *extra) -> list[str]:
@@ -43,8 +45,9 @@ def observe(model_dir, corpus, out, *extra) -> list[str]:
 
 def intervene(model_dir, corpus, out, *extra) -> list[str]:
     return ["intervene", "--model", str(model_dir), "--corpus", corpus, "--out", str(out),
-            "--seq-len", "16", "--n-sequences", "3", "--n-select", "2", "--alphas", "0.5,1,2",
-            # a named control: 2 selection sequences cannot give the r-based rule a finite interval
+            "--seq-len", "16", "--n-sequences", "4", "--n-select", "2", "--alphas", "0.5,1,2",
+            # 4 measured sequences, one from each of 4 documents; a named control: 2 selection
+            # sequences cannot give the r-based rule a finite interval
             "--control-layer", "0", "--control-head", "2", "--no-progress", *extra]
 
 
@@ -137,7 +140,7 @@ def test_case3_overwrite_of_a_causal_run_leaves_only_the_new_outputs(model_dir, 
 @pytest.mark.parametrize("bad, match", [
     (["--model", "/nonexistent/model"], "no such directory"),
     (["--device", "cuda"], "CUDA is not available"),
-    (["--target-head", "7"], "target head"),
+    (["--target-head", "7"], "--target-head: no head 7"),
     (["--target-layer", "1", "--target-head", "0", "--control-layer", "1", "--control-head", "0"],
      "control head must differ"),
     (["--corpus", "/nonexistent/corpus.txt"], "not found"),
@@ -239,7 +242,7 @@ def test_case7_meaningless_inputs_are_refused_before_anything_is_written(model_d
     code, err = run(observe(model_dir, str(nul), tmp_path / "a"), capsys)
     assert code == 2 and "control characters" in one_error_line(err)
     code, err = run(observe(model_dir, corpus, tmp_path / "b", "--n-sequences", "1"), capsys)
-    assert code == 2 and "n_sequences" in one_error_line(err) and not (tmp_path / "b").exists()
+    assert code == 2 and "--n-sequences" in one_error_line(err) and not (tmp_path / "b").exists()
     code, err = run(intervene(model_dir, corpus, tmp_path / "c", "--alphas", "1e-46,1,2"), capsys)
     assert code == 2 and "float32" in one_error_line(err) and not (tmp_path / "c").exists()
 
