@@ -15,6 +15,7 @@ docs/DATA_DICTIONARY.md.
 
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -160,8 +161,17 @@ def reference_norm(model, manifest: ShardManifest, run, *, seed: int, batch_size
     the norm share leaves out), stored as `reference_norm.npz` and read back on a rerun; None
     where the run has fewer than 2 documents (no counterfactual)."""
     path = run.output(REFERENCE_FILE)
+    source = _reference_provenance(manifest)
     if path.exists():
-        return ReferenceNorm.load(path)
+        ref = ReferenceNorm.load(path)
+        recorded = {k: ref.meta.get(k) for k in source}
+        if recorded != source:
+            differ = next(k for k in source if recorded[k] != source[k])
+            raise SpectraError(
+                f"{path} was computed from other tokens than the shards in {manifest.directory} hold "
+                f"now ({differ}: {str(recorded[differ])[:16]!r} vs {str(source[differ])[:16]!r}; "
+                f"re-prepared since?): rerun with --overwrite to start the run again")
+        return ref
     documents = _documents(manifest)
     chosen = selection_documents(documents, seed=seed)
     if chosen.size == 0:
@@ -172,9 +182,17 @@ def reference_norm(model, manifest: ShardManifest, run, *, seed: int, batch_size
     batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
     n_bins = manifest.seq_len.bit_length()  # bins 0 … ⌊log2 seq_len⌋, the last position's
     ref = estimate_reference_norm(model, batches, chosen, n_bins=n_bins, min_position=min_position)
+    ref = dataclasses.replace(ref, meta={**ref.meta, **source})
     ref.save(path)
     run.timed("reference_norm_s", time.time() - t0)
     return ref
+
+
+def _reference_provenance(manifest: ShardManifest) -> dict:
+    """What the reference norm records of the tokens it was estimated from (the selection rows
+    may lie in any shard): the corpus, the tokenizer and one digest of every shard's sha256."""
+    digest = hashlib.sha256("".join(s.sha256 for s in manifest.shards).encode()).hexdigest()
+    return {"corpus": manifest.corpus, "tokenizer": manifest.tokenizer, "shards_sha256": digest}
 
 
 def collect(model, manifest: ShardManifest, run: RunDir, *, batch_size: int,

@@ -531,3 +531,32 @@ def test_cli_help_lists_the_commands(capsys):
         assert command in usage
     assert cli.main(["observe", "--help"]) == 0
     assert "--corpus" in capsys.readouterr().out
+
+
+def test_a_reference_norm_of_other_shards_is_refused_on_resume(bridge, tok, tmp_path):
+    """The reference norm is the run's first file; a run stopped after it whose shards are then
+    re-prepared must not reuse it (no moment file exists yet to catch the change)."""
+    from spectra_lens.data.shards import write_shards
+
+    class Run:  # what reference_norm needs of a run directory
+        def __init__(self, path):
+            self.path = path
+
+        def output(self, name):
+            return self.path / name
+
+        def timed(self, name, seconds):
+            pass
+
+    def shards(seed):
+        tokens = torch.randint(1, 50, (8, 16), generator=torch.Generator().manual_seed(seed))
+        return write_shards(tokens, tmp_path / f"shards{seed}", shard_size=4, tokenizer_name="words",
+                            corpus="random", documents=torch.arange(8) // 2)
+
+    run = Run(tmp_path)
+    first = observational.reference_norm(bridge, shards(0), run, seed=0, batch_size=4)
+    assert first is not None and first.meta["shards_sha256"]
+    again = observational.reference_norm(bridge, shards(0), run, seed=0, batch_size=4)
+    np.testing.assert_array_equal(again.log_norm, first.log_norm)  # the same shards: read back
+    with pytest.raises(SpectraError, match="re-prepared since.*--overwrite"):
+        observational.reference_norm(bridge, shards(1), run, seed=0, batch_size=4)
