@@ -70,7 +70,7 @@ from spectra_lens.runs.distributed import SHARD_RANK, SHARD_WORLD, Group, Steps
 from spectra_lens.stats.fits import fit_log_slopes
 from spectra_lens.stats.inference import t_interval
 from spectra_lens.sweep import HeadSweep, head_curves
-from spectra_lens.validate import check_alphas
+from spectra_lens.validate import HeadRef, check_alphas
 
 from . import _common as C
 
@@ -316,10 +316,10 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
             for _, row in s[roles == role].iterrows():
                 l, h = int(row["layer"]), int(row["head"])
                 curve = curves[(curves["layer"] == l) & (curves["head"] == h)]
-                out[f"gain_fit_L{l}_H{h}_{role}"] = figs.gain_fit(
+                out[f"gain_fit_{HeadRef(l, h).file_tag}_{role}"] = figs.gain_fit(
                     curve, "mean_entropy", slope=float(row["gain_entropy"]),
                     intercept=float(row["intercept"]), analytic_gain=float(row["analytic_gain"]),
-                    title=f"L{l} H{h} ({role}): entropy vs ln α, R² = {row['r_squared']:.3f} ({row['method']})")
+                    title=f"{HeadRef(l, h)} ({role}): entropy vs ln α, R² = {row['r_squared']:.3f} ({row['method']})")
     chosen = s[roles != ""].sort_values("head_type", ascending=False)
     if len(chosen):
         out["gain_comparison"] = figs.gain_comparison(
@@ -500,7 +500,7 @@ def command(cfg: GainConfig, *, progress: bool = True) -> int:
     print(f"{len(s)} heads, {len(result.sweep.alphas)} alphas, methods: "
           f"{dict(Counter(result.sweep.method))} layers")
     print(f"median entropy gain {s['gain_entropy'].median():+.3f} per ln α; strongest "
-          f"L{int(strongest['layer'])} H{int(strongest['head'])} {strongest['gain_entropy']:+.3f} "
+          f"{HeadRef(int(strongest['layer']), int(strongest['head']))} {strongest['gain_entropy']:+.3f} "
           f"(analytic at α=1 {strongest['analytic_gain']:+.3f})")
     print(f"identity checks (properties of softmax(α·s), not findings): entropy monotonic in "
           f"{int(s['is_monotonic'].sum())}/{len(s)} heads; corr(central difference, analytic) = "

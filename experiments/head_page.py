@@ -58,7 +58,7 @@ def command(cfg: HeadPageConfig, *, progress: bool = True) -> int:
     """`spectra-lens head`: write the page, print its label, estimates and generation diffs."""
     t0 = time.time()
     page, path = run(cfg, progress=progress)
-    print(f"L{page.layer}H{page.head}: {page.label}; " + "; ".join(
+    print(f"{HeadRef(page.layer, page.head)}: {page.label}; " + "; ".join(
         f"{r.estimate} {r.value:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] ({r.source})"
         for r in page.estimates.itertuples()))
     for a, g in page.generations.items():

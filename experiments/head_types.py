@@ -40,6 +40,7 @@ from spectra_lens.layout import attention_layout
 from spectra_lens.present.figures import head_types as FT
 from spectra_lens.runs import outputs as O
 from spectra_lens.runs import pipeline as P
+from spectra_lens.validate import HeadRef
 
 __all__ = ["BY_LABEL_COLUMNS", "OUTPUTS", "HeadTypesResult", "command", "compute", "figures", "run",
            "tables"]
@@ -178,7 +179,7 @@ def command(cfg: HeadTypesConfig, *, progress: bool = True) -> int:
     for label in ("induction", "previous-token"):
         heads = result.types[result.types["label"] == label]
         if len(heads):
-            print(f"{label}: " + ", ".join(f"L{int(r.layer)}H{int(r.head)}" for r in heads.itertuples()))
+            print(f"{label}: " + ", ".join(f"{HeadRef(int(r.layer), int(r.head))}" for r in heads.itertuples()))
     print("mean analytic gain by label (most negative first):")
     gains = result.by_label[result.by_label["value"] == "analytic_gain"]
     for r in gains.itertuples():

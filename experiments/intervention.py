@@ -90,7 +90,7 @@ class InterventionResult:
         return f"q_scale_intervention_{HeadRef(l, h).file_tag}_{role}.csv"
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{r}=L{l}H{h}" for r, (l, h) in self.heads.items())
+        parts = ", ".join(f"{r}={HeadRef(l, h)}" for r, (l, h) in self.heads.items())
         return f"InterventionResult({parts}, alphas={len(next(iter(self.tables.values())))}, out={self.out})"
 
     def _repr_html_(self) -> str:
@@ -100,7 +100,7 @@ class InterventionResult:
         for role, table in self.tables.items():
             l, h = self.heads[role]
             shown = table[[c for c in cols if c in table.columns]]
-            parts.append(f"<p>{role}: L{l} H{h}</p>" + shown.to_html(index=False, float_format="%.4g"))
+            parts.append(f"<p>{role}: {HeadRef(l, h)}</p>" + shown.to_html(index=False, float_format="%.4g"))
         return "".join(parts)
 
 
@@ -140,7 +140,7 @@ class FastPrediction:
         seen = sum(self._blocks[s]["entropy"].shape[1] for s in starts)
         if tuple(sweep.alphas) != self.alphas or seen != n or sweep.min_position != self.min_position:
             raise SpectraError(
-                f"the fast-path prediction of L{self.key[0]} H{self.key[1]} covers {seen} sequences at "
+                f"the fast-path prediction of {HeadRef(self.key[0], self.key[1])} covers {seen} sequences at "
                 f"{list(self.alphas)} (min_position {self.min_position}); the sweep ran {n} at "
                 f"{list(sweep.alphas)} (min_position {sweep.min_position})")
         return {m: torch.cat([self._blocks[s][m] for s in starts], dim=1) for m in SWEEP_METRICS}
@@ -296,23 +296,23 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
             key = (m["role"], int(m["l"]), int(m["h"]))
             (heads if m["kind"] == "q_scale_intervention" else later)[key] = frame
     for (role, l, h), frame in heads.items():
-        frames = {f"{role} L{l} H{h}": frame}
-        name = f"L{l}_H{h}"
+        frames = {f"{role} {HeadRef(l, h)}": frame}
+        name = HeadRef(l, h).file_tag
         for column, stem, pred in (("mean_entropy", "entropy_vs_scale", "mean_entropy_fast"),
                                    ("mean_max_attn", "max_attn_vs_scale", "mean_max_attn_fast"),
                                    ("mean_k_eff", "keff_vs_scale", "mean_k_eff_fast")):
             out[f"{stem}_{name}"] = figs.metric_vs_scale(
                 frames, column, prediction=pred if pred in frame.columns else None,
-                title=f"{column} of L{l} H{h} ({role}) under query scaling")
+                title=f"{column} of {HeadRef(l, h)} ({role}) under query scaling")
         out[f"intervention_combined_{name}"] = figs.intervention_panels(
-            frames, title=f"L{l} H{h} ({role}): query scaling")
+            frames, title=f"{HeadRef(l, h)} ({role}): query scaling")
     for (role, l, h), d in later.items():
         alphas = sorted(d["scale"].unique())
         show = [a for a in (alphas[0], alphas[-1]) if a != 1.0] or alphas[:1]
-        out[f"later_heads_delta_entropy_L{l}_H{h}_{role}"] = figs.later_heads_heatmap(
-            d, show, title=f"entropy change of heads in layers ≥ {l} when L{l} H{h} ({role}) is scaled")
+        out[f"later_heads_delta_entropy_{HeadRef(l, h).file_tag}_{role}"] = figs.later_heads_heatmap(
+            d, show, title=f"entropy change of heads in layers ≥ {l} when {HeadRef(l, h)} ({role}) is scaled")
     if heads:
-        both = {f"{role} L{l} H{h}": f for (role, l, h), f in
+        both = {f"{role} {HeadRef(l, h)}": f for (role, l, h), f in
                 sorted(heads.items(), key=lambda kv: ROLES.index(kv[0][0]) if kv[0][0] in ROLES else 9)}
         out["intervention_combined_target_vs_control"] = figs.intervention_panels(
             both, title="target vs control under query scaling")
@@ -362,7 +362,7 @@ def command(cfg: InterventionConfig, *, progress: bool = True) -> int:
         l, h = result.heads[role]
         t = result.tables[role].sort_values("scale")
         lo, hi = t.iloc[0], t.iloc[-1]
-        print(f"{role:7s} L{l} H{h}: entropy {lo['mean_entropy']:.3f} (α={lo['scale']:g}) -> "
+        print(f"{role:7s} {HeadRef(l, h)}: entropy {lo['mean_entropy']:.3f} (α={lo['scale']:g}) -> "
               f"{hi['mean_entropy']:.3f} (α={hi['scale']:g}); max attn {lo['mean_max_attn']:.3f} -> "
               f"{hi['mean_max_attn']:.3f}; Δloss at α={hi['scale']:g}: {hi['delta_loss']:+.4f}, "
               f"KL {hi['kl_from_unscaled']:.4f}; fast-path max |ΔH| "
@@ -372,7 +372,7 @@ def command(cfg: InterventionConfig, *, progress: bool = True) -> int:
         part = e[e["condition"] == cond]
         row = part.loc[part["value"].idxmax()]
         grid = f"α={row['value']:g}" if row["grid"] == "alpha" else f"angle={np.degrees(row['value']):.0f}°"
-        print(f"{cond:13s} L{row['layer']} H{row['head']} at {grid}: Δloss {row['delta_loss']:+.4f} "
+        print(f"{cond:13s} {HeadRef(row['layer'], row['head'])} at {grid}: Δloss {row['delta_loss']:+.4f} "
               f"[{row['delta_loss_ci_low']:+.4f}, {row['delta_loss_ci_high']:+.4f}], KL "
               f"{row['kl_unscaled_scaled']:.4f} [{row['kl_unscaled_scaled_ci_low']:.4f}, "
               f"{row['kl_unscaled_scaled_ci_high']:.4f}], later heads |ΔH| "

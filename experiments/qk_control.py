@@ -86,7 +86,7 @@ class QKResult:
 
     def __repr__(self) -> str:
         l, h = self.target
-        return f"QKResult(target=L{l}H{h}, kv_head={self.kv_head}, group={list(self.group)}, out={self.out})"
+        return f"QKResult(target={HeadRef(l, h)}, kv_head={self.kv_head}, group={list(self.group)}, out={self.out})"
 
     def _repr_html_(self) -> str:
         return (f"<b>{escape(repr(self))}</b>"
@@ -261,15 +261,15 @@ def figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
     name = HeadRef(l, h).file_tag
     return {
         f"qk_entropy_comparison_{name}": figs.qk_metric(
-            c, "mean_entropy", title=f"entropy: query vs key scaling (target L{l} H{h}, kv head {kv})"),
+            c, "mean_entropy", title=f"entropy: query vs key scaling (target {HeadRef(l, h)}, kv head {kv})"),
         f"qk_delta_entropy_{name}": figs.qk_metric(
-            c, "delta_entropy", title=f"entropy change vs unscaled: query vs key scaling (target L{l} H{h})"),
+            c, "delta_entropy", title=f"entropy change vs unscaled: query vs key scaling (target {HeadRef(l, h)})"),
         f"qk_max_attn_comparison_{name}": figs.qk_metric(
-            c, "mean_max_attn", title=f"max attention: query vs key scaling (target L{l} H{h})"),
+            c, "mean_max_attn", title=f"max attention: query vs key scaling (target {HeadRef(l, h)})"),
         f"qk_keff_comparison_{name}": figs.qk_metric(
-            c, "mean_k_eff", title=f"k_eff = exp(H): query vs key scaling (target L{l} H{h})"),
+            c, "mean_k_eff", title=f"k_eff = exp(H): query vs key scaling (target {HeadRef(l, h)})"),
         f"qk_output_effects_{name}": figs.qk_output_effects(
-            c, title=f"output effects: query vs key scaling (target L{l} H{h})"),
+            c, title=f"output effects: query vs key scaling (target {HeadRef(l, h)})"),
     }
 
 
@@ -312,7 +312,7 @@ def command(cfg: QKConfig, *, progress: bool = True) -> int:
     l, h = result.target
     s = result.sensitivity
     t = s[s["is_target"]].iloc[0]
-    print(f"target L{l} H{h}, kv head {result.kv_head}, group {list(result.group)}: entropy slope "
+    print(f"target {HeadRef(l, h)}, kv head {result.kv_head}, group {list(result.group)}: entropy slope "
           f"Q {t['entropy_slope_q']:+.3f}, K {t['entropy_slope_k']:+.3f} (ratio {t['sensitivity_ratio']:.3f}: "
           f"{t['ratio_is']}); "
           f"max |p_Q - p_K| on the target {t['max_abs_pattern_diff_qk']:.1e}")

@@ -27,6 +27,7 @@ import pandas as pd
 from spectra_lens.errors import SpectraError
 from spectra_lens.present import report as R
 from spectra_lens.present.report import Findings, Run, View, run_figures
+from spectra_lens.validate import HeadRef
 
 __all__ = ["EXPERIMENTS", "SUMMARIES", "VIEWS", "Run", "build_report", "command", "experiments", "find_runs",
            "run_figures", "write_report"]
@@ -129,7 +130,7 @@ def _intervention(t: dict[str, pd.DataFrame]) -> Findings:
         if not name.startswith("q_scale_intervention_") or "scale" not in frame.columns:
             continue
         lo, hi = frame.loc[frame["scale"].idxmin()], frame.loc[frame["scale"].idxmax()]
-        who = f"L{int(lo['layer'])}H{int(lo['head'])} ({lo.get('head_type', '')})"
+        who = f"{HeadRef(int(lo['layer']), int(lo['head']))} ({lo.get('head_type', '')})"
         headline.append((f"{who}: entropy change at α = {lo['scale']:g} / {hi['scale']:g}",
                          f"{lo['delta_entropy']:+.3f} / {hi['delta_entropy']:+.3f} nats"))
         rows.append(frame)
@@ -150,7 +151,7 @@ def _qk_control(t: dict[str, pd.DataFrame]) -> Findings:
     headline: list[tuple[str, Any]] = []
     target = s[s["is_target"].astype(bool)] if "is_target" in s.columns else s.iloc[:0]
     for r in target.itertuples():
-        headline.append((f"target L{int(r.layer)}H{int(r.head)}: entropy slope, query / key scaling",
+        headline.append((f"target {HeadRef(int(r.layer), int(r.head))}: entropy slope, query / key scaling",
                          f"{r.entropy_slope_q:+.3f} / {r.entropy_slope_k:+.3f}"))
     others = s[~s["is_target"].astype(bool)] if "is_target" in s.columns else s
     if len(others) and "pattern_changed_k" in s.columns:
@@ -173,7 +174,7 @@ def _head_types(t: dict[str, pd.DataFrame]) -> Findings:
     for col in ("induction_score", "duplicate_token_score", "prev_token_score"):
         if col in h.columns:
             r = h.loc[h[col].idxmax()]
-            headline.append((f"largest {col}", f"{r[col]:.3f} (L{int(r['layer'])}H{int(r['head'])})"))
+            headline.append((f"largest {col}", f"{r[col]:.3f} ({HeadRef(int(r['layer']), int(r['head']))})"))
     by = t.get("head_types_by_label")
     if by is not None and len(by):
         g = by[by["value"] == "analytic_gain"]

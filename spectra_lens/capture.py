@@ -24,7 +24,7 @@ from spectra_lens.kernels import blocked
 from spectra_lens.kernels.alpha import alpha_metrics, row_alpha_entropy
 from spectra_lens.kernels.fused import capture_row_metrics
 from spectra_lens.layout import AttentionLayout, attention_layout, hook_name
-from spectra_lens.validate import check_context, check_min_position, check_tokens
+from spectra_lens.validate import HeadRef, check_context, check_min_position, check_tokens
 
 __all__ = [
     "METRIC_NAMES",
@@ -213,7 +213,7 @@ class TokenMetrics:
 
     def __repr__(self) -> str:
         shape = tuple(self.entropy.shape)
-        pats = ", ".join(f"L{l}H{h}" for l, h in self.patterns) or "none"
+        pats = ", ".join(str(HeadRef(l, h)) for l, h in self.patterns) or "none"
         return (f"TokenMetrics(batch×layer×head×pos={shape}, layers={self.layers[0]}..{self.layers[-1]}, "
                 f"metrics={list(METRIC_NAMES)}, patterns=[{pats}])")
 
@@ -222,7 +222,7 @@ class TokenMetrics:
 
         means = pd.DataFrame({"metric": list(METRIC_NAMES),
                               "mean": [float(getattr(self, n).nanmean()) for n in METRIC_NAMES]})
-        pats = ", ".join(f"L{l}H{h}" for l, h in self.patterns) or "none"
+        pats = ", ".join(str(HeadRef(l, h)) for l, h in self.patterns) or "none"
         return html_card("TokenMetrics", {"batch × layer × head × pos": tuple(self.entropy.shape),
                                           "layers": self.layers, "patterns": pats},
                          {"means over every token and head": means}, max_rows=len(METRIC_NAMES))
@@ -292,7 +292,7 @@ class MetricCapture:
         for l, h in self.patterns_for:
             layout.check_head(l, h)
             if l not in self.layers:
-                raise SpectraError(f"pattern asked for L{l}H{h} but layer {l} is not captured")
+                raise SpectraError(f"pattern asked for {HeadRef(l, h)} but layer {l} is not captured")
         if top_mass is not None and not 0 < top_mass <= 1:
             raise SpectraError(f"top_mass must be in (0, 1] or None, got {top_mass}")
         self.top_mass = top_mass

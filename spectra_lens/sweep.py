@@ -56,6 +56,7 @@ from spectra_lens.sweep_results import (
     _stack_metrics,
 )
 from spectra_lens.validate import (
+    HeadRef,
     check_alphas,
     check_int,
     check_min_position,
@@ -374,11 +375,13 @@ def analytic_gain(
 
 
 def _label(interventions) -> str:
-    """Short name of interventions for a progress bar: "QueryScale L12 H0", "KeyScale L12 KV1"."""
-    return " + ".join(
-        " ".join([type(iv).__name__, *(f"{tag}{getattr(iv, k)}" for k, tag in (("layer", "L"), ("head", "H"), ("kv_head", "KV"))
-                                       if getattr(iv, k, None) is not None)])
-        for iv in interventions) or "no intervention"
+    """Short name of interventions for a progress bar: "QueryScale L12H0", "KeyScale L12 KV1"."""
+    def one(iv) -> str:
+        if getattr(iv, "head", None) is not None:
+            return f"{type(iv).__name__} {HeadRef(iv.layer, iv.head)}"
+        return f"{type(iv).__name__} L{iv.layer} KV{iv.kv_head}"
+
+    return " + ".join(one(iv) for iv in interventions) or "no intervention"
 
 
 def _output_effects(logits: Tensor, base_logp: Tensor, tokens: Tensor, mask: Tensor | None = None

@@ -16,6 +16,7 @@ from spectra_lens import metrics as M
 from spectra_lens.errors import SpectraError
 from spectra_lens.present.display import html_card
 from spectra_lens.stats.inference import t_interval
+from spectra_lens.validate import HeadRef
 
 __all__ = ["ExactSweep", "HeadMetrics", "HeadSweep", "PassPatterns"]
 
@@ -306,7 +307,7 @@ class ExactSweep:
     def __repr__(self) -> str:
         return (f"ExactSweep({self.intervention}, alpha×batch={tuple(self.loss.shape)}, "
                 f"layers={self.scaled.layers[0]}..{self.scaled.layers[-1]}, "
-                f"patterns=[{', '.join(f'L{l}H{h}' for l, h in self.patterns)}])")
+                f"patterns=[{', '.join(f'{HeadRef(l, h)}' for l, h in self.patterns)}])")
 
     def _repr_html_(self) -> str:
         effects = pd.DataFrame({
@@ -319,7 +320,7 @@ class ExactSweep:
             {"alpha × batch": tuple(self.loss.shape), "measured layers": self.scaled.layers,
              "min_position": self.min_position,
              "unscaled loss (nats)": float(self.base_loss.double().mean()),
-             "patterns": ", ".join(f"L{l}H{h}" for l, h in self.patterns) or "none"},
+             "patterns": ", ".join(str(HeadRef(l, h)) for l, h in self.patterns) or "none"},
             {"output effects per α (means over sequences)": effects}, max_rows=len(self.alphas),
         )
 

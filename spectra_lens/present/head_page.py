@@ -41,7 +41,7 @@ from spectra_lens.present.page import Figures, document
 from spectra_lens.present.page import escape as _e
 from spectra_lens.stats.inference import t_interval
 from spectra_lens.sweep import head_curves
-from spectra_lens.validate import check_alphas, check_tokens
+from spectra_lens.validate import HeadRef, check_alphas, check_tokens
 
 __all__ = ["HEAD_PAGES_DIR", "HeadPage", "head_page", "head_page_path"]
 
@@ -51,7 +51,7 @@ DEFAULT_ALPHA_GRID = (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 2.83, 4.0)
 
 def head_page_path(directory, layer: int, head: int) -> Path:
     """`directory/L{layer}H{head}.html`: where the page of (layer, head) is written."""
-    return Path(directory) / f"L{int(layer)}H{int(head)}.html"
+    return Path(directory) / f"{HeadRef(int(layer), int(head))}.html"
 
 
 @dataclass(frozen=True, repr=False)
@@ -72,7 +72,7 @@ class HeadPage:
 
     @property
     def name(self) -> str:
-        return f"L{self.layer}H{self.head}"
+        return str(HeadRef(self.layer, self.head))
 
     def html(self) -> str:
         return _render(self)
@@ -174,7 +174,7 @@ def head_page(
     from spectra_lens.present.display import stages
 
     names = ["metrics", "head types", "alpha curve", "generation", "patterns"]
-    with stages(f"head L{layer}H{head}", names, enabled=progress) as stage:
+    with stages(f"head {HeadRef(layer, head)}", names, enabled=progress) as stage:
         return _head_page(model, layer, head, text=text, prompt=prompt, alphas=alphas,
                           alpha_grid=alpha_grid, types=types, agreement=agreement,
                           max_new_tokens=max_new_tokens, n_shown=n_shown, ci=ci,
@@ -206,7 +206,7 @@ def _head_page(model, layer, head, *, text, prompt, alphas, alpha_grid, types, a
         types = head_type_scores(model, diagnostic_inputs(model, text, n_repeated=8, half_len=32))
     row = types[(types["layer"] == layer) & (types["head"] == head)]
     if row.empty:
-        raise SpectraError(f"the head-types table has no row for L{layer}H{head}")
+        raise SpectraError(f"the head-types table has no row for {HeadRef(layer, head)}")
     scores = row.iloc[0].to_dict()
 
     stage("alpha curve")
@@ -223,7 +223,7 @@ def _head_page(model, layer, head, *, text, prompt, alphas, alpha_grid, types, a
                  for name, v, lo, hi in AGREEMENT_ESTIMATES]
     else:
         if agreement is not None:
-            notes.append(f"The agreement table has no row with {needed} for L{layer}H{head}; "
+            notes.append(f"The agreement table has no row with {needed} for {HeadRef(layer, head)}; "
                          f"the estimates below were computed on this page's sequences.")
         pos = np.broadcast_to(np.log(np.arange(1, q_norm.shape[1])), q_norm[:, 1:].shape)
         obs = _slopes_given(entropy[:, 1:], np.log(np.maximum(q_norm[:, 1:], 1e-30)), pos)
@@ -247,7 +247,7 @@ def _head_page(model, layer, head, *, text, prompt, alphas, alpha_grid, types, a
     rep = diagnostic_inputs(model, text, n_repeated=2, half_len=min(12, max(4, n // 2))).repeated[:1]
     shown = {"text": text[:1, :n], "repeated random tokens": rep,
              "prompt": torch.tensor(gens[alphas[0]].prompt_tokens)[None]}
-    name = f"L{layer}H{head}"
+    name = str(HeadRef(layer, head))
     figures = {}
     for key, ids in shown.items():
         got = capture_metrics(model, ids, layers=[layer], patterns_for=[(layer, head)])

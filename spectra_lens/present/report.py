@@ -43,6 +43,7 @@ from spectra_lens.io import atomic_write
 from spectra_lens.present.page import PLOTLYJS_FILE, Figures, document, figure_title, write_plotlyjs
 from spectra_lens.present.page import escape as _e
 from spectra_lens.runs.rundir import MANIFEST, read_manifest
+from spectra_lens.validate import HeadRef
 
 __all__ = ["REPORT_NAME", "Experiment", "Findings", "Run", "View", "build_report", "find_runs", "run_figures",
            "write_report"]
@@ -223,7 +224,7 @@ def _frame_html(frame: pd.DataFrame, links: dict[tuple[int, int], str] | None = 
                 marks.append(fmt(head))
                 continue
             mark = f"@@head-page-{i}@@"  # survives escaping; replaced by the link below
-            cells[mark] = f'<a href="{_e(href)}" title="page of L{int(layer)}H{int(head)}">{int(head)}</a>'
+            cells[mark] = f'<a href="{_e(href)}" title="page of {HeadRef(int(layer), int(head))}">{int(head)}</a>'
             marks.append(mark)
         frame["head"] = marks
     out = frame.to_html(index=False, classes="data", border=0, na_rep="", escape=True,

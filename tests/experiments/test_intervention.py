@@ -166,7 +166,7 @@ def test_cli_main(tmp_path, tiny, monkeypatch, capsys):
             "--target-head", "3", "--no-progress"]
     assert cli.main(["intervene", *argv]) == 0
     printed = capsys.readouterr().out
-    assert "target  L1 H3" in printed and str(out) in printed
+    assert "target  L1H3" in printed and str(out) in printed
     assert (out / "q_scale_intervention_L1_H3_target.csv").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["spec"] == "tiny" and manifest["selection"]["held_out"] is True

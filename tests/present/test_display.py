@@ -116,7 +116,7 @@ def test_progress_bars_are_labelled_and_stay_on_screen(model, capsys):
     head_curves(model, TEXT, [0.5, 1.0, 2.0], method="exact", layers=[0], progress=True)
     err = capsys.readouterr().err
     final = [line.rsplit("\r", 1)[-1] for line in err.splitlines() if line.strip()]
-    assert any(line.startswith("QueryScale L1 H3 at 2 α") and "100%" in line for line in final), final
+    assert any(line.startswith("QueryScale L1H3 at 2 α") and "100%" in line for line in final), final
     assert any(line.startswith("KeyScale L0 KV1 at 2 α") and "100%" in line for line in final), final
     assert any(line.startswith("α-curves (exact)") and "100%" in line for line in final)
 

@@ -115,7 +115,7 @@ def test_layer_summary_bars(layer_stats):
 def test_norm_entropy_scatter_one_panel_per_head_and_subsamples(records):
     fig = figs.norm_entropy_scatter(records, [(0, 0), (1, 2)], max_points=50, seed=1)
     assert len(fig.data) == 2
-    assert [a.text for a in fig.layout.annotations] == ["L0 H0", "L1 H2"]
+    assert [a.text for a in fig.layout.annotations] == ["L0H0", "L1H2"]
     for trace in fig.data:
         assert len(trace.x) == len(trace.y) == 50
     sub = records[(records["layer"] == 1) & (records["head"] == 2)]

@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from spectra_lens.errors import SpectraError
+from spectra_lens.validate import HeadRef
 
 __all__ = ["attention_pattern", "head_attention", "token_labels"]
 
@@ -48,7 +49,7 @@ def attention_pattern(
     pos = np.arange(n)
     fig = make_subplots(rows=1, cols=3, shared_yaxes=True, column_widths=[0.64, 0.18, 0.18],
                         horizontal_spacing=0.02,
-                        subplot_titles=(f"pattern L{layer}H{head}", "query norm ‖q‖", "entropy H (nats)"))
+                        subplot_titles=(f"pattern {HeadRef(layer, head)}", "query norm ‖q‖", "entropy H (nats)"))
     hover = [[f"query {labels[i]}<br>key {labels[j]}<br>p = {p[i, j]:.4f}" for j in range(n)]
              for i in range(n)]
     fig.add_trace(go.Heatmap(z=p, x=pos, y=pos, colorscale="Blues", zmin=0, zmax=1,

@@ -14,6 +14,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from spectra_lens.errors import SpectraError
+from spectra_lens.validate import HeadRef
 
 __all__ = [
     "effects_panels",
@@ -184,7 +185,7 @@ def gain_comparison(summary: pd.DataFrame, *, columns: Sequence[str], title: str
     _require(summary, ["layer", "head", *columns], "gain summary")
     fig = go.Figure()
     for i, (_, row) in enumerate(summary.iterrows()):
-        label = f"L{int(row['layer'])} H{int(row['head'])}"
+        label = str(HeadRef(int(row['layer']), int(row['head'])))
         if "head_type" in summary.columns and isinstance(row["head_type"], str) and row["head_type"]:
             label = f"{row['head_type']} ({label})"
         y = [float(row[c]) for c in columns]
@@ -208,7 +209,7 @@ def gain_vs_analytic(summary: pd.DataFrame, *, title: str) -> go.Figure:
             x=sub["analytic_gain"], y=sub["gain_entropy"], mode="markers", name=str(method) or "heads",
             marker=dict(color=sub["layer"], colorscale="Viridis", size=7, showscale=i == 0,
                         colorbar=dict(title="layer"), symbol=["circle", "x"][i % 2]),
-            text=[f"L{l} H{h}" for l, h in zip(sub["layer"], sub["head"])],
+            text=[str(HeadRef(l, h)) for l, h in zip(sub["layer"], sub["head"])],
             hovertemplate="%{text}<br>analytic %{x:.3f}<br>fitted %{y:.3f}<extra></extra>"))
     lo = float(np.nanmin([summary["analytic_gain"].min(), summary["gain_entropy"].min(), 0.0]))
     fig.add_trace(go.Scatter(x=[lo, 0], y=[lo, 0], mode="lines", name="identity",
@@ -224,7 +225,7 @@ def qk_metric(frame: pd.DataFrame, column: str, *, title: str) -> go.Figure:
     fig = go.Figure()
     for i, ((layer, head), sub) in enumerate(frame.groupby(["layer", "head"])):
         is_target = bool(sub["is_target"].iloc[0]) if "is_target" in sub.columns else False
-        name = f"L{layer} H{head}" + (" (target)" if is_target else "")
+        name = str(HeadRef(layer, head)) + (" (target)" if is_target else "")
         for scaled, dash in (("query", None), ("key", "dash")):
             part = sub[sub["scaled"] == scaled]
             if len(part):
@@ -259,7 +260,7 @@ def effects_panels(effects: pd.DataFrame, *, title: str) -> go.Figure:
     scaled = [c for c in effects["condition"].unique() if str(c).endswith("_scale")]
     for i, cond in enumerate(scaled):
         f = effects[effects["condition"] == cond].rename(columns={"value": "scale"})
-        label = f"{cond} L{int(f['layer'].iloc[0])} H{int(f['head'].iloc[0])}"
+        label = f"{cond} {HeadRef(int(f['layer'].iloc[0]), int(f['head'].iloc[0]))}"
         for j, column in enumerate(_EFFECTS):
             shown = f[f[column].notna()]  # NaN: no later layer to measure
             if not shown.empty:

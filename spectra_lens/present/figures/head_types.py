@@ -7,6 +7,7 @@ from plotly.subplots import make_subplots
 
 from spectra_lens.errors import SpectraError
 from spectra_lens.head_types import LABELS, SCORE_COLUMNS, THRESHOLDS
+from spectra_lens.validate import HeadRef
 
 __all__ = ["LABEL_COLORS", "gain_by_type", "head_type_map", "head_type_scores"]
 
@@ -45,7 +46,7 @@ def head_type_map(types: pd.DataFrame, *, title: str = "head types") -> go.Figur
     for i, l in enumerate(labels):  # a stepped colour scale: one flat band per label
         scale += [[i / n, LABEL_COLORS.get(l, "#444")], [(i + 1) / n, LABEL_COLORS.get(l, "#444")]]
     by = types.set_index(["layer", "head"])
-    hover = [[f"L{l}H{h} {by.loc[(l, h), 'label']}<br>" +
+    hover = [[f"{HeadRef(l, h)} {by.loc[(l, h), 'label']}<br>" +
               "<br>".join(f"{c} = {by.loc[(l, h), c]:.3f}" for c in scores)
               for h in grid.columns] for l in grid.index]
     fig = go.Figure(go.Heatmap(
@@ -85,7 +86,7 @@ def gain_by_type(frame: pd.DataFrame, column: str, *, title: str | None = None) 
         d = frame[frame["label"] == l]
         fig.add_trace(go.Box(y=d[column], name=f"{l} ({len(d)})", boxpoints="all", jitter=0.4,
                              pointpos=0, marker=dict(color=LABEL_COLORS.get(l, "#444"), size=5),
-                             text=[f"L{a}H{b}" for a, b in zip(d["layer"], d["head"])],
+                             text=[str(HeadRef(a, b)) for a, b in zip(d["layer"], d["head"])],
                              hovertemplate="%{text}: %{y:.3f}<extra></extra>"))
     fig.update_layout(title=title or f"{column} by head type (sorted by mean)", template="plotly_white",
                       yaxis_title=column, showlegend=False, height=460)

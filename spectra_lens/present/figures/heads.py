@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from spectra_lens.errors import SpectraError
+from spectra_lens.validate import HeadRef
 
 __all__ = [
     "head_heatmap",
@@ -86,7 +87,7 @@ def norm_entropy_scatter(
         raise SpectraError("expected at least one (layer, head) to plot, got none")
     cols = min(3, len(heads))
     rows = -(-len(heads) // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"L{l} H{h}" for l, h in heads])
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[str(HeadRef(l, h)) for l, h in heads])
     rng = np.random.default_rng(seed)
     for i, (l, h) in enumerate(heads):
         sub = records[(records["layer"] == l) & (records["head"] == h)]
