@@ -53,7 +53,8 @@ FLAG_HELP: dict[str, str] = {
     "records": "also write per-token Parquet records, ~16 kB per token on the default model "
                "(the statistics use per-document moments)",
     "n_folds": "disjoint random document folds for the consistency check",
-    "fd_sequences": "sequences (from distinct documents) for the finite-difference gain; 0 skips it",
+    "fd_sequences": "sequences (from distinct documents) for the finite-difference gain, an identity "
+                    "check of -Var_p(s) by 2 real passes per head; 0 skips it",
     "fdr_alpha": "Benjamini-Hochberg false discovery rate across all heads",
     "consistency_threshold": "share of document folds that must agree for a head to count as consistent",
     "equivalence_margin": "equivalence margin of the agreement verdict: the slope/gain ratio must "
@@ -120,6 +121,7 @@ FLAG_HELP: dict[str, str] = {
 
 # What a default of None means, by field name.
 NONE_MEANS: dict[str, str] = {
+    "fd_sequences": f"4 where the pattern is eager, 0 above {C.BLOCKED_ABOVE} tokens (blocked capture)",
     "model": "the embedded SmolLM2-135M-Instruct, a Q4_1 GGUF dequantized to float32",
     "corpus": "CPython's reference documentation",
     "device": "CUDA when present, else CPU",

@@ -31,7 +31,7 @@ from scipy import stats as sps
 
 from spectra_lens.blocked_capture import BlockedCapture
 from spectra_lens.capture import MetricCapture
-from spectra_lens.config import ObservationalConfig, attention_path
+from spectra_lens.config import ObservationalConfig, attention_path, fd_sequences_for
 from spectra_lens.data.prepare import corpus_from_spec, prepare
 from spectra_lens.data.shards import (
     MANIFEST_NAME,
@@ -648,9 +648,10 @@ def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[P
     """After capture: the finite-difference gain (needs `model`), the tables from the moment
     files `paths`, the records' sample, the figures, and the finished manifest."""
     fd = None
-    if cfg.fd_sequences:
+    n_fd = fd_sequences_for(cfg, manifest.seq_len)
+    if n_fd:
         t0 = time.time()
-        fd = finite_difference_gain(model, manifest, n_sequences=cfg.fd_sequences,
+        fd = finite_difference_gain(model, manifest, n_sequences=n_fd,
                                     step=_FD_STEP, min_position=cfg.min_position,
                                     progress=progress)
         rd.timed("finite_difference_s", time.time() - t0)
@@ -686,6 +687,7 @@ def _tables(cfg: ObservationalConfig, rd, manifest: ShardManifest, paths: list[P
                                  / manifest.n_sequences),
         n_tokens_per_head=int(moments.n.sum() / max(1, len(moments.layers))),
         attention=attention_path(cfg.attention, manifest.seq_len),
+        finite_difference_sequences=n_fd,
         test="document-clustered CR2 Wald test, Bell-McCaffrey df (stats.inference.cluster_wald)",
         verdict_rule=decisions.verdict_rule(cfg.equivalence_margin, cfg.fdr_alpha),
         equivalence_margin=cfg.equivalence_margin,
@@ -835,7 +837,8 @@ def merge(cfg, *, progress: bool = True) -> ObservationalResult:
         resuming = rd.start(run_cfg, overwrite=run_cfg.overwrite)
         if reference is not None:  # the r of every share's counterfactual, as one process keeps it
             reference.save(rd.output(REFERENCE_FILE))
-        model = _load(run_cfg, Group(), None, progress=progress) if run_cfg.fd_sequences else None
+        model = _load(run_cfg, Group(), None, progress=progress) \
+            if fd_sequences_for(run_cfg, manifest.seq_len) else None
         tables = _tables(run_cfg, rd, manifest, paths, record_paths if run_cfg.records else [],
                          model, model_info=parts[0][1].get("model", {}), resumed=resuming,
                          progress=progress,

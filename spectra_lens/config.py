@@ -89,7 +89,7 @@ class ObservationalConfig(RunOptions):
     n_boot: int = 1000  # bootstrap resamples of whole documents (intervals of r)
     records: bool = False  # also write per-token Parquet records (statistics use the moments)
     n_folds: int = 4  # disjoint random document folds for the consistency check
-    fd_sequences: int = 4  # sequences from distinct documents for the finite-difference gain; 0 skips
+    fd_sequences: int | None = None  # sequences for the finite-difference gain; 0 skips; None: fd_sequences_for
     fdr_alpha: float = 0.05  # Benjamini-Hochberg false discovery rate across all heads
     consistency_threshold: float = 0.8  # share of document folds that must agree for "consistent"
     equivalence_margin: float = 0.2  # "equivalent to a temperature": slope/gain within 1 ± this (TOST)
@@ -99,8 +99,8 @@ class ObservationalConfig(RunOptions):
     def validate(self) -> None:
         if self.attention not in CHOICES["attention"]:
             raise SpectraError(f"attention must be one of {CHOICES['attention']}, got {self.attention!r}")
-        if not isinstance(self.fd_sequences, int) or isinstance(self.fd_sequences, bool) \
-                or self.fd_sequences < 0:
+        if self.fd_sequences is not None and (not isinstance(self.fd_sequences, int)
+                                              or isinstance(self.fd_sequences, bool) or self.fd_sequences < 0):
             raise SpectraError(f"fd_sequences must be an integer >= 0, got {self.fd_sequences!r}")
         for name in ("seq_len", "n_sequences", "shard_size", "batch_size", "n_boot", "top_heads",
                      "n_folds"):
@@ -294,6 +294,19 @@ class HeadTypesConfig(RunOptions):
         check_int("window", self.window)
         if self.window >= self.seq_len:
             raise SpectraError(f"window must be < seq_len ({self.seq_len}), got {self.window}")
+
+
+def fd_sequences_for(cfg, seq_len: int) -> int:
+    """The sequences of observe's finite-difference gain: `cfg.fd_sequences` when given, else 4
+    where the capture reads the eager pattern and 0 where it runs in query blocks (above
+    BLOCKED_ABOVE tokens the check's exact passes, 2 per head and sequence with every [head, T, T]
+    pattern, would cost far more than the capture itself)."""
+    if cfg.fd_sequences is not None:
+        return cfg.fd_sequences
+    return 4 if attention_path(cfg.attention, seq_len) == "eager" else 0
+
+
+__all__ += ["fd_sequences_for"]
 
 
 # --------------------------------------------------------------------------- choices

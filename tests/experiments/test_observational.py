@@ -560,3 +560,15 @@ def test_a_reference_norm_of_other_shards_is_refused_on_resume(bridge, tok, tmp_
     np.testing.assert_array_equal(again.log_norm, first.log_norm)  # the same shards: read back
     with pytest.raises(SpectraError, match="re-prepared since.*--overwrite"):
         observational.reference_norm(bridge, shards(1), run, seed=0, batch_size=4)
+
+
+def test_the_finite_difference_check_runs_where_the_pattern_is_eager_unless_asked():
+    from spectra_lens.config import BLOCKED_ABOVE, fd_sequences_for
+
+    assert fd_sequences_for(ObservationalConfig(), 128) == 4
+    assert fd_sequences_for(ObservationalConfig(), BLOCKED_ABOVE + 1) == 0  # blocked capture
+    assert fd_sequences_for(ObservationalConfig(attention="eager"), BLOCKED_ABOVE + 1) == 4
+    assert fd_sequences_for(ObservationalConfig(fd_sequences=2), 8192) == 2
+    assert fd_sequences_for(ObservationalConfig(fd_sequences=0), 128) == 0
+    with pytest.raises(SpectraError, match="fd_sequences"):
+        ObservationalConfig(fd_sequences=-1).validate()
