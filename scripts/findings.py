@@ -112,7 +112,9 @@ def observe_lines(run: Path) -> list[str]:
 
 def ablate_lines(run: Path) -> list[str]:
     t = pd.read_csv(run / "norm_ablation.csv")
-    out = [f"- heads: {len(t)}; documents measured: {int(t['n_documents'].iloc[0])}"]
+    seq_len = json.loads((run / "manifest.json").read_text())["config"]["seq_len"]
+    out = [f"- heads: {len(t)}; documents measured: {int(t['n_documents'].iloc[0])}, "
+           f"{seq_len} tokens each"]
     for cond in ("norm", "rotation", "mean_ablation"):
         if f"{cond}_kl" in t:
             out.append(f"- {cond.replace('_', ' ')}: median KL(p ‖ p_ablated) "
