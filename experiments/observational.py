@@ -167,10 +167,12 @@ def reference_norm(model, manifest: ShardManifest, run, *, seed: int, batch_size
         recorded = {k: ref.meta.get(k) for k in source}
         if recorded != source:
             differ = next(k for k in source if recorded[k] != source[k])
+            was, now = ((repr(v)[:16] + "...") if differ == "shards_sha256" else repr(v)
+                        for v in (recorded[differ], source[differ]))
             raise SpectraError(
-                f"{path} was computed from other tokens than the shards in {manifest.directory} hold "
-                f"now ({differ}: {str(recorded[differ])[:16]!r} vs {str(source[differ])[:16]!r}; "
-                f"re-prepared since?): rerun with --overwrite to start the run again")
+                f"{path} was computed from {differ} {was}, but the shards in {manifest.directory} "
+                f"now have {now}: the shards changed since (re-prepared?); rerun with --overwrite "
+                f"to start the run again")
         return ref
     documents = _documents(manifest)
     chosen = selection_documents(documents, seed=seed)

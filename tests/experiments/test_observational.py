@@ -558,7 +558,7 @@ def test_a_reference_norm_of_other_shards_is_refused_on_resume(bridge, tok, tmp_
     assert first is not None and first.meta["shards_sha256"]
     again = observational.reference_norm(bridge, shards(0), run, seed=0, batch_size=4)
     np.testing.assert_array_equal(again.log_norm, first.log_norm)  # the same shards: read back
-    with pytest.raises(SpectraError, match="re-prepared since.*--overwrite"):
+    with pytest.raises(SpectraError, match="shards changed since.*--overwrite"):
         observational.reference_norm(bridge, shards(1), run, seed=0, batch_size=4)
 
 

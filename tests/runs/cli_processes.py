@@ -1,5 +1,7 @@
-"""Helpers of the tests that run the CLI in fresh processes (`python -m spectra_lens.experiments.cli`,
-torchrun with gloo on the CPU): tests/runs/test_distributed.py and tests/runs/test_distributed_gain.py.
+"""Helpers of the tests of runs: the CLI in this process (`run`, `one_error_line`, `manifest`:
+tests/runs/test_run_safety.py and test_data_safety.py) and in fresh processes (`python -m
+spectra_lens.experiments.cli`, torchrun with gloo on the CPU: test_distributed.py and
+test_distributed_gain.py). The tiny model they all run is `tests/runs/conftest.py`'s `model_dir`.
 
 Each launch starts Python processes that import torch and transformers and load a tiny model
 saved to disk (~5-10 s each on a loaded 2-core machine).
@@ -20,10 +22,33 @@ from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
 
 
 def save_tiny_llama(directory: Path) -> Path:
-    """A tiny Llama (GQA) and the word-level tokenizer saved as a Hugging Face directory."""
+    """A tiny Llama (GQA; 2 layers, 4 heads, context 128) and the word-level tokenizer (with a
+    pad token) saved as a Hugging Face directory, as `--model DIR` takes it."""
     tiny_hf_model("llama_gqa").save_pretrained(directory)
-    word_tokenizer().save_pretrained(directory)
+    word_tokenizer(pad=True).save_pretrained(directory)
     return directory
+
+
+def run_here(argv, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of `spectra-lens argv` in this process."""
+    from spectra_lens.experiments import cli
+
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    """The one `error: ...` line of stderr (progress bars of model loading aside)."""
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def manifest(out) -> dict:
+    """The run directory's manifest.json."""
+    import json
+
+    return json.loads((Path(out) / "manifest.json").read_text())
 
 
 def save_corpus(directory: Path) -> str:

@@ -7,7 +7,6 @@ tokenizer, so every command runs end to end through `spectra-lens ...` in a seco
 """
 
 import errno
-import json
 import os
 import resource
 import subprocess
@@ -15,20 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from spectra_lens.experiments import cli
+from cli_processes import manifest, one_error_line
+from cli_processes import run_here as run
 
 from spectra_lens.data.shards import read_manifest as read_shards
 from spectra_lens.runs.rundir import LOCK, _Lock
 from spectra_lens.stats.moments import DocumentMoments
-from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("model")
-    tiny_hf_model("llama_gqa").save_pretrained(d)
-    word_tokenizer(pad=True).save_pretrained(d)
-    return d
+from spectra_lens.testing import word_corpus
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +44,6 @@ def observe(model_dir, corpus, out, *extra) -> list[str]:
     return ["observe", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(out),
             "--seq-len", "24", "--n-sequences", "8", "--shard-size", "2", "--batch-size", "2",
             "--n-boot", "20", "--top-heads", "2", "--fd-sequences", "0", "--no-progress", *extra]
-
-
-def run(argv, capsys) -> tuple[int, str]:
-    code = cli.main(argv)
-    return code, capsys.readouterr().err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def manifest(out) -> dict:
-    return json.loads((Path(out) / "manifest.json").read_text())
 
 
 def snapshot(out) -> dict[str, bytes]:
@@ -109,7 +86,8 @@ def test_a_resumed_observe_refuses_moments_of_re_prepared_shards(model_dir, corp
     for _ in range(2):  # refused, and refused again
         code, err = run(observe(model_dir, shards, out), capsys)
         line = one_error_line(err)
-        assert code == 2 and "shard_00000.npz was computed from shard_sha256" in line, line
+        # the first file the resume reads: the reference norm, estimated from the old shards
+        assert code == 2 and "reference_norm.npz was computed from" in line, line
         assert "re-prepared" in line and "--overwrite" in line
         assert {n: (out / "moments" / n).read_bytes() for n in done} == kept  # nothing mixed
         assert sorted(p.name for p in (out / "moments").iterdir()) == done

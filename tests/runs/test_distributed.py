@@ -42,12 +42,6 @@ def test_single_process_group_without_torchrun(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama and a word-level tokenizer saved as a Hugging Face directory."""
-    return procs.save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     return procs.save_corpus(tmp_path_factory.mktemp("corpus"))
 

@@ -26,11 +26,6 @@ N_SEQUENCES, BATCH = 12, 2  # 6 parts: rank 0 takes parts 0, 2, 4 and rank 1 par
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return procs.save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     return procs.save_corpus(tmp_path_factory.mktemp("corpus"))
 

@@ -15,19 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from spectra_lens.experiments import cli
+from cli_processes import manifest, one_error_line
+from cli_processes import run_here as run
 
 from spectra_lens.runs.rundir import LOCK, RunDir
-from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama (2 layers, 4 heads, context 128) with its tokenizer, as `--model DIR`."""
-    d = tmp_path_factory.mktemp("model")
-    tiny_hf_model("llama_gqa").save_pretrained(d)
-    word_tokenizer(pad=True).save_pretrained(d)
-    return d
+from spectra_lens.testing import tiny_hf_model, word_corpus
 
 
 @pytest.fixture(scope="module")
@@ -49,23 +41,6 @@ def intervene(model_dir, corpus, out, *extra) -> list[str]:
             # 4 measured sequences, one from each of 4 documents; a named control: 2 selection
             # sequences cannot give the r-based rule a finite interval
             "--control-layer", "0", "--control-head", "2", "--no-progress", *extra]
-
-
-def run(argv, capsys) -> tuple[int, str]:
-    """(exit status, stderr) of `spectra-lens argv` in this process."""
-    code = cli.main(argv)
-    return code, capsys.readouterr().err
-
-
-def one_error_line(err: str) -> str:
-    """The one `error: ...` line of stderr (progress bars of model loading aside)."""
-    lines = [line for line in err.splitlines() if line.startswith("error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def manifest(out) -> dict:
-    return json.loads((Path(out) / "manifest.json").read_text())
 
 
 def files_in(out) -> set[str]:
