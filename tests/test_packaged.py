@@ -96,6 +96,12 @@ def test_kjv_corpus_reads_chapters_without_verse_numbers(tmp_path, monkeypatch):
     assert list(corpus) == ["In the beginning. And the earth was void.",
                             "Thus the heavens were finished, and the earth."]
     assert "narrative" in genres.GENRES["kjv"] and "kjv" in corpus.description
+    # chapters are short: a sequence longer than every one is refused, naming the book corpus
+    from spectra_lens.data.corpus import tokenize_documents
+    from spectra_lens.testing import word_tokenizer
+
+    with pytest.raises(SpectraError, match="corpus too short.*--corpus kjv-books"):
+        tokenize_documents(corpus, word_tokenizer(), seq_len=64)
 
 
 def test_kjv_books_corpus_joins_the_chapters_of_each_book(tmp_path, monkeypatch):

@@ -71,6 +71,8 @@ class Corpus:
 
     description: str  # recorded in the shard manifest, so a run can be traced to its text
     reader: Callable[[], Iterator[str]] = field(repr=False, compare=False)  # yields documents
+    # what to try when its documents are too short for a sequence (e.g. a coarser document unit)
+    hint: str = field(default="", repr=False, compare=False)
 
     def __iter__(self) -> Iterator[str]:
         return self.reader()
@@ -355,7 +357,8 @@ def tokenize_documents(
         raise SpectraError(
             f"corpus too short: {n_read} documents ({n_tokens} tokens) hold no document of at "
             f"least {content_len} tokens, the content of one sequence of seq_len={seq_len}; "
-            "use a shorter seq_len (in Python, packing='stream' also joins documents)")
+            "use a shorter seq_len (in Python, packing='stream' also joins documents)"
+            + (f"; {docs.hint}" if getattr(docs, "hint", "") else ""))
     if max_sequences is None:
         picked = [(d, k) for d in chunks for k in range(len(chunks[d]))]
     elif balance:
