@@ -154,17 +154,32 @@ class QueryNormCapture:
 
 def estimate_reference_norm(model, batches: Iterable[Tensor], documents, *,
                             n_bins: int, min_position: int = 1,
-                            layout: AttentionLayout | None = None) -> ReferenceNorm:
+                            layout: AttentionLayout | None = None,
+                            attention: str = "eager") -> ReferenceNorm:
     """`ReferenceNorm` from the token `batches` [batch, pos] of the selection `documents`: one
-    forward pass per batch, ended at the last layer's query hook (no pattern, no MLP after it)."""
+    forward pass per batch, ended at the last layer's query hook (no MLP after it). `attention`
+    "blocked" computes the earlier layers' attention in query blocks (`blocked_capture`), so no
+    [head, T, T] pattern is held: the pass of a long sequence then needs the memory of the blocked
+    capture, not of the model's eager attention."""
+    import contextlib
+
     from spectra_lens.capture import _run_capture
     from spectra_lens.layout import attention_layout
 
     layout = layout or attention_layout(model)
+    if attention not in ("eager", "blocked"):
+        raise SpectraError(f"attention must be 'eager' or 'blocked', got {attention!r}")
     cap = QueryNormCapture(layout, n_bins=n_bins, min_position=min_position)
     device = next(model.parameters()).device
-    for tokens in batches:
-        _run_capture(model, tokens.to(device), cap, layout.n_layers - 1, layout=layout)
+    if attention == "blocked":
+        from spectra_lens.blocked_capture import blocked_attention
+
+        context = blocked_attention(model, layout=layout)
+    else:
+        context = contextlib.nullcontext()
+    with context:
+        for tokens in batches:
+            _run_capture(model, tokens.to(device), cap, layout.n_layers - 1, layout=layout)
     with np.errstate(invalid="ignore", divide="ignore"):
         log_norm = np.where(cap.counts > 0, cap.sums / cap.counts, np.nan)
     return ReferenceNorm(cap.layers, log_norm, cap.counts, tuple(int(d) for d in documents),

@@ -6,6 +6,7 @@ k_eff_top90 counts are equal; logits of real
 tokens to 1e-5. Small `block_elements` force many query blocks per layer.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -327,4 +328,19 @@ def test_cuda_default_model_blocked_equals_eager_and_holds_no_pattern():
     extra = torch.cuda.max_memory_allocated() - base
     one_pattern = model.cfg.n_heads * 4096 * 4096 * 4
     assert extra < one_pattern, f"{extra / 2**20:.0f} MiB above the weights"
+    assert clean(model)
+
+
+@pytest.mark.parametrize("family", BLOCKED_FAMILIES)
+def test_reference_norm_from_a_blocked_pass_equals_the_eager_one(tiny, family, long_tokens):
+    """The reference-norm pass of a long run computes attention in query blocks: the same r."""
+    from spectra_lens.reference import estimate_reference_norm
+
+    model, layout = tiny(family)
+    n_bins = int(M.log_position_bin(torch.tensor(long_tokens.shape[1] - 1))) + 1
+    eager = estimate_reference_norm(model, [long_tokens], (0,), n_bins=n_bins, layout=layout)
+    blocked = estimate_reference_norm(model, [long_tokens[:1], long_tokens[1:]], (0,), n_bins=n_bins,
+                                      layout=layout, attention="blocked")
+    np.testing.assert_array_equal(blocked.n_tokens, eager.n_tokens)
+    np.testing.assert_allclose(blocked.log_norm, eager.log_norm, rtol=0, atol=1e-5, equal_nan=True)
     assert clean(model)
