@@ -136,3 +136,50 @@ def test_model_shape_reads_a_local_config(tmp_path):
     M.check_heads(str(tmp_path), [("L", n_layers - 1, n_heads - 1)])
     assert M.model_shape(str(tmp_path / "missing")) is None  # no config at hand: no check
     M.check_heads(str(tmp_path / "missing"), [("L", 99, 99)])
+
+
+def _screen(err: str) -> list[str]:
+    """What a terminal shows of `err`: each line as its last carriage-return segment."""
+    return [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+
+
+def test_a_warning_during_a_live_bar_is_one_line_above_it(tmp_path, monkeypatch, capsys):
+    """A warning while a bar is drawn clears the bar, prints its one line and draws the bar
+    again, instead of being written into the middle of the bar's line."""
+    from spectra_lens.present import display
+
+    def work(cfg):
+        bar = display.progress_bar(total=2, desc="work", unit="step", tick=None)
+        bar.update(1)
+        warnings.warn("two\n  lines", UserWarning, stacklevel=1)
+        bar.update(1)
+        bar.close()
+        raise SpectraError("the run stops here")
+
+    monkeypatch.setattr(cli, "check_heads_early", work)
+    before = warnings.formatwarning, warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["observe", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.split("\n") if "two" in line]
+    assert len(said) == 1 and said[0].rsplit("\r", 1)[-1] == "warning: two lines", repr(err)
+    screen = [line for line in _screen(err) if line.strip()]
+    assert screen[-2].startswith("work: 100%") and screen[-1] == "error: the run stops here", screen
+    assert (warnings.formatwarning, warnings.showwarning) == before
+
+
+def test_log_records_are_written_above_a_live_bar(capsys):
+    import logging
+
+    from spectra_lens.present import display
+
+    handler = cli._BarSafeHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    bar = display.progress_bar(total=1, desc="work", tick=None)
+    handler.emit(logging.LogRecord("spectra_lens.x", logging.WARNING, __file__, 1, "shards differ",
+                                   None, None))
+    bar.close()
+    err = capsys.readouterr().err
+    said = [line for line in err.split("\n") if "shards differ" in line]
+    assert [line.rsplit("\r", 1)[-1] for line in said] == ["WARNING spectra_lens.x: shards differ"]
