@@ -154,17 +154,24 @@ class QueryNormCapture:
 
 def estimate_reference_norm(model, batches: Iterable[Tensor], documents, *,
                             n_bins: int, min_position: int = 1,
-                            layout: AttentionLayout | None = None) -> ReferenceNorm:
+                            layout: AttentionLayout | None = None,
+                            progress: bool = False) -> ReferenceNorm:
     """`ReferenceNorm` from the token `batches` [batch, pos] of the selection `documents`: one
-    forward pass per batch, ended at the last layer's query hook (no pattern, no MLP after it)."""
+    forward pass per batch, ended at the last layer's query hook (no pattern, no MLP after it).
+    `progress`: a bar over the sequences (a list of batches gives its total)."""
     from spectra_lens.capture import _run_capture
     from spectra_lens.layout import attention_layout
+    from spectra_lens.present.display import progress_bar
 
     layout = layout or attention_layout(model)
     cap = QueryNormCapture(layout, n_bins=n_bins, min_position=min_position)
     device = next(model.parameters()).device
+    total = sum(len(t) for t in batches) if isinstance(batches, list | tuple) else None
+    bar = progress_bar(total=total, desc="reference norm", unit="seq", enabled=progress)
     for tokens in batches:
         _run_capture(model, tokens.to(device), cap, layout.n_layers - 1, layout=layout)
+        bar.update(len(tokens))
+    bar.close()
     with np.errstate(invalid="ignore", divide="ignore"):
         log_norm = np.where(cap.counts > 0, cap.sums / cap.counts, np.nan)
     return ReferenceNorm(cap.layers, log_norm, cap.counts, tuple(int(d) for d in documents),

@@ -183,3 +183,42 @@ def test_log_records_are_written_above_a_live_bar(capsys):
     err = capsys.readouterr().err
     said = [line for line in err.split("\n") if "shards differ" in line]
     assert [line.rsplit("\r", 1)[-1] for line in said] == ["WARNING spectra_lens.x: shards differ"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(model directory, corpus glob) of a tiny Llama (GQA) with a word tokenizer."""
+    from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
+
+    root = tmp_path_factory.mktemp("bars")
+    tiny_hf_model("llama_gqa").save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    (root / "corpus").mkdir()
+    return root / "model", word_corpus(root / "corpus", 8, 60)
+
+
+def test_every_step_of_observe_shows_a_bar_and_no_progress_shows_none(tiny_run, tmp_path,
+                                                                        monkeypatch, capsys):
+    """observe's steps each have a bar (the load's last stage is the layout probe, then the
+    reference norm, the capture, the statistics, the outputs); --no-progress prints none of
+    them, only the warnings."""
+    monkeypatch.setenv("SPECTRA_NO_IMAGES", "1")
+    model, corpus = tiny_run
+    argv = ["observe", "--model", str(model), "--corpus", corpus, "--seq-len", "16",
+            "--n-sequences", "8", "--shard-size", "4", "--n-boot", "50", "--fd-sequences", "2",
+            "--no-images", "--device", "cpu"]
+    assert cli.main([*argv, "--out", str(tmp_path / "bars")]) == 0
+    err = capsys.readouterr().err
+    screen = _screen(err)
+    bars = (f"load {model}", "reference norm", "capture", "α-curves", "statistics", "write outputs")
+    for desc in bars:
+        assert any(line.startswith(desc) and "100%" in line for line in screen), (desc, screen)
+    assert "attention layout probe" in err  # the load's last stage
+    # on screen: bars, one-line warnings, the import note; nothing torn
+    said = ("warning: ", "observe: importing", *bars)
+    assert all(line.startswith(said) for line in screen if line), screen
+
+    assert cli.main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "%|" not in err, err
+    assert all(line.startswith("warning: ") for line in err.splitlines()), err
