@@ -353,10 +353,10 @@ def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | No
         group.close()
 
 
-def _finish(cfg: GainConfig, rd, result: GainResult, info: dict) -> None:
+def _finish(cfg: GainConfig, rd, result: GainResult, info: dict, *, progress: bool = False) -> None:
     with P.timed(rd, "write_s"):
         t = tables(result)
-        files = O.write_outputs(rd, t, figures(t), images=cfg.images)
+        files = O.write_outputs(rd, t, figures(t), images=cfg.images, progress=progress)
     rd.finish(
         **info,
         alphas=list(result.sweep.alphas),
@@ -402,7 +402,7 @@ def _run_main(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) -
                 sweep = read_parts(cfg, len(measure), part_digests(cfg, measure), [rd.path])
                 result = _result(cfg, sweep, choice, setup.layout)
             _finish(cfg, rd, result, {**P.provenance(setup, choice, cfg.seed),
-                                      **_parts_info(cfg, n, group.world)})
+                                      **_parts_info(cfg, n, group.world)}, progress=progress)
     except Exception:
         steps.abort()
         raise
@@ -480,7 +480,7 @@ def merge(cfg, *, progress: bool = True) -> GainResult:
         result = _result(run_cfg, sweep, choice, SimpleNamespace(q_bilinear=tuple(m0["q_bilinear"])))
         info = {k: m0[k] for k in ("model", "corpus", "n_sequences", "seq_len", "selection", "seed") if k in m0}
         _finish(run_cfg, rd, result, {**info, **_parts_info(run_cfg, len(digests), m0["share"]["world"]),
-                                      "merged_from": [str(d) for d, _ in shares]})
+                                      "merged_from": [str(d) for d, _ in shares]}, progress=progress)
     return dataclasses.replace(result, out=rd.path)
 
 

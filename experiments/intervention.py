@@ -333,7 +333,7 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
         with P.timed(rd, "write_s"):
             t = tables(result)
-            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images, progress=progress)
         rd.finish(
             **P.provenance(setup, result.choice, cfg.seed),
             alphas=list(result.sweeps["target"].alphas), files=files, controls=result.controls,

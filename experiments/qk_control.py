@@ -281,7 +281,7 @@ def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None =
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
         with P.timed(rd, "write_s"):
             t = tables(result)
-            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images, progress=progress)
         rd.finish(
             **P.provenance(setup, result.choice, cfg.seed),
             kv_head=result.kv_head, group=list(result.group),
