@@ -265,7 +265,7 @@ def compute(cfg: GainConfig, model, tokens: P.RunTokens, *, progress: bool = Fal
     check_alphas(cfg.alphas, at_least=3)  # a slope fit with a residual
     layout = attention_layout(model)
     with P.timed(rd, "choose_heads_s"):
-        choice, _ = C.choose_heads(cfg, model, layout, tokens, control=True)
+        choice, _ = C.choose_heads(cfg, model, layout, tokens, control=True, progress=progress)
     with P.timed(rd, "sweep_s"):
         n = len(part_ranges(len(tokens.measure), cfg.batch_size))
         bar = progress_bar(total=n, desc="α-curves", unit="part", enabled=progress)
@@ -392,7 +392,7 @@ def _run_main(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) -
             if not steps.step():  # the others start once the run has started
                 raise SpectraError("another rank could not start (see its message); nothing was computed")
             with P.timed(rd, "choose_heads_s"):
-                choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True)
+                choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True, progress=progress)
             with P.timed(rd, "sweep_s"):
                 write_parts(cfg, setup.model, measure, rd.path, group.shards(n), progress=progress)
             if not steps.step():  # every rank has written its parts
@@ -438,7 +438,7 @@ def _run_share(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) 
             rd.output(part_name(i))
         if group.rank == 0:
             with P.timed(rd, "choose_heads_s"):
-                choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True)
+                choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True, progress=progress)
             info = P.provenance(setup, choice, cfg.seed)
         else:  # the other shares record what share 0 records, less the head selection
             t = setup.tokens

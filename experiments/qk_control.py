@@ -211,7 +211,7 @@ def compute(cfg: QKConfig, model, tokens: P.RunTokens, *, progress: bool = False
     alphas = check_alphas(cfg.alphas)
     layout = attention_layout(model)
     with P.timed(rd, "choose_heads_s"):
-        choice, _ = C.choose_heads(cfg, model, layout, tokens, control=False)
+        choice, _ = C.choose_heads(cfg, model, layout, tokens, control=False, progress=progress)
     layer, head = choice.target
     kv = layout.kv_head(head)
     group = layout.heads_of_kv(kv)
