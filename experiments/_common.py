@@ -28,6 +28,7 @@ from spectra_lens.causal import (
 from spectra_lens.errors import SpectraError
 from spectra_lens.layout import AttentionLayout
 from spectra_lens.metrics import K_EFF_DEFINITIONS
+from spectra_lens.present.display import stages
 from spectra_lens.runs.pipeline import RunTokens, check_layer_head
 from spectra_lens.sweep import analytic_gain
 
@@ -61,7 +62,7 @@ class HeadChoice:
 
 
 def choose_heads(cfg, model, layout: AttentionLayout, tokens: RunTokens, *,
-                 control: bool = True) -> tuple[HeadChoice, pd.DataFrame | None]:
+                 control: bool = True, progress: bool = False) -> tuple[HeadChoice, pd.DataFrame | None]:
     """Target (and control) heads: the config's, with None fields chosen by SELECTION_RULE.
 
     Returns the choice and, with `control`, the control rule's top `causal.CONTROL_TOP`
@@ -69,6 +70,8 @@ def choose_heads(cfg, model, layout: AttentionLayout, tokens: RunTokens, *,
     interval and p, the rule's score, rank), the control marked (`role`, `chosen`; a given
     control is added when it is not among them).
     Raises SpectraError for a head out of range or a control equal to the target.
+    `progress`: a bar over the two selection passes (each a forward pass over the selection
+    sequences; ~20 s together on the default model on 2 shared cores).
     """
     t_layer = cfg.target_layer if cfg.target_layer is not None else layout.n_layers // 2
     t_head = cfg.target_head
@@ -79,16 +82,22 @@ def choose_heads(cfg, model, layout: AttentionLayout, tokens: RunTokens, *,
                           c_head if c_head is not None else 0, "control")
     chosen = [name for name, v in (("target_layer", cfg.target_layer), ("target_head", t_head)) if v is None]
     gains: dict[int, list[float]] = {}
-    if t_head is None:
-        g = analytic_gain(model, tokens.select, layers=[t_layer], min_position=cfg.min_position,
-                          batch_size=cfg.max_rows).mean(0)
-        gains = {t_layer: [round(float(x), 6) for x in g[0]]}
-        t_head = min(range(layout.n_heads), key=lambda h: gains[t_layer][h])
-    target = (t_layer, t_head)
-    if not control:
-        return HeadChoice(target, None, tuple(chosen), gains), None
-    table = head_r_table(model, tokens.select, tokens.select_documents, min_position=cfg.min_position,
-                         ci=cfg.ci, batch_size=cfg.max_rows)
+    n = len(tokens.select)
+    names = ([f"target: analytic gain of layer {t_layer} on {n} sequences"] if t_head is None else []) \
+        + ([f"control: r(log |q|, H) of every head on {n} sequences"] if control else [])
+    with stages("choose heads", names, enabled=progress and bool(names)) as step:
+        if t_head is None:
+            step(names[0])
+            g = analytic_gain(model, tokens.select, layers=[t_layer], min_position=cfg.min_position,
+                              batch_size=cfg.max_rows).mean(0)
+            gains = {t_layer: [round(float(x), 6) for x in g[0]]}
+            t_head = min(range(layout.n_heads), key=lambda h: gains[t_layer][h])
+        target = (t_layer, t_head)
+        if not control:
+            return HeadChoice(target, None, tuple(chosen), gains), None
+        step(names[-1])
+        table = head_r_table(model, tokens.select, tokens.select_documents,
+                             min_position=cfg.min_position, ci=cfg.ci, batch_size=cfg.max_rows)
     if c_head is None:
         chosen += [name for name, v in (("control_layer", c_layer), ("control_head", c_head)) if v is None]
         ctrl = choose_control_head(table, target, layer=c_layer, ci=cfg.ci)

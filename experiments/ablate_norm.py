@@ -309,7 +309,7 @@ def run(cfg: AblateNormConfig = AblateNormConfig(), *, model=None, tokens: P.Run
         result = compute(cfg, model, toks, heads, progress=progress, rd=rd)
         with P.timed(rd, "write_s"):
             t = tables(result)
-            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images, progress=progress)
         e = result.effects
         rd.finish(model=P.model_info(name, layout, model), tokens=token_record(toks), seed=cfg.seed,
                   heads=[str(h) for h in heads], conditions={c: CONDITIONS[c] for c in CONDITIONS

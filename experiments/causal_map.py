@@ -195,7 +195,7 @@ def run(cfg: CausalMapConfig = CausalMapConfig(), *, model=None, tokens: P.RunTo
         result = compute(cfg, model, toks, heads, progress=progress, rd=rd)
         with P.timed(rd, "write_s"):
             t = tables(result)
-            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images, progress=progress)
         e = result.effects
         rd.finish(model=P.model_info(name, layout, model), tokens=token_record(toks), seed=cfg.seed,
                   heads=[str(h) for h in heads], alphas=list(check_alphas(cfg.alphas)), files=files,

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from spectra_lens import config as C
+from spectra_lens.present import display
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -471,6 +472,34 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {' '.join(str(message).split())}\n"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` of a command: the one-line warning written above any live progress
+    bar (`display.write`), not into the middle of the bar's line."""
+    display.write(_one_line_warning(message, category, filename, lineno, line), file=file)
+
+
+class _BarSafeHandler(logging.Handler):
+    """Log records on stderr (as it is at each record), written above any live progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            display.write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def one_line_warnings():
+    """Warnings as one line each (`_one_line_warning`), printed above any live progress bar;
+    Python's own formatter and printer are put back on exit."""
+    was = warnings.formatwarning, warnings.showwarning
+    warnings.formatwarning, warnings.showwarning = _one_line_warning, _show_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning, warnings.showwarning = was
+
+
 def configure_logging(verbose: int = 0, level: str | None = None) -> int:
     """Messages of spectra_lens at `level` (else WARNING, INFO with -v, DEBUG with -vv);
     other libraries stay at WARNING unless DEBUG is asked for."""
@@ -478,7 +507,7 @@ def configure_logging(verbose: int = 0, level: str | None = None) -> int:
         level = LOG_LEVELS[max(0, 2 - verbose)]
     value = getattr(logging, level)
     logging.basicConfig(level=logging.DEBUG if value == logging.DEBUG else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", handlers=[_BarSafeHandler()])
     logging.getLogger("spectra_lens").setLevel(value)
     return value
 
@@ -519,21 +548,20 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             check_heads_early(cfg)
-            module = importlib.import_module(COMMANDS[name].module)
+            # torch, transformers, scipy and the experiment: a few seconds before any bar
+            with display.note_if_slow(f"{name}: importing torch and the experiment's code ...",
+                                      enabled=not args.no_progress):
+                module = importlib.import_module(COMMANDS[name].module)
             status = module.command(cfg, progress=not args.no_progress)
         except SpectraError as e:  # the library's message, with flags for the fields it names
             raise SpectraError(flag_names(str(e), type(cfg))) from e
         logging.getLogger("spectra_lens.experiments.cli").info("%s finished in %.1f s", name, time.perf_counter() - t0)
         return int(status or 0)
 
-    # a user error: one line, exit 2; Ctrl-C: one line, exit 130; warnings: one line each
-    was = warnings.formatwarning
-    warnings.formatwarning = _one_line_warning
-    try:
-        with quiet_third_party(not args.no_progress):
-            return run_command(command, argv)
-    finally:
-        warnings.formatwarning = was
+    # a user error: one line, exit 2; Ctrl-C: one line, exit 130; warnings: one line each,
+    # above the progress bars
+    with one_line_warnings(), quiet_third_party(not args.no_progress):
+        return run_command(command, argv)
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def compute(cfg: GainConfig, model, tokens: P.RunTokens, *, progress: bool = Fal
     check_alphas(cfg.alphas, at_least=3)  # a slope fit with a residual
     layout = attention_layout(model)
     with P.timed(rd, "choose_heads_s"):
-        choice, _ = C.choose_heads(cfg, model, layout, tokens, control=True)
+        choice, _ = C.choose_heads(cfg, model, layout, tokens, control=True, progress=progress)
     with P.timed(rd, "sweep_s"):
         n = len(part_ranges(len(tokens.measure), cfg.batch_size))
         bar = progress_bar(total=n, desc="α-curves", unit="part", enabled=progress)
@@ -353,10 +353,10 @@ def run(cfg: GainConfig = GainConfig(), *, model=None, tokens: torch.Tensor | No
         group.close()
 
 
-def _finish(cfg: GainConfig, rd, result: GainResult, info: dict) -> None:
+def _finish(cfg: GainConfig, rd, result: GainResult, info: dict, *, progress: bool = False) -> None:
     with P.timed(rd, "write_s"):
         t = tables(result)
-        files = O.write_outputs(rd, t, figures(t), images=cfg.images)
+        files = O.write_outputs(rd, t, figures(t), images=cfg.images, progress=progress)
     rd.finish(
         **info,
         alphas=list(result.sweep.alphas),
@@ -392,7 +392,7 @@ def _run_main(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) -
             if not steps.step():  # the others start once the run has started
                 raise SpectraError("another rank could not start (see its message); nothing was computed")
             with P.timed(rd, "choose_heads_s"):
-                choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True)
+                choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True, progress=progress)
             with P.timed(rd, "sweep_s"):
                 write_parts(cfg, setup.model, measure, rd.path, group.shards(n), progress=progress)
             if not steps.step():  # every rank has written its parts
@@ -402,7 +402,7 @@ def _run_main(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) -
                 sweep = read_parts(cfg, len(measure), part_digests(cfg, measure), [rd.path])
                 result = _result(cfg, sweep, choice, setup.layout)
             _finish(cfg, rd, result, {**P.provenance(setup, choice, cfg.seed),
-                                      **_parts_info(cfg, n, group.world)})
+                                      **_parts_info(cfg, n, group.world)}, progress=progress)
     except Exception:
         steps.abort()
         raise
@@ -438,7 +438,7 @@ def _run_share(cfg: GainConfig, group: Group, model, tokens, *, progress: bool) 
             rd.output(part_name(i))
         if group.rank == 0:
             with P.timed(rd, "choose_heads_s"):
-                choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True)
+                choice, _ = C.choose_heads(cfg, setup.model, setup.layout, setup.tokens, control=True, progress=progress)
             info = P.provenance(setup, choice, cfg.seed)
         else:  # the other shares record what share 0 records, less the head selection
             t = setup.tokens
@@ -480,7 +480,7 @@ def merge(cfg, *, progress: bool = True) -> GainResult:
         result = _result(run_cfg, sweep, choice, SimpleNamespace(q_bilinear=tuple(m0["q_bilinear"])))
         info = {k: m0[k] for k in ("model", "corpus", "n_sequences", "seq_len", "selection", "seed") if k in m0}
         _finish(run_cfg, rd, result, {**info, **_parts_info(run_cfg, len(digests), m0["share"]["world"]),
-                                      "merged_from": [str(d) for d, _ in shares]})
+                                      "merged_from": [str(d) for d, _ in shares]}, progress=progress)
     return dataclasses.replace(result, out=rd.path)
 
 

@@ -56,6 +56,7 @@ from spectra_lens.interventions import QueryRotate, QueryScale
 from spectra_lens.kernels.alpha import alpha_metrics
 from spectra_lens.layout import attention_layout
 from spectra_lens.metrics import SWEEP_METRICS
+from spectra_lens.present import display
 from spectra_lens.present import figures as figs
 from spectra_lens.runs import outputs as O
 from spectra_lens.runs import pipeline as P
@@ -186,7 +187,7 @@ def compute(cfg: InterventionConfig, model, tokens: P.RunTokens, *, progress: bo
     layout = attention_layout(model)
     docs = tokens.measure_documents
     with P.timed(rd, "choose_heads_s"):
-        choice, r_table = C.choose_heads(cfg, model, layout, tokens, control=True)
+        choice, r_table = C.choose_heads(cfg, model, layout, tokens, control=True, progress=progress)
     heads = {"target": choice.target, "control": choice.control}
     tables, downstream, sweeps, rows = {}, {}, {}, []
     for role in ROLES:
@@ -212,15 +213,20 @@ def compute(cfg: InterventionConfig, model, tokens: P.RunTokens, *, progress: bo
                       intervention="QueryScale", layer=l, head=h, grid="alpha", values=sweep.alphas,
                       own_effect="identity check" if layout.q_bilinear[l] else "outcome (not bilinear)")
     l, h = choice.target
-    with P.timed(rd, "sham_s"):
-        sham, sham_effects = sham_check(model, tokens.measure, l, h, min_position=cfg.min_position,
-                                        batch_size=cfg.max_rows)
+    with display.stages("controls", ["sham (hook at α=1)", "direction spread of the query"],
+                        enabled=progress) as step:
+        step("sham (hook at α=1)")
+        with P.timed(rd, "sham_s"):
+            sham, sham_effects = sham_check(model, tokens.measure, l, h,
+                                            min_position=cfg.min_position, batch_size=cfg.max_rows)
+        step("direction spread of the query")
+        with P.timed(rd, "rotation_s"):  # the rotation's angles, then (below) its sweep
+            spread = query_direction_spread(model, tokens.select, l, h,
+                                            min_position=cfg.min_position, batch_size=cfg.max_rows)
     rows += _rows([sham_effects], docs, cfg, condition="sham", intervention="QueryScale at alpha=1 (hook attached)",
                   layer=l, head=h, grid="alpha", values=[1.0], own_effect="outcome (must be 0)",
                   extra=[{"bitwise_equal": sham["bitwise_equal"]}])
     with P.timed(rd, "rotation_s"):
-        spread = query_direction_spread(model, tokens.select, l, h, min_position=cfg.min_position,
-                                  batch_size=cfg.max_rows)
         multiples = {min(m * spread.median_angle, math.pi): m for m in sorted(cfg.rotation_multiples)}
         angles = tuple(sorted(multiples))
         rotation = intervention_effects(model, tokens.measure, angles, QueryRotate.scan(l, h, seed=cfg.seed),
@@ -333,7 +339,7 @@ def run(cfg: InterventionConfig = InterventionConfig(), *, model=None, tokens: t
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
         with P.timed(rd, "write_s"):
             t = tables(result)
-            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images, progress=progress)
         rd.finish(
             **P.provenance(setup, result.choice, cfg.seed),
             alphas=list(result.sweeps["target"].alphas), files=files, controls=result.controls,

@@ -389,7 +389,7 @@ def run(cfg: LengthConfig = LengthConfig(), *, model=None, interventions: Sequen
         profile, summary = compute(cfg, model, tokens, interventions=interventions, progress=progress, rd=rd)
         with P.timed(rd, "write_s"):
             tables = {"length_profile": profile, "length_summary": summary}
-            files = O.write_outputs(rd, tables, figures(tables), images=cfg.images)
+            files = O.write_outputs(rd, tables, figures(tables), images=cfg.images, progress=progress)
         rd.finish(model=P.model_info(model_name, layout, model), corpus=source.description,
                   documents=documents.to_dict(orient="records"), seq_len=cfg.seq_len,
                   attention=attention_path(cfg.attention, cfg.seq_len),

@@ -155,11 +155,13 @@ def _counterfactual_path(path: Path) -> Path:
 
 
 def reference_norm(model, manifest: ShardManifest, run, *, seed: int, batch_size: int,
-                   min_position: int = 1, attention: str = "eager") -> ReferenceNorm | None:
+                   min_position: int = 1, attention: str = "eager",
+                   progress: bool = False) -> ReferenceNorm | None:
     """The heads' reference query norms (`spectra_lens.reference`) from the selection documents
     (`selection_documents(documents, seed=seed)`: a seeded quarter of the run's documents, which
     the norm share leaves out), stored as `reference_norm.npz` and read back on a rerun; None
-    where the run has fewer than 2 documents (no counterfactual)."""
+    where the run has fewer than 2 documents (no counterfactual). `progress`: a bar over the
+    selection sequences (a forward pass each, up to the last layer's query)."""
     path = run.output(REFERENCE_FILE)
     source = _reference_provenance(manifest)
     if path.exists():
@@ -184,7 +186,7 @@ def reference_norm(model, manifest: ShardManifest, run, *, seed: int, batch_size
     batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
     n_bins = manifest.seq_len.bit_length()  # bins 0 … ⌊log2 seq_len⌋, the last position's
     ref = estimate_reference_norm(model, batches, chosen, n_bins=n_bins, min_position=min_position,
-                                  attention=attention_path(attention, manifest.seq_len))
+                                  attention=attention_path(attention, manifest.seq_len), progress=progress)
     ref = dataclasses.replace(ref, meta={**ref.meta, **source})
     ref.save(path)
     run.timed("reference_norm_s", time.time() - t0)
@@ -624,7 +626,8 @@ def _run_main(cfg, group: Group, model, source, model_name: str, inputs, *, prog
         manifest = _shards(cfg, rd, model, source, model_name)
         rd.timed("shards_s", time.time() - t0)
         reference = reference_norm(model, manifest, rd, seed=cfg.seed, batch_size=cfg.batch_size,
-                                   min_position=cfg.min_position, attention=cfg.attention)
+                                   min_position=cfg.min_position, attention=cfg.attention,
+                                   progress=progress)
         # Every rank's shard outputs are listed in the run's manifest before any is written.
         n = len(manifest.shards)
         paths = [rd.output(f"moments/shard_{i:05d}.npz") for i in range(n)]
@@ -731,7 +734,8 @@ def _run_share(cfg: ObservationalConfig, group: Group, model, source, model_name
         check_context(model, source.seq_len)
         resuming = rd.start(cfg, overwrite=cfg.overwrite)
         reference = reference_norm(model, source, rd, seed=cfg.seed, batch_size=cfg.batch_size,
-                                   min_position=cfg.min_position, attention=cfg.attention)
+                                   min_position=cfg.min_position, attention=cfg.attention,
+                                   progress=progress)
         mine = group.shards(len(source.shards))
         for i in mine:  # listed before they exist, so that --overwrite removes them
             rd.output(f"moments/shard_{i:05d}.npz")

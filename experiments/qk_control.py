@@ -211,7 +211,7 @@ def compute(cfg: QKConfig, model, tokens: P.RunTokens, *, progress: bool = False
     alphas = check_alphas(cfg.alphas)
     layout = attention_layout(model)
     with P.timed(rd, "choose_heads_s"):
-        choice, _ = C.choose_heads(cfg, model, layout, tokens, control=False)
+        choice, _ = C.choose_heads(cfg, model, layout, tokens, control=False, progress=progress)
     layer, head = choice.target
     kv = layout.kv_head(head)
     group = layout.heads_of_kv(kv)
@@ -281,7 +281,7 @@ def run(cfg: QKConfig = QKConfig(), *, model=None, tokens: torch.Tensor | None =
         result = compute(cfg, setup.model, setup.tokens, progress=progress, rd=rd)
         with P.timed(rd, "write_s"):
             t = tables(result)
-            files = O.write_outputs(rd, t, figures(t), images=cfg.images)
+            files = O.write_outputs(rd, t, figures(t), images=cfg.images, progress=progress)
         rd.finish(
             **P.provenance(setup, result.choice, cfg.seed),
             kv_head=result.kv_head, group=list(result.group),

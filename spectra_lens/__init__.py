@@ -15,9 +15,22 @@ torch until a name that needs it is used.
 """
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# OpenMP threads (torch's CPU thread pool, MKL) with no work sleep at once instead of spinning.
+# On cores shared with other work a spinning thread keeps a core from the thread that has work,
+# and every parallel region waits for it: on a 2-core machine at load average 4.7-5.5, the first
+# `capture_metrics(model, "hello")` after `load_model()` took 11.2-16.8 s with spinning threads
+# and 2.1-2.6 s without (interleaved runs; the layout probe's two passes are most of it). The
+# results are the same bit for bit: the work is split among the same threads, only idle ones
+# behave differently. The OpenMP runtime reads this once, when torch is first imported, so it is
+# set only if torch is not imported yet, and never over the user's value (ACTIVE: spin).
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _EXPORTS = {
     "SpectraError": "spectra_lens.errors",

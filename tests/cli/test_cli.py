@@ -122,6 +122,36 @@ def test_help_and_import_do_not_import_torch():
     assert "--batch-size" in done.stdout
 
 
+_CAPTURE = ("import os, sys, spectra_lens, torch; "
+            "from spectra_lens.models import bridge_from_hf; from spectra_lens.testing import tiny_hf_model; "
+            "m = bridge_from_hf(tiny_hf_model('llama_gqa')); "
+            "t = torch.randint(0, m.cfg.d_vocab, (4, 24), generator=torch.Generator().manual_seed(0)); "
+            "tm = spectra_lens.capture_metrics(m, t); "
+            "torch.save({k: getattr(tm, k) for k in ('entropy', 'q_norm', 'max_attn')}, sys.argv[1]); "
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+
+
+def test_import_lets_idle_openmp_threads_sleep_and_the_numbers_do_not_change(tmp_path):
+    """`import spectra_lens` before torch sets OMP_WAIT_POLICY=PASSIVE (a value the user set is
+    kept): idle threads stop competing for shared cores. The captured metrics are the same bit
+    for bit either way."""
+    import torch
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    got = {}
+    for policy in (None, "ACTIVE"):
+        run_env = env if policy is None else {**env, "OMP_WAIT_POLICY": policy}
+        path = tmp_path / f"{policy}.pt"
+        done = subprocess.run([sys.executable, "-c", _CAPTURE, str(path)], capture_output=True,
+                              text=True, env=run_env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == (policy or "PASSIVE")
+        got[policy] = torch.load(path)
+    for name, value in got[None].items():
+        torch.testing.assert_close(value, got["ACTIVE"][name], rtol=0, atol=0, equal_nan=True)
+
+
 def test_lazy_package_exports_every_public_name():
     assert sorted(spectra_lens.__all__) == sorted(spectra_lens._EXPORTS)
     assert set(spectra_lens.__all__) <= set(dir(spectra_lens))

@@ -136,3 +136,89 @@ def test_model_shape_reads_a_local_config(tmp_path):
     M.check_heads(str(tmp_path), [("L", n_layers - 1, n_heads - 1)])
     assert M.model_shape(str(tmp_path / "missing")) is None  # no config at hand: no check
     M.check_heads(str(tmp_path / "missing"), [("L", 99, 99)])
+
+
+def _screen(err: str) -> list[str]:
+    """What a terminal shows of `err`: each line as its last carriage-return segment."""
+    return [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+
+
+def test_a_warning_during_a_live_bar_is_one_line_above_it(tmp_path, monkeypatch, capsys):
+    """A warning while a bar is drawn clears the bar, prints its one line and draws the bar
+    again, instead of being written into the middle of the bar's line."""
+    from spectra_lens.present import display
+
+    def work(cfg):
+        bar = display.progress_bar(total=2, desc="work", unit="step", tick=None)
+        bar.update(1)
+        warnings.warn("two\n  lines", UserWarning, stacklevel=1)
+        bar.update(1)
+        bar.close()
+        raise SpectraError("the run stops here")
+
+    monkeypatch.setattr(cli, "check_heads_early", work)
+    before = warnings.formatwarning, warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["observe", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.split("\n") if "two" in line]
+    assert len(said) == 1 and said[0].rsplit("\r", 1)[-1] == "warning: two lines", repr(err)
+    screen = [line for line in _screen(err) if line.strip()]
+    assert screen[-2].startswith("work: 100%") and screen[-1] == "error: the run stops here", screen
+    assert (warnings.formatwarning, warnings.showwarning) == before
+
+
+def test_log_records_are_written_above_a_live_bar(capsys):
+    import logging
+
+    from spectra_lens.present import display
+
+    handler = cli._BarSafeHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    bar = display.progress_bar(total=1, desc="work", tick=None)
+    handler.emit(logging.LogRecord("spectra_lens.x", logging.WARNING, __file__, 1, "shards differ",
+                                   None, None))
+    bar.close()
+    err = capsys.readouterr().err
+    said = [line for line in err.split("\n") if "shards differ" in line]
+    assert [line.rsplit("\r", 1)[-1] for line in said] == ["WARNING spectra_lens.x: shards differ"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(model directory, corpus glob) of a tiny Llama (GQA) with a word tokenizer."""
+    from spectra_lens.testing import tiny_hf_model, word_corpus, word_tokenizer
+
+    root = tmp_path_factory.mktemp("bars")
+    tiny_hf_model("llama_gqa").save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    (root / "corpus").mkdir()
+    return root / "model", word_corpus(root / "corpus", 8, 60)
+
+
+def test_every_step_of_observe_shows_a_bar_and_no_progress_shows_none(tiny_run, tmp_path,
+                                                                        monkeypatch, capsys):
+    """observe's steps each have a bar (the load's last stage is the layout probe, then the
+    reference norm, the capture, the statistics, the outputs); --no-progress prints none of
+    them, only the warnings."""
+    monkeypatch.setenv("SPECTRA_NO_IMAGES", "1")
+    model, corpus = tiny_run
+    argv = ["observe", "--model", str(model), "--corpus", corpus, "--seq-len", "16",
+            "--n-sequences", "8", "--shard-size", "4", "--n-boot", "50", "--fd-sequences", "2",
+            "--no-images", "--device", "cpu"]
+    assert cli.main([*argv, "--out", str(tmp_path / "bars")]) == 0
+    err = capsys.readouterr().err
+    screen = _screen(err)
+    bars = (f"load {model}", "reference norm", "capture", "α-curves", "statistics", "write outputs")
+    for desc in bars:
+        assert any(line.startswith(desc) and "100%" in line for line in screen), (desc, screen)
+    assert "attention layout probe" in err  # the load's last stage
+    # on screen: bars, one-line warnings, the import note; nothing torn
+    said = ("warning: ", "observe: importing", *bars)
+    assert all(line.startswith(said) for line in screen if line), screen
+
+    assert cli.main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "%|" not in err, err
+    assert all(line.startswith("warning: ") for line in err.splitlines()), err

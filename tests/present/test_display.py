@@ -132,3 +132,66 @@ def test_model_load_shows_its_stages_and_manifests_record_quantization(tmp_path,
     default = weights_info(None)
     assert default["quantization"] == "Q4_1" and default["dequantized"] is True
     assert default["file"].endswith(".Q4_1.gguf")
+
+
+def _screen(err: str) -> list[str]:
+    """What a terminal shows of `err`: each line as its last carriage-return segment."""
+    return [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+
+
+def test_a_message_written_while_a_bar_is_live_is_its_own_line(capsys):
+    from spectra_lens.present import display
+
+    bar = display.progress_bar(total=3, desc="work", unit="seq", tick=None)
+    bar.update(1)
+    display.write("warning: something to know\n")
+    bar.update(2)
+    bar.close()
+    err = capsys.readouterr().err
+    lines = err.split("\n")
+    said = [line for line in lines if "something to know" in line]
+    assert len(said) == 1, err
+    # the bar was cleared before the message: on screen the line is the message alone
+    assert said[0].rsplit("\r", 1)[-1] == "warning: something to know", repr(said[0])
+    # and drawn again after it, to the end
+    after = "\n".join(lines[lines.index(said[0]) + 1:])
+    assert "work:" in after and _screen(err)[-2].startswith("work: 100%"), repr(err)
+
+
+def test_a_bar_redraws_while_a_long_step_runs_and_stops_when_closed(capsys):
+    import time
+
+    from spectra_lens.present import display
+
+    bar = display.progress_bar(total=1, desc="slow first step", tick=0.05)
+    time.sleep(0.4)
+    drawn = capsys.readouterr().err.count("slow first step")
+    assert drawn >= 3, drawn  # redrawn (elapsed time) though nothing advanced
+    bar.update(1)
+    bar.close()
+    capsys.readouterr()
+    time.sleep(0.2)
+    assert capsys.readouterr().err == ""  # the redraw stopped with the bar
+    off = display.progress_bar(total=1, desc="slow first step", enabled=False, tick=0.01)
+    time.sleep(0.1)
+    off.close()
+    assert capsys.readouterr().err == ""  # a disabled bar draws nothing, not even redraws
+
+
+def test_a_slow_step_gets_one_note_and_a_quick_or_disabled_one_none(capsys):
+    import time
+
+    from spectra_lens.present import display
+
+    with display.note_if_slow("importing things ...", after=0.05):
+        time.sleep(0.3)
+    assert capsys.readouterr().err == "importing things ...\n"
+    with display.note_if_slow("importing things ...", after=0.5):
+        pass
+    with display.note_if_slow("importing things ...", after=0.01, enabled=False):
+        time.sleep(0.1)
+    display.note("loaded", enabled=False)
+    time.sleep(0.6)
+    assert capsys.readouterr().err == ""
+    display.note("loaded")
+    assert capsys.readouterr().err == "loaded\n"
