@@ -118,39 +118,55 @@ class DocumentMoments:
         Tokens where any variable is not finite (e.g. a skipped k_eff_top90) are left out:
         pass `variables` without such a metric to keep them.
         """
-        first = np.asarray(metrics.entropy.detach().cpu())
-        b, n_l, n_h, n_p = first.shape
+        b, n_l, n_h, n_p = metrics.entropy.shape
         if not 0 <= min_position < n_p:
             raise SpectraError(f"min_position must be in [0, {n_p}); got {min_position}")
+        # one layer at a time: the float64 token values of all layers at once (and from_tokens'
+        # copies of them) were most of a long run's memory (2 x 8,192 tokens x 270 heads x 18
+        # variables x 8 bytes = 637 MB per copy); a head's moments depend on its tokens alone
+        parts = [cls._from_layer(metrics, i, min_position, variables, documents) for i in range(n_l)]
+        first = parts[0]
+        return cls(first.documents, np.concatenate([p.layers for p in parts]),
+                   np.concatenate([p.heads for p in parts]), first.variables,
+                   np.concatenate([p.n for p in parts], axis=1),
+                   np.concatenate([p.mean for p in parts], axis=1),
+                   np.concatenate([p.m2 for p in parts], axis=1), first.meta)
+
+    @classmethod
+    def _from_layer(cls, metrics, i: int, min_position: int, variables: Sequence[str],
+                    documents) -> "DocumentMoments":
+        """`from_metrics` of the i-th captured layer."""
+        def layer(t):
+            return np.asarray(t[:, i : i + 1].detach().cpu(), dtype=np.float64)
+
+        b, _, n_h, n_p = metrics.entropy.shape
         logs = {"log_q_norm": "q_norm", "log_k_norm": "k_norm", "log_dir_spread": "dir_spread"}
         cols = []
         for name in variables:
             if name == "log_position":
                 pos = np.log1p(np.arange(n_p, dtype=np.float64))
-                cols.append(np.broadcast_to(pos, (b, n_l, n_h, n_p)))
+                cols.append(np.broadcast_to(pos, (b, 1, n_h, n_p)))
                 continue
             if name.startswith("position_bin_"):
                 bins = np.array([(t + 1).bit_length() - 1 for t in range(n_p)])
                 ind = (bins == int(name.removeprefix("position_bin_"))).astype(np.float64)
-                cols.append(np.broadcast_to(ind, (b, n_l, n_h, n_p)))
+                cols.append(np.broadcast_to(ind, (b, 1, n_h, n_p)))
                 continue
             if name == "abs_delta_h_cf":
-                cols.append(np.abs(np.asarray(metrics.entropy.detach().cpu(), dtype=np.float64)
-                                   - np.asarray(metrics.entropy_cf.detach().cpu(), dtype=np.float64)))
+                cols.append(np.abs(layer(metrics.entropy) - layer(metrics.entropy_cf)))
                 continue
-            t = getattr(metrics, logs.get(name, name))
-            v = np.asarray(t.detach().cpu(), dtype=np.float64)
+            v = layer(getattr(metrics, logs.get(name, name)))
             if name in logs:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     v = np.log(v)
             cols.append(v)
         values = np.stack(cols, axis=-1)[:, :, :, min_position:].reshape(
-            b, n_l * n_h, n_p - min_position, len(variables))
+            b, n_h, n_p - min_position, len(variables))
         valid = np.isfinite(values).all(axis=-1)
-        layers = np.repeat(np.asarray(metrics.layers, dtype=np.int64), n_h)
-        heads = np.tile(np.arange(n_h, dtype=np.int64), n_l)
-        return cls.from_tokens(values, valid, documents, layers=layers, heads=heads,
-                               variables=variables, meta={"min_position": min_position})
+        l = int(metrics.layers[i])
+        return cls.from_tokens(values, valid, documents, layers=np.full(n_h, l, dtype=np.int64),
+                               heads=np.arange(n_h, dtype=np.int64), variables=variables,
+                               meta={"min_position": min_position})
 
     @classmethod
     def concat(cls, parts: Sequence["DocumentMoments"]) -> "DocumentMoments":
