@@ -443,6 +443,7 @@ class StudyConfig(DeviceOptions, OutputOptions):
     n_sequences: int = 64  # EXP0 sequences per cell
     seq_len: int = 128  # tokens per sequence
     batch_size: int = 8  # sequences per forward pass
+    fd_sequences: int | None = None  # EXP0's finite-difference gain check; None: fd_sequences_for
     run_gain: bool = True  # also run EXP2 (gain) per cell
     gain_sequences: int = 16  # EXP2 sequences per cell
     run_causal: bool = True  # also run ablate-norm and causal-map per cell
@@ -466,6 +467,8 @@ class StudyConfig(DeviceOptions, OutputOptions):
 
         for name in ("n_sequences", "seq_len", "batch_size", "gain_sequences", "causal_select"):
             check_int(name, getattr(self, name))
+        if self.fd_sequences is not None:
+            check_int("fd_sequences", self.fd_sequences, minimum=0)
         check_int("causal_sequences", self.causal_sequences, minimum=2)
         check_int("causal_seq_len", self.causal_seq_len, minimum=2)
         check_int("causal_heads", self.causal_heads, minimum=0)

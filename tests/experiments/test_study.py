@@ -38,6 +38,7 @@ def test_study_runs_every_cell_and_writes_one_table_and_figure(tmp_path, tiny):
     # the norm counterfactual, the norm ablation and the causal map, per cell
     assert table["median_norm_share"].notna().all()
     assert (table["ablation_n_heads"] == 5).all() and (table["ablation_n_sequences"] == 4).all()
+    assert (table["max_norm_ablation_kl"] >= table["median_norm_ablation_kl"]).all()
     assert (table["median_norm_ablation_kl"] >= 0).all()
     assert table["frac_norm_ablation_loss_excludes_0"].between(0, 1).all()
     assert table["median_norm_minus_rotation_kl"].notna().all()
@@ -90,4 +91,5 @@ def test_study_command_line_is_generated_from_its_config():
     assert name == "study" and cfg.models == ("default", "Qwen2.5-Coder-0.5B-Instruct")
     assert cfg.corpora == ("kjv",) and cfg.run_gain is False and cfg.n_sequences == 32
     assert cfg.causal_heads == 24 and cfg.causal_alphas == (0.5, 2.0) and cfg.ablation_baselines is False
-    assert cfg.run_causal is True
+    assert cfg.run_causal is True and cfg.fd_sequences is None
+    assert parse(["study", "--fd-sequences", "0"])[1].fd_sequences == 0
