@@ -430,8 +430,9 @@ __all__ += ["StudyConfig"]
 
 @dataclass(frozen=True, kw_only=True)
 class StudyConfig(DeviceOptions, OutputOptions):
-    """The study: EXP0 (with the observational-causal agreement) and EXP2 in every model × corpus
-    cell, summarized in one table and one figure."""
+    """The study: EXP0 (with the observational-causal agreement and the norm counterfactual), EXP2,
+    the norm ablation and the causal map in every model × corpus cell, summarized in one table
+    and one figure."""
 
     DEFAULT_MODELS = ("default",)
     DEFAULT_CORPORA = ("default", "kjv")
@@ -442,8 +443,16 @@ class StudyConfig(DeviceOptions, OutputOptions):
     n_sequences: int = 64  # EXP0 sequences per cell
     seq_len: int = 128  # tokens per sequence
     batch_size: int = 8  # sequences per forward pass
+    fd_sequences: int | None = None  # EXP0's finite-difference gain check; None: fd_sequences_for
     run_gain: bool = True  # also run EXP2 (gain) per cell
     gain_sequences: int = 16  # EXP2 sequences per cell
+    run_causal: bool = True  # also run ablate-norm and causal-map per cell
+    causal_sequences: int = 8  # measured sequences of ablate-norm and causal-map per cell
+    causal_seq_len: int = 64  # tokens per sequence of ablate-norm and causal-map
+    causal_select: int = 8  # their selection sequences (other documents)
+    causal_heads: int = 0  # heads of the causal steps, spread evenly over the model; 0 = every head
+    causal_alphas: tuple[float, ...] = (0.5, 2.0)  # query scales of the causal map
+    ablation_baselines: bool = True  # ablate-norm's mean ablation and rotation beside the norm
     seed: int = 0
 
     def validate(self) -> None:
@@ -454,10 +463,18 @@ class StudyConfig(DeviceOptions, OutputOptions):
                 raise SpectraError(f"{name} must name non-empty specs, got {v!r}")
             if len(set(v)) != len(v):
                 raise SpectraError(f"{name} must be distinct, got {list(v)}")
-        from spectra_lens.validate import check_int  # imports torch: not at module load
+        from spectra_lens.validate import check_alphas, check_int  # imports torch: not at load
 
-        for name in ("n_sequences", "seq_len", "batch_size", "gain_sequences"):
+        for name in ("n_sequences", "seq_len", "batch_size", "gain_sequences", "causal_select"):
             check_int(name, getattr(self, name))
+        if self.fd_sequences is not None:
+            check_int("fd_sequences", self.fd_sequences, minimum=0)
+        check_int("causal_sequences", self.causal_sequences, minimum=2)
+        check_int("causal_seq_len", self.causal_seq_len, minimum=2)
+        check_int("causal_heads", self.causal_heads, minimum=0)
+        check_alphas(self.causal_alphas)
+        if 1.0 in tuple(self.causal_alphas):
+            raise SpectraError(f"causal_alphas must not include 1 (no intervention), got {list(self.causal_alphas)}")
 
     def cells(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(models, corpora), the defaults where none were named."""

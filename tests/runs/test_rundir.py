@@ -196,6 +196,18 @@ def test_refuses_a_finished_run_unless_overwrite(tmp_path):
     rd.close()
 
 
+def test_finished_is_a_complete_run_of_the_same_experiment_and_config(tmp_path):
+    """What the study reads back instead of running again: fields that do not change results aside."""
+    assert not RunDir(tmp_path / "none", "exp").finished(Cfg())
+    started(tmp_path / "running").close()
+    assert not RunDir(tmp_path / "running", "exp").finished(Cfg())
+    finished(tmp_path / "done")
+    assert RunDir(tmp_path / "done", "exp").finished(Cfg())
+    assert RunDir(tmp_path / "done", "exp").finished(Cfg(out="elsewhere", overwrite=True))
+    assert not RunDir(tmp_path / "done", "exp").finished(Cfg(seq_len=9))
+    assert not RunDir(tmp_path / "done", "other").finished(Cfg())
+
+
 def test_overwrite_removes_only_the_listed_outputs(tmp_path):
     """Case 3: the previous run's CSVs and figures are gone before the new run writes."""
     finished(tmp_path, files=("q_L15_target.csv", "figures/L15.html", "records/shard_00000.csv"))
