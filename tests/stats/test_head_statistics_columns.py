@@ -128,3 +128,17 @@ def test_bad_input_is_named():
     assert (_stats(two, n_boot=20)["n_documents"] == 2).all()  # two documents are enough
     with pytest.raises(SpectraError, match="need >= 2 documents; got 1"):
         _stats(_moments(values[:1], valid[:1]))
+
+
+def test_the_few_documents_warning_starts_below_small_g():
+    from spectra_lens.stats.decisions import SMALL_G
+
+    rng = np.random.default_rng(1)
+    for g, warned in ((SMALL_G, False), (SMALL_G - 1, True)):
+        values = rng.normal(size=(g, 1, 8, 3))
+        m = DocumentMoments.from_tokens(values, np.ones((g, 1, 8), dtype=bool), np.arange(g),
+                                        layers=np.zeros(1, int), heads=np.zeros(1, int), variables=VARS)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            head_statistics(m, ys=["entropy"], controls=CONTROLS, n_boot=10)
+        assert any("document-clustered p-values are approximate" in str(w.message) for w in caught) == warned
