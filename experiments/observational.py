@@ -862,7 +862,8 @@ def command(cfg: ObservationalConfig, *, progress: bool = True) -> int:
     s = result.head_summary
     print(f"{len(s)} heads over {int(s['n_documents'].max())} documents; significant (BH "
           f"q<{cfg.fdr_alpha}, document-clustered CR2 test): {len(result.significant_heads)} raw, "
-          f"{int(s['significant_mediator_adjusted'].sum())} given log position and sink mass "
+          f"{int(s['significant_given_pos'].sum())} given log position (the headline), "
+          f"{int(s['significant_mediator_adjusted'].sum())} also given the sink mass "
           f"(mediator-adjusted); "
           f"consistent across document folds: {len(result.consistent_heads)}")
     print(f"median r(ln|q|, H) = {s['r_logq_entropy'].median():+.3f}; | ln position: "
