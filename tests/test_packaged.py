@@ -152,16 +152,16 @@ def test_named_corpora_resolve_from_the_command_line_spec(monkeypatch):
 # --------------------------------------------------------------------------- the Qwen model
 
 
-def _qwen_dir() -> Path | None:
+def _cached_model_dir(name: str) -> Path | None:
+    """The converted model `name` in the user cache, None before its first load."""
     from spectra_lens.data.packaged import cache_root
-    from spectra_lens.models import QWEN_MODEL
 
-    d = cache_root() / "models" / QWEN_MODEL
+    d = cache_root() / "models" / name
     return d if (d / "model.safetensors").exists() else None
 
 
 needs_qwen = pytest.mark.skipif(
-    _qwen_dir() is None,
+    _cached_model_dir("Qwen2.5-Coder-0.5B-Instruct") is None,
     reason="Qwen2.5-Coder-0.5B-Instruct is not in the cache; load it once with "
            "`spectra-lens observe --model Qwen2.5-Coder-0.5B-Instruct` (fetches ~470 MB, needs accelerate)")
 
@@ -190,16 +190,8 @@ def test_qwen_loads_with_its_layout_and_a_sham_is_exact():
 # --------------------------------------------------------------------------- the Gemma model
 
 
-def _gemma_dir() -> Path | None:
-    from spectra_lens.data.packaged import cache_root
-    from spectra_lens.models import GEMMA_MODEL
-
-    d = cache_root() / "models" / GEMMA_MODEL
-    return d if (d / "model.safetensors").exists() else None
-
-
 needs_gemma = pytest.mark.skipif(
-    _gemma_dir() is None,
+    _cached_model_dir("gemma-3-270m") is None,
     reason="gemma-3-270m is not in the cache; load it once with "
            "`spectra-lens observe --model gemma-3-270m` (fetches ~240 MB, needs accelerate)")
 
