@@ -37,6 +37,7 @@ Outputs (in --out):
 - `manifest.json`: config, model, corpus, the documents (index, name, characters), attention path.
 """
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ __all__ = ["OUTPUTS", "PROFILE_METRICS", "LengthResult", "command", "compute", "
            "long_documents", "position_bins", "run"]
 
 EXPERIMENT = "length"
+log = logging.getLogger(__name__)
 # length_profile.csv's per-bin token means: column -> what it averages
 PROFILE_METRICS = {
     "mean_ln_q_norm": "ln ‖q‖ of the effective query",
@@ -120,8 +122,27 @@ OUTPUTS = O.Outputs(
 # --------------------------------------------------------------------------- documents
 
 
-def _document_names(corpus_spec: str, n: int) -> list[str]:
-    if corpus_spec == "kjv-books":
+def _documents_of(source, tokenizer, cfg: LengthConfig):
+    """(the corpus read, tokens, documents table) of `long_documents`; where `source` holds too
+    few long documents and names a `coarser` corpus (kjv -> kjv-books), that one, with a warning."""
+    texts = list(source)
+    try:
+        return (source, *long_documents(texts, tokenizer, seq_len=cfg.seq_len, n_documents=cfg.n_documents,
+                                        names=_document_names(source.description, len(texts))))
+    except SpectraError:
+        if getattr(source, "coarser", None) is None:
+            raise
+    coarse = source.coarser()
+    log.warning("%s: fewer than %d documents hold %d tokens; reading %s instead",
+                source.description.split(":")[0], cfg.n_documents, cfg.seq_len,
+                coarse.description.split(":")[0])
+    texts = list(coarse)
+    return (coarse, *long_documents(texts, tokenizer, seq_len=cfg.seq_len, n_documents=cfg.n_documents,
+                                    names=_document_names(coarse.description, len(texts))))
+
+
+def _document_names(description: str, n: int) -> list[str]:
+    if description.startswith("kjv-books:"):
         from spectra_lens.data.genres import kjv_book_names
 
         names = kjv_book_names()
@@ -381,10 +402,7 @@ def run(cfg: LengthConfig = LengthConfig(), *, model=None, interventions: Sequen
         if model.tokenizer is None:
             raise SpectraError("the model has no tokenizer; the length study tokenizes whole documents")
         with P.timed(rd, "tokens_s"):
-            texts = list(source)
-            tokens, documents = long_documents(
-                texts, model.tokenizer, seq_len=cfg.seq_len, n_documents=cfg.n_documents,
-                names=_document_names(str(cfg.corpus), len(texts)))
+            source, tokens, documents = _documents_of(source, model.tokenizer, cfg)
         rd.start(cfg, overwrite=cfg.overwrite)
         profile, summary = compute(cfg, model, tokens, interventions=interventions, progress=progress, rd=rd)
         with P.timed(rd, "write_s"):

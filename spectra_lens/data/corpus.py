@@ -41,7 +41,9 @@ __all__ = [
     "jsonl",
     "text_files",
     "TokenizedCorpus",
+    "tokenize_corpus",
     "tokenize_documents",
+    "CorpusTooShort",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class Corpus:
     reader: Callable[[], Iterator[str]] = field(repr=False, compare=False)  # yields documents
     # what to try when its documents are too short for a sequence (e.g. a coarser document unit)
     hint: str = field(default="", repr=False, compare=False)
+    # the same text in longer documents (e.g. a book per document rather than a chapter), which
+    # `tokenize_corpus` reads instead when no document holds one sequence
+    coarser: "Callable[[], Corpus] | None" = field(default=None, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[str]:
         return self.reader()
@@ -266,6 +271,10 @@ def _jsonl_text(line: str, field: str, where: str) -> str:
 # Tokenization
 
 
+class CorpusTooShort(SpectraError):
+    """No document of the corpus holds the content of one sequence."""
+
+
 @dataclass(frozen=True, repr=False)
 class TokenizedCorpus:
     """Fixed-length sequences and, per sequence, the id of the document they come from.
@@ -354,7 +363,7 @@ def tokenize_documents(
             if not balance and sum(len(c) for c in chunks.values()) >= max_sequences:
                 break
     if not chunks:
-        raise SpectraError(
+        raise CorpusTooShort(
             f"corpus too short: {n_read} documents ({n_tokens} tokens) hold no document of at "
             f"least {content_len} tokens, the content of one sequence of seq_len={seq_len}; "
             "use a shorter seq_len (in Python, packing='stream' also joins documents)"
@@ -378,6 +387,23 @@ def tokenize_documents(
     if bos is not None:
         body = torch.cat([torch.full((len(picked), 1), bos, dtype=torch.long), body], dim=1)
     return TokenizedCorpus(body, documents, n_read)
+
+
+def tokenize_corpus(source: Corpus, tokenizer: Any, **kwargs: Any) -> tuple[Corpus, TokenizedCorpus]:
+    """`tokenize_documents(source, tokenizer, **kwargs)`, or, where no document of `source` holds
+    one sequence and it names a `coarser` corpus (the same text in longer documents), of that
+    corpus, with one warning that says so. Returns the corpus read (record its description) and
+    its sequences."""
+    try:
+        return source, tokenize_documents(source, tokenizer, **kwargs)
+    except CorpusTooShort:
+        if source.coarser is None:
+            raise
+    coarse = source.coarser()
+    logger.warning("%s: no document holds %s tokens; reading %s instead",
+                   source.description.split(":")[0], kwargs.get("seq_len"),
+                   coarse.description.split(":")[0])
+    return coarse, tokenize_documents(coarse, tokenizer, **kwargs)
 
 
 def _stream_with_documents(docs, tokenizer, *, bos, content_len, max_sequences, min_tokens):

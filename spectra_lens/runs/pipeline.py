@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from spectra_lens.causal import MIN_MEASURE_DOCUMENTS
-from spectra_lens.data.corpus import tokenize_documents
+from spectra_lens.data.corpus import tokenize_corpus
 from spectra_lens.data.prepare import corpus_from_spec
 from spectra_lens.data.shards import ShardManifest, load_tokens
 from spectra_lens.errors import SpectraError
@@ -232,8 +232,8 @@ def load_run_tokens(cfg, model, tokens: torch.Tensor | None = None) -> RunTokens
         prepend = getattr(model.cfg, "default_prepend_bos", None)
         want = n_sel + n
         for _ in range(6):  # documents with several chunks: draw more until the split measures n
-            got = tokenize_documents(source, model.tokenizer, seq_len=cfg.seq_len,
-                                     max_sequences=want, prepend_bos=prepend)
+            source, got = tokenize_corpus(source, model.tokenizer, seq_len=cfg.seq_len,
+                                          max_sequences=want, prepend_bos=prepend)
             all_tokens, all_docs = got.tokens, got.documents.numpy()
             sel, meas = split_by_document(all_docs, len(all_tokens), n_sel, n)
             if len(meas) >= n or len(all_tokens) < want:

@@ -170,3 +170,21 @@ def test_observe_blocked_tables_equal_eager(bridge, tmp_path):
                                    equal_nan=True, err_msg=name)
         text = [c for c in e.columns if c not in num]
         pd.testing.assert_frame_equal(b[text], e[text], obj=name)
+
+
+def test_a_corpus_too_short_reads_its_coarser_one(caplog):
+    """kjv (a chapter per document) at a length no chapter reaches reads kjv-books, as observe
+    and prepare do; a corpus without a coarser one is refused."""
+    from spectra_lens.data.corpus import Corpus
+
+    words = "the cat sat on a mat and then it ran far away".split()
+    books = Corpus("books: two", lambda: iter([" ".join(words * 6), " ".join(words * 5)]))
+    chapters = Corpus("chapters: four", lambda: iter([" ".join(words)] * 4), coarser=lambda: books)
+    c = LengthConfig(seq_len=40, n_documents=2)
+    with caplog.at_level("WARNING", logger="spectra_lens"):
+        read, tokens, table = length._documents_of(chapters, word_tokenizer(), c)
+    assert read is books and tokens.shape == (2, 40) and table["document"].tolist() == [0, 1]
+    assert [r.getMessage() for r in caplog.records] == [
+        "chapters: fewer than 2 documents hold 40 tokens; reading books instead"]
+    with pytest.raises(SpectraError, match="documents of at least 40"):
+        length._documents_of(Corpus("chapters", chapters.reader), word_tokenizer(), c)
