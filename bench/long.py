@@ -1,10 +1,11 @@
 """Long contexts: time and peak memory of the blocked capture against the hook-free SDPA forward.
 
-    python bench/long.py [--lengths 2048 4096 8192] [--threads 1] [--device cuda]
+    python bench/long.py [--lengths 2048 4096 8192] [--threads 1] [--device cuda] [--model NAME]
 
 Each (kind, length) runs in a fresh process under `/usr/bin/time -v` (peak RSS: "Maximum
 resident set size", the whole process: Python, torch, the weights and the pass), batch 1, on
-the default model and the first `length` tokens of CPython's documentation text
+the default model (or `--model`, any spec `models.load_model` takes, e.g.
+Qwen2.5-Coder-0.5B-Instruct) and the first `length` tokens of CPython's documentation text
 (`pydoc_data.topics`). Kinds:
 
 * "load_hf" / "load_bridge": load the Hugging Face model (as "sdpa" does) / the bridge (as
@@ -44,7 +45,7 @@ def _tokens(tokenizer, n: int):
     return ids.to(torch.long)
 
 
-def one(kind: str, length: int, threads: int, device: str = "cpu") -> dict:
+def one(kind: str, length: int, threads: int, device: str = "cpu", model_spec: str | None = None) -> dict:
     import warnings
 
     import torch
@@ -54,7 +55,7 @@ def one(kind: str, length: int, threads: int, device: str = "cpu") -> dict:
     from spectra_lens.models import load_hf, load_model
 
     if kind in ("sdpa", "load_hf"):
-        model, tok = load_hf(None, device=device)
+        model, tok = load_hf(model_spec, device=device)
         model.set_attn_implementation("sdpa")
 
         def run(ids):
@@ -64,7 +65,7 @@ def one(kind: str, length: int, threads: int, device: str = "cpu") -> dict:
         from spectra_lens.blocked_capture import BlockedCapture
         from spectra_lens.layout import attention_layout
 
-        model = load_model(device=device)
+        model = load_model(model_spec, device=device)
         tok = model.tokenizer
         layout = attention_layout(model)
         cap = BlockedCapture(layout, top_mass=None if kind == "blocked_notop" else 0.9)
@@ -91,9 +92,9 @@ def one(kind: str, length: int, threads: int, device: str = "cpu") -> dict:
     return out
 
 
-def measure(kind: str, length: int, threads: int, device: str = "cpu") -> dict:
+def measure(kind: str, length: int, threads: int, device: str = "cpu", model_spec: str | None = None) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--one", kind, str(length), "--threads", str(threads),
-           "--device", device]
+           "--device", device] + (["--model", model_spec] if model_spec else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
@@ -110,22 +111,23 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--device", default="cpu", help="torch device of the model and tokens, e.g. cuda")
+    ap.add_argument("--model", default=None, help="model spec (models.load_model); default: the embedded model")
     ap.add_argument("--one", nargs=2, metavar=("KIND", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), args.threads, args.device)))
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.threads, args.device, args.model)))
         return
     rows = {}
     for length in args.lengths:
         for kind in args.kinds:
             if kind.startswith("load") and length != args.lengths[0]:
                 continue
-            r = measure(kind, length, args.threads, args.device)
+            r = measure(kind, length, args.threads, args.device, args.model)
             rows[(kind, length)] = r
             print(json.dumps(r), file=sys.stderr, flush=True)
     floors = ", ".join(f"{k}: {rows[(k, args.lengths[0])]['peak_rss_mib']:.0f} MiB"
                        for k in ("load_hf", "load_bridge") if (k, args.lengths[0]) in rows)
-    print(f"default model on {args.device}, batch 1, {args.threads} thread(s); peak RSS of the whole process "
+    print(f"{args.model or 'default model'} on {args.device}, batch 1, {args.threads} thread(s); peak RSS of the whole process "
           f"(load + 64-token warm-up alone: {floors or 'not measured'})")
     gpu = args.device.startswith("cuda")
     head = f"{'tokens':>7} {'kind':>14} {'time s':>9} {'peak MiB':>9} {'time/sdpa':>10} {'RSS/sdpa':>9}"
