@@ -98,15 +98,17 @@ def test_manifest_names_the_documents_and_figures_exist(finished):
 
 
 class _PlantedScale:
-    """Multiplies the effective query of every head of `layer` at position t >= 1 by t^beta."""
+    """Multiplies the effective query of every head of `layer` at position t >= 1 by t^beta, or
+    (`logn`) by log(t + 1)."""
 
-    def __init__(self, layer: int, beta: float):
-        self.layer, self.beta = layer, beta
+    def __init__(self, layer: int, beta: float, logn: bool = False):
+        self.layer, self.beta, self.logn = layer, beta, logn
 
     def hooks(self, layout):
         def fn(x, hook):  # [batch, pos, head, d_head]
             t = torch.arange(x.shape[1], dtype=x.dtype, device=x.device).clamp_min(1)
-            return x * t.pow(self.beta)[None, :, None, None]
+            scale = torch.log1p(t) if self.logn else t.pow(self.beta)
+            return x * scale[None, :, None, None]
 
         return [(layout.q_hook(self.layer), fn)]
 
@@ -124,6 +126,30 @@ def test_the_slope_recovers_a_planted_dependence(bridge, corpus, finished, tmp_p
     assert (got[last]["logq_direction"] == "rises").all()
     # the earlier layer is untouched
     np.testing.assert_allclose(got[~last]["slope_logq_logt"], base[~last]["slope_logq_logt"], atol=1e-9)
+
+
+def test_log_n_scaling_is_found_where_planted(bridge, corpus, finished, tmp_path):
+    """A head whose query norm is multiplied by log(t + 1) gains exactly the log-n reference slope;
+    the reference is the OLS slope of ln ln(t + 1) on ln t by hand."""
+    c, r = finished
+    t = np.arange(1, SEQ, dtype=float)
+    x, y = np.log(t), np.log(np.log(t + 1))
+    want = np.polyfit(x, y, 1)[0]
+    assert length.logn_reference_slope(SEQ, 1) == pytest.approx(want, rel=1e-12)
+    assert length.logn_reference_slope(SEQ, 0) == pytest.approx(want, rel=1e-12)  # t = 0 has no ln t
+    planted = length.run(cfg(tmp_path / "logn", corpus), model=bridge, progress=False,
+                         interventions=[_PlantedScale(1, 0.0, logn=True)])
+    last = planted.summary["layer"] == 1
+    np.testing.assert_allclose(planted.summary[last]["slope_logq_logt"] - r.summary[last]["slope_logq_logt"],
+                               want, atol=1e-4)
+    np.testing.assert_allclose(r.summary["slope_logn_reference"], want, rtol=1e-12)
+    # q values: Benjamini-Hochberg over every head of the run
+    from spectra_lens.stats.inference import fdr
+    np.testing.assert_allclose(r.summary["q_logq_logt"], fdr(r.summary["p_logq_logt"]))
+    for s in (r.summary, planted.summary):
+        lo, hi, ref = s["slope_logq_logt_ci_low"], s["slope_logq_logt_ci_high"], s["slope_logn_reference"]
+        assert ((s["logq_vs_logn"] == "below") == (hi < ref)).all()
+        assert ((s["logq_vs_logn"] == "above") == (lo > ref)).all()
 
 
 def test_blocked_and_eager_length_tables_agree(bridge, corpus, finished, tmp_path):
