@@ -18,7 +18,8 @@
 #    the same on the GPU, plain, query-scaled and padded) -> OUT/pytest_long.txt, and the long
 #    benchmark on the GPU (`python bench/long.py --device cuda`: time and peak GPU memory of the
 #    blocked capture against the hook-free SDPA forward at 2k/4k/8k tokens) -> OUT/long.md,
-#    OUT/long.log (LONG_LENGTHS overrides the lengths).
+#    OUT/long.log (LONG_LENGTHS overrides the lengths); Qwen2.5-Coder-0.5B at 16k/32k tokens
+#    where it is in the cache -> OUT/long_qwen.md.
 # Every step's exit code goes to OUT/status.txt; a failing step does not stop the later ones.
 # Time budget (H100/H200 class, default model): setup 2-5 min (pip cache cold), tests ~1 min,
 # quick benchmark ~2 min, tests/long ~2 min, long benchmark ~3 min (13 fresh processes).
@@ -82,6 +83,12 @@ tail -5 "$OUT/pytest_long.txt"
 step bench_long "$PY" bench/long.py --device cuda --lengths ${LONG_LENGTHS:-2048 4096 8192} \
   > "$OUT/long.md" 2> "$OUT/long.log"
 cat "$OUT/long.md"
+# Qwen2.5-Coder-0.5B at 16k and 32k where its wheels are in the cache (QWEN_LONG=0 skips it)
+if [ "${QWEN_LONG:-1}" = "1" ] && [ -d "${HOME}/.cache/spectra_lens/models/Qwen2.5-Coder-0.5B-Instruct" ]; then
+  step bench_long_qwen "$PY" bench/long.py --device cuda --model Qwen2.5-Coder-0.5B-Instruct \
+    --lengths 16384 32768 --kinds sdpa blocked > "$OUT/long_qwen.md" 2> "$OUT/long_qwen.log"
+  cat "$OUT/long_qwen.md"
+fi
 
 echo "results in $OUT/:"; ls -l "$OUT"
 cat "$STATUS"
