@@ -11,11 +11,10 @@ largest p_m), so
     local gain = −Σ p (x − d)²  with d = L − H   (= −Var_p(s), as −Σ p (log p + H)²),
 
 the last expanded from Σ p x and Σ p x², and the direction spread from the visible keys' Σ x
-and Σ x², with every sum in float64. The top-mass counts read each row once more into a histogram
-of its p by their floats' bits (exponent and three mantissa bits) and sort only the few keys of
-the part of the histogram where the sum reaches the threshold (`_top_counts`); the rest's count
-leaves out the first key. Values equal those of the NumPy kernel to float32 rounding (tested); a
-count can differ only where the top mass meets its threshold within float64 rounding.
+and Σ x², with every sum in float64. The top-mass counts sort each block of rows over its
+visible keys with NumPy's vectorized sort and walk the sorted rows once for both counts (the
+rest's skips one key of mass p_0). Values equal those of the NumPy kernel to float32 rounding
+(tested); a count can differ only where the top mass meets its threshold within float64 rounding.
 
 Numba is a dependency; where it is missing, or SPECTRA_LENS_NUMBA=0 is set, `AVAILABLE` is False
 and the capture runs the NumPy kernel.
@@ -179,142 +178,43 @@ def _row_sums(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, fla
                     flag[b, q] = FLAG_REST
 
 
-#: The top-mass counts' first-level buckets: a float's bits shifted right keep its exponent and
-#: the first `_MANTISSA_BITS` bits of its mantissa (buckets 2^(1/8) ≈ 1.09 wide), whose order is the
-#: values' order for p ≥ 0; every p below 2^-_TINY_EXP shares bucket 0, and p ≥ 1 (or NaN) the top one.
-_MANTISSA_BITS = 3
-_TINY_EXP = 40
-_N_BUCKETS = (_TINY_EXP << _MANTISSA_BITS) + 2
-_SUB_BITS = 8  # the second level: the next 8 bits of the mantissa within one bucket
-
-
-def _bucket_shift(dtype) -> tuple[int, int]:
-    """(shift, base) of the first-level bucket of a float32/float64 p: (bits >> shift) − base."""
-    mant, bias = (23, 127) if np.dtype(dtype) == np.float32 else (52, 1023)
-    shift = mant - _MANTISSA_BITS
-    return shift, (bias - _TINY_EXP) << _MANTISSA_BITS
-
-
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
-def _top_counts(P, bits, extent, flag, R, undefined, lim, n_k, shift, base, full, rest, hm, hs,
-                gb, gv, sm, sc):
-    """k_eff_top90 of every row not flagged FLAG_ROW: `full` the fewest largest p (keys up to the
-    row's extent) whose float64 sum reaches lim, `rest` the same without the first key against
-    lim · R (NaN where `undefined`); n_k where a row never reaches its threshold.
-
-    Instead of sorting rows: one pass per row sums its p by bucket of their floats' bits
-    (exponent and 3 mantissa bits; into four interleaved copies `hm` [4, buckets], so that keys
-    of one bucket in a row do not wait on each other's sums). Whole buckets are taken from the
-    top while the sum stays below the threshold; one more pass counts the keys above the bucket
-    that reaches it and gathers that bucket's keys, which are split by the next `_SUB_BITS` bits
-    of the mantissa (bucket 0, the tiny p, is not); only the sub-bucket that reaches the
-    threshold is sorted and walked down key by key."""
-    n_b, n_q, _ = P.shape
-    n_top = hm.shape[1] - 1
-    n_sub = 1 << _SUB_BITS
-    sub_shift = shift - _SUB_BITS
-    for b in range(n_b):
-        for q in range(n_q):
-            if flag[b, q] == FLAG_ROW:
-                continue
-            e = extent[b, q]
-            for c in range(4):
-                for k in range(n_top + 1):
-                    hm[c, k] = 0.0
-            j = 1  # the rest first: keys 1 .. e − 1
-            while j + 3 < e:
-                for c in range(4):
-                    k = min(max((bits[b, q, j + c] >> shift) - base, 0), n_top)
-                    hm[c, k] += np.float64(P[b, q, j + c])
-                j += 4
-            while j < e:
-                k = min(max((bits[b, q, j] >> shift) - base, 0), n_top)
-                hm[0, k] += np.float64(P[b, q, j])
-                j += 1
-            for k in range(n_top + 1):
-                hs[k] = (hm[0, k] + hm[1, k]) + (hm[2, k] + hm[3, k])
-            for j0 in (1, 0):  # j0 = 1: the rest's count; j0 = 0: every key's
-                if j0 == 0:
-                    if e > 0:
-                        k = min(max((bits[b, q, 0] >> shift) - base, 0), n_top)
-                        hs[k] += np.float64(P[b, q, 0])
-                    thr = lim
-                elif undefined[b, q]:
-                    rest[b, q] = np.nan
-                    continue
+def _top_counts(D, P0, R, undefined, lim, n_k, full, rest):
+    """k_eff_top90 of rows D [rows, W] holding −p sorted ascending (p descending): `full` the
+    fewest largest p whose float64 sum reaches lim, `rest` the same without one key of mass p_0
+    (the first key) against lim · R; n_k where a row never reaches its threshold."""
+    rows, W = D.shape
+    for i in range(rows):
+        thr_rest = lim * R[i]
+        p0 = P0[i]
+        c_full = -1
+        c_rest = -1 if not undefined[i] else 0
+        acc = 0.0
+        acc_r = 0.0
+        k_r = 0
+        skipped = False
+        for t in range(W):
+            x = -np.float64(D[i, t])
+            acc += x
+            if c_full < 0 and acc >= lim:
+                c_full = t + 1
+            if c_rest < 0:
+                if not skipped and x == p0:
+                    skipped = True
                 else:
-                    thr = lim * R[b, q]
-                acc = 0.0
-                found = -1
-                for k in range(n_top, -1, -1):
-                    if acc + hs[k] < thr:
-                        acc += hs[k]
-                        continue
-                    cnt = 0  # the keys above bucket k, and bucket k's keys (sub-bucket, value)
-                    m = 0
-                    for j in range(j0, e):
-                        kj = min(max((bits[b, q, j] >> shift) - base, 0), n_top)
-                        cnt += kj > k
-                        if kj == k:
-                            gb[m] = (bits[b, q, j] >> sub_shift) & (n_sub - 1) if k > 0 else 0
-                            gv[m] = P[b, q, j]
-                            m += 1
-                    while True:  # bucket k, then (float64 rounding) those below while short
-                        for t in range(n_sub):
-                            sm[t] = 0.0
-                            sc[t] = 0
-                        for i in range(m):
-                            sm[gb[i]] += np.float64(gv[i])
-                            sc[gb[i]] += 1
-                        for t in range(n_sub - 1 if k > 0 else 0, -1, -1):
-                            if acc + sm[t] < thr:
-                                acc += sm[t]
-                                cnt += sc[t]
-                                continue
-                            n_s = 0
-                            for i in range(m):
-                                if gb[i] == t:
-                                    gv[m + n_s] = gv[i]
-                                    n_s += 1
-                            vals = np.sort(gv[m:m + n_s])
-                            for i in range(n_s - 1, -1, -1):
-                                acc += np.float64(vals[i])
-                                cnt += 1
-                                if acc >= thr:
-                                    found = cnt
-                                    break
-                            if found >= 0:
-                                break
-                        k -= 1
-                        if found >= 0 or k < 0:
-                            break
-                        m = 0
-                        for j in range(j0, e):
-                            if min(max((bits[b, q, j] >> shift) - base, 0), n_top) == k:
-                                gb[m] = (bits[b, q, j] >> sub_shift) & (n_sub - 1) if k > 0 else 0
-                                gv[m] = P[b, q, j]
-                                m += 1
-                    break
-                c = found if found >= 0 else n_k
-                if j0 == 0:
-                    full[b, q] = c
-                else:
-                    rest[b, q] = c
+                    acc_r += x
+                    k_r += 1
+                    if acc_r >= thr_rest:
+                        c_rest = k_r
+            if c_full >= 0 and c_rest >= 0:
+                break
+        full[i] = c_full if c_full >= 0 else n_k
+        rest[i] = np.nan if undefined[i] else (c_rest if c_rest >= 0 else n_k)
 
 
-def top_counts(P, extent, flag, R, undefined, lim, n_k, full, rest) -> None:
-    """`_top_counts`, compiled (see there), on P [n_b, n_q, n_k] (float32/float64, C-contiguous)
-    with each row's extent and flag (`_row_sums`) and R = Σ_{j≥1} p_j."""
-    shift, base = _bucket_shift(P.dtype)
-    bits = P.view(np.int32 if P.dtype == np.float32 else np.int64)
-    hm = _scratch("top_hm", (4, _N_BUCKETS), np.float64)
-    hs = _scratch("top_hs", (_N_BUCKETS,), np.float64)
-    gb = _scratch("top_gb", (max(P.shape[2], 1),), np.int64)
-    gv = _scratch("top_gv", (2 * max(P.shape[2], 1),), P.dtype)
-    sm = _scratch("top_sm", (1 << _SUB_BITS,), np.float64)
-    sc = _scratch("top_sc", (1 << _SUB_BITS,), np.int64)
-    _kernel(_top_counts)(P, bits, extent, flag, R, undefined, lim, n_k, shift, base, full, rest,
-                         hm, hs, gb, gv, sm, sc)
+def top_counts(D, P0, R, undefined, lim, n_k, full, rest) -> None:
+    """`_top_counts`, compiled (see there)."""
+    _kernel(_top_counts)(D, P0, R, undefined, lim, n_k, full, rest)
 
 
 def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, floor: float,
@@ -325,8 +225,8 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
     qn [n_b, n_q]. Returns (out [len(OUT_NAMES), n_b, n_q] float64, flag [n_b, n_q] int8): rows
     flagged FLAG_ROW hold no value, rows flagged FLAG_REST no valid sink-excluded value.
 
-    The top-mass counts come from a histogram of each row's p (`_top_counts`); `block_rows` is
-    kept for the callers and no longer used.
+    The top-mass counts sort each block of `block_rows` query positions (all of `n_b`) over its
+    visible keys with NumPy's vectorized sort, then walk the sorted rows.
 
     P, S may also be one query block of a longer pattern cut to the block's key extent (the
     causal extent of its last row, or all keys; no visible key after it): each row's causal
@@ -357,8 +257,25 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
         out[i_top] = np.nan
         out[i_top_ns] = np.nan
         return out[:len(OUT_NAMES)], flag
+    lim = top_mass - tol
     undefined = out[OUT_NAMES.index("n_visible")] <= 1
-    top_counts(P, extent, flag, out[-1], undefined, top_mass - tol, n_keys, out[i_top], out[i_top_ns])
+    space = _scratch("sort", (n_b * min(block_rows, n_q) * P.shape[2],), P.dtype)  # one block's −p
+    for q0 in range(0, n_q, block_rows):
+        q1 = min(n_q, q0 + block_rows)
+        ext = int(extent[:, q0:q1].max())
+        if ext == 0:
+            continue
+        desc = space[: n_b * (q1 - q0) * ext].reshape(n_b, q1 - q0, ext)
+        np.negative(P[:, q0:q1, :ext], out=desc)
+        desc = desc.reshape(-1, ext)
+        desc.sort(axis=-1)
+        full = out[i_top, :, q0:q1]
+        rest = out[i_top_ns, :, q0:q1]
+        f_, r_ = np.empty(full.size), np.empty(rest.size)
+        top_counts(desc, out[-2, :, q0:q1].ravel(), out[-1, :, q0:q1].ravel(),
+                   undefined[:, q0:q1].ravel(), lim, n_keys, f_, r_)
+        full[...] = f_.reshape(full.shape)
+        rest[...] = r_.reshape(rest.shape)
     return out[:len(OUT_NAMES)], flag
 
 

@@ -97,59 +97,18 @@ def test_flags_and_their_rows():
            exact_counts=False)
 
 
-def test_top_counts_by_hand():
-    # rows of p, the first key's mass p_0 first; R = the rest's mass
-    P = np.array([[[0.25, 0.125, 0.5, 0.125], [0.1, 0.7, 0.1, 0.1], [1.0, 0.0, 0.0, 0.0]]], np.float32)
-    R = P[0, :, 1:].sum(-1).astype(np.float64)[None]
-    full, rest = np.empty((1, 3)), np.empty((1, 3))
-    compiled.top_counts(P, np.full((1, 3), 4), np.zeros((1, 3), np.int8), R,
-                        np.array([[False, False, True]]), 0.9 - 1e-6, 7, full, rest)
+def test_top_counts_of_sorted_rows_by_hand():
+    # rows of p (descending), p_0 = the first key's mass, R = the rest's mass
+    rows = np.array([[0.5, 0.25, 0.125, 0.125], [0.7, 0.1, 0.1, 0.1], [1.0, 0.0, 0.0, 0.0]])
+    p0 = np.array([0.25, 0.1, 1.0])
+    R = 1.0 - p0
+    full, rest = np.empty(3), np.empty(3)
+    compiled.top_counts(-rows, p0, R, np.array([False, False, True]), 0.9 - 1e-6, 7, full, rest)
     # row 0: 0.5 + 0.25 + 0.125 = 0.875 < 0.9 → 4 keys; without p_0 = 0.25: [0.5, 0.125, 0.125]
     # of R = 0.75 → 0.9 · 0.75 = 0.675 needs 3 (0.625 < 0.675)
     # row 1: 0.7 + 0.1 + 0.1 = 0.9 → 3; the rest [0.7, 0.1, 0.1] of 0.9: 0.81 needs 2 (0.8 < 0.81 → 3)
-    assert full.tolist() == [[4, 3, 1]]
-    assert rest[0, :2].tolist() == [3, 3] and np.isnan(rest[0, 2])
-    # a row whose extent ends early counts only its keys; one that never reaches the mass: n_k
-    compiled.top_counts(P[:, :1], np.array([[2]]), np.zeros((1, 1), np.int8), np.array([[0.125]]),
-                        np.array([[False]]), 0.9 - 1e-6, 7, full[:, :1], rest[:, :1])
-    assert full[0, 0] == 7 and rest[0, 0] == 1
-
-
-def _sorted_counts(P, extent, lim):
-    """The reference: sort each row's keys [0, e) (and [1, e)), cumulative float64 sums."""
-    full, rest = np.empty(P.shape[:2]), np.empty(P.shape[:2])
-    for b, q in np.ndindex(*P.shape[:2]):
-        e = extent[b, q]
-        for out, keys in ((full, P[b, q, :e]), (rest, P[b, q, 1:e])):
-            c = np.cumsum(np.sort(keys.astype(np.float64))[::-1])
-            thr = lim * (1.0 if out is full else c[-1] if len(c) else 0.0)
-            hit = np.nonzero(c >= thr)[0]
-            out[b, q] = hit[0] + 1 if len(hit) else 99
-    return full, rest
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_top_counts_equal_sorting_each_row(dtype):
-    """The histogram's counts equal a sorted cumulative sum's, on rows of every shape the capture
-    meets: peaked, flat (one bucket holds every key), ties, tiny and zero p, short extents, and
-    float64 p whose keys differ only beyond float32's bits."""
-    g = np.random.default_rng(0)
-    n = 300
-    rows = [g.dirichlet(np.full(n, a)) for a in (0.01, 0.1, 1.0, 100.0)]
-    rows.append(np.full(n, 1.0 / n))  # ties: every key in one sub-bucket
-    rows.append(1.0 / n + g.normal(0, 1e-12, n))  # flat beyond float32: split only in float64
-    z = g.normal(0, 30, n)
-    rows.append(np.exp(z - z.max()) / np.exp(z - z.max()).sum())  # many p below 2^-40
-    rows.append(np.r_[0.95, np.zeros(n - 1)] + np.r_[0, np.full(n - 1, 0.05 / (n - 1))])
-    P = np.stack(rows)[None].astype(dtype)
-    extent = np.array([[n, n, 17, n, n, n, n, 2]])
-    R = np.array([[P[0, i, 1:extent[0, i]].astype(np.float64).sum() for i in range(len(rows))]])
-    full, rest = np.empty(R.shape), np.empty(R.shape)
-    lim = 0.9 - 1e-6
-    compiled.top_counts(P, extent, np.zeros(R.shape, np.int8), R, np.zeros(R.shape, bool), lim, 99,
-                        full, rest)
-    want_full, want_rest = _sorted_counts(P, extent, lim)
-    assert np.array_equal(full, want_full) and np.array_equal(rest, want_rest)
+    assert full.tolist() == [4, 3, 1]
+    assert rest[:2].tolist() == [3, 3] and np.isnan(rest[2])
 
 
 def test_reused_buffers_carry_nothing_from_the_previous_call():
