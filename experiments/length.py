@@ -40,7 +40,6 @@ Outputs (in --out):
 - `manifest.json`: config, model, corpus, the documents (index, name, characters), attention path.
 """
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from plotly.subplots import make_subplots
 from spectra_lens.blocked_capture import BlockedCapture
 from spectra_lens.capture import MetricCapture
 from spectra_lens.config import LengthConfig, attention_path
+from spectra_lens.data.corpus import CorpusTooShort, with_coarser
 from spectra_lens.data.prepare import corpus_from_spec
 from spectra_lens.data.shards import ShardManifest
 from spectra_lens.errors import SpectraError
@@ -71,7 +71,6 @@ __all__ = ["OUTPUTS", "PROFILE_METRICS", "LengthResult", "command", "compute", "
            "long_documents", "position_bins", "run"]
 
 EXPERIMENT = "length"
-log = logging.getLogger(__name__)
 # length_profile.csv's per-bin token means: column -> what it averages
 PROFILE_METRICS = {
     "mean_ln_q_norm": "ln ‖q‖ of the effective query",
@@ -127,21 +126,16 @@ OUTPUTS = O.Outputs(
 
 def _documents_of(source, tokenizer, cfg: LengthConfig):
     """(the corpus read, tokens, documents table) of `long_documents`; where `source` holds too
-    few long documents and names a `coarser` corpus (kjv -> kjv-books), that one, with a warning."""
-    texts = list(source)
-    try:
-        return (source, *long_documents(texts, tokenizer, seq_len=cfg.seq_len, n_documents=cfg.n_documents,
-                                        names=_document_names(source.description, len(texts))))
-    except SpectraError:
-        if getattr(source, "coarser", None) is None:
-            raise
-    coarse = source.coarser()
-    log.warning("%s: fewer than %d documents hold %d tokens; reading %s instead",
-                source.description.split(":")[0], cfg.n_documents, cfg.seq_len,
-                coarse.description.split(":")[0])
-    texts = list(coarse)
-    return (coarse, *long_documents(texts, tokenizer, seq_len=cfg.seq_len, n_documents=cfg.n_documents,
-                                    names=_document_names(coarse.description, len(texts))))
+    few long documents and names a coarser corpus (kjv -> kjv-books), that one
+    (`corpus.with_coarser`, with a warning)."""
+    def attempt(corpus):
+        texts = list(corpus)
+        return long_documents(texts, tokenizer, seq_len=cfg.seq_len, n_documents=cfg.n_documents,
+                              names=_document_names(corpus.description, len(texts)))
+
+    read, (tokens, documents) = with_coarser(
+        source, attempt, why=f"fewer than {cfg.n_documents} documents hold {cfg.seq_len} tokens")
+    return read, tokens, documents
 
 
 def _document_names(description: str, n: int) -> list[str]:
@@ -170,7 +164,7 @@ def long_documents(corpus, tokenizer, *, seq_len: int, n_documents: int,
         if len(ids) >= content:
             eligible.append((i, ids[:content]))
     if len(eligible) < n_documents:
-        raise SpectraError(f"the corpus holds {len(eligible)} documents of at least {seq_len} tokens, "
+        raise CorpusTooShort(f"the corpus holds {len(eligible)} documents of at least {seq_len} tokens, "
                            f"expected n_documents={n_documents}: use a shorter seq_len or fewer documents")
     pick = np.linspace(0, len(eligible) - 1, n_documents).round().astype(int)
     rows = [eligible[j] for j in pick]

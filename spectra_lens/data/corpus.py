@@ -43,6 +43,7 @@ __all__ = [
     "TokenizedCorpus",
     "tokenize_corpus",
     "tokenize_documents",
+    "with_coarser",
     "CorpusTooShort",
 ]
 
@@ -389,21 +390,28 @@ def tokenize_documents(
     return TokenizedCorpus(body, documents, n_read)
 
 
-def tokenize_corpus(source: Corpus, tokenizer: Any, **kwargs: Any) -> tuple[Corpus, TokenizedCorpus]:
-    """`tokenize_documents(source, tokenizer, **kwargs)`, or, where no document of `source` holds
-    one sequence and it names a `coarser` corpus (the same text in longer documents), of that
-    corpus, with one warning that says so. Returns the corpus read (record its description) and
-    its sequences."""
+def with_coarser(source: Corpus, attempt: Callable[[Corpus], Any], *, why: str) -> tuple[Corpus, Any]:
+    """(source, attempt(source)), or, where that raises `CorpusTooShort` and `source` names a
+    `coarser` corpus (the same text in longer documents), (coarser, attempt(coarser)) with one
+    warning "<source>: <why>; reading <coarser> instead". Record the description of the corpus
+    returned."""
     try:
-        return source, tokenize_documents(source, tokenizer, **kwargs)
+        return source, attempt(source)
     except CorpusTooShort:
         if source.coarser is None:
             raise
     coarse = source.coarser()
-    logger.warning("%s: no document holds %s tokens; reading %s instead",
-                   source.description.split(":")[0], kwargs.get("seq_len"),
+    logger.warning("%s: %s; reading %s instead", source.description.split(":")[0], why,
                    coarse.description.split(":")[0])
-    return coarse, tokenize_documents(coarse, tokenizer, **kwargs)
+    return coarse, attempt(coarse)
+
+
+def tokenize_corpus(source: Corpus, tokenizer: Any, **kwargs: Any) -> tuple[Corpus, TokenizedCorpus]:
+    """`tokenize_documents(source, tokenizer, **kwargs)` through `with_coarser`: where no document
+    of `source` holds one sequence, its coarser corpus's sequences. Returns the corpus read and
+    its sequences."""
+    return with_coarser(source, lambda c: tokenize_documents(c, tokenizer, **kwargs),
+                        why=f"no document holds {kwargs.get('seq_len')} tokens")
 
 
 def _stream_with_documents(docs, tokenizer, *, bos, content_len, max_sequences, min_tokens):
