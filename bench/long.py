@@ -16,7 +16,10 @@ Qwen2.5-Coder-0.5B-Instruct) and the first `length` tokens of CPython's document
   k_eff_top90 included), the pass ending after the last layer's attention;
 * "blocked_notop": the same with `top_mass=None` (no row is sorted; k_eff_top90 NaN).
 
-Each timed call follows a 64-token warm-up in the same process. With `--device cuda` the model
+Each timed call follows a 64-token warm-up in the same process. Besides its wall time the table
+gives its CPU time (`time.process_time()`, all threads of the process): on cores shared with other
+jobs the wall time of a one-thread run grows with their load, its CPU time much less, so the CPU
+ratio is the steadier one there. With `--device cuda` the model
 and tokens live on the GPU, the timed call is synchronized, and the table adds the peak GPU
 memory of the process (`torch.cuda.max_memory_allocated`: weights, warm-up and the pass). The table's ratios come from
 one run of this script. Timings on a shared machine vary: say how many cores were free.
@@ -83,10 +86,11 @@ def one(kind: str, length: int, threads: int, device: str = "cpu", model_spec: s
     sync()
     out = {"kind": kind, "length": length, "seconds": 0.0}
     if not kind.startswith("load"):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run(ids)
         sync()
         out["seconds"] = time.perf_counter() - t0
+        out["cpu_seconds"] = time.process_time() - c0
     if cuda:
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -130,7 +134,8 @@ def main(argv=None) -> None:
     print(f"{args.model or 'default model'} on {args.device}, batch 1, {args.threads} thread(s); peak RSS of the whole process "
           f"(load + 64-token warm-up alone: {floors or 'not measured'})")
     gpu = args.device.startswith("cuda")
-    head = f"{'tokens':>7} {'kind':>14} {'time s':>9} {'peak MiB':>9} {'time/sdpa':>10} {'RSS/sdpa':>9}"
+    head = (f"{'tokens':>7} {'kind':>14} {'time s':>9} {'CPU s':>9} {'peak MiB':>9} {'time/sdpa':>10} "
+            f"{'CPU/sdpa':>9} {'RSS/sdpa':>9}")
     print(head + (f" {'GPU MiB':>9} {'GPU/sdpa':>9}" if gpu else ""))
     for length in args.lengths:
         base = rows.get(("sdpa", length))
@@ -139,8 +144,10 @@ def main(argv=None) -> None:
             if r is None or kind.startswith("load"):
                 continue
             tr = r["seconds"] / base["seconds"] if base else float("nan")
+            cr = r["cpu_seconds"] / base["cpu_seconds"] if base else float("nan")
             mr = r["peak_rss_mib"] / base["peak_rss_mib"] if base else float("nan")
-            line = f"{length:>7} {kind:>14} {r['seconds']:>9.2f} {r['peak_rss_mib']:>9.0f} {tr:>10.2f} {mr:>9.2f}"
+            line = (f"{length:>7} {kind:>14} {r['seconds']:>9.2f} {r['cpu_seconds']:>9.2f} {r['peak_rss_mib']:>9.0f} "
+                    f"{tr:>10.2f} {cr:>9.2f} {mr:>9.2f}")
             if gpu:
                 g = r["peak_gpu_mib"] / base["peak_gpu_mib"] if base else float("nan")
                 line += f" {r['peak_gpu_mib']:>9.0f} {g:>9.2f}"
