@@ -144,6 +144,51 @@ def map_lines(run: Path) -> list[str]:
     return out
 
 
+def length_lines(run: Path) -> list[str]:
+    m = _manifest(run)
+    s = pd.read_csv(run / "length_summary.csv")
+    ref = float(s["slope_logn_reference"].iloc[0])
+    sig = s["q_logq_logt"] < 0.05
+    vs = s["logq_vs_logn"].value_counts()
+    slope, gap, ent = s["slope_logq_logt"], s["slope_gap_logt"], s["slope_entropy_logt"]
+    names = ", ".join(str(d["name"]) for d in m["documents"])
+    return [
+        f"- model {m['model']['spec']} ({m['model']['n_layers']} layers × {m['model']['n_heads']} "
+        f"query heads); corpus: {m['corpus']}",
+        f"- {len(m['documents'])} documents × {m['seq_len']} tokens ({names}); attention "
+        f"{m['attention']}; run time {m['timings']['total_s']:.0f} s",
+        f"- heads: {len(s)}; slope of ln‖q‖ on ln t: median {num(slope.median(), 4, sign=True)}, "
+        f"10–90% of heads {num(slope.quantile(0.1), 4, sign=True)} to {num(slope.quantile(0.9), 4, sign=True)}, "
+        f"largest {num(slope.max(), 3, sign=True)}",
+        f"- BH q < 0.05 over heads: {int((sig & (slope > 0)).sum())} heads rise, "
+        f"{int((sig & (slope < 0)).sum())} fall",
+        f"- log-n scaling (‖q‖ ∝ log(t+1)) would give a slope of {num(ref, 3)}: the interval lies "
+        f"below it in {int(vs.get('below', 0))} heads, includes it in {int(vs.get('includes', 0))}, "
+        f"lies above it in {int(vs.get('above', 0))}",
+        f"- entropy H on ln t: median slope {num(ent.median(), 2, sign=True)}; H − log(t+1) on ln t: "
+        f"median {num(gap.median(), 2, sign=True)}, interval below 0 in "
+        f"{int((s['slope_gap_logt_ci_high'] < 0).sum())}/{len(s)} heads, above 0 in "
+        f"{int((s['slope_gap_logt_ci_low'] > 0).sum())}",
+        f"- Spearman across heads of the ln‖q‖ slope and the H slope: "
+        f"{num(slope.rank().corr(ent.rank()), 2, sign=True)}",
+    ] + _profile_lines(pd.read_csv(run / "length_profile.csv"))
+
+
+def _profile_lines(p: pd.DataFrame, early: int = 64) -> list[str]:
+    """Medians over heads of the bin holding position `early` and of the last bin."""
+    cols = ["mean_ln_q_norm", "mean_entropy_ratio", "mean_gain", "mean_sink_mass"]
+    med = p.groupby(["pos_low", "pos_high"])[cols].median().reset_index()
+    a = med[(med["pos_low"] <= early) & (med["pos_high"] > early)].iloc[0]
+    b = med.iloc[-1]
+    span = lambda r: f"t in [{int(r['pos_low'])}, {int(r['pos_high'])})"  # noqa: E731
+    return [
+        f"- medians over heads, {span(a)} → {span(b)}: ln‖q‖ {num(a['mean_ln_q_norm'], 2)} → "
+        f"{num(b['mean_ln_q_norm'], 2)}; H / log(t+1) {num(a['mean_entropy_ratio'], 2)} → "
+        f"{num(b['mean_entropy_ratio'], 2)}; local gain −Var_p(s) {num(a['mean_gain'], 2)} → "
+        f"{num(b['mean_gain'], 2)}; sink mass {num(a['mean_sink_mass'], 2)} → {num(b['mean_sink_mass'], 2)}",
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     name: str
@@ -181,6 +226,10 @@ STEPS = (
          "Norm ablation of every head (direction kept, norm set to the reference)"),
     Step("causal_map", ("causal-map", *_SMALL), map_lines,
          "Causal map of every head (query scaled by α, downstream effect)"),
+    Step("length", ("length", "--n-documents", "16", "--seq-len", "8192"), length_lines,
+         "Length study on the default model (ln‖q‖ and entropy against ln t, 8,192-token books)"),
+    Step("length_gemma", ("length", "--model", "gemma-3-270m", "--n-documents", "8", "--seq-len", "4096"),
+         length_lines, "Length study on Gemma 3 270M (the same, 8 books of 4,096 tokens)"),
 )
 
 
