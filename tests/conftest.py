@@ -66,3 +66,19 @@ def tiny() -> TinyModels:
 def tokens() -> torch.Tensor:
     """A fixed [batch=2, pos=10] token batch inside every tiny model's vocabulary (97)."""
     return torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(1234))
+
+
+def pytest_collection_modifyitems(config, items):
+    """With SPECTRA_LENS_NUMBA=0 (how `docs/MUTANTS.md` mutates the NumPy kernels) the compiled
+    kernels are off: tests marked `numba`, and cases with `backend="compiled"`, are skipped.
+    Where numba is installed and not turned off they run (`test_numba_is_installed` fails
+    where it is missing)."""
+    from spectra_lens.kernels import compiled
+
+    if compiled.AVAILABLE:
+        return
+    skip = pytest.mark.skip(reason="the compiled kernels are off (SPECTRA_LENS_NUMBA=0 or no numba)")
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.get_closest_marker("numba") or params.get("backend") == "compiled":
+            item.add_marker(skip)

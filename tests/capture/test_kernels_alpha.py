@@ -59,17 +59,32 @@ def test_count_equals_the_float64_count_on_random_rows(width):
 def test_count_when_the_limit_equals_a_partial_sum():
     """Keys of 2⁻¹⁰ make every partial sum exact: lim equal to a partial sum (first key, last key
     of a chunk, first key of the next, inside a chunk, the last key), a float step away from one,
-    and beyond the row's sum."""
+    half a key below one, and beyond the row's sum."""
     W, unit = 4 * _ALPHA_KEY_CHUNK, 2.0**-10
-    ks = [1, 5, _ALPHA_KEY_CHUNK, _ALPHA_KEY_CHUNK + 1, 2 * _ALPHA_KEY_CHUNK + 7, W]
+    ks = [1, 5, _ALPHA_KEY_CHUNK, _ALPHA_KEY_CHUNK + 1, _ALPHA_KEY_CHUNK + 4, 2 * _ALPHA_KEY_CHUNK + 7, W]
     lims = [k * unit for k in ks]
     lims += [math.nextafter(v, 0.0) for v in lims] + [math.nextafter(v, 1.0) for v in lims]
+    lims += [(k - 0.5) * unit for k in ks]  # half a key before each: the same counts
     lims += [(W + 3) * unit]
     E = np.full((len(lims), W), unit, dtype=np.float32)
     lim = np.array(lims)
     want = _plain_count(E, lim)
     assert _count(E, lim) == want
     assert want[: len(ks)] == ks and want[-1] == W
+
+
+def test_count_of_long_flat_rows_next_to_every_partial_sum():
+    """300 chunks of nearly equal keys: the float32 partial sums are off by many units of their
+    last place, and a limit just above or below each float64 partial sum must still give the
+    float64 count (the rows within the error bound δ are counted again in float64)."""
+    W = 300 * _ALPHA_KEY_CHUNK
+    g = np.random.default_rng(3)
+    row = np.sort((1.0 + g.random(W) * 1e-3).astype(np.float32))[::-1]
+    S = np.cumsum(row.astype(np.float64))
+    m = np.arange(0, W, 7)
+    lim = np.concatenate([S[m] + d * row[m] for d in (-1e-3, -1e-5, 1e-5, 1e-3)])
+    E = np.broadcast_to(row, (len(lim), W))
+    assert _count(E, lim) == _plain_count(E, lim)
 
 
 def test_count_of_a_nan_row_is_one_and_leaves_the_others_alone():
@@ -96,7 +111,9 @@ def test_alpha_row_metrics_equal_the_reference(n_keys, scale, backend):
     """Per row and α: every sweep metric of softmax(α·z) over the visible keys, as the float64
     reference computes it (the α grid spans sharp and flat patterns)."""
     z = _rows(n_keys, 24, n_keys, scale)
-    alphas = (0.05, 0.25, 1.0, 2.0 ** 0.2, 4.0, 30.0)
+    # 0.25, 0.5, 1, 2, 4: α whose double is on the grid take Σ e² from the Z of 2α (and only
+    # those: 0.5 and 1.5 = 3 · 0.5 are on it too)
+    alphas = (0.05, 0.25, 0.5, 1.0, 2.0 ** 0.2, 1.5, 2.0, 4.0, 30.0)
     got = alpha_row_metrics(z, alphas, backend=backend)
     for j, a in enumerate(alphas):
         for r in range(z.shape[0]):
@@ -114,12 +131,61 @@ def test_alpha_row_metrics_do_not_depend_on_the_chunking():
     alphas = tuple(2.0 ** (k / 5) for k in range(-10, 11))
     width = 70 + (-70 % _ALPHA_PAD)
     whole = alpha_row_metrics(z, alphas, backend="numpy")
-    for chunk in (1, 3 * width, 50 * width + 1, 7 * 50 * width):
+    # 2 and 8 α per chunk leave a last chunk of 1 and 5 of the 21 α
+    for chunk in (1, 3 * width, 50 * width + 1, 2 * 50 * width, 7 * 50 * width, 8 * 50 * width):
         got = alpha_row_metrics(z, alphas, chunk_elements=chunk, backend="numpy")
         for m in SWEEP_METRICS:
             torch.testing.assert_close(got[m], whole[m], atol=0, rtol=0, equal_nan=True)
     assert torch.isnan(whole["entropy"][:, 3]).all() and (whole["k_eff_top90"][:, 3] == 1).all()
     assert torch.isfinite(whole["entropy"][:, [0, 1, 2, 4]]).all()
+
+
+def test_top_mass_count_at_exactly_the_mass_and_within_the_tolerance():
+    """Rows whose two largest weights sum to 0.9 exactly, and to 0.9 − 5e-7 (within the 1e-6
+    tolerance of `k_eff_top_mass`): both reach the mass at the second key; 0.9 − 2e-6 does not."""
+    rows = [[0.5, 0.4, 0.05, 0.05], [0.5, 0.3999995, 0.1000005, 0.0], [0.5, 0.399998, 0.100002, 0.0]]
+    p = torch.tensor(rows, dtype=torch.float64)
+    z = p.log().float()  # softmax(1 · log p) = p; the zero key is masked (−inf)
+    got = alpha_row_metrics(z, (1.0,), backend="numpy")["k_eff_top90"][0]
+    want = [R.row_top_mass_count([x for x in row if x > 0]) for row in rows]
+    assert want == [2, 2, 3]
+    assert got.tolist() == want
+
+
+def test_alpha_backends_are_dispatched_as_asked(monkeypatch):
+    """backend None takes the compiled kernel where it is available and the NumPy one
+    otherwise; "numpy" always the NumPy one; "compiled" without numba (or SPECTRA_LENS_NUMBA=0)
+    and unknown names are refused. The compiled kernel is replaced by a stub that records its
+    arguments (the α rows' mass 0.9 and tolerance 1e-6)."""
+    from spectra_lens.errors import SpectraError
+
+    z = _rows(3, 6, 10, 2.0)
+    alphas = (0.5, 1.0, 2.0)
+    calls = []
+
+    def stub(zz, aa, *, top_mass, tol):
+        calls.append((zz.copy(), aa, top_mass, tol))
+        return np.full((len(SWEEP_METRICS), len(aa), len(zz)), 7.0)
+
+    monkeypatch.setattr(KA.compiled, "alpha_row_sums", stub)
+    monkeypatch.setattr(KA.compiled, "AVAILABLE", True)
+    for backend in (None, "compiled"):
+        got = alpha_row_metrics(z, alphas, backend=backend)
+        assert all(got[m].shape == (3, 6) and (got[m] == 7).all() for m in SWEEP_METRICS), backend
+    assert len(calls) == 2
+    for zz, aa, top_mass, tol in calls:
+        assert np.array_equal(zz, z.numpy()) and aa == alphas and top_mass == 0.9 and tol == 1e-6
+    numpy = alpha_row_metrics(z, alphas, backend="numpy")
+    assert len(calls) == 2 and not (numpy["entropy"] == 7).any()
+    monkeypatch.setattr(KA.compiled, "AVAILABLE", False)
+    for m, v in alpha_row_metrics(z, alphas).items():
+        torch.testing.assert_close(v, numpy[m], atol=0, rtol=0)
+    assert len(calls) == 2
+    with pytest.raises(SpectraError, match=r"backend must be None, 'numpy' or 'compiled' \(numba available: False\), got 'compiled'"):
+        alpha_row_metrics(z, alphas, backend="compiled")
+    with pytest.raises(SpectraError, match="got 'cuda'"):
+        alpha_row_metrics(z, alphas, backend="cuda")
+    assert len(calls) == 2
 
 
 def test_alpha_row_metrics_pieces_smaller_than_a_row_block(monkeypatch):
@@ -133,6 +199,7 @@ def test_alpha_row_metrics_pieces_smaller_than_a_row_block(monkeypatch):
         torch.testing.assert_close(got[m], whole[m], atol=0, rtol=0)
 
 
+@pytest.mark.numba
 def test_compiled_alpha_rows_equal_the_numpy_kernel():
     """The compiled kernel (float64 exponentials, keys below e^-110 left out) against the NumPy
     one on sharp and flat rows, a row with no visible key and one with a single key; counts may

@@ -77,10 +77,11 @@ def test_row_metrics_with_a_non_causal_mask_and_top_mass_edges(backend):
     assert torch.isnan(lean["k_eff_top90"]).all()
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_row_metrics_of_half_precision_inputs_are_float32_of_the_same_values(dtype):
+def test_row_metrics_of_half_precision_inputs_are_float32_of_the_same_values(dtype, backend):
     s, p = _scores(2, 3, 200, dtype=dtype)
-    got = KB.row_metrics(p, s, block_elements=8192)
+    got = KB.row_metrics(p, s, block_elements=8192, backend=backend)
     assert all(v.dtype == torch.float32 for v in got.values())
     _check(got, _reference(p, s))  # the definitions upcast the same half-precision values
 

@@ -22,6 +22,7 @@ from spectra_lens.testing import tiny_hf_model, tiny_model
 MIN = torch.finfo(torch.float32).min
 
 
+@pytest.mark.numba
 def test_numba_is_installed():
     # a required dependency: without it the capture silently runs the slower NumPy kernel
     assert compiled.AVAILABLE
@@ -38,8 +39,9 @@ def _masked(seed, hidden, *, sink=3.0, n_b=2, heads=2):
     return p, s, q
 
 
+@pytest.mark.parametrize("backend", ["compiled", "numpy"])
 @pytest.mark.parametrize("kind", ["bidirectional", "holes", "window", "ragged_tail"])
-def test_masks_other_than_causal(kind):
+def test_masks_other_than_causal(kind, backend):
     n = 29
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     g = torch.Generator().manual_seed(3)
@@ -52,11 +54,10 @@ def test_masks_other_than_causal(kind):
     else:  # keys after the causal extent visible in some rows, the last keys hidden in others
         hidden = (j > i + 3) | ((j > n - 4) & (i % 2 == 0))
     p, s, q = _masked(11, hidden)
-    want = _two_pass(p, s, q, 0.9)
-    _check(KF.capture_row_metrics(p, s, q, backend="compiled"), want)
-    _check(KF.capture_row_metrics(p, s, q, backend="numpy"), want)
+    _check(KF.capture_row_metrics(p, s, q, backend=backend), _two_pass(p, s, q, 0.9))
 
 
+@pytest.mark.numba
 def test_a_first_key_below_1e30_and_long_flat_rows():
     """log p is taken from the first key unless its p is below 1e-30 (then from the largest p);
     the local gain of long, nearly uniform rows is a small variance that float64 keeps."""
@@ -75,6 +76,7 @@ def test_a_first_key_below_1e30_and_long_flat_rows():
     assert_close(got.double(), want, atol=2e-7, rtol=1e-4)
 
 
+@pytest.mark.numba
 def test_flags_and_their_rows():
     """Rows whose first key is hidden get FLAG_ROW, rows whose rest underflows FLAG_REST; the
     other rows' values do not depend on them."""
@@ -97,6 +99,7 @@ def test_flags_and_their_rows():
            exact_counts=False)
 
 
+@pytest.mark.numba
 def test_top_counts_of_sorted_rows_by_hand():
     # rows of p (descending), p_0 = the first key's mass, R = the rest's mass
     rows = np.array([[0.5, 0.25, 0.125, 0.125], [0.7, 0.1, 0.1, 0.1], [1.0, 0.0, 0.0, 0.0]])
@@ -111,6 +114,7 @@ def test_top_counts_of_sorted_rows_by_hand():
     assert rest[:2].tolist() == [3, 3] and np.isnan(rest[2])
 
 
+@pytest.mark.numba
 def test_reused_buffers_carry_nothing_from_the_previous_call():
     """`reuse` hands back this thread's scratch arrays, and the sort space and extents are
     always reused: a call after a larger one with flagged rows (or a smaller one) gives the
@@ -143,6 +147,7 @@ def test_bad_backend_requests_are_refused():
         KF.capture_row_metrics(p.to("meta"), s.to("meta"), q, backend="compiled")
 
 
+@pytest.mark.numba
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "bloom"])
 def test_the_capture_runs_the_compiled_kernel_and_matches_numpy(family, monkeypatch):
     """Soft-capping (Gemma2) and ALiBi (Bloom) included: the kernel takes log p from the scores,
@@ -277,6 +282,7 @@ def test_float16_subnormal_first_keys_and_rests(backend):
             assert (p[..., 1:, 1:].float().sum(-1) < 300 * torch.finfo(torch.float16).tiny).any()
 
 
+@pytest.mark.numba
 def test_a_bfloat16_model_capture_equals_its_hook_pattern(monkeypatch):
     """A tiny random-init model in bfloat16: the capture (one-pass kernels on half blocks; with
     the scores where the layout finds them faithful, else log p) against the two functions on

@@ -132,11 +132,85 @@ def test_left_padding_takes_the_two_function_path():
 
 def test_torch_backend_and_bad_top_mass():
     p, s, q = _inputs(13, n=24)
-    _check(KF.capture_row_metrics(p, s, q, backend="torch"), _two_pass(p, s, q, 0.9))
+    for top_mass in (0.9, 0.5, None):
+        _check(KF.capture_row_metrics(p, s, q, top_mass=top_mass, backend="torch"), _two_pass(p, s, q, top_mass))
     from spectra_lens.errors import SpectraError
 
-    with pytest.raises(SpectraError, match="top_mass"):
-        KF.capture_row_metrics(p, s, q, top_mass=1.5)
+    for bad in (1.5, 0.0, -0.5):
+        with pytest.raises(SpectraError, match=r"top_mass must be in \(0, 1\] or None"):
+            KF.capture_row_metrics(p, s, q, top_mass=bad)
+
+
+@pytest.mark.parametrize("with_scores", [True, False])
+def test_a_row_that_never_reaches_the_mass_counts_every_key(with_scores):
+    """top_mass = 1 on rows that sum to 0.99 (a pattern rounded down): no number of keys
+    reaches the mass, and `k_eff_top_mass` counts every key (key_pos); the rest (renormalized)
+    reaches it."""
+    n = 30
+    p, s, q = _inputs(19, n=n)
+    p = p * 0.99
+    s = s if with_scores else None
+    got = KF.capture_row_metrics(p, s, q, top_mass=1.0, backend="numpy")
+    assert (got["k_eff_top90"] == n).all()
+    assert (got["k_eff_top90"] == M.k_eff_top_mass(p, mass=1.0)).all()
+    want = _two_pass(p, s, q, 1.0)  # (p is no longer softmax(s): only the counts compare)
+    for name in ("k_eff_top90", "k_eff_top90_nosink"):
+        assert torch.equal(got[name].nan_to_num(-1.0), want[name].nan_to_num(-1.0)), name
+
+
+def test_capture_row_metrics_of_any_number_of_leading_dimensions():
+    """[query, key], [head, query, key] and [batch, head, group, query, key]: the values of the
+    4-D call, in the input's leading shape."""
+    p, s, q = _inputs(20, n=26)
+    full = KF.capture_row_metrics(p, s, q, backend="numpy")
+    for idx, shape in (((0, 0), ()), ((1,), (3,))):
+        got = KF.capture_row_metrics(p[idx], s[idx], q[idx], backend="numpy")
+        for name, v in got.items():
+            assert v.shape == shape + (26,), name
+            assert_close(v, full[name][idx], atol=0, rtol=0, equal_nan=True, msg=name)
+    got = KF.capture_row_metrics(p.unsqueeze(2), s.unsqueeze(2), q.unsqueeze(2), backend="numpy")
+    for name, v in got.items():
+        assert_close(v, full[name].unsqueeze(2), atol=0, rtol=0, equal_nan=True, msg=name)
+
+
+def test_the_backend_is_chosen_as_documented(monkeypatch):
+    """backend None: the compiled kernel for a CPU pattern with its scores where numba is
+    available, else the NumPy kernel (`_fused_block`); "compiled" without numba (or with
+    SPECTRA_LENS_NUMBA=0), or without scores, is refused with a line naming why. The compiled
+    kernel is replaced by a stub that records that it ran."""
+    from spectra_lens.errors import SpectraError
+
+    p, s, q = _inputs(21, n=12)
+    calls, fused = [], []
+    real = KF._fused_block
+    def stub(p3, s3, qn, thr, top_mass, rows_per):
+        calls.append(top_mass)
+        assert torch.equal(p3, p.reshape(6, 12, 12)) and torch.equal(s3, s.reshape(6, 12, 12))
+        assert torch.equal(qn, q.reshape(6, 12))
+        assert thr == torch.finfo(torch.float32).min / 2  # masked: ≤ finfo.min / 2
+        assert isinstance(rows_per, int) and rows_per * 6 >= 256  # blocks of ≥ 256 rows
+        return {n: torch.zeros(6, 12) for n in M.CAPTURE_ROW_METRICS}
+
+    monkeypatch.setattr(KF, "_capture_compiled", stub)
+    monkeypatch.setattr(KF, "_fused_block", lambda *a: fused.append(1) or real(*a))
+    monkeypatch.setattr(KF.compiled, "AVAILABLE", True)
+    for backend, top_mass in ((None, 0.9), ("compiled", 0.5)):
+        got = KF.capture_row_metrics(p, s, q, backend=backend, top_mass=top_mass)
+        assert all((v == 0).all() and v.shape == p.shape[:-1] for v in got.values())
+    assert calls == [0.9, 0.5] and not fused
+    want = _two_pass(p, s, q, 0.9)
+    _check(KF.capture_row_metrics(p, s, q, backend="numpy"), want)
+    _check(KF.capture_row_metrics(p, None, q), _two_pass(p, None, q, 0.9))  # no scores: NumPy
+    assert len(calls) == 2 and len(fused) == 2
+    with pytest.raises(SpectraError, match="got a torch.float32 pattern on cpu without scores$"):
+        KF.capture_row_metrics(p, None, q, backend="compiled")
+    monkeypatch.setattr(KF.compiled, "AVAILABLE", False)
+    _check(KF.capture_row_metrics(p, s, q), want)
+    assert len(calls) == 2 and len(fused) == 3
+    with pytest.raises(SpectraError, match=r"backend 'compiled' needs numba \(available: False\) and a "
+                       r"float16/bfloat16/float32/float64 CPU pattern with its scores; got a torch.float32 "
+                       r"pattern on cpu with torch.float32 scores$"):
+        KF.capture_row_metrics(p, s, q, backend="compiled")
 
 
 @pytest.mark.parametrize("backend", ["numpy", "compiled", "torch"])
@@ -148,3 +222,69 @@ def test_no_result_is_a_view_of_the_pattern(backend):
     for name, v in got.items():
         assert v.untyped_storage().data_ptr() != p.untyped_storage().data_ptr(), name
     assert torch.equal(got["sink_mass"], p[..., 0])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled", "torch"])
+def test_a_visible_key_whose_p_underflows_after_the_causal_extent(backend):
+    """Query 3 sees key 20 (after its causal extent) with a score 150 below the others: p = 0
+    there in float32, but the scores show the key, so it counts as visible (n_visible, hence
+    entropy_norm, and the direction spread), as in the definitions. Blocks of 4 query rows:
+    the first block's extent must widen to every key because of it."""
+    n = 24
+    p, s, q = _inputs(15, n=n)
+    s[..., 3, 20] = s[..., 3, :4].amin(-1) - 150.0
+    p = torch.softmax(s, dim=-1)
+    assert (p[..., 3, 20] == 0).all()
+    got = KF.capture_row_metrics(p, s, q, block_elements=4 * 6 * n, backend=backend)
+    _check(got, _two_pass(p, s, q, 0.9))
+    assert_close(got["entropy_norm"][..., 3], got["entropy"][..., 3] / torch.tensor(5.0).log())
+    assert_close(got["dir_spread"][..., 3], M.direction_spread(s[..., 3, :], M.visible_from_scores(s[..., 3, :]), q[..., 3]))
+
+
+@pytest.mark.parametrize("with_scores", [True, False])
+def test_unpadded_blocks_take_the_one_pass_kernel(with_scores, monkeypatch):
+    """Every block of an unpadded pattern (query 0 included, which sees only the first key) is
+    measured by `_fused_block` itself (it returns True); blocks with left-padded rows (the first
+    key hidden) return False and go through the two functions' block kernels."""
+    seen = []
+    real = KF._fused_block
+    monkeypatch.setattr(KF, "_fused_block", lambda *a: seen.append(real(*a)) or seen[-1])
+    n = 20
+    for left_pad, want in ((0, True), (3, False)):
+        p, s, q = _inputs(16, n=n, left_pad=left_pad)
+        s = s if with_scores else None
+        seen.clear()
+        got = KF.capture_row_metrics(p, s, q, block_elements=4 * 6 * n, backend="numpy")
+        assert seen == [want] * 5
+        ref = _two_pass(p, s, q, 0.9)
+        _check({k: v[..., left_pad:] for k, v in got.items()}, {k: v[..., left_pad:] for k, v in ref.items()})
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_the_backend_asked_for_measures_every_block(backend, monkeypatch):
+    """`row_metrics`, `sink_excluded_metrics` and `capture_row_metrics` (through the two functions'
+    blocks: left padding) run the block kernel of `backend` on the CPU, never the other one;
+    "torch" never runs the one-pass NumPy kernel."""
+    other = "_block_torch" if backend == "numpy" else "_block_numpy"
+
+    def refuse(*a, **k):
+        raise AssertionError(f"{other} ran under backend={backend!r}")
+
+    p, s, q = _inputs(18, n=24, left_pad=3)
+    want = {k: v[..., 3:] for k, v in _two_pass(p, s, q, 0.9).items()}
+    monkeypatch.setattr(KB, other, refuse)
+    if backend == "torch":
+        monkeypatch.setattr(KF, "_fused_block", refuse)
+    for got in (KB.row_metrics(p, s, backend=backend) | KB.sink_excluded_metrics(p, s, q, backend=backend),
+                KF.capture_row_metrics(p, s, q, backend=backend, block_elements=4 * 6 * 24)):
+        _check({k: v[..., 3:] for k, v in got.items()}, want)
+
+
+def test_rows_longer_than_1024_keys_take_blocks_of_256_query_rows():
+    """Past 1,024 keys the default block holds fewer than 256 query rows of the CPU block size:
+    it takes 256 (`_MIN_BLOCK_ROWS`); the values are those of any block size."""
+    n = 1100
+    p, s, q = _inputs(22, batch=1, heads=1, n=n)
+    got = KF.capture_row_metrics(p, s, q, backend="numpy")
+    want = KF.capture_row_metrics(p, s, q, backend="numpy", block_elements=300 * n)
+    _check(got, want, atol=1e-5, rtol=1e-5)  # (sums over other key extents: float32 rounding)

@@ -59,3 +59,21 @@ def test_half_precision_inputs_are_read_into_float32_blocks():
     for name in ("entropy_nosink", "max_attn_nosink", "k_eff_pr_nosink", "dir_spread"):
         assert got[name].dtype == torch.float32
         assert_close(got[name], want[name], atol=2e-5, rtol=2e-5, equal_nan=True, msg=name)
+
+
+def test_any_number_of_leading_dimensions():
+    """A pattern [query, key], [head, query, key] or [batch, head, group, query, key]: the
+    values of the 4-D call, in the input's leading shape."""
+    p, s, q = _inputs(3)
+    full = KB.sink_excluded_metrics(p, s, q, block_elements=500)
+    for idx, shape in (((0, 0), ()), ((1,), (3,)), ((), (2, 3, 1))):
+        pp, ss, qq = p[idx], s[idx], q[idx]
+        if shape == (2, 3, 1):
+            pp, ss, qq = p.unsqueeze(2), s.unsqueeze(2), q.unsqueeze(2)
+        got = KB.sink_excluded_metrics(pp, ss, qq, block_elements=500)
+        want = M.sink_excluded(pp, ss, qq)
+        for name in want:
+            assert got[name].shape == shape + (37,), name
+            torch.testing.assert_close(got[name], full[name][idx].reshape(shape + (37,)), equal_nan=True)
+            if name != "k_eff_top90_nosink":
+                assert_close(got[name], want[name], atol=2e-5, rtol=2e-5, equal_nan=True, msg=name)
