@@ -113,3 +113,31 @@ def test_capture_equals_hook_pattern_at_a_long_context():
         got = {name: getattr(tm, name)[:, l] for name in want}
         _check(got, want)
         assert (want["k_eff_top90"] > 64).any()  # the chunked sums beyond the first chunk ran
+
+
+def test_row_metrics_refuses_a_top_mass_outside_0_1_and_an_unknown_backend():
+    from spectra_lens.errors import SpectraError
+
+    p = torch.softmax(torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(SpectraError, match=r"top_mass must be in \(0, 1\] or None, got"):
+            KB.row_metrics(p, None, top_mass=bad)
+    assert KB.row_metrics(p, None, top_mass=1.0)["k_eff_top90"].shape == (2, 4)  # 1 is allowed
+    with pytest.raises(SpectraError, match="backend must be 'torch', or 'numpy' for CPU tensors; got 'numba'"):
+        KB.row_metrics(p, None, backend="numba")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_row_metrics_without_scores_take_the_keys_with_p_above_0_as_visible(backend):
+    """No scores: the visible keys are p > 0 and the logits log p (causal rows by hand)."""
+    s = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(1))
+    s = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    got = KB.row_metrics(p, None, backend=backend)
+    logp = torch.where(p > 0, p.log(), torch.zeros(()))
+    H = -(p * logp).sum(-1)
+    assert_close(got["entropy"], H, atol=1e-6, rtol=1e-5)
+    # normalized by log(number of visible keys): t + 1 at query t
+    assert_close(got["entropy_norm"][:, 1:], H[:, 1:] / torch.arange(2, 7).log(), atol=1e-6, rtol=1e-5)
+    mean = (p * logp).sum(-1, keepdim=True)  # −Var_p(log p), log p = s − lse: the gain under s
+    assert_close(got["local_gain"], -(p * (logp - mean) ** 2).sum(-1), atol=1e-5, rtol=1e-4)

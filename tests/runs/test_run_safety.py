@@ -196,7 +196,10 @@ def test_case6_ctrl_c_prints_one_line_and_exits_130(model_dir, corpus, tmp_path)
     argv[argv.index("--shard-size") + 1] = "1"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "spectra_lens.experiments.cli", *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell that starts pytest in the background ignores SIGINT, and
+                            # the child would inherit that: the signal would do nothing
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "records").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
