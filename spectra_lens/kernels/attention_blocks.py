@@ -172,8 +172,11 @@ def attention_blocks(
     with torch.no_grad():
         for q0 in range(0, n, rows):
             q1 = min(n, q0 + rows)
-            # scores in the inputs' dtype, as the eager bridge computes them: (q @ kᵀ) · scale
-            s = torch.matmul(qh[:, :, :, q0:q1], kh[:, :, None, :, :q1]).mul_(scale)  # [b, kv, g, r, q1]
+            # scores in the inputs' dtype, as the eager bridge computes them: (q @ kᵀ) · scale;
+            # one GEMM per kv head over its group's rows stacked (a broadcast over the group would
+            # copy the block's keys once per query head)
+            qb = qh[:, :, :, q0:q1].reshape(b, n_kv, g * (q1 - q0), d)
+            s = torch.matmul(qb, kh[:, :, :, :q1]).mul_(scale)  # [b, kv, g·r, q1]
             s = s.view(b, h, q1 - q0, q1)
             if softcap is not None:
                 s = s.div_(softcap).tanh_().mul_(softcap)
