@@ -11,9 +11,8 @@ largest p_m), so
     local gain = −Σ p (x − d)²  with d = L − H   (= −Var_p(s), as −Σ p (log p + H)²),
 
 the last expanded from Σ p x and Σ p x², and the direction spread from the visible keys' Σ x
-and Σ x², with every sum in float64. The top-mass counts sort each block of rows over its
-visible keys with NumPy's vectorized sort and walk the sorted rows once for both counts (the
-rest's skips one key of mass p_0). Values equal those of the NumPy kernel to float32 rounding
+and Σ x², with every sum in float64. The top-mass counts select among the keys that
+can reach the mass, without a sort (`_top_select`). Values equal those of the NumPy kernel to float32 rounding
 (tested); a count can differ only where the top mass meets its threshold within float64 rounding.
 
 Numba is a dependency; where it is missing, or SPECTRA_LENS_NUMBA=0 is set, `AVAILABLE` is False
@@ -43,6 +42,10 @@ OUT_NAMES = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "loc
 
 
 _COMPILED: dict = {}
+#: Kernels that call other kernels: those are compiled first and bound to their global names
+#: (the Python functions are kept in _PYTHON).
+_CALLS = {"_top_select": ("_select_count",)}
+_PYTHON: dict = {}
 _SCRATCH = threading.local()
 
 
@@ -74,6 +77,10 @@ def _kernel(fn):
             raise RuntimeError("the compiled kernels need numba (pip install 'spectra-lens[fast]') "
                                "and SPECTRA_LENS_NUMBA not 0")
         import numba
+
+        for name in _CALLS.get(fn.__name__, ()):  # Numba resolves a callee by its global name
+            _PYTHON.setdefault(name, globals()[name])
+            globals()[name] = _kernel(_PYTHON[name])
 
         options = dict(nogil=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
         try:
@@ -178,55 +185,120 @@ def _row_sums(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, fla
                     flag[b, q] = FLAG_REST
 
 
+#: Candidate sets this small are sorted by insertion; larger ones are partitioned first.
+_SMALL = 32
+
+
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
-def _top_counts(D, P0, R, undefined, lim, n_k, full, rest):
-    """k_eff_top90 of rows D [rows, W] holding −p sorted ascending (p descending): `full` the
-    fewest largest p whose float64 sum reaches lim, `rest` the same without one key of mass p_0
-    (the first key) against lim · R; n_k where a row never reaches its threshold."""
-    rows, W = D.shape
-    for i in range(rows):
-        thr_rest = lim * R[i]
-        p0 = P0[i]
-        c_full = -1
-        c_rest = -1 if not undefined[i] else 0
-        acc = 0.0
-        acc_r = 0.0
-        k_r = 0
-        skipped = False
-        for t in range(W):
-            x = -np.float64(D[i, t])
-            acc += x
-            if c_full < 0 and acc >= lim:
-                c_full = t + 1
-            if c_rest < 0:
-                if not skipped and x == p0:
-                    skipped = True
-                else:
-                    acc_r += x
-                    k_r += 1
-                    if acc_r >= thr_rest:
-                        c_rest = k_r
-            if c_full >= 0 and c_rest >= 0:
-                break
-        full[i] = c_full if c_full >= 0 else n_k
-        rest[i] = np.nan if undefined[i] else (c_rest if c_rest >= 0 else n_k)
+def _select_count(buf, n, thr, tmp):
+    """The fewest largest values of buf[:n] (float64, ≥ 0) whose float64 sum reaches thr; −1
+    where all of them do not. Destroys buf and tmp (each of length ≥ n).
+
+    A quickselect on the mass: partition about a pivot (the median of three values) into the
+    values above it (into tmp), equal to it and below it (into buf, in place); if the mass above
+    reaches what is left of thr the count lies among them, else they are all counted and the
+    pivot's copies are added one by one, and the search goes on below. Every step keeps one side,
+    so the expected work is a few passes over n; the last few values are sorted by insertion
+    and walked in descending order."""
+    above = 0.0
+    cnt = 0
+    while n > _SMALL:
+        a = buf[0]
+        b = buf[n >> 1]
+        c = buf[n - 1]
+        piv = max(min(a, b), min(max(a, b), c))
+        m_hi = 0.0
+        n_hi = 0
+        n_lo = 0
+        for j in range(n):
+            v = buf[j]
+            gt = v > piv
+            tmp[n_hi] = v
+            n_hi += gt
+            buf[n_lo] = v
+            n_lo += v < piv
+            m_hi += v if gt else 0.0
+        if above + m_hi >= thr:  # the count lies among the values above the pivot
+            buf, tmp = tmp, buf
+            n = n_hi
+            continue
+        above += m_hi
+        cnt += n_hi
+        for t in range(n - n_hi - n_lo):  # the pivot's copies, one at a time
+            above += piv
+            cnt += 1
+            if above >= thr:
+                return cnt
+        n = n_lo
+    for i in range(1, n):  # insertion sort, descending
+        v = buf[i]
+        j = i - 1
+        while j >= 0 and buf[j] < v:
+            buf[j + 1] = buf[j]
+            j -= 1
+        buf[j + 1] = v
+    for i in range(n):
+        above += buf[i]
+        cnt += 1
+        if above >= thr:
+            return cnt
+    return -1
 
 
-def top_counts(D, P0, R, undefined, lim, n_k, full, rest) -> None:
-    """`_top_counts`, compiled (see there)."""
-    _kernel(_top_counts)(D, P0, R, undefined, lim, n_k, full, rest)
+@no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
+def _top_select(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp):
+    """k_eff_top90 of every row of P [n_b, n_q, n] over its keys [0, extent): `full` the fewest
+    largest p whose float64 sum reaches lim, `rest` the same without the first key (mass P0)
+    against lim · R (R = Σ_{j≥1} p_j); n_k where a row never reaches its threshold, NaN for
+    `rest` where nothing is visible after the first key (n_vis ≤ 1). Rows flagged FLAG_ROW are
+    skipped.
+
+    No sort of the row: the keys whose p lies below c = (T − thr) / (number of keys) cannot be
+    among the largest ones that reach thr (together they hold less than T − thr, with T the
+    row's mass), so only the keys at or above c (the lower of the two counts' c, times 0.999
+    against rounding) are copied, once, into `cand`, and `_select_count` finds each count
+    among them (`cand`, `buf`, `tmp` float64, of length ≥ n + 1)."""
+    n_b, n_q, _ = P.shape
+    for b in range(n_b):
+        for q in range(n_q):
+            e = extent[b, q]
+            if flag[b, q] == FLAG_ROW or e == 0:
+                continue
+            p0 = P0[b, q]
+            r = R[b, q]
+            thr_rest = lim * r
+            c_full = (p0 + r - lim) / e
+            c_rest = (r - thr_rest) / max(e - 1, 1)
+            c = 0.999 * min(c_full, c_rest)
+            m = 0
+            for j in range(1, e):
+                v = np.float64(P[b, q, j])
+                cand[m] = v
+                m += v >= c
+            if n_vis[b, q] <= 1:
+                rest[b, q] = np.nan
+            else:
+                for i in range(m):
+                    buf[i] = cand[i]
+                k = _select_count(buf, m, thr_rest, tmp)
+                rest[b, q] = k if k >= 0 else n_k
+            for i in range(m):
+                buf[i] = cand[i]
+            buf[m] = p0
+            k = _select_count(buf, m + 1, lim, tmp)
+            full[b, q] = k if k >= 0 else n_k
 
 
 def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, floor: float,
                  top_mass: float | None, tol: float, min_rest: float,
-                 block_rows: int, n_keys: int | None = None, anchor: float = 1e-30,
+                 n_keys: int | None = None, anchor: float = 1e-30,
                  rest_tiny: float = 0.0, reuse: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The kernels on C-contiguous P, S [n_b, n_q, n_k] (float32 or float64) and query norms
     qn [n_b, n_q]. Returns (out [len(OUT_NAMES), n_b, n_q] float64, flag [n_b, n_q] int8): rows
     flagged FLAG_ROW hold no value, rows flagged FLAG_REST no valid sink-excluded value.
 
-    The top-mass counts sort each block of `block_rows` query positions (all of `n_b`) over its
-    visible keys with NumPy's vectorized sort, then walk the sorted rows.
+    The top-mass counts select, row by row, among the keys that can reach the mass
+    (`_top_select`), without sorting the rows.
 
     P, S may also be one query block of a longer pattern cut to the block's key extent (the
     causal extent of its last row, or all keys; no visible key after it): each row's causal
@@ -257,25 +329,10 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
         out[i_top] = np.nan
         out[i_top_ns] = np.nan
         return out[:len(OUT_NAMES)], flag
-    lim = top_mass - tol
-    undefined = out[OUT_NAMES.index("n_visible")] <= 1
-    space = _scratch("sort", (n_b * min(block_rows, n_q) * P.shape[2],), P.dtype)  # one block's −p
-    for q0 in range(0, n_q, block_rows):
-        q1 = min(n_q, q0 + block_rows)
-        ext = int(extent[:, q0:q1].max())
-        if ext == 0:
-            continue
-        desc = space[: n_b * (q1 - q0) * ext].reshape(n_b, q1 - q0, ext)
-        np.negative(P[:, q0:q1, :ext], out=desc)
-        desc = desc.reshape(-1, ext)
-        desc.sort(axis=-1)
-        full = out[i_top, :, q0:q1]
-        rest = out[i_top_ns, :, q0:q1]
-        f_, r_ = np.empty(full.size), np.empty(rest.size)
-        top_counts(desc, out[-2, :, q0:q1].ravel(), out[-1, :, q0:q1].ravel(),
-                   undefined[:, q0:q1].ravel(), lim, n_keys, f_, r_)
-        full[...] = f_.reshape(full.shape)
-        rest[...] = r_.reshape(rest.shape)
+    width = P.shape[2] + 1
+    cand, buf, tmp = (_scratch(name, (width,), np.float64) for name in ("cand", "buf", "tmp"))
+    _kernel(_top_select)(P, extent, out[-2], out[-1], out[OUT_NAMES.index("n_visible")], flag,
+                         top_mass - tol, n_keys, out[i_top], out[i_top_ns], cand, buf, tmp)
     return out[:len(OUT_NAMES)], flag
 
 

@@ -135,7 +135,7 @@ def _capture_compiled(p3, s3, qn, thr, top_mass, rows_per) -> dict[str, Tensor]:
         Q = qn.detach().float().contiguous().numpy()
         if p3.dtype in _NUMPY_FLOATS and s3.dtype in _NUMPY_FLOATS:
             got, flag = compiled.capture_rows(p3.detach().contiguous().numpy(),
-                                              s3.detach().contiguous().numpy(), Q, block_rows=rows_per,
+                                              s3.detach().contiguous().numpy(), Q,
                                               reuse=True, **kw)  # `got` is copied below
         else:
             got, flag = _compiled_by_block(p3, s3, Q, rows_per, kw)
@@ -175,7 +175,7 @@ def _compiled_by_block(p3, s3, Q, rows_per, kw) -> tuple[np.ndarray, np.ndarray]
         P = buf_p[:n].view(shape).copy_(p3[:, q0:q1, :ext]).numpy()
         S = buf_s[:n].view(shape).copy_(s3[:, q0:q1, :ext]).numpy()
         got[:, :, q0:q1], flag[:, q0:q1] = compiled.capture_rows(
-            P, S, np.ascontiguousarray(Q[:, q0:q1]), block_rows=q1 - q0, n_keys=n_k,
+            P, S, np.ascontiguousarray(Q[:, q0:q1]), n_keys=n_k,
             anchor=max(1e-30, tiny), rest_tiny=tiny, reuse=True, **kw)
     return got, flag
 

@@ -89,7 +89,7 @@ def test_flags_and_their_rows():
     P, S, Q = (x.reshape(-1, n, x.shape[-1]).contiguous().numpy() if x.ndim == 4
                else x.reshape(-1, n).contiguous().numpy() for x in (p, s, q))
     out, flag = compiled.capture_rows(P, S, Q, thr=MIN / 2, floor=KB._SCORE_FLOOR, top_mass=0.9,
-                                      tol=KB._TOP_TOL, min_rest=KF._NOSINK_MIN_MASS, block_rows=4)
+                                      tol=KB._TOP_TOL, min_rest=KF._NOSINK_MIN_MASS)
     expect = np.zeros((2, n), np.int8)
     expect[0, 5:] = compiled.FLAG_ROW
     expect[1, 3] = compiled.FLAG_REST
@@ -99,19 +99,75 @@ def test_flags_and_their_rows():
            exact_counts=False)
 
 
+def _select(rows, p0_first=True, n_vis=None, flag=None, n_k=7):
+    """`_top_select` on rows of p [n, W] (every key visible): (full, rest)."""
+    P = np.ascontiguousarray(rows, dtype=np.float32)[None]
+    n, W = rows.shape
+    P64 = P[0].astype(np.float64)
+    full, rest = np.full((1, n), -5.0), np.full((1, n), -5.0)
+    ext = np.full((1, n), W, np.int64)
+    nv = np.full((1, n), float(W)) if n_vis is None else np.asarray(n_vis, float)[None]
+    fl = np.zeros((1, n), np.int8) if flag is None else np.asarray(flag, np.int8)[None]
+    bufs = [np.empty(W + 1) for _ in range(3)]
+    compiled._kernel(compiled._top_select)(P, ext, P64[:, :1].T.copy(), P64[:, 1:].sum(-1)[None],
+                                           nv, fl, 0.9 - 1e-6, n_k, full, rest, *bufs)
+    return full[0], rest[0]
+
+
 @pytest.mark.numba
-def test_top_counts_of_sorted_rows_by_hand():
-    # rows of p (descending), p_0 = the first key's mass, R = the rest's mass
-    rows = np.array([[0.5, 0.25, 0.125, 0.125], [0.7, 0.1, 0.1, 0.1], [1.0, 0.0, 0.0, 0.0]])
-    p0 = np.array([0.25, 0.1, 1.0])
-    R = 1.0 - p0
-    full, rest = np.empty(3), np.empty(3)
-    compiled.top_counts(-rows, p0, R, np.array([False, False, True]), 0.9 - 1e-6, 7, full, rest)
+def test_top_counts_by_hand():
+    # rows of p with the first key's mass first
+    rows = np.array([[0.25, 0.5, 0.125, 0.125], [0.1, 0.7, 0.1, 0.1], [1.0, 0.0, 0.0, 0.0],
+                     [0.25, 0.25, 0.25, 0.25], [0.4, 0.3, 0.2, 0.1]])
+    full, rest = _select(rows, n_vis=[4, 4, 1, 4, 4], flag=[0, 0, 0, 0, 0])
     # row 0: 0.5 + 0.25 + 0.125 = 0.875 < 0.9 → 4 keys; without p_0 = 0.25: [0.5, 0.125, 0.125]
     # of R = 0.75 → 0.9 · 0.75 = 0.675 needs 3 (0.625 < 0.675)
-    # row 1: 0.7 + 0.1 + 0.1 = 0.9 → 3; the rest [0.7, 0.1, 0.1] of 0.9: 0.81 needs 2 (0.8 < 0.81 → 3)
-    assert full.tolist() == [4, 3, 1]
-    assert rest[:2].tolist() == [3, 3] and np.isnan(rest[2])
+    # row 1: 0.7 + 0.1 + 0.1 = 0.9 → 3; the rest [0.7, 0.1, 0.1] of 0.9: 0.81 needs 3 (0.8 < 0.81)
+    # row 2: one visible key (rest undefined); row 3: uniform, 4 keys (0.75 < 0.9) and 3 of 3;
+    # row 4: 0.4 + 0.3 + 0.2 = 0.9 → 3; rest [0.3, 0.2, 0.1] of 0.6: 0.54 needs 3 (0.5 < 0.54)
+    assert full.tolist() == [4, 3, 1, 4, 3]
+    assert rest[[0, 1, 3, 4]].tolist() == [3, 3, 3, 3] and np.isnan(rest[2])
+    # a row flagged FLAG_ROW is left as it was; a row whose mass (0.8) never reaches 0.9 counts
+    # n_k (its rest, 0.3 + 0.2 of R = 0.5, reaches 0.45 with both keys)
+    full, rest = _select(np.array([[0.5, 0.2, 0.1], [0.3, 0.3, 0.2]]), flag=[compiled.FLAG_ROW, 0])
+    assert full.tolist() == [-5.0, 7.0] and rest.tolist() == [-5.0, 2.0]
+
+
+def _walk(row: np.ndarray, thr: float) -> int:
+    """The count by the definition: sort descending, sum in float64 until thr is reached."""
+    c = np.cumsum(np.sort(row.astype(np.float64))[::-1])
+    hit = np.nonzero(c >= thr)[0]
+    return int(hit[0]) + 1 if hit.size else -1
+
+
+@pytest.mark.numba
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "sink", "two_levels"])
+def test_top_select_equals_the_sorted_walk(kind):
+    """The selection (candidates above the cut-off, then a quickselect on the mass) gives the
+    count of the sorted walk on long rows of many shapes, ties and repeated values included."""
+    g = np.random.default_rng(abs(hash(kind)) % 2**32)
+    n, W = 40, 700
+    if kind == "peaked":
+        s = g.normal(size=(n, W)) * 4.0
+    elif kind == "flat":
+        s = g.normal(size=(n, W)) * 0.01
+    elif kind == "ties":
+        s = np.round(g.normal(size=(n, W)) * 2.0)  # many equal logits, equal p
+    elif kind == "sink":
+        s = g.normal(size=(n, W))
+        s[:, 0] += 8.0
+    else:
+        s = np.where(g.random((n, W)) < 0.1, 3.0, 0.0)
+    s[:5] = 0.0  # exactly uniform rows
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).astype(np.float32)
+    full, rest = _select(p, n_k=W)
+    lim = 0.9 - 1e-6
+    for i in range(n):
+        r = p[i, 1:].astype(np.float64).sum()
+        want_full, want_rest = _walk(p[i], lim), _walk(p[i, 1:], lim * r)
+        assert full[i] == (want_full if want_full > 0 else W), (i, full[i], want_full)
+        assert rest[i] == (want_rest if want_rest > 0 else W), (i, rest[i], want_rest)
 
 
 @pytest.mark.numba
@@ -123,7 +179,7 @@ def test_reused_buffers_carry_nothing_from_the_previous_call():
         P, S, Q = (x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous().numpy() if x.ndim == 4
                    else x.reshape(-1, x.shape[-1]).contiguous().numpy() for x in (p, s, q))
         return compiled.capture_rows(P, S, Q, thr=MIN / 2, floor=KB._SCORE_FLOOR, top_mass=0.9,
-                                     tol=KB._TOP_TOL, min_rest=KF._NOSINK_MIN_MASS, block_rows=5, **kw)
+                                     tol=KB._TOP_TOL, min_rest=KF._NOSINK_MIN_MASS, **kw)
 
     big = _inputs(41, batch=2, heads=3, n=40, left_pad=6)  # FLAG_ROW rows, long extents
     small = _inputs(42, batch=1, heads=2, n=13)
