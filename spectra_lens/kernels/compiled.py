@@ -44,7 +44,7 @@ OUT_NAMES = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "loc
 _COMPILED: dict = {}
 #: Kernels that call other kernels: those are compiled first and bound to their global names
 #: (the Python functions are kept in _PYTHON).
-_CALLS = {"_top_select": ("_select_count",)}
+_CALLS = {"_top_select": ("_select_count", "_sorted_counts")}
 _PYTHON: dict = {}
 _SCRATCH = threading.local()
 
@@ -190,34 +190,40 @@ _SMALL = 32
 
 
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
-def _select_count(buf, n, thr, tmp):
+def _select_count(buf, n, thr, tmp, low):
     """The fewest largest values of buf[:n] (float64, ≥ 0) whose float64 sum reaches thr; −1
-    where all of them do not. Destroys buf and tmp (each of length ≥ n).
+    where all of them do not. Destroys buf, tmp and low (each of length ≥ n).
 
-    A quickselect on the mass: partition about a pivot (the median of three values) into the
-    values above it (into tmp), equal to it and below it (into buf, in place); if the mass above
-    reaches what is left of thr the count lies among them, else they are all counted and the
-    pivot's copies are added one by one, and the search goes on below. Every step keeps one side,
-    so the expected work is a few passes over n; the last few values are sorted by insertion
-    and walked in descending order."""
+    A quickselect on the mass: partition about a pivot (the median of three values at spread
+    positions, so that the keys' order, e.g. large first and last keys, does not bias it) into
+    the values above it (into tmp), equal to it and below it (into low); if the mass above
+    reaches what is left of thr the count lies among them, else they are all counted, the
+    pivot's copies are added one by one, and the search goes on below. The partition is free of
+    branches (a comparison's 0 or 1 moves the write position and weighs the sum), and writes to
+    arrays other than the one it reads (a store into it would feed the next load). The last few
+    values are sorted by insertion and walked in descending order."""
     above = 0.0
     cnt = 0
+    it = 0
     while n > _SMALL:
-        a = buf[0]
-        b = buf[n >> 1]
-        c = buf[n - 1]
+        h = it * 3 * 40503 + 1
+        it += 1
+        a = buf[h % n]
+        b = buf[(h + 40503) % n]
+        c = buf[(h + 2 * 40503) % n]
         piv = max(min(a, b), min(max(a, b), c))
         m_hi = 0.0
         n_hi = 0
         n_lo = 0
         for j in range(n):
             v = buf[j]
-            gt = v > piv
+            gt = 1 if v > piv else 0
+            lt = 1 if v < piv else 0
             tmp[n_hi] = v
             n_hi += gt
-            buf[n_lo] = v
-            n_lo += v < piv
-            m_hi += v if gt else 0.0
+            low[n_lo] = v
+            n_lo += lt
+            m_hi += v * gt
         if above + m_hi >= thr:  # the count lies among the values above the pivot
             buf, tmp = tmp, buf
             n = n_hi
@@ -229,6 +235,7 @@ def _select_count(buf, n, thr, tmp):
             cnt += 1
             if above >= thr:
                 return cnt
+        buf, low = low, buf
         n = n_lo
     for i in range(1, n):  # insertion sort, descending
         v = buf[i]
@@ -245,20 +252,71 @@ def _select_count(buf, n, thr, tmp):
     return -1
 
 
+#: Candidate sets up to this size are sorted by insertion and walked (both counts at once).
+_SORT_UP_TO = 64
+#: Histogram buckets of the top-mass counts: a float64's bits >> 48 (exponent and 4 mantissa
+#: bits, 1/16 of an octave each).
+_BUCKET_SHIFT = 48
+#: At most this many buckets (128 octaves below 1); smaller values share the lowest.
+_BUCKETS = 2048
+
+
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
-def _top_select(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp):
+def _sorted_counts(buf, n, p0, lim, thr_rest):
+    """Both counts from buf[:n] (every candidate and p0) sorted descending by insertion: the
+    fewest leading values reaching lim, and the same skipping one value equal to p0 (the first
+    key) against thr_rest; −1 where a sum never does."""
+    for i in range(1, n):
+        v = buf[i]
+        j = i - 1
+        while j >= 0 and buf[j] < v:
+            buf[j + 1] = buf[j]
+            j -= 1
+        buf[j + 1] = v
+    c_full = -1
+    c_rest = -1
+    acc = 0.0
+    acc_r = 0.0
+    k_r = 0
+    skipped = False
+    for t in range(n):
+        x = buf[t]
+        acc += x
+        if c_full < 0 and acc >= lim:
+            c_full = t + 1
+        if c_rest < 0:
+            if not skipped and x == p0:
+                skipped = True
+            else:
+                acc_r += x
+                k_r += 1
+                if acc_r >= thr_rest:
+                    c_rest = k_r
+        if c_full >= 0 and c_rest >= 0:
+            break
+    return c_full, c_rest
+
+
+@no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
+def _top_select(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c):
     """k_eff_top90 of every row of P [n_b, n_q, n] over its keys [0, extent): `full` the fewest
     largest p whose float64 sum reaches lim, `rest` the same without the first key (mass P0)
     against lim · R (R = Σ_{j≥1} p_j); n_k where a row never reaches its threshold, NaN for
     `rest` where nothing is visible after the first key (n_vis ≤ 1). Rows flagged FLAG_ROW are
     skipped.
 
-    No sort of the row: the keys whose p lies below c = (T − thr) / (number of keys) cannot be
+    No sort of the row. The keys whose p lies below c = (T − thr) / (number of keys) cannot be
     among the largest ones that reach thr (together they hold less than T − thr, with T the
     row's mass), so only the keys at or above c (the lower of the two counts' c, times 0.999
-    against rounding) are copied, once, into `cand`, and `_select_count` finds each count
-    among them (`cand`, `buf`, `tmp` float64, of length ≥ n + 1)."""
+    against rounding) are copied, once, into `cand`. A few candidates are sorted and walked; more
+    go into a histogram of mass and count by the top bits of each value (1/16 of an octave per
+    bucket; two interleaved copies, so that a run of values in one bucket does not wait on its
+    own sums), which the walk from the top bucket down narrows to the bucket where each count's
+    mass crosses its threshold; `_select_count` finds the count among that bucket's values.
+    Buffers: `cand`, `buf`, `tmp`, `low` float64 of length ≥ n + 1; `hist_m`, `hist_c` float64
+    and int64 of length ≥ 2 · _BUCKETS."""
     n_b, n_q, _ = P.shape
+    one = np.float64(1.0)
     for b in range(n_b):
         for q in range(n_q):
             e = extent[b, q]
@@ -267,26 +325,97 @@ def _top_select(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, 
             p0 = P0[b, q]
             r = R[b, q]
             thr_rest = lim * r
-            c_full = (p0 + r - lim) / e
-            c_rest = (r - thr_rest) / max(e - 1, 1)
-            c = 0.999 * min(c_full, c_rest)
+            need_rest = n_vis[b, q] > 1
+            need_full = p0 + r >= lim
+            rest[b, q] = np.nan if not need_rest else n_k
+            full[b, q] = n_k
+            if need_rest and thr_rest <= 0.0:  # the first key after key 0 reaches it
+                rest[b, q] = 1
+                need_rest = False
+            if not (need_rest or need_full):
+                continue
+            c = np.inf
+            if need_full:
+                c = min(c, (p0 + r - lim) / e)
+            if need_rest:
+                c = min(c, (r - thr_rest) / max(e - 1, 1))
+            c = max(0.999 * c, 1e-300)
             m = 0
             for j in range(1, e):
                 v = np.float64(P[b, q, j])
                 cand[m] = v
                 m += v >= c
-            if n_vis[b, q] <= 1:
-                rest[b, q] = np.nan
-            else:
+            if m + 1 <= _SORT_UP_TO:
                 for i in range(m):
                     buf[i] = cand[i]
-                k = _select_count(buf, m, thr_rest, tmp)
-                rest[b, q] = k if k >= 0 else n_k
-            for i in range(m):
-                buf[i] = cand[i]
-            buf[m] = p0
-            k = _select_count(buf, m + 1, lim, tmp)
-            full[b, q] = k if k >= 0 else n_k
+                buf[m] = p0
+                kf, kr = _sorted_counts(buf, m + 1, p0, lim, thr_rest)
+                if need_full and kf >= 0:
+                    full[b, q] = kf
+                if need_rest and kr >= 0:
+                    rest[b, q] = kr
+                continue
+            bits = cand.view(np.int64)
+            k_hi = one.view(np.int64) >> _BUCKET_SHIFT  # p ≤ 1
+            k_lo = max(np.int64(np.float64(c).view(np.int64) >> _BUCKET_SHIFT), k_hi - (_BUCKETS - 1))
+            nb = k_hi - k_lo + 1  # values below bucket 0 are counted in it
+            for i in range(2 * nb):
+                hist_m[i] = 0.0
+                hist_c[i] = 0
+            for j in range(0, m - 1, 2):  # two copies: even and odd positions
+                i0 = min(max((bits[j] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
+                i1 = min(max((bits[j + 1] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1) + nb
+                hist_m[i0] += cand[j]
+                hist_c[i0] += 1
+                hist_m[i1] += cand[j + 1]
+                hist_c[i1] += 1
+            if m % 2:
+                i0 = min(max((bits[m - 1] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
+                hist_m[i0] += cand[m - 1]
+                hist_c[i0] += 1
+            b0 = min(max((np.float64(p0).view(np.int64) >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
+            acc_r = 0.0
+            cnt_r = 0
+            at_r = -1
+            acc_f = 0.0
+            cnt_f = 0
+            at_f = -1
+            for i in range(nb - 1, -1, -1):
+                mass = hist_m[i] + hist_m[i + nb]
+                count = hist_c[i] + hist_c[i + nb]
+                if need_rest and at_r < 0:
+                    if acc_r + mass >= thr_rest:
+                        at_r = i
+                    else:
+                        acc_r += mass
+                        cnt_r += count
+                if need_full and at_f < 0:
+                    mf = mass + p0 if i == b0 else mass
+                    if acc_f + mf >= lim:
+                        at_f = i
+                    else:
+                        acc_f += mf
+                        cnt_f += count + (i == b0)
+                if (at_r >= 0 or not need_rest) and (at_f >= 0 or not need_full):
+                    break
+            for at, acc, cnt, thr, is_full in ((at_r, acc_r, cnt_r, thr_rest, False),
+                                               (at_f, acc_f, cnt_f, lim, True)):
+                if at < 0:  # not reached (rounding): left at n_k
+                    continue
+                n1 = 0
+                for j in range(m):  # the crossing bucket's values
+                    i0 = min(max((bits[j] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
+                    buf[n1] = cand[j]
+                    n1 += 1 if i0 == at else 0
+                if is_full and b0 == at:
+                    buf[n1] = p0
+                    n1 += 1
+                k = _select_count(buf, n1, thr - acc, tmp, low)
+                if k >= 0:
+                    if is_full:
+                        full[b, q] = cnt + k
+                    else:
+                        rest[b, q] = cnt + k
 
 
 def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, floor: float,
@@ -330,9 +459,10 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
         out[i_top_ns] = np.nan
         return out[:len(OUT_NAMES)], flag
     width = P.shape[2] + 1
-    cand, buf, tmp = (_scratch(name, (width,), np.float64) for name in ("cand", "buf", "tmp"))
+    bufs = [_scratch(name, (width,), np.float64) for name in ("cand", "buf", "tmp", "low")]
+    bufs += [_scratch("hist_m", (2 * _BUCKETS,), np.float64), _scratch("hist_c", (2 * _BUCKETS,), np.int64)]
     _kernel(_top_select)(P, extent, out[-2], out[-1], out[OUT_NAMES.index("n_visible")], flag,
-                         top_mass - tol, n_keys, out[i_top], out[i_top_ns], cand, buf, tmp)
+                         top_mass - tol, n_keys, out[i_top], out[i_top_ns], *bufs)
     return out[:len(OUT_NAMES)], flag
 
 
