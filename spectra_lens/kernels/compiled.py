@@ -11,9 +11,10 @@ largest p_m), so
     local gain = −Σ p (x − d)²  with d = L − H   (= −Var_p(s), as −Σ p (log p + H)²),
 
 the last expanded from Σ p x and Σ p x², and the direction spread from the visible keys' Σ x
-and Σ x², with every sum in float64. The top-mass counts select among the keys that
-can reach the mass, without a sort (`_top_select`). Values equal those of the NumPy kernel to float32 rounding
-(tested); a count can differ only where the top mass meets its threshold within float64 rounding.
+and Σ x², with every sum in float64. The top-mass counts select among the keys that can reach
+the mass, without sorting the row (`_top_select`). Values equal those of the NumPy kernel to
+float32 rounding (tested); a count can differ only where the top mass meets its threshold within
+float64 rounding.
 
 Numba is a dependency; where it is missing, or SPECTRA_LENS_NUMBA=0 is set, `AVAILABLE` is False
 and the capture runs the NumPy kernel.
@@ -44,7 +45,8 @@ OUT_NAMES = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "loc
 _COMPILED: dict = {}
 #: Kernels that call other kernels: those are compiled first and bound to their global names
 #: (the Python functions are kept in _PYTHON).
-_CALLS = {"_top_select": ("_select_count", "_sorted_counts")}
+_CALLS = {"_top_one": ("_select_count", "_sorted_counts"), "_top_select": ("_top_one",),
+          "_rows": ("_row_one", "_top_one")}
 _PYTHON: dict = {}
 _SCRATCH = threading.local()
 
@@ -92,8 +94,8 @@ def _kernel(fn):
 
 
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
-def _row_sums(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent):
-    """Every metric but the top-mass counts, row by row; `extent` [n_b, n_q] gets each row's
+def _row_one(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent, b, q):
+    """Every metric but the top-mass counts of row (b, q); `extent` [n_b, n_q] gets each row's
     last visible key + 1 and `out[11]`, `out[12]` its p_0 and R = Σ_{j≥1} p_j. Rows whose R is
     below min_rest or below rest_tiny per visible key are flagged FLAG_REST.
 
@@ -103,86 +105,84 @@ def _row_sums(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, fla
     every number's, so a NaN p makes the max NaN."""
     n_b, n_q, n_k = P.shape
     nan = np.nan
-    for b in range(n_b):
-        for q in range(n_q):
-            # the visible keys lie in [0, e): the causal extent when no key after it is visible
-            # (a count without early exit, which vectorizes), then back to the last visible key
-            e = min(n_k, q + 1 + n_k - n_q)
-            later = 0
-            for j in range(e, n_k):
-                later += S[b, q, j] > thr
-            if later:
-                e = n_k
-            while e > 0 and not S[b, q, e - 1] > thr:
-                e -= 1
-            extent[b, q] = e
-            if e == 0 or not S[b, q, 0] > thr:
-                flag[b, q] = FLAG_ROW
-                continue
-            # One pass: the sums off the first key, and the moments of the logits about the
-            # first key's (x = s − s_0; p-weighted, and over the visible keys), from which the
-            # spreads about the row's own centers follow (float64: no cancellation that matters).
-            s0 = max(np.float64(S[b, q, 0]), floor)
-            n_vis = 1
-            R = 0.0
-            B1 = 0.0
-            mb = Pbits[b, q, 0] & 0  # the bits of the largest p_j, j ≥ 1
-            G1 = 0.0  # Σ p x
-            G2 = 0.0  # Σ p x²
-            V1 = 0.0  # Σ_visible x
-            V2 = 0.0  # Σ_visible x²
-            for j in range(1, e):
-                pj = np.float64(P[b, q, j])
-                sj = np.float64(S[b, q, j])
-                v = sj > thr
-                x = max(sj, floor) - s0
-                n_vis += v
-                xv = x if v else 0.0
-                V1 += xv
-                V2 += xv * xv
-                R += pj
-                B1 += pj * pj
-                g = pj * x
-                G1 += g
-                G2 += g * x
-                mb = max(mb, Pbits[b, q, j])
-            P0 = np.float64(P[b, q, 0])
-            max1 = 0.0
-            if mb > 0:  # the key that holds it
-                j = 1
-                while Pbits[b, q, j] != mb:
-                    j += 1
-                max1 = np.float64(P[b, q, j])
-            total = P0 + R
-            # L = lse − s_0, from the first key where its p is a normal number, else the largest
-            if P0 >= anchor or (P0 > 0 and P0 >= max1):
-                L = -np.log(P0)
-            elif max1 > 0:  # j: the key of max1 (above)
-                L = max(np.float64(S[b, q, j]), floor) - s0 - np.log(max1)
-            else:
-                L = 0.0
-            H = L * total - G1  # −Σ p log p with log p = x − L
-            d = L - H  # the p-weighted mean of x
-            G = max(G2 - 2.0 * d * G1 + d * d * total, 0.0)
-            D = max(V2 - V1 * V1 / n_vis, 0.0)
-            out[0, b, q] = H
-            out[1, b, q] = n_vis
-            out[2, b, q] = max(P0, max1)
-            out[3, b, q] = 1.0 / (B1 + P0 * P0)
-            out[5, b, q] = -G
-            out[10, b, q] = np.sqrt(D / n_vis) / np.float64(qn[b, q])
-            out[11, b, q] = P0
-            out[12, b, q] = R
-            if n_vis <= 1:  # nothing visible after the first key
-                out[6, b, q] = nan
-                out[7, b, q] = nan
-                out[8, b, q] = nan
-            else:
-                out[6, b, q] = -(G1 - L * R) / R + np.log(R)  # Σ_{j≥1} p log p = G1 − L R
-                out[7, b, q] = max1 / R
-                out[8, b, q] = R * R / B1
-                if R < min_rest or R < rest_tiny * n_vis:
-                    flag[b, q] = FLAG_REST
+    # the visible keys lie in [0, e): the causal extent when no key after it is visible
+    # (a count without early exit, which vectorizes), then back to the last visible key
+    e = min(n_k, q + 1 + n_k - n_q)
+    later = 0
+    for j in range(e, n_k):
+        later += S[b, q, j] > thr
+    if later:
+        e = n_k
+    while e > 0 and not S[b, q, e - 1] > thr:
+        e -= 1
+    extent[b, q] = e
+    if e == 0 or not S[b, q, 0] > thr:
+        flag[b, q] = FLAG_ROW
+        return
+    # One pass: the sums off the first key, and the moments of the logits about the
+    # first key's (x = s − s_0; p-weighted, and over the visible keys), from which the
+    # spreads about the row's own centers follow (float64: no cancellation that matters).
+    s0 = max(np.float64(S[b, q, 0]), floor)
+    n_vis = 1
+    R = 0.0
+    B1 = 0.0
+    mb = Pbits[b, q, 0] & 0  # the bits of the largest p_j, j ≥ 1
+    G1 = 0.0  # Σ p x
+    G2 = 0.0  # Σ p x²
+    V1 = 0.0  # Σ_visible x
+    V2 = 0.0  # Σ_visible x²
+    for j in range(1, e):
+        pj = np.float64(P[b, q, j])
+        sj = np.float64(S[b, q, j])
+        v = sj > thr
+        x = max(sj, floor) - s0
+        n_vis += v
+        xv = x if v else 0.0
+        V1 += xv
+        V2 += xv * xv
+        R += pj
+        B1 += pj * pj
+        g = pj * x
+        G1 += g
+        G2 += g * x
+        mb = max(mb, Pbits[b, q, j])
+    P0 = np.float64(P[b, q, 0])
+    max1 = 0.0
+    if mb > 0:  # the key that holds it
+        j = 1
+        while Pbits[b, q, j] != mb:
+            j += 1
+        max1 = np.float64(P[b, q, j])
+    total = P0 + R
+    # L = lse − s_0, from the first key where its p is a normal number, else the largest
+    if P0 >= anchor or (P0 > 0 and P0 >= max1):
+        L = -np.log(P0)
+    elif max1 > 0:  # j: the key of max1 (above)
+        L = max(np.float64(S[b, q, j]), floor) - s0 - np.log(max1)
+    else:
+        L = 0.0
+    H = L * total - G1  # −Σ p log p with log p = x − L
+    d = L - H  # the p-weighted mean of x
+    G = max(G2 - 2.0 * d * G1 + d * d * total, 0.0)
+    D = max(V2 - V1 * V1 / n_vis, 0.0)
+    out[0, b, q] = H
+    out[1, b, q] = n_vis
+    out[2, b, q] = max(P0, max1)
+    out[3, b, q] = 1.0 / (B1 + P0 * P0)
+    out[5, b, q] = -G
+    out[10, b, q] = np.sqrt(D / n_vis) / np.float64(qn[b, q])
+    out[11, b, q] = P0
+    out[12, b, q] = R
+    if n_vis <= 1:  # nothing visible after the first key
+        out[6, b, q] = nan
+        out[7, b, q] = nan
+        out[8, b, q] = nan
+    else:
+        out[6, b, q] = -(G1 - L * R) / R + np.log(R)  # Σ_{j≥1} p log p = G1 − L R
+        out[7, b, q] = max1 / R
+        out[8, b, q] = R * R / B1
+        if R < min_rest or R < rest_tiny * n_vis:
+            flag[b, q] = FLAG_REST
 
 
 #: Candidate sets this small are sorted by insertion; larger ones are partitioned first.
@@ -298,11 +298,11 @@ def _sorted_counts(buf, n, p0, lim, thr_rest):
 
 
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
-def _top_select(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c):
-    """k_eff_top90 of every row of P [n_b, n_q, n] over its keys [0, extent): `full` the fewest
+def _top_one(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c, b, q):
+    """k_eff_top90 of row (b, q) of P [n_b, n_q, n] over its keys [0, extent): `full` the fewest
     largest p whose float64 sum reaches lim, `rest` the same without the first key (mass P0)
     against lim · R (R = Σ_{j≥1} p_j); n_k where a row never reaches its threshold, NaN for
-    `rest` where nothing is visible after the first key (n_vis ≤ 1). Rows flagged FLAG_ROW are
+    `rest` where nothing is visible after the first key (n_vis ≤ 1). A row flagged FLAG_ROW is
     skipped.
 
     No sort of the row. The keys whose p lies below c = (T − thr) / (number of keys) cannot be
@@ -315,107 +315,127 @@ def _top_select(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, 
     mass crosses its threshold; `_select_count` finds the count among that bucket's values.
     Buffers: `cand`, `buf`, `tmp`, `low` float64 of length ≥ n + 1; `hist_m`, `hist_c` float64
     and int64 of length ≥ 2 · _BUCKETS."""
-    n_b, n_q, _ = P.shape
     one = np.float64(1.0)
+    e = extent[b, q]
+    if flag[b, q] == FLAG_ROW or e == 0:
+        return
+    p0 = P0[b, q]
+    r = R[b, q]
+    thr_rest = lim * r
+    need_rest = n_vis[b, q] > 1
+    need_full = p0 + r >= lim
+    rest[b, q] = np.nan if not need_rest else n_k
+    full[b, q] = n_k
+    if need_rest and thr_rest <= 0.0:  # the first key after key 0 reaches it
+        rest[b, q] = 1
+        need_rest = False
+    if not (need_rest or need_full):
+        return
+    c = np.inf
+    if need_full:
+        c = min(c, (p0 + r - lim) / e)
+    if need_rest:
+        c = min(c, (r - thr_rest) / max(e - 1, 1))
+    c = max(0.999 * c, 1e-300)
+    m = 0
+    for j in range(1, e):
+        v = np.float64(P[b, q, j])
+        cand[m] = v
+        m += v >= c
+    if m + 1 <= _SORT_UP_TO:
+        for i in range(m):
+            buf[i] = cand[i]
+        buf[m] = p0
+        kf, kr = _sorted_counts(buf, m + 1, p0, lim, thr_rest)
+        if need_full and kf >= 0:
+            full[b, q] = kf
+        if need_rest and kr >= 0:
+            rest[b, q] = kr
+        return
+    bits = cand.view(np.int64)
+    k_hi = one.view(np.int64) >> _BUCKET_SHIFT  # p ≤ 1
+    k_lo = max(np.int64(np.float64(c).view(np.int64) >> _BUCKET_SHIFT), k_hi - (_BUCKETS - 1))
+    nb = k_hi - k_lo + 1  # values below bucket 0 are counted in it
+    for i in range(2 * nb):
+        hist_m[i] = 0.0
+        hist_c[i] = 0
+    for j in range(0, m - 1, 2):  # two copies: even and odd positions
+        i0 = min(max((bits[j] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
+        i1 = min(max((bits[j + 1] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1) + nb
+        hist_m[i0] += cand[j]
+        hist_c[i0] += 1
+        hist_m[i1] += cand[j + 1]
+        hist_c[i1] += 1
+    if m % 2:
+        i0 = min(max((bits[m - 1] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
+        hist_m[i0] += cand[m - 1]
+        hist_c[i0] += 1
+    b0 = min(max((np.float64(p0).view(np.int64) >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
+    acc_r = 0.0
+    cnt_r = 0
+    at_r = -1
+    acc_f = 0.0
+    cnt_f = 0
+    at_f = -1
+    for i in range(nb - 1, -1, -1):
+        mass = hist_m[i] + hist_m[i + nb]
+        count = hist_c[i] + hist_c[i + nb]
+        if need_rest and at_r < 0:
+            if acc_r + mass >= thr_rest:
+                at_r = i
+            else:
+                acc_r += mass
+                cnt_r += count
+        if need_full and at_f < 0:
+            mf = mass + p0 if i == b0 else mass
+            if acc_f + mf >= lim:
+                at_f = i
+            else:
+                acc_f += mf
+                cnt_f += count + (i == b0)
+        if (at_r >= 0 or not need_rest) and (at_f >= 0 or not need_full):
+            break
+    for at, acc, cnt, thr, is_full in ((at_r, acc_r, cnt_r, thr_rest, False),
+                                       (at_f, acc_f, cnt_f, lim, True)):
+        if at < 0:  # not reached (rounding): left at n_k
+            continue
+        n1 = 0
+        for j in range(m):  # the crossing bucket's values
+            i0 = min(max((bits[j] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
+            buf[n1] = cand[j]
+            n1 += 1 if i0 == at else 0
+        if is_full and b0 == at:
+            buf[n1] = p0
+            n1 += 1
+        k = _select_count(buf, n1, thr - acc, tmp, low)
+        if k >= 0:
+            if is_full:
+                full[b, q] = cnt + k
+            else:
+                rest[b, q] = cnt + k
+
+
+@no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
+def _top_select(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c):
+    """`_top_one` on every row of P (P0, R, n_vis and flag as `_row_one` leaves them)."""
+    n_b, n_q, _ = P.shape
     for b in range(n_b):
         for q in range(n_q):
-            e = extent[b, q]
-            if flag[b, q] == FLAG_ROW or e == 0:
-                continue
-            p0 = P0[b, q]
-            r = R[b, q]
-            thr_rest = lim * r
-            need_rest = n_vis[b, q] > 1
-            need_full = p0 + r >= lim
-            rest[b, q] = np.nan if not need_rest else n_k
-            full[b, q] = n_k
-            if need_rest and thr_rest <= 0.0:  # the first key after key 0 reaches it
-                rest[b, q] = 1
-                need_rest = False
-            if not (need_rest or need_full):
-                continue
-            c = np.inf
-            if need_full:
-                c = min(c, (p0 + r - lim) / e)
-            if need_rest:
-                c = min(c, (r - thr_rest) / max(e - 1, 1))
-            c = max(0.999 * c, 1e-300)
-            m = 0
-            for j in range(1, e):
-                v = np.float64(P[b, q, j])
-                cand[m] = v
-                m += v >= c
-            if m + 1 <= _SORT_UP_TO:
-                for i in range(m):
-                    buf[i] = cand[i]
-                buf[m] = p0
-                kf, kr = _sorted_counts(buf, m + 1, p0, lim, thr_rest)
-                if need_full and kf >= 0:
-                    full[b, q] = kf
-                if need_rest and kr >= 0:
-                    rest[b, q] = kr
-                continue
-            bits = cand.view(np.int64)
-            k_hi = one.view(np.int64) >> _BUCKET_SHIFT  # p ≤ 1
-            k_lo = max(np.int64(np.float64(c).view(np.int64) >> _BUCKET_SHIFT), k_hi - (_BUCKETS - 1))
-            nb = k_hi - k_lo + 1  # values below bucket 0 are counted in it
-            for i in range(2 * nb):
-                hist_m[i] = 0.0
-                hist_c[i] = 0
-            for j in range(0, m - 1, 2):  # two copies: even and odd positions
-                i0 = min(max((bits[j] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
-                i1 = min(max((bits[j + 1] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1) + nb
-                hist_m[i0] += cand[j]
-                hist_c[i0] += 1
-                hist_m[i1] += cand[j + 1]
-                hist_c[i1] += 1
-            if m % 2:
-                i0 = min(max((bits[m - 1] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
-                hist_m[i0] += cand[m - 1]
-                hist_c[i0] += 1
-            b0 = min(max((np.float64(p0).view(np.int64) >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
-            acc_r = 0.0
-            cnt_r = 0
-            at_r = -1
-            acc_f = 0.0
-            cnt_f = 0
-            at_f = -1
-            for i in range(nb - 1, -1, -1):
-                mass = hist_m[i] + hist_m[i + nb]
-                count = hist_c[i] + hist_c[i + nb]
-                if need_rest and at_r < 0:
-                    if acc_r + mass >= thr_rest:
-                        at_r = i
-                    else:
-                        acc_r += mass
-                        cnt_r += count
-                if need_full and at_f < 0:
-                    mf = mass + p0 if i == b0 else mass
-                    if acc_f + mf >= lim:
-                        at_f = i
-                    else:
-                        acc_f += mf
-                        cnt_f += count + (i == b0)
-                if (at_r >= 0 or not need_rest) and (at_f >= 0 or not need_full):
-                    break
-            for at, acc, cnt, thr, is_full in ((at_r, acc_r, cnt_r, thr_rest, False),
-                                               (at_f, acc_f, cnt_f, lim, True)):
-                if at < 0:  # not reached (rounding): left at n_k
-                    continue
-                n1 = 0
-                for j in range(m):  # the crossing bucket's values
-                    i0 = min(max((bits[j] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
-                    buf[n1] = cand[j]
-                    n1 += 1 if i0 == at else 0
-                if is_full and b0 == at:
-                    buf[n1] = p0
-                    n1 += 1
-                k = _select_count(buf, n1, thr - acc, tmp, low)
-                if k >= 0:
-                    if is_full:
-                        full[b, q] = cnt + k
-                    else:
-                        rest[b, q] = cnt + k
+            _top_one(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c, b, q)
+
+
+@no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
+def _rows(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent,
+          top, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c):
+    """`_row_one`, then (with `top`) `_top_one`, on every row: the second reads the row while
+    the first has left it in the cache."""
+    n_b, n_q, _ = P.shape
+    for b in range(n_b):
+        for q in range(n_q):
+            _row_one(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent, b, q)
+            if top:
+                _top_one(P, extent, out[11], out[12], out[1], flag, lim, n_k, full, rest, cand, buf, tmp,
+                         low, hist_m, hist_c, b, q)
 
 
 def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, floor: float,
@@ -452,17 +472,16 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
     flag.fill(0)
     extent = _scratch("extent", (n_b, n_q), np.int64)  # every row written by the kernel
     bits = P.view(np.int32 if P.dtype == np.float32 else np.int64)
-    _kernel(_row_sums)(P, S, bits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent)
     i_top, i_top_ns = OUT_NAMES.index("k_eff_top90"), OUT_NAMES.index("k_eff_top90_ns")
+    width = P.shape[2] + 1 if top_mass is not None else 1
+    bufs = [_scratch(name, (width,), np.float64) for name in ("cand", "buf", "tmp", "low")]
+    bufs += [_scratch("hist_m", (2 * _BUCKETS,), np.float64), _scratch("hist_c", (2 * _BUCKETS,), np.int64)]
+    lim = top_mass - tol if top_mass is not None else 0.0
+    _kernel(_rows)(P, S, bits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent,
+                   top_mass is not None, lim, n_keys, out[i_top], out[i_top_ns], *bufs)
     if top_mass is None:
         out[i_top] = np.nan
         out[i_top_ns] = np.nan
-        return out[:len(OUT_NAMES)], flag
-    width = P.shape[2] + 1
-    bufs = [_scratch(name, (width,), np.float64) for name in ("cand", "buf", "tmp", "low")]
-    bufs += [_scratch("hist_m", (2 * _BUCKETS,), np.float64), _scratch("hist_c", (2 * _BUCKETS,), np.int64)]
-    _kernel(_top_select)(P, extent, out[-2], out[-1], out[OUT_NAMES.index("n_visible")], flag,
-                         top_mass - tol, n_keys, out[i_top], out[i_top_ns], *bufs)
     return out[:len(OUT_NAMES)], flag
 
 
