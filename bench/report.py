@@ -451,13 +451,14 @@ def _why_overhead(sec, results):
             if d["axis"] == "seq_len" and "capture_without_top90_vs_bridge" in d]
     if long:
         d = long[-1]
-        text += (f"The capture's work is O(T²) per head (the sort O(T² log T)) while the model's "
+        text += (f"The capture's work is O(T²) per head while the model's "
                  f"cost at these lengths is mostly O(T) matrix products, so the gap widens with "
                  f"length: at {d['seq_len']} tokens the capture is "
                  f"{_x(d['capture_vs_bridge'])} the forward, {_x(d['capture_without_top90_vs_bridge'])} "
                  f"without k_eff_top90. ")
-    text += ("k_eff_top90 needs each row's masses in descending order: the CPU path sorts every "
-             "visible row with NumPy's vectorized sort and sums in float64 only up to the crossing. "
+    text += ("k_eff_top90 needs the fewest largest masses of each row that reach 0.9: the CPU path "
+             "keeps the keys that can be among them, finds the crossing in a histogram of their "
+             "masses and selects within that bucket (no sort of the row; sums in float64). "
              "Without it (`--top-mass none`) the capture is the cheaper variant above. Not measured "
              "here: the GPU path (`bench/gpu_check.sh`).")
     return text
