@@ -45,7 +45,8 @@ OUT_NAMES = ("entropy", "n_visible", "max_attn", "k_eff_pr", "k_eff_top90", "loc
 _COMPILED: dict = {}
 #: Kernels that call other kernels: those are compiled first and bound to their global names
 #: (the Python functions are kept in _PYTHON).
-_CALLS = {"_top_one": ("_select_count", "_sorted_counts"), "_top_select": ("_top_one",),
+_CALLS = {"_select_count": ("_sort_descending",), "_sorted_counts": ("_sort_descending",),
+          "_top_one": ("_select_count", "_sorted_counts"), "_top_select": ("_top_one",),
           "_rows": ("_row_one", "_top_one")}
 _PYTHON: dict = {}
 _SCRATCH = threading.local()
@@ -190,6 +191,18 @@ _SMALL = 32
 
 
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
+def _sort_descending(buf, n):
+    """buf[:n] sorted in descending order, by insertion (for a few values)."""
+    for i in range(1, n):
+        v = buf[i]
+        j = i - 1
+        while j >= 0 and buf[j] < v:
+            buf[j + 1] = buf[j]
+            j -= 1
+        buf[j + 1] = v
+
+
+@no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
 def _select_count(buf, n, thr, tmp, low):
     """The fewest largest values of buf[:n] (float64, ≥ 0) whose float64 sum reaches thr; −1
     where all of them do not. Destroys buf, tmp and low (each of length ≥ n).
@@ -230,20 +243,14 @@ def _select_count(buf, n, thr, tmp, low):
             continue
         above += m_hi
         cnt += n_hi
-        for t in range(n - n_hi - n_lo):  # the pivot's copies, one at a time
+        for _ in range(n - n_hi - n_lo):  # the pivot's copies, one at a time
             above += piv
             cnt += 1
             if above >= thr:
                 return cnt
         buf, low = low, buf
         n = n_lo
-    for i in range(1, n):  # insertion sort, descending
-        v = buf[i]
-        j = i - 1
-        while j >= 0 and buf[j] < v:
-            buf[j + 1] = buf[j]
-            j -= 1
-        buf[j + 1] = v
+    _sort_descending(buf, n)
     for i in range(n):
         above += buf[i]
         cnt += 1
@@ -266,13 +273,7 @@ def _sorted_counts(buf, n, p0, lim, thr_rest):
     """Both counts from buf[:n] (every candidate and p0) sorted descending by insertion: the
     fewest leading values reaching lim, and the same skipping one value equal to p0 (the first
     key) against thr_rest; −1 where a sum never does."""
-    for i in range(1, n):
-        v = buf[i]
-        j = i - 1
-        while j >= 0 and buf[j] < v:
-            buf[j + 1] = buf[j]
-            j -= 1
-        buf[j + 1] = v
+    _sort_descending(buf, n)
     c_full = -1
     c_rest = -1
     acc = 0.0
