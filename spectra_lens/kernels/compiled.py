@@ -12,7 +12,7 @@ largest p_m), so
 
 the last expanded from Σ p x and Σ p x², and the direction spread from the visible keys' Σ x
 and Σ x², with every sum in float64. The top-mass counts select among the keys that can reach
-the mass, without sorting the row (`_top_select`). Values equal those of the NumPy kernel to
+the mass, without sorting the row (`_top_one`). Values equal those of the NumPy kernel to
 float32 rounding (tested); a count can differ only where the top mass meets its threshold within
 float64 rounding.
 
@@ -46,7 +46,7 @@ _COMPILED: dict = {}
 #: Kernels that call other kernels: those are compiled first and bound to their global names
 #: (the Python functions are kept in _PYTHON).
 _CALLS = {"_select_count": ("_sort_descending",), "_sorted_counts": ("_sort_descending",),
-          "_top_one": ("_select_count", "_sorted_counts"), "_top_select": ("_top_one",),
+          "_top_one": ("_select_count", "_sorted_counts"),
           "_rows": ("_row_one", "_top_one")}
 _PYTHON: dict = {}
 _SCRATCH = threading.local()
@@ -417,15 +417,6 @@ def _top_one(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp
 
 
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
-def _top_select(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c):
-    """`_top_one` on every row of P (P0, R, n_vis and flag as `_row_one` leaves them)."""
-    n_b, n_q, _ = P.shape
-    for b in range(n_b):
-        for q in range(n_q):
-            _top_one(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c, b, q)
-
-
-@no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
 def _rows(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent,
           top, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c):
     """`_row_one`, then (with `top`) `_top_one`, on every row: the second reads the row while
@@ -448,7 +439,7 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
     flagged FLAG_ROW hold no value, rows flagged FLAG_REST no valid sink-excluded value.
 
     The top-mass counts select, row by row, among the keys that can reach the mass
-    (`_top_select`), without sorting the rows.
+    (`_top_one`), without sorting the rows.
 
     P, S may also be one query block of a longer pattern cut to the block's key extent (the
     causal extent of its last row, or all keys; no visible key after it): each row's causal
