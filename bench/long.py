@@ -14,7 +14,7 @@ Qwen2.5-Coder-0.5B-Instruct) and the first `length` tokens of CPython's document
   logits of the last position only (`logits_to_keep=1`);
 * "blocked": `blocked_capture.BlockedCapture` on every layer and head (all 16 metrics,
   k_eff_top90 included), the pass ending after the last layer's attention;
-* "blocked_notop": the same with `top_mass=None` (no row is sorted; k_eff_top90 NaN).
+* "blocked_notop": the same with `top_mass=None` (no top-mass count; k_eff_top90 NaN).
 
 Each timed call follows a 64-token warm-up in the same process. Besides its wall time the table
 gives its CPU time (`time.process_time()`, all threads of the process): on cores shared with other
