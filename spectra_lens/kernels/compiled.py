@@ -299,7 +299,8 @@ def _sorted_counts(buf, n, p0, lim, thr_rest):
 
 
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
-def _top_one(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c, b, q):
+def _top_one(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, gat, tmp, low, hist_m, hist_c,
+             b, q):
     """k_eff_top90 of row (b, q) of P [n_b, n_q, n] over its keys [0, extent): `full` the fewest
     largest p whose float64 sum reaches lim, `rest` the same without the first key (mass P0)
     against lim · R (R = Σ_{j≥1} p_j); n_k where a row never reaches its threshold, NaN for
@@ -313,9 +314,9 @@ def _top_one(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp
     go into a histogram of mass and count by the top bits of each value (1/16 of an octave per
     bucket; two interleaved copies, so that a run of values in one bucket does not wait on its
     own sums), which the walk from the top bucket down narrows to the bucket where each count's
-    mass crosses its threshold; `_select_count` finds the count among that bucket's values.
-    Buffers: `cand`, `buf`, `tmp`, `low` float64 of length ≥ n + 1; `hist_m`, `hist_c` float64
-    and int64 of length ≥ 2 · _BUCKETS."""
+    mass crosses its threshold (one pass gathers both buckets' values); `_select_count` finds
+    each count among them. Buffers: `cand`, `buf`, `gat`, `tmp`, `low` float64 of length
+    ≥ n + 1; `hist_m`, `hist_c` float64 and int64 of length ≥ 2 · _BUCKETS."""
     one = np.float64(1.0)
     e = extent[b, q]
     if flag[b, q] == FLAG_ROW or e == 0:
@@ -396,29 +397,31 @@ def _top_one(P, extent, P0, R, n_vis, flag, lim, n_k, full, rest, cand, buf, tmp
                 cnt_f += count + (i == b0)
         if (at_r >= 0 or not need_rest) and (at_f >= 0 or not need_full):
             break
-    for at, acc, cnt, thr, is_full in ((at_r, acc_r, cnt_r, thr_rest, False),
-                                       (at_f, acc_f, cnt_f, lim, True)):
-        if at < 0:  # not reached (rounding): left at n_k
-            continue
-        n1 = 0
-        for j in range(m):  # the crossing bucket's values
-            i0 = min(max((bits[j] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
-            buf[n1] = cand[j]
-            n1 += 1 if i0 == at else 0
-        if is_full and b0 == at:
-            buf[n1] = p0
-            n1 += 1
-        k = _select_count(buf, n1, thr - acc, tmp, low)
+    n_r = 0  # one pass gathers both crossing buckets' values (at −1: none)
+    n_f = 0
+    for j in range(m):
+        i0 = min(max((bits[j] >> _BUCKET_SHIFT) - k_lo, 0), nb - 1)
+        v = cand[j]
+        buf[n_r] = v
+        n_r += 1 if i0 == at_r else 0
+        gat[n_f] = v
+        n_f += 1 if i0 == at_f else 0
+    if at_r >= 0:  # else not reached (rounding): left at n_k
+        k = _select_count(buf, n_r, thr_rest - acc_r, tmp, low)
         if k >= 0:
-            if is_full:
-                full[b, q] = cnt + k
-            else:
-                rest[b, q] = cnt + k
+            rest[b, q] = cnt_r + k
+    if at_f >= 0:
+        if b0 == at_f:
+            gat[n_f] = p0
+            n_f += 1
+        k = _select_count(gat, n_f, lim - acc_f, tmp, low)
+        if k >= 0:
+            full[b, q] = cnt_f + k
 
 
 @no_type_check  # compiled (`_kernel`): the test suite's runtime type checker must not wrap it
 def _rows(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent,
-          top, lim, n_k, full, rest, cand, buf, tmp, low, hist_m, hist_c):
+          top, lim, n_k, full, rest, cand, buf, gat, tmp, low, hist_m, hist_c):
     """`_row_one`, then (with `top`) `_top_one`, on every row: the second reads the row while
     the first has left it in the cache."""
     n_b, n_q, _ = P.shape
@@ -426,8 +429,8 @@ def _rows(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, e
         for q in range(n_q):
             _row_one(P, S, Pbits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent, b, q)
             if top:
-                _top_one(P, extent, out[11], out[12], out[1], flag, lim, n_k, full, rest, cand, buf, tmp,
-                         low, hist_m, hist_c, b, q)
+                _top_one(P, extent, out[11], out[12], out[1], flag, lim, n_k, full, rest, cand, buf, gat,
+                         tmp, low, hist_m, hist_c, b, q)
 
 
 def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, floor: float,
@@ -466,7 +469,7 @@ def capture_rows(P: np.ndarray, S: np.ndarray, qn: np.ndarray, *, thr: float, fl
     bits = P.view(np.int32 if P.dtype == np.float32 else np.int64)
     i_top, i_top_ns = OUT_NAMES.index("k_eff_top90"), OUT_NAMES.index("k_eff_top90_ns")
     width = P.shape[2] + 1 if top_mass is not None else 1
-    bufs = [_scratch(name, (width,), np.float64) for name in ("cand", "buf", "tmp", "low")]
+    bufs = [_scratch(name, (width,), np.float64) for name in ("cand", "buf", "gat", "tmp", "low")]
     bufs += [_scratch("hist_m", (2 * _BUCKETS,), np.float64), _scratch("hist_c", (2 * _BUCKETS,), np.int64)]
     lim = top_mass - tol if top_mass is not None else 0.0
     _kernel(_rows)(P, S, bits, qn, thr, floor, min_rest, rest_tiny, anchor, out, flag, extent,

@@ -108,7 +108,7 @@ def _select(rows, p0_first=True, n_vis=None, flag=None, n_k=7):
     ext = np.full((1, n), W, np.int64)
     nv = np.full((1, n), float(W)) if n_vis is None else np.asarray(n_vis, float)[None]
     fl = np.zeros((1, n), np.int8) if flag is None else np.asarray(flag, np.int8)[None]
-    bufs = [np.empty(W + 1) for _ in range(4)] + [np.empty(4096), np.empty(4096, np.int64)]
+    bufs = [np.empty(W + 1) for _ in range(5)] + [np.empty(4096), np.empty(4096, np.int64)]
     top_one = compiled._kernel(compiled._top_one)
     p0, r = P64[:, :1].T.copy(), P64[:, 1:].sum(-1)[None]
     for q in range(n):
