@@ -126,6 +126,8 @@ def main(argv=None) -> None:
         for kind in args.kinds:
             if kind.startswith("load") and length != args.lengths[0]:
                 continue
+            print(f"running {kind} at {length} tokens ({time.strftime('%H:%M:%S')}; a long pass prints "
+                  f"nothing until it ends)", file=sys.stderr, flush=True)
             r = measure(kind, length, args.threads, args.device, args.model)
             rows[(kind, length)] = r
             print(json.dumps(r), file=sys.stderr, flush=True)
